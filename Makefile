@@ -1,0 +1,58 @@
+# llmops: every target installs what it needs into .venv first (pinned; CPU torch on CPU machines).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONFIG ?= configs/quickstart.yaml
+STAMP := $(VENV)/.installed
+
+# Offline by default: the packaged corpus and model need no hub. Set HF_HUB_OFFLINE=0 to use hub ids.
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export TOKENIZERS_PARALLELISM := false
+export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
+
+.PHONY: install run test lint bench-compression rollback mlflow-ui lock clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, exactly: a range that admits a newer torch pulls gigabytes of CUDA wheels.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -r requirements.lock
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+run: install  ## the quickstart lifecycle: ends with a gated champion in ./mlflow.db
+	$(VENV)/bin/llmops run --config $(CONFIG)
+
+test: install  ## lint, types, and the whole suite except GPU tests
+	$(VENV)/bin/ruff check llmops flows tests bench
+	$(VENV)/bin/ruff format --check llmops flows tests bench
+	$(VENV)/bin/mypy llmops flows
+	$(PY) -m pytest -m "not gpu" tests
+
+lint: install
+	$(VENV)/bin/ruff check --fix llmops flows tests bench
+	$(VENV)/bin/ruff format llmops flows tests bench
+
+bench-compression: install  ## teacher vs student vs int8 vs bnb-int8 vs NF4 -> bench/results/compression.{md,json}
+	$(PY) bench/compression.py --config $(CONFIG)
+
+rollback: install
+	$(VENV)/bin/llmops rollback --config $(CONFIG)
+
+mlflow-ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+lock:  ## refreeze requirements.lock from the current .venv
+	{ echo "# Full pinned tree, frozen from a working install (make lock). torch first: see the Makefile."; \
+	  $(PIP) freeze | sed 's/^torch==2.13.0+cpu/torch==2.13.0/' | grep -v -E "^(-e|llmops)"; } > requirements.lock
+
+clean:  ## remove what runs leave behind (not the venv)
+	rm -rf artifacts mlartifacts mlflow.db .prefect

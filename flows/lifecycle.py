@@ -1,0 +1,148 @@
+"""The `lifecycle` flow: raw data to a gated, promoted champion. Wiring only.
+
+Each task calls one `llmops` function and passes paths, never models or data.
+Expensive stages are cached by content (`llmops.cache`): rerunning an unchanged
+config reuses every folder and registers nothing new.
+
+    python -m flows.lifecycle --config configs/quickstart.yaml --set train.epochs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from llmops import data, distill, evaluate, modeling, quantize, release, train
+from llmops.cache import cached_stage, stage_key
+from llmops.config import ConfigError, LlmopsConfig, load_config
+from llmops.data import DataError, PreparedData
+from llmops.modeling import ModelLoadError
+
+BAD_INPUT = (ConfigError, DataError, ModelLoadError)
+
+
+def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O failures; bad input fails the same way every time."""
+    try:
+        state.result()
+    except BAD_INPUT:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+io_task = task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_bad_input)
+compute_task = task(cache_policy=NO_CACHE)
+
+
+def _stage(cfg: LlmopsConfig, name: str, *inputs: Any) -> Path:
+    return Path(cfg.work_dir) / name / stage_key(*inputs)
+
+
+def _cached(folder: Path, build: Any) -> str:
+    path, was_cached = cached_stage(folder, build)
+    if was_cached:
+        get_run_logger().info("cached: reusing %s", path)
+    return str(path)
+
+
+@compute_task
+def preflight(cfg: LlmopsConfig) -> None:
+    modeling.preflight(cfg.model)
+
+
+@io_task
+def current_champion(cfg: LlmopsConfig) -> str | None:
+    return release.current_champion(cfg)
+
+
+@io_task
+def prepare_data(cfg: LlmopsConfig) -> str:
+    return _cached(_stage(cfg, "data", cfg.data), lambda tmp: data.prepare_data(cfg.data, tmp))
+
+
+@compute_task
+def fine_tune(cfg: LlmopsConfig, data_dir: str) -> str:
+    folder = _stage(cfg, "teacher", data_dir, cfg.model, cfg.train)
+    return _cached(folder, lambda tmp: train.fine_tune(cfg.model, cfg.train, PreparedData.load(data_dir), tmp)) + "/model"
+
+
+@compute_task
+def distil(cfg: LlmopsConfig, teacher_dir: str, data_dir: str) -> str:
+    folder = _stage(cfg, "student", teacher_dir, cfg.distill)
+    return _cached(folder, lambda tmp: distill.distil(cfg.distill, teacher_dir, PreparedData.load(data_dir), tmp)) + "/model"
+
+
+@compute_task
+def quantize_student(cfg: LlmopsConfig, student_dir: str, kind: str) -> str:
+    folder = _stage(cfg, kind, student_dir, kind, cfg.quantize)
+    return _cached(folder, lambda tmp: quantize.quantize_candidate(student_dir, kind, cfg.quantize, tmp / "model")) + "/model"
+
+
+@compute_task
+def evaluate_candidate(cfg: LlmopsConfig, candidate_dir: str, data_dir: str) -> str:
+    folder = _stage(cfg, "eval", candidate_dir, cfg.eval, data_dir)
+    test = PreparedData.load(data_dir).split_path("test")
+    build = lambda tmp: evaluate.evaluate_candidate(candidate_dir, test, cfg.eval).save(tmp / "report.json")  # noqa: E731
+    return _cached(folder, build) + "/report.json"
+
+
+@io_task
+def score_champion(cfg: LlmopsConfig, version: str | None, data_dir: str, known_f1: dict[str, float]) -> release.ChampionState:
+    test = PreparedData.load(data_dir).split_path("test")
+    return release.score_champion(cfg, version, test, known_f1, Path(cfg.work_dir) / "champions")
+
+
+@io_task
+def release_candidates(cfg: LlmopsConfig, report_paths: dict[str, str], keys: dict[str, str],
+                       champion: release.ChampionState, data_dir: str) -> release.ReleaseOutcome:
+    reports = {kind: evaluate.CandidateReport.load(path) for kind, path in report_paths.items()}
+    return release.release(cfg, reports, keys, champion, data_dir)
+
+
+def candidate_key(candidate_dir: str) -> str:
+    """The content key of a candidate: the stage folder it was built in."""
+    return Path(candidate_dir).parent.name
+
+
+@flow(name="lifecycle", log_prints=True)
+def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Data -> teacher -> student -> quantized candidates -> evaluation -> gates -> registry."""
+    cfg = load_config(config, overrides)
+    champion_at_start = current_champion(cfg)
+    preflight(cfg)
+    data_dir = prepare_data(cfg)
+    teacher = fine_tune(cfg, data_dir)
+    student = distil(cfg, teacher, data_dir)
+    candidates = {"teacher": teacher}
+    for kind in cfg.quantize.candidates:
+        candidates[quantize.KIND_OF[kind]] = student if kind == "fp32" else quantize_student(cfg, student, kind)
+    # Sequential on purpose: candidates timed side by side must not share the cores.
+    reports = {kind: evaluate_candidate(cfg, path, data_dir) for kind, path in candidates.items()}
+    keys = {kind: candidate_key(path) for kind, path in candidates.items()}
+    known_f1 = {keys[k]: evaluate.CandidateReport.load(p).macro_f1 for k, p in reports.items()}
+    champion = score_champion(cfg, champion_at_start, data_dir, known_f1)
+    outcome = release_candidates(cfg, reports, keys, champion, data_dir)
+    print(f"\n{outcome.summary}\n\n{outcome.message}")
+    return {
+        "model": cfg.registry.model_name, "version": outcome.version, "champion": outcome.champion,
+        "promoted": outcome.promoted, "selected": outcome.decision.selected, "message": outcome.message,
+        "parent_run_id": outcome.parent_run_id, "summary": outcome.summary,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the lifecycle flow as a plain Prefect flow.")
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    lifecycle(args.config, args.overrides)
+
+
+if __name__ == "__main__":
+    main()

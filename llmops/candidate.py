@@ -1,0 +1,137 @@
+"""The candidate contract: how a model is saved on disk and loaded back to predict.
+
+A candidate folder holds `candidate.json` (kind, labels, recipe, parameter
+counts), the tokenizer, the Hugging Face `config.json`, and its weights:
+- teacher, student: `model.safetensors` (plain fp32 Hugging Face folder);
+- bnb-int8, nf4: `model.safetensors` with the bitsandbytes quantization config;
+- int8 (torch dynamic): `quantized_state_dict.pt`, a weights-only torch state
+  dict, because safetensors cannot hold quantized tensors. It is rebuilt by
+  applying the recorded recipe to the architecture and loading the weights.
+Evaluation, the MLflow model and serving all load candidates through here.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+META_FILE = "candidate.json"
+INT8_WEIGHTS = "quantized_state_dict.pt"
+HISTORY_FILE = "training_log.json"
+"""Trainer log history, written beside the candidate folder by fine-tuning and distillation."""
+
+
+@dataclass(frozen=True)
+class CandidateMeta:
+    kind: str
+    labels: list[str]
+    max_length: int
+    recipe: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+
+    def save(self, directory: Path) -> None:
+        (directory / META_FILE).write_text(json.dumps(self.__dict__, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CandidateMeta:
+        return cls(**json.loads((Path(directory) / META_FILE).read_text()))
+
+
+def save_hf_candidate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, meta: CandidateMeta, directory: str | Path
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    meta.save(directory)
+    return directory
+
+
+def quantize_dynamic_int8(model: torch.nn.Module, per_channel: bool, skip_modules: list[str]) -> torch.nn.Module:
+    """torch dynamic int8 on every Linear layer except those named in `skip_modules`."""
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    spec = {
+        name: qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in skip_modules
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the torchao migration notice, printed on every call
+        return quantize_dynamic(model.eval(), qconfig_spec=spec, dtype=torch.qint8)
+
+
+def _load_int8(directory: Path, meta: CandidateMeta) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(directory)
+    model = AutoModelForSequenceClassification.from_config(config)
+    recipe = meta.recipe["quantization"]
+    quantized = quantize_dynamic_int8(model, recipe["per_channel"], recipe["skip_modules"])
+    quantized.load_state_dict(torch.load(directory / INT8_WEIGHTS, weights_only=True))
+    return quantized
+
+
+def weights_size_mb(directory: str | Path) -> float:
+    """Size on disk of the weight files alone (tokenizer and config excluded)."""
+    files = [p for p in Path(directory).iterdir() if p.suffix in (".safetensors", ".pt", ".bin")]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+class Classifier:
+    """A loaded candidate: texts in, class probabilities out."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.meta = CandidateMeta.load(self.directory)
+        self.labels = self.meta.labels
+        self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
+        if self.meta.kind == "int8":
+            self.model = _load_int8(self.directory, self.meta)
+        else:
+            # bnb folders carry their quantization config in config.json; bitsandbytes runs on CPU.
+            device_map = "cpu" if self.meta.kind in ("bnb-int8", "nf4") and not torch.cuda.is_available() else None
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.directory, device_map=device_map)
+        self.model.eval()
+        self.device = next(iter(self.model.parameters())).device if self.meta.kind != "int8" else torch.device("cpu")
+
+    @torch.inference_mode()
+    def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """(n_texts, n_labels) class probabilities."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.meta.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            logits = self.model(**batch).logits.float()
+            out.append(torch.softmax(logits, dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+        """Per text: `label`, `score` (its probability) and `probabilities` by label."""
+        probs = self.predict_proba(texts, batch_size)
+        return [
+            {
+                "label": self.labels[int(row.argmax())],
+                "score": float(row.max()),
+                "probabilities": {label: float(p) for label, p in zip(self.labels, row, strict=True)},
+            }
+            for row in probs
+        ]

@@ -1,0 +1,70 @@
+"""`llmops` command line: run the lifecycle, roll back the champion."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmops.config import ConfigError, load_config
+from llmops.data import DataError
+from llmops.modeling import ModelLoadError
+from llmops.registry import RegistryError
+
+app = typer.Typer(help="The whole lifecycle of a transformer classifier.", no_args_is_help=True, add_completion=False)
+
+ConfigOption = Annotated[str, typer.Option("--config", "-c", help="YAML config file.")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: data.sample=2000.")]
+BAD_INPUT = (ConfigError, DataError, ModelLoadError, RegistryError)
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+NEXT_STEPS = """Next:
+  mlflow ui --backend-store-uri {uri} --port 5000   # parent run, candidates side by side, registry aliases
+  python -c "import mlflow; mlflow.set_tracking_uri('{uri}'); print(mlflow.pyfunc.load_model('models:/{name}@champion').predict(['the flight was great']))"
+  llmops rollback                                   # champion back to previous-champion"""
+
+
+@app.command()
+def run(config: ConfigOption = "configs/quickstart.yaml", overrides: SetOption = None) -> None:
+    """Run the lifecycle flow: data, fine-tune, distil, quantize, evaluate, gate, register, promote."""
+    from flows.lifecycle import lifecycle
+    from llmops.registry import resolve_tracking_uri
+
+    try:
+        cfg = load_config(config, overrides)
+        result = lifecycle(config, overrides or [])
+    except BAD_INPUT as error:
+        _fail(error)
+        return
+    verdict = "promoted to champion" if result["promoted"] else "not promoted"
+    typer.echo(f"\n{result['model']} version {result['version']} ({result['selected']}): {verdict}.")
+    typer.echo(f"champion: version {result['champion']}")
+    typer.echo(NEXT_STEPS.format(uri=resolve_tracking_uri(cfg.registry), name=cfg.registry.model_name))
+
+
+@app.command()
+def rollback(config: ConfigOption = "configs/quickstart.yaml", overrides: SetOption = None) -> None:
+    """Point `champion` back at `previous-champion`."""
+    from llmops import registry
+
+    try:
+        cfg = load_config(config, overrides)
+        client = registry.setup_tracking(cfg.registry)
+        result = registry.rollback(client, cfg.registry.model_name)
+    except BAD_INPUT as error:
+        _fail(error)
+        return
+    typer.echo(result.message)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

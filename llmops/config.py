@@ -1,0 +1,218 @@
+"""One typed configuration, read in one place: :func:`load_config`.
+
+Every stage gets its own sub-config. Unknown keys and wrong types are rejected
+at load time with a message that names the key, before any data is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PACKAGED_CORPUS = "packaged:tweets"
+PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
+
+CandidateKind = Literal["teacher", "student", "int8", "bnb-int8", "nf4"]
+QuantKind = Literal["fp32", "int8", "bnb-int8", "nf4"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    source: str = PACKAGED_CORPUS
+    """`packaged:tweets`, a .csv / .jsonl / .parquet path, or `hf:<dataset id>` (online only)."""
+    text_column: str = "text"
+    label_column: str = "sentiment"
+    confidence_column: str | None = "confidence"
+    encoding: str = "utf-8"
+    """Encoding of a CSV source. The packaged corpus is always read as latin-1."""
+    hf_split: str = "train"
+    labels: list[str] | None = None
+    """Label order. Default: the sorted distinct labels of the data."""
+    min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Drop rows whose crowd confidence is below this. Rows without a confidence are dropped too."""
+    sample: int | None = Field(default=None, gt=0)
+    """Stratified sample of this many rows after cleaning (quickstart runs)."""
+    url_token: str = "http"
+    """Every URL is replaced by this token."""
+    topics: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "airline": [
+                r"@united\b", r"@usairways\b", r"@americanair\b", r"@southwestair\b",
+                r"@jetblue\b", r"@virginamerica\b", r"@delta\b",
+            ],
+            "self-driving": [r"self[- ]?driving", r"driverless", r"autonomous", r"google car"],
+            "coachella": [r"coachella"],
+            "apple": [r"\bapple\b", r"@apple\b", r"#apple\b", r"\biphone", r"\bipad", r"\bmacbook", r"\bios\b"],
+            "deflategate": [r"deflategate", r"deflate"],
+            "claritin": [r"claritin"],
+        }
+    )
+    """Slice name -> case-insensitive regexes. First match wins; no match is `other`."""
+    holdout_topics: list[str] = Field(default_factory=list)
+    """Topics removed from train/validation/test and written to holdout.parquet (drift scenarios)."""
+    test_size: float = Field(default=0.15, gt=0.0, lt=0.5)
+    val_size: float = Field(default=0.1, gt=0.0, lt=0.5)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _holdout_topics_are_declared(self) -> DataConfig:
+        unknown = sorted(set(self.holdout_topics) - set(self.topics))
+        if unknown:
+            raise ValueError(f"data.holdout_topics names topics not in data.topics: {unknown}")
+        return self
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = PACKAGED_MODEL
+    """`packaged:all-MiniLM-L6-v2`, a local folder, or any Hugging Face checkpoint id (online)."""
+    random_init: dict[str, Any] | None = None
+    """Build a random-init model from the checkpoint's config with these overrides (smoke tests)."""
+    max_length: int = Field(default=128, gt=0)
+
+
+class TrainConfig(_Strict):
+    epochs: float = Field(default=2.0, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    weight_decay: float = 0.01
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    early_stopping_patience: int = Field(default=2, ge=1)
+    evals_per_epoch: int = Field(default=2, ge=1)
+    """Validation passes per epoch; early stopping and the best checkpoint use them."""
+    mixed_precision: bool = True
+    """bf16/fp16 on a GPU; always full precision on CPU."""
+
+
+class DistillConfig(_Strict):
+    student_layers: list[int] = Field(default_factory=lambda: [0, 2, 4])
+    """Teacher layers copied into the student, in order (DistilBERT-style init)."""
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Weight of the hard-label cross-entropy; (1 - alpha) goes to the KL term."""
+    temperature: float = Field(default=2.0, gt=0.0)
+    hidden_weight: float = Field(default=0.0, ge=0.0)
+    """Weight of the hidden-state (cosine) loss; > 0 runs the teacher on every batch."""
+    epochs: float = Field(default=3.0, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    learning_rate: float = Field(default=1e-4, gt=0)
+
+    @field_validator("student_layers")
+    @classmethod
+    def _layers_are_distinct(cls, layers: list[int]) -> list[int]:
+        if not layers:
+            raise ValueError("distill.student_layers must name at least one teacher layer")
+        if len(set(layers)) != len(layers) or any(i < 0 for i in layers):
+            raise ValueError(f"distill.student_layers must be distinct non-negative indices, got {layers}")
+        return layers
+
+
+class QuantizeConfig(_Strict):
+    candidates: list[QuantKind] = Field(default_factory=lambda: ["fp32", "int8", "bnb-int8", "nf4"])
+    """Which compressed students to build and evaluate."""
+    int8_per_channel: bool = True
+    """Per-output-channel int8 weight scales (more accurate than one scale per tensor)."""
+    skip_modules: list[str] = Field(default_factory=lambda: ["classifier"])
+    """Module names kept in full precision (the small, sensitive classifier head)."""
+
+
+class EvalConfig(_Strict):
+    latency_samples: int = Field(default=100, gt=0)
+    throughput_batch_size: int = Field(default=64, gt=0)
+    throughput_max_rows: int = Field(default=1024, gt=0)
+    threads: int | None = None
+    """Torch threads for every timing (the same for all candidates). Default: all cores."""
+    min_slice_size: int = Field(default=30, gt=0)
+    """Slices with fewer test rows are reported but not gated (too noisy)."""
+
+
+class GateConfig(_Strict):
+    min_macro_f1: float = Field(default=0.6, ge=0.0, le=1.0)
+    min_retention: float = Field(default=0.97, ge=0.0)
+    """Candidate macro-F1 / teacher macro-F1."""
+    max_drop_vs_champion: float = Field(default=0.005, ge=0.0)
+    """Non-inferiority margin against the current champion on the same test set."""
+    max_latency_p95_ms: float | None = Field(default=None, gt=0)
+    max_size_mb: float | None = Field(default=None, gt=0)
+    max_slice_gap: float | None = Field(default=None, gt=0)
+    """Largest allowed gap in macro-F1 between gated slices."""
+    allow_teacher: bool = True
+    """The teacher may be promoted when it is the only candidate that passes."""
+
+
+class RegistryConfig(_Strict):
+    model_name: str = "tweet-sentiment"
+    experiment: str = "llmops"
+    tracking_uri: str | None = None
+    """Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    artifact_location: str = "mlartifacts"
+    """Artifact root for a new experiment on the embedded default store."""
+
+
+class LlmopsConfig(_Strict):
+    task: Literal["sequence-classification"] = "sequence-classification"
+    work_dir: str = "artifacts"
+    """Stage outputs (data splits, checkpoints, candidates), keyed by their inputs."""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    eval: EvalConfig = EvalConfig()
+    gates: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value), the value parsed as YAML (numbers, lists, null)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LlmopsConfig:
+    """Read a YAML config, apply `key=value` overrides, validate. Raises ConfigError."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
+        tree = loaded
+    for item in overrides or []:
+        _set_dotted(tree, *parse_override(item))
+    try:
+        return LlmopsConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None

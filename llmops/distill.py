@@ -1,0 +1,169 @@
+"""Distil the teacher into a student built from a subset of its layers.
+
+Building the student this way (DistilBERT-style initialisation: embeddings,
+chosen layers, pooler and head copied from the teacher) is also the
+structured-pruning step: whole layers are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import copy
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    PreTrainedModel,
+    Trainer,
+)
+
+from llmops.candidate import HISTORY_FILE, CandidateMeta, save_hf_candidate
+from llmops.config import DistillConfig
+from llmops.data import PreparedData
+from llmops.modeling import count_parameters
+from llmops.train import compute_metrics_fn, tokenize_split, training_arguments, use_all_cores
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    temperature: float,
+) -> torch.Tensor:
+    """alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T).
+
+    student_logits, teacher_logits: (batch, classes); labels: (batch,) class ids.
+    The KL term compares the temperature-softened distributions (Hinton et al.,
+    2015); T^2 keeps its gradients on the scale of the hard-label term.
+    Returns a scalar.
+    """
+    hard = F.cross_entropy(student_logits, labels)
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits / temperature, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return alpha * hard + (1.0 - alpha) * temperature**2 * soft
+
+
+def hidden_state_loss(
+    student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...], attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean (1 - cosine similarity) between paired hidden states over real tokens.
+
+    Each element: (batch, seq, hidden); the pairs are already aligned (student
+    layer i with the teacher layer it was copied from). attention_mask: (batch, seq).
+    Returns a scalar; zero when the hidden states are equal.
+    """
+    mask = attention_mask.bool()
+    losses = [1.0 - F.cosine_similarity(s[mask], t[mask], dim=-1).mean() for s, t in zip(student_hidden, teacher_hidden, strict=True)]
+    return torch.stack(losses).mean()
+
+
+def _layer_list(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The encoder's list of transformer blocks (`encoder.layer` in BERT, `transformer.layer` in DistilBERT)."""
+    n_layers = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(f"cannot find the {n_layers} transformer layers of {type(model).__name__}")
+
+
+def build_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A copy of the teacher that keeps only `layers` (teacher indices, in order)."""
+    n_teacher = teacher.config.num_hidden_layers
+    if max(layers) >= n_teacher:
+        raise ValueError(f"distill.student_layers {layers}: the teacher has only {n_teacher} layers")
+    student = copy.deepcopy(teacher)
+    blocks = _layer_list(student)
+    kept = [blocks[i] for i in layers]
+    blocks.__init__(kept)  # type: ignore[misc]  # refill the same ModuleList in place
+    student.config.num_hidden_layers = len(layers)
+    return student
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss reads the teacher's logits from the batch (cached once, before training)."""
+
+    def __init__(self, *args: Any, alpha: float, temperature: float, hidden_weight: float = 0.0,
+                 teacher: PreTrainedModel | None = None, layer_map: list[int] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
+        self.teacher, self.layer_map = teacher, layer_map
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        inputs = dict(inputs)  # Trainer.prediction_step reads the labels back from the original
+        teacher_logits = inputs.pop("teacher_logits")
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, output_hidden_states=self.hidden_weight > 0)
+        loss = distillation_loss(outputs.logits, teacher_logits, labels, self.alpha, self.temperature)
+        if self.hidden_weight > 0 and model.training:
+            with torch.no_grad():
+                teacher_hidden = self.teacher(**inputs, output_hidden_states=True).hidden_states  # type: ignore[misc]
+            # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1]
+            paired = tuple(teacher_hidden[i + 1] for i in self.layer_map or [])
+            loss = loss + self.hidden_weight * hidden_state_loss(outputs.hidden_states[1:], paired, inputs["attention_mask"])
+        return (loss, outputs) if return_outputs else loss
+
+
+@torch.inference_mode()
+def teacher_logits(teacher: PreTrainedModel, dataset: datasets.Dataset, collator: DataCollatorWithPadding, batch_size: int = 128) -> list[list[float]]:
+    """The teacher's logits for every row, computed once: its forward pass costs as much as a student step."""
+    teacher.eval()
+    rows = []
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch.pop("labels")
+        rows.extend(teacher(**batch).logits.float().tolist())
+    return rows
+
+
+def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_dir: str | Path) -> Path:
+    """Distil the teacher candidate at `teacher_dir`; returns the student candidate folder."""
+    use_all_cores()
+    out_dir = Path(out_dir)
+    teacher_meta = CandidateMeta.load(teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    student = build_student(teacher, cfg.student_layers)
+    collator = DataCollatorWithPadding(tokenizer)
+    train = tokenize_split(data.split_path("train"), tokenizer, teacher_meta.max_length)
+    train = train.add_column("teacher_logits", teacher_logits(teacher, train, collator))
+    validation = tokenize_split(data.split_path("validation"), tokenizer, teacher_meta.max_length)
+    validation = validation.add_column("teacher_logits", teacher_logits(teacher, validation, collator))
+    args = training_arguments(
+        out_dir, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        train_rows=len(train), evals_per_epoch=2, mixed_precision=True, remove_unused_columns=False,
+    )
+    if cfg.hidden_weight > 0:
+        teacher.to(args.device)
+    trainer = DistillationTrainer(
+        model=student, args=args, train_dataset=train, eval_dataset=validation, processing_class=tokenizer,
+        data_collator=collator, compute_metrics=compute_metrics_fn(len(data.labels)),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=2)],
+        alpha=cfg.alpha, temperature=cfg.temperature, hidden_weight=cfg.hidden_weight,
+        teacher=teacher if cfg.hidden_weight > 0 else None, layer_map=cfg.student_layers,
+    )
+    trainer.train()
+    best = trainer.evaluate()
+    (out_dir / HISTORY_FILE).write_text(json.dumps(trainer.state.log_history))
+    meta = CandidateMeta(
+        kind="student",
+        labels=data.labels,
+        max_length=teacher_meta.max_length,
+        recipe={
+            "teacher_layers": cfg.student_layers, "alpha": cfg.alpha, "temperature": cfg.temperature,
+            "hidden_weight": cfg.hidden_weight, "validation_macro_f1": best["eval_macro_f1"],
+        },
+        params=count_parameters(trainer.model),
+    )
+    return save_hf_candidate(trainer.model, tokenizer, meta, out_dir / "model")

@@ -1,0 +1,144 @@
+"""Evaluate a candidate on the held-out test set: quality, slices, speed, size.
+
+Every candidate is measured by the same function on the same rows with the
+same thread count, so the numbers compare side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from llmops.candidate import Classifier, weights_size_mb
+from llmops.config import EvalConfig
+from llmops.metrics import classification_scores
+
+
+@dataclass(frozen=True)
+class CandidateReport:
+    """What the gates and the registry need to know about one evaluated candidate."""
+
+    kind: str
+    path: str
+    macro_f1: float
+    accuracy: float
+    per_class_f1: dict[str, float]
+    slice_macro_f1: dict[str, float]
+    slice_rows: dict[str, int]
+    latency_p50_ms: float
+    latency_p95_ms: float
+    throughput_per_s: float
+    size_mb: float
+    params: dict[str, int] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CandidateReport:
+        return cls(**json.loads(Path(path).read_text()))
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numeric metrics for MLflow."""
+        flat = {
+            "macro_f1": self.macro_f1, "accuracy": self.accuracy, "latency_p50_ms": self.latency_p50_ms,
+            "latency_p95_ms": self.latency_p95_ms, "throughput_per_s": self.throughput_per_s,
+            "size_mb": self.size_mb, **{k: float(v) for k, v in self.params.items()},
+        }
+        flat.update({f"f1_{label}": v for label, v in self.per_class_f1.items()})
+        flat.update({f"slice_f1_{name}": v for name, v in self.slice_macro_f1.items()})
+        return flat
+
+
+def slice_scores(test: pd.DataFrame, predicted: np.ndarray, num_labels: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Macro-F1 and row count per value of the `topic` column."""
+    scores, rows = {}, {}
+    for topic, index in test.groupby("topic").groups.items():
+        positions = test.index.get_indexer(index)
+        scores[str(topic)] = classification_scores(
+            predicted[positions].tolist(), test["label_id"].to_numpy()[positions].tolist(), num_labels
+        )["macro_f1"]
+        rows[str(topic)] = len(positions)
+    return scores, rows
+
+
+def measure_latency(classifier: Classifier, texts: list[str], samples: int) -> tuple[float, float]:
+    """p50 and p95 milliseconds for single-text requests (one warm-up call first)."""
+    classifier.predict_proba(texts[:1], batch_size=1)
+    timings = []
+    for text in (texts * (samples // max(len(texts), 1) + 1))[:samples]:
+        start = time.perf_counter()
+        classifier.predict_proba([text], batch_size=1)
+        timings.append((time.perf_counter() - start) * 1000)
+    return float(np.percentile(timings, 50)), float(np.percentile(timings, 95))
+
+
+def measure_throughput(classifier: Classifier, texts: list[str], batch_size: int) -> float:
+    """Texts per second at `batch_size`, after one warm-up batch."""
+    classifier.predict_proba(texts[:batch_size], batch_size=batch_size)
+    start = time.perf_counter()
+    classifier.predict_proba(texts, batch_size=batch_size)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def _check_labels(classifier: Classifier, test: pd.DataFrame) -> None:
+    unknown = sorted(set(test["label"]) - set(classifier.labels))
+    if unknown:
+        raise ValueError(f"the test set has labels {unknown} that the model at {classifier.directory} does not know")
+
+
+def _predict_test(classifier: Classifier, test: pd.DataFrame, batch_size: int) -> np.ndarray:
+    """Predicted label ids in the test set's own label-id order (the model may order labels differently)."""
+    _check_labels(classifier, test)
+    ids = dict(zip(test["label"], test["label_id"], strict=True))
+    predicted = classifier.predict_proba(test["text"].tolist(), batch_size=batch_size).argmax(axis=1)
+    return np.array([ids.get(classifier.labels[i], -1) for i in predicted])
+
+
+def evaluate_quality(candidate_dir: str | Path, test_path: str | Path, cfg: EvalConfig) -> float:
+    """Macro-F1 alone (the champion's score on this flow's test set, for non-inferiority)."""
+    classifier = Classifier(candidate_dir)
+    test = pd.read_parquet(test_path)
+    predicted = _predict_test(classifier, test, cfg.throughput_batch_size)
+    return float(classification_scores(predicted.tolist(), test["label_id"].tolist(), len(classifier.labels))["macro_f1"])
+
+
+def evaluate_candidate(candidate_dir: str | Path, test_path: str | Path, cfg: EvalConfig) -> CandidateReport:
+    """Load the candidate and measure it on the Parquet test split."""
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    classifier = Classifier(candidate_dir)
+    test = pd.read_parquet(test_path)
+    texts = test["text"].tolist()
+    predicted = _predict_test(classifier, test, cfg.throughput_batch_size)
+    num_labels = len(classifier.labels)
+    scores = classification_scores(predicted.tolist(), test["label_id"].tolist(), num_labels)
+    slices, slice_rows = slice_scores(test, predicted, num_labels)
+    p50, p95 = measure_latency(classifier, texts, cfg.latency_samples)
+    throughput = measure_throughput(classifier, texts[: cfg.throughput_max_rows], cfg.throughput_batch_size)
+    return CandidateReport(
+        kind=classifier.meta.kind,
+        path=str(candidate_dir),
+        macro_f1=scores["macro_f1"],
+        accuracy=scores["accuracy"],
+        per_class_f1=dict(zip(classifier.labels, scores["per_class_f1"], strict=True)),
+        slice_macro_f1=slices,
+        slice_rows=slice_rows,
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+        throughput_per_s=throughput,
+        size_mb=weights_size_mb(candidate_dir),
+        params=classifier.meta.params,
+        recipe=classifier.meta.recipe,
+    )

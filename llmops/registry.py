@@ -1,0 +1,174 @@
+"""Every MLflow call of the lifecycle: tracking setup, runs, registration, aliases.
+
+Aliases: `champion` (served), `challenger` (the latest candidate that passed
+its gates), `previous-champion` (what `llmops rollback` returns to).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from llmops.candidate import META_FILE
+from llmops.config import RegistryConfig
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS = "previous-champion"
+TAG = "llmops."
+_MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+_RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "tokenizers", "mlflow", "pandas", "numpy", "bitsandbytes", "accelerate")
+
+
+class RegistryError(RuntimeError):
+    """The registry is not in the state an operation needs; the message says why."""
+
+
+def resolve_tracking_uri(cfg: RegistryConfig) -> str:
+    """Config, then $MLFLOW_TRACKING_URI, then the embedded SQLite store in the working directory."""
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def setup_tracking(cfg: RegistryConfig) -> MlflowClient:
+    """Point MLflow at the configured store and make sure the experiment exists."""
+    uri = resolve_tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        # A local store gets its artifacts in a folder beside it; a server chooses its own.
+        location = Path(cfg.artifact_location).resolve().as_uri() if uri.startswith(("sqlite:", "file:", "/")) else None
+        mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    mlflow.set_experiment(cfg.experiment)
+    return MlflowClient()
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def version_tags(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+    return dict(client.get_model_version(name, version).tags)
+
+
+def find_version_by_key(client: MlflowClient, name: str, candidate_key: str) -> str | None:
+    """The registered version built from exactly these inputs, if any (reruns reuse it)."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    matching = [v for v in versions if v.tags.get(TAG + "candidate_key") == candidate_key]
+    return str(max(int(v.version) for v in matching)) if matching else None
+
+
+def download_candidate(name: str, version: str, dst: str | Path) -> Path:
+    """The candidate folder (weights, tokenizer, candidate.json) of a registered version."""
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dst)))
+    found = next(local.rglob(META_FILE), None)
+    if found is None:
+        raise RegistryError(f"model {name} version {version} holds no llmops candidate ({META_FILE} missing)")
+    return found.parent
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def log_data_inputs(splits: dict[str, Path], fingerprint: str) -> None:
+    """Splits as MLflow dataset inputs (with their digest) and as artifacts under `data/`."""
+    for name, path in splits.items():
+        frame = pd.read_parquet(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # source-type ambiguity and integer-schema hints
+            dataset = mlflow.data.from_pandas(frame, source=str(path), name=f"{name}-{fingerprint}", targets="label")
+        mlflow.log_input(dataset, context=name)
+        mlflow.log_artifact(str(path), artifact_path="data")
+
+
+def model_signature(labels: list[str]) -> ModelSignature:
+    outputs = [ColSpec("string", "label"), ColSpec("double", "score")] + [ColSpec("double", f"prob_{x}") for x in labels]
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema(outputs))
+
+
+def runtime_requirements() -> list[str]:
+    """Pinned requirements of the logged model: the versions this flow ran with."""
+    return [f"{pkg}=={installed_version(pkg).split('+')[0]}" for pkg in _RUNTIME_PACKAGES]
+
+
+def log_candidate_model(candidate_dir: Path, labels: list[str], input_example: list[str]) -> str:
+    """Log a candidate as an MLflow models-from-code pyfunc in the active run; returns its model URI."""
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(_MODEL_CODE),
+        artifacts={"candidate": str(candidate_dir)},
+        code_paths=[str(_MODEL_CODE.parent)],
+        signature=model_signature(labels),
+        input_example=input_example,
+        pip_requirements=runtime_requirements(),
+    )
+    return info.model_uri
+
+
+def register(name: str, model_uri: str, tags: dict[str, Any]) -> str:
+    """A new version of `name` with the given tags (values JSON-encoded unless strings)."""
+    encoded = {TAG + k: v if isinstance(v, str) else json.dumps(v) for k, v in tags.items()}
+    return str(mlflow.register_model(model_uri, name, tags=encoded).version)
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    promoted: bool
+    champion: str | None
+    previous: str | None
+    message: str
+
+
+def promote(client: MlflowClient, name: str, version: str, expected_champion: str | None) -> PromotionResult:
+    """Compare-and-set: make `version` champion only if the champion is still `expected_champion`.
+
+    MLflow has no transactions: the check and the alias write are two calls, so
+    two flows finishing in the same instant can still race; the window is one
+    round trip, where without the check it is the whole evaluation.
+    """
+    current = alias_version(client, name, CHAMPION)
+    if current != expected_champion:
+        return PromotionResult(
+            False, current, alias_version(client, name, PREVIOUS),
+            f"champion moved from {expected_champion} to {current} during evaluation; version {version} not promoted",
+        )
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return PromotionResult(True, version, current, f"version {version} is champion (previous: {current})")
+
+
+def rollback(client: MlflowClient, name: str) -> PromotionResult:
+    """Point `champion` back at `previous-champion`; the rolled-back version becomes `previous-champion`."""
+    current = alias_version(client, name, CHAMPION)
+    previous = alias_version(client, name, PREVIOUS)
+    if previous is None:
+        raise RegistryError(f"model '{name}' has no '{PREVIOUS}' alias: nothing to roll back to")
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+        client.set_model_version_tag(name, current, TAG + "rolled_back", "true")
+    return PromotionResult(True, previous, current, f"champion is version {previous} again (was {current})")

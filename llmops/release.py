@@ -1,0 +1,159 @@
+"""Record a lifecycle in MLflow, decide, register, promote.
+
+One parent run per lifecycle and one child run per candidate, so the MLflow
+UI compares candidates side by side. The decision itself is
+`gates.decide_promotion`, a pure function; this module carries it out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+
+from llmops import registry
+from llmops.candidate import HISTORY_FILE
+from llmops.config import LlmopsConfig
+from llmops.data import SPLITS, PreparedData
+from llmops.evaluate import CandidateReport
+from llmops.gates import ChampionState, Decision, decide_promotion
+from llmops.report import model_card, summary_table
+
+
+@dataclass(frozen=True)
+class ReleaseOutcome:
+    parent_run_id: str
+    decision: Decision
+    version: str | None
+    """The registered version of the selected candidate (new or reused)."""
+    champion: str | None
+    promoted: bool
+    message: str
+    summary: str
+
+
+def _flat_params(cfg: LlmopsConfig) -> dict[str, str]:
+    flat = pd.json_normalize(cfg.model_dump(mode="json"), sep=".").iloc[0].to_dict()
+    return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in flat.items()}
+
+
+def _log_history(candidate_dir: Path) -> None:
+    """The Trainer's loss and validation curves as step metrics of the candidate's run."""
+    history_file = candidate_dir.parent / HISTORY_FILE
+    if not history_file.is_file():
+        return
+    for entry in json.loads(history_file.read_text()):
+        step = int(entry.get("step", 0))
+        metrics = {f"train/{k}": float(v) for k, v in entry.items() if k not in ("step", "epoch") and isinstance(v, int | float)}
+        if metrics:
+            mlflow.log_metrics(metrics, step=step)
+
+
+def _version_tags(cfg: LlmopsConfig, report: CandidateReport, decision: Decision, key: str,
+                  data: PreparedData, parent_run_id: str) -> dict[str, Any]:
+    verdict = decision.verdicts[report.kind]
+    data_uri = f"runs:/{parent_run_id}/data"
+    return {
+        "candidate": report.kind,
+        "verdict": "passed" if verdict.passed else "rejected",
+        "reasons": verdict.reasons or ["passed every gate"],
+        "candidate_key": key,
+        "data_fingerprint": data.fingerprint,
+        "labels": data.labels,
+        "train_data": f"{data_uri}/train.parquet",
+        "reference_data": f"{data_uri}/train.parquet",
+        "test_data": f"{data_uri}/test.parquet",
+        "test_macro_f1": f"{report.macro_f1:.6f}",
+        "parent_run_id": parent_run_id,
+        "git_commit": registry.git_commit(),
+        "config": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+    }
+
+
+def release(
+    cfg: LlmopsConfig, reports: dict[str, CandidateReport], keys: dict[str, str], champion: ChampionState, data_dir: str | Path
+) -> ReleaseOutcome:
+    """Log the lifecycle, decide with the policy, register the selected candidate and promote it if it passed."""
+    client = registry.setup_tracking(cfg.registry)
+    name = cfg.registry.model_name
+    state = dataclasses.replace(champion, version_now=registry.alias_version(client, name, registry.CHAMPION))
+    decision = decide_promotion(list(reports.values()), state, cfg.gates, cfg.eval.min_slice_size, keys)
+    data = PreparedData.load(data_dir)
+    selected = reports.get(decision.selected or "")
+    existing = registry.find_version_by_key(client, name, keys[selected.kind]) if selected else None
+    table = summary_table(list(reports.values()), decision)
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    model_uri = None
+    with mlflow.start_run(run_name=f"lifecycle-{data.fingerprint[:8]}") as parent:
+        mlflow.log_params(_flat_params(cfg))
+        mlflow.set_tags({"llmops.kind": "lifecycle", "llmops.data_fingerprint": data.fingerprint,
+                         "llmops.git_commit": registry.git_commit(), "llmops.decision": decision.reason})
+        registry.log_data_inputs({s: data.split_path(s) for s in (*SPLITS, "holdout")}, data.fingerprint)
+        for kind, report in reports.items():
+            verdict = decision.verdicts[kind]
+            with mlflow.start_run(run_name=kind, nested=True):
+                mlflow.log_metrics(report.metrics())
+                mlflow.log_params({"candidate": kind, "recipe": json.dumps(report.recipe)[:6000]})
+                mlflow.set_tags({"llmops.candidate": kind, "llmops.candidate_key": keys[kind],
+                                 "llmops.verdict": "passed" if verdict.passed else "rejected",
+                                 "llmops.reasons": "; ".join(verdict.reasons) or "passed every gate"})
+                _log_history(Path(report.path))
+                if kind == decision.selected and existing is None:
+                    examples = pd.read_parquet(data.split_path("test"))["text"].head(3).tolist()
+                    model_uri = registry.log_candidate_model(Path(report.path), data.labels, examples)
+        version = existing
+        if selected is not None:
+            tags = _version_tags(cfg, selected, decision, keys[selected.kind], data, parent.info.run_id)
+            if version is None:
+                version = registry.register(name, model_uri or "", tags)
+            else:
+                for key, value in tags.items():
+                    client.set_model_version_tag(name, version, registry.TAG + key, value if isinstance(value, str) else json.dumps(value))
+        promoted, message, champion_now = False, decision.reason, state.version_now
+        if selected is not None and decision.verdicts[selected.kind].passed and version is not None:
+            client.set_registered_model_alias(name, registry.CHALLENGER, version)
+        if decision.promote and version is not None:
+            result = registry.promote(client, name, version, champion.version_at_start)
+            promoted, message, champion_now = result.promoted, result.message, result.champion
+        mlflow.set_tag("llmops.outcome", message)
+        mlflow.log_text(table, "summary.md")
+        mlflow.log_text(config_yaml, "config.yaml")
+        mlflow.log_dict(dataclasses.asdict(decision), "decision.json")
+        mlflow.log_text(model_card(name, version, list(reports.values()), decision, data.fingerprint,
+                                   json.loads((data.directory / "data.json").read_text())["rows"], config_yaml),
+                        "model_card.md")
+    return ReleaseOutcome(parent.info.run_id, decision, version, champion_now, promoted, message, table)
+
+
+
+def current_champion(cfg: LlmopsConfig) -> str | None:
+    """The champion's version when the flow starts: promotion later is compare-and-set against it."""
+    client = registry.setup_tracking(cfg.registry)
+    return registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
+
+
+def score_champion(
+    cfg: LlmopsConfig, version: str | None, test_path: str | Path, known_f1: dict[str, float], scratch_dir: str | Path
+) -> ChampionState:
+    """The start-time champion's macro-F1 on this flow's test set.
+
+    `known_f1` maps candidate keys to macro-F1 already measured in this flow: a
+    champion built from the same inputs is not downloaded and scored again.
+    """
+    from llmops.evaluate import evaluate_quality
+
+    if version is None:
+        return ChampionState(None, None)
+    client = registry.setup_tracking(cfg.registry)
+    name = cfg.registry.model_name
+    key = registry.version_tags(client, name, version).get(registry.TAG + "candidate_key")
+    if key in known_f1:
+        return ChampionState(version, version, known_f1[key], key)
+    candidate_dir = registry.download_candidate(name, version, Path(scratch_dir) / f"champion-v{version}")
+    return ChampionState(version, version, evaluate_quality(candidate_dir, test_path, cfg.eval), key)
