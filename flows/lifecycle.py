@@ -69,19 +69,27 @@ def prepare_data(cfg: LlmopsConfig) -> str:
 @compute_task
 def fine_tune(cfg: LlmopsConfig, data_dir: str) -> str:
     folder = _stage(cfg, "teacher", data_dir, cfg.model, cfg.train)
-    return _cached(folder, lambda tmp: train.fine_tune(cfg.model, cfg.train, PreparedData.load(data_dir), tmp)) + "/model"
+    return (
+        _cached(folder, lambda tmp: train.fine_tune(cfg.model, cfg.train, PreparedData.load(data_dir), tmp)) + "/model"
+    )
 
 
 @compute_task
 def distil(cfg: LlmopsConfig, teacher_dir: str, data_dir: str) -> str:
     folder = _stage(cfg, "student", teacher_dir, cfg.distill)
-    return _cached(folder, lambda tmp: distill.distil(cfg.distill, teacher_dir, PreparedData.load(data_dir), tmp)) + "/model"
+    return (
+        _cached(folder, lambda tmp: distill.distil(cfg.distill, teacher_dir, PreparedData.load(data_dir), tmp))
+        + "/model"
+    )
 
 
 @compute_task
 def quantize_student(cfg: LlmopsConfig, student_dir: str, kind: str) -> str:
     folder = _stage(cfg, kind, student_dir, kind, cfg.quantize)
-    return _cached(folder, lambda tmp: quantize.quantize_candidate(student_dir, kind, cfg.quantize, tmp / "model")) + "/model"
+    return (
+        _cached(folder, lambda tmp: quantize.quantize_candidate(student_dir, kind, cfg.quantize, tmp / "model"))
+        + "/model"
+    )
 
 
 @compute_task
@@ -93,14 +101,21 @@ def evaluate_candidate(cfg: LlmopsConfig, candidate_dir: str, data_dir: str) -> 
 
 
 @io_task
-def score_champion(cfg: LlmopsConfig, version: str | None, data_dir: str, known_f1: dict[str, float]) -> release.ChampionState:
+def score_champion(
+    cfg: LlmopsConfig, version: str | None, data_dir: str, known_f1: dict[str, float]
+) -> release.ChampionState:
     test = PreparedData.load(data_dir).split_path("test")
     return release.score_champion(cfg, version, test, known_f1, Path(cfg.work_dir) / "champions")
 
 
 @io_task
-def release_candidates(cfg: LlmopsConfig, report_paths: dict[str, str], keys: dict[str, str],
-                       champion: release.ChampionState, data_dir: str) -> release.ReleaseOutcome:
+def release_candidates(
+    cfg: LlmopsConfig,
+    report_paths: dict[str, str],
+    keys: dict[str, str],
+    champion: release.ChampionState,
+    data_dir: str,
+) -> release.ReleaseOutcome:
     reports = {kind: evaluate.CandidateReport.load(path) for kind, path in report_paths.items()}
     return release.release(cfg, reports, keys, champion, data_dir)
 
@@ -130,9 +145,15 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
     outcome = release_candidates(cfg, reports, keys, champion, data_dir)
     print(f"\n{outcome.summary}\n\n{outcome.message}")
     return {
-        "model": cfg.registry.model_name, "version": outcome.version, "champion": outcome.champion,
-        "promoted": outcome.promoted, "selected": outcome.decision.selected, "message": outcome.message,
-        "parent_run_id": outcome.parent_run_id, "summary": outcome.summary,
+        "model": cfg.registry.model_name,
+        "version": outcome.version,
+        "champion": outcome.champion,
+        "promoted": outcome.promoted,
+        "selected": outcome.decision.selected,
+        "message": outcome.message,
+        "parent_run_id": outcome.parent_run_id,
+        "summary": outcome.summary,
+        "candidates": candidates,
     }
 
 

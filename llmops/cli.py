@@ -24,9 +24,10 @@ def _fail(error: Exception) -> None:
 
 
 NEXT_STEPS = """Next:
-  mlflow ui --backend-store-uri {uri} --port 5000   # parent run, candidates side by side, registry aliases
-  python -c "import mlflow; mlflow.set_tracking_uri('{uri}'); print(mlflow.pyfunc.load_model('models:/{name}@champion').predict(['the flight was great']))"
-  llmops rollback                                   # champion back to previous-champion"""
+  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # runs side by side, registry aliases
+  .venv/bin/llmops predict "the flight was great" "lost my bag again"   # the champion, from the registry
+  .venv/bin/llmops rollback                                   # champion back to previous-champion
+  serving (llmops serve) and monitoring (llmops monitor) are the next milestones"""
 
 
 @app.command()
@@ -60,6 +61,30 @@ def rollback(config: ConfigOption = "configs/quickstart.yaml", overrides: SetOpt
         _fail(error)
         return
     typer.echo(result.message)
+
+
+@app.command()
+def predict(
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    config: ConfigOption = "configs/quickstart.yaml",
+    alias: Annotated[str, typer.Option(help="Registry alias to load.")] = "champion",
+) -> None:
+    """Classify texts with the registry's champion (or another alias), through the MLflow model."""
+    import mlflow
+
+    from llmops import registry
+
+    try:
+        cfg = load_config(config)
+        registry.setup_tracking(cfg.registry)
+        model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{alias}")
+    except BAD_INPUT as error:
+        _fail(error)
+        return
+    except mlflow.exceptions.MlflowException as error:
+        _fail(RegistryError(f"cannot load models:/{cfg.registry.model_name}@{alias}: {error.message}"))
+        return
+    typer.echo(model.predict(texts).to_string(index=False))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
 
 CandidateKind = Literal["teacher", "student", "int8", "bnb-int8", "nf4"]
 QuantKind = Literal["fp32", "int8", "bnb-int8", "nf4"]
+ALL_QUANT_KINDS: tuple[QuantKind, ...] = ("fp32", "int8", "bnb-int8", "nf4")
 
 
 class ConfigError(ValueError):
@@ -47,8 +48,13 @@ class DataConfig(_Strict):
     topics: dict[str, list[str]] = Field(
         default_factory=lambda: {
             "airline": [
-                r"@united\b", r"@usairways\b", r"@americanair\b", r"@southwestair\b",
-                r"@jetblue\b", r"@virginamerica\b", r"@delta\b",
+                r"@united\b",
+                r"@usairways\b",
+                r"@americanair\b",
+                r"@southwestair\b",
+                r"@jetblue\b",
+                r"@virginamerica\b",
+                r"@delta\b",
             ],
             "self-driving": [r"self[- ]?driving", r"driverless", r"autonomous", r"google car"],
             "coachella": [r"coachella"],
@@ -116,7 +122,7 @@ class DistillConfig(_Strict):
 
 
 class QuantizeConfig(_Strict):
-    candidates: list[QuantKind] = Field(default_factory=lambda: ["fp32", "int8", "bnb-int8", "nf4"])
+    candidates: list[QuantKind] = Field(default_factory=lambda: list(ALL_QUANT_KINDS))
     """Which compressed students to build and evaluate."""
     int8_per_channel: bool = True
     """Per-output-channel int8 weight scales (more accurate than one scale per tensor)."""

@@ -117,7 +117,9 @@ def _normalise_columns(raw: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     has_confidence = cfg.confidence_column and cfg.confidence_column in raw.columns
     if cfg.min_confidence is not None and not has_confidence:
         raise DataError(f"data.min_confidence is set but column '{cfg.confidence_column}' is missing")
-    df["confidence"] = pd.to_numeric(raw[cfg.confidence_column], errors="coerce") if has_confidence else float("nan")
+    # float always: JSON reads 1.0 as an integer, and the fingerprint must not depend on the file format
+    confidence = pd.to_numeric(raw[cfg.confidence_column], errors="coerce") if has_confidence else float("nan")
+    df["confidence"] = pd.Series(confidence, index=df.index, dtype="float64")
     return df
 
 

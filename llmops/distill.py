@@ -7,8 +7,8 @@ structured-pruning step: whole layers are removed.
 
 from __future__ import annotations
 
-import json
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,10 @@ def hidden_state_loss(
     Returns a scalar; zero when the hidden states are equal.
     """
     mask = attention_mask.bool()
-    losses = [1.0 - F.cosine_similarity(s[mask], t[mask], dim=-1).mean() for s, t in zip(student_hidden, teacher_hidden, strict=True)]
+    losses = [
+        1.0 - F.cosine_similarity(s[mask], t[mask], dim=-1).mean()
+        for s, t in zip(student_hidden, teacher_hidden, strict=True)
+    ]
     return torch.stack(losses).mean()
 
 
@@ -94,8 +97,16 @@ def build_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedMode
 class DistillationTrainer(Trainer):
     """Trainer whose loss reads the teacher's logits from the batch (cached once, before training)."""
 
-    def __init__(self, *args: Any, alpha: float, temperature: float, hidden_weight: float = 0.0,
-                 teacher: PreTrainedModel | None = None, layer_map: list[int] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        alpha: float,
+        temperature: float,
+        hidden_weight: float = 0.0,
+        teacher: PreTrainedModel | None = None,
+        layer_map: list[int] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
         self.teacher, self.layer_map = teacher, layer_map
@@ -111,12 +122,16 @@ class DistillationTrainer(Trainer):
                 teacher_hidden = self.teacher(**inputs, output_hidden_states=True).hidden_states  # type: ignore[misc]
             # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1]
             paired = tuple(teacher_hidden[i + 1] for i in self.layer_map or [])
-            loss = loss + self.hidden_weight * hidden_state_loss(outputs.hidden_states[1:], paired, inputs["attention_mask"])
+            loss = loss + self.hidden_weight * hidden_state_loss(
+                outputs.hidden_states[1:], paired, inputs["attention_mask"]
+            )
         return (loss, outputs) if return_outputs else loss
 
 
 @torch.inference_mode()
-def teacher_logits(teacher: PreTrainedModel, dataset: datasets.Dataset, collator: DataCollatorWithPadding, batch_size: int = 128) -> list[list[float]]:
+def teacher_logits(
+    teacher: PreTrainedModel, dataset: datasets.Dataset, collator: DataCollatorWithPadding, batch_size: int = 128
+) -> list[list[float]]:
     """The teacher's logits for every row, computed once: its forward pass costs as much as a student step."""
     teacher.eval()
     rows = []
@@ -141,17 +156,31 @@ def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_
     validation = tokenize_split(data.split_path("validation"), tokenizer, teacher_meta.max_length)
     validation = validation.add_column("teacher_logits", teacher_logits(teacher, validation, collator))
     args = training_arguments(
-        out_dir, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        train_rows=len(train), evals_per_epoch=2, mixed_precision=True, remove_unused_columns=False,
+        out_dir,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        train_rows=len(train),
+        evals_per_epoch=2,
+        mixed_precision=True,
+        remove_unused_columns=False,
     )
     if cfg.hidden_weight > 0:
         teacher.to(args.device)
     trainer = DistillationTrainer(
-        model=student, args=args, train_dataset=train, eval_dataset=validation, processing_class=tokenizer,
-        data_collator=collator, compute_metrics=compute_metrics_fn(len(data.labels)),
+        model=student,
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation,
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=compute_metrics_fn(len(data.labels)),
         callbacks=[EarlyStoppingCallback(early_stopping_patience=2)],
-        alpha=cfg.alpha, temperature=cfg.temperature, hidden_weight=cfg.hidden_weight,
-        teacher=teacher if cfg.hidden_weight > 0 else None, layer_map=cfg.student_layers,
+        alpha=cfg.alpha,
+        temperature=cfg.temperature,
+        hidden_weight=cfg.hidden_weight,
+        teacher=teacher if cfg.hidden_weight > 0 else None,
+        layer_map=cfg.student_layers,
     )
     trainer.train()
     best = trainer.evaluate()
@@ -161,9 +190,12 @@ def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_
         labels=data.labels,
         max_length=teacher_meta.max_length,
         recipe={
-            "teacher_layers": cfg.student_layers, "alpha": cfg.alpha, "temperature": cfg.temperature,
-            "hidden_weight": cfg.hidden_weight, "validation_macro_f1": best["eval_macro_f1"],
+            "teacher_layers": cfg.student_layers,
+            "alpha": cfg.alpha,
+            "temperature": cfg.temperature,
+            "hidden_weight": cfg.hidden_weight,
+            "validation_macro_f1": best["eval_macro_f1"],
         },
-        params=count_parameters(trainer.model),
+        params=count_parameters(student),
     )
-    return save_hf_candidate(trainer.model, tokenizer, meta, out_dir / "model")
+    return save_hf_candidate(student, tokenizer, meta, out_dir / "model")  # best checkpoint, loaded in place

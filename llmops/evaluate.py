@@ -53,9 +53,13 @@ class CandidateReport:
     def metrics(self) -> dict[str, float]:
         """Flat numeric metrics for MLflow."""
         flat = {
-            "macro_f1": self.macro_f1, "accuracy": self.accuracy, "latency_p50_ms": self.latency_p50_ms,
-            "latency_p95_ms": self.latency_p95_ms, "throughput_per_s": self.throughput_per_s,
-            "size_mb": self.size_mb, **{k: float(v) for k, v in self.params.items()},
+            "macro_f1": self.macro_f1,
+            "accuracy": self.accuracy,
+            "latency_p50_ms": self.latency_p50_ms,
+            "latency_p95_ms": self.latency_p95_ms,
+            "throughput_per_s": self.throughput_per_s,
+            "size_mb": self.size_mb,
+            **{k: float(v) for k, v in self.params.items()},
         }
         flat.update({f"f1_{label}": v for label, v in self.per_class_f1.items()})
         flat.update({f"slice_f1_{name}": v for name, v in self.slice_macro_f1.items()})
@@ -112,7 +116,9 @@ def evaluate_quality(candidate_dir: str | Path, test_path: str | Path, cfg: Eval
     classifier = Classifier(candidate_dir)
     test = pd.read_parquet(test_path)
     predicted = _predict_test(classifier, test, cfg.throughput_batch_size)
-    return float(classification_scores(predicted.tolist(), test["label_id"].tolist(), len(classifier.labels))["macro_f1"])
+    return float(
+        classification_scores(predicted.tolist(), test["label_id"].tolist(), len(classifier.labels))["macro_f1"]
+    )
 
 
 def evaluate_candidate(candidate_dir: str | Path, test_path: str | Path, cfg: EvalConfig) -> CandidateReport:

@@ -73,7 +73,10 @@ def check_gates(
 
 
 def decide_promotion(
-    candidates: list[CandidateReport], champion: ChampionState, policy: GateConfig, min_slice_rows: int,
+    candidates: list[CandidateReport],
+    champion: ChampionState,
+    policy: GateConfig,
+    min_slice_rows: int,
     candidate_keys: dict[str, str] | None = None,
 ) -> Decision:
     """Choose the fastest candidate that passes every gate, and say whether to promote it.
@@ -92,11 +95,15 @@ def decide_promotion(
     chosen = max(passing, key=lambda c: (c.throughput_per_s, -c.latency_p50_ms))
     if champion.version_at_start != champion.version_now:
         return Decision(
-            chosen.kind, False,
+            chosen.kind,
+            False,
             f"the champion moved from version {champion.version_at_start} to {champion.version_now} while this "
-            "flow evaluated against the former; not overwriting it: run the flow again to gate against the new champion",
+            "flow evaluated against the former; not overwriting it: "
+            "run the flow again to gate against the new champion",
             verdicts,
         )
     if champion.candidate_key is not None and (candidate_keys or {}).get(chosen.kind) == champion.candidate_key:
-        return Decision(chosen.kind, False, f"{chosen.kind} is already the champion (version {champion.version_now})", verdicts)
+        return Decision(
+            chosen.kind, False, f"{chosen.kind} is already the champion (version {champion.version_now})", verdicts
+        )
     return Decision(chosen.kind, True, f"{chosen.kind} passed every gate and is the fastest that did", verdicts)

@@ -45,7 +45,11 @@ def resolve_checkpoint(name_or_path: str) -> str:
 
 
 def label_maps(labels: list[str]) -> dict[str, Any]:
-    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
 
 
 def preflight(cfg: ModelConfig) -> None:

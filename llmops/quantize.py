@@ -28,8 +28,12 @@ def _copy_non_weights(src: Path, dst: Path) -> None:
 
 def save_dynamic_int8(student_dir: Path, cfg: QuantizeConfig, out_dir: Path) -> Path:
     model = AutoModelForSequenceClassification.from_pretrained(student_dir)
-    recipe = {"method": "torch.ao.quantization.quantize_dynamic", "dtype": "qint8",
-              "per_channel": cfg.int8_per_channel, "skip_modules": cfg.skip_modules}
+    recipe = {
+        "method": "torch.ao.quantization.quantize_dynamic",
+        "dtype": "qint8",
+        "per_channel": cfg.int8_per_channel,
+        "skip_modules": cfg.skip_modules,
+    }
     quantized = quantize_dynamic_int8(model, cfg.int8_per_channel, cfg.skip_modules)
     _copy_non_weights(student_dir, out_dir)
     torch.save(quantized.state_dict(), out_dir / INT8_WEIGHTS)
@@ -43,7 +47,9 @@ def bnb_config(kind: str, skip_modules: list[str]) -> BitsAndBytesConfig:
     if kind == "bnb-int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
         llm_int8_skip_modules=skip_modules,
     )
 
@@ -51,7 +57,9 @@ def bnb_config(kind: str, skip_modules: list[str]) -> BitsAndBytesConfig:
 def save_bitsandbytes(student_dir: Path, kind: str, cfg: QuantizeConfig, out_dir: Path) -> Path:
     config = bnb_config(kind, cfg.skip_modules)
     device_map = None if torch.cuda.is_available() else "cpu"
-    model = AutoModelForSequenceClassification.from_pretrained(student_dir, quantization_config=config, device_map=device_map)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        student_dir, quantization_config=config, device_map=device_map
+    )
     meta = CandidateMeta.load(student_dir)
     recipe = {"method": "bitsandbytes", **{k: v for k, v in config.to_dict().items() if not k.startswith("_")}}
     meta = dataclasses.replace(meta, kind=kind, recipe={**meta.recipe, "quantization": recipe})

@@ -18,9 +18,10 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, Schema, TensorSpec
 
 from llmops.candidate import META_FILE
 from llmops.config import RegistryConfig
@@ -30,7 +31,17 @@ CHALLENGER = "challenger"
 PREVIOUS = "previous-champion"
 TAG = "llmops."
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-_RUNTIME_PACKAGES = ("torch", "transformers", "safetensors", "tokenizers", "mlflow", "pandas", "numpy", "bitsandbytes", "accelerate")
+_RUNTIME_PACKAGES = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "tokenizers",
+    "mlflow",
+    "pandas",
+    "numpy",
+    "bitsandbytes",
+    "accelerate",
+)
 
 
 class RegistryError(RuntimeError):
@@ -87,7 +98,14 @@ def download_candidate(name: str, version: str, dst: str | Path) -> Path:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
     except OSError:
         return "unknown"
     return out.stdout.strip() or "unknown"
@@ -99,14 +117,17 @@ def log_data_inputs(splits: dict[str, Path], fingerprint: str) -> None:
         frame = pd.read_parquet(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # source-type ambiguity and integer-schema hints
-            dataset = mlflow.data.from_pandas(frame, source=str(path), name=f"{name}-{fingerprint}", targets="label")
+            dataset = from_pandas(frame, source=str(path), name=f"{name}-{fingerprint}", targets="label")
         mlflow.log_input(dataset, context=name)
         mlflow.log_artifact(str(path), artifact_path="data")
 
 
 def model_signature(labels: list[str]) -> ModelSignature:
-    outputs = [ColSpec("string", "label"), ColSpec("double", "score")] + [ColSpec("double", f"prob_{x}") for x in labels]
-    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema(outputs))
+    """One unnamed string column in (so a plain list of texts works); label, score, prob_<label> out."""
+    inputs: list[ColSpec | TensorSpec] = [ColSpec("string")]
+    outputs: list[ColSpec | TensorSpec] = [ColSpec("string", "label"), ColSpec("double", "score")]
+    outputs += [ColSpec("double", f"prob_{label}") for label in labels]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
 def runtime_requirements() -> list[str]:
@@ -152,7 +173,9 @@ def promote(client: MlflowClient, name: str, version: str, expected_champion: st
     current = alias_version(client, name, CHAMPION)
     if current != expected_champion:
         return PromotionResult(
-            False, current, alias_version(client, name, PREVIOUS),
+            False,
+            current,
+            alias_version(client, name, PREVIOUS),
             f"champion moved from {expected_champion} to {current} during evaluation; version {version} not promoted",
         )
     if current is not None:

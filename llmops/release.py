@@ -50,13 +50,18 @@ def _log_history(candidate_dir: Path) -> None:
         return
     for entry in json.loads(history_file.read_text()):
         step = int(entry.get("step", 0))
-        metrics = {f"train/{k}": float(v) for k, v in entry.items() if k not in ("step", "epoch") and isinstance(v, int | float)}
+        metrics = {
+            f"train/{k}": float(v)
+            for k, v in entry.items()
+            if k not in ("step", "epoch") and isinstance(v, int | float)
+        }
         if metrics:
             mlflow.log_metrics(metrics, step=step)
 
 
-def _version_tags(cfg: LlmopsConfig, report: CandidateReport, decision: Decision, key: str,
-                  data: PreparedData, parent_run_id: str) -> dict[str, Any]:
+def _version_tags(
+    cfg: LlmopsConfig, report: CandidateReport, decision: Decision, key: str, data: PreparedData, parent_run_id: str
+) -> dict[str, Any]:
     verdict = decision.verdicts[report.kind]
     data_uri = f"runs:/{parent_run_id}/data"
     return {
@@ -77,7 +82,11 @@ def _version_tags(cfg: LlmopsConfig, report: CandidateReport, decision: Decision
 
 
 def release(
-    cfg: LlmopsConfig, reports: dict[str, CandidateReport], keys: dict[str, str], champion: ChampionState, data_dir: str | Path
+    cfg: LlmopsConfig,
+    reports: dict[str, CandidateReport],
+    keys: dict[str, str],
+    champion: ChampionState,
+    data_dir: str | Path,
 ) -> ReleaseOutcome:
     """Log the lifecycle, decide with the policy, register the selected candidate and promote it if it passed."""
     client = registry.setup_tracking(cfg.registry)
@@ -92,17 +101,28 @@ def release(
     model_uri = None
     with mlflow.start_run(run_name=f"lifecycle-{data.fingerprint[:8]}") as parent:
         mlflow.log_params(_flat_params(cfg))
-        mlflow.set_tags({"llmops.kind": "lifecycle", "llmops.data_fingerprint": data.fingerprint,
-                         "llmops.git_commit": registry.git_commit(), "llmops.decision": decision.reason})
+        mlflow.set_tags(
+            {
+                "llmops.kind": "lifecycle",
+                "llmops.data_fingerprint": data.fingerprint,
+                "llmops.git_commit": registry.git_commit(),
+                "llmops.decision": decision.reason,
+            }
+        )
         registry.log_data_inputs({s: data.split_path(s) for s in (*SPLITS, "holdout")}, data.fingerprint)
         for kind, report in reports.items():
             verdict = decision.verdicts[kind]
             with mlflow.start_run(run_name=kind, nested=True):
                 mlflow.log_metrics(report.metrics())
                 mlflow.log_params({"candidate": kind, "recipe": json.dumps(report.recipe)[:6000]})
-                mlflow.set_tags({"llmops.candidate": kind, "llmops.candidate_key": keys[kind],
-                                 "llmops.verdict": "passed" if verdict.passed else "rejected",
-                                 "llmops.reasons": "; ".join(verdict.reasons) or "passed every gate"})
+                mlflow.set_tags(
+                    {
+                        "llmops.candidate": kind,
+                        "llmops.candidate_key": keys[kind],
+                        "llmops.verdict": "passed" if verdict.passed else "rejected",
+                        "llmops.reasons": "; ".join(verdict.reasons) or "passed every gate",
+                    }
+                )
                 _log_history(Path(report.path))
                 if kind == decision.selected and existing is None:
                     examples = pd.read_parquet(data.split_path("test"))["text"].head(3).tolist()
@@ -112,9 +132,12 @@ def release(
             tags = _version_tags(cfg, selected, decision, keys[selected.kind], data, parent.info.run_id)
             if version is None:
                 version = registry.register(name, model_uri or "", tags)
-            else:
-                for key, value in tags.items():
-                    client.set_model_version_tag(name, version, registry.TAG + key, value if isinstance(value, str) else json.dumps(value))
+            else:  # a rerun: keep the version's lineage, refresh its verdict
+                for key in ("verdict", "reasons"):
+                    value = tags[key]
+                    client.set_model_version_tag(
+                        name, version, registry.TAG + key, value if isinstance(value, str) else json.dumps(value)
+                    )
         promoted, message, champion_now = False, decision.reason, state.version_now
         if selected is not None and decision.verdicts[selected.kind].passed and version is not None:
             client.set_registered_model_alias(name, registry.CHALLENGER, version)
@@ -125,11 +148,19 @@ def release(
         mlflow.log_text(table, "summary.md")
         mlflow.log_text(config_yaml, "config.yaml")
         mlflow.log_dict(dataclasses.asdict(decision), "decision.json")
-        mlflow.log_text(model_card(name, version, list(reports.values()), decision, data.fingerprint,
-                                   json.loads((data.directory / "data.json").read_text())["rows"], config_yaml),
-                        "model_card.md")
+        mlflow.log_text(
+            model_card(
+                name,
+                version,
+                list(reports.values()),
+                decision,
+                data.fingerprint,
+                json.loads((data.directory / "data.json").read_text())["rows"],
+                config_yaml,
+            ),
+            "model_card.md",
+        )
     return ReleaseOutcome(parent.info.run_id, decision, version, champion_now, promoted, message, table)
-
 
 
 def current_champion(cfg: LlmopsConfig) -> str | None:

@@ -6,6 +6,7 @@ GPU mixed precision; on CPU full precision on all cores.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -38,13 +39,15 @@ def use_all_cores() -> None:
 def tokenize_split(path: Path, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
     """A Parquet split -> `input_ids`, `attention_mask`, `labels` (unpadded: the collator pads)."""
     frame = datasets.Dataset.from_parquet(str(path))
-
-    def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
-        encoded["labels"] = batch["label_id"]
-        return dict(encoded)
-
+    tokenize = functools.partial(_tokenize_batch, tokenizer=tokenizer, max_length=max_length)
     return frame.map(tokenize, batched=True, remove_columns=frame.column_names)
+
+
+def _tokenize_batch(batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, Any]:
+    # A module-level function: `datasets` fingerprints it stably (a closure makes it dump bytecode).
+    encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
+    encoded["labels"] = batch["label_id"]
+    return dict(encoded)
 
 
 def compute_metrics_fn(num_labels: int):
@@ -58,8 +61,16 @@ def compute_metrics_fn(num_labels: int):
 
 
 def training_arguments(
-    out_dir: Path, *, epochs: float, batch_size: int, learning_rate: float, train_rows: int,
-    evals_per_epoch: int, mixed_precision: bool, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
+    out_dir: Path,
+    *,
+    epochs: float,
+    batch_size: int,
+    learning_rate: float,
+    train_rows: int,
+    evals_per_epoch: int,
+    mixed_precision: bool,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.0,
     remove_unused_columns: bool = True,
 ) -> TrainingArguments:
     """Arguments shared by fine-tuning and distillation: evaluate and checkpoint together."""
@@ -102,9 +113,15 @@ def fine_tune(model_cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData
     train = tokenize_split(data.split_path("train"), tokenizer, model_cfg.max_length)
     validation = tokenize_split(data.split_path("validation"), tokenizer, model_cfg.max_length)
     args = training_arguments(
-        out_dir, epochs=train_cfg.epochs, batch_size=train_cfg.batch_size, learning_rate=train_cfg.learning_rate,
-        train_rows=len(train), evals_per_epoch=train_cfg.evals_per_epoch, mixed_precision=train_cfg.mixed_precision,
-        weight_decay=train_cfg.weight_decay, warmup_ratio=train_cfg.warmup_ratio,
+        out_dir,
+        epochs=train_cfg.epochs,
+        batch_size=train_cfg.batch_size,
+        learning_rate=train_cfg.learning_rate,
+        train_rows=len(train),
+        evals_per_epoch=train_cfg.evals_per_epoch,
+        mixed_precision=train_cfg.mixed_precision,
+        weight_decay=train_cfg.weight_decay,
+        warmup_ratio=train_cfg.warmup_ratio,
     )
     trainer = Trainer(
         model=model,
@@ -124,6 +141,6 @@ def fine_tune(model_cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData
         labels=data.labels,
         max_length=model_cfg.max_length,
         recipe={"base": model_cfg.name_or_path, "validation_macro_f1": best["eval_macro_f1"]},
-        params=count_parameters(trainer.model),
+        params=count_parameters(model),
     )
-    return save_hf_candidate(trainer.model, tokenizer, meta, out_dir / "model")
+    return save_hf_candidate(model, tokenizer, meta, out_dir / "model")  # best checkpoint, loaded in place

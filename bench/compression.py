@@ -1,0 +1,193 @@
+"""Compression benchmark: teacher vs student fp32 vs int8 vs bnb-int8 vs NF4, in one run on one machine.
+
+1. Runs the quickstart lifecycle cold in a fresh directory (timed), then again unchanged (timed).
+2. Re-measures every candidate it built, sequentially, with the same threads and test rows.
+3. Writes bench/results/compression.json and compression.md, with the machine and the targets.
+
+    make bench-compression            # or: python bench/compression.py --config configs/quickstart.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+
+def machine() -> dict[str, object]:
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def timed_lifecycle(config: Path, directory: Path) -> tuple[dict, float]:
+    from flows.lifecycle import lifecycle
+
+    cwd = Path.cwd()
+    os.chdir(directory)
+    try:
+        start = time.perf_counter()
+        result = lifecycle(str(config), [])
+        return result, time.perf_counter() - start
+    finally:
+        os.chdir(cwd)
+
+
+def measure(result: dict, config: Path, directory: Path) -> list[dict]:
+    from llmops.config import load_config
+    from llmops.data import PreparedData
+    from llmops.evaluate import evaluate_candidate
+
+    cfg = load_config(config)
+    data_dir = next((directory / cfg.work_dir / "data").iterdir())
+    test = PreparedData.load(data_dir).split_path("test")
+    return [evaluate_candidate(directory / path, test, cfg.eval).__dict__ for path in result["candidates"].values()]
+
+
+def non_embedding(row: dict) -> int:
+    return row["params"]["params_non_embedding"]
+
+
+def table(rows: list[dict], champion: str) -> list[dict]:
+    teacher = next(r for r in rows if r["kind"] == "teacher")
+    out = []
+    for r in rows:
+        out.append(
+            {
+                "candidate": r["kind"] + (" (champion)" if r["kind"] == champion else ""),
+                "macro-F1": f"{r['macro_f1']:.4f}",
+                "F1 / teacher": f"{r['macro_f1'] / teacher['macro_f1']:.3f}",
+                "non-emb params": f"{r['params']['params_non_embedding'] / 1e6:.2f}M",
+                "params / teacher": f"{non_embedding(r) / non_embedding(teacher):.2f}",
+                "size MB": f"{r['size_mb']:.1f}",
+                "p50 ms (b=1)": f"{r['latency_p50_ms']:.2f}",
+                "texts/s (b=64)": f"{r['throughput_per_s']:.0f}",
+                "throughput / teacher": f"{r['throughput_per_s'] / teacher['throughput_per_s']:.2f}",
+            }
+        )
+    return out
+
+
+def targets(rows: list[dict], champion: str, cold_s: float, rerun_s: float) -> list[dict]:
+    by = {r["kind"]: r for r in rows}
+    t, s = by["teacher"], by.get("student")
+    checks = []
+    if s:
+        checks.append(("student >= 0.98 x teacher macro-F1", s["macro_f1"] / t["macro_f1"], 0.98))
+        checks.append(
+            (
+                "student <= 0.5 x teacher non-embedding params",
+                s["params"]["params_non_embedding"] / t["params"]["params_non_embedding"],
+                0.5,
+            )
+        )
+    if s and "int8" in by:
+        checks.append(
+            (
+                "int8 >= 2.5 x student fp32 throughput (b=64)",
+                by["int8"]["throughput_per_s"] / s["throughput_per_s"],
+                2.5,
+            )
+        )
+        checks.append(
+            ("int8 macro-F1 loss vs student <= 0.5 point", 100 * (s["macro_f1"] - by["int8"]["macro_f1"]), 0.5)
+        )
+    checks.append(
+        ("champion >= 4.5 x teacher throughput (b=64)", by[champion]["throughput_per_s"] / t["throughput_per_s"], 4.5)
+    )
+    checks.append(("quickstart lifecycle <= 12 min (s)", cold_s, 720))
+    checks.append(("unchanged rerun <= 10% of cold run", rerun_s / cold_s, 0.10))
+    upper = {
+        "student <= 0.5 x teacher non-embedding params",
+        "int8 macro-F1 loss vs student <= 0.5 point",
+        "quickstart lifecycle <= 12 min (s)",
+        "unchanged rerun <= 10% of cold run",
+    }
+    return [
+        {
+            "target": name,
+            "measured": f"{value:.3f}",
+            "bound": bound,
+            "met": (value <= bound) if name in upper else (value >= bound),
+        }
+        for name, value, bound in checks
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args()
+    config = (REPO / args.config).resolve() if not Path(args.config).is_absolute() else Path(args.config)
+    directory = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
+    try:
+        result, cold_s = timed_lifecycle(config, directory)
+        _, rerun_s = timed_lifecycle(config, directory)
+        rows = measure(result, config, directory)
+    finally:
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+    champion = result["selected"]
+    report = {
+        "machine": machine(),
+        "config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else str(config),
+        "cold_lifecycle_s": cold_s,
+        "rerun_s": rerun_s,
+        "champion": champion,
+        "candidates": rows,
+        "targets": targets(rows, champion, cold_s, rerun_s),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "compression.json").write_text(json.dumps(report, indent=2))
+    m = report["machine"]
+    md = [
+        "# Compression benchmark",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+        + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU")
+        + f". Config: `{report['config']}`.",
+        "",
+        f"Quickstart lifecycle cold: {cold_s:.0f} s; unchanged rerun: {rerun_s:.0f} s.",
+        "",
+        tabulate(table(rows, champion), headers="keys", tablefmt="github"),
+        "",
+        "## Targets",
+        "",
+        tabulate(report["targets"], headers="keys", tablefmt="github"),
+        "",
+    ]
+    (RESULTS / "compression.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Bad input stops the flow before training, with a message naming the problem; nothing is registered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from llmops.cli import app
+from tests.conftest import TINY_CONFIG
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _csv(path: Path, frame: pd.DataFrame) -> str:
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def _undecodable(path: Path) -> str:
+    path.write_bytes("text,sentiment\ncaf\xe9,positive\nbad,negative\n".encode("latin-1"))
+    return str(path)
+
+
+CASES = {
+    "unknown-key": (lambda d: ["train.epochz=1"], "train.epochz: unknown key"),
+    "wrong-type": (lambda d: ["train.epochs=many"], "train.epochs"),
+    "missing-column": (
+        lambda d: [f"data.source={_csv(d / 'x.csv', pd.DataFrame({'body': ['a'], 'sentiment': ['x']}))}"],
+        "column 'text' not found",
+    ),
+    "empty-dataset": (
+        lambda d: [f"data.source={_csv(d / 'x.csv', pd.DataFrame({'text': [' '], 'sentiment': ['x']}))}"],
+        "empty after cleaning",
+    ),
+    "single-class": (
+        lambda d: [f"data.source={_csv(d / 'x.csv', pd.DataFrame({'text': ['a', 'b'], 'sentiment': ['x', 'x']}))}"],
+        "single class",
+    ),
+    "undecodable-file": (lambda d: [f"data.source={_undecodable(d / 'x.csv')}"], "not valid utf-8"),
+    "missing-model-path": (lambda d: [f"model.name_or_path={d / 'no-model'}"], "not a model folder"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_stops_with_a_named_error(case: str, workdir: Path) -> None:
+    overrides, message = CASES[case]
+    args = ["run", "--config", str(TINY_CONFIG)]
+    for item in overrides(workdir):
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (workdir / "artifacts" / "teacher").exists()  # stopped before training
+    if (workdir / "mlflow.db").exists():
+        assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").search_registered_models() == []
+
+
+def test_rollback_without_previous_champion_is_a_clear_error(workdir: Path) -> None:
+    result = CliRunner().invoke(app, ["rollback", "--config", str(TINY_CONFIG)])
+    assert result.exit_code == 2
+    assert "no 'previous-champion' alias" in result.output

@@ -1,0 +1,139 @@
+"""The lifecycle flow on a tiny random-init BERT, against a real MLflow store and a real Prefect server.
+
+The tests in this module share one registry and run in order: first run,
+unchanged rerun, a rejected candidate, the same candidate passing, rollback,
+and a champion that moves while a flow evaluates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+import flows.lifecycle as lifecycle_flow
+from llmops import registry
+from tests.conftest import TINY_CONFIG
+
+NAME = "tweet-sentiment"
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    directory = tmp_path_factory.mktemp("lifecycle")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        yield directory
+
+
+@pytest.fixture(scope="module")
+def client(home: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+
+
+def run(*overrides: str) -> dict:
+    return lifecycle_flow.lifecycle(str(TINY_CONFIG), list(overrides))
+
+
+def aliases(client: MlflowClient) -> dict[str, str]:
+    return {alias: str(v) for alias, v in client.get_registered_model(NAME).aliases.items()}
+
+
+def tags(client: MlflowClient, version: str) -> dict[str, str]:
+    return dict(client.get_model_version(NAME, version).tags)
+
+
+@pytest.fixture(scope="module")
+def first(home: Path, prefect_server: None) -> dict:
+    return run()
+
+
+def test_first_run_promotes_a_gated_champion(first: dict, client: MlflowClient) -> None:
+    assert first["promoted"] and first["version"] == "1"
+    assert aliases(client) == {"champion": "1", "challenger": "1"}
+    version_tags = tags(client, "1")
+    assert version_tags["llmops.candidate"] == first["selected"]
+    assert first["selected"] in {"teacher", "student", "int8", "bnb-int8", "nf4"}
+    assert version_tags["llmops.verdict"] == "passed"
+    assert version_tags["llmops.parent_run_id"] == first["parent_run_id"]
+    for key in ("data_fingerprint", "candidate_key", "train_data", "reference_data", "config", "git_commit"):
+        assert version_tags[f"llmops.{key}"], key
+
+
+def test_parent_run_holds_one_child_per_candidate(first: dict, client: MlflowClient) -> None:
+    parent = client.get_run(first["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["llmops.candidate"] for r in children) == [
+        "bnb-int8",
+        "int8",
+        "nf4",
+        "student",
+        "teacher",
+    ]
+    for child in children:
+        assert {"macro_f1", "accuracy", "latency_p50_ms", "throughput_per_s", "size_mb"} <= set(child.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"model_card.md", "summary.md", "decision.json", "config.yaml", "data"} <= artifacts
+    assert {i.dataset.name.split("-")[0] for i in parent.inputs.dataset_inputs} == {
+        "train",
+        "validation",
+        "test",
+        "holdout",
+    }
+
+
+def test_champion_honours_the_model_contract(first: dict, home: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    out = model.predict(["the flight was great", "lost my bag again", "ok"])
+    assert list(out.columns) == ["label", "score", "prob_negative", "prob_neutral", "prob_positive"]
+    assert len(out) == 3 and set(out["label"]) <= {"negative", "neutral", "positive"}
+    probs = out[["prob_negative", "prob_neutral", "prob_positive"]].sum(axis=1)
+    assert probs.round(5).eq(1.0).all()
+
+
+def test_unchanged_rerun_registers_nothing(first: dict, client: MlflowClient) -> None:
+    again = run()
+    assert not again["promoted"] and "already the champion" in again["message"]
+    assert [v.version for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+    assert aliases(client)["champion"] == "1"
+
+
+def test_failing_candidate_is_registered_with_reasons_and_champion_kept(first: dict, client: MlflowClient) -> None:
+    result = run("train.learning_rate=0.003", "gates.min_macro_f1=0.99")
+    assert not result["promoted"] and result["version"] == "2"
+    version_tags = tags(client, "2")
+    assert version_tags["llmops.verdict"] == "rejected"
+    assert "< floor 0.9900" in version_tags["llmops.reasons"]
+    assert aliases(client) == {"champion": "1", "challenger": "1"}
+
+
+def test_same_candidate_passing_later_is_promoted_then_rolled_back(first: dict, client: MlflowClient) -> None:
+    result = run("train.learning_rate=0.003")  # the candidates of the previous test, now under the default gates
+    assert result["promoted"] and result["version"] == "2"  # reused, not registered twice
+    assert tags(client, "2")["llmops.verdict"] == "passed"
+    assert aliases(client) == {"champion": "2", "challenger": "2", "previous-champion": "1"}
+    outcome = registry.rollback(client, NAME)
+    assert outcome.champion == "1"
+    assert aliases(client) == {"champion": "1", "challenger": "2", "previous-champion": "2"}
+
+
+def test_champion_moved_during_evaluation_is_not_overwritten(
+    first: dict, client: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_score_champion = lifecycle_flow.release.score_champion
+
+    def someone_promotes_meanwhile(*args, **kwargs):
+        # Between the flow's snapshot of the champion and its promotion, a user moves the alias.
+        client.set_registered_model_alias(NAME, "champion", "2")
+        return real_score_champion(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle_flow.release, "score_champion", someone_promotes_meanwhile)
+    result = run("train.learning_rate=0.004")
+    assert not result["promoted"] and "moved from version 1 to 2" in result["message"]
+    assert result["version"] == "3"
+    assert aliases(client)["champion"] == "2"

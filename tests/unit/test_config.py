@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from llmops.config import ConfigError, LlmopsConfig, load_config, parse_override
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    assert isinstance(load_config(path), LlmopsConfig)
+
+
+def test_shipped_configs_exist() -> None:
+    assert {"quickstart.yaml", "tiny.yaml", "full.yaml"} <= {p.name for p in CONFIGS}
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epoch: 2\n")
+    with pytest.raises(ConfigError, match=r"train\.epoch: unknown key"):
+        load_config(path)
+
+
+def test_wrong_type_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        load_config(None, ["train.batch_size=lots"])
+
+
+def test_contradiction_is_named() -> None:
+    with pytest.raises(ConfigError, match="holdout_topics names topics not in data.topics"):
+        load_config(None, ["data.holdout_topics=[mars]"])
+
+
+def test_student_layers_must_be_distinct() -> None:
+    with pytest.raises(ConfigError, match="distill.student_layers"):
+        load_config(None, ["distill.student_layers=[1, 1]"])
+
+
+def test_overrides_are_parsed_as_yaml() -> None:
+    cfg = load_config(None, ["data.sample=100", "quantize.candidates=[fp32, int8]", "gates.max_size_mb=null"])
+    assert cfg.data.sample == 100
+    assert cfg.quantize.candidates == ["fp32", "int8"]
+    assert cfg.gates.max_size_mb is None
+
+
+def test_override_without_equals_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("data.sample")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")

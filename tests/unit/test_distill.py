@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from llmops.distill import build_student, distillation_loss, hidden_state_loss
+
+
+def test_loss_is_zero_kl_for_identical_logits() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]])
+    labels = torch.tensor([0, 2])
+    assert distillation_loss(logits, logits, labels, alpha=0.0, temperature=3.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_alpha_one_is_plain_cross_entropy() -> None:
+    student, teacher = torch.randn(4, 3), torch.randn(4, 3)
+    labels = torch.tensor([0, 1, 2, 1])
+    expected = torch.nn.functional.cross_entropy(student, labels)
+    assert distillation_loss(student, teacher, labels, alpha=1.0, temperature=2.0).item() == pytest.approx(
+        expected.item()
+    )
+
+
+def test_hand_computed_value() -> None:
+    # One example, two classes, T = 1. Student logits [0, 0] -> p_s = [.5, .5].
+    # Teacher logits [ln 3, 0] -> p_t = [.75, .25]. Label 0.
+    # CE = -ln .5 = ln 2. KL(p_t || p_s) = .75 ln(.75/.5) + .25 ln(.25/.5).
+    student = torch.tensor([[0.0, 0.0]])
+    teacher = torch.tensor([[math.log(3.0), 0.0]])
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    expected = 0.5 * math.log(2.0) + 0.5 * kl
+    got = distillation_loss(student, teacher, torch.tensor([0]), alpha=0.5, temperature=1.0)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_temperature_squared_scaling() -> None:
+    student, teacher = torch.tensor([[0.0, 0.0]]), torch.tensor([[4.0, 0.0]])
+    labels = torch.tensor([0])
+    t = 2.0
+    p_t = torch.softmax(teacher / t, -1)[0]
+    kl = float((p_t * (p_t / 0.5).log()).sum())
+    got = distillation_loss(student, teacher, labels, alpha=0.0, temperature=t)
+    assert got.item() == pytest.approx(t**2 * kl, rel=1e-6)
+
+
+def test_hidden_state_loss_zero_when_equal_and_ignores_padding() -> None:
+    hidden = (torch.randn(2, 4, 8), torch.randn(2, 4, 8))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert hidden_state_loss(hidden, hidden, mask).item() == pytest.approx(0.0, abs=1e-6)
+    noisy = tuple(h.clone() for h in hidden)
+    for h in noisy:
+        h[mask == 0] = torch.randn_like(h[mask == 0])  # only padding differs
+    assert hidden_state_loss(noisy, hidden, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _teacher(layers: int = 4) -> BertForSequenceClassification:
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def test_build_student_copies_the_chosen_layers() -> None:
+    teacher = _teacher()
+    student = build_student(teacher, [0, 3])
+    assert student.config.num_hidden_layers == 2 and len(student.bert.encoder.layer) == 2
+    for s_idx, t_idx in enumerate([0, 3]):
+        s_state = student.bert.encoder.layer[s_idx].state_dict()
+        t_state = teacher.bert.encoder.layer[t_idx].state_dict()
+        assert all(torch.equal(s_state[k], t_state[k]) for k in t_state)
+    assert torch.equal(student.classifier.weight, teacher.classifier.weight)
+    assert len(teacher.bert.encoder.layer) == 4  # the teacher is untouched
+    ids = torch.tensor([[1, 2, 3]])
+    assert student(input_ids=ids).logits.shape == (1, 3)
+
+
+def test_build_student_rejects_missing_layers() -> None:
+    with pytest.raises(ValueError, match="only 4 layers"):
+        build_student(_teacher(), [0, 4])
