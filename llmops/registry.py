@@ -56,8 +56,16 @@ def resolve_tracking_uri(cfg: RegistryConfig) -> str:
 def setup_tracking(cfg: RegistryConfig) -> MlflowClient:
     """Point MLflow at the configured store and make sure the experiment exists."""
     uri = resolve_tracking_uri(cfg)
+    # MLflow also writes these into os.environ, where a later run in this process would take them
+    # for the user's own setting; restore them (MLflow keeps the URIs it was given for this process).
+    saved = {var: os.environ.get(var) for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"] or uri)
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
         # A local store gets its artifacts in a folder beside it; a server chooses its own.
         location = Path(cfg.artifact_location).resolve().as_uri() if uri.startswith(("sqlite:", "file:", "/")) else None

@@ -99,7 +99,7 @@ def test_champion_honours_the_model_contract(first: dict, home: Path) -> None:
 def test_unchanged_rerun_registers_nothing(first: dict, client: MlflowClient) -> None:
     again = run()
     assert not again["promoted"] and "already the champion" in again["message"]
-    assert [v.version for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
     assert aliases(client)["champion"] == "1"
 
 
@@ -112,28 +112,39 @@ def test_failing_candidate_is_registered_with_reasons_and_champion_kept(first: d
     assert aliases(client) == {"champion": "1", "challenger": "1"}
 
 
-def test_same_candidate_passing_later_is_promoted_then_rolled_back(first: dict, client: MlflowClient) -> None:
-    result = run("train.learning_rate=0.003")  # the candidates of the previous test, now under the default gates
-    assert result["promoted"] and result["version"] == "2"  # reused, not registered twice
-    assert tags(client, "2")["llmops.verdict"] == "passed"
-    assert aliases(client) == {"champion": "2", "challenger": "2", "previous-champion": "1"}
+def _registered_keys(client: MlflowClient) -> list[str]:
+    return [v.tags["llmops.candidate_key"] for v in client.search_model_versions(f"name = '{NAME}'")]
+
+
+def test_passing_change_is_promoted_then_rolled_back(first: dict, client: MlflowClient) -> None:
+    result = run("train.learning_rate=0.003")  # the previous test's candidates, under the default gates
+    version = result["version"]
+    assert result["promoted"] and version in {"2", "3"}  # v2 reused if the same candidate is selected
+    selected_key = Path(result["candidates"][result["selected"]]).parent.name
+    assert tags(client, version)["llmops.candidate_key"] == selected_key
+    assert tags(client, version)["llmops.verdict"] == "passed"
+    assert len(set(_registered_keys(client))) == len(_registered_keys(client))  # never registered twice
+    assert aliases(client) == {"champion": version, "challenger": version, "previous-champion": "1"}
     outcome = registry.rollback(client, NAME)
     assert outcome.champion == "1"
-    assert aliases(client) == {"champion": "1", "challenger": "2", "previous-champion": "2"}
+    assert aliases(client) == {"champion": "1", "challenger": version, "previous-champion": version}
+    assert tags(client, version)["llmops.rolled_back"] == "true"
 
 
 def test_champion_moved_during_evaluation_is_not_overwritten(
     first: dict, client: MlflowClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    other = aliases(client)["previous-champion"]
     real_score_champion = lifecycle_flow.release.score_champion
 
     def someone_promotes_meanwhile(*args, **kwargs):
         # Between the flow's snapshot of the champion and its promotion, a user moves the alias.
-        client.set_registered_model_alias(NAME, "champion", "2")
+        client.set_registered_model_alias(NAME, "champion", other)
         return real_score_champion(*args, **kwargs)
 
     monkeypatch.setattr(lifecycle_flow.release, "score_champion", someone_promotes_meanwhile)
     result = run("train.learning_rate=0.004")
-    assert not result["promoted"] and "moved from version 1 to 2" in result["message"]
-    assert result["version"] == "3"
-    assert aliases(client)["champion"] == "2"
+    assert not result["promoted"] and f"moved from version 1 to {other}" in result["message"]
+    assert result["version"] not in {"1", other}
+    assert aliases(client)["champion"] == other
+    assert aliases(client)["challenger"] == result["version"]  # it passed its gates; only promotion was refused

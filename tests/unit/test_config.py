@@ -53,3 +53,16 @@ def test_override_without_equals_is_rejected() -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_tracking_setup_does_not_leak_into_the_environment(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from llmops import registry
+    from llmops.config import RegistryConfig
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry.setup_tracking(RegistryConfig())
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # a second run elsewhere must not inherit this store
+    assert registry.resolve_tracking_uri(RegistryConfig()) == f"sqlite:///{tmp_path / 'mlflow.db'}"
