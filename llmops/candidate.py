@@ -81,7 +81,9 @@ def _load_int8(directory: Path, meta: CandidateMeta) -> torch.nn.Module:
     model = AutoModelForSequenceClassification.from_config(config)
     recipe = meta.recipe["quantization"]
     quantized = quantize_dynamic_int8(model, recipe["per_channel"], recipe["skip_modules"])
-    quantized.load_state_dict(torch.load(directory / INT8_WEIGHTS, weights_only=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # TypedStorage deprecation inside torch's quantized unpickling
+        quantized.load_state_dict(torch.load(directory / INT8_WEIGHTS, weights_only=True))
     return quantized
 
 
@@ -103,7 +105,10 @@ class Classifier:
             self.model = _load_int8(self.directory, self.meta)
         else:
             # bnb folders carry their quantization config in config.json; bitsandbytes runs on CPU.
-            device_map = "cpu" if self.meta.kind in ("bnb-int8", "nf4") and not torch.cuda.is_available() else None
+            quantized = self.meta.kind in ("bnb-int8", "nf4")
+            if quantized:  # bitsandbytes warns on every int8 matmul that it casts inputs to fp16
+                warnings.filterwarnings("ignore", message="MatMul8bitLt")
+            device_map = ("cuda" if torch.cuda.is_available() else "cpu") if quantized else None
             self.model = AutoModelForSequenceClassification.from_pretrained(self.directory, device_map=device_map)
         self.model.eval()
         self.device = next(iter(self.model.parameters())).device if self.meta.kind != "int8" else torch.device("cpu")

@@ -84,7 +84,9 @@ def predict(
     except mlflow.exceptions.MlflowException as error:
         _fail(RegistryError(f"cannot load models:/{cfg.registry.model_name}@{alias}: {error.message}"))
         return
-    typer.echo(model.predict(texts).to_string(index=False))
+    predictions = model.predict(texts)
+    predictions.insert(0, "text", texts)
+    typer.echo(predictions.to_string(index=False, float_format="{:.3f}".format))
 
 
 def main() -> None:

@@ -97,6 +97,8 @@ class TrainConfig(_Strict):
     """Validation passes per epoch; early stopping and the best checkpoint use them."""
     mixed_precision: bool = True
     """bf16/fp16 on a GPU; always full precision on CPU."""
+    seed: int = 42
+    """Seeds the new head's initialisation, data order and dropout (fine-tuning and distillation)."""
 
 
 class DistillConfig(_Strict):
@@ -110,6 +112,8 @@ class DistillConfig(_Strict):
     epochs: float = Field(default=3.0, gt=0)
     batch_size: int = Field(default=32, gt=0)
     learning_rate: float = Field(default=1e-4, gt=0)
+    transfer_rows: int = Field(default=0, ge=0)
+    """Extra texts (from rows `data.sample` left out) that the student learns from the teacher's soft labels alone."""
 
     @field_validator("student_layers")
     @classmethod

@@ -1,7 +1,9 @@
 """Data stage: load a labelled text corpus, clean it, tag slices, split it.
 
 Output columns of every split: `text`, `label` (string), `label_id` (int),
-`topic` (slice), `confidence` (float or NaN).
+`topic` (slice), `confidence` (float or NaN). Splits: train, validation, test,
+holdout (held-out topics) and unlabeled (rows left out by `data.sample`; only
+their texts are used, as a distillation transfer set).
 """
 
 from __future__ import annotations
@@ -174,11 +176,14 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path) -> PreparedData:
     _check_usable(df, labels)
     holdout = df[df["topic"].isin(cfg.holdout_topics)]
     df = df[~df["topic"].isin(cfg.holdout_topics)]
+    rest = df.iloc[0:0]
     if cfg.sample is not None and cfg.sample < len(df):
-        df, _ = train_test_split(df, train_size=cfg.sample, stratify=df["label"], random_state=cfg.seed)
+        df, rest = train_test_split(df, train_size=cfg.sample, stratify=df["label"], random_state=cfg.seed)
     _check_usable(df, labels)
     frames = stratified_split(df, cfg)
     frames["holdout"] = holdout.reset_index(drop=True)
+    # Rows left out by `sample`: distillation may use their texts, with teacher soft labels only.
+    frames["unlabeled"] = rest.reset_index(drop=True)
     label_ids = {label: i for i, label in enumerate(labels)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

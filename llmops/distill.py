@@ -30,6 +30,8 @@ from llmops.data import PreparedData
 from llmops.modeling import count_parameters
 from llmops.train import compute_metrics_fn, tokenize_split, training_arguments, use_all_cores
 
+UNLABELLED = -100
+
 
 def distillation_loss(
     student_logits: torch.Tensor,
@@ -40,12 +42,14 @@ def distillation_loss(
 ) -> torch.Tensor:
     """alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T).
 
-    student_logits, teacher_logits: (batch, classes); labels: (batch,) class ids.
+    student_logits, teacher_logits: (batch, classes); labels: (batch,) class ids,
+    -100 for transfer-set rows that have no label (they count in the KL term only).
     The KL term compares the temperature-softened distributions (Hinton et al.,
     2015); T^2 keeps its gradients on the scale of the hard-label term.
     Returns a scalar.
     """
-    hard = F.cross_entropy(student_logits, labels)
+    labelled = labels != UNLABELLED
+    hard = F.cross_entropy(student_logits[labelled], labels[labelled]) if labelled.any() else student_logits.sum() * 0
     soft = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=-1),
         F.log_softmax(teacher_logits / temperature, dim=-1),
@@ -142,6 +146,17 @@ def teacher_logits(
     return rows
 
 
+def transfer_set(data: PreparedData, tokenizer: Any, max_length: int, cfg: DistillConfig) -> datasets.Dataset:
+    """Up to `cfg.transfer_rows` unlabelled texts, tokenized, with label -100 (soft targets only)."""
+    pool = tokenize_split(data.split_path("unlabeled"), tokenizer, max_length)
+    pool = pool.shuffle(seed=0).select(range(min(cfg.transfer_rows, len(pool))))
+    return pool.map(_unlabel, batched=True)
+
+
+def _unlabel(batch: dict[str, list[Any]]) -> dict[str, list[int]]:
+    return {"labels": [UNLABELLED] * len(batch["labels"])}
+
+
 def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_dir: str | Path) -> Path:
     """Distil the teacher candidate at `teacher_dir`; returns the student candidate folder."""
     use_all_cores()
@@ -152,6 +167,8 @@ def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_
     student = build_student(teacher, cfg.student_layers)
     collator = DataCollatorWithPadding(tokenizer)
     train = tokenize_split(data.split_path("train"), tokenizer, teacher_meta.max_length)
+    if cfg.transfer_rows > 0 and data.split_path("unlabeled").is_file():
+        train = datasets.concatenate_datasets([train, transfer_set(data, tokenizer, teacher_meta.max_length, cfg)])
     train = train.add_column("teacher_logits", teacher_logits(teacher, train, collator))
     validation = tokenize_split(data.split_path("validation"), tokenizer, teacher_meta.max_length)
     validation = validation.add_column("teacher_logits", teacher_logits(teacher, validation, collator))
@@ -194,6 +211,7 @@ def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_
             "alpha": cfg.alpha,
             "temperature": cfg.temperature,
             "hidden_weight": cfg.hidden_weight,
+            "transfer_rows": cfg.transfer_rows,
             "validation_macro_f1": best["eval_macro_f1"],
         },
         params=count_parameters(student),

@@ -71,7 +71,6 @@ def load_base_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
     checkpoint = resolve_checkpoint(cfg.name_or_path)
     if cfg.random_init is not None:
         config = AutoConfig.from_pretrained(checkpoint, **cfg.random_init, **label_maps(labels))
-        torch.manual_seed(0)
         return AutoModelForSequenceClassification.from_config(config)
     return AutoModelForSequenceClassification.from_pretrained(checkpoint, **label_maps(labels))
 

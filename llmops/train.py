@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from llmops.candidate import HISTORY_FILE, CandidateMeta, save_hf_candidate
@@ -72,6 +73,7 @@ def training_arguments(
     weight_decay: float = 0.0,
     warmup_ratio: float = 0.0,
     remove_unused_columns: bool = True,
+    seed: int = 42,
 ) -> TrainingArguments:
     """Arguments shared by fine-tuning and distillation: evaluate and checkpoint together."""
     on_gpu = torch.cuda.is_available()
@@ -100,13 +102,14 @@ def training_arguments(
         fp16=on_gpu and mixed_precision and not torch.cuda.is_bf16_supported(),
         dataloader_num_workers=0,
         remove_unused_columns=remove_unused_columns,
-        seed=42,
+        seed=seed,
     )
 
 
 def fine_tune(model_cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData, out_dir: str | Path) -> Path:
     """Train the teacher on `data`; returns the candidate folder `out_dir/model`."""
     use_all_cores()
+    set_seed(train_cfg.seed)  # before the head is initialised: Trainer seeds only after
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(model_cfg)
     model = load_base_model(model_cfg, data.labels)
@@ -122,6 +125,7 @@ def fine_tune(model_cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData
         mixed_precision=train_cfg.mixed_precision,
         weight_decay=train_cfg.weight_decay,
         warmup_ratio=train_cfg.warmup_ratio,
+        seed=train_cfg.seed,
     )
     trainer = Trainer(
         model=model,

@@ -13,9 +13,11 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
 import flows.lifecycle as lifecycle_flow
 from llmops import registry
+from llmops.cli import app
 from tests.conftest import TINY_CONFIG
 
 NAME = "tweet-sentiment"
@@ -101,6 +103,22 @@ def test_unchanged_rerun_registers_nothing(first: dict, client: MlflowClient) ->
     assert not again["promoted"] and "already the champion" in again["message"]
     assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
     assert aliases(client)["champion"] == "1"
+
+
+def test_cli_and_module_entry_points(first: dict, client: MlflowClient) -> None:
+    lifecycle_flow.main(["--config", str(TINY_CONFIG)])  # python -m flows.lifecycle
+    result = CliRunner().invoke(app, ["run", "--config", str(TINY_CONFIG)])
+    assert result.exit_code == 0, result.output
+    assert "champion: version 1" in result.output and "mlflow ui --backend-store-uri" in result.output
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+    predicted = CliRunner().invoke(app, ["predict", "--config", str(TINY_CONFIG), "the flight was great"])
+    assert predicted.exit_code == 0, predicted.output
+    assert "prob_positive" in predicted.output and "the flight was great" in predicted.output
+
+
+def test_predict_with_an_unknown_alias_is_a_clear_error(first: dict) -> None:
+    result = CliRunner().invoke(app, ["predict", "--config", str(TINY_CONFIG), "--alias", "nope", "hi"])
+    assert result.exit_code == 2 and "cannot load models:/tweet-sentiment@nope" in result.output
 
 
 def test_failing_candidate_is_registered_with_reasons_and_champion_kept(first: dict, client: MlflowClient) -> None:

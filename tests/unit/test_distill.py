@@ -83,3 +83,14 @@ def test_build_student_copies_the_chosen_layers() -> None:
 def test_build_student_rejects_missing_layers() -> None:
     with pytest.raises(ValueError, match="only 4 layers"):
         build_student(_teacher(), [0, 4])
+
+
+def test_unlabelled_rows_count_in_the_kl_term_only() -> None:
+    student, teacher = torch.randn(4, 3), torch.randn(4, 3)
+    labels = torch.tensor([0, 2, -100, -100])
+    kl_all = distillation_loss(student, teacher, labels, alpha=0.0, temperature=2.0)
+    ce_labelled = torch.nn.functional.cross_entropy(student[:2], labels[:2])
+    got = distillation_loss(student, teacher, labels, alpha=0.5, temperature=2.0)
+    assert got.item() == pytest.approx(0.5 * ce_labelled.item() + 0.5 * kl_all.item(), rel=1e-6)
+    only_unlabelled = distillation_loss(student, teacher, torch.full((4,), -100), alpha=0.5, temperature=2.0)
+    assert torch.isfinite(only_unlabelled) and only_unlabelled.item() == pytest.approx(0.5 * kl_all.item(), rel=1e-6)
