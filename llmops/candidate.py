@@ -62,14 +62,17 @@ def save_hf_candidate(
 
 
 def quantize_dynamic_int8(model: torch.nn.Module, per_channel: bool, skip_modules: list[str]) -> torch.nn.Module:
-    """torch dynamic int8 on every Linear layer except those named in `skip_modules`."""
+    """torch dynamic int8 on every Linear layer except those under a module named in `skip_modules`.
+
+    A name matches any component of a module's dotted path: `pooler` keeps `bert.pooler.dense`.
+    """
     from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
     qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     spec = {
         name: qconfig
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in skip_modules
+        if isinstance(module, torch.nn.Linear) and not set(name.split(".")) & set(skip_modules)
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the torchao migration notice, printed on every call

@@ -131,7 +131,7 @@ class QuantizeConfig(_Strict):
     int8_per_channel: bool = True
     """Per-output-channel int8 weight scales (more accurate than one scale per tensor)."""
     skip_modules: list[str] = Field(default_factory=lambda: ["classifier"])
-    """Module names kept in full precision (the small, sensitive classifier head)."""
+    """Modules kept in full precision, by any component of their dotted name (default: the classifier head)."""
 
 
 class EvalConfig(_Strict):
