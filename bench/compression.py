@@ -197,7 +197,8 @@ def main() -> None:
         + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU")
         + f". Config: `{report['config']}`.",
         "",
-        f"Quickstart lifecycle cold: {cold_s:.0f} s; unchanged rerun: {rerun_s:.0f} s.",
+        f"`llmops run` cold: {cold_s:.0f} s; unchanged rerun: {rerun_s:.0f} s (each a new process, "
+        "Prefect's temporary server start included; the install is not).",
         "",
         tabulate(table(rows, champion), headers="keys", tablefmt="github"),
         "",
