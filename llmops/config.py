@@ -138,6 +138,8 @@ class EvalConfig(_Strict):
     latency_samples: int = Field(default=100, gt=0)
     throughput_batch_size: int = Field(default=64, gt=0)
     throughput_max_rows: int = Field(default=1024, gt=0)
+    throughput_repeats: int = Field(default=1, gt=0)
+    """Timed passes over those rows; the median is reported (benchmarks use more)."""
     threads: int | None = None
     """Torch threads for every timing (the same for all candidates). Default: all cores."""
     min_slice_size: int = Field(default=30, gt=0)

@@ -89,12 +89,15 @@ def measure_latency(classifier: Classifier, texts: list[str], samples: int) -> t
     return float(np.percentile(timings, 50)), float(np.percentile(timings, 95))
 
 
-def measure_throughput(classifier: Classifier, texts: list[str], batch_size: int) -> float:
-    """Texts per second at `batch_size`, after one warm-up batch."""
+def measure_throughput(classifier: Classifier, texts: list[str], batch_size: int, repeats: int = 1) -> float:
+    """Texts per second at `batch_size`: the median of `repeats` passes, after one warm-up batch."""
     classifier.predict_proba(texts[:batch_size], batch_size=batch_size)
-    start = time.perf_counter()
-    classifier.predict_proba(texts, batch_size=batch_size)
-    return len(texts) / (time.perf_counter() - start)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        classifier.predict_proba(texts, batch_size=batch_size)
+        rates.append(len(texts) / (time.perf_counter() - start))
+    return float(np.median(rates))
 
 
 def _check_labels(classifier: Classifier, test: pd.DataFrame) -> None:
@@ -132,7 +135,9 @@ def evaluate_candidate(candidate_dir: str | Path, test_path: str | Path, cfg: Ev
     scores = classification_scores(predicted.tolist(), test["label_id"].tolist(), num_labels)
     slices, slice_rows = slice_scores(test, predicted, num_labels)
     p50, p95 = measure_latency(classifier, texts, cfg.latency_samples)
-    throughput = measure_throughput(classifier, texts[: cfg.throughput_max_rows], cfg.throughput_batch_size)
+    throughput = measure_throughput(
+        classifier, texts[: cfg.throughput_max_rows], cfg.throughput_batch_size, cfg.throughput_repeats
+    )
     return CandidateReport(
         kind=classifier.meta.kind,
         path=str(candidate_dir),
