@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PACKAGED_CORPUS = "packaged:tweets"
 PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
 
-CandidateKind = Literal["teacher", "student", "int8", "bnb-int8", "nf4"]
 QuantKind = Literal["fp32", "int8", "bnb-int8", "nf4"]
 ALL_QUANT_KINDS: tuple[QuantKind, ...] = ("fp32", "int8", "bnb-int8", "nf4")
 
