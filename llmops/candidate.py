@@ -13,6 +13,7 @@ Evaluation, the MLflow model and serving all load candidates through here.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,11 @@ def weights_size_mb(directory: str | Path) -> float:
     return sum(p.stat().st_size for p in files) / 2**20
 
 
+def _drop_cast_notice(record: logging.LogRecord) -> bool:
+    # bitsandbytes logs a warning on every int8 matmul that it casts fp32 inputs to fp16: it says nothing new.
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
 class Classifier:
     """A loaded candidate: texts in, class probabilities out."""
 
@@ -109,8 +115,8 @@ class Classifier:
         else:
             # bnb folders carry their quantization config in config.json; bitsandbytes runs on CPU.
             quantized = self.meta.kind in ("bnb-int8", "nf4")
-            if quantized:  # bitsandbytes warns on every int8 matmul that it casts inputs to fp16
-                warnings.filterwarnings("ignore", message="MatMul8bitLt")
+            if quantized:
+                logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_cast_notice)
             device_map = ("cuda" if torch.cuda.is_available() else "cpu") if quantized else None
             self.model = AutoModelForSequenceClassification.from_pretrained(self.directory, device_map=device_map)
         self.model.eval()

@@ -157,10 +157,14 @@ def log_candidate_model(candidate_dir: Path, labels: list[str], input_example: l
     return info.model_uri
 
 
+def encode_tags(tags: dict[str, Any]) -> dict[str, str]:
+    """`llmops.`-prefixed tag names; values JSON-encoded unless already strings."""
+    return {TAG + k: v if isinstance(v, str) else json.dumps(v) for k, v in tags.items()}
+
+
 def register(name: str, model_uri: str, tags: dict[str, Any]) -> str:
-    """A new version of `name` with the given tags (values JSON-encoded unless strings)."""
-    encoded = {TAG + k: v if isinstance(v, str) else json.dumps(v) for k, v in tags.items()}
-    return str(mlflow.register_model(model_uri, name, tags=encoded).version)
+    """A new version of `name` with the given tags."""
+    return str(mlflow.register_model(model_uri, name, tags=encode_tags(tags)).version)
 
 
 @dataclass(frozen=True)

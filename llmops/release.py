@@ -60,7 +60,13 @@ def _log_history(candidate_dir: Path) -> None:
 
 
 def _version_tags(
-    cfg: LlmopsConfig, report: CandidateReport, decision: Decision, key: str, data: PreparedData, parent_run_id: str
+    report: CandidateReport,
+    decision: Decision,
+    key: str,
+    data: PreparedData,
+    parent_run_id: str,
+    config_yaml: str,
+    commit: str,
 ) -> dict[str, Any]:
     verdict = decision.verdicts[report.kind]
     data_uri = f"runs:/{parent_run_id}/data"
@@ -76,8 +82,8 @@ def _version_tags(
         "test_data": f"{data_uri}/test.parquet",
         "test_macro_f1": f"{report.macro_f1:.6f}",
         "parent_run_id": parent_run_id,
-        "git_commit": registry.git_commit(),
-        "config": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+        "git_commit": commit,
+        "config": config_yaml,
     }
 
 
@@ -98,6 +104,7 @@ def release(
     existing = registry.find_version_by_key(client, name, keys[selected.kind]) if selected else None
     table = summary_table(list(reports.values()), decision)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    commit = registry.git_commit()
     model_uri = None
     with mlflow.start_run(run_name=f"lifecycle-{data.fingerprint[:8]}") as parent:
         mlflow.log_params(_flat_params(cfg))
@@ -105,7 +112,7 @@ def release(
             {
                 "llmops.kind": "lifecycle",
                 "llmops.data_fingerprint": data.fingerprint,
-                "llmops.git_commit": registry.git_commit(),
+                "llmops.git_commit": commit,
                 "llmops.decision": decision.reason,
             }
         )
@@ -129,15 +136,13 @@ def release(
                     model_uri = registry.log_candidate_model(Path(report.path), data.labels, examples)
         version = existing
         if selected is not None:
-            tags = _version_tags(cfg, selected, decision, keys[selected.kind], data, parent.info.run_id)
+            tags = _version_tags(selected, decision, keys[selected.kind], data, parent.info.run_id, config_yaml, commit)
             if version is None:
                 version = registry.register(name, model_uri or "", tags)
             else:  # a rerun: keep the version's lineage, refresh its verdict
-                for key in ("verdict", "reasons"):
-                    value = tags[key]
-                    client.set_model_version_tag(
-                        name, version, registry.TAG + key, value if isinstance(value, str) else json.dumps(value)
-                    )
+                verdict_tags = registry.encode_tags({k: tags[k] for k in ("verdict", "reasons")})
+                for key, value in verdict_tags.items():
+                    client.set_model_version_tag(name, version, key, value)
         promoted, message, champion_now = False, decision.reason, state.version_now
         if selected is not None and decision.verdicts[selected.kind].passed and version is not None:
             client.set_registered_model_alias(name, registry.CHALLENGER, version)
