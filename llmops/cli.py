@@ -1,4 +1,4 @@
-"""`llmops` command line: run the lifecycle, roll back the champion."""
+"""`llmops` command line: run the lifecycle, roll back the champion, predict, serve."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ NEXT_STEPS = """Next:
   .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # runs side by side, registry aliases
   .venv/bin/llmops predict "the flight was great" "lost my bag again"   # the champion, from the registry
   .venv/bin/llmops rollback                                   # champion back to previous-champion
-  serving (llmops serve) and monitoring (llmops monitor) are the next milestones"""
+  .venv/bin/llmops serve                                      # HTTP API on 127.0.0.1:8000, follows the champion"""
 
 
 @app.command()
@@ -87,6 +87,33 @@ def predict(
     predictions = model.predict(texts)
     predictions.insert(0, "text", texts)
     typer.echo(predictions.to_string(index=False, float_format="{:.3f}".format))
+
+
+@app.command()
+def serve(
+    config: ConfigOption = "configs/quickstart.yaml",
+    overrides: SetOption = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: serve.port).")] = None,
+) -> None:
+    """Serve the registry's champion over HTTP (/v1/predict, /invocations, /v2, /metrics, /docs)."""
+    import uvicorn
+
+    from serving.app import create_app
+
+    try:
+        cfg = load_config(config, overrides)
+        application = create_app(cfg)
+    except BAD_INPUT as error:
+        _fail(error)
+        return
+    uvicorn.run(
+        application,
+        host=host or cfg.serve.host,
+        port=cfg.serve.port if port is None else port,
+        log_level="info",
+        timeout_graceful_shutdown=30,
+    )
 
 
 def main() -> None:

@@ -168,6 +168,54 @@ class RegistryConfig(_Strict):
     """Artifact root for a new experiment on the embedded default store."""
 
 
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    alias: str = "champion"
+    """Registry alias the service follows."""
+    poll_interval_s: float = Field(default=10.0, gt=0)
+    """How often the registry is asked where the alias points."""
+    retry_failed_after_s: float = Field(default=300.0, ge=0)
+    """A version that failed to load is tried again after this long (if the alias still points at it)."""
+    model_cache: str = "artifacts/served"
+    """Downloaded versions, one folder per version."""
+    batching: bool = True
+    max_batch_size: int = Field(default=32, gt=0)
+    """Texts per forward pass at most (one request larger than this runs alone)."""
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    """How long the first request of a batch waits for others."""
+    max_queue: int = Field(default=1024, gt=0)
+    """Texts waiting for the model at most; beyond it requests get 503 with Retry-After."""
+    threads: int | None = Field(default=None, gt=0)
+    """Torch threads for inference. Default: all cores."""
+    max_texts: int = Field(default=64, gt=0)
+    """Texts per request at most."""
+    max_text_chars: int = Field(default=2000, gt=0)
+    over_length: Literal["truncate", "reject"] = "truncate"
+    """A text over max_text_chars is cut to it, or the request gets 413."""
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    api_keys_env: str = "LLMOPS_API_KEYS"
+    """Environment variable holding comma-separated API keys. No keys anywhere: no auth."""
+    api_keys_file: str | None = None
+    """File with one API key per line (added to those from the environment)."""
+    prediction_log: str = "predictions.db"
+    """Where every prediction and feedback label goes: a .db file (SQLite) or a folder (Parquet files)."""
+    flush_interval_s: float = Field(default=1.0, gt=0)
+    """The prediction log is written at least this often; a crash loses at most this much."""
+    shadow: bool = False
+    """Score a copy of every request with `challenger` and log it beside the champion's answer."""
+    canary_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of requests answered by `challenger` (0: off)."""
+
+    @model_validator(mode="after")
+    def _one_challenger_mode(self) -> ServeConfig:
+        if self.shadow and self.canary_share > 0:
+            raise ValueError("serve.shadow and serve.canary_share > 0 exclude each other: choose one")
+        if self.max_batch_size > self.max_queue:
+            raise ValueError("serve.max_batch_size must not exceed serve.max_queue")
+        return self
+
+
 class LlmopsConfig(_Strict):
     task: Literal["sequence-classification"] = "sequence-classification"
     work_dir: str = "artifacts"
@@ -180,6 +228,7 @@ class LlmopsConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     gates: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

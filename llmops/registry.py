@@ -95,9 +95,16 @@ def find_version_by_key(client: MlflowClient, name: str, candidate_key: str) -> 
     return str(max(int(v.version) for v in matching)) if matching else None
 
 
-def download_candidate(name: str, version: str, dst: str | Path) -> Path:
-    """The candidate folder (weights, tokenizer, candidate.json) of a registered version."""
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dst)))
+def download_candidate(name: str, version: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
+    """The candidate folder (weights, tokenizer, candidate.json) of a registered version.
+
+    `tracking_uri` names the store explicitly (serving); otherwise the one `setup_tracking` set.
+    """
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{name}/{version}", dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
+    )
     found = next(local.rglob(META_FILE), None)
     if found is None:
         raise RegistryError(f"model {name} version {version} holds no llmops candidate ({META_FILE} missing)")

@@ -1,0 +1,236 @@
+"""The prediction log: every served prediction and every feedback label, for monitoring to read.
+
+Serving writes it, monitoring reads it; this module is the contract between them.
+Two stores behind one interface, chosen by the path:
+- `predictions.db` (any `.db` / `.sqlite` path): one SQLite file in WAL mode, so a
+  monitor can read while the server writes;
+- any other path: a folder of Parquet files, `predictions/part-*.parquet` and
+  `feedback/part-*.parquet`, one file per flush (easy to ship to object storage).
+
+:class:`PredictionLogWriter` keeps writes off the request path: rows go to an
+in-memory buffer that a background thread flushes every `flush_interval_s`
+seconds and on close. A crash loses at most the rows of the last interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+ROUTES = ("champion", "canary", "shadow")
+"""Which model answered: the champion, the challenger in canary mode, or the challenger in shadow (not returned)."""
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    request_id: str
+    idx: int
+    """Position of the text in its request."""
+    ts: float
+    """Unix time of the answer."""
+    text: str
+    label: str
+    score: float
+    probabilities: str
+    """JSON object label -> probability."""
+    model_name: str
+    model_version: str
+    route: str
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    request_id: str
+    idx: int
+    label: str
+    ts: float
+
+
+PREDICTION_COLUMNS = list(PredictionRow.__dataclass_fields__)
+FEEDBACK_COLUMNS = list(FeedbackRow.__dataclass_fields__)
+
+
+def probabilities_json(labels: list[str], probs: Iterable[float]) -> str:
+    return json.dumps({label: round(float(p), 6) for label, p in zip(labels, probs, strict=True)})
+
+
+class SqliteStore:
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS predictions (request_id TEXT, idx INTEGER, ts REAL, text TEXT,"
+                " label TEXT, score REAL, probabilities TEXT, model_name TEXT, model_version TEXT, route TEXT,"
+                " latency_ms REAL)"
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id)")
+            db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
+            db.execute("CREATE TABLE IF NOT EXISTS feedback (request_id TEXT, idx INTEGER, label TEXT, ts REAL)")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def write(self, predictions: list[PredictionRow], feedback: list[FeedbackRow]) -> None:
+        with self._connect() as db:  # one transaction per flush
+            if predictions:
+                marks = ",".join("?" * len(PREDICTION_COLUMNS))
+                db.executemany(
+                    f"INSERT INTO predictions VALUES ({marks})", [tuple(asdict(r).values()) for r in predictions]
+                )
+            if feedback:
+                db.executemany("INSERT INTO feedback VALUES (?,?,?,?)", [tuple(asdict(r).values()) for r in feedback])
+
+    def has_request(self, request_id: str) -> bool:
+        with self._connect() as db:
+            return (
+                db.execute("SELECT 1 FROM predictions WHERE request_id = ? LIMIT 1", (request_id,)).fetchone()
+                is not None
+            )
+
+    def read_predictions(self, last_n: int | None = None, since: float | None = None) -> pd.DataFrame:
+        query, params = "SELECT * FROM predictions", []
+        if since is not None:
+            query, params = query + " WHERE ts >= ?", [since]
+        query += " ORDER BY ts DESC, request_id, idx"
+        if last_n is not None:
+            query, params = query + " LIMIT ?", [*params, last_n]
+        with self._connect() as db:
+            frame = pd.read_sql_query(query, db, params=params)
+        return frame.iloc[::-1].reset_index(drop=True)
+
+    def read_feedback(self) -> pd.DataFrame:
+        with self._connect() as db:
+            return pd.read_sql_query("SELECT * FROM feedback ORDER BY ts", db)
+
+
+class ParquetStore:
+    def __init__(self, path: Path):
+        self.path = path
+        for part in ("predictions", "feedback"):
+            (path / part).mkdir(parents=True, exist_ok=True)
+
+    def _append(self, part: str, rows: list[PredictionRow] | list[FeedbackRow]) -> None:
+        # Write then rename: a reader never sees half a file.
+        name = f"part-{time.time_ns()}"
+        tmp = self.path / part / f".{name}.tmp"
+        pd.DataFrame([asdict(r) for r in rows]).to_parquet(tmp, index=False)
+        tmp.rename(self.path / part / f"{name}.parquet")
+
+    def write(self, predictions: list[PredictionRow], feedback: list[FeedbackRow]) -> None:
+        if predictions:
+            self._append("predictions", predictions)
+        if feedback:
+            self._append("feedback", feedback)
+
+    def _read(self, part: str, columns: list[str]) -> pd.DataFrame:
+        files = sorted((self.path / part).glob("part-*.parquet"))
+        if not files:
+            return pd.DataFrame(columns=columns)
+        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+    def has_request(self, request_id: str) -> bool:
+        return bool((self._read("predictions", PREDICTION_COLUMNS)["request_id"] == request_id).any())
+
+    def read_predictions(self, last_n: int | None = None, since: float | None = None) -> pd.DataFrame:
+        frame = self._read("predictions", PREDICTION_COLUMNS).sort_values(["ts", "request_id", "idx"], kind="stable")
+        if since is not None:
+            frame = frame[frame["ts"] >= since]
+        if last_n is not None:
+            frame = frame.tail(last_n)
+        return frame.reset_index(drop=True)
+
+    def read_feedback(self) -> pd.DataFrame:
+        return self._read("feedback", FEEDBACK_COLUMNS).sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+PredictionStore = SqliteStore | ParquetStore
+
+
+def open_store(path: str | Path) -> PredictionStore:
+    path = Path(path)
+    return SqliteStore(path) if path.suffix in (".db", ".sqlite", ".sqlite3") else ParquetStore(path)
+
+
+class PredictionLogWriter:
+    """Buffers rows in memory and writes them from a background thread, in batches."""
+
+    def __init__(self, store: PredictionStore, flush_interval_s: float = 1.0):
+        self.store = store
+        self.flush_interval_s = flush_interval_s
+        self._lock = threading.Lock()
+        self._predictions: list[PredictionRow] = []
+        self._feedback: list[FeedbackRow] = []
+        self._pending_ids: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self.rows_written = 0
+        self.write_failures = 0
+
+    def start(self) -> PredictionLogWriter:
+        self._thread.start()
+        return self
+
+    def append(self, predictions: list[PredictionRow]) -> None:
+        with self._lock:
+            self._predictions.extend(predictions)
+            self._pending_ids.update(r.request_id for r in predictions)
+
+    def append_feedback(self, row: FeedbackRow) -> None:
+        with self._lock:
+            self._feedback.append(row)
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._predictions) + len(self._feedback)
+
+    def knows(self, request_id: str) -> bool:
+        """Whether a prediction with this request id was logged (written or still buffered)."""
+        with self._lock:
+            if request_id in self._pending_ids:
+                return True
+        return self.store.has_request(request_id)
+
+    def flush(self) -> None:
+        with self._lock:
+            predictions, feedback = self._predictions, self._feedback
+            self._predictions, self._feedback = [], []
+        if not predictions and not feedback:
+            return
+        try:
+            self.store.write(predictions, feedback)
+        except Exception:
+            # Keep the rows for the next flush rather than lose them; the failure shows in /metrics.
+            self.write_failures += 1
+            log.exception("prediction log write failed; %d rows kept for the next flush", len(predictions))
+            with self._lock:
+                self._predictions[:0] = predictions
+                self._feedback[:0] = feedback
+            return
+        self.rows_written += len(predictions)
+        with self._lock:
+            self._pending_ids.difference_update(r.request_id for r in predictions)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            self.flush()
+
+    def close(self) -> None:
+        """Stop the thread and write everything still buffered."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.flush()

@@ -1,0 +1,141 @@
+"""Dynamic micro-batching with a bounded queue.
+
+Requests wait at most `max_wait_ms` to be grouped, up to `max_batch_size` texts, into
+one tokenizer call and one forward pass. Inference runs on one worker thread, off the
+event loop: while a batch runs, the next one fills. A request only joins a batch of
+the same model version, so a swap never mixes versions in a forward pass. When the
+texts waiting would exceed `max_queue`, the request is refused (503) instead of queued:
+memory stays bounded however fast clients send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.metrics import ServingMetrics
+from serving.models import LoadedModel
+
+
+class QueueFull(RuntimeError):
+    """More texts are waiting than `max_queue` allows."""
+
+
+@dataclass
+class _Job:
+    model: LoadedModel
+    texts: list[str]
+    future: asyncio.Future[np.ndarray]
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        metrics: ServingMetrics,
+        *,
+        enabled: bool,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+    ):
+        self.metrics = metrics
+        self.enabled = enabled
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        # One inference thread: torch parallelises inside a forward pass; two passes at once only contend.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._jobs: deque[_Job] = deque()
+        self._arrived = asyncio.Event()
+        self._waiting = 0
+        """Texts accepted and not yet answered (queued or in the forward pass)."""
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.enabled:
+            self._task = asyncio.create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    async def predict(self, model: LoadedModel, texts: list[str]) -> np.ndarray:
+        """(len(texts), n_labels) probabilities. Raises QueueFull when the queue has no room."""
+        if self._waiting + len(texts) > self.max_queue and self._waiting > 0:
+            raise QueueFull(f"{self._waiting} texts are waiting (serve.max_queue={self.max_queue})")
+        self._waiting += len(texts)
+        self.metrics.queue_depth.set(self._waiting)
+        try:
+            if not self.enabled:
+                return await self._infer(model, texts)
+            future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+            self._jobs.append(_Job(model, texts, future))
+            self._arrived.set()
+            return await future
+        finally:
+            self._waiting -= len(texts)
+            self.metrics.queue_depth.set(self._waiting)
+
+    async def _infer(self, model: LoadedModel, texts: list[str]) -> np.ndarray:
+        self.metrics.batch_size.observe(len(texts))
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        probs = await loop.run_in_executor(self._executor, model.classifier.predict_proba, texts, len(texts))
+        self.metrics.inference_seconds.observe(time.perf_counter() - start)
+        return probs
+
+    async def _next_batch(self) -> list[_Job]:
+        while not self._jobs:
+            self._arrived.clear()
+            await self._arrived.wait()
+        first = self._jobs.popleft()
+        batch, size = [first], len(first.texts)
+        deadline = asyncio.get_running_loop().time() + self.max_wait_s
+        while size < self.max_batch_size:
+            if self._jobs:
+                nxt = self._jobs[0]
+                if nxt.model is not first.model or size + len(nxt.texts) > self.max_batch_size:
+                    break
+                batch.append(self._jobs.popleft())
+                size += len(nxt.texts)
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            live = [job for job in batch if not job.future.done()]  # clients that hung up are skipped
+            if not live:
+                continue
+            texts = [text for job in live for text in job.texts]
+            try:
+                probs = await self._infer(live[0].model, texts)
+            except Exception as error:
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+                continue
+            start = 0
+            for job in live:
+                if not job.future.done():
+                    job.future.set_result(probs[start : start + len(job.texts)])
+                start += len(job.texts)

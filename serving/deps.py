@@ -1,0 +1,86 @@
+"""Route dependencies: the predictor, API-key auth, JSON content type, text limits."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from llmops.config import ServeConfig
+from serving.auth import key_is_valid
+from serving.errors import ApiError
+from serving.predictor import Predictor
+
+
+def get_predictor(request: Request) -> Predictor:
+    return request.app.state.predictor
+
+
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`")
+
+
+def require_api_key(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    api_key: Annotated[str | None, Security(_api_key_header)],
+) -> None:
+    keys: frozenset[str] = request.app.state.api_keys
+    if not keys:
+        return
+    given = api_key if api_key is not None else (bearer.credentials if bearer else None)
+    if not key_is_valid(given, keys):
+        raise ApiError(
+            401,
+            "missing or invalid API key (send `Authorization: Bearer <key>` or `X-API-Key: <key>`)",
+            type="unauthorized",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def require_json(request: Request) -> None:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError(
+            415, f"Content-Type must be application/json, not '{content_type or 'none'}'", type="unsupported_media_type"
+        )
+
+
+def check_texts(texts: list[Any], field: str, cfg: ServeConfig) -> list[str]:
+    """The texts of one request, within the configured limits, or a 4xx naming the field at fault."""
+    if not texts:
+        raise ApiError(422, f"{field}: give at least one text", type="invalid_field", field=field)
+    if len(texts) > cfg.max_texts:
+        raise ApiError(
+            413,
+            f"{field}: {len(texts)} texts in one request; at most {cfg.max_texts} (serve.max_texts)",
+            type="too_many_texts",
+            field=field,
+        )
+    out = []
+    for i, text in enumerate(texts):
+        where = f"{field}[{i}]"
+        if not isinstance(text, str):
+            raise ApiError(
+                422, f"{where}: must be a string, not {type(text).__name__}", type="invalid_field", field=where
+            )
+        if not text.strip():
+            raise ApiError(422, f"{where}: empty text", type="invalid_field", field=where)
+        if len(text) > cfg.max_text_chars:
+            if cfg.over_length == "reject":
+                raise ApiError(
+                    413,
+                    f"{where}: {len(text)} characters; at most {cfg.max_text_chars} (serve.max_text_chars)",
+                    type="text_too_long",
+                    field=where,
+                )
+            text = text[: cfg.max_text_chars]
+        out.append(text)
+    return out
+
+
+Authorized = [Depends(require_api_key)]
+JsonBody = [Depends(require_api_key), Depends(require_json)]

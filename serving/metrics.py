@@ -1,0 +1,46 @@
+"""Prometheus metrics of the service, on a registry of its own (one per app, so tests can build several).
+
+HTTP request counts and latency histograms come from prometheus-fastapi-instrumentator;
+the model-specific ones are declared here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.batch_size = Histogram("llmops_batch_size", "Texts per forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("llmops_inference_seconds", "Time of one forward pass", registry=r)
+        self.queue_depth = Gauge("llmops_queue_depth", "Texts waiting for the model", registry=r)
+        self.model_info = Gauge(
+            "llmops_model_info", "The version each alias serves (value 1)", ["model", "alias", "version"], registry=r
+        )
+        self.reloads = Counter("llmops_model_reloads", "Versions loaded and swapped in", ["alias"], registry=r)
+        self.reload_failures = Counter(
+            "llmops_model_reload_failures",
+            "Versions that failed to load (the old one kept serving)",
+            ["alias"],
+            registry=r,
+        )
+        self.reload_error = Gauge(
+            "llmops_model_reload_error", "1 while the alias's current target failed to load", ["alias"], registry=r
+        )
+        self.predictions = Counter(
+            "llmops_predictions", "Texts scored, by which model answered and the label", ["route", "label"], registry=r
+        )
+        self.rejected = Counter("llmops_rejected_requests", "Requests refused before scoring", ["reason"], registry=r)
+        self.log_pending = Gauge("llmops_prediction_log_pending", "Rows buffered, not yet written", registry=r)
+        self.log_failures = Gauge("llmops_prediction_log_write_failures", "Failed prediction-log flushes", registry=r)
+
+    def set_model(self, model: str, alias: str, version: str) -> None:
+        """Exactly one version per alias in `llmops_model_info`."""
+        for labels in list(self.model_info._metrics):  # the only way prometheus_client lists a metric's children
+            if labels[0] == model and labels[1] == alias:
+                self.model_info.remove(*labels)
+        self.model_info.labels(model, alias, version).set(1)

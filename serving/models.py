@@ -1,0 +1,144 @@
+"""Following a registry alias: load the version it points at, warm it, swap it in atomically.
+
+A request takes a reference to the current :class:`LoadedModel` when it starts and
+keeps it to the end, so a swap never changes the model under a request in flight;
+the old version is freed when its last request finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from llmops.candidate import Classifier
+from llmops.registry import TAG, alias_version, download_candidate
+from serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+WARM_TEXTS = ["warming up the model", "a second, somewhat longer text to warm up the padded path"]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    version: str
+    alias: str
+    classifier: Classifier
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    loaded_at: float
+
+    @property
+    def labels(self) -> list[str]:
+        return self.classifier.labels
+
+
+def fetch_version(tracking_uri: str, name: str, version: str, cache: Path) -> Path:
+    """The candidate folder of `name` version `version`, downloaded once into `cache/<name>/<version>`.
+
+    A registered version never changes, so a finished folder is reused; the download
+    goes to a temporary folder renamed at the end, so a crash leaves nothing half-written.
+    """
+    final = cache / name / version
+    if not final.is_dir():
+        tmp = cache / name / f".{version}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        download_candidate(name, version, tmp, tracking_uri=tracking_uri)
+        tmp.rename(final)
+    return next(final.rglob("candidate.json")).parent
+
+
+def load_version(
+    client: MlflowClient, tracking_uri: str, name: str, version: str, alias: str, cache: Path
+) -> LoadedModel:
+    """Download, load and warm one version (blocking: run it off the event loop)."""
+    folder = fetch_version(tracking_uri, name, version, cache)
+    classifier = Classifier(folder)
+    classifier.predict_proba(WARM_TEXTS)  # the first forward pass allocates; pay it before traffic does
+    mv = client.get_model_version(name, version)
+    try:
+        metrics = dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+    except MlflowException:
+        metrics = {}
+    tags = {k: v for k, v in mv.tags.items() if k.startswith(TAG)}
+    return LoadedModel(name, version, alias, classifier, tags, metrics, time.time())
+
+
+class ModelWatcher:
+    """Polls where `alias` points; loads a new target in the background and swaps it in when warm."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        tracking_uri: str,
+        name: str,
+        alias: str,
+        cache: Path,
+        metrics: ServingMetrics,
+        poll_interval_s: float,
+        retry_failed_after_s: float,
+    ):
+        self.client = client
+        self.tracking_uri = tracking_uri
+        self.name = name
+        self.alias = alias
+        self.cache = cache
+        self.metrics = metrics
+        self.poll_interval_s = poll_interval_s
+        self.retry_failed_after_s = retry_failed_after_s
+        self.current: LoadedModel | None = None
+        self.status: str | None = "not checked yet"
+        """Why the alias's target is not the one serving (None when it is)."""
+        self._failed: dict[str, float] = {}
+
+    def check(self) -> None:
+        """One poll (blocking). Never raises: a failure is recorded and the current model keeps serving."""
+        try:
+            target = alias_version(self.client, self.name, self.alias)
+        except Exception as error:  # registry unreachable: keep serving what we have
+            self.status = f"registry unreachable: {error}"
+            return
+        if target is None:
+            self.status = f"model '{self.name}' has no '{self.alias}' alias"
+            return
+        if self.current is not None and self.current.version == target:
+            self.status = None
+            return
+        failed_at = self._failed.get(target)
+        if failed_at is not None and time.monotonic() - failed_at < self.retry_failed_after_s:
+            return
+        try:
+            loaded = load_version(self.client, self.tracking_uri, self.name, target, self.alias, self.cache)
+        except Exception as error:
+            self._failed[target] = time.monotonic()
+            self.status = f"version {target} failed to load: {type(error).__name__}: {error}"
+            self.metrics.reload_failures.labels(self.alias).inc()
+            self.metrics.reload_error.labels(self.alias).set(1)
+            log.error("%s@%s: %s; still serving %s", self.name, self.alias, self.status, self.served_version)
+            return
+        previous = self.served_version
+        self.current = loaded  # the swap: one reference assignment
+        self.status = None
+        self._failed.pop(target, None)
+        self.metrics.reloads.labels(self.alias).inc()
+        self.metrics.reload_error.labels(self.alias).set(0)
+        self.metrics.set_model(self.name, self.alias, target)
+        log.info("%s@%s: now serving version %s (was %s)", self.name, self.alias, target, previous)
+
+    @property
+    def served_version(self) -> str | None:
+        return self.current.version if self.current else None
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.check)
+            await asyncio.sleep(self.poll_interval_s)

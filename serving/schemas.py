@@ -1,0 +1,201 @@
+"""Request and response models of every endpoint (they are also the OpenAPI docs at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body. `error` is a plain string, as the Open Inference Protocol expects."""
+
+    error: str
+    type: str
+    field: str | None = None
+    """The request field at fault, e.g. `texts[2]`."""
+    request_id: str | None = None
+
+
+# --- /v1 -------------------------------------------------------------------------------------------
+
+
+class PredictRequest(_Body):
+    texts: list[StrictStr] = Field(examples=[["the flight was great", "lost my bag again"]])
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+    """Probability of `label`."""
+    probabilities: dict[str, float]
+    model_name: str
+    model_version: str
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    alias: str
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    model: ModelRef
+    predictions: list[Prediction]
+
+
+class FeedbackRequest(_Body):
+    request_id: StrictStr = Field(min_length=1)
+    label: StrictStr
+    index: int = Field(default=0, ge=0)
+    """Which text of the request (0 for single-text requests)."""
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    index: int
+    label: str
+    stored: bool
+
+
+class LoadedModelInfo(BaseModel):
+    name: str
+    version: str
+    alias: str
+    labels: list[str]
+    kind: str
+    """Candidate kind: teacher, student, int8, bnb-int8, nf4."""
+    loaded_at: float
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    """Metrics of the run that logged this version (test macro-F1, throughput, ...)."""
+
+
+class ModelResponse(BaseModel):
+    champion: LoadedModelInfo | None
+    challenger: LoadedModelInfo | None = None
+    reload_error: str | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    model: ModelRef | None = None
+    reason: str | None = None
+    """Why not ready (no model loaded yet), or the last reload failure while the old version keeps serving."""
+
+
+# --- /invocations (MLflow scoring protocol) --------------------------------------------------------
+
+
+class DataframeSplit(_Body):
+    columns: list[str] | None = None
+    index: list[Any] | None = None
+    data: list[Any]
+
+
+class InvocationsRequest(_Body):
+    """Exactly one of the four MLflow input formats; `params` is accepted and ignored."""
+
+    dataframe_split: DataframeSplit | None = None
+    dataframe_records: list[dict[str, Any]] | None = None
+    instances: list[Any] | None = None
+    inputs: list[Any] | dict[str, Any] | None = None
+    params: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_format(self) -> InvocationsRequest:
+        given = [
+            k for k in ("dataframe_split", "dataframe_records", "instances", "inputs") if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of dataframe_split, dataframe_records, instances, inputs"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class InvocationsResponse(BaseModel):
+    """MLflow's response shape: one record per text with `label`, `score` and `prob_<label>`."""
+
+    predictions: list[dict[str, Any]]
+
+
+# --- /v2 (Open Inference Protocol) -----------------------------------------------------------------
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ServerMetadataResponse(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadataResponse(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class LiveResponse(BaseModel):
+    live: bool
+
+
+class V2ReadyResponse(BaseModel):
+    ready: bool
+
+
+class ModelReadyResponse(BaseModel):
+    name: str
+    ready: bool
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+    """Absent when the tensor travels in the binary part of the request (binary tensor extension)."""
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[ResponseOutput]

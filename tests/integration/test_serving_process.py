@@ -1,0 +1,95 @@
+"""The real `llmops serve` process on a free loopback port, driven over HTTP by standard clients:
+httpx, MLflow's own scoring-server client, and Triton's Open Inference Protocol client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from llmops.predlog import open_store
+from tests.tiny_registry import LABELS, register_versions, set_alias
+
+NAME = "tiny-process"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(workdir: Path) -> Iterator[tuple[str, int, subprocess.Popen]]:
+    store = register_versions(workdir / "registry", NAME, seeds=[7])
+    set_alias(store, NAME, "champion", "1")
+    config = workdir / "serve.yaml"
+    config.write_text(yaml.safe_dump({"registry": {"model_name": NAME}, "serve": {"flush_interval_s": 60}}))
+    port = free_port()
+    env = os.environ | {"MLFLOW_TRACKING_URI": store}
+    cli = [sys.executable, "-c", "from llmops.cli import main; main()"]
+    proc = subprocess.Popen(
+        [*cli, "serve", "--config", str(config), "--port", str(port)],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server not ready in 120 s"
+        time.sleep(0.2)
+    yield base, port, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_the_real_server_answers_standard_clients_and_flushes_on_sigterm(
+    server: tuple[str, int, subprocess.Popen], workdir: Path
+) -> None:
+    import tritonclient.http as triton
+    from mlflow.pyfunc.scoring_server.client import ScoringServerClient
+
+    base, port, proc = server
+    ours = httpx.post(f"{base}/v1/predict", json={"texts": ["great flight", "awful delay"]}, timeout=30)
+    assert ours.status_code == 200 and ours.json()["model"]["version"] == "1"
+
+    mlflow_client = ScoringServerClient("127.0.0.1", port)
+    mlflow_client.wait_server_ready(timeout=10)
+    frame = mlflow_client.invoke(pd.DataFrame({"text": ["great flight", "awful delay"]})).get_predictions()
+    assert list(frame["label"]) == [p["label"] for p in ours.json()["predictions"]]
+
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+    assert client.is_server_live() and client.is_model_ready(NAME)
+    text = triton.InferInput("text", [2], "BYTES")
+    text.set_data_from_numpy(np.array(["great flight", "awful delay"], dtype=object), binary_data=True)
+    result = client.infer(NAME, [text], outputs=[triton.InferRequestedOutput("probabilities", binary_data=False)])
+    probs = result.as_numpy("probabilities")
+    assert probs.shape == (2, len(LABELS))
+    expected = [[p["probabilities"][label] for label in LABELS] for p in ours.json()["predictions"]]
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+    proc.send_signal(signal.SIGTERM)  # graceful: the prediction log is flushed long before its 60 s interval
+    output, _ = proc.communicate(timeout=60)
+    assert "Application shutdown complete" in output  # uvicorn then re-raises SIGTERM: the exit code is -15
+    logged = open_store(workdir / "predictions.db").read_predictions()
+    assert len(logged) == 6  # 2 texts through each of the three protocols

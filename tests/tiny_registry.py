@@ -1,0 +1,65 @@
+"""A real MLflow registry holding tiny random-init classifiers, registered in seconds (no training).
+
+Serving and monitoring tests use it: the candidates go through the same
+`log_candidate_model` / `register` path as the lifecycle's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from llmops import registry
+from llmops.candidate import META_FILE, CandidateMeta, save_hf_candidate
+from llmops.config import RegistryConfig
+from llmops.modeling import label_maps, packaged_model_path
+
+LABELS = ["negative", "neutral", "positive"]
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def build_tiny_candidate(directory: Path, seed: int) -> Path:
+    """A random-init 2-layer BERT with the packaged MiniLM tokenizer; `seed` makes versions answer differently."""
+    checkpoint = packaged_model_path()
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(checkpoint, **TINY, **label_maps(LABELS))
+    model = AutoModelForSequenceClassification.from_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return save_hf_candidate(model, tokenizer, CandidateMeta("student", LABELS, max_length=32), directory)
+
+
+def break_candidate(directory: Path) -> Path:
+    """Claims to be torch-int8 but has no int8 weights: loading it fails, as a corrupt upload would."""
+    meta = json.loads((directory / META_FILE).read_text())
+    meta |= {"kind": "int8", "recipe": {"quantization": {"per_channel": True, "skip_modules": ["classifier"]}}}
+    (directory / META_FILE).write_text(json.dumps(meta))
+    return directory
+
+
+def register_versions(root: Path, name: str, seeds: list[int], broken: set[int] = frozenset()) -> str:
+    """Register one version per seed (version i+1 for seeds[i]) in a SQLite store under `root`; returns its URI.
+
+    Versions whose seed is in `broken` are registered but cannot load.
+    """
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    registry.setup_tracking(
+        RegistryConfig(tracking_uri=uri, experiment="serving-tests", artifact_location=str(root / "mlartifacts"))
+    )
+    for seed in seeds:
+        candidate = build_tiny_candidate(root / f"candidate-{seed}", seed)
+        if seed in broken:
+            break_candidate(candidate)
+        with mlflow.start_run(run_name=f"tiny-{seed}"):
+            mlflow.log_metric("test_macro_f1", 0.5 + seed / 100)
+            model_uri = registry.log_candidate_model(candidate, LABELS, ["an example tweet"])
+            registry.register(name, model_uri, {"candidate": "student", "seed": seed})
+    return uri
+
+
+def set_alias(uri: str, name: str, alias: str, version: str) -> None:
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(name, alias, version)
