@@ -16,7 +16,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: install run test lint bench-compression rollback mlflow-ui lock clean
+.PHONY: install run test lint bench-compression bench-serving serve rollback mlflow-ui lock clean
 
 install: $(STAMP)
 
@@ -44,6 +44,12 @@ lint: install
 bench-compression: install  ## teacher vs student vs int8 vs bnb-int8 vs NF4 -> bench/results/compression.{md,json}
 	$(PY) bench/compression.py --config $(CONFIG)
 
+bench-serving: install  ## our server (batching on/off) vs mlflow models serve -> bench/results/serving.{md,json}
+	$(PY) bench/serving.py --config $(CONFIG)
+
+serve: install  ## the HTTP API on 127.0.0.1:8000, following the registry's champion
+	$(VENV)/bin/llmops serve --config $(CONFIG)
+
 rollback: install
 	$(VENV)/bin/llmops rollback --config $(CONFIG)
 
@@ -52,7 +58,7 @@ mlflow-ui: install
 
 lock:  ## refreeze requirements.lock from the current .venv
 	{ echo "# Full pinned tree, frozen from a working install (make lock). torch first: see the Makefile."; \
-	  $(PIP) freeze | sed 's/^torch==2.13.0+cpu/torch==2.13.0/' | grep -v -E "^(-e|llmops)"; } > requirements.lock
+	  $(PIP) freeze | sed 's/^torch==2.13.0+cpu/torch==2.13.0/' | grep -v -E "^(-e|llmops|# Editable)"; } > requirements.lock
 
 clean:  ## remove what runs leave behind (not the venv)
 	rm -rf artifacts mlartifacts mlflow.db .prefect

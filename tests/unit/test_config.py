@@ -66,3 +66,17 @@ def test_tracking_setup_does_not_leak_into_the_environment(tmp_path: Path, monke
     registry.setup_tracking(RegistryConfig())
     assert "MLFLOW_TRACKING_URI" not in os.environ  # a second run elsewhere must not inherit this store
     assert registry.resolve_tracking_uri(RegistryConfig()) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["serve.shadow=true", "serve.canary_share=0.1"], "serve.shadow and serve.canary_share"),
+        (["serve.max_batch_size=64", "serve.max_queue=32"], "serve.max_batch_size"),
+        (["serve.over_length=drop"], "serve.over_length"),
+        (["serve.canary_share=1.5"], "serve.canary_share"),
+    ],
+)
+def test_serving_contradictions_are_named(overrides: list[str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, overrides)

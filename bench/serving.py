@@ -1,0 +1,282 @@
+"""Serving benchmark: our server with batching on and off vs `mlflow models serve`, in one run, one machine.
+
+All three serve the same registered champion (`models:/<name>@champion`) on loopback, one at a
+time. A closed-loop load generator (aiohttp, its own process) keeps `c` requests in flight, one
+tweet per request, for a fixed time per level after a warm-up, at c = 1, 8 and 32. The upper
+bound is the model alone: the champion's candidate scoring the same tweets in batches of
+`serve.max_batch_size`, in-process, no HTTP.
+
+Writes bench/results/serving.json and serving.md, with the machine and the targets:
+- ours (batching on) >= 3x the peer's throughput at c=32, with a lower p99;
+- batching on >= 3x batching off at c=32, p99 no worse;
+- served throughput (batching on, c=32) >= 0.8x the model-only offline throughput.
+
+    make bench-serving     # needs a champion: make run first
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import mlflow
+import numpy as np
+import pandas as pd
+from machine import machine
+from mlflow import MlflowClient
+from tabulate import tabulate
+
+from llmops.candidate import Classifier
+from llmops.config import load_config
+from llmops.registry import CHAMPION, TAG, download_candidate, resolve_tracking_uri
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_texts(client: MlflowClient, name: str, version: str, dst: Path) -> list[str]:
+    """The champion's own test split (its lineage tag points at it)."""
+    uri = client.get_model_version(name, version).tags[TAG + "test_data"]
+    return pd.read_parquet(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))["text"].tolist()
+
+
+def offline_throughput(candidate: Path, texts: list[str], batch_size: int, repeats: int = 3) -> float:
+    model = Classifier(candidate)
+    model.predict_proba(texts[:batch_size], batch_size)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.predict_proba(texts, batch_size)
+        rates.append(len(texts) / (time.perf_counter() - start))
+    return float(np.median(rates))
+
+
+async def _load(url: str, bodies: list[bytes], concurrency: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    counter = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal errors, counter
+            while (now := loop.time()) < stop_at:
+                body = bodies[counter % len(bodies)]
+                counter += 1
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    ok = response.status == 200
+                done = loop.time()
+                if now >= measure_from:
+                    if ok:
+                        latencies.append(done - now)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    lat = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "throughput": len(latencies) / duration_s,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+    }
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def measure_server(
+    label: str,
+    command: list[str],
+    ready_path: str,
+    predict: tuple[str, Any],
+    texts: list[str],
+    args: argparse.Namespace,
+    env: dict[str, str],
+    workdir: Path,
+) -> list[dict[str, Any]]:
+    port = free_port()
+    command = [part.replace("{port}", str(port)) for part in command]
+    log = (workdir / f"{label.replace(' ', '_')}.log").open("w")
+    print(f"[{label}] {' '.join(command)}", flush=True)
+    proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}{ready_path}", proc)
+        path, make_body = predict
+        bodies = [json.dumps(make_body(t)).encode() for t in texts]
+        rows = []
+        for concurrency in args.concurrency:
+            row = asyncio.run(
+                _load(f"http://127.0.0.1:{port}{path}", bodies, concurrency, args.warmup_s, args.duration_s)
+            )
+            row["server"] = label
+            print(f"[{label}] c={concurrency}: {row['throughput']:.0f} req/s, p99 {row['p99_ms']:.1f} ms", flush=True)
+            rows.append(row)
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    table = tabulate(
+        [
+            [r["server"], r["concurrency"], round(r["throughput"]), r["p50_ms"], r["p95_ms"], r["p99_ms"], r["errors"]]
+            for r in rows
+        ],
+        headers=["server", "concurrency", "texts/s", "p50 ms", "p95 ms", "p99 ms", "errors"],
+        tablefmt="github",
+        floatfmt=".1f",
+    )
+    checks = "\n".join(
+        f"- {'met' if c['met'] else 'MISSED'}: {c['target']} ({c['measured']})" for c in result["targets"]
+    )
+    m = result["machine"]
+    return f"""# Serving benchmark
+
+Champion: `{result["model"]}` version {result["version"]} ({result["kind"]}). One text per request,
+closed loop, {result["duration_s"]:.0f} s per level after {result["warmup_s"]:.0f} s warm-up;
+server and load generator share the machine.
+Machine: {m["cpu"]}, {m["cores"]} cores, torch {m["torch"]}, CUDA: {m["cuda"] or "none"}.
+Date: {result["date"]}.
+
+Model-only offline throughput (batches of {result["batch_size"]}, no HTTP):
+**{result["offline_throughput"]:.0f} texts/s**.
+
+{table}
+
+Targets:
+{checks}
+"""
+
+
+def targets(rows: list[dict[str, Any]], offline: float) -> list[dict[str, Any]]:
+    def at32(server: str) -> dict[str, Any]:
+        return next(r for r in rows if r["server"] == server and r["concurrency"] == 32)
+
+    on, off, peer = at32("llmops (batching on)"), at32("llmops (batching off)"), at32("mlflow models serve")
+
+    def versus(other: dict[str, Any]) -> str:
+        return f"{on['throughput'] / other['throughput']:.2f}x, p99 {on['p99_ms']:.0f} vs {other['p99_ms']:.0f} ms"
+
+    return [
+        {
+            "target": ">= 3x mlflow models serve throughput at c=32, lower p99",
+            "measured": versus(peer),
+            "met": on["throughput"] >= 3 * peer["throughput"] and on["p99_ms"] < peer["p99_ms"],
+        },
+        {
+            "target": "batching on >= 3x batching off at c=32, p99 no worse",
+            "measured": versus(off),
+            "met": on["throughput"] >= 3 * off["throughput"] and on["p99_ms"] <= off["p99_ms"],
+        },
+        {
+            "target": "served (batching on, c=32) >= 0.8x model-only offline throughput",
+            "measured": f"{on['throughput'] / offline:.2f}x ({on['throughput']:.0f} vs {offline:.0f} texts/s)",
+            "met": on["throughput"] >= 0.8 * offline,
+        },
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--duration-s", type=float, default=15.0)
+    parser.add_argument("--texts", type=int, default=2000)
+    args = parser.parse_args()
+
+    cfg = load_config(args.config)
+    uri = resolve_tracking_uri(cfg.registry)
+    name = cfg.registry.model_name
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mlflow.set_tracking_uri(uri)
+    version = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        work = Path(tmp)
+        texts = test_texts(client, name, version, work)[: args.texts]
+        candidate = download_candidate(name, version, work / "candidate", tracking_uri=uri)
+        kind = Classifier(candidate).meta.kind
+        offline = offline_throughput(candidate, texts, cfg.serve.max_batch_size)
+        print(f"model-only offline: {offline:.0f} texts/s", flush=True)
+
+        config = str(Path(args.config).resolve())
+        ours = [str(VENV_BIN / "llmops"), "serve", "--config", config, "--port", "{port}"]
+        ours += ["--set", f"serve.prediction_log={work / 'predictions.db'}"]
+        ours += ["--set", f"serve.model_cache={work / 'cache'}"]
+        v1 = ("/v1/predict", lambda text: {"texts": [text]})
+        peer_cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@{CHAMPION}"]
+        peer_cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", "{port}"]
+        invocations = ("/invocations", lambda text: {"inputs": [text]})
+        rows = []
+        rows += measure_server("llmops (batching on)", ours, "/readyz", v1, texts, args, env, work)
+        off = [*ours, "--set", "serve.batching=false"]
+        rows += measure_server("llmops (batching off)", off, "/readyz", v1, texts, args, env, work)
+        rows += measure_server("mlflow models serve", peer_cmd, "/ping", invocations, texts, args, env, work)
+
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "model": name,
+        "version": version,
+        "kind": kind,
+        "batch_size": cfg.serve.max_batch_size,
+        "warmup_s": args.warmup_s,
+        "duration_s": args.duration_s,
+        "offline_throughput": offline,
+        "rows": rows,
+    }
+    result["targets"] = targets(rows, offline)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serving.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "serving.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The prediction log: both stores round-trip, windows select the latest rows, nothing buffered is lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmops.predlog import FeedbackRow, PredictionLogWriter, PredictionRow, open_store, probabilities_json
+
+
+def row(request_id: str, ts: float, idx: int = 0, label: str = "positive") -> PredictionRow:
+    probs = probabilities_json(["negative", "positive"], [0.25, 0.75])
+    return PredictionRow(request_id, idx, ts, f"text {request_id}", label, 0.75, probs, "m", "3", "champion", 4.2)
+
+
+@pytest.fixture(params=["predictions.db", "predictions"], ids=["sqlite", "parquet"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    return tmp_path / request.param
+
+
+def test_rows_round_trip_and_windows_take_the_latest(location: Path) -> None:
+    store = open_store(location)
+    store.write([row("a", 1.0), row("b", 2.0), row("b", 2.0, idx=1)], [FeedbackRow("a", 0, "negative", 5.0)])
+    store.write([row("c", 3.0)], [])
+    everything = store.read_predictions()
+    assert everything["request_id"].tolist() == ["a", "b", "b", "c"]
+    assert json.loads(everything["probabilities"][0]) == {"negative": 0.25, "positive": 0.75}
+    assert store.read_predictions(last_n=2)["request_id"].tolist() == ["b", "c"]
+    assert store.read_predictions(since=2.0)["request_id"].tolist() == ["b", "b", "c"]
+    assert store.read_feedback()[["request_id", "label"]].values.tolist() == [["a", "negative"]]
+    assert store.has_request("b") and not store.has_request("zzz")
+
+
+def test_an_empty_log_reads_as_an_empty_window(location: Path) -> None:
+    store = open_store(location)
+    assert store.read_predictions().empty and store.read_feedback().empty
+
+
+def test_the_writer_flushes_everything_on_close(location: Path) -> None:
+    writer = PredictionLogWriter(open_store(location), flush_interval_s=3600).start()
+    writer.append([row(f"r{i}", float(i)) for i in range(100)])
+    writer.append_feedback(FeedbackRow("r1", 0, "negative", 200.0))
+    assert writer.knows("r5")  # still buffered, already answerable for feedback
+    assert open_store(location).read_predictions().empty
+    writer.close()
+    assert len(open_store(location).read_predictions()) == 100
+    assert len(open_store(location).read_feedback()) == 1
+
+
+def test_a_failed_write_keeps_the_rows_for_the_next_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store(tmp_path / "log.db")
+    writer = PredictionLogWriter(store, flush_interval_s=3600)
+    writer.append([row("a", 1.0)])
+    real_write = store.write
+
+    def disk_full(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "write", disk_full)
+    writer.flush()
+    assert writer.write_failures == 1 and writer.pending == 1
+    monkeypatch.setattr(store, "write", real_write)
+    writer.flush()
+    assert writer.pending == 0 and store.read_predictions()["request_id"].tolist() == ["a"]
