@@ -1,0 +1,42 @@
+"""No Docker engine runs here, so the images are checked statically: what they copy exists, they run as a
+non-root user, and the command they run is one this package provides with a config it ships."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+DOCKERFILES = sorted(REPO.glob("*/Dockerfile"))  # one folder deep: not into .venv
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n\s*", " ", path.read_text())  # join continued lines
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_images_copy_only_what_exists_and_run_unprivileged(dockerfile: Path) -> None:
+    steps = instructions(dockerfile)
+    for op, args in steps:
+        if op == "COPY" and "--from=" not in args:
+            sources = [a for a in shlex.split(args) if not a.startswith("--")][:-1]
+            for source in sources:
+                assert (REPO / source).exists(), f"{dockerfile.name} copies {source}, which is not in the repository"
+    users = [args for op, args in steps if op == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    command = json.loads(next(args for op, args in reversed(steps) if op == "CMD"))
+    if command[0] == "llmops":
+        assert command[1] in {"serve", "run", "monitor"}
+        config = command[command.index("--config") + 1]
+        assert (REPO / config).is_file()
+
+
+def test_the_serving_image_exists() -> None:
+    assert REPO / "serving" / "Dockerfile" in DOCKERFILES
