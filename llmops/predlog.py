@@ -93,12 +93,11 @@ class SqliteStore:
             if feedback:
                 db.executemany("INSERT INTO feedback VALUES (?,?,?,?)", [tuple(asdict(r).values()) for r in feedback])
 
-    def has_request(self, request_id: str) -> bool:
+    def request_size(self, request_id: str) -> int:
+        """How many texts the request had (0: no such request)."""
         with self._connect() as db:
-            return (
-                db.execute("SELECT 1 FROM predictions WHERE request_id = ? LIMIT 1", (request_id,)).fetchone()
-                is not None
-            )
+            query = "SELECT COUNT(DISTINCT idx) FROM predictions WHERE request_id = ?"
+            return int(db.execute(query, (request_id,)).fetchone()[0])
 
     def read_predictions(self, last_n: int | None = None, since: float | None = None) -> pd.DataFrame:
         query, params = "SELECT * FROM predictions", []
@@ -141,8 +140,10 @@ class ParquetStore:
             return pd.DataFrame(columns=columns)
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
-    def has_request(self, request_id: str) -> bool:
-        return bool((self._read("predictions", PREDICTION_COLUMNS)["request_id"] == request_id).any())
+    def request_size(self, request_id: str) -> int:
+        """How many texts the request had (0: no such request)."""
+        frame = self._read("predictions", PREDICTION_COLUMNS)
+        return int(frame.loc[frame["request_id"] == request_id, "idx"].nunique())
 
     def read_predictions(self, last_n: int | None = None, since: float | None = None) -> pd.DataFrame:
         frame = self._read("predictions", PREDICTION_COLUMNS).sort_values(["ts", "request_id", "idx"], kind="stable")
@@ -173,7 +174,7 @@ class PredictionLogWriter:
         self._lock = threading.Lock()
         self._predictions: list[PredictionRow] = []
         self._feedback: list[FeedbackRow] = []
-        self._pending_ids: set[str] = set()
+        self._pending_sizes: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self.rows_written = 0
@@ -186,7 +187,8 @@ class PredictionLogWriter:
     def append(self, predictions: list[PredictionRow]) -> None:
         with self._lock:
             self._predictions.extend(predictions)
-            self._pending_ids.update(r.request_id for r in predictions)
+            for r in predictions:
+                self._pending_sizes[r.request_id] = max(self._pending_sizes.get(r.request_id, 0), r.idx + 1)
 
     def append_feedback(self, row: FeedbackRow) -> None:
         with self._lock:
@@ -197,12 +199,12 @@ class PredictionLogWriter:
         with self._lock:
             return len(self._predictions) + len(self._feedback)
 
-    def knows(self, request_id: str) -> bool:
-        """Whether a prediction with this request id was logged (written or still buffered)."""
+    def request_size(self, request_id: str) -> int:
+        """How many texts a logged request had, written or still buffered (0: unknown request)."""
         with self._lock:
-            if request_id in self._pending_ids:
-                return True
-        return self.store.has_request(request_id)
+            if request_id in self._pending_sizes:
+                return self._pending_sizes[request_id]
+        return self.store.request_size(request_id)
 
     def flush(self) -> None:
         with self._lock:
@@ -222,7 +224,8 @@ class PredictionLogWriter:
             return
         self.rows_written += len(predictions)
         with self._lock:
-            self._pending_ids.difference_update(r.request_id for r in predictions)
+            for r in predictions:
+                self._pending_sizes.pop(r.request_id, None)
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval_s):

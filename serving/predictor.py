@@ -168,8 +168,11 @@ class Predictor:
         labels = self.require_model().labels
         if label not in labels:
             raise ApiError(422, f"label: '{label}' is not one of {labels}", type="invalid_field", field="label")
-        if not await asyncio.to_thread(self.log.knows, request_id):
+        size = await asyncio.to_thread(self.log.request_size, request_id)
+        if size == 0:
             raise ApiError(
                 404, f"request_id: no prediction with id '{request_id}'", type="not_found", field="request_id"
             )
+        if index >= size:
+            raise ApiError(422, f"index: request {request_id} had {size} text(s)", type="invalid_field", field="index")
         self.log.append_feedback(FeedbackRow(request_id, index, label, time.time()))

@@ -301,6 +301,10 @@ async def test_every_prediction_and_feedback_is_logged_and_flushed_on_shutdown(
         feedback = await client.post(
             "/v1/feedback", json={"request_id": first["request_id"], "label": "negative", "index": 1}
         )
+        beyond = await client.post(
+            "/v1/feedback", json={"request_id": first["request_id"], "label": "negative", "index": 2}
+        )
+    assert (beyond.status_code, beyond.json()["field"]) == (422, "index")
     assert feedback.status_code == 202 and feedback.json()["stored"]
     store = open_store(workdir / log_path)
     logged = store.read_predictions()
