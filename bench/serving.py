@@ -40,6 +40,7 @@ from llmops.candidate import Classifier
 from llmops.config import load_config
 from llmops.registry import CHAMPION, TAG, download_candidate, resolve_tracking_uri
 
+SERVERS = ("on", "off", "peer")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
@@ -227,6 +228,8 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--duration-s", type=float, default=15.0)
     parser.add_argument("--texts", type=int, default=2000)
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
+    parser.add_argument("--set", action="append", default=[], help="serve.<key>=value for our server (both modes)")
     args = parser.parse_args()
 
     cfg = load_config(args.config)
@@ -236,6 +239,7 @@ def main() -> None:
     mlflow.set_tracking_uri(uri)
     version = str(client.get_model_version_by_alias(name, CHAMPION).version)
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow models serve execs `uvicorn`
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         work = Path(tmp)
@@ -249,15 +253,23 @@ def main() -> None:
         ours = [str(VENV_BIN / "llmops"), "serve", "--config", config, "--port", "{port}"]
         ours += ["--set", f"serve.prediction_log={work / 'predictions.db'}"]
         ours += ["--set", f"serve.model_cache={work / 'cache'}"]
+        ours += [part for item in args.set for part in ("--set", item)]
         v1 = ("/v1/predict", lambda text: {"texts": [text]})
         peer_cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@{CHAMPION}"]
         peer_cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", "{port}"]
         invocations = ("/invocations", lambda text: {"inputs": [text]})
+        runs = {
+            "on": ("llmops (batching on)", ours, "/readyz", v1),
+            "off": ("llmops (batching off)", [*ours, "--set", "serve.batching=false"], "/readyz", v1),
+            "peer": ("mlflow models serve", peer_cmd, "/ping", invocations),
+        }
         rows = []
-        rows += measure_server("llmops (batching on)", ours, "/readyz", v1, texts, args, env, work)
-        off = [*ours, "--set", "serve.batching=false"]
-        rows += measure_server("llmops (batching off)", off, "/readyz", v1, texts, args, env, work)
-        rows += measure_server("mlflow models serve", peer_cmd, "/ping", invocations, texts, args, env, work)
+        for key in args.servers:
+            label, command, ready, protocol = runs[key]
+            rows += measure_server(label, command, ready, protocol, texts, args, env, work)
+        if args.servers != list(SERVERS):
+            print(tabulate(rows, headers="keys", floatfmt=".1f"))
+            return  # a partial run is an experiment: the results files hold complete runs only
 
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -97,18 +97,30 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (default: serve.port).")] = None,
 ) -> None:
     """Serve the registry's champion over HTTP (/v1/predict, /invocations, /v2, /metrics, /docs)."""
+    import json
+    import os
+    import tempfile
+
     import uvicorn
 
-    from serving.app import create_app
+    from serving.app import CONFIG_ENV, OVERRIDES_ENV
+    from serving.auth import load_api_keys
 
     try:
         cfg = load_config(config, overrides)
-        application = create_app(cfg)
+        load_api_keys(cfg.serve)  # a bad key file fails here, once, not in every worker
     except BAD_INPUT as error:
         _fail(error)
         return
+    # Workers are separate processes: they rebuild the app from the same config, passed by environment.
+    os.environ[CONFIG_ENV] = str(config)
+    os.environ[OVERRIDES_ENV] = json.dumps(overrides or [])
+    if cfg.serve.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llmops-metrics-")
     uvicorn.run(
-        application,
+        "serving.app:app_from_environment",
+        factory=True,
+        workers=cfg.serve.workers,
         host=host or cfg.serve.host,
         port=cfg.serve.port if port is None else port,
         log_level="info",

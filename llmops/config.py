@@ -187,7 +187,11 @@ class ServeConfig(_Strict):
     max_queue: int = Field(default=1024, gt=0)
     """Texts waiting for the model at most; beyond it requests get 503 with Retry-After."""
     threads: int | None = Field(default=None, gt=0)
-    """Torch threads for inference. Default: all cores."""
+    """Torch threads for inference, per worker. Default: all cores."""
+    workers: int = Field(default=1, ge=1)
+    """Server processes (uvicorn workers), each with its own model copy, batcher and queue. On CPU, one
+    worker per core with `threads: 1` beats one worker using every core: the event loop and the model
+    no longer take turns on one interpreter lock."""
     max_texts: int = Field(default=64, gt=0)
     """Texts per request at most."""
     max_text_chars: int = Field(default=2000, gt=0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -123,7 +124,7 @@ class ParquetStore:
 
     def _append(self, part: str, rows: list[PredictionRow] | list[FeedbackRow]) -> None:
         # Write then rename: a reader never sees half a file.
-        name = f"part-{time.time_ns()}"
+        name = f"part-{time.time_ns()}-{os.getpid()}"  # several server workers may flush at once
         tmp = self.path / part / f".{name}.tmp"
         pd.DataFrame([asdict(r) for r in rows]).to_parquet(tmp, index=False)
         tmp.rename(self.path / part / f"{name}.parquet")

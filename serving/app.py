@@ -7,6 +7,8 @@ Inference Protocol of KServe and Triton).
 
 from __future__ import annotations
 
+import json
+import os
 import struct
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -67,13 +69,13 @@ def _request_id(request: Request) -> str:
 
 
 @router.get("/healthz", response_model=HealthResponse, tags=["health"])
-def healthz() -> HealthResponse:
+async def healthz() -> HealthResponse:
     """The process is alive."""
     return HealthResponse()
 
 
 @router.get("/readyz", response_model=ReadyResponse, tags=["health"], responses={503: {"model": ReadyResponse}})
-def readyz(predictor: PredictorDep) -> JSONResponse:
+async def readyz(predictor: PredictorDep) -> JSONResponse:
     """200 once a model is loaded and warmed; the body carries a reload failure while the old version serves."""
     model = predictor.champion.current
     body = ReadyResponse(
@@ -85,13 +87,13 @@ def readyz(predictor: PredictorDep) -> JSONResponse:
 
 
 @router.get("/ping", response_class=PlainTextResponse, tags=["mlflow"])
-def ping(predictor: PredictorDep) -> PlainTextResponse:
+async def ping(predictor: PredictorDep) -> PlainTextResponse:
     """MLflow's scoring-server health check."""
     return PlainTextResponse("\n", status_code=200 if predictor.ready else 503)
 
 
 @router.get("/version", response_class=PlainTextResponse, tags=["mlflow"])
-def version() -> PlainTextResponse:
+async def version() -> PlainTextResponse:
     """The server's version (MLflow's scoring-server clients ask for it)."""
     return PlainTextResponse(llmops.__version__)
 
@@ -136,7 +138,7 @@ def _model_info(model: LoadedModel | None) -> LoadedModelInfo | None:
 
 
 @router.get("/v1/model", response_model=ModelResponse, tags=["v1"], dependencies=Authorized, responses=ERRORS)
-def model_info(predictor: PredictorDep) -> ModelResponse:
+async def model_info(predictor: PredictorDep) -> ModelResponse:
     """Which version serves, with its metrics and tags (and the challenger's, when shadow or canary is on)."""
     challenger = predictor.challenger.current if predictor.challenger else None
     return ModelResponse(
@@ -231,22 +233,22 @@ def _v2_model(predictor: PredictorDep, name: str) -> None:
 
 
 @router.get("/v2", response_model=ServerMetadataResponse, tags=["v2"])
-def v2_server() -> ServerMetadataResponse:
+async def v2_server() -> ServerMetadataResponse:
     return ServerMetadataResponse(name="llmops", version=llmops.__version__, extensions=["binary_tensor_data"])
 
 
 @router.get("/v2/health/live", response_model=LiveResponse, tags=["v2"])
-def v2_live() -> LiveResponse:
+async def v2_live() -> LiveResponse:
     return LiveResponse(live=True)
 
 
 @router.get("/v2/health/ready", response_model=V2ReadyResponse, tags=["v2"])
-def v2_ready(predictor: PredictorDep) -> JSONResponse:
+async def v2_ready(predictor: PredictorDep) -> JSONResponse:
     return JSONResponse({"ready": predictor.ready}, status_code=200 if predictor.ready else 503)
 
 
 @router.get("/v2/models/{name}/ready", response_model=ModelReadyResponse, tags=["v2"], responses=ERRORS)
-def v2_model_ready(name: str, predictor: PredictorDep) -> JSONResponse:
+async def v2_model_ready(name: str, predictor: PredictorDep) -> JSONResponse:
     _v2_model(predictor, name)
     return JSONResponse({"name": name, "ready": predictor.ready}, status_code=200 if predictor.ready else 503)
 
@@ -254,7 +256,7 @@ def v2_model_ready(name: str, predictor: PredictorDep) -> JSONResponse:
 @router.get(
     "/v2/models/{name}", response_model=ModelMetadataResponse, tags=["v2"], dependencies=Authorized, responses=ERRORS
 )
-def v2_model_metadata(name: str, predictor: PredictorDep) -> ModelMetadataResponse:
+async def v2_model_metadata(name: str, predictor: PredictorDep) -> ModelMetadataResponse:
     _v2_model(predictor, name)
     model = predictor.require_model()
     return ModelMetadataResponse(
@@ -443,3 +445,15 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
     app.include_router(router)
     app.add_middleware(RequestContext, max_body_bytes=cfg.serve.max_body_bytes)
     return app
+
+
+CONFIG_ENV = "LLMOPS_SERVE_CONFIG"
+OVERRIDES_ENV = "LLMOPS_SERVE_OVERRIDES"
+
+
+def app_from_environment() -> FastAPI:
+    """The app factory uvicorn calls in each worker: the config path and `--set` overrides come by environment."""
+    from llmops.config import load_config
+
+    overrides = json.loads(os.environ.get(OVERRIDES_ENV, "[]"))
+    return create_app(load_config(os.environ.get(CONFIG_ENV) or None, overrides))

@@ -2,7 +2,7 @@
 
 Requests wait at most `max_wait_ms` to be grouped, up to `max_batch_size` texts, into
 one tokenizer call and one forward pass. Inference runs on one worker thread, off the
-event loop: while a batch runs, the next one fills. A request only joins a batch of
+event loop: while a batch runs, the next one fills and waits behind it. A request only joins a batch of
 the same model version, so a swap never mixes versions in a forward pass. When the
 texts waiting would exceed `max_queue`, the request is refused (503) instead of queued:
 memory stays bounded however fast clients send.
@@ -55,6 +55,7 @@ class MicroBatcher:
         self._waiting = 0
         """Texts accepted and not yet answered (queued or in the forward pass)."""
         self._task: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         if self.enabled:
@@ -63,7 +64,7 @@ class MicroBatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.gather(self._task, *self._in_flight, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     @property
@@ -121,21 +122,32 @@ class MicroBatcher:
         return batch
 
     async def _run(self) -> None:
+        # Two batches in flight: one in the forward pass, the next formed and waiting behind it, so the
+        # inference thread goes straight on to it instead of idling while the event loop answers the last one.
+        slots = asyncio.Semaphore(2)
         while True:
+            await slots.acquire()
             batch = await self._next_batch()
             live = [job for job in batch if not job.future.done()]  # clients that hung up are skipped
             if not live:
+                slots.release()
                 continue
-            texts = [text for job in live for text in job.texts]
-            try:
-                probs = await self._infer(live[0].model, texts)
-            except Exception as error:
-                for job in live:
-                    if not job.future.done():
-                        job.future.set_exception(error)
-                continue
-            start = 0
-            for job in live:
+            task = asyncio.create_task(self._complete(live))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+            task.add_done_callback(lambda _: slots.release())
+
+    async def _complete(self, jobs: list[_Job]) -> None:
+        texts = [text for job in jobs for text in job.texts]
+        try:
+            probs = await self._infer(jobs[0].model, texts)
+        except Exception as error:
+            for job in jobs:
                 if not job.future.done():
-                    job.future.set_result(probs[start : start + len(job.texts)])
-                start += len(job.texts)
+                    job.future.set_exception(error)
+            return
+        start = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_result(probs[start : start + len(job.texts)])
+            start += len(job.texts)

@@ -12,8 +12,11 @@ from serving.auth import key_is_valid
 from serving.errors import ApiError
 from serving.predictor import Predictor
 
+# Dependencies are `async def`: FastAPI runs a plain `def` dependency in a thread pool, a thread hop per
+# request for a few attribute reads.
 
-def get_predictor(request: Request) -> Predictor:
+
+async def get_predictor(request: Request) -> Predictor:
     return request.app.state.predictor
 
 
@@ -23,7 +26,7 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`")
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     api_key: Annotated[str | None, Security(_api_key_header)],
@@ -41,7 +44,7 @@ def require_api_key(
         )
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise ApiError(

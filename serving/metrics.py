@@ -1,7 +1,8 @@
 """Prometheus metrics of the service, on a registry of its own (one per app, so tests can build several).
 
 HTTP request counts and latency histograms come from prometheus-fastapi-instrumentator;
-the model-specific ones are declared here.
+the model-specific ones are declared here. With several workers, `llmops serve` sets
+PROMETHEUS_MULTIPROC_DIR, and /metrics adds up every worker's values (gauges as declared).
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ class ServingMetrics:
         r = self.registry
         self.batch_size = Histogram("llmops_batch_size", "Texts per forward pass", buckets=BATCH_BUCKETS, registry=r)
         self.inference_seconds = Histogram("llmops_inference_seconds", "Time of one forward pass", registry=r)
-        self.queue_depth = Gauge("llmops_queue_depth", "Texts waiting for the model", registry=r)
+        self.queue_depth = Gauge(
+            "llmops_queue_depth", "Texts waiting for the model", registry=r, multiprocess_mode="livesum"
+        )
         self.model_info = Gauge(
-            "llmops_model_info", "The version each alias serves (value 1)", ["model", "alias", "version"], registry=r
+            "llmops_model_info",
+            "The version each alias serves (value 1)",
+            ["model", "alias", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.reloads = Counter("llmops_model_reloads", "Versions loaded and swapped in", ["alias"], registry=r)
         self.reload_failures = Counter(
@@ -29,14 +36,25 @@ class ServingMetrics:
             registry=r,
         )
         self.reload_error = Gauge(
-            "llmops_model_reload_error", "1 while the alias's current target failed to load", ["alias"], registry=r
+            "llmops_model_reload_error",
+            "1 while the alias's current target failed to load",
+            ["alias"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.predictions = Counter(
             "llmops_predictions", "Texts scored, by which model answered and the label", ["route", "label"], registry=r
         )
         self.rejected = Counter("llmops_rejected_requests", "Requests refused before scoring", ["reason"], registry=r)
-        self.log_pending = Gauge("llmops_prediction_log_pending", "Rows buffered, not yet written", registry=r)
-        self.log_failures = Gauge("llmops_prediction_log_write_failures", "Failed prediction-log flushes", registry=r)
+        self.log_pending = Gauge(
+            "llmops_prediction_log_pending", "Rows buffered, not yet written", registry=r, multiprocess_mode="livesum"
+        )
+        self.log_failures = Gauge(
+            "llmops_prediction_log_write_failures",
+            "Failed prediction-log flushes",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
 
     def set_model(self, model: str, alias: str, version: str) -> None:
         """Exactly one version per alias in `llmops_model_info`."""

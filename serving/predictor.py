@@ -67,8 +67,6 @@ class Predictor:
             max_queue=self.cfg.max_queue,
         )
         self.log = PredictionLogWriter(open_store(self.cfg.prediction_log), self.cfg.flush_interval_s)
-        self.metrics.log_pending.set_function(lambda: self.log.pending)
-        self.metrics.log_failures.set_function(lambda: self.log.write_failures)
         self._watchers: list[asyncio.Task[None]] = []
         self._shadows: set[asyncio.Task[None]] = set()
 
@@ -163,6 +161,9 @@ class Predictor:
         self.log.append(rows)
         for label in labels:
             self.metrics.predictions.labels(route, label).inc()
+        # Sampled here rather than computed at scrape time: multi-process metrics cannot call back into a worker.
+        self.metrics.log_pending.set(self.log.pending)
+        self.metrics.log_failures.set(self.log.write_failures)
 
     async def feedback(self, request_id: str, index: int, label: str) -> None:
         labels = self.require_model().labels

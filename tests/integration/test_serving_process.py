@@ -35,7 +35,9 @@ def server(workdir: Path) -> Iterator[tuple[str, int, subprocess.Popen]]:
     store = register_versions(workdir / "registry", NAME, seeds=[7])
     set_alias(store, NAME, "champion", "1")
     config = workdir / "serve.yaml"
-    config.write_text(yaml.safe_dump({"registry": {"model_name": NAME}, "serve": {"flush_interval_s": 60}}))
+    # Two workers: each loads the model and batches on its own; /metrics adds them up.
+    serve = {"flush_interval_s": 60, "workers": 2, "threads": 1}
+    config.write_text(yaml.safe_dump({"registry": {"model_name": NAME}, "serve": serve}))
     port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": store}
     cli = [sys.executable, "-c", "from llmops.cli import main; main()"]
@@ -88,8 +90,13 @@ def test_the_real_server_answers_standard_clients_and_flushes_on_sigterm(
     expected = [[p["probabilities"][label] for label in LABELS] for p in ours.json()["predictions"]]
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
+    metrics = httpx.get(f"{base}/metrics").text
+    assert f'llmops_model_info{{alias="champion",model="{NAME}",version="1"}} 1.0' in metrics
+    assert 'http_requests_total{handler="/v1/predict",method="POST",status="200"} 1.0' in metrics
+    assert 'http_requests_total{handler="/invocations",method="POST",status="200"} 1.0' in metrics
+
     proc.send_signal(signal.SIGTERM)  # graceful: the prediction log is flushed long before its 60 s interval
     output, _ = proc.communicate(timeout=60)
-    assert "Application shutdown complete" in output  # uvicorn then re-raises SIGTERM: the exit code is -15
+    assert output.count("Application shutdown complete") == 2  # both workers; uvicorn then re-raises SIGTERM
     logged = open_store(workdir / "predictions.db").read_predictions()
     assert len(logged) == 6  # 2 texts through each of the three protocols
