@@ -32,14 +32,14 @@ run: install  ## the quickstart lifecycle: ends with a gated champion in ./mlflo
 	$(VENV)/bin/llmops run --config $(CONFIG)
 
 test: install  ## lint, types, and the whole suite except GPU tests
-	$(VENV)/bin/ruff check llmops flows serving tests bench
-	$(VENV)/bin/ruff format --check llmops flows serving tests bench
-	$(VENV)/bin/mypy llmops flows serving
+	$(VENV)/bin/ruff check llmops flows serving monitoring tests bench
+	$(VENV)/bin/ruff format --check llmops flows serving monitoring tests bench
+	$(VENV)/bin/mypy llmops flows serving monitoring
 	$(PY) -m pytest -m "not gpu" tests
 
 lint: install
-	$(VENV)/bin/ruff check --fix llmops flows serving tests bench
-	$(VENV)/bin/ruff format llmops flows serving tests bench
+	$(VENV)/bin/ruff check --fix llmops flows serving monitoring tests bench
+	$(VENV)/bin/ruff format llmops flows serving monitoring tests bench
 
 bench-compression: install  ## teacher vs student vs int8 vs bnb-int8 vs NF4 -> bench/results/compression.{md,json}
 	$(PY) bench/compression.py --config $(CONFIG)

@@ -220,6 +220,35 @@ class ServeConfig(_Strict):
         return self
 
 
+class RetrainPolicy(_Strict):
+    """When monitoring starts a retraining (monitoring/decision.py applies it)."""
+
+    min_window: int = Field(default=200, gt=0)
+    """Fewer predictions in the window than this: no verdict at all."""
+    drift_windows: int = Field(default=2, gt=0)
+    """Drift must hold in this many (K) ..."""
+    of_last: int = Field(default=3, gt=0)
+    """... of the last M windows, this one included (hysteresis: one noisy window does not trigger)."""
+    cooldown_hours: float = Field(default=24.0, ge=0)
+    """No retraining this soon after the last one."""
+    max_per_day: int = Field(default=2, ge=0)
+    """Retrainings in any 24 hours at most."""
+    max_quality_drop: float | None = Field(default=0.05, ge=0)
+    """Window macro-F1 (from feedback labels) below the champion's test macro-F1 by more than this triggers alone."""
+    max_bias_gap: float | None = Field(default=None, gt=0)
+    """A gap between slices over this ceiling triggers alone."""
+
+    @model_validator(mode="after")
+    def _k_of_m(self) -> RetrainPolicy:
+        if self.drift_windows > self.of_last:
+            raise ValueError("monitor.retrain.drift_windows must not exceed monitor.retrain.of_last")
+        return self
+
+
+class MonitorConfig(_Strict):
+    retrain: RetrainPolicy = RetrainPolicy()
+
+
 class LlmopsConfig(_Strict):
     task: Literal["sequence-classification"] = "sequence-classification"
     work_dir: str = "artifacts"
@@ -233,6 +262,7 @@ class LlmopsConfig(_Strict):
     gates: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

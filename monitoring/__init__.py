@@ -1,0 +1,1 @@
+"""Monitoring of live traffic: drift and bias reports, and the retraining decision."""
