@@ -28,6 +28,7 @@ from serving.auth import load_api_keys
 from serving.deps import Authorized, JsonBody, PredictorDep, check_texts
 from serving.errors import ApiError, ErrorResponse, field_path, install_handlers
 from serving.models import LoadedModel
+from serving.predictor import Predictor
 from serving.schemas import (
     FeedbackRequest,
     FeedbackResponse,
@@ -227,7 +228,7 @@ V2_INPUT = "text"
 V2_OUTPUTS = ("label", "probabilities")
 
 
-def _v2_model(predictor: PredictorDep, name: str) -> None:
+def _v2_model(predictor: Predictor, name: str) -> None:
     if name != predictor.model_name:
         raise ApiError(404, f"model '{name}' is not served here (serving '{predictor.model_name}')", type="not_found")
 
@@ -412,7 +413,6 @@ class RequestContext:
 
 def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
     """The service for `cfg`, following `cfg.registry.model_name`@`cfg.serve.alias` in the given store."""
-    from serving.predictor import Predictor
 
     uri = tracking_uri or resolve_tracking_uri(cfg.registry)
     api_keys = load_api_keys(cfg.serve)
