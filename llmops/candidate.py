@@ -122,21 +122,51 @@ class Classifier:
         self.model.eval()
         self.device = next(iter(self.model.parameters())).device if self.meta.kind != "int8" else torch.device("cpu")
 
-    @torch.inference_mode()
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """(n_texts, n_labels) class probabilities."""
-        out = []
-        for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(
-                texts[start : start + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=self.meta.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            logits = self.model(**batch).logits.float()
-            out.append(torch.softmax(logits, dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+        return self.predict_with_embeddings(texts, batch_size, embeddings=False)[0]
+
+    @torch.inference_mode()
+    def predict_with_embeddings(
+        self, texts: list[str], batch_size: int = 64, embeddings: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities and, if asked, the embedding the classification head reads (n_texts, hidden).
+
+        The embedding is the head's input, caught with a forward hook: the same forward pass, no extra cost.
+        """
+        probs: list[np.ndarray] = []
+        embeds: list[np.ndarray] = []
+        hook = self._embedding_hook(embeds) if embeddings else None
+        try:
+            for start in range(0, len(texts), batch_size):
+                batch = self.tokenizer(
+                    texts[start : start + batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.meta.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
+                logits = self.model(**batch).logits.float()
+                probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+        finally:
+            if hook is not None:
+                hook.remove()
+        if not probs:
+            return np.zeros((0, len(self.labels)), dtype=np.float32), None
+        return np.concatenate(probs), np.concatenate(embeds) if embeddings else None
+
+    def _embedding_hook(self, sink: list[np.ndarray]) -> torch.utils.hooks.RemovableHandle:
+        head = getattr(self.model, "classifier", None)
+        if not isinstance(head, torch.nn.Module):
+            raise TypeError(f"{type(self.model).__name__} has no `classifier` head to read embeddings from")
+
+        def catch(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            features = args[0]
+            if features.dim() == 3:  # heads that pool themselves (RoBERTa): the first token
+                features = features[:, 0]
+            sink.append(features.float().cpu().numpy())
+
+        return head.register_forward_pre_hook(catch)
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
         """Per text: `label`, `score` (its probability) and `probabilities` by label."""

@@ -6,6 +6,7 @@ at load time with a message that names the key, before any data is read.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +66,10 @@ class DataConfig(_Strict):
     """Slice name -> case-insensitive regexes. First match wins; no match is `other`."""
     holdout_topics: list[str] = Field(default_factory=list)
     """Topics removed from train/validation/test and written to holdout.parquet (drift scenarios)."""
+    extra_rows: str | None = None
+    """Labelled rows (.parquet / .csv / .jsonl with `text` and `label` columns) added to the data after the
+    holdout and the sample, then split like the rest. Retraining puts monitoring's feedback-labelled traffic
+    here; the model's monitoring reference is then these rows (the traffic it was retrained for)."""
     test_size: float = Field(default=0.15, gt=0.0, lt=0.5)
     val_size: float = Field(default=0.1, gt=0.0, lt=0.5)
     seed: int = 42
@@ -206,6 +211,8 @@ class ServeConfig(_Strict):
     """Where every prediction and feedback label goes: a .db file (SQLite) or a folder (Parquet files)."""
     flush_interval_s: float = Field(default=1.0, gt=0)
     """The prediction log is written at least this often; a crash loses at most this much."""
+    log_embeddings: bool = True
+    """Log each text's embedding (the classification head's input, float16) for monitoring's embedding drift."""
     shadow: bool = False
     """Score a copy of every request with `challenger` and log it beside the champion's answer."""
     canary_share: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -245,8 +252,78 @@ class RetrainPolicy(_Strict):
         return self
 
 
+DriftSignal = Literal["text", "descriptors", "embedding", "prediction", "confidence"]
+DEFAULT_DRIFT_SIGNALS: tuple[DriftSignal, ...] = ("text", "embedding", "prediction")
+
+
+class SliceRule(_Strict):
+    """A slice for the bias check: texts with a keyword, texts matching a regex, or each value of a column."""
+
+    name: str
+    keywords: list[str] | None = None
+    """Whole words, case-insensitive; any of them puts a text in the slice."""
+    regex: str | None = None
+    """Case-insensitive; a match anywhere puts a text in the slice."""
+    column: str | None = None
+    """A column of the window (`model_version`, `feedback_label`, ...): one slice per value, named `name=value`."""
+
+    @model_validator(mode="after")
+    def _exactly_one_rule(self) -> SliceRule:
+        given = [k for k in ("keywords", "regex", "column") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"slice '{self.name}' needs exactly one of keywords, regex, column (got {given or 'none'})"
+            )
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as error:
+                raise ValueError(f"slice '{self.name}': invalid regex: {error}") from None
+        return self
+
+
+class BiasConfig(_Strict):
+    by_topic: bool = True
+    """Slice by `data.topics` (the topic tags training used)."""
+    slices: list[SliceRule] = Field(default_factory=list)
+    min_slice_rows: int = Field(default=30, gt=0)
+    """Smaller slices are listed but left out of the gaps (too noisy)."""
+    max_rate_gap: float | None = Field(default=None, gt=0, le=1)
+    """Ceiling on the largest difference in a predicted label's rate between slices (reported as over/under)."""
+
+
 class MonitorConfig(_Strict):
+    window_size: int | None = Field(default=1000, gt=0)
+    """The window: the champion's last N logged predictions ..."""
+    window_hours: float | None = Field(default=None, gt=0)
+    """... and/or those of the last T hours (both set: the last N within T hours)."""
+    reference_rows: int = Field(default=5000, gt=0)
+    """Reference rows compared at most (a fixed sample of the champion's reference data)."""
+    embedding_components: int = Field(default=5, gt=0)
+    """Embeddings are compared on this many principal components (fit on the reference)."""
+    drift_on: list[DriftSignal] = Field(default_factory=lambda: list(DEFAULT_DRIFT_SIGNALS))
+    """Signals whose drift makes the window drifted; the others are reported for diagnosis."""
+    min_labelled: int = Field(default=30, gt=0)
+    """Feedback labels in the window needed before quality is measured."""
+    reports_dir: str = "reports"
+    workspace: str = "evidently-workspace"
+    """Evidently workspace (`evidently ui --workspace <dir>`); every report and decision is added to it."""
+    retrain_config: str | None = None
+    """Config of the retraining lifecycle. Default: the config the monitor runs with."""
+    retrain_via: Literal["auto", "prefect", "in-process"] = "auto"
+    """auto: through Prefect when a Prefect API is configured (PREFECT_API_URL), else in-process."""
+    retrain_deployment: str = "lifecycle/retrain"
+    """The deployment `run_deployment` starts for a retraining through Prefect."""
+    bias: BiasConfig = BiasConfig()
     retrain: RetrainPolicy = RetrainPolicy()
+
+    @model_validator(mode="after")
+    def _has_window(self) -> MonitorConfig:
+        if self.window_size is None and self.window_hours is None:
+            raise ValueError("monitor needs window_size, window_hours or both")
+        if not self.drift_on:
+            raise ValueError("monitor.drift_on must name at least one signal")
+        return self
 
 
 class LlmopsConfig(_Strict):

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class PredictionRow:
     model_version: str
     route: str
     latency_ms: float
+    embedding: bytes | None = None
+    """The model's embedding of the text (float16 bytes, see :func:`encode_embedding`), for embedding drift."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,18 @@ class FeedbackRow:
 
 PREDICTION_COLUMNS = list(PredictionRow.__dataclass_fields__)
 FEEDBACK_COLUMNS = list(FeedbackRow.__dataclass_fields__)
+
+
+def encode_embedding(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype=np.float16).tobytes()
+
+
+def decode_embeddings(values: Iterable[bytes | None]) -> np.ndarray | None:
+    """(n, hidden) float32 from logged embeddings; None when any row has none (logged without embeddings)."""
+    values = list(values)
+    if not values or any(v is None or (isinstance(v, float) and np.isnan(v)) for v in values):
+        return None
+    return np.stack([np.frombuffer(v, dtype=np.float16) for v in values]).astype(np.float32)  # type: ignore[arg-type]
 
 
 def probabilities_json(labels: list[str], probs: Iterable[float]) -> str:
@@ -75,8 +90,11 @@ class SqliteStore:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS predictions (request_id TEXT, idx INTEGER, ts REAL, text TEXT,"
                 " label TEXT, score REAL, probabilities TEXT, model_name TEXT, model_version TEXT, route TEXT,"
-                " latency_ms REAL)"
+                " latency_ms REAL, embedding BLOB)"
             )
+            columns = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
+            if "embedding" not in columns:  # a log written before embeddings were logged
+                db.execute("ALTER TABLE predictions ADD COLUMN embedding BLOB")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
             db.execute("CREATE TABLE IF NOT EXISTS feedback (request_id TEXT, idx INTEGER, label TEXT, ts REAL)")
@@ -100,10 +118,20 @@ class SqliteStore:
             query = "SELECT COUNT(DISTINCT idx) FROM predictions WHERE request_id = ?"
             return int(db.execute(query, (request_id,)).fetchone()[0])
 
-    def read_predictions(self, last_n: int | None = None, since: float | None = None) -> pd.DataFrame:
-        query, params = "SELECT * FROM predictions", []
-        if since is not None:
-            query, params = query + " WHERE ts >= ?", [since]
+    def read_predictions(
+        self,
+        last_n: int | None = None,
+        since: float | None = None,
+        route: str | None = None,
+        model_version: str | None = None,
+    ) -> pd.DataFrame:
+        """The last `last_n` predictions at or after `since`, of one route and model version if given, oldest first."""
+        conditions = {"ts >= ?": since, "route = ?": route, "model_version = ?": model_version}
+        where = [(clause, value) for clause, value in conditions.items() if value is not None]
+        query = "SELECT * FROM predictions"
+        if where:
+            query += " WHERE " + " AND ".join(clause for clause, _ in where)
+        params: list[object] = [value for _, value in where]
         query += " ORDER BY ts DESC, request_id, idx"
         if last_n is not None:
             query, params = query + " LIMIT ?", [*params, last_n]
@@ -146,10 +174,21 @@ class ParquetStore:
         frame = self._read("predictions", PREDICTION_COLUMNS)
         return int(frame.loc[frame["request_id"] == request_id, "idx"].nunique())
 
-    def read_predictions(self, last_n: int | None = None, since: float | None = None) -> pd.DataFrame:
+    def read_predictions(
+        self,
+        last_n: int | None = None,
+        since: float | None = None,
+        route: str | None = None,
+        model_version: str | None = None,
+    ) -> pd.DataFrame:
+        """The last `last_n` predictions at or after `since`, of one route and model version if given, oldest first."""
         frame = self._read("predictions", PREDICTION_COLUMNS).sort_values(["ts", "request_id", "idx"], kind="stable")
         if since is not None:
             frame = frame[frame["ts"] >= since]
+        if route is not None:
+            frame = frame[frame["route"] == route]
+        if model_version is not None:
+            frame = frame[frame["model_version"].astype(str) == model_version]
         if last_n is not None:
             frame = frame.tail(last_n)
         return frame.reset_index(drop=True)

@@ -78,7 +78,7 @@ def _version_tags(
         "data_fingerprint": data.fingerprint,
         "labels": data.labels,
         "train_data": f"{data_uri}/train.parquet",
-        "reference_data": f"{data_uri}/train.parquet",
+        "reference_data": f"{data_uri}/reference.parquet",
         "test_data": f"{data_uri}/test.parquet",
         "test_macro_f1": f"{report.macro_f1:.6f}",
         "parent_run_id": parent_run_id,
@@ -116,7 +116,7 @@ def release(
                 "llmops.decision": decision.reason,
             }
         )
-        registry.log_data_inputs({s: data.split_path(s) for s in (*SPLITS, "holdout")}, data.fingerprint)
+        registry.log_data_inputs({s: data.split_path(s) for s in (*SPLITS, "holdout", "reference")}, data.fingerprint)
         for kind, report in reports.items():
             verdict = decision.verdicts[kind]
             with mlflow.start_run(run_name=kind, nested=True):

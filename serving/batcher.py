@@ -26,11 +26,24 @@ class QueueFull(RuntimeError):
     """More texts are waiting than `max_queue` allows."""
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """What one forward pass gives per text: class probabilities and (if logged) the embedding."""
+
+    probs: np.ndarray
+    """(n_texts, n_labels)"""
+    embeddings: np.ndarray | None = None
+    """(n_texts, hidden), for monitoring's embedding drift"""
+
+    def __getitem__(self, rows: slice) -> Outputs:
+        return Outputs(self.probs[rows], None if self.embeddings is None else self.embeddings[rows])
+
+
 @dataclass
 class _Job:
     model: LoadedModel
     texts: list[str]
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Outputs]
 
 
 class MicroBatcher:
@@ -42,12 +55,14 @@ class MicroBatcher:
         max_batch_size: int,
         max_wait_ms: float,
         max_queue: int,
+        embeddings: bool = False,
     ):
         self.metrics = metrics
         self.enabled = enabled
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
+        self.embeddings = embeddings
         # One inference thread: torch parallelises inside a forward pass; two passes at once only contend.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._jobs: deque[_Job] = deque()
@@ -71,8 +86,8 @@ class MicroBatcher:
     def waiting(self) -> int:
         return self._waiting
 
-    async def predict(self, model: LoadedModel, texts: list[str]) -> np.ndarray:
-        """(len(texts), n_labels) probabilities. Raises QueueFull when the queue has no room."""
+    async def predict(self, model: LoadedModel, texts: list[str]) -> Outputs:
+        """Probabilities (and embeddings) of `texts`. Raises QueueFull when the queue has no room."""
         if self._waiting + len(texts) > self.max_queue and self._waiting > 0:
             raise QueueFull(f"{self._waiting} texts are waiting (serve.max_queue={self.max_queue})")
         self._waiting += len(texts)
@@ -80,7 +95,7 @@ class MicroBatcher:
         try:
             if not self.enabled:
                 return await self._infer(model, texts)
-            future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
             self._jobs.append(_Job(model, texts, future))
             self._arrived.set()
             return await future
@@ -88,13 +103,14 @@ class MicroBatcher:
             self._waiting -= len(texts)
             self.metrics.queue_depth.set(self._waiting)
 
-    async def _infer(self, model: LoadedModel, texts: list[str]) -> np.ndarray:
+    async def _infer(self, model: LoadedModel, texts: list[str]) -> Outputs:
         self.metrics.batch_size.observe(len(texts))
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        probs = await loop.run_in_executor(self._executor, model.classifier.predict_proba, texts, len(texts))
+        forward = model.classifier.predict_with_embeddings
+        probs, embeddings = await loop.run_in_executor(self._executor, forward, texts, len(texts), self.embeddings)
         self.metrics.inference_seconds.observe(time.perf_counter() - start)
-        return probs
+        return Outputs(probs, embeddings)
 
     async def _next_batch(self) -> list[_Job]:
         while not self._jobs:
@@ -140,7 +156,7 @@ class MicroBatcher:
     async def _complete(self, jobs: list[_Job]) -> None:
         texts = [text for job in jobs for text in job.texts]
         try:
-            probs = await self._infer(jobs[0].model, texts)
+            outputs = await self._infer(jobs[0].model, texts)
         except Exception as error:
             for job in jobs:
                 if not job.future.done():
@@ -149,5 +165,5 @@ class MicroBatcher:
         start = 0
         for job in jobs:
             if not job.future.done():
-                job.future.set_result(probs[start : start + len(job.texts)])
+                job.future.set_result(outputs[start : start + len(job.texts)])
             start += len(job.texts)

@@ -17,7 +17,14 @@ import numpy as np
 from mlflow import MlflowClient
 
 from llmops.config import LlmopsConfig
-from llmops.predlog import FeedbackRow, PredictionLogWriter, PredictionRow, open_store, probabilities_json
+from llmops.predlog import (
+    FeedbackRow,
+    PredictionLogWriter,
+    PredictionRow,
+    encode_embedding,
+    open_store,
+    probabilities_json,
+)
 from llmops.registry import CHALLENGER
 from serving.batcher import MicroBatcher, QueueFull
 from serving.errors import ApiError
@@ -32,6 +39,7 @@ class Scored:
     model: LoadedModel
     probs: np.ndarray
     """(n_texts, n_labels)"""
+    embeddings: np.ndarray | None = None
 
     def labels(self) -> list[str]:
         return [self.model.labels[i] for i in self.probs.argmax(axis=1)]
@@ -65,6 +73,7 @@ class Predictor:
             max_batch_size=self.cfg.max_batch_size,
             max_wait_ms=self.cfg.max_wait_ms,
             max_queue=self.cfg.max_queue,
+            embeddings=self.cfg.log_embeddings,
         )
         self.log = PredictionLogWriter(open_store(self.cfg.prediction_log), self.cfg.flush_interval_s)
         self._watchers: list[asyncio.Task[None]] = []
@@ -115,11 +124,11 @@ class Predictor:
         model, route = self._route()
         start = time.perf_counter()
         try:
-            probs = await self.batcher.predict(model, texts)
+            outputs = await self.batcher.predict(model, texts)
         except QueueFull as error:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(503, f"server busy: {error}", type="overloaded", headers={"Retry-After": "1"}) from None
-        scored = Scored(model, probs)
+        scored = Scored(model, outputs.probs, outputs.embeddings)
         self._record(request_id, texts, scored, route, (time.perf_counter() - start) * 1000)
         if self.cfg.shadow:
             shadow = self.challenger.current if self.challenger else None
@@ -132,16 +141,23 @@ class Predictor:
     async def _shadow(self, model: LoadedModel, texts: list[str], request_id: str) -> None:
         start = time.perf_counter()
         try:
-            probs = await self.batcher.predict(model, texts)
+            outputs = await self.batcher.predict(model, texts)
         except QueueFull:
             self.metrics.rejected.labels("shadow_skipped").inc()  # shadow traffic never displaces real traffic
             return
-        self._record(request_id, texts, Scored(model, probs), "shadow", (time.perf_counter() - start) * 1000)
+        self._record(
+            request_id,
+            texts,
+            Scored(model, outputs.probs, outputs.embeddings),
+            "shadow",
+            (time.perf_counter() - start) * 1000,
+        )
 
     def _record(self, request_id: str, texts: list[str], scored: Scored, route: str, latency_ms: float) -> None:
         now = time.time()
         labels = scored.labels()
         model = scored.model
+        embeddings = [None] * len(texts) if scored.embeddings is None else map(encode_embedding, scored.embeddings)
         rows = [
             PredictionRow(
                 request_id=request_id,
@@ -155,8 +171,9 @@ class Predictor:
                 model_version=model.version,
                 route=route,
                 latency_ms=latency_ms,
+                embedding=embedding,
             )
-            for i, (text, label, row) in enumerate(zip(texts, labels, scored.probs, strict=True))
+            for i, (text, label, row, embedding) in enumerate(zip(texts, labels, scored.probs, embeddings, strict=True))
         ]
         self.log.append(rows)
         for label in labels:

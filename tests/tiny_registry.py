@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import torch
 from mlflow import MlflowClient
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -41,10 +42,13 @@ def break_candidate(directory: Path) -> Path:
     return directory
 
 
-def register_versions(root: Path, name: str, seeds: list[int], broken: set[int] = frozenset()) -> str:
+def register_versions(
+    root: Path, name: str, seeds: list[int], broken: set[int] = frozenset(), reference: pd.DataFrame | None = None
+) -> str:
     """Register one version per seed (version i+1 for seeds[i]) in a SQLite store under `root`; returns its URI.
 
-    Versions whose seed is in `broken` are registered but cannot load.
+    Versions whose seed is in `broken` are registered but cannot load. With `reference` (text, label, topic
+    rows), each version carries the lineage tags monitoring reads, as the lifecycle's versions do.
     """
     uri = f"sqlite:///{root / 'mlflow.db'}"
     registry.setup_tracking(
@@ -57,7 +61,18 @@ def register_versions(root: Path, name: str, seeds: list[int], broken: set[int] 
         with mlflow.start_run(run_name=f"tiny-{seed}"):
             mlflow.log_metric("test_macro_f1", 0.5 + seed / 100)
             model_uri = registry.log_candidate_model(candidate, LABELS, ["an example tweet"])
-            registry.register(name, model_uri, {"candidate": "student", "seed": seed})
+            tags: dict[str, object] = {"candidate": "student", "seed": seed}
+            if reference is not None:
+                path = root / "reference.parquet"
+                reference.to_parquet(path, index=False)
+                mlflow.log_artifact(str(path), artifact_path="data")
+                run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+                tags |= {
+                    "labels": LABELS,
+                    "reference_data": f"runs:/{run_id}/data/reference.parquet",
+                    "test_macro_f1": "0.600000",
+                }
+            registry.register(name, model_uri, tags)
     return uri
 
 

@@ -1,0 +1,266 @@
+"""One monitoring pass: window vs reference, report, decision, records, and the retraining if decided.
+
+Every pass is recorded, the "no" decisions included: an MLflow run (kind
+`monitor`, tagged with the champion's version, the verdict and the window's
+drift) with the report as artifacts, and the Evidently workspace. Past passes
+are read back from those MLflow runs: they are the history the retraining
+policy's hysteresis, cooldown and daily cap look at.
+
+How a retraining starts is the caller's: `flows/monitor.py` passes a launcher
+that goes through Prefect or runs the lifecycle in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+
+from llmops import registry
+from llmops.config import LlmopsConfig
+from llmops.predlog import open_store
+from monitoring import workspace
+from monitoring.decision import PastDecision, RetrainDecision, WindowResult, decide_retraining
+from monitoring.report import MonitoringReport, build_report
+from monitoring.window import Champion, ReferenceCache, Side, WindowSpec, find_champion, labelled_rows, load_window
+
+KIND = "monitor"
+
+
+@dataclass(frozen=True)
+class RetrainRequest:
+    config: str | None
+    overrides: list[str]
+    extra_rows: str | None
+    """Parquet of the window's feedback-labelled rows (None: the window had none)."""
+    reason: str
+
+
+Launcher = Callable[[RetrainRequest], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class MonitorOutcome:
+    report_dir: Path
+    summary: dict[str, Any]
+    decision: RetrainDecision
+    run_id: str
+
+
+def monitoring_experiment(cfg: LlmopsConfig) -> str:
+    return f"{cfg.registry.experiment}-monitoring"
+
+
+def past_decisions(client: MlflowClient, experiment: str, model: str) -> list[PastDecision]:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`llmops.kind` = '{KIND}' and tags.`llmops.model` = '{model}'",
+        max_results=1000,
+    )
+    drift = {"true": True, "false": False}
+    return [
+        PastDecision(
+            float(run.data.tags["llmops.window_end"]),
+            drift.get(run.data.tags.get("llmops.drift", "")),
+            run.data.tags.get("llmops.verdict") == "retrain",
+        )
+        for run in runs
+        if "llmops.window_end" in run.data.tags
+    ]
+
+
+def _window_result(report: MonitoringReport | None, rows: int, at: float) -> WindowResult:
+    if report is None:
+        return WindowResult(at, rows, drift=False)
+    quality, bias = report.summary["quality"], report.summary["bias"]
+    return WindowResult(
+        at,
+        rows,
+        drift=report.drift_detected,
+        quality_drop=None if quality is None else quality["drop"],
+        bias_gap=None if bias["f1_gap"] is None else bias["f1_gap"]["value"],
+    )
+
+
+def _report_dir(root: str, at: float) -> Path:
+    stamp = datetime.fromtimestamp(at).strftime("%Y%m%d-%H%M%S")
+    folder, n = Path(root) / stamp, 1
+    while folder.exists():  # two passes in one second
+        n += 1
+        folder = Path(root) / f"{stamp}-{n}"
+    folder.mkdir(parents=True)
+    return folder.resolve()
+
+
+def _metrics(summary: dict[str, Any]) -> dict[str, float]:
+    values: dict[str, float] = {"window_rows": summary["window"]["rows"]}
+    drift = summary.get("drift")
+    if drift:
+        signals = drift["signals"]
+        for name in ("text", "prediction", "confidence"):
+            values[f"drift_{name}"] = signals[name]["score"]
+        if "share" in signals["embedding"]:
+            values["drift_embedding_share"] = signals["embedding"]["share"]
+        for name, signal in signals["descriptors"].items():
+            if isinstance(signal, dict) and "score" in signal:
+                values[f"drift_{name}"] = signal["score"]
+    if summary.get("quality"):
+        values |= {"window_macro_f1": summary["quality"]["macro_f1"], "window_accuracy": summary["quality"]["accuracy"]}
+    for gap in ("rate_gap", "f1_gap"):
+        found = (summary.get("bias") or {}).get(gap)
+        if found:
+            values[f"bias_{gap}"] = found["value"]
+    return values
+
+
+def _record_mlflow(
+    cfg: LlmopsConfig, champion: Champion, summary: dict[str, Any], decision: RetrainDecision, folder: Path, at: float
+) -> str:
+    drift = summary.get("drift")
+    tags = {
+        "llmops.kind": KIND,
+        "llmops.model": champion.name,
+        "llmops.champion_version": champion.version,
+        "llmops.verdict": decision.verdict,
+        "llmops.reason": decision.reason[:5000],
+        "llmops.drift": "none" if decision.verdict == "no-verdict" or not drift else str(drift["detected"]).lower(),
+        "llmops.window_end": repr(at),
+        "llmops.window": summary["window"]["spec"],
+    }
+    mlflow.set_experiment(monitoring_experiment(cfg))
+    with mlflow.start_run(run_name=f"monitor-v{champion.version}-{folder.name}", tags=tags) as run:
+        mlflow.log_metrics(_metrics(summary))
+        mlflow.log_artifacts(str(folder), artifact_path="report")
+    mlflow.set_experiment(cfg.registry.experiment)
+    return run.info.run_id
+
+
+def _extra_rows(window: Side, folder: Path) -> str | None:
+    rows = labelled_rows(window)
+    if rows.empty:
+        return None
+    digest = hashlib.sha256(rows.to_json().encode()).hexdigest()[:12]
+    path = folder / f"feedback-{digest}.parquet"  # named by content: the lifecycle's data cache keys on the path
+    rows.to_parquet(path, index=False)
+    return str(path)
+
+
+def run_monitor(
+    cfg: LlmopsConfig,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    launcher: Launcher | None = None,
+    now: float | None = None,
+) -> MonitorOutcome:
+    """Compare the window with the reference, write and record the report, decide, and retrain if decided."""
+    at = time.time() if now is None else now
+    client = registry.setup_tracking(cfg.registry)
+    tracking_uri = registry.resolve_tracking_uri(cfg.registry)
+    champion = find_champion(client, cfg.registry.model_name)
+    cache = ReferenceCache(Path(cfg.work_dir) / "monitor", tracking_uri)
+    spec = WindowSpec.from_config(cfg.monitor, at)
+    window = load_window(open_store(cfg.serve.prediction_log), spec, champion, cache.tokenizer(champion), cfg.data)
+    rows = len(window.frame)
+    folder = _report_dir(cfg.monitor.reports_dir, at)
+    report = None
+    summary: dict[str, Any] = {
+        "model": champion.name,
+        "champion_version": champion.version,
+        "window": {"spec": spec.describe(), "rows": rows},
+    }
+    if rows >= cfg.monitor.retrain.min_window:
+        reference = cache.reference(champion, cfg.monitor.reference_rows, cfg.data)
+        report = build_report(reference, window, champion, cfg.monitor, cfg.data, spec.describe())
+        summary = report.summary
+        report.drift.save_html(str(folder / "report.html"))
+        if report.quality is not None:
+            report.quality.save_html(str(folder / "quality.html"))
+    history = past_decisions(client, monitoring_experiment(cfg), champion.name)
+    decision = decide_retraining(_window_result(report, rows, at), history, cfg.monitor.retrain)
+    summary["created"] = datetime.fromtimestamp(at).isoformat(timespec="seconds")
+    summary["decision"] = {"verdict": decision.verdict, "reason": decision.reason, "triggers": list(decision.triggers)}
+    request = None
+    if decision.retrain:
+        extra = _extra_rows(window, folder)
+        overrides_now = [*(overrides or []), *([f"data.extra_rows={extra}"] if extra else [])]
+        request = RetrainRequest(cfg.monitor.retrain_config or config_path, overrides_now, extra, decision.reason)
+        labelled = int(window.frame["feedback_label"].notna().sum())
+        summary["retraining"] = {"config": request.config, "extra_rows": extra, "labelled_rows": labelled}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    run_id = _record_mlflow(cfg, champion, summary, decision, folder, at)
+    _record_workspace(cfg, champion, report, summary, decision, at)
+    if request is not None:
+        started = launcher(request) if launcher is not None else {"mode": "none", "note": "no launcher given"}
+        summary["retraining"] |= started
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        client.set_tag(run_id, "llmops.retraining", json.dumps(started)[:5000])
+    return MonitorOutcome(folder, summary, decision, run_id)
+
+
+def _record_workspace(
+    cfg: LlmopsConfig,
+    champion: Champion,
+    report: MonitoringReport | None,
+    summary: dict[str, Any],
+    decision: RetrainDecision,
+    at: float,
+) -> None:
+    bias = summary.get("bias") or {}
+    values = {
+        "rows": summary["window"]["rows"],
+        "drift": None if report is None else float(report.drift_detected),
+        "retrain": float(decision.retrain),
+        "macro_f1": (summary.get("quality") or {}).get("macro_f1"),
+        "rate_gap": (bias.get("rate_gap") or {}).get("value"),
+        "f1_gap": (bias.get("f1_gap") or {}).get("value"),
+    }
+    snapshots = [workspace.decision_snapshot(values, decision.verdict, decision.reason, datetime.fromtimestamp(at))]
+    if report is not None:
+        snapshots = [report.drift, *([report.quality] if report.quality else []), *snapshots]
+    workspace.add(cfg.monitor.workspace, champion.name, snapshots)
+
+
+def verdict_lines(outcome: MonitorOutcome) -> str:
+    """The terminal summary: drift and why, bias gaps, quality, the decision, where the report is."""
+    s = outcome.summary
+    lines = [f"{s['model']} v{s['champion_version']}: window {s['window']['spec']}, {s['window']['rows']} predictions"]
+    drift = s.get("drift")
+    if drift is None:
+        lines.append("drift: not computed (window below monitor.retrain.min_window)")
+    else:
+        lines.append(
+            f"drift: {'YES' if drift['detected'] else 'no'}"
+            + (f" ({'; '.join(drift['reasons'])})" if drift["reasons"] else "")
+        )
+    quality = s.get("quality")
+    if quality:
+        lines.append(
+            f"quality: macro-F1 {quality['macro_f1']:.3f} on {quality['labelled']} feedback labels"
+            f" (champion test {quality['champion_test_macro_f1']})"
+        )
+    bias = s.get("bias")
+    if bias:
+        for name in ("rate_gap", "f1_gap"):
+            gap = bias.get(name)
+            if gap:
+                over = " OVER ceiling" if gap["over"] else ""
+                what = f"'{gap['label']}' rate" if gap.get("label") else "macro-F1"
+                lines.append(f"bias: {what} gap {gap['value']:.3f} ({gap['between'][0]} vs {gap['between'][1]}){over}")
+    d = s["decision"]
+    lines.append(f"decision: {d['verdict'].upper()}: {d['reason']}")
+    if "retraining" in s:
+        lines.append(f"retraining: {json.dumps({k: v for k, v in s['retraining'].items() if k != 'config'})}")
+    lines.append(f"report: {outcome.report_dir}")
+    return "\n".join(lines)

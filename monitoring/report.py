@@ -1,0 +1,227 @@
+"""The monitoring report: Evidently drift (and quality) reports over the window and the reference, plus bias.
+
+One Evidently report holds every drift signal, so the HTML page is one page:
+- text: Evidently's text content drift on the cleaned text (a domain classifier);
+- descriptors: length, words, URL and mention share, unknown-token share;
+- embedding: the champion's embeddings on a few principal components fit on the reference;
+- prediction: the predicted-label distribution; confidence: the top-class probability.
+Quality (a second report) needs feedback labels in the window. Evidently's
+default method and threshold per column type decide each signal's drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from evidently import DataDefinition, Dataset, MulticlassClassification, Report
+from evidently.core.report import Snapshot
+from evidently.metrics import DriftedColumnsCount, ValueDrift
+from evidently.presets import ClassificationQuality, ClassificationQualityByLabel
+from sklearn.decomposition import PCA
+from sklearn.metrics import accuracy_score, f1_score
+
+from llmops.config import DataConfig, MonitorConfig
+from monitoring.bias import BiasResult, slice_bias, slice_masks
+from monitoring.window import DESCRIPTORS, NUMERIC_DESCRIPTORS, Champion, Side
+
+EMBEDDING_SHARE = 0.5
+"""The embedding has drifted when at least this share of its principal components has."""
+
+
+@dataclass
+class MonitoringReport:
+    drift: Snapshot
+    quality: Snapshot | None
+    summary: dict[str, Any]
+    """JSON-ready: window, reference, every signal, quality, bias (the decision is added by the monitor)."""
+
+    @property
+    def drift_detected(self) -> bool:
+        return bool(self.summary["drift"]["detected"])
+
+
+def _components(reference: Side, current: Side, k: int) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    if reference.embeddings is None or current.embeddings is None:
+        return None
+    if reference.embeddings.shape[1] != current.embeddings.shape[1]:
+        return None
+    k = min(k, reference.embeddings.shape[1], len(reference.embeddings))
+    pca = PCA(n_components=k, random_state=0).fit(reference.embeddings)
+    names = [f"embedding_pc{i}" for i in range(k)]
+    return (
+        pd.DataFrame(pca.transform(reference.embeddings), columns=names),
+        pd.DataFrame(pca.transform(current.embeddings), columns=names),
+    )
+
+
+def _signal(results: dict[str, dict[str, Any]], column: str) -> dict[str, Any]:
+    test = results[column]
+    return {
+        "score": test["score"],
+        "method": test["method"],
+        "threshold": test["threshold"],
+        "drifted": test["drifted"],
+    }
+
+
+def _drift_results(snapshot: Snapshot) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """Per column: score, method, threshold and drifted (from Evidently's own test); the embedding share."""
+    data = snapshot.dict()
+    failed = {t["metric_config"]["metric_id"]: t["status"] != "SUCCESS" for t in data["tests"]}
+    per_column, embedding = {}, None
+    for metric in data["metrics"]:
+        config = metric["config"]
+        if config["type"].endswith("ValueDrift"):
+            per_column[config["column"]] = {
+                "score": round(float(metric["value"]), 6),
+                "method": config.get("method"),
+                "threshold": config.get("threshold"),
+                "drifted": failed.get(metric["id"], False),
+            }
+        elif config["type"].endswith("DriftedColumnsCount"):
+            embedding = {
+                "drifted_components": int(metric["value"]["count"]),
+                "share": round(float(metric["value"]["share"]), 6),
+                "threshold": EMBEDDING_SHARE,
+                "drifted": failed.get(metric["id"], False),
+            }
+    return per_column, embedding
+
+
+def drift_report(reference: Side, current: Side, cfg: MonitorConfig, metadata: dict[str, Any]) -> tuple[Snapshot, dict]:
+    components = _components(reference, current, cfg.embedding_components)
+    columns = ["text", "prediction", "confidence", *DESCRIPTORS]
+    ref, cur = reference.frame[columns].reset_index(drop=True), current.frame[columns].reset_index(drop=True)
+    embedding_columns: list[str] = []
+    if components is not None:
+        ref, cur = ref.join(components[0]), cur.join(components[1])
+        embedding_columns = list(components[0].columns)
+    definition = DataDefinition(
+        text_columns=["text"],
+        categorical_columns=["prediction", "has_unknown"],
+        numerical_columns=["confidence", *NUMERIC_DESCRIPTORS, *embedding_columns],
+    )
+    metrics: list[Any] = [ValueDrift(column=c) for c in ("text", "prediction", "confidence", *DESCRIPTORS)]
+    if embedding_columns:
+        metrics.append(DriftedColumnsCount(columns=embedding_columns, drift_share=EMBEDDING_SHARE))
+        metrics += [ValueDrift(column=c) for c in embedding_columns]
+    report = Report(metrics, metadata=metadata, tags=["drift"], include_tests=True)
+    snapshot = report.run(Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, definition))
+    per_column, embedding = _drift_results(snapshot)
+    signals: dict[str, Any] = {
+        "text": _signal(per_column, "text"),
+        "descriptors": {d: _signal(per_column, d) for d in DESCRIPTORS},
+        "embedding": embedding
+        or {"drifted": False, "unavailable": "the window was logged without embedding vectors (serve.log_embeddings)"},
+        "prediction": _signal(per_column, "prediction"),
+        "confidence": _signal(per_column, "confidence"),
+    }
+    signals["descriptors"]["drifted"] = any(d["drifted"] for d in signals["descriptors"].values())
+    signals["descriptors"]["unk_share_mean"] = {
+        "reference": round(float(reference.frame["unk_share"].mean()), 6),
+        "current": round(float(current.frame["unk_share"].mean()), 6),
+    }
+    if embedding is not None:
+        signals["embedding"]["components"] = {c: per_column[c] for c in embedding_columns}
+    reasons = [_reason(name, signals[name]) for name in cfg.drift_on if signals[name]["drifted"]]
+    return snapshot, {"detected": bool(reasons), "reasons": reasons, "signals": signals}
+
+
+def _reason(name: str, signal: dict[str, Any]) -> str:
+    if name == "descriptors":
+        drifted = [d for d, s in signal.items() if isinstance(s, dict) and s.get("drifted")]
+        return f"descriptors drifted: {', '.join(drifted)}"
+    if name == "embedding":
+        return f"embedding: {signal['drifted_components']} principal components drifted (share {signal['share']:.2f})"
+    return f"{name}: {signal['method']} {signal['score']:.3f} (threshold {signal['threshold']})"
+
+
+def quality(
+    current: Side, reference: Side, champion: Champion, cfg: MonitorConfig, metadata: dict[str, Any]
+) -> tuple[Snapshot | None, dict[str, Any] | None]:
+    """Accuracy, macro-F1 and per-class F1 on the window's feedback labels, against the champion's test macro-F1."""
+    labelled = current.frame[current.frame["feedback_label"].notna()]
+    if len(labelled) < cfg.min_labelled:
+        return None, None
+    y, p = labelled["feedback_label"].astype(str), labelled["prediction"].astype(str)
+    macro = float(f1_score(y, p, labels=champion.labels, average="macro", zero_division=0))
+    per_class = f1_score(y, p, labels=champion.labels, average=None, zero_division=0)
+    summary = {
+        "labelled": len(labelled),
+        "accuracy": round(float(accuracy_score(y, p)), 6),
+        "macro_f1": round(macro, 6),
+        "f1_per_class": {label: round(float(f), 6) for label, f in zip(champion.labels, per_class, strict=True)},
+        "champion_test_macro_f1": champion.test_macro_f1,
+        "drop": None if champion.test_macro_f1 is None else round(champion.test_macro_f1 - macro, 6),
+    }
+    present = set(y) | set(p)
+    if len(present) < len(champion.labels) or len(set(reference.frame["label"])) < len(champion.labels):
+        # Evidently (0.7) takes a window where only two labels occur for a binary task and fails on it.
+        summary["page"] = f"no quality page: labels {sorted(present)} occur in the window, Evidently needs all"
+        return None, summary
+    definition = DataDefinition(
+        categorical_columns=["target", "prediction"],
+        classification=[
+            MulticlassClassification(
+                target="target", prediction_labels="prediction", labels={label: label for label in champion.labels}
+            )
+        ],
+    )
+    cur = pd.DataFrame({"target": y.to_numpy(), "prediction": p.to_numpy()})
+    ref = pd.DataFrame({"target": reference.frame["label"], "prediction": reference.frame["prediction"]})
+    report = Report([ClassificationQuality(), ClassificationQualityByLabel()], metadata=metadata, tags=["quality"])
+    snapshot = report.run(Dataset.from_pandas(cur, definition), Dataset.from_pandas(ref, definition))
+    return snapshot, summary
+
+
+def bias(current: Side, champion: Champion, cfg: MonitorConfig, data_cfg: DataConfig) -> BiasResult:
+    masks = slice_masks(current.frame, cfg.bias, data_cfg.topics)
+    return slice_bias(
+        current.frame,
+        masks,
+        champion.labels,
+        cfg.bias.min_slice_rows,
+        cfg.min_labelled,
+        cfg.bias.max_rate_gap,
+        cfg.retrain.max_bias_gap,
+    )
+
+
+def build_report(
+    reference: Side, current: Side, champion: Champion, cfg: MonitorConfig, data_cfg: DataConfig, window: str
+) -> MonitoringReport:
+    metadata = {"model": champion.name, "champion_version": champion.version, "window": window}
+    drift_snapshot, drift = drift_report(reference, current, cfg, metadata)
+    quality_snapshot, quality_summary = quality(current, reference, champion, cfg, metadata)
+    bias_result = bias(current, champion, cfg, data_cfg)
+    ts = current.frame["ts"]
+    summary = {
+        "model": champion.name,
+        "champion_version": champion.version,
+        "window": {
+            "spec": window,
+            "rows": len(current.frame),
+            "labelled": int(current.frame["feedback_label"].notna().sum()),
+            "first_ts": float(ts.min()) if len(ts) else None,
+            "last_ts": float(ts.max()) if len(ts) else None,
+        },
+        "reference": {"uri": champion.reference_uri, "rows": len(reference.frame)},
+        "drift": drift,
+        "quality": quality_summary,
+        "bias": bias_result.to_dict(),
+    }
+    return MonitoringReport(drift_snapshot, quality_snapshot, _plain(summary))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and tuples to JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

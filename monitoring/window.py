@@ -1,0 +1,191 @@
+"""The two sides of a monitoring comparison: the champion's reference and the current window.
+
+The reference is the champion's reference data (registry tag `llmops.reference_data`),
+scored once per version by the champion itself (labels, confidence, embeddings)
+and cached. The window is read from the prediction log: the champion's own
+predictions (route `champion`, its version) with any feedback labels joined in.
+Texts on both sides go through the training data's cleaning, so a URL in live
+traffic and the URL token in the reference count as the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from llmops.candidate import Classifier
+from llmops.config import DataConfig, MonitorConfig
+from llmops.data import clean_text, tag_topic
+from llmops.predlog import PredictionStore, decode_embeddings
+from llmops.registry import TAG, alias_version, download_candidate
+
+NUMERIC_DESCRIPTORS = ("length", "words", "url_share", "mention_share")
+DESCRIPTORS = (*NUMERIC_DESCRIPTORS, "has_unknown")
+"""`has_unknown` (a text holds a token the tokenizer does not know) is tested as a category: the per-text share of
+unknown tokens (`unk_share`, reported as a mean) is zero for almost every text, and tests on such a column fire on
+noise."""
+
+
+class MonitorError(RuntimeError):
+    """Monitoring cannot run; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Champion:
+    name: str
+    version: str
+    labels: list[str]
+    test_macro_f1: float | None
+    reference_uri: str
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of the comparison: rows (text, topic, prediction, confidence, descriptors, ...) and embeddings."""
+
+    frame: pd.DataFrame
+    embeddings: np.ndarray | None
+
+
+def find_champion(client: MlflowClient, name: str, alias: str = "champion") -> Champion:
+    version = alias_version(client, name, alias)
+    if version is None:
+        raise MonitorError(f"model '{name}' has no '{alias}' alias: nothing to monitor (run the lifecycle first)")
+    tags = dict(client.get_model_version(name, version).tags)
+    reference = tags.get(TAG + "reference_data") or tags.get(TAG + "test_data")
+    if reference is None:
+        raise MonitorError(f"{name} version {version} has no {TAG}reference_data tag: register it with the lifecycle")
+    f1 = tags.get(TAG + "test_macro_f1")
+    return Champion(name, version, json.loads(tags[TAG + "labels"]), float(f1) if f1 else None, reference)
+
+
+def describe(texts: pd.Series, tokenizer: PreTrainedTokenizerBase, url_token: str) -> pd.DataFrame:
+    """Offline text descriptors: characters, words, share of URL and @mention words, unknown tokens."""
+    words = texts.str.count(r"\S+").clip(lower=1)
+    url = rf"(?:(?<=\s)|^)(?:{url_token}|https?://\S+|www\.\S+)(?=\s|$)"
+    ids = tokenizer(texts.tolist(), add_special_tokens=False)["input_ids"]
+    unk = tokenizer.unk_token_id
+    unk_share = [sum(t == unk for t in row) / max(len(row), 1) for row in ids] if unk is not None else 0.0
+    return pd.DataFrame(
+        {
+            "length": texts.str.len(),
+            "words": words,
+            "url_share": texts.str.count(url) / words,
+            "mention_share": texts.str.count(r"(?:(?<=\s)|^)@\w+") / words,
+            "unk_share": unk_share,
+        },
+        index=texts.index,
+    ).assign(has_unknown=lambda d: (d["unk_share"] > 0).map({True: "yes", False: "no"}))
+
+
+class ReferenceCache:
+    """Per champion version: its candidate folder, and its reference scored by it (cached on disk)."""
+
+    def __init__(self, root: str | Path, tracking_uri: str):
+        self.root = Path(root)
+        self.tracking_uri = tracking_uri
+
+    def model_dir(self, champion: Champion) -> Path:
+        folder = self.root / f"{champion.name}-v{champion.version}"
+        found = next((folder / "model").rglob("candidate.json"), None) if (folder / "model").is_dir() else None
+        if found is not None:
+            return found.parent
+        return download_candidate(champion.name, champion.version, folder / "model", self.tracking_uri)
+
+    def tokenizer(self, champion: Champion) -> PreTrainedTokenizerBase:
+        return AutoTokenizer.from_pretrained(self.model_dir(champion))
+
+    def reference(self, champion: Champion, rows: int, data_cfg: DataConfig, seed: int = 0) -> Side:
+        folder = self.root / f"{champion.name}-v{champion.version}"
+        table, vectors = folder / f"reference-{rows}.parquet", folder / f"reference-{rows}.npy"
+        if table.is_file() and vectors.is_file():
+            return Side(pd.read_parquet(table), np.load(vectors))
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                champion.reference_uri, dst_path=str(folder / "data"), tracking_uri=self.tracking_uri
+            )
+        except Exception as error:  # MLflow raises several types for a missing artifact
+            raise MonitorError(f"cannot read the reference data {champion.reference_uri}: {error}") from None
+        data = pd.read_parquet(local)
+        if data.empty:
+            raise MonitorError(f"the reference data {champion.reference_uri} is empty")
+        if len(data) > rows:
+            data = data.sample(rows, random_state=seed)
+        frame = pd.DataFrame({"text": data["text"].astype(str).reset_index(drop=True)})
+        frame["topic"] = data["topic"].to_numpy() if "topic" in data else tag_topic(frame["text"], data_cfg.topics)
+        frame["label"] = data["label"].astype(str).to_numpy()
+        classifier = Classifier(self.model_dir(champion))
+        probs, embeddings = classifier.predict_with_embeddings(frame["text"].tolist())
+        frame["prediction"] = [champion.labels[i] for i in probs.argmax(axis=1)]
+        frame["confidence"] = probs.max(axis=1)
+        frame = frame.join(describe(frame["text"], classifier.tokenizer, data_cfg.url_token))
+        assert embeddings is not None
+        folder.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(table, index=False)
+        np.save(vectors, embeddings.astype(np.float32))
+        return Side(frame, embeddings.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    last_n: int | None
+    since: float | None
+
+    @classmethod
+    def from_config(cls, cfg: MonitorConfig, now: float | None = None) -> WindowSpec:
+        now = time.time() if now is None else now
+        return cls(cfg.window_size, None if cfg.window_hours is None else now - cfg.window_hours * 3600)
+
+    def describe(self) -> str:
+        parts = [f"last {self.last_n} predictions"] if self.last_n else []
+        if self.since is not None:
+            parts.append(f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.since))}")
+        return " ".join(parts) or "every prediction"
+
+
+def load_window(
+    store: PredictionStore,
+    spec: WindowSpec,
+    champion: Champion,
+    tokenizer: PreTrainedTokenizerBase,
+    data_cfg: DataConfig,
+) -> Side:
+    """The champion's logged predictions in the window, cleaned and described, with feedback labels joined."""
+    logged = store.read_predictions(spec.last_n, spec.since, route="champion", model_version=champion.version)
+    texts = pd.Series([clean_text(str(t), data_cfg.url_token) for t in logged["text"]], dtype="object")
+    frame = pd.DataFrame(
+        {
+            "request_id": logged["request_id"].astype(str),
+            "idx": logged["idx"].astype("int64"),
+            "ts": logged["ts"].astype("float64"),
+            "text": texts,
+            "prediction": logged["label"].astype(str),
+            "confidence": logged["score"].astype("float64"),
+            "model_version": logged["model_version"].astype(str),
+        }
+    )
+    frame["topic"] = tag_topic(frame["text"], data_cfg.topics) if len(frame) else pd.Series(dtype="object")
+    feedback = store.read_feedback()
+    if len(feedback):
+        latest = feedback.drop_duplicates(["request_id", "idx"], keep="last")[["request_id", "idx", "label"]]
+        latest = latest.astype({"request_id": str, "idx": "int64"}).rename(columns={"label": "feedback_label"})
+        frame = frame.merge(latest, on=["request_id", "idx"], how="left")
+    else:
+        frame["feedback_label"] = pd.Series([None] * len(frame), dtype="object")
+    frame = frame.join(describe(frame["text"], tokenizer, data_cfg.url_token)) if len(frame) else frame
+    embeddings = decode_embeddings(logged["embedding"]) if "embedding" in logged and len(logged) else None
+    return Side(frame, embeddings)
+
+
+def labelled_rows(window: Side) -> pd.DataFrame:
+    """Window rows with a feedback label, as training rows (`text`, `label`) for a retraining."""
+    rows = window.frame[window.frame["feedback_label"].notna()]
+    return pd.DataFrame({"text": rows["text"], "label": rows["feedback_label"]}).reset_index(drop=True)

@@ -1,0 +1,69 @@
+"""The Evidently workspace: every report and every decision, so `evidently ui --workspace DIR` plots them over time."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from evidently import DataDefinition, Dataset, Report
+from evidently.core.report import Snapshot
+from evidently.metrics import MeanValue
+from evidently.sdk.panels import PanelMetric, line_plot_panel
+from evidently.ui.workspace import Project, Workspace
+
+DECISION_COLUMNS = ("rows", "drift", "retrain", "macro_f1", "rate_gap", "f1_gap")
+
+
+def _panels() -> list[Any]:
+    def drift(column: str, legend: str) -> PanelMetric:
+        return PanelMetric(legend=legend, metric="ValueDrift", metric_labels={"column": column})
+
+    def decision(column: str) -> PanelMetric:
+        return PanelMetric(legend=column, metric="MeanValue", metric_labels={"column": column}, tags=["decision"])
+
+    return [
+        line_plot_panel(
+            "Drift scores",
+            [drift("text", "text"), drift("prediction", "predicted label"), drift("confidence", "confidence")],
+        ),
+        line_plot_panel("Descriptor drift", [drift(d, d) for d in ("length", "words", "url_share", "mention_share")]),
+        line_plot_panel("Decisions (1 = yes)", [decision("drift"), decision("retrain")], size="half"),
+        line_plot_panel(
+            "Quality and bias", [decision("macro_f1"), decision("f1_gap"), decision("rate_gap")], size="half"
+        ),
+    ]
+
+
+def project(workspace_dir: str | Path, name: str) -> tuple[Workspace, Project]:
+    """The workspace and the model's project, created with its dashboard on first use."""
+    workspace = Workspace(str(workspace_dir))
+    found = workspace.search_project(name)
+    if found:
+        return workspace, found[0]
+    created = workspace.create_project(name, description=f"Monitoring of the registered model '{name}'")
+    for panel in _panels():
+        created.dashboard.add_panel(panel)
+    return workspace, created
+
+
+def decision_snapshot(values: dict[str, float | None], verdict: str, reason: str, at: datetime) -> Snapshot:
+    """A one-row report of the decision's numbers: the workspace keeps decisions beside the drift reports."""
+    present = {k: float(v) for k, v in values.items() if v is not None}
+    frame = pd.DataFrame([present])
+    definition = DataDefinition(numerical_columns=list(present))
+    report = Report(
+        [MeanValue(column=c) for c in present],
+        metadata={"verdict": verdict, "reason": reason},
+        tags=["decision", verdict],
+    )
+    return report.run(Dataset.from_pandas(frame, definition), None, timestamp=at)
+
+
+def add(workspace_dir: str | Path, name: str, snapshots: list[Snapshot]) -> str:
+    """Add the snapshots to the model's project; returns the project id."""
+    workspace, proj = project(workspace_dir, name)
+    for snapshot in snapshots:
+        workspace.add_run(proj.id, snapshot, include_data=False)
+    return str(proj.id)

