@@ -16,7 +16,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: install run test lint bench-compression bench-serving serve rollback mlflow-ui lock clean
+.PHONY: install run test lint bench-compression bench-serving bench-monitoring serve monitor drift-demo evidently-ui rollback mlflow-ui lock clean
 
 install: $(STAMP)
 
@@ -46,6 +46,18 @@ bench-compression: install  ## teacher vs student vs int8 vs bnb-int8 vs NF4 -> 
 
 bench-serving: install  ## our server (batching on/off) vs mlflow models serve -> bench/results/serving.{md,json}
 	$(PY) bench/serving.py --config $(CONFIG)
+
+bench-monitoring: install  ## report time for a 5k window vs 5k reference, next to scoring time -> bench/results/monitoring.md
+	$(PY) bench/monitoring.py --config $(CONFIG)
+
+monitor: install  ## one monitoring pass over predictions.db: report under reports/, decision, retraining if decided
+	$(VENV)/bin/llmops monitor --config $(CONFIG)
+
+drift-demo: install  ## the scripted drift scenario: serve, replay, drift, retrain once, promote, drift resolved
+	$(PY) -m monitoring.demo
+
+evidently-ui: install  ## Evidently UI on the monitoring workspace, 127.0.0.1:8001
+	$(VENV)/bin/evidently ui --workspace evidently-workspace --host 127.0.0.1 --port 8001
 
 serve: install  ## the HTTP API on 127.0.0.1:8000, following the registry's champion
 	$(VENV)/bin/llmops serve --config $(CONFIG)

@@ -17,7 +17,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -102,6 +102,15 @@ def _drop_cast_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
+class Forward(NamedTuple):
+    probs: np.ndarray
+    """(n_texts, n_labels) class probabilities"""
+    embeddings: np.ndarray | None
+    """(n_texts, hidden): the classification head's input"""
+    unknown_share: np.ndarray
+    """(n_texts,): share of each text's tokens that the tokenizer does not know"""
+
+
 class Classifier:
     """A loaded candidate: texts in, class probabilities out."""
 
@@ -124,19 +133,19 @@ class Classifier:
 
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """(n_texts, n_labels) class probabilities."""
-        return self.predict_with_embeddings(texts, batch_size, embeddings=False)[0]
+        return self.forward(texts, batch_size, embeddings=False).probs
 
     @torch.inference_mode()
-    def predict_with_embeddings(
-        self, texts: list[str], batch_size: int = 64, embeddings: bool = True
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Class probabilities and, if asked, the embedding the classification head reads (n_texts, hidden).
+    def forward(self, texts: list[str], batch_size: int = 64, embeddings: bool = True) -> Forward:
+        """Probabilities, and what monitoring wants from the same pass: embeddings and unknown-token shares.
 
-        The embedding is the head's input, caught with a forward hook: the same forward pass, no extra cost.
+        The embedding is the classification head's input, caught with a forward hook: no extra cost.
         """
         probs: list[np.ndarray] = []
         embeds: list[np.ndarray] = []
+        unknown: list[np.ndarray] = []
         hook = self._embedding_hook(embeds) if embeddings else None
+        unk_id, n_special = self.tokenizer.unk_token_id, self.tokenizer.num_special_tokens_to_add()
         try:
             for start in range(0, len(texts), batch_size):
                 batch = self.tokenizer(
@@ -148,12 +157,16 @@ class Classifier:
                 ).to(self.device)
                 logits = self.model(**batch).logits.float()
                 probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+                if unk_id is not None:
+                    real = (batch["attention_mask"].sum(dim=1) - n_special).clamp(min=1)
+                    unknown.append(((batch["input_ids"] == unk_id).sum(dim=1) / real).cpu().numpy())
         finally:
             if hook is not None:
                 hook.remove()
         if not probs:
-            return np.zeros((0, len(self.labels)), dtype=np.float32), None
-        return np.concatenate(probs), np.concatenate(embeds) if embeddings else None
+            return Forward(np.zeros((0, len(self.labels)), dtype=np.float32), None, np.zeros(0))
+        shares = np.concatenate(unknown) if unknown else np.zeros(len(texts))
+        return Forward(np.concatenate(probs), np.concatenate(embeds) if embeddings else None, shares)
 
     def _embedding_hook(self, sink: list[np.ndarray]) -> torch.utils.hooks.RemovableHandle:
         head = getattr(self.model, "classifier", None)

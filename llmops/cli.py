@@ -1,4 +1,4 @@
-"""`llmops` command line: run the lifecycle, roll back the champion, predict, serve."""
+"""`llmops` command line: run the lifecycle, roll back the champion, predict, serve, monitor."""
 
 from __future__ import annotations
 
@@ -126,6 +126,19 @@ def serve(
         log_level="info",
         timeout_graceful_shutdown=30,
     )
+
+
+@app.command()
+def monitor(config: ConfigOption = "configs/quickstart.yaml", overrides: SetOption = None) -> None:
+    """Compare the logged traffic with the champion's reference: report, bias, retraining decision (and retraining)."""
+    from flows.monitor import monitor as monitor_flow
+    from monitoring.window import MonitorError
+
+    try:
+        load_config(config, overrides)
+        monitor_flow(config, overrides or [])
+    except (*BAD_INPUT, MonitorError) as error:
+        _fail(error)
 
 
 def main() -> None:

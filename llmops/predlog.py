@@ -51,6 +51,8 @@ class PredictionRow:
     latency_ms: float
     embedding: bytes | None = None
     """The model's embedding of the text (float16 bytes, see :func:`encode_embedding`), for embedding drift."""
+    unk_share: float | None = None
+    """Share of the text's tokens unknown to the model's tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -90,11 +92,12 @@ class SqliteStore:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS predictions (request_id TEXT, idx INTEGER, ts REAL, text TEXT,"
                 " label TEXT, score REAL, probabilities TEXT, model_name TEXT, model_version TEXT, route TEXT,"
-                " latency_ms REAL, embedding BLOB)"
+                " latency_ms REAL, embedding BLOB, unk_share REAL)"
             )
             columns = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
-            if "embedding" not in columns:  # a log written before embeddings were logged
-                db.execute("ALTER TABLE predictions ADD COLUMN embedding BLOB")
+            for column, kind in (("embedding", "BLOB"), ("unk_share", "REAL")):  # logs from before these existed
+                if column not in columns:
+                    db.execute(f"ALTER TABLE predictions ADD COLUMN {column} {kind}")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
             db.execute("CREATE TABLE IF NOT EXISTS feedback (request_id TEXT, idx INTEGER, label TEXT, ts REAL)")

@@ -67,13 +67,19 @@ def find_champion(client: MlflowClient, name: str, alias: str = "champion") -> C
     return Champion(name, version, json.loads(tags[TAG + "labels"]), float(f1) if f1 else None, reference)
 
 
-def describe(texts: pd.Series, tokenizer: PreTrainedTokenizerBase, url_token: str) -> pd.DataFrame:
+def unknown_share(texts: pd.Series, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """Per text, the share of its tokens the tokenizer does not know (serving logs this; older logs lack it)."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return np.zeros(len(texts))
+    ids = tokenizer(texts.tolist(), add_special_tokens=False)["input_ids"]
+    return np.array([sum(t == unk for t in row) / max(len(row), 1) for row in ids])
+
+
+def describe(texts: pd.Series, unk_share: np.ndarray, url_token: str) -> pd.DataFrame:
     """Offline text descriptors: characters, words, share of URL and @mention words, unknown tokens."""
     words = texts.str.count(r"\S+").clip(lower=1)
     url = rf"(?:(?<=\s)|^)(?:{url_token}|https?://\S+|www\.\S+)(?=\s|$)"
-    ids = tokenizer(texts.tolist(), add_special_tokens=False)["input_ids"]
-    unk = tokenizer.unk_token_id
-    unk_share = [sum(t == unk for t in row) / max(len(row), 1) for row in ids] if unk is not None else 0.0
     return pd.DataFrame(
         {
             "length": texts.str.len(),
@@ -123,10 +129,10 @@ class ReferenceCache:
         frame["topic"] = data["topic"].to_numpy() if "topic" in data else tag_topic(frame["text"], data_cfg.topics)
         frame["label"] = data["label"].astype(str).to_numpy()
         classifier = Classifier(self.model_dir(champion))
-        probs, embeddings = classifier.predict_with_embeddings(frame["text"].tolist())
+        probs, embeddings, unknown = classifier.forward(frame["text"].tolist())
         frame["prediction"] = [champion.labels[i] for i in probs.argmax(axis=1)]
         frame["confidence"] = probs.max(axis=1)
-        frame = frame.join(describe(frame["text"], classifier.tokenizer, data_cfg.url_token))
+        frame = frame.join(describe(frame["text"], unknown, data_cfg.url_token))
         assert embeddings is not None
         folder.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(table, index=False)
@@ -180,7 +186,13 @@ def load_window(
         frame = frame.merge(latest, on=["request_id", "idx"], how="left")
     else:
         frame["feedback_label"] = pd.Series([None] * len(frame), dtype="object")
-    frame = frame.join(describe(frame["text"], tokenizer, data_cfg.url_token)) if len(frame) else frame
+    logged_unknown = logged["unk_share"] if "unk_share" in logged else pd.Series([None] * len(logged))
+    unknown = (
+        logged_unknown.to_numpy(dtype="float64")
+        if len(logged) and logged_unknown.notna().all()
+        else unknown_share(frame["text"], tokenizer)
+    )
+    frame = frame.join(describe(frame["text"], unknown, data_cfg.url_token)) if len(frame) else frame
     embeddings = decode_embeddings(logged["embedding"]) if "embedding" in logged and len(logged) else None
     return Side(frame, embeddings)
 

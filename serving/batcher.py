@@ -34,9 +34,12 @@ class Outputs:
     """(n_texts, n_labels)"""
     embeddings: np.ndarray | None = None
     """(n_texts, hidden), for monitoring's embedding drift"""
+    unknown_share: np.ndarray | None = None
+    """(n_texts,), share of tokens unknown to the tokenizer"""
 
     def __getitem__(self, rows: slice) -> Outputs:
-        return Outputs(self.probs[rows], None if self.embeddings is None else self.embeddings[rows])
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return Outputs(self.probs[rows], pick(self.embeddings), pick(self.unknown_share))
 
 
 @dataclass
@@ -107,10 +110,10 @@ class MicroBatcher:
         self.metrics.batch_size.observe(len(texts))
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        forward = model.classifier.predict_with_embeddings
-        probs, embeddings = await loop.run_in_executor(self._executor, forward, texts, len(texts), self.embeddings)
+        forward = model.classifier.forward
+        out = await loop.run_in_executor(self._executor, forward, texts, len(texts), self.embeddings)
         self.metrics.inference_seconds.observe(time.perf_counter() - start)
-        return Outputs(probs, embeddings)
+        return Outputs(out.probs, out.embeddings, out.unknown_share)
 
     async def _next_batch(self) -> list[_Job]:
         while not self._jobs:

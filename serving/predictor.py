@@ -40,6 +40,7 @@ class Scored:
     probs: np.ndarray
     """(n_texts, n_labels)"""
     embeddings: np.ndarray | None = None
+    unknown_share: np.ndarray | None = None
 
     def labels(self) -> list[str]:
         return [self.model.labels[i] for i in self.probs.argmax(axis=1)]
@@ -128,7 +129,7 @@ class Predictor:
         except QueueFull as error:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(503, f"server busy: {error}", type="overloaded", headers={"Retry-After": "1"}) from None
-        scored = Scored(model, outputs.probs, outputs.embeddings)
+        scored = Scored(model, outputs.probs, outputs.embeddings, outputs.unknown_share)
         self._record(request_id, texts, scored, route, (time.perf_counter() - start) * 1000)
         if self.cfg.shadow:
             shadow = self.challenger.current if self.challenger else None
@@ -148,7 +149,7 @@ class Predictor:
         self._record(
             request_id,
             texts,
-            Scored(model, outputs.probs, outputs.embeddings),
+            Scored(model, outputs.probs, outputs.embeddings, outputs.unknown_share),
             "shadow",
             (time.perf_counter() - start) * 1000,
         )
@@ -158,6 +159,7 @@ class Predictor:
         labels = scored.labels()
         model = scored.model
         embeddings = [None] * len(texts) if scored.embeddings is None else map(encode_embedding, scored.embeddings)
+        unknown = [None] * len(texts) if scored.unknown_share is None else scored.unknown_share.tolist()
         rows = [
             PredictionRow(
                 request_id=request_id,
@@ -172,8 +174,11 @@ class Predictor:
                 route=route,
                 latency_ms=latency_ms,
                 embedding=embedding,
+                unk_share=unk,
             )
-            for i, (text, label, row, embedding) in enumerate(zip(texts, labels, scored.probs, embeddings, strict=True))
+            for i, (text, label, row, embedding, unk) in enumerate(
+                zip(texts, labels, scored.probs, embeddings, unknown, strict=True)
+            )
         ]
         self.log.append(rows)
         for label in labels:

@@ -67,7 +67,7 @@ def serve_traffic(
     """Score rows as serving does and log them (and their true labels as feedback) at time `at`."""
     writer = PredictionLogWriter(open_store(cfg.serve.prediction_log))
     texts = rows["text"].tolist()
-    probs, embeddings = classifier.predict_with_embeddings(texts)
+    probs, embeddings, unknown = classifier.forward(texts)
     assert embeddings is not None
     request = uuid.uuid4().hex
     writer.append(
@@ -85,8 +85,9 @@ def serve_traffic(
                 "champion",
                 1.0,
                 encode_embedding(e),
+                float(u),
             )
-            for i, (text, p, e) in enumerate(zip(texts, probs, embeddings, strict=True))
+            for i, (text, p, e, u) in enumerate(zip(texts, probs, embeddings, unknown, strict=True))
         ]
     )
     if feedback:
@@ -124,7 +125,7 @@ def test_no_drift_window_holds_and_writes_parseable_reports(setup, corpus) -> No
     assert summary["quality"]["labelled"] == 300 and 0 <= summary["quality"]["macro_f1"] <= 1
     assert any(s["name"] == "topic=airline" for s in summary["bias"]["slices"])
     html = (outcome.report_dir / "report.html").read_text()
-    assert "Drift for column text" in html and "Drift for column embedding_pc0" in html
+    assert "Drift for column text" in html and "Drift for column confidence" in html
     assert (outcome.report_dir / "quality.html").is_file()
     # Recorded in MLflow (tagged with the champion's version) and in the Evidently workspace.
     run = mlflow.get_run(outcome.run_id)
