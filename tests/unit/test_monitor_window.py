@@ -1,0 +1,37 @@
+"""Text descriptors, and the monitor's configuration errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmops.config import ConfigError, load_config
+from monitoring.window import describe
+
+
+def test_descriptors_count_words_urls_mentions_and_unknown_tokens() -> None:
+    texts = pd.Series(["@united lost my bag http", "plain words here", "@a @b www.x.com"])
+    out = describe(texts, np.array([0.0, 0.0, 0.25]), url_token="http")
+    assert out["words"].tolist() == [5, 3, 3]
+    assert out["url_share"].tolist() == pytest.approx([1 / 5, 0.0, 1 / 3])
+    assert out["mention_share"].tolist() == pytest.approx([1 / 5, 0.0, 2 / 3])
+    assert out["has_unknown"].tolist() == ["no", "no", "yes"]
+    assert out["length"].tolist() == [len(t) for t in texts]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["monitor.window_size=null"], "window_size, window_hours"),
+        (["monitor.drift_on=[]"], "drift_on"),
+        (["monitor.drift_on=[vibes]"], "monitor.drift_on"),
+        (["monitor.retrain.drift_windows=4", "monitor.retrain.of_last=3"], "drift_windows"),
+        (["monitor.bias.slices=[{name: x}]"], "exactly one of keywords, regex, column"),
+        (["monitor.bias.slices=[{name: x, regex: '(unclosed'}]"], "invalid regex"),
+        (["monitor.bias.min_slice_row=3"], "unknown key"),
+    ],
+)
+def test_monitor_config_errors_are_named(overrides: list[str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, overrides)
