@@ -63,3 +63,24 @@ def test_rollback_without_previous_champion_is_a_clear_error(workdir: Path) -> N
     result = CliRunner().invoke(app, ["rollback", "--config", str(TINY_CONFIG)])
     assert result.exit_code == 2
     assert "no 'previous-champion' alias" in result.output
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "has no 'champion' alias: nothing to monitor"),
+        (["monitor.window_size=0"], "monitor.window_size"),
+        (["monitor.bias.slices=[{name: x, regex: '('}]"], "invalid regex"),
+    ],
+    ids=["no-champion", "bad-window", "bad-slice"],
+)
+def test_monitor_without_a_champion_or_with_a_bad_config_is_named(
+    overrides: list[str], message: str, workdir: Path
+) -> None:
+    args = ["monitor", "--config", str(TINY_CONFIG)]
+    for item in overrides:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (workdir / "reports").exists()
