@@ -50,8 +50,10 @@ def _triggers(window: WindowResult, history: list[PastDecision], policy: Retrain
     recent = [*judged[-(policy.of_last - 1) :], window.drift] if policy.of_last > 1 else [window.drift]
     drifted = sum(recent)
     drift_note = f"drift in {drifted} of the last {len(recent)} windows (needs {policy.drift_windows})"
+    if not window.drift and drifted:
+        drift_note = f"no drift in this window ({drift_note})"
     triggers = []
-    if drifted >= policy.drift_windows:
+    if window.drift and drifted >= policy.drift_windows:  # a clean window never triggers on past drift
         triggers.append(drift_note)
     drop, max_drop = window.quality_drop, policy.max_quality_drop
     if drop is not None and max_drop is not None and drop > max_drop:

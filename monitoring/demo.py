@@ -7,7 +7,8 @@
 4. The retrained candidate meets the same gates; once promoted, the service follows the alias.
 5. Replay the same coachella traffic: drift resolved.
 6. Replay traffic from the other held-out topic (apple): drift again, but the cooldown holds it.
-Everything lands under demo/ (registry, prediction log, reports, Evidently workspace); each step
+Everything lands under demo/ (registry, prediction log, reports, Evidently workspace; the stage
+cache in demo/artifacts/ is kept between runs, so a second run skips training the first model); each step
 prints its verdict and where its report is. It checks the outcome it promises and exits non-zero
 when the scenario does not play out.
 
@@ -64,7 +65,7 @@ class Service:
             if self.process.poll() is not None:
                 raise SystemExit(f"the service exited; see {DEMO / 'serve.log'}")
             try:
-                if self.http.get("/v1/model").json().get("version") == version:
+                if (self.http.get("/v1/model").json().get("champion") or {}).get("version") == version:
                     return
             except (httpx.HTTPError, ValueError):
                 pass
@@ -105,8 +106,10 @@ def check(condition: bool, message: str) -> None:
 
 def main() -> None:
     started = time.time()
-    shutil.rmtree(DEMO, ignore_errors=True)
-    DEMO.mkdir()
+    DEMO.mkdir(exist_ok=True)
+    for old in DEMO.iterdir():  # a fresh registry, log, reports and workspace; the stage cache stays
+        if old.name != "artifacts":
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     os.chdir(DEMO)
     os.environ.update({"MLFLOW_TRACKING_URI": f"sqlite:///{DEMO / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"})
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -28,6 +28,7 @@ CASES = [
     ("no drift", window(), [past(1, False), past(2, False)], "hold", "drift in 0 of the last 3"),
     ("one noisy window", window(drift=True), [past(1, False), past(2, False)], "hold", "drift in 1 of the last 3"),
     ("drift holds 2 of 3", window(drift=True), [past(1, False), past(2, True)], "retrain", "drift in 2 of the last 3"),
+    ("a clean window after drifted ones", window(), [past(1, True), past(2, True)], "hold", "drift in 2 of the last 3"),
     ("old drift has aged out", window(drift=True), [past(1, False), past(2, False), past(3, True)], "hold", "1 of"),
     ("small windows do not count", window(drift=True), [past(1, None), past(2, True)], "retrain", "2 of the last 2"),
     ("cooldown", window(drift=True), [past(1, True), past(2, True, retrain=True)], "hold", "cooldown"),
