@@ -27,7 +27,8 @@ NEXT_STEPS = """Next:
   .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # runs side by side, registry aliases
   .venv/bin/llmops predict "the flight was great" "lost my bag again"   # the champion, from the registry
   .venv/bin/llmops rollback                                   # champion back to previous-champion
-  .venv/bin/llmops serve                                      # HTTP API on 127.0.0.1:8000, follows the champion"""
+  .venv/bin/llmops serve                                      # HTTP API on 127.0.0.1:8000, follows the champion
+  .venv/bin/llmops monitor                                    # drift, quality and bias of the served traffic"""
 
 
 @app.command()
