@@ -85,6 +85,7 @@ def test_parent_run_holds_one_child_per_candidate(first: dict, client: MlflowCli
         "validation",
         "test",
         "holdout",
+        "reference",
     }
 
 
