@@ -16,7 +16,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: install run test lint bench-compression bench-serving bench-monitoring serve monitor drift-demo evidently-ui rollback mlflow-ui lock clean
+.PHONY: install run test lint bench-compression bench-serving bench-monitoring serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
 
 install: $(STAMP)
 
@@ -58,6 +58,12 @@ drift-demo: install  ## the scripted drift scenario: serve, replay, drift, retra
 
 evidently-ui: install  ## Evidently UI on the monitoring workspace, 127.0.0.1:8001
 	$(VENV)/bin/evidently ui --workspace evidently-workspace --host 127.0.0.1 --port 8001
+
+up: install  ## the local stack on loopback: MLflow :5000, Prefect :4200 (+ worker, deployments), serving :8000, Evidently :8001
+	$(VENV)/bin/llmops up --config $(CONFIG)
+
+down:  ## stop exactly what `make up` started
+	$(VENV)/bin/llmops down
 
 serve: install  ## the HTTP API on 127.0.0.1:8000, following the registry's champion
 	$(VENV)/bin/llmops serve --config $(CONFIG)

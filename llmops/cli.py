@@ -142,6 +142,53 @@ def monitor(config: ConfigOption = "configs/quickstart.yaml", overrides: SetOpti
         _fail(error)
 
 
+StackHome = Annotated[str, typer.Option("--home", help="Folder for the stack's logs, pid files and stores.")]
+
+
+@app.command()
+def up(
+    config: ConfigOption = "configs/quickstart.yaml",
+    overrides: SetOption = None,
+    home: StackHome = ".stack",
+    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server and UI.")] = 5000,
+    prefect_port: Annotated[int, typer.Option(help="Prefect server and UI.")] = 4200,
+    serving_port: Annotated[int, typer.Option(help="The serving API.")] = 8000,
+    evidently_port: Annotated[int, typer.Option(help="The Evidently UI.")] = 8001,
+) -> None:
+    """Start the local stack: MLflow, Prefect server and worker (with prefect.yaml deployed), serving, Evidently UI."""
+    from pathlib import Path
+
+    from llmops.stack import Ports, StackError
+    from llmops.stack import up as stack_up
+
+    try:
+        cfg = load_config(config, overrides)
+        stack = stack_up(
+            Path(home), Ports(mlflow_port, prefect_port, serving_port, evidently_port), cfg, config, overrides or []
+        )
+    except (*BAD_INPUT, StackError) as error:
+        _fail(error)
+        return
+    typer.echo("The stack is up:")
+    for name, url in stack.urls.items():
+        typer.echo(f"  {name:<13} {url}")
+    typer.echo(f"Logs and pid files: {stack.home}. In your shell:")
+    for key, value in stack.env.items():
+        typer.echo(f"  export {key}={value}")
+    typer.echo("  .venv/bin/prefect deployment run 'lifecycle/quickstart'\n  make down")
+
+
+@app.command()
+def down(home: StackHome = ".stack") -> None:
+    """Stop exactly the processes `llmops up` started."""
+    from pathlib import Path
+
+    from llmops.stack import down as stack_down
+
+    stopped = stack_down(Path(home))
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
 def main() -> None:
     app()
 

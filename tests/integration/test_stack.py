@@ -1,0 +1,142 @@
+"""The local stack for real: `llmops up` on free loopback ports, deployments run through a Prefect worker,
+the serving API following the champion, a monitoring report the Evidently UI shows, and `llmops down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO, TINY_CONFIG
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def llmops(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "llmops"), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+
+
+class LocalStack:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.ports = {name: free_port() for name in ("mlflow", "prefect", "serving", "evidently")}
+        self.overrides = [
+            f"serve.prediction_log={home / 'predictions.db'}",
+            f"serve.model_cache={home / 'served'}",
+            "serve.poll_interval_s=1",
+            f"monitor.workspace={home / 'workspace'}",
+            f"monitor.reports_dir={home / 'reports'}",
+            f"work_dir={home / 'work'}",
+        ]
+        self.env = os.environ | {
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports['mlflow']}",
+            "PREFECT_API_URL": f"http://127.0.0.1:{self.ports['prefect']}/api",
+        }
+
+    def up(self) -> subprocess.CompletedProcess[str]:
+        args = ["up", "--config", str(TINY_CONFIG), "--home", str(self.home)]
+        args += [f"--{name}-port={port}" for name, port in self.ports.items()]
+        return llmops(*args, *[a for o in self.overrides for a in ("--set", o)])
+
+    def run_deployment(self, name: str) -> subprocess.CompletedProcess[str]:
+        params = json.dumps({"config": str(TINY_CONFIG), "overrides": self.overrides})
+        return subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", name, "--params", params, "--watch"],
+            cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+
+    def url(self, name: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}{path}"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> LocalStack:
+    local = LocalStack(tmp_path_factory.mktemp("stack"))
+    started = local.up()
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield local
+    llmops("down", "--home", str(local.home))
+
+
+def test_up_starts_every_service_and_prints_its_url(stack: LocalStack) -> None:
+    assert httpx.get(stack.url("mlflow", "/health")).status_code == 200
+    assert httpx.get(stack.url("prefect", "/api/health")).status_code == 200
+    assert httpx.get(stack.url("serving", "/healthz")).status_code == 200
+    assert httpx.get(stack.url("evidently", "/api/projects")).status_code == 200
+    workers = httpx.post(stack.url("prefect", "/api/work_pools/llmops/workers/filter"), json={}).json()
+    assert workers, "no worker on the llmops pool"
+    deployments = httpx.post(stack.url("prefect", "/api/deployments/filter"), json={}).json()
+    assert {d["name"] for d in deployments} == {"quickstart", "full", "retrain", "scheduled"}
+    scheduled = next(d for d in deployments if d["name"] == "scheduled")
+    assert scheduled["schedules"][0]["schedule"]["cron"] == "0 * * * *"
+    assert {p.stem for p in (stack.home / "pids").glob("*.pid")} == {
+        "mlflow", "prefect-server", "prefect-worker", "serving", "evidently"
+    }  # fmt: skip
+
+
+def test_deployment_run_trains_promotes_and_serving_follows(stack: LocalStack) -> None:
+    run = stack.run_deployment("lifecycle/quickstart")
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    client = MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    assert client.get_model_version_by_alias("tweet-sentiment", "champion").version == "1"
+    deadline, ready = time.time() + 60, {}
+    while time.time() < deadline and not ready.get("ready"):
+        ready = httpx.get(stack.url("serving", "/readyz")).json()
+        time.sleep(0.5)
+    assert ready["model"]["version"] == "1"
+
+
+def test_monitor_deployment_writes_a_report_the_evidently_ui_shows(stack: LocalStack) -> None:
+    texts = ["great flight @united", "lost my bag again", "the new iphone is out", "coachella was fun"]
+    for _ in range(60):
+        httpx.post(stack.url("serving", "/v1/predict"), json={"texts": texts}).raise_for_status()
+    time.sleep(2)  # one flush of the prediction log
+    run = stack.run_deployment("monitor/scheduled")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert list((stack.home / "reports").glob("*/summary.json"))
+    projects = httpx.get(stack.url("evidently", "/api/projects")).json()
+    assert [p["name"] for p in projects] == ["tweet-sentiment"]
+    snapshots = httpx.get(stack.url("evidently", f"/api/projects/{projects[0]['id']}/snapshots")).json()
+    assert any("decision" in s["tags"] for s in snapshots)
+
+
+def test_a_taken_port_stops_up_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = llmops("up", "--home", str(tmp_path), f"--prefect-port={port}", f"--mlflow-port={free_port()}")
+    assert result.returncode == 2
+    assert f"port {port} (prefect) already taken" in result.stderr
+    assert not list(tmp_path.glob("pids/*.pid"))
+
+
+def test_down_stops_exactly_what_up_started(stack: LocalStack) -> None:
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    pids = [int(p.read_text()) for p in (stack.home / "pids").glob("*.pid")]
+    result = llmops("down", "--home", str(stack.home))
+    assert result.returncode == 0 and "stopped:" in result.stdout
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert bystander.poll() is None  # not ours to stop
+    bystander.send_signal(signal.SIGTERM)
+    bystander.wait()
+    assert not list((stack.home / "pids").glob("*.pid"))
