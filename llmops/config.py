@@ -6,6 +6,7 @@ at load time with a message that names the key, before any data is read.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -370,8 +371,24 @@ def _describe(error: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+ENV_PREFIX = "LLMOPS__"
+"""`LLMOPS__SERVE__PREDICTION_LOG=/data/log` sets `serve.prediction_log` (containers configure themselves so)."""
+
+
+def environment_overrides(environ: dict[str, str] | None = None) -> list[str]:
+    """`key=value` overrides from LLMOPS__SECTION__KEY variables, sorted by name."""
+    environ = dict(os.environ) if environ is None else environ
+    return [
+        f"{name[len(ENV_PREFIX) :].lower().replace('__', '.')}={value}"
+        for name, value in sorted(environ.items())
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX)
+    ]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LlmopsConfig:
-    """Read a YAML config, apply `key=value` overrides, validate. Raises ConfigError."""
+    """Read a YAML config, apply overrides (LLMOPS__ variables, then `key=value` items), validate.
+
+    Raises ConfigError."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -381,7 +398,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
         tree = loaded
-    for item in overrides or []:
+    for item in [*environment_overrides(), *(overrides or [])]:
         _set_dotted(tree, *parse_override(item))
     try:
         return LlmopsConfig.model_validate(tree)

@@ -80,3 +80,15 @@ def test_tracking_setup_does_not_leak_into_the_environment(tmp_path: Path, monke
 def test_serving_contradictions_are_named(overrides: list[str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load_config(None, overrides)
+
+
+def test_environment_variables_override_the_file_and_set_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMOPS__SERVE__PREDICTION_LOG", "/data/predictions")
+    monkeypatch.setenv("LLMOPS__MONITOR__RETRAIN__MIN_WINDOW", "50")
+    monkeypatch.setenv("LLMOPS__WORK_DIR", "/data/artifacts")
+    cfg = load_config(None, ["work_dir=/elsewhere"])
+    assert cfg.serve.prediction_log == "/data/predictions" and cfg.monitor.retrain.min_window == 50
+    assert cfg.work_dir == "/elsewhere"
+    monkeypatch.setenv("LLMOPS__SERVE__PREDICTON_LOG", "typo")
+    with pytest.raises(ConfigError, match="serve.predicton_log: unknown key"):
+        load_config(None)

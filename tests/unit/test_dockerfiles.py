@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO
 
-DOCKERFILES = sorted(REPO.glob("*/Dockerfile"))  # one folder deep: not into .venv
+DOCKERFILES = sorted([*REPO.glob("*/Dockerfile"), *REPO.glob("docker/*/Dockerfile")])  # not into .venv
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -31,11 +31,13 @@ def test_images_copy_only_what_exists_and_run_unprivileged(dockerfile: Path) -> 
                 assert (REPO / source).exists(), f"{dockerfile.name} copies {source}, which is not in the repository"
     users = [args for op, args in steps if op == "USER"]
     assert users and users[-1] not in ("root", "0")
-    command = json.loads(next(args for op, args in reversed(steps) if op == "CMD"))
-    if command[0] == "llmops":
-        assert command[1] in {"serve", "run", "monitor"}
-        config = command[command.index("--config") + 1]
-        assert (REPO / config).is_file()
+    for command in [json.loads(args) for op, args in steps if op == "CMD"]:  # every target's
+        if command[0] == "llmops":
+            assert command[1] in {"serve", "run", "monitor"}
+            config = command[command.index("--config") + 1]
+            assert (REPO / config).is_file()
+        if command[0] == "sh":
+            assert (REPO / command[1]).is_file(), f"{dockerfile.name} runs {command[1]}, which is not in the repository"
 
 
 def test_the_serving_image_exists() -> None:
