@@ -1,0 +1,133 @@
+"""The production configuration's registry path on a real PostgreSQL: an MLflow tracking server whose backend
+store is a PostgreSQL server started here from its binaries (initdb into a temporary folder, a free port)."""
+
+from __future__ import annotations
+
+import getpass
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from llmops import registry
+from llmops.config import load_config
+from serving.metrics import ServingMetrics
+from serving.models import ModelWatcher
+from tests.conftest import TINY_CONFIG
+from tests.tiny_registry import build_tiny_candidate
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+NAME = "tweet-sentiment"
+
+
+def postgres_bin() -> Path | None:
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    return Path(found).resolve().parent if found else None  # the folder that also holds pg_ctl and createdb
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def postgres() -> str:
+    """A PostgreSQL server on a free loopback port; its URL. initdb refuses root: as root, it runs as `postgres`."""
+    binaries = postgres_bin()
+    if binaries is None:
+        pytest.skip("PostgreSQL server binaries (initdb) not installed: apt-get install postgresql")
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        if subprocess.run(["id", "postgres"], capture_output=True, check=False).returncode != 0:
+            pytest.skip("running as root and there is no `postgres` user to run the server as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    # Not under pytest's folder: the server's user must be able to reach it.
+    root = Path(tempfile.mkdtemp(prefix="llmops-postgres-"))
+    data = root / "data"
+    if as_user:
+        shutil.chown(root, "postgres")
+    port = free_port()
+    user = "postgres" if as_user else getpass.getuser()
+    subprocess.run([*as_user, str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", user], check=True,
+                   capture_output=True)  # fmt: skip
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"),
+                    "-w", "start"], check=True, capture_output=True)  # fmt: skip
+    try:
+        subprocess.run([*as_user, str(binaries / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", user,
+                        "mlflow"], check=True, capture_output=True)  # fmt: skip
+        yield f"postgresql+psycopg2://{user}@127.0.0.1:{port}/mlflow"  # MLflow 3.17 assumes psycopg 3 otherwise
+    finally:
+        subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], check=False,
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tracking_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", postgres,
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            pytest.fail(f"mlflow server on PostgreSQL did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_register_gate_promote_rollback_and_serving_lookup_on_postgres(
+    tracking_server: str, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.lifecycle import lifecycle
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    first = lifecycle(str(TINY_CONFIG), [])  # register and gate through the real flow
+    assert first["promoted"] and first["version"] == "1"
+
+    cfg = load_config(TINY_CONFIG)
+    client = registry.setup_tracking(cfg.registry)
+    assert client.get_model_version(NAME, "1").tags["llmops.verdict"] == "passed"
+    import mlflow
+
+    with mlflow.start_run(run_name="second"):
+        uri = registry.log_candidate_model(build_tiny_candidate(workdir / "second", 7), ["negative", "neutral",
+                                           "positive"], ["a tweet"])  # fmt: skip
+    second = registry.register(NAME, uri, {"candidate": "student"})
+    assert registry.promote(client, NAME, second, expected_champion="1").promoted
+    assert registry.alias_version(client, NAME, registry.PREVIOUS) == "1"
+    assert registry.rollback(client, NAME).champion == "1"
+    assert registry.alias_version(client, NAME, registry.CHAMPION) == "1"
+
+    # The serving API's alias lookup and download, against the same server.
+    watcher = ModelWatcher(
+        MlflowClient(tracking_server, tracking_server), tracking_server, NAME, "champion", workdir / "served",
+        ServingMetrics(), 1.0, 60.0,
+    )  # fmt: skip
+    watcher.check()
+    assert watcher.served_version == "1" and watcher.current is not None
