@@ -209,7 +209,7 @@ def test_monitor_flow_retrains_in_process_on_feedback_and_the_gates_decide(setup
     retraining = result["retraining"]
     assert retraining["mode"] == "in-process" and retraining["labelled_rows"] == 300
     assert retraining["version"] == "2"  # a new version, from the lifecycle's own registration and gates
-    client = mlflow.MlflowClient(cfg.registry.tracking_uri)
+    client = mlflow.MlflowClient(cfg.registry.tracking_uri, registry_uri=cfg.registry.tracking_uri)
     tags = client.get_model_version(NAME, "2").tags
     assert tags["llmops.verdict"] in ("passed", "rejected")
     # The retrained model's reference is the traffic it was retrained on: the held-out topic, with feedback labels.

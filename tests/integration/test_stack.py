@@ -94,7 +94,8 @@ def test_up_starts_every_service_and_prints_its_url(stack: LocalStack) -> None:
 def test_deployment_run_trains_promotes_and_serving_follows(stack: LocalStack) -> None:
     run = stack.run_deployment("lifecycle/quickstart")
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
-    client = MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    uri = stack.env["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri, registry_uri=uri)  # not the process-wide registry an earlier test set
     assert client.get_model_version_by_alias("tweet-sentiment", "champion").version == "1"
     deadline, ready = time.time() + 60, {}
     while time.time() < deadline and not ready.get("ready"):
