@@ -125,6 +125,26 @@ def candidate_key(candidate_dir: str) -> str:
     return Path(candidate_dir).parent.name
 
 
+def evaluate_all(cfg: LlmopsConfig, candidates: dict[str, str], data_dir: str) -> dict[str, str]:
+    """Report paths by candidate kind: one after the other, or at once on a Dask cluster (`eval.parallel`)."""
+    if cfg.eval.parallel == "none":
+        # Sequential by default: candidates timed side by side must not share the cores.
+        return {kind: evaluate_candidate(cfg, path, data_dir) for kind, path in candidates.items()}
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.eval.dask_address:
+        runner = DaskTaskRunner(address=cfg.eval.dask_address)
+    else:
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.eval.dask_workers, "threads_per_worker": 1})
+
+    @flow(name="evaluate-candidates", task_runner=runner)  # type: ignore[arg-type]  # a TaskRunner of Dask futures
+    def on_dask() -> dict[str, str]:
+        futures = {kind: evaluate_candidate.submit(cfg, path, data_dir) for kind, path in candidates.items()}
+        return {kind: future.result() for kind, future in futures.items()}
+
+    return on_dask()
+
+
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Data -> teacher -> student -> quantized candidates -> evaluation -> gates -> registry."""
@@ -137,8 +157,7 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
     candidates = {"teacher": teacher}
     for kind in cfg.quantize.candidates:
         candidates[quantize.KIND_OF[kind]] = student if kind == "fp32" else quantize_student(cfg, student, kind)
-    # Sequential on purpose: candidates timed side by side must not share the cores.
-    reports = {kind: evaluate_candidate(cfg, path, data_dir) for kind, path in candidates.items()}
+    reports = evaluate_all(cfg, candidates, data_dir)
     keys = {kind: candidate_key(path) for kind, path in candidates.items()}
     known_f1 = {keys[k]: evaluate.CandidateReport.load(p).macro_f1 for k, p in reports.items()}
     champion = score_champion(cfg, champion_at_start, data_dir, known_f1)

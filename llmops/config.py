@@ -149,6 +149,13 @@ class EvalConfig(_Strict):
     """Torch threads for every timing (the same for all candidates). Default: all cores."""
     min_slice_size: int = Field(default=30, gt=0)
     """Slices with fewer test rows are reported but not gated (too noisy)."""
+    parallel: Literal["none", "dask"] = "none"
+    """dask: evaluate the candidates at once on a Dask cluster (Prefect's DaskTaskRunner). Their latency and
+    throughput are then measured side by side on shared cores unless each Dask worker has its own machine."""
+    dask_address: str | None = None
+    """Scheduler of an existing Dask cluster (tcp://host:8786). Default: a local cluster for this run."""
+    dask_workers: int = Field(default=2, gt=0)
+    """Workers of the local cluster (one thread each)."""
 
 
 class GateConfig(_Strict):

@@ -167,3 +167,15 @@ def test_champion_moved_during_evaluation_is_not_overwritten(
     assert result["version"] not in {"1", other}
     assert aliases(client)["champion"] == other
     assert aliases(client)["challenger"] == result["version"]  # it passed its gates; only promotion was refused
+
+
+def test_candidates_evaluate_in_parallel_on_a_local_dask_cluster(workdir: Path) -> None:
+    result = lifecycle_flow.lifecycle(
+        str(TINY_CONFIG), ["eval.parallel=dask", "eval.dask_workers=2", "quantize.candidates=[fp32, int8]"]
+    )
+    assert result["promoted"] and set(result["candidates"]) == {"teacher", "student", "int8"}
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = client.get_run(result["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["llmops.candidate"] for r in children) == ["int8", "student", "teacher"]
+    assert all("macro_f1" in r.data.metrics for r in children)
