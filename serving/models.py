@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -47,14 +48,21 @@ def fetch_version(tracking_uri: str, name: str, version: str, cache: Path) -> Pa
 
     A registered version never changes, so a finished folder is reused; the download
     goes to a temporary folder renamed at the end, so a crash leaves nothing half-written.
+    Each process downloads into its own temporary folder: several workers may fetch the
+    same version at once, and the first rename wins.
     """
     final = cache / name / version
     if not final.is_dir():
-        tmp = cache / name / f".{version}.partial"
+        tmp = cache / name / f".{version}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         download_candidate(name, version, tmp, tracking_uri=tracking_uri)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError:  # another worker finished first: its folder holds the same version
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return next(final.rglob("candidate.json")).parent
 
 

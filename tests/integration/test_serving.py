@@ -441,3 +441,16 @@ async def test_canary_routes_its_share_to_the_challenger(champion_1: str, workdi
     assert [a.json()["model"]["version"] for a in answers] == ["2", "2", "2"]
     logged = open_store(workdir / "predictions.db").read_predictions()
     assert set(logged["route"]) == {"canary"}
+
+
+def test_workers_fetching_the_same_version_at_once_all_get_it(tmp_path: Path, store: str) -> None:
+    """Several server workers download a new version at the same moment; none may break another's download."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from serving.models import fetch_version
+
+    with ProcessPoolExecutor(3) as pool:
+        futures = [pool.submit(fetch_version, store, NAME, "1", tmp_path / "cache") for _ in range(3)]
+        folders = {str(f.result()) for f in futures}
+    assert len(folders) == 1 and (Path(folders.pop()) / "candidate.json").is_file()
+    assert [p.name for p in (tmp_path / "cache" / NAME).iterdir()] == ["1"]  # no partial folder left behind
