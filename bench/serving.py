@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,17 +38,12 @@ from tabulate import tabulate
 from llmops.candidate import Classifier
 from llmops.config import load_config
 from llmops.registry import CHAMPION, TAG, download_candidate, resolve_tracking_uri
+from llmops.stack import free_port
 
 SERVERS = ("on", "off", "peer")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_texts(client: MlflowClient, name: str, version: str, dst: Path) -> list[str]:

@@ -66,12 +66,20 @@ def setup_tracking(cfg: RegistryConfig) -> MlflowClient:
             os.environ.pop(var, None)
         else:
             os.environ[var] = value
-    if mlflow.get_experiment_by_name(cfg.experiment) is None:
-        # A local store gets its artifacts in a folder beside it; a server chooses its own.
-        location = Path(cfg.artifact_location).resolve().as_uri() if uri.startswith(("sqlite:", "file:", "/")) else None
-        mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    ensure_experiment(cfg, cfg.experiment)
     mlflow.set_experiment(cfg.experiment)
     return MlflowClient()
+
+
+def ensure_experiment(cfg: RegistryConfig, name: str) -> str:
+    """The id of experiment `name` in the store `setup_tracking` set, created if missing."""
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    # A local store gets its artifacts in a folder beside it; a server chooses its own.
+    local = resolve_tracking_uri(cfg).startswith(("sqlite:", "file:", "/"))
+    location = Path(cfg.artifact_location).resolve().as_uri() if local else None
+    return str(mlflow.create_experiment(name, artifact_location=location))
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:

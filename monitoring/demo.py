@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from typing import Any
 
 import httpx
 import pandas as pd
+
+from llmops.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "drift-demo.yaml"
@@ -38,12 +39,6 @@ BATCH = 20
 
 def say(text: str) -> None:
     print(f"\n=== {text}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Service:

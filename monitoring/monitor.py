@@ -138,11 +138,11 @@ def _record_mlflow(
         "llmops.window_end": repr(at),
         "llmops.window": summary["window"]["spec"],
     }
-    mlflow.set_experiment(monitoring_experiment(cfg))
-    with mlflow.start_run(run_name=f"monitor-v{champion.version}-{folder.name}", tags=tags) as run:
+    experiment_id = registry.ensure_experiment(cfg.registry, monitoring_experiment(cfg))
+    name = f"monitor-v{champion.version}-{folder.name}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         mlflow.log_metrics(_metrics(summary))
         mlflow.log_artifacts(str(folder), artifact_path="report")
-    mlflow.set_experiment(cfg.registry.experiment)
     return run.info.run_id
 
 

@@ -21,6 +21,7 @@ from llmops.config import LlmopsConfig, load_config
 from llmops.data import prepare_data
 from llmops.predlog import FeedbackRow, PredictionLogWriter, PredictionRow, encode_embedding, open_store
 from llmops.registry import download_candidate
+from llmops.stack import free_port
 from monitoring.monitor import RetrainRequest, monitoring_experiment, run_monitor
 from tests.conftest import TINY_CONFIG
 from tests.tiny_registry import register_versions
@@ -222,7 +223,6 @@ def test_monitor_flow_retrains_in_process_on_feedback_and_the_gates_decide(setup
 
 
 def test_the_evidently_ui_serves_the_workspace(setup, corpus) -> None:
-    import socket
     import subprocess
     import sys
 
@@ -231,9 +231,7 @@ def test_the_evidently_ui_serves_the_workspace(setup, corpus) -> None:
     cfg, classifier = setup
     serve_traffic(cfg, classifier, corpus["same"].head(300), time.time())
     run_monitor(cfg, None, [], launcher=Recorder())
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ui = Path(sys.executable).parent / "evidently"
     server = subprocess.Popen(
         [str(ui), "ui", "--workspace", cfg.monitor.workspace, "--host", "127.0.0.1", "--port", str(port)],

@@ -7,7 +7,6 @@ import getpass
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from mlflow import MlflowClient
 
 from llmops import registry
 from llmops.config import load_config
+from llmops.stack import free_port
 from serving.metrics import ServingMetrics
 from serving.models import ModelWatcher
 from tests.conftest import TINY_CONFIG
@@ -32,12 +32,6 @@ NAME = "tweet-sentiment"
 def postgres_bin() -> Path | None:
     found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
     return Path(found).resolve().parent if found else None  # the folder that also holds pg_ctl and createdb
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

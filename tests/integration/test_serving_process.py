@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,10 @@ import pytest
 import yaml
 
 from llmops.predlog import open_store
+from llmops.stack import free_port
 from tests.tiny_registry import LABELS, register_versions, set_alias
 
 NAME = "tiny-process"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -16,15 +16,10 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
+from llmops.stack import free_port
 from tests.conftest import REPO, TINY_CONFIG
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def llmops(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
