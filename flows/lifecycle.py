@@ -69,9 +69,7 @@ def prepare_data(cfg: LlmopsConfig) -> str:
 @compute_task
 def fine_tune(cfg: LlmopsConfig, data_dir: str) -> str:
     folder = _stage(cfg, "teacher", data_dir, cfg.model, cfg.train)
-    return (
-        _cached(folder, lambda tmp: train.fine_tune(cfg.model, cfg.train, PreparedData.load(data_dir), tmp)) + "/model"
-    )
+    return _cached(folder, lambda tmp: train.run_fine_tune(cfg.model, cfg.train, data_dir, tmp)) + "/model"
 
 
 @compute_task
