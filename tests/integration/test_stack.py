@@ -13,9 +13,13 @@ import time
 from pathlib import Path
 
 import httpx
+import mlflow
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from llmops.config import load_config
+from llmops.data import prepare_data
 from llmops.stack import free_port
 from tests.conftest import REPO, TINY_CONFIG
 
@@ -50,8 +54,8 @@ class LocalStack:
         args += [f"--{name}-port={port}" for name, port in self.ports.items()]
         return llmops(*args, *[a for o in self.overrides for a in ("--set", o)])
 
-    def run_deployment(self, name: str) -> subprocess.CompletedProcess[str]:
-        params = json.dumps({"config": str(TINY_CONFIG), "overrides": self.overrides})
+    def run_deployment(self, name: str, *overrides: str) -> subprocess.CompletedProcess[str]:
+        params = json.dumps({"config": str(TINY_CONFIG), "overrides": [*self.overrides, *overrides]})
         return subprocess.run(
             [str(BIN / "prefect"), "deployment", "run", name, "--params", params, "--watch"],
             cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600, check=False,
@@ -59,6 +63,19 @@ class LocalStack:
 
     def url(self, name: str, path: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}{path}"
+
+    def mlflow(self) -> MlflowClient:
+        uri = self.env["MLFLOW_TRACKING_URI"]
+        return MlflowClient(uri, registry_uri=uri)  # not the process-wide registry an earlier test set
+
+    def wait_for_flow_run(self, flow_run_id: str, timeout: float = 420) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            run = httpx.get(self.url("prefect", f"/api/flow_runs/{flow_run_id}")).json()
+            if run["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+                return run
+            time.sleep(2)
+        raise AssertionError(f"flow run {flow_run_id} still {run['state']['type']} after {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +106,7 @@ def test_up_starts_every_service_and_prints_its_url(stack: LocalStack) -> None:
 def test_deployment_run_trains_promotes_and_serving_follows(stack: LocalStack) -> None:
     run = stack.run_deployment("lifecycle/quickstart")
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
-    uri = stack.env["MLFLOW_TRACKING_URI"]
-    client = MlflowClient(uri, registry_uri=uri)  # not the process-wide registry an earlier test set
+    client = stack.mlflow()
     assert client.get_model_version_by_alias("tweet-sentiment", "champion").version == "1"
     deadline, ready = time.time() + 60, {}
     while time.time() < deadline and not ready.get("ready"):
@@ -111,6 +127,44 @@ def test_monitor_deployment_writes_a_report_the_evidently_ui_shows(stack: LocalS
     assert [p["name"] for p in projects] == ["tweet-sentiment"]
     snapshots = httpx.get(stack.url("evidently", f"/api/projects/{projects[0]['id']}/snapshots")).json()
     assert any("decision" in s["tags"] for s in snapshots)
+
+
+def test_a_retraining_decision_runs_lifecycle_retrain_on_the_worker(stack: LocalStack) -> None:
+    # A topic's tweets with their true labels sent as feedback, as a labelling team would.
+    cfg = load_config(TINY_CONFIG, ["data.sample=1500", "data.holdout_topics=[coachella]"])
+    shifted = pd.read_parquet(prepare_data(cfg.data, stack.home / "shifted").split_path("holdout")).head(300)
+    for start in range(0, len(shifted), 30):
+        part = shifted.iloc[start : start + 30]
+        answer = httpx.post(stack.url("serving", "/v1/predict"), json={"texts": part["text"].tolist()})
+        request_id = answer.raise_for_status().json()["request_id"]
+        for index, label in enumerate(part["label"]):
+            feedback = {"request_id": request_id, "index": index, "label": label}
+            httpx.post(stack.url("serving", "/v1/feedback"), json=feedback).raise_for_status()
+    time.sleep(2)  # one flush of the prediction log
+
+    policy = ["monitor.window_size=300", "monitor.retrain.drift_windows=1", "monitor.retrain.of_last=1"]
+    monitor = stack.run_deployment("monitor/scheduled", *policy)
+    assert monitor.returncode == 0 and "Completed" in monitor.stdout, monitor.stdout[-3000:] + monitor.stderr[-3000:]
+
+    client = stack.mlflow()
+    (experiment,) = [e for e in client.search_experiments() if e.name == "llmops-monitoring"]
+    (last, *_) = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    assert last.data.tags["llmops.verdict"] == "retrain"
+    retraining = json.loads(last.data.tags["llmops.retraining"])
+    assert retraining["mode"] == "prefect" and retraining["deployment"] == "lifecycle/retrain"
+
+    retrain = stack.wait_for_flow_run(retraining["flow_run_id"])
+    assert retrain["state"]["type"] == "COMPLETED", retrain["state"]
+    deployment = httpx.get(stack.url("prefect", f"/api/deployments/{retrain['deployment_id']}")).json()
+    assert deployment["name"] == "retrain"
+    key, _, extra_rows = retrain["parameters"]["overrides"][-1].partition("=")
+    assert key == "data.extra_rows" and len(pd.read_parquet(extra_rows)) == 300  # the labelled window
+    # A new version, registered and gated by the lifecycle the worker ran, trained on the feedback rows.
+    version = client.get_model_version("tweet-sentiment", "2")
+    assert version.tags["llmops.verdict"] in ("passed", "rejected")
+    uri = stack.env["MLFLOW_TRACKING_URI"]
+    train = mlflow.artifacts.download_artifacts(version.tags["llmops.train_data"], tracking_uri=uri)
+    assert len(set(shifted["text"]) & set(pd.read_parquet(train)["text"])) > 150  # of 300, split like the rest
 
 
 def test_a_taken_port_stops_up_before_anything_starts(tmp_path: Path) -> None:
