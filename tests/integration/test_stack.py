@@ -92,6 +92,9 @@ def test_up_starts_every_service_and_prints_its_url(stack: LocalStack) -> None:
     assert httpx.get(stack.url("prefect", "/api/health")).status_code == 200
     assert httpx.get(stack.url("serving", "/healthz")).status_code == 200
     assert httpx.get(stack.url("evidently", "/api/projects")).status_code == 200
+    for ui in ("mlflow", "prefect", "evidently"):  # the pages a user opens, not only the APIs
+        page = httpx.get(stack.url(ui, "/"), follow_redirects=True)
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"], ui
     workers = httpx.post(stack.url("prefect", "/api/work_pools/llmops/workers/filter"), json={}).json()
     assert workers, "no worker on the llmops pool"
     deployments = httpx.post(stack.url("prefect", "/api/deployments/filter"), json={}).json()
