@@ -60,10 +60,10 @@ evidently-ui: install  ## Evidently UI on the monitoring workspace, 127.0.0.1:80
 	$(VENV)/bin/evidently ui --workspace evidently-workspace --host 127.0.0.1 --port 8001
 
 up: install  ## the local stack on loopback: MLflow :5000, Prefect :4200 (+ worker, deployments), serving :8000, Evidently :8001
-	$(VENV)/bin/llmops up --config $(CONFIG)
+	$(VENV)/bin/llmops up --config $(CONFIG) $(ARGS)
 
 down:  ## stop exactly what `make up` started
-	$(VENV)/bin/llmops down
+	$(VENV)/bin/llmops down $(ARGS)
 
 serve: install  ## the HTTP API on 127.0.0.1:8000, following the registry's champion
 	$(VENV)/bin/llmops serve --config $(CONFIG)

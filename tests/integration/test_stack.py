@@ -32,6 +32,10 @@ def llmops(*args: str, env: dict[str, str] | None = None, timeout: float = 600) 
     )
 
 
+def make(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["make", *args], cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+
+
 class LocalStack:
     def __init__(self, home: Path) -> None:
         self.home = home
@@ -50,9 +54,13 @@ class LocalStack:
         }
 
     def up(self) -> subprocess.CompletedProcess[str]:
-        args = ["up", "--config", str(TINY_CONFIG), "--home", str(self.home)]
-        args += [f"--{name}-port={port}" for name, port in self.ports.items()]
-        return llmops(*args, *[a for o in self.overrides for a in ("--set", o)])
+        """`make up`, as a user runs it, on this stack's ports and folder."""
+        args = [f"--home={self.home}", *(f"--{name}-port={port}" for name, port in self.ports.items())]
+        args += [f"--set={o}" for o in self.overrides]
+        return make("up", f"CONFIG={TINY_CONFIG}", "ARGS=" + " ".join(args))
+
+    def down(self) -> subprocess.CompletedProcess[str]:
+        return make("down", f"ARGS=--home={self.home}")
 
     def run_deployment(self, name: str, *overrides: str) -> subprocess.CompletedProcess[str]:
         params = json.dumps({"config": str(TINY_CONFIG), "overrides": [*self.overrides, *overrides]})
@@ -84,7 +92,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> LocalStack:
     started = local.up()
     assert started.returncode == 0, started.stdout + started.stderr
     yield local
-    llmops("down", "--home", str(local.home))
+    local.down()
 
 
 def test_up_starts_every_service_and_prints_its_url(stack: LocalStack) -> None:
@@ -184,7 +192,7 @@ def test_a_taken_port_stops_up_before_anything_starts(tmp_path: Path) -> None:
 def test_down_stops_exactly_what_up_started(stack: LocalStack) -> None:
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     pids = [int(p.read_text()) for p in (stack.home / "pids").glob("*.pid")]
-    result = llmops("down", "--home", str(stack.home))
+    result = stack.down()
     assert result.returncode == 0 and "stopped:" in result.stdout
     for pid in pids:
         with pytest.raises(ProcessLookupError):
