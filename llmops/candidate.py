@@ -110,6 +110,11 @@ class Forward(NamedTuple):
     unknown_share: np.ndarray
     """(n_texts,): share of each text's tokens that the tokenizer does not know"""
 
+    def rows(self, which: slice) -> Forward:
+        """The same outputs for a slice of the texts (one request's share of a batch)."""
+        embeddings = None if self.embeddings is None else self.embeddings[which]
+        return Forward(self.probs[which], embeddings, self.unknown_share[which])
+
 
 class Classifier:
     """A loaded candidate: texts in, class probabilities out."""

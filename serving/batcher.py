@@ -16,8 +16,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
+from llmops.candidate import Forward
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel
 
@@ -26,27 +25,11 @@ class QueueFull(RuntimeError):
     """More texts are waiting than `max_queue` allows."""
 
 
-@dataclass(frozen=True)
-class Outputs:
-    """What one forward pass gives per text: class probabilities and (if logged) the embedding."""
-
-    probs: np.ndarray
-    """(n_texts, n_labels)"""
-    embeddings: np.ndarray | None = None
-    """(n_texts, hidden), for monitoring's embedding drift"""
-    unknown_share: np.ndarray | None = None
-    """(n_texts,), share of tokens unknown to the tokenizer"""
-
-    def __getitem__(self, rows: slice) -> Outputs:
-        pick = lambda a: None if a is None else a[rows]  # noqa: E731
-        return Outputs(self.probs[rows], pick(self.embeddings), pick(self.unknown_share))
-
-
 @dataclass
 class _Job:
     model: LoadedModel
     texts: list[str]
-    future: asyncio.Future[Outputs]
+    future: asyncio.Future[Forward]
 
 
 class MicroBatcher:
@@ -89,7 +72,7 @@ class MicroBatcher:
     def waiting(self) -> int:
         return self._waiting
 
-    async def predict(self, model: LoadedModel, texts: list[str]) -> Outputs:
+    async def predict(self, model: LoadedModel, texts: list[str]) -> Forward:
         """Probabilities (and embeddings) of `texts`. Raises QueueFull when the queue has no room."""
         if self._waiting + len(texts) > self.max_queue and self._waiting > 0:
             raise QueueFull(f"{self._waiting} texts are waiting (serve.max_queue={self.max_queue})")
@@ -98,7 +81,7 @@ class MicroBatcher:
         try:
             if not self.enabled:
                 return await self._infer(model, texts)
-            future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[Forward] = asyncio.get_running_loop().create_future()
             self._jobs.append(_Job(model, texts, future))
             self._arrived.set()
             return await future
@@ -106,14 +89,14 @@ class MicroBatcher:
             self._waiting -= len(texts)
             self.metrics.queue_depth.set(self._waiting)
 
-    async def _infer(self, model: LoadedModel, texts: list[str]) -> Outputs:
+    async def _infer(self, model: LoadedModel, texts: list[str]) -> Forward:
         self.metrics.batch_size.observe(len(texts))
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         forward = model.classifier.forward
         out = await loop.run_in_executor(self._executor, forward, texts, len(texts), self.embeddings)
         self.metrics.inference_seconds.observe(time.perf_counter() - start)
-        return Outputs(out.probs, out.embeddings, out.unknown_share)
+        return out
 
     async def _next_batch(self) -> list[_Job]:
         while not self._jobs:
@@ -168,5 +151,5 @@ class MicroBatcher:
         start = 0
         for job in jobs:
             if not job.future.done():
-                job.future.set_result(outputs[start : start + len(job.texts)])
+                job.future.set_result(outputs.rows(slice(start, start + len(job.texts))))
             start += len(job.texts)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from mlflow import MlflowClient
 
+from llmops.candidate import Forward
 from llmops.config import LlmopsConfig
 from llmops.predlog import (
     FeedbackRow,
@@ -37,10 +38,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Scored:
     model: LoadedModel
-    probs: np.ndarray
-    """(n_texts, n_labels)"""
-    embeddings: np.ndarray | None = None
-    unknown_share: np.ndarray | None = None
+    outputs: Forward
+
+    @property
+    def probs(self) -> np.ndarray:
+        """(n_texts, n_labels)"""
+        return self.outputs.probs
 
     def labels(self) -> list[str]:
         return [self.model.labels[i] for i in self.probs.argmax(axis=1)]
@@ -129,7 +132,7 @@ class Predictor:
         except QueueFull as error:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(503, f"server busy: {error}", type="overloaded", headers={"Retry-After": "1"}) from None
-        scored = Scored(model, outputs.probs, outputs.embeddings, outputs.unknown_share)
+        scored = Scored(model, outputs)
         self._record(request_id, texts, scored, route, (time.perf_counter() - start) * 1000)
         if self.cfg.shadow:
             shadow = self.challenger.current if self.challenger else None
@@ -146,20 +149,15 @@ class Predictor:
         except QueueFull:
             self.metrics.rejected.labels("shadow_skipped").inc()  # shadow traffic never displaces real traffic
             return
-        self._record(
-            request_id,
-            texts,
-            Scored(model, outputs.probs, outputs.embeddings, outputs.unknown_share),
-            "shadow",
-            (time.perf_counter() - start) * 1000,
-        )
+        self._record(request_id, texts, Scored(model, outputs), "shadow", (time.perf_counter() - start) * 1000)
 
     def _record(self, request_id: str, texts: list[str], scored: Scored, route: str, latency_ms: float) -> None:
         now = time.time()
         labels = scored.labels()
         model = scored.model
-        embeddings = [None] * len(texts) if scored.embeddings is None else map(encode_embedding, scored.embeddings)
-        unknown = [None] * len(texts) if scored.unknown_share is None else scored.unknown_share.tolist()
+        outputs = scored.outputs
+        embeddings = [None] * len(texts) if outputs.embeddings is None else map(encode_embedding, outputs.embeddings)
+        unknown = outputs.unknown_share.tolist()
         rows = [
             PredictionRow(
                 request_id=request_id,
