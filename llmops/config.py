@@ -196,6 +196,8 @@ class ServeConfig(_Strict):
     """How often the registry is asked where the alias points."""
     retry_failed_after_s: float = Field(default=300.0, ge=0)
     """A version that failed to load is tried again after this long (if the alias still points at it)."""
+    startup_wait_s: float = Field(default=120.0, ge=0)
+    """How long a starting worker waits for its first model load before taking connections (then 503 until loaded)."""
     model_cache: str = "artifacts/served"
     """Downloaded versions, one folder per version."""
     batching: bool = True

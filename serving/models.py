@@ -108,6 +108,8 @@ class ModelWatcher:
         self.status: str | None = "not checked yet"
         """Why the alias's target is not the one serving (None when it is)."""
         self._failed: dict[str, float] = {}
+        self.checked = asyncio.Event()
+        """Set once the first poll is over, whether it loaded a model or not."""
 
     def check(self) -> None:
         """One poll (blocking). Never raises: a failure is recorded and the current model keeps serving."""
@@ -154,4 +156,5 @@ class ModelWatcher:
     async def run(self) -> None:
         while True:
             await asyncio.to_thread(self.check)
+            self.checked.set()
             await asyncio.sleep(self.poll_interval_s)

@@ -87,6 +87,12 @@ class Predictor:
         self.log.start()
         self.batcher.start()
         self._watchers = [asyncio.create_task(w.run()) for w in (self.champion, self.challenger) if w is not None]
+        # Take no connection before the first load attempt is over (at most `startup_wait_s`): the workers of
+        # one server share its port, so a worker still loading would answer 503 to requests a loaded one can serve.
+        try:
+            await asyncio.wait_for(self.champion.checked.wait(), self.cfg.startup_wait_s)
+        except TimeoutError:
+            log.warning("no model loaded after %.0f s; serving starts and reports not ready", self.cfg.startup_wait_s)
 
     async def stop(self) -> None:
         """Stop polling, finish shadow scoring, then write every buffered prediction."""

@@ -378,6 +378,17 @@ async def test_a_version_that_fails_to_load_leaves_the_old_one_serving(champion_
     assert after.json()["model"]["version"] == "2"
 
 
+async def test_a_worker_takes_requests_only_once_its_first_load_is_over(champion_1: str, workdir: Path) -> None:
+    # Workers share one port: a request must not reach one that is still loading while another could answer.
+    async with serving(champion_1, ready=False) as client:
+        first = await client.post("/v1/predict", json={"texts": ["hello"]})
+    assert first.status_code == 200 and first.json()["model"]["version"] == "1"
+
+    async with serving(champion_1, ready=False, startup_wait_s=0) as client:  # no wait: up at once, not ready
+        early = await client.get("/readyz")
+    assert early.status_code == 503 and early.json()["reason"] == "not checked yet"
+
+
 async def test_not_ready_without_a_champion(store: str, workdir: Path) -> None:
     async with serving(store, ready=False, model_name="no-such-model") as client:
         await asyncio.sleep(0.3)
