@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from llmops.config import load_config
 from llmops.data import prepare_data
+from llmops.predlog import open_store
 from llmops.stack import free_port
 from tests.conftest import REPO, TINY_CONFIG
 
@@ -52,6 +53,18 @@ class LocalStack:
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports['mlflow']}",
             "PREFECT_API_URL": f"http://127.0.0.1:{self.ports['prefect']}/api",
         }
+
+    def logged(self) -> tuple[int, int]:
+        """Rows in the serving API's prediction log: predictions, feedback labels."""
+        store = open_store(self.home / "predictions.db")
+        return len(store.read_predictions()), len(store.read_feedback())
+
+    def wait_for_log(self, predictions: int, feedback: int = 0, timeout: float = 60) -> None:
+        """Until the log holds this many rows (it is flushed every second, later on a loaded machine)."""
+        deadline = time.monotonic() + timeout
+        while (logged := self.logged())[0] < predictions or logged[1] < feedback:
+            assert time.monotonic() < deadline, f"log has {logged}, not ({predictions}, {feedback}), after {timeout} s"
+            time.sleep(0.2)
 
     def up(self) -> subprocess.CompletedProcess[str]:
         """`make up`, as a user runs it, on this stack's ports and folder."""
@@ -128,9 +141,10 @@ def test_deployment_run_trains_promotes_and_serving_follows(stack: LocalStack) -
 
 def test_monitor_deployment_writes_a_report_the_evidently_ui_shows(stack: LocalStack) -> None:
     texts = ["great flight @united", "lost my bag again", "the new iphone is out", "coachella was fun"]
+    logged, _ = stack.logged()
     for _ in range(60):
         httpx.post(stack.url("serving", "/v1/predict"), json={"texts": texts}).raise_for_status()
-    time.sleep(2)  # one flush of the prediction log
+    stack.wait_for_log(predictions=logged + 240)
     run = stack.run_deployment("monitor/scheduled")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert list((stack.home / "reports").glob("*/summary.json"))
@@ -144,6 +158,7 @@ def test_a_retraining_decision_runs_lifecycle_retrain_on_the_worker(stack: Local
     # A topic's tweets with their true labels sent as feedback, as a labelling team would.
     cfg = load_config(TINY_CONFIG, ["data.sample=1500", "data.holdout_topics=[coachella]"])
     shifted = pd.read_parquet(prepare_data(cfg.data, stack.home / "shifted").split_path("holdout")).head(300)
+    logged, labelled = stack.logged()
     for start in range(0, len(shifted), 30):
         part = shifted.iloc[start : start + 30]
         answer = httpx.post(stack.url("serving", "/v1/predict"), json={"texts": part["text"].tolist()})
@@ -151,7 +166,7 @@ def test_a_retraining_decision_runs_lifecycle_retrain_on_the_worker(stack: Local
         for index, label in enumerate(part["label"]):
             feedback = {"request_id": request_id, "index": index, "label": label}
             httpx.post(stack.url("serving", "/v1/feedback"), json=feedback).raise_for_status()
-    time.sleep(2)  # one flush of the prediction log
+    stack.wait_for_log(predictions=logged + 300, feedback=labelled + 300)
 
     policy = ["monitor.window_size=300", "monitor.retrain.drift_windows=1", "monitor.retrain.of_last=1"]
     monitor = stack.run_deployment("monitor/scheduled", *policy)
