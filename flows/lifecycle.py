@@ -1,6 +1,7 @@
-"""The `lifecycle` flow: raw data to a gated, promoted champion. Wiring only.
+"""The `lifecycle` flow: raw data to a gated, promoted champion, for classifiers and generators. Wiring only.
 
-Each task calls one `llmops` function and passes paths, never models or data.
+Each task calls one `llmops` function and passes paths, never models or data; `llmops.tasks` picks each
+stage's implementation for the configured task (`sequence-classification`, `causal-lm`, `seq2seq-lm`).
 Expensive stages are cached by content (`llmops.cache`): rerunning an unchanged
 config reuses every folder and registers nothing new.
 
@@ -16,10 +17,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from llmops import data, distill, evaluate, modeling, quantize, release, train
+from llmops import quantize, release, tasks
 from llmops.cache import cached_stage, stage_key
 from llmops.config import ConfigError, LlmopsConfig, load_config
-from llmops.data import DataError, PreparedData
+from llmops.data import DataError
+from llmops.gates import CandidateReport
 from llmops.modeling import ModelLoadError
 
 BAD_INPUT = (ConfigError, DataError, ModelLoadError)
@@ -53,7 +55,7 @@ def _cached(folder: Path, build: Any) -> str:
 
 @compute_task
 def preflight(cfg: LlmopsConfig) -> None:
-    modeling.preflight(cfg.model)
+    tasks.for_config(cfg).preflight(cfg)
 
 
 @io_task
@@ -62,23 +64,26 @@ def current_champion(cfg: LlmopsConfig) -> str | None:
 
 
 @io_task
+def evaluation_context(cfg: LlmopsConfig) -> dict[str, Any]:
+    return tasks.for_config(cfg).eval_context(cfg)
+
+
+@io_task
 def prepare_data(cfg: LlmopsConfig) -> str:
-    return _cached(_stage(cfg, "data", cfg.data), lambda tmp: data.prepare_data(cfg.data, tmp))
+    build = tasks.for_config(cfg).prepare_data
+    return _cached(_stage(cfg, "data", cfg.task, cfg.data), lambda tmp: build(cfg.data, tmp))
 
 
 @compute_task
 def fine_tune(cfg: LlmopsConfig, data_dir: str) -> str:
     folder = _stage(cfg, "teacher", data_dir, cfg.model, cfg.train)
-    return _cached(folder, lambda tmp: train.run_fine_tune(cfg.model, cfg.train, data_dir, tmp)) + "/model"
+    return _cached(folder, lambda tmp: tasks.for_config(cfg).fine_tune(cfg, data_dir, tmp)) + "/model"
 
 
 @compute_task
 def distil(cfg: LlmopsConfig, teacher_dir: str, data_dir: str) -> str:
-    folder = _stage(cfg, "student", teacher_dir, cfg.distill)
-    return (
-        _cached(folder, lambda tmp: distill.distil(cfg.distill, teacher_dir, PreparedData.load(data_dir), tmp))
-        + "/model"
-    )
+    folder = _stage(cfg, "student", teacher_dir, cfg.distill, cfg.train.loss_per)
+    return _cached(folder, lambda tmp: tasks.for_config(cfg).distil(cfg, teacher_dir, data_dir, tmp)) + "/model"
 
 
 @compute_task
@@ -91,19 +96,18 @@ def quantize_student(cfg: LlmopsConfig, student_dir: str, kind: str) -> str:
 
 
 @compute_task
-def evaluate_candidate(cfg: LlmopsConfig, candidate_dir: str, data_dir: str) -> str:
-    folder = _stage(cfg, "eval", candidate_dir, cfg.eval, data_dir)
-    test = PreparedData.load(data_dir).split_path("test")
-    build = lambda tmp: evaluate.evaluate_candidate(candidate_dir, test, cfg.eval).save(tmp / "report.json")  # noqa: E731
+def evaluate_candidate(cfg: LlmopsConfig, candidate_dir: str, data_dir: str, context: dict[str, Any]) -> str:
+    folder = _stage(cfg, "eval", candidate_dir, cfg.eval, data_dir, context)
+    evaluate = tasks.for_config(cfg).evaluate
+    build = lambda tmp: evaluate(cfg, candidate_dir, data_dir, context).save(tmp / "report.json")  # noqa: E731
     return _cached(folder, build) + "/report.json"
 
 
 @io_task
 def score_champion(
-    cfg: LlmopsConfig, version: str | None, data_dir: str, known_f1: dict[str, float]
+    cfg: LlmopsConfig, version: str | None, data_dir: str, known: dict[str, float | None], context: dict[str, Any]
 ) -> release.ChampionState:
-    test = PreparedData.load(data_dir).split_path("test")
-    return release.score_champion(cfg, version, test, known_f1, Path(cfg.work_dir) / "champions")
+    return release.score_champion(cfg, version, data_dir, known, Path(cfg.work_dir) / "champions", context)
 
 
 @io_task
@@ -114,7 +118,7 @@ def release_candidates(
     champion: release.ChampionState,
     data_dir: str,
 ) -> release.ReleaseOutcome:
-    reports = {kind: evaluate.CandidateReport.load(path) for kind, path in report_paths.items()}
+    reports = {kind: CandidateReport.load(path) for kind, path in report_paths.items()}
     return release.release(cfg, reports, keys, champion, data_dir)
 
 
@@ -123,11 +127,13 @@ def candidate_key(candidate_dir: str) -> str:
     return Path(candidate_dir).parent.name
 
 
-def evaluate_all(cfg: LlmopsConfig, candidates: dict[str, str], data_dir: str) -> dict[str, str]:
+def evaluate_all(
+    cfg: LlmopsConfig, candidates: dict[str, str], data_dir: str, context: dict[str, Any]
+) -> dict[str, str]:
     """Report paths by candidate kind: one after the other, or at once on a Dask cluster (`eval.parallel`)."""
     if cfg.eval.parallel == "none":
         # Sequential by default: candidates timed side by side must not share the cores.
-        return {kind: evaluate_candidate(cfg, path, data_dir) for kind, path in candidates.items()}
+        return {kind: evaluate_candidate(cfg, path, data_dir, context) for kind, path in candidates.items()}
     from prefect_dask import DaskTaskRunner
 
     if cfg.eval.dask_address:
@@ -137,7 +143,7 @@ def evaluate_all(cfg: LlmopsConfig, candidates: dict[str, str], data_dir: str) -
 
     @flow(name="evaluate-candidates", task_runner=runner)  # type: ignore[arg-type]  # a TaskRunner of Dask futures
     def on_dask() -> dict[str, str]:
-        futures = {kind: evaluate_candidate.submit(cfg, path, data_dir) for kind, path in candidates.items()}
+        futures = {kind: evaluate_candidate.submit(cfg, path, data_dir, context) for kind, path in candidates.items()}
         return {kind: future.result() for kind, future in futures.items()}
 
     return on_dask()
@@ -149,19 +155,21 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
     cfg = load_config(config, overrides)
     champion_at_start = current_champion(cfg)
     preflight(cfg)
+    context = evaluation_context(cfg)
     data_dir = prepare_data(cfg)
     teacher = fine_tune(cfg, data_dir)
     student = distil(cfg, teacher, data_dir)
     candidates = {"teacher": teacher}
     for kind in cfg.quantize.candidates:
         candidates[quantize.KIND_OF[kind]] = student if kind == "fp32" else quantize_student(cfg, student, kind)
-    reports = evaluate_all(cfg, candidates, data_dir)
+    reports = evaluate_all(cfg, candidates, data_dir, context)
     keys = {kind: candidate_key(path) for kind, path in candidates.items()}
-    known_f1 = {keys[k]: evaluate.CandidateReport.load(p).macro_f1 for k, p in reports.items()}
-    champion = score_champion(cfg, champion_at_start, data_dir, known_f1)
+    known = {keys[k]: CandidateReport.load(p).metrics.get(cfg.gates.metric) for k, p in reports.items()}
+    champion = score_champion(cfg, champion_at_start, data_dir, known, context)
     outcome = release_candidates(cfg, reports, keys, champion, data_dir)
     print(f"\n{outcome.summary}\n\n{outcome.message}")
     return {
+        "task": cfg.task,
         "model": cfg.registry.model_name,
         "version": outcome.version,
         "champion": outcome.champion,

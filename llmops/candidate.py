@@ -1,13 +1,14 @@
 """The candidate contract: how a model is saved on disk and loaded back to predict.
 
-A candidate folder holds `candidate.json` (kind, labels, recipe, parameter
+A candidate folder holds `candidate.json` (task, kind, labels, recipe, parameter
 counts), the tokenizer, the Hugging Face `config.json`, and its weights:
 - teacher, student: `model.safetensors` (plain fp32 Hugging Face folder);
 - bnb-int8, nf4: `model.safetensors` with the bitsandbytes quantization config;
 - int8 (torch dynamic): `quantized_state_dict.pt`, a weights-only torch state
   dict, because safetensors cannot hold quantized tensors. It is rebuilt by
   applying the recorded recipe to the architecture and loading the weights.
-Evaluation, the MLflow model and serving all load candidates through here.
+Evaluation, the MLflow model and serving all load classifiers through here;
+generators load through `llmops.generation.candidate`, on the same folder layout.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ HISTORY_FILE = "training_log.json"
 class CandidateMeta:
     kind: str
     labels: list[str]
+    """Class labels in output order (empty for a generator)."""
     max_length: int
     recipe: dict[str, Any] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
+    task: str = "sequence-classification"
 
     def save(self, directory: Path) -> None:
         (directory / META_FILE).write_text(json.dumps(self.__dict__, indent=2))
@@ -80,9 +83,11 @@ def quantize_dynamic_int8(model: torch.nn.Module, per_channel: bool, skip_module
         return quantize_dynamic(model.eval(), qconfig_spec=spec, dtype=torch.qint8)
 
 
-def _load_int8(directory: Path, meta: CandidateMeta) -> torch.nn.Module:
+def load_int8(directory: Path, meta: CandidateMeta, auto_class: Any = AutoModelForSequenceClassification) -> Any:
+    """A torch dynamic-int8 candidate: the architecture from config.json, quantized by the recorded recipe, then
+    the int8 weights loaded into it."""
     config = AutoConfig.from_pretrained(directory)
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = auto_class.from_config(config)
     recipe = meta.recipe["quantization"]
     quantized = quantize_dynamic_int8(model, recipe["per_channel"], recipe["skip_modules"])
     with warnings.catch_warnings():
@@ -100,6 +105,10 @@ def weights_size_mb(directory: str | Path) -> float:
 def _drop_cast_notice(record: logging.LogRecord) -> bool:
     # bitsandbytes logs a warning on every int8 matmul that it casts fp32 inputs to fp16: it says nothing new.
     return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quiet_bitsandbytes() -> None:
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_cast_notice)
 
 
 class Forward(NamedTuple):
@@ -125,12 +134,12 @@ class Classifier:
         self.labels = self.meta.labels
         self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
         if self.meta.kind == "int8":
-            self.model = _load_int8(self.directory, self.meta)
+            self.model = load_int8(self.directory, self.meta)
         else:
             # bnb folders carry their quantization config in config.json; bitsandbytes runs on CPU.
             quantized = self.meta.kind in ("bnb-int8", "nf4")
             if quantized:
-                logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_cast_notice)
+                quiet_bitsandbytes()
             device_map = ("cuda" if torch.cuda.is_available() else "cpu") if quantized else None
             self.model = AutoModelForSequenceClassification.from_pretrained(self.directory, device_map=device_map)
         self.model.eval()

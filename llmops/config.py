@@ -15,7 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PACKAGED_CORPUS = "packaged:tweets"
+PACKAGED_INSTRUCTIONS = "packaged:tweet-instructions"
 PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
+
+Task = Literal["sequence-classification", "causal-lm", "seq2seq-lm"]
+GENERATIVE_TASKS: tuple[Task, ...] = ("causal-lm", "seq2seq-lm")
 
 QuantKind = Literal["fp32", "int8", "bnb-int8", "nf4"]
 ALL_QUANT_KINDS: tuple[QuantKind, ...] = ("fp32", "int8", "bnb-int8", "nf4")
@@ -31,9 +35,21 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     source: str = PACKAGED_CORPUS
-    """`packaged:tweets`, a .csv / .jsonl / .parquet path, or `hf:<dataset id>` (online only)."""
+    """`packaged:tweets`, a .csv / .jsonl / .parquet path, or `hf:<dataset id>` (online only). Generative tasks
+    default to `packaged:tweet-instructions`, an instruction set built from the packaged tweets."""
     text_column: str = "text"
     label_column: str = "sentiment"
+    prompt_column: str = "prompt"
+    """Generative tasks: the prompt of a prompt/completion file (TRL's "standard" format, used as written)."""
+    completion_column: str = "completion"
+    """Generative tasks: the text the model learns to write; the loss covers these tokens only."""
+    messages_column: str = "messages"
+    """Generative tasks: a chat (OpenAI / TRL fine-tuning format, a list of {role, content}). The model learns the
+    last assistant message; the conversation before it is rendered with the model's chat template."""
+    instruction_column: str = "instruction"
+    """Generative tasks, optional: the kind of each row (`classify`, `write`, ...); evaluation picks rows by it."""
+    target_column: str = "target"
+    """Generative tasks, optional: the label a generation should carry (the requested sentiment of a `write` row)."""
     confidence_column: str | None = "confidence"
     encoding: str = "utf-8"
     """Encoding of a CSV source. The packaged corpus is always read as latin-1."""
@@ -87,8 +103,25 @@ class ModelConfig(_Strict):
     name_or_path: str = PACKAGED_MODEL
     """`packaged:all-MiniLM-L6-v2`, a local folder, or any Hugging Face checkpoint id (online)."""
     random_init: dict[str, Any] | None = None
-    """Build a random-init model from the checkpoint's config with these overrides (smoke tests)."""
+    """Build a random-init model from the checkpoint's config with these overrides (smoke tests). With `model_type`
+    (`llama`, `gpt2`, `t5`, ...), that architecture is built instead, with the checkpoint's tokenizer."""
     max_length: int = Field(default=128, gt=0)
+    """Tokens per example at most (generative tasks: prompt and completion together)."""
+    chat_template: str | None = None
+    """Generative tasks: a Jinja chat template for a tokenizer that has none (default: llmops's plain template,
+    `role: content` lines ending in `assistant:`). A tokenizer's own template always wins."""
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters (peft) instead of full fine-tuning; merged into the base for release."""
+
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None
+    """Module names to adapt. Default: peft's choice for the architecture (attention query and value)."""
+    qlora: bool = False
+    """QLoRA: the frozen base in 4-bit NF4 (bitsandbytes) under the adapters. Needs a CUDA GPU."""
 
 
 class TrainConfig(_Strict):
@@ -110,21 +143,40 @@ class TrainConfig(_Strict):
     process, so the effective batch is `processes * batch_size`."""
     launch_args: list[str] = Field(default_factory=list)
     """Extra `accelerate launch` arguments when `processes > 1`, e.g. `["--gpu_ids", "0,1"]`."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters (peft) instead of every weight; `{}` takes the defaults."""
+    loss_per: Literal["token", "example"] = "token"
+    """Generative tasks: the completion loss is a mean over all completion tokens of a batch (`token`, the usual
+    choice), or over examples, each example's tokens averaged first (`example`): then a one-word answer weighs as
+    much as a 40-token one, which mixed instruction sets need (the distillation's terms follow it too)."""
+
+
+DistillLoss = Literal["forward_kl", "reverse_kl", "jsd"]
 
 
 class DistillConfig(_Strict):
     student_layers: list[int] = Field(default_factory=lambda: [0, 2, 4])
     """Teacher layers copied into the student, in order (DistilBERT-style init)."""
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-    """Weight of the hard-label cross-entropy; (1 - alpha) goes to the KL term."""
+    """Weight of the hard-label cross-entropy; (1 - alpha) goes to the distillation term."""
     temperature: float = Field(default=2.0, gt=0.0)
+    loss: DistillLoss = "forward_kl"
+    """Generative tasks: the token-level divergence to the teacher: forward KL(teacher || student), reverse
+    KL(student || teacher), or the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024), weighted by
+    `beta`. Classification always uses the forward KL of Hinton et al."""
+    beta: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """Generative tasks, `loss: jsd`: the mixture weight of the generalized JSD."""
+    on_policy: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Generative tasks: share of batches whose completions the student writes itself (GKD's lambda); the teacher
+    scores those tokens. 0: the dataset's completions only."""
     hidden_weight: float = Field(default=0.0, ge=0.0)
     """Weight of the hidden-state (cosine) loss; > 0 runs the teacher on every batch."""
     epochs: float = Field(default=3.0, gt=0)
     batch_size: int = Field(default=32, gt=0)
     learning_rate: float = Field(default=1e-4, gt=0)
     transfer_rows: int = Field(default=0, ge=0)
-    """Extra texts (from rows `data.sample` left out) that the student learns from the teacher's soft labels alone."""
+    """Classification: extra texts (from rows `data.sample` left out) that the student learns from the teacher's
+    soft labels alone."""
 
     @field_validator("student_layers")
     @classmethod
@@ -145,6 +197,33 @@ class QuantizeConfig(_Strict):
     """Modules kept in full precision, by any component of their dotted name (default: the classifier head)."""
 
 
+class GenerationEvalConfig(_Strict):
+    """How generative candidates are measured (all on the same held-out rows)."""
+
+    perplexity_rows: int = Field(default=400, gt=0)
+    """Test rows whose completions the perplexity is measured on (teacher-forced)."""
+    exact_match_instructions: list[str] = Field(default_factory=lambda: ["classify"])
+    """Rows of these instruction kinds are answered greedily and scored by exact match and macro-F1."""
+    exact_match_rows: int = Field(default=400, gt=0)
+    control_instructions: list[str] = Field(default_factory=lambda: ["write"])
+    """Rows of these kinds (all non-exact-match rows when the data has no instruction column) are answered by
+    sampling: distinct-2, repetition, and control accuracy where the row has a target."""
+    samples: int = Field(default=64, gt=0)
+    """Open generations per candidate."""
+    max_new_tokens: int = Field(default=48, gt=0)
+    temperature: float = Field(default=0.8, ge=0.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    seed: int = 0
+    control_model: str | None = "tweet-sentiment"
+    """Registered classifier whose `champion` labels the open generations (control accuracy: the share labelled
+    with the requested target). null, or no such champion: not measured, and said so."""
+    speed_prompts: int = Field(default=8, gt=0)
+    """Prompts timed at batch 1 (time to first token, decode tokens/s)."""
+    speed_new_tokens: int = Field(default=32, gt=1)
+    speed_batch_size: int = Field(default=16, gt=0)
+    """The batched decode rate is measured at this batch size."""
+
+
 class EvalConfig(_Strict):
     latency_samples: int = Field(default=100, gt=0)
     throughput_batch_size: int = Field(default=64, gt=0)
@@ -162,16 +241,30 @@ class EvalConfig(_Strict):
     """Scheduler of an existing Dask cluster (tcp://host:8786). Default: a local cluster for this run."""
     dask_workers: int = Field(default=2, gt=0)
     """Workers of the local cluster (one thread each)."""
+    generation: GenerationEvalConfig = GenerationEvalConfig()
+    """Generative tasks only."""
 
 
 class GateConfig(_Strict):
-    min_macro_f1: float = Field(default=0.6, ge=0.0, le=1.0)
+    metric: str = "macro_f1"
+    """The quality metric that retention and non-inferiority compare (generative tasks default to `perplexity`).
+    Any metric the evaluation reports; for lower-is-better metrics (perplexity) both compare the other way."""
+    min_macro_f1: float | None = Field(default=0.6, ge=0.0, le=1.0)
     min_retention: float = Field(default=0.97, ge=0.0)
-    """Candidate macro-F1 / teacher macro-F1."""
+    """Candidate / teacher on `metric` (teacher / candidate for a lower-is-better metric)."""
     max_drop_vs_champion: float = Field(default=0.005, ge=0.0)
-    """Non-inferiority margin against the current champion on the same test set."""
+    """Non-inferiority margin on `metric`, in its units, against the current champion on the same test set."""
     max_latency_p95_ms: float | None = Field(default=None, gt=0)
+    """p95 latency at batch 1 (generative tasks: time to first token)."""
     max_size_mb: float | None = Field(default=None, gt=0)
+    min: dict[str, float] = Field(default_factory=dict)
+    """Floors on any reported metric: `{control_accuracy: 0.6}`."""
+    max: dict[str, float] = Field(default_factory=dict)
+    """Ceilings on any reported metric: `{repetition_rate: 0.2}`."""
+    min_ratio_to_teacher: dict[str, float] = Field(default_factory=dict)
+    """Candidate / teacher at least this, per metric: `{control_accuracy: 0.95}`."""
+    max_ratio_to_teacher: dict[str, float] = Field(default_factory=dict)
+    """Candidate / teacher at most this, per metric: `{perplexity: 1.25}`."""
     max_slice_gap: float | None = Field(default=None, gt=0)
     """Largest allowed gap in macro-F1 between gated slices."""
     allow_teacher: bool = True
@@ -180,6 +273,7 @@ class GateConfig(_Strict):
 
 class RegistryConfig(_Strict):
     model_name: str = "tweet-sentiment"
+    """Generative tasks default to `tweet-generator`."""
     experiment: str = "llmops"
     tracking_uri: str | None = None
     """Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
@@ -342,8 +436,23 @@ class MonitorConfig(_Strict):
         return self
 
 
+TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "causal-lm": {
+        "data": {"source": PACKAGED_INSTRUCTIONS},
+        "distill": {"temperature": 1.0},
+        "quantize": {"skip_modules": []},
+        # perplexity: candidate <= 1.25 x the teacher's, and <= the champion's + 0.5 on the same test rows
+        "gates": {"metric": "perplexity", "min_macro_f1": None, "min_retention": 0.8, "max_drop_vs_champion": 0.5},
+        "registry": {"model_name": "tweet-generator"},
+    },
+}
+"""What a generative task changes in the defaults; a key the user sets always wins."""
+TASK_DEFAULTS["seq2seq-lm"] = TASK_DEFAULTS["causal-lm"]
+
+
 class LlmopsConfig(_Strict):
-    task: Literal["sequence-classification"] = "sequence-classification"
+    task: Task = "sequence-classification"
+    """`causal-lm` (GPT-2, Llama, Qwen style) and `seq2seq-lm` (T5 style) generate text."""
     work_dir: str = "artifacts"
     """Stage outputs (data splits, checkpoints, candidates), keyed by their inputs."""
     data: DataConfig = DataConfig()
@@ -356,6 +465,74 @@ class LlmopsConfig(_Strict):
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
+
+    @property
+    def generative(self) -> bool:
+        return self.task in GENERATIVE_TASKS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, tree: Any) -> Any:
+        if not isinstance(tree, dict) or tree.get("task") not in TASK_DEFAULTS:
+            return tree
+        tree = dict(tree)
+        for section, defaults in TASK_DEFAULTS[tree["task"]].items():
+            given = tree.get(section)
+            if given is None or isinstance(given, dict):
+                tree[section] = {**defaults, **(given or {})}
+        return tree
+
+    @model_validator(mode="after")
+    def _fits_the_task(self) -> LlmopsConfig:
+        if self.generative and self.distill.transfer_rows > 0:
+            raise ValueError("distill.transfer_rows is for classification; a generative task has no transfer set")
+        if not self.generative and self.train.lora is not None and self.train.lora.qlora:
+            raise ValueError("train.lora.qlora is for generative tasks")
+        gated = {self.gates.metric, *self.gates.min, *self.gates.max}
+        gated |= {*self.gates.min_ratio_to_teacher, *self.gates.max_ratio_to_teacher}
+        unknown = sorted(name for name in gated if not is_known_metric(self.task, name))
+        if unknown:
+            known = ", ".join(TASK_METRICS[self.task])
+            raise ValueError(f"gates name metrics a {self.task} evaluation does not report: {unknown} (known: {known})")
+        return self
+
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "sequence-classification": (
+        "macro_f1",
+        "accuracy",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "throughput_per_s",
+        "size_mb",
+        "params_total",
+        "params_non_embedding",
+    ),
+    "causal-lm": (
+        "perplexity",
+        "macro_f1",
+        "exact_match",
+        "control_accuracy",
+        "distinct_2",
+        "repetition_rate",
+        "empty_share",
+        "truncated_share",
+        "ttft_p50_ms",
+        "ttft_p95_ms",
+        "decode_tokens_per_s",
+        "batch_tokens_per_s",
+        "peak_memory_mb",
+        "size_mb",
+        "params_total",
+        "params_non_embedding",
+    ),
+}
+"""The metrics each task's evaluation reports, by name (plus `f1_<label>` and `slice_f1_<slice>`)."""
+TASK_METRICS["seq2seq-lm"] = TASK_METRICS["causal-lm"]
+
+
+def is_known_metric(task: str, name: str) -> bool:
+    return name in TASK_METRICS[task] or name.startswith(("f1_", "slice_f1_"))
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -209,11 +209,21 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path) -> PreparedData:
     frames["unlabeled"] = rest[~rest["text"].isin(extra["text"])].reset_index(drop=True)
     frames["reference"] = (extra if not extra.empty else frames["test"]).reset_index(drop=True)
     label_ids = {label: i for i, label in enumerate(labels)}
+    frames = {
+        name: frame.assign(label_id=frame["label"].map(label_ids).astype("int64"))[
+            ["text", "label", "label_id", "topic", "confidence"]
+        ]
+        for name, frame in frames.items()
+    }
+    return write_prepared(frames, labels, out_dir)
+
+
+def write_prepared(frames: dict[str, pd.DataFrame], labels: list[str], out_dir: str | Path) -> PreparedData:
+    """Parquet splits plus `data.json` (labels, fingerprint, rows per split) under `out_dir`; any task."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, frame in frames.items():
-        frame = frame.assign(label_id=frame["label"].map(label_ids).astype("int64"))
-        frame[["text", "label", "label_id", "topic", "confidence"]].to_parquet(out / f"{name}.parquet", index=False)
+        frame.to_parquet(out / f"{name}.parquet", index=False)
     prepared = PreparedData(out, labels, fingerprint(frames))
     summary = {name: len(frame) for name, frame in frames.items()}
     (out / "data.json").write_text(

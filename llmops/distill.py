@@ -28,7 +28,7 @@ from llmops.candidate import HISTORY_FILE, CandidateMeta, save_hf_candidate
 from llmops.config import DistillConfig
 from llmops.data import PreparedData
 from llmops.modeling import count_parameters
-from llmops.train import compute_metrics_fn, tokenize_split, training_arguments, use_all_cores
+from llmops.train import compute_metrics_fn, drop_checkpoints, tokenize_split, training_arguments, use_all_cores
 
 UNLABELLED = -100
 
@@ -76,25 +76,41 @@ def hidden_state_loss(
     return torch.stack(losses).mean()
 
 
-def _layer_list(model: PreTrainedModel) -> torch.nn.ModuleList:
-    """The encoder's list of transformer blocks (`encoder.layer` in BERT, `transformer.layer` in DistilBERT)."""
+def layer_stacks(model: PreTrainedModel) -> list[torch.nn.ModuleList]:
+    """The model's stacks of transformer blocks: one for encoder-only and decoder-only models (`encoder.layer` in
+    BERT, `model.layers` in Llama, `transformer.h` in GPT-2), two for T5 (`encoder.block`, `decoder.block`)."""
     n_layers = model.config.num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise ValueError(f"cannot find the {n_layers} transformer layers of {type(model).__name__}")
+    stacks: dict[str, torch.nn.ModuleList] = {}
+    for name, module in model.named_modules():
+        inside_a_stack = any(name.startswith(outer + ".") for outer in stacks)
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers and not inside_a_stack:
+            stacks[name] = module
+    if not stacks:
+        raise ValueError(f"cannot find the {n_layers} transformer layers of {type(model).__name__}")
+    return list(stacks.values())
 
 
 def build_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
-    """A copy of the teacher that keeps only `layers` (teacher indices, in order)."""
+    """A copy of the teacher that keeps only `layers` (teacher indices, in order), in every stack it has."""
     n_teacher = teacher.config.num_hidden_layers
     if max(layers) >= n_teacher:
         raise ValueError(f"distill.student_layers {layers}: the teacher has only {n_teacher} layers")
+    if getattr(teacher.config, "relative_attention_num_buckets", None) and layers[0] != 0:
+        raise ValueError(f"distill.student_layers {layers}: T5-style models keep their position bias in layer 0")
     student = copy.deepcopy(teacher)
-    blocks = _layer_list(student)
-    kept = [blocks[i] for i in layers]
-    blocks.__init__(kept)  # type: ignore[misc]  # refill the same ModuleList in place
-    student.config.num_hidden_layers = len(layers)
+    for blocks in layer_stacks(student):
+        kept = [blocks[i] for i in layers]
+        blocks.__init__(kept)  # type: ignore[misc]  # refill the same ModuleList in place
+        for new_index, block in enumerate(kept):  # the key/value cache is indexed by position in the stack
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_index  # type: ignore[assignment]
+    config = student.config
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "num_decoder_layers", None) is not None:
+        config.num_decoder_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
     return student
 
 
@@ -216,4 +232,6 @@ def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_
         },
         params=count_parameters(student),
     )
-    return save_hf_candidate(student, tokenizer, meta, out_dir / "model")  # best checkpoint, loaded in place
+    save_hf_candidate(student, tokenizer, meta, out_dir / "model")  # best checkpoint, loaded in place
+    drop_checkpoints(out_dir)
+    return out_dir / "model"

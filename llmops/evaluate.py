@@ -6,12 +6,9 @@ same thread count, so the numbers compare side by side.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,51 +16,11 @@ import torch
 
 from llmops.candidate import Classifier, weights_size_mb
 from llmops.config import EvalConfig
+from llmops.gates import CandidateReport, Scoring
 from llmops.metrics import classification_scores
 
-
-@dataclass(frozen=True)
-class CandidateReport:
-    """What the gates and the registry need to know about one evaluated candidate."""
-
-    kind: str
-    path: str
-    macro_f1: float
-    accuracy: float
-    per_class_f1: dict[str, float]
-    slice_macro_f1: dict[str, float]
-    slice_rows: dict[str, int]
-    latency_p50_ms: float
-    latency_p95_ms: float
-    throughput_per_s: float
-    size_mb: float
-    params: dict[str, int] = field(default_factory=dict)
-    recipe: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> CandidateReport:
-        return cls(**json.loads(Path(path).read_text()))
-
-    def metrics(self) -> dict[str, float]:
-        """Flat numeric metrics for MLflow."""
-        flat = {
-            "macro_f1": self.macro_f1,
-            "accuracy": self.accuracy,
-            "latency_p50_ms": self.latency_p50_ms,
-            "latency_p95_ms": self.latency_p95_ms,
-            "throughput_per_s": self.throughput_per_s,
-            "size_mb": self.size_mb,
-            **{k: float(v) for k, v in self.params.items()},
-        }
-        flat.update({f"f1_{label}": v for label, v in self.per_class_f1.items()})
-        flat.update({f"slice_f1_{name}": v for name, v in self.slice_macro_f1.items()})
-        return flat
+SCORING = Scoring(speed="throughput_per_s", latency_p50="latency_p50_ms", latency_p95="latency_p95_ms")
+"""Classifiers: the fastest is the highest throughput at the evaluation batch size (64)."""
 
 
 def slice_scores(test: pd.DataFrame, predicted: np.ndarray, num_labels: int) -> tuple[dict[str, float], dict[str, int]]:
@@ -114,14 +71,13 @@ def _predict_test(classifier: Classifier, test: pd.DataFrame, batch_size: int) -
     return np.array([ids.get(classifier.labels[i], -1) for i in predicted])
 
 
-def evaluate_quality(candidate_dir: str | Path, test_path: str | Path, cfg: EvalConfig) -> float:
-    """Macro-F1 alone (the champion's score on this flow's test set, for non-inferiority)."""
+def evaluate_quality(candidate_dir: str | Path, test_path: str | Path, cfg: EvalConfig) -> dict[str, float]:
+    """Macro-F1 and accuracy alone (the champion's scores on this flow's test set, for non-inferiority)."""
     classifier = Classifier(candidate_dir)
     test = pd.read_parquet(test_path)
     predicted = _predict_test(classifier, test, cfg.throughput_batch_size)
-    return float(
-        classification_scores(predicted.tolist(), test["label_id"].tolist(), len(classifier.labels))["macro_f1"]
-    )
+    scores = classification_scores(predicted.tolist(), test["label_id"].tolist(), len(classifier.labels))
+    return {"macro_f1": float(scores["macro_f1"]), "accuracy": float(scores["accuracy"])}
 
 
 def evaluate_candidate(candidate_dir: str | Path, test_path: str | Path, cfg: EvalConfig) -> CandidateReport:
@@ -141,15 +97,17 @@ def evaluate_candidate(candidate_dir: str | Path, test_path: str | Path, cfg: Ev
     return CandidateReport(
         kind=classifier.meta.kind,
         path=str(candidate_dir),
-        macro_f1=scores["macro_f1"],
-        accuracy=scores["accuracy"],
+        metrics={
+            "macro_f1": float(scores["macro_f1"]),
+            "accuracy": float(scores["accuracy"]),
+            "latency_p50_ms": p50,
+            "latency_p95_ms": p95,
+            "throughput_per_s": throughput,
+            "size_mb": weights_size_mb(candidate_dir),
+        },
         per_class_f1=dict(zip(classifier.labels, scores["per_class_f1"], strict=True)),
         slice_macro_f1=slices,
         slice_rows=slice_rows,
-        latency_p50_ms=p50,
-        latency_p95_ms=p95,
-        throughput_per_s=throughput,
-        size_mb=weights_size_mb(candidate_dir),
         params=classifier.meta.params,
         recipe=classifier.meta.recipe,
     )

@@ -1,15 +1,92 @@
 """The promotion decision: a pure function of numbers and a declared policy.
 
-No I/O here. `registry.py` reads the registry, calls `decide_promotion`, and
-carries out what it says.
+No I/O here. `release.py` reads the registry, calls `decide_promotion`, and
+carries out what it says. Every task reports its candidates the same way (a
+:class:`CandidateReport`: named metrics), so one policy shape gates classifiers
+and generators alike; a task only says which metric is its speed and its latency.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 from llmops.config import GateConfig
-from llmops.evaluate import CandidateReport
+
+LOWER_IS_BETTER = frozenset(
+    {
+        "perplexity",
+        "repetition_rate",
+        "empty_share",
+        "truncated_share",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "ttft_p50_ms",
+        "ttft_p95_ms",
+        "size_mb",
+        "peak_memory_mb",
+        "params_total",
+        "params_non_embedding",
+    }
+)
+"""Metrics where less is better; every other metric is better when higher."""
+
+_LABELS = {"macro_f1": "macro-F1"}
+
+
+def _label(metric: str) -> str:
+    return _LABELS.get(metric, metric)
+
+
+@dataclass(frozen=True)
+class CandidateReport:
+    """What the gates and the registry need to know about one evaluated candidate, for any task."""
+
+    kind: str
+    path: str
+    metrics: dict[str, float]
+    """Every measured number by name (`macro_f1`, `perplexity`, `throughput_per_s`, ...); absent when not measured."""
+    task: str = "sequence-classification"
+    per_class_f1: dict[str, float] = field(default_factory=dict)
+    slice_macro_f1: dict[str, float] = field(default_factory=dict)
+    slice_rows: dict[str, int] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What the evaluation could not measure, and why."""
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CandidateReport:
+        return cls(**json.loads(Path(path).read_text()))
+
+    def __getitem__(self, metric: str) -> float:
+        return self.metrics[metric]
+
+    def flat_metrics(self) -> dict[str, float]:
+        """Every number for MLflow: metrics, parameter counts, per-class and per-slice F1."""
+        flat = {**self.metrics, **{k: float(v) for k, v in self.params.items()}}
+        flat.update({f"f1_{label}": v for label, v in self.per_class_f1.items()})
+        flat.update({f"slice_f1_{name}": v for name, v in self.slice_macro_f1.items()})
+        return flat
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a task's candidates are compared: which metric is speed (the fastest passing one is selected) and
+    which is the latency that `gates.max_latency_p95_ms` bounds."""
+
+    speed: str
+    latency_p50: str
+    latency_p95: str
 
 
 @dataclass(frozen=True)
@@ -18,8 +95,8 @@ class ChampionState:
 
     version_at_start: str | None
     version_now: str | None
-    macro_f1: float | None = None
-    """The start-time champion's macro-F1 on this flow's test set."""
+    quality: float | None = None
+    """The start-time champion's `gates.metric` on this flow's test set."""
     candidate_key: str | None = None
     """Content key of the start-time champion (equal to a candidate's: the same model)."""
 
@@ -29,6 +106,8 @@ class Verdict:
     kind: str
     passed: bool
     reasons: list[str]
+    notes: list[str] = field(default_factory=list)
+    """Gates that could not be applied (their metric was not measured), and why."""
 
 
 @dataclass(frozen=True)
@@ -46,30 +125,91 @@ def slice_gap(report: CandidateReport, min_rows: int) -> float:
     return max(scores) - min(scores) if len(scores) >= 2 else 0.0
 
 
+def better(metric: str, a: float, b: float) -> bool:
+    """Whether `a` is strictly better than `b` on `metric`."""
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
+def retention(metric: str, candidate: float, teacher: float) -> float:
+    """How much of the teacher's quality the candidate keeps: 1.0 is as good, below 1.0 worse."""
+    if metric in LOWER_IS_BETTER:
+        return teacher / candidate if candidate > 0 else 1.0
+    return candidate / teacher if teacher > 0 else 1.0
+
+
+def _bounds(report: CandidateReport, teacher: CandidateReport, policy: GateConfig) -> tuple[list[str], list[str]]:
+    """Floors, ceilings and ratios to the teacher on named metrics: (failures, notes on unmeasured metrics)."""
+    failures: list[str] = []
+    notes: list[str] = []
+    checks: list[tuple[str, str, float]] = [(m, "min", v) for m, v in policy.min.items()]
+    checks += [(m, "max", v) for m, v in policy.max.items()]
+    checks += [(m, "min_ratio", v) for m, v in policy.min_ratio_to_teacher.items()]
+    checks += [(m, "max_ratio", v) for m, v in policy.max_ratio_to_teacher.items()]
+    if policy.min_macro_f1 is not None:
+        checks.insert(0, ("macro_f1", "min", policy.min_macro_f1))
+    for metric, kind, bound in checks:
+        value, base = report.metrics.get(metric), teacher.metrics.get(metric)
+        if value is None or (kind.endswith("ratio") and not base):
+            notes.append(f"{metric} not measured: its gate was not applied")
+            continue
+        if kind == "min" and value < bound:
+            failures.append(f"{_label(metric)} {value:.4f} < floor {bound:.4f}")
+        elif kind == "max" and value > bound:
+            failures.append(f"{_label(metric)} {value:.4f} > ceiling {bound:.4f}")
+        elif kind == "min_ratio" and base and value / base < bound:
+            failures.append(f"{_label(metric)} {value / base:.4f} x teacher < {bound:.4f}")
+        elif kind == "max_ratio" and base and value / base > bound:
+            failures.append(f"{_label(metric)} {value / base:.4f} x teacher > {bound:.4f}")
+    return failures, notes
+
+
 def check_gates(
-    report: CandidateReport, teacher_f1: float, champion_f1: float | None, policy: GateConfig, min_slice_rows: int
+    report: CandidateReport,
+    teacher: CandidateReport,
+    champion_quality: float | None,
+    policy: GateConfig,
+    min_slice_rows: int,
+    scoring: Scoring,
 ) -> Verdict:
     """Every gate the candidate fails, with the numbers that failed it."""
-    failures = []
-    if report.macro_f1 < policy.min_macro_f1:
-        failures.append(f"macro-F1 {report.macro_f1:.4f} < floor {policy.min_macro_f1:.4f}")
-    retention = report.macro_f1 / teacher_f1 if teacher_f1 > 0 else 1.0
-    if retention < policy.min_retention:
-        failures.append(f"retention {retention:.4f} of teacher < {policy.min_retention:.4f}")
-    if champion_f1 is not None and report.macro_f1 < champion_f1 - policy.max_drop_vs_champion:
-        failures.append(
-            f"macro-F1 {report.macro_f1:.4f} < champion {champion_f1:.4f} - {policy.max_drop_vs_champion:.4f}"
-        )
-    if policy.max_latency_p95_ms is not None and report.latency_p95_ms > policy.max_latency_p95_ms:
-        failures.append(f"p95 latency {report.latency_p95_ms:.1f} ms > {policy.max_latency_p95_ms:.1f} ms")
-    if policy.max_size_mb is not None and report.size_mb > policy.max_size_mb:
-        failures.append(f"size {report.size_mb:.1f} MB > {policy.max_size_mb:.1f} MB")
+    failures, notes = _bounds(report, teacher, policy)
+    metric = policy.metric
+    value, teacher_value = report.metrics.get(metric), teacher.metrics.get(metric)
+    if value is None or teacher_value is None:
+        failures.append(f"{_label(metric)} (gates.metric) was not measured")
+    else:
+        kept = retention(metric, value, teacher_value)
+        if kept < policy.min_retention:
+            failures.append(f"retention {kept:.4f} of teacher on {_label(metric)} < {policy.min_retention:.4f}")
+        margin = policy.max_drop_vs_champion
+        if champion_quality is not None and metric in LOWER_IS_BETTER and value > champion_quality + margin:
+            failures.append(f"{_label(metric)} {value:.4f} > champion {champion_quality:.4f} + {margin:.4f}")
+        elif champion_quality is not None and metric not in LOWER_IS_BETTER and value < champion_quality - margin:
+            failures.append(f"{_label(metric)} {value:.4f} < champion {champion_quality:.4f} - {margin:.4f}")
+    latency = report.metrics.get(scoring.latency_p95)
+    if policy.max_latency_p95_ms is not None and latency is not None and latency > policy.max_latency_p95_ms:
+        failures.append(f"p95 latency {latency:.1f} ms > {policy.max_latency_p95_ms:.1f} ms")
+    size = report.metrics.get("size_mb")
+    if policy.max_size_mb is not None and size is not None and size > policy.max_size_mb:
+        failures.append(f"size {size:.1f} MB > {policy.max_size_mb:.1f} MB")
     gap = slice_gap(report, min_slice_rows)
     if policy.max_slice_gap is not None and gap > policy.max_slice_gap:
         failures.append(f"slice gap {gap:.4f} > {policy.max_slice_gap:.4f}")
     if report.kind == "teacher" and not policy.allow_teacher:
         failures.append("the teacher is not allowed as champion (gates.allow_teacher: false)")
-    return Verdict(report.kind, not failures, failures)
+    return Verdict(report.kind, not failures, failures, notes)
+
+
+def _quality_key(metric: str) -> Callable[[CandidateReport], float]:
+    """A sort key under which max() finds the best quality on `metric`."""
+
+    def key(report: CandidateReport) -> float:
+        value = report.metrics.get(metric)
+        if value is None:
+            return float("-inf")
+        return -value if metric in LOWER_IS_BETTER else value
+
+    return key
 
 
 def decide_promotion(
@@ -77,22 +217,23 @@ def decide_promotion(
     champion: ChampionState,
     policy: GateConfig,
     min_slice_rows: int,
+    scoring: Scoring,
     candidate_keys: dict[str, str] | None = None,
 ) -> Decision:
     """Choose the fastest candidate that passes every gate, and say whether to promote it.
 
     `candidates` must include the teacher (retention is measured against it).
-    Fastest means the highest throughput at the evaluation batch size.
+    Fastest means the highest value of the task's speed metric.
     """
     teacher = next((c for c in candidates if c.kind == "teacher"), None)
     if teacher is None:
         raise ValueError("decide_promotion needs the teacher's report among the candidates")
-    verdicts = {c.kind: check_gates(c, teacher.macro_f1, champion.macro_f1, policy, min_slice_rows) for c in candidates}
+    verdicts = {c.kind: check_gates(c, teacher, champion.quality, policy, min_slice_rows, scoring) for c in candidates}
     passing = [c for c in candidates if verdicts[c.kind].passed]
     if not passing:
-        best = max(candidates, key=lambda c: c.macro_f1)
+        best = max(candidates, key=_quality_key(policy.metric))
         return Decision(best.kind, False, "no candidate passed every gate; the champion is unchanged", verdicts)
-    chosen = max(passing, key=lambda c: (c.throughput_per_s, -c.latency_p50_ms))
+    chosen = max(passing, key=lambda c: (c.metrics.get(scoring.speed, 0.0), -c.metrics.get(scoring.latency_p50, 0.0)))
     if champion.version_at_start != champion.version_now:
         return Decision(
             chosen.kind,

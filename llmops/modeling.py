@@ -1,7 +1,7 @@
-"""Loading checkpoints and tokenizers for the configured task.
+"""Loading checkpoints and tokenizers: what every task shares, and the classifier's base model.
 
-The task (`sequence-classification` today) is decided here and nowhere else:
-a causal-LM task adds its own model class and head handling in this module.
+`AUTO_CLASS` maps each task to its transformers model class; generative tasks
+load their bases in `llmops.generation.modeling`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -20,6 +22,12 @@ from transformers import (
 )
 
 from llmops.config import PACKAGED_MODEL, ModelConfig
+
+AUTO_CLASS: dict[str, Any] = {
+    "sequence-classification": AutoModelForSequenceClassification,
+    "causal-lm": AutoModelForCausalLM,
+    "seq2seq-lm": AutoModelForSeq2SeqLM,
+}
 
 
 class ModelLoadError(ValueError):

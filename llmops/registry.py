@@ -21,7 +21,8 @@ from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema, TensorSpec
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types.schema import AnyType
 
 from llmops.candidate import META_FILE
 from llmops.config import RegistryConfig
@@ -31,6 +32,7 @@ CHALLENGER = "challenger"
 PREVIOUS = "previous-champion"
 TAG = "llmops."
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+_GENERATOR_CODE = Path(__file__).parent / "generation" / "mlflow_model.py"
 _RUNTIME_PACKAGES = (
     "torch",
     "transformers",
@@ -134,13 +136,13 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def log_data_inputs(splits: dict[str, Path], fingerprint: str) -> None:
+def log_data_inputs(splits: dict[str, Path], fingerprint: str, targets: str = "label") -> None:
     """Splits as MLflow dataset inputs (with their digest) and as artifacts under `data/`."""
     for name, path in splits.items():
         frame = pd.read_parquet(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # source-type ambiguity and integer-schema hints
-            dataset = from_pandas(frame, source=str(path), name=f"{name}-{fingerprint}", targets="label")
+            dataset = from_pandas(frame, source=str(path), name=f"{name}-{fingerprint}", targets=targets)
         mlflow.log_input(dataset, context=name)
         mlflow.log_artifact(str(path), artifact_path="data")
 
@@ -167,6 +169,41 @@ def log_candidate_model(candidate_dir: Path, labels: list[str], input_example: l
         code_paths=[str(_MODEL_CODE.parent)],
         signature=model_signature(labels),
         input_example=input_example,
+        pip_requirements=runtime_requirements(),
+    )
+    return info.model_uri
+
+
+def generator_signature() -> ModelSignature:
+    """Prompts or chats in (one column of any type: strings, or records with `prompt` / `messages`), generation
+    params, and per input `text`, `finish_reason` and token counts out."""
+    outputs: list[ColSpec | TensorSpec] = [
+        ColSpec(DataType.string, "text"),
+        ColSpec(DataType.string, "finish_reason"),
+        ColSpec(DataType.long, "prompt_tokens"),
+        ColSpec(DataType.long, "completion_tokens"),
+    ]
+    params = ParamSchema(
+        [
+            ParamSpec("max_new_tokens", DataType.long, 64),
+            ParamSpec("temperature", DataType.double, 0.0),
+            ParamSpec("top_p", DataType.double, 1.0),
+            ParamSpec("seed", DataType.long, None),
+            ParamSpec("stop", DataType.string, [], shape=(-1,)),
+        ]
+    )
+    return ModelSignature(inputs=Schema([ColSpec(AnyType())]), outputs=Schema(outputs), params=params)
+
+
+def log_generator_model(candidate_dir: Path, input_example: list[Any]) -> str:
+    """Log a generator candidate as an MLflow models-from-code pyfunc in the active run; returns its model URI."""
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(_GENERATOR_CODE),
+        artifacts={"candidate": str(candidate_dir)},
+        code_paths=[str(_MODEL_CODE.parent)],
+        signature=generator_signature(),
+        input_example=(input_example, {"max_new_tokens": 16}),
         pip_requirements=runtime_requirements(),
     )
     return info.model_uri

@@ -17,12 +17,11 @@ import mlflow
 import pandas as pd
 import yaml
 
-from llmops import registry
+from llmops import registry, tasks
 from llmops.candidate import HISTORY_FILE
 from llmops.config import LlmopsConfig
 from llmops.data import SPLITS, PreparedData
-from llmops.evaluate import CandidateReport
-from llmops.gates import ChampionState, Decision, decide_promotion
+from llmops.gates import CandidateReport, ChampionState, Decision, decide_promotion
 from llmops.report import model_card, summary_table
 
 
@@ -38,9 +37,16 @@ class ReleaseOutcome:
     summary: str
 
 
-def _flat_params(cfg: LlmopsConfig) -> dict[str, str]:
-    flat = pd.json_normalize(cfg.model_dump(mode="json"), sep=".").iloc[0].to_dict()
-    return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in flat.items()}
+def _flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config or recipe as MLflow params: dotted keys, lists as JSON, values cut to MLflow's limit."""
+    if not tree:
+        return {}
+    flat = pd.json_normalize(tree, sep=".").iloc[0].to_dict()
+    return {
+        prefix + k: (json.dumps(v) if isinstance(v, list | dict) else str(v))[:6000]
+        for k, v in flat.items()
+        if v is not None
+    }
 
 
 def _log_history(candidate_dir: Path) -> None:
@@ -70,7 +76,8 @@ def _version_tags(
 ) -> dict[str, Any]:
     verdict = decision.verdicts[report.kind]
     data_uri = f"runs:/{parent_run_id}/data"
-    return {
+    tags: dict[str, Any] = {
+        "task": report.task,
         "candidate": report.kind,
         "verdict": "passed" if verdict.passed else "rejected",
         "reasons": verdict.reasons or ["passed every gate"],
@@ -80,11 +87,16 @@ def _version_tags(
         "train_data": f"{data_uri}/train.parquet",
         "reference_data": f"{data_uri}/reference.parquet",
         "test_data": f"{data_uri}/test.parquet",
-        "test_macro_f1": f"{report.macro_f1:.6f}",
+        "test_metrics": {k: round(v, 6) for k, v in report.metrics.items()},
         "parent_run_id": parent_run_id,
         "git_commit": commit,
         "config": config_yaml,
     }
+    if verdict.notes:
+        tags["notes"] = verdict.notes
+    if "macro_f1" in report.metrics:  # monitoring compares live quality with it
+        tags["test_macro_f1"] = f"{report.metrics['macro_f1']:.6f}"
+    return tags
 
 
 def release(
@@ -95,10 +107,11 @@ def release(
     data_dir: str | Path,
 ) -> ReleaseOutcome:
     """Log the lifecycle, decide with the policy, register the selected candidate and promote it if it passed."""
+    task = tasks.for_config(cfg)
     client = registry.setup_tracking(cfg.registry)
     name = cfg.registry.model_name
     state = dataclasses.replace(champion, version_now=registry.alias_version(client, name, registry.CHAMPION))
-    decision = decide_promotion(list(reports.values()), state, cfg.gates, cfg.eval.min_slice_size, keys)
+    decision = decide_promotion(list(reports.values()), state, cfg.gates, cfg.eval.min_slice_size, task.scoring, keys)
     data = PreparedData.load(data_dir)
     selected = reports.get(decision.selected or "")
     existing = registry.find_version_by_key(client, name, keys[selected.kind]) if selected else None
@@ -107,33 +120,38 @@ def release(
     commit = registry.git_commit()
     model_uri = None
     with mlflow.start_run(run_name=f"lifecycle-{data.fingerprint[:8]}") as parent:
-        mlflow.log_params(_flat_params(cfg))
+        mlflow.log_params(_flat_params(cfg.model_dump(mode="json")))
         mlflow.set_tags(
             {
                 "llmops.kind": "lifecycle",
+                "llmops.task": cfg.task,
                 "llmops.data_fingerprint": data.fingerprint,
                 "llmops.git_commit": commit,
                 "llmops.decision": decision.reason,
             }
         )
-        registry.log_data_inputs({s: data.split_path(s) for s in (*SPLITS, "holdout", "reference")}, data.fingerprint)
+        splits = {s: data.split_path(s) for s in (*SPLITS, "holdout", "reference")}
+        registry.log_data_inputs(splits, data.fingerprint, task.target_column)
+        if (data.directory / "data_card.md").is_file():
+            mlflow.log_artifact(str(data.directory / "data_card.md"))
         for kind, report in reports.items():
             verdict = decision.verdicts[kind]
             with mlflow.start_run(run_name=kind, nested=True):
-                mlflow.log_metrics(report.metrics())
-                mlflow.log_params({"candidate": kind, "recipe": json.dumps(report.recipe)[:6000]})
+                mlflow.log_metrics(report.flat_metrics())
+                mlflow.log_params({"candidate": kind, **_flat_params(report.recipe, "recipe.")})
+                notes = report.notes + verdict.notes
                 mlflow.set_tags(
                     {
                         "llmops.candidate": kind,
                         "llmops.candidate_key": keys[kind],
                         "llmops.verdict": "passed" if verdict.passed else "rejected",
                         "llmops.reasons": "; ".join(verdict.reasons) or "passed every gate",
+                        **({"llmops.notes": "; ".join(notes)} if notes else {}),
                     }
                 )
                 _log_history(Path(report.path))
                 if kind == decision.selected and existing is None:
-                    examples = pd.read_parquet(data.split_path("test"))["text"].head(3).tolist()
-                    model_uri = registry.log_candidate_model(Path(report.path), data.labels, examples)
+                    model_uri = task.log_model(Path(report.path), data)
         version = existing
         if selected is not None:
             tags = _version_tags(selected, decision, keys[selected.kind], data, parent.info.run_id, config_yaml, commit)
@@ -175,21 +193,25 @@ def current_champion(cfg: LlmopsConfig) -> str | None:
 
 
 def score_champion(
-    cfg: LlmopsConfig, version: str | None, test_path: str | Path, known_f1: dict[str, float], scratch_dir: str | Path
+    cfg: LlmopsConfig,
+    version: str | None,
+    data_dir: str | Path,
+    known: dict[str, float | None],
+    scratch_dir: str | Path,
+    context: dict[str, Any],
 ) -> ChampionState:
-    """The start-time champion's macro-F1 on this flow's test set.
+    """The start-time champion's `gates.metric` on this flow's test set.
 
-    `known_f1` maps candidate keys to macro-F1 already measured in this flow: a
+    `known` maps candidate keys to that metric already measured in this flow: a
     champion built from the same inputs is not downloaded and scored again.
     """
-    from llmops.evaluate import evaluate_quality
-
     if version is None:
         return ChampionState(None, None)
     client = registry.setup_tracking(cfg.registry)
     name = cfg.registry.model_name
     key = registry.version_tags(client, name, version).get(registry.TAG + "candidate_key")
-    if key in known_f1:
-        return ChampionState(version, version, known_f1[key], key)
+    if key in known:
+        return ChampionState(version, version, known[key], key)
     candidate_dir = registry.download_candidate(name, version, Path(scratch_dir) / f"champion-v{version}")
-    return ChampionState(version, version, evaluate_quality(candidate_dir, test_path, cfg.eval), key)
+    quality = tasks.for_config(cfg).measure_quality(cfg, str(candidate_dir), str(data_dir), context)
+    return ChampionState(version, version, quality.get(cfg.gates.metric), key)

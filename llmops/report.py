@@ -4,32 +4,102 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from llmops.evaluate import CandidateReport
-from llmops.gates import Decision
+from llmops.gates import CandidateReport, Decision
+
+COLUMNS: dict[str, list[tuple[str, str, str]]] = {
+    "sequence-classification": [
+        ("macro-F1", "macro_f1", ".4f"),
+        ("size MB", "size_mb", ".1f"),
+        ("p50 ms (b=1)", "latency_p50_ms", ".1f"),
+        ("texts/s (b=64)", "throughput_per_s", ".0f"),
+    ],
+    "generation": [
+        ("perplexity", "perplexity", ".2f"),
+        ("macro-F1", "macro_f1", ".4f"),
+        ("control", "control_accuracy", ".3f"),
+        ("distinct-2", "distinct_2", ".3f"),
+        ("TTFT ms", "ttft_p50_ms", ".1f"),
+        ("tok/s (b=1)", "decode_tokens_per_s", ".0f"),
+        ("tok/s (b=16)", "batch_tokens_per_s", ".0f"),
+        ("size MB", "size_mb", ".1f"),
+    ],
+}
+"""Per task family: header, metric, format."""
+SPEED = {"sequence-classification": "throughput_per_s", "generation": "decode_tokens_per_s"}
+"""`x teacher` is this speed over the teacher's."""
+
+
+def _family(task: str) -> str:
+    return "sequence-classification" if task == "sequence-classification" else "generation"
+
+
+def _cell(report: CandidateReport, metric: str, fmt: str) -> str:
+    value = report.metrics.get(metric)
+    return "-" if value is None else format(value, fmt)
 
 
 def summary_rows(reports: list[CandidateReport], decision: Decision) -> list[dict[str, str]]:
     teacher = next(r for r in reports if r.kind == "teacher")
+    family = _family(teacher.task)
+    speed = SPEED[family]
     rows = []
     for r in reports:
         verdict = decision.verdicts[r.kind]
-        rows.append(
-            {
-                "candidate": r.kind + (" *" if r.kind == decision.selected else ""),
-                "macro-F1": f"{r.macro_f1:.4f}",
-                "size MB": f"{r.size_mb:.1f}",
-                "p50 ms (b=1)": f"{r.latency_p50_ms:.1f}",
-                "texts/s (b=64)": f"{r.throughput_per_s:.0f}",
-                "x teacher": f"{r.throughput_per_s / teacher.throughput_per_s:.1f}",
-                "gates": "pass" if verdict.passed else "fail: " + "; ".join(verdict.reasons),
-            }
-        )
+        row = {"candidate": r.kind + (" *" if r.kind == decision.selected else "")}
+        row |= {header: _cell(r, metric, fmt) for header, metric, fmt in COLUMNS[family]}
+        row["x teacher"] = f"{r.metrics.get(speed, 0.0) / teacher.metrics.get(speed, 1.0):.1f}"
+        row["gates"] = "pass" if verdict.passed else "fail: " + "; ".join(verdict.reasons)
+        rows.append(row)
     return rows
 
 
 def summary_table(reports: list[CandidateReport], decision: Decision, fmt: str = "github") -> str:
     """A table of every candidate; `*` marks the one selected for registration."""
     return tabulate(summary_rows(reports, decision), headers="keys", tablefmt=fmt)
+
+
+INTENDED_USE = {
+    "sequence-classification": "Sentiment (or the configured labels) of short English social-media texts like the "
+    "training data. Scores on topics absent from training are not measured here; the monitoring reports track them.",
+    "generation": "Short English texts in the manner of the training completions, following instructions like the "
+    "training prompts (with the tweet instructions: classifying a tweet's sentiment, writing a tweet of a given "
+    "sentiment and topic). It is small and fine-tuned on little data: it writes plausible but unreliable text, and "
+    "nothing it writes has been checked for facts or harm beyond the metrics above.",
+}
+
+
+def _selected_lines(selected: CandidateReport) -> list[str]:
+    m = selected.metrics
+    if selected.task == "sequence-classification":
+        quality = f"test macro-F1 {m['macro_f1']:.4f}, accuracy {m['accuracy']:.4f}."
+    else:
+        shown = [("perplexity", "perplexity"), ("macro_f1", "instruction macro-F1"), ("exact_match", "exact match")]
+        shown += [("control_accuracy", "control accuracy"), ("distinct_2", "distinct-2")]
+        quality = ", ".join(f"{label} {m[key]:.4f}" for key, label in shown if key in m) + " on the test rows."
+    lines = [
+        f"Candidate: **{selected.kind}** ({selected.task}); {quality}",
+        f"Parameters: {selected.params.get('params_total', 0):,} "
+        f"({selected.params.get('params_non_embedding', 0):,} outside the embeddings); "
+        f"{m.get('size_mb', 0.0):.1f} MB of weights.",
+        "",
+    ]
+    if selected.per_class_f1:
+        table = tabulate(selected.per_class_f1.items(), headers=["label", "F1"], tablefmt="github", floatfmt=".4f")
+        lines += ["## Per-class F1", table, ""]
+    if selected.slice_macro_f1:
+        lines += [
+            "## Per-slice macro-F1 (topic)",
+            tabulate(
+                [(k, selected.slice_rows.get(k, 0), v) for k, v in selected.slice_macro_f1.items()],
+                headers=["slice", "test rows", "macro-F1"],
+                tablefmt="github",
+                floatfmt=".4f",
+            ),
+            "",
+        ]
+    if selected.notes:
+        lines += ["## Not measured", "", *[f"- {note}" for note in selected.notes], ""]
+    return lines
 
 
 def model_card(
@@ -45,24 +115,7 @@ def model_card(
     selected = next((r for r in reports if r.kind == decision.selected), None)
     lines = [f"# {model_name}" + (f" version {version}" if version else ""), ""]
     if selected is not None:
-        lines += [
-            f"Candidate: **{selected.kind}**; test macro-F1 {selected.macro_f1:.4f}, accuracy {selected.accuracy:.4f}.",
-            f"Parameters: {selected.params.get('params_total', 0):,} "
-            f"({selected.params.get('params_non_embedding', 0):,} outside the embeddings); "
-            f"{selected.size_mb:.1f} MB of weights.",
-            "",
-            "## Per-class F1",
-            tabulate(selected.per_class_f1.items(), headers=["label", "F1"], tablefmt="github", floatfmt=".4f"),
-            "",
-            "## Per-slice macro-F1 (topic)",
-            tabulate(
-                [(k, selected.slice_rows.get(k, 0), v) for k, v in selected.slice_macro_f1.items()],
-                headers=["slice", "test rows", "macro-F1"],
-                tablefmt="github",
-                floatfmt=".4f",
-            ),
-            "",
-        ]
+        lines += _selected_lines(selected)
     lines += [
         "## Decision",
         "",
@@ -78,8 +131,7 @@ def model_card(
         "",
         "## Intended use and limits",
         "",
-        "Sentiment (or the configured labels) of short English social-media texts like the training data. "
-        "Scores on topics absent from training are not measured here; the monitoring reports track them.",
+        INTENDED_USE[_family(reports[0].task if reports else "sequence-classification")],
         "",
         "## Configuration",
         "",

@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,8 +95,11 @@ def training_arguments(
     remove_unused_columns: bool = True,
     seed: int = 42,
     processes: int = 1,
+    best_metric: str = "macro_f1",
+    greater_is_better: bool = True,
 ) -> TrainingArguments:
-    """Arguments shared by fine-tuning and distillation: evaluate and checkpoint together."""
+    """Arguments shared by fine-tuning and distillation, for every task: evaluate and checkpoint together, and
+    keep the best checkpoint by `best_metric` on the validation split."""
     on_gpu = torch.cuda.is_available()
     steps_per_epoch = max(1, math.ceil(train_rows / (batch_size * processes)))
     eval_steps = max(1, steps_per_epoch // evals_per_epoch)
@@ -113,8 +117,8 @@ def training_arguments(
         save_steps=eval_steps,
         save_total_limit=2,
         load_best_model_at_end=True,
-        metric_for_best_model="macro_f1",
-        greater_is_better=True,
+        metric_for_best_model=best_metric,
+        greater_is_better=greater_is_better,
         logging_steps=max(1, eval_steps // 2),
         report_to="none",
         use_cpu=not on_gpu,
@@ -124,6 +128,12 @@ def training_arguments(
         remove_unused_columns=remove_unused_columns,
         seed=seed,
     )
+
+
+def drop_checkpoints(out_dir: Path) -> None:
+    """Trainer checkpoints (optimizer states: several times the model) are not needed once the best one is saved
+    as the candidate: a rerun reuses the finished stage folder, never a checkpoint."""
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
 
 
 def fine_tune(model_cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData, out_dir: str | Path) -> Path:
@@ -180,13 +190,32 @@ def fine_tune(model_cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData
         },
         params=count_parameters(model),
     )
-    return save_hf_candidate(model, tokenizer, meta, model_dir)  # best checkpoint, loaded in place
+    save_hf_candidate(model, tokenizer, meta, model_dir)  # best checkpoint, loaded in place
+    drop_checkpoints(out_dir)
+    return model_dir
 
 
-def run_fine_tune(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Path:
+def fine_tune_for_task(
+    task: str, model_cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData, out_dir: str | Path
+) -> Path:
+    """This process's share of fine-tuning, with the task's own training (classifier or generator)."""
+    if task == "sequence-classification":
+        return fine_tune(model_cfg, train_cfg, data, out_dir)
+    from llmops.generation.train import fine_tune as fine_tune_generator
+
+    return fine_tune_generator(model_cfg, train_cfg, task, data, out_dir)
+
+
+def run_fine_tune(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    task: str = "sequence-classification",
+) -> Path:
     """Fine-tune here, or data-parallel across `train.processes` under `accelerate launch`."""
     if train_cfg.processes == 1:
-        return fine_tune(model_cfg, train_cfg, PreparedData.load(data_dir), out_dir)
+        return fine_tune_for_task(task, model_cfg, train_cfg, PreparedData.load(data_dir), out_dir)
     gpus = torch.cuda.device_count()
     if gpus and train_cfg.processes > gpus and "--gpu_ids" not in train_cfg.launch_args:
         raise ConfigError(f"train.processes={train_cfg.processes} but this machine has {gpus} GPU(s)")
@@ -197,6 +226,7 @@ def run_fine_tune(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: str 
     spec.write_text(
         json.dumps(
             {
+                "task": task,
                 "model": model_cfg.model_dump(mode="json"),
                 "train": train_cfg.model_dump(mode="json"),
                 "data_dir": str(data_dir),
@@ -243,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One process of a data-parallel fine-tuning (see run_fine_tune).")
     parser.add_argument("spec", type=Path, help=f"the {LAUNCH_SPEC} run_fine_tune wrote")
     spec = json.loads(parser.parse_args(argv).spec.read_text())
-    fine_tune(
+    fine_tune_for_task(
+        spec.get("task", "sequence-classification"),
         ModelConfig.model_validate(spec["model"]),
         TrainConfig.model_validate(spec["train"]),
         PreparedData.load(spec["data_dir"]),

@@ -13,7 +13,8 @@ _HERE = Path(__file__).parent
 
 @cache
 def load_metric(name: str) -> Any:
-    """`accuracy` or `f1`, loaded from this package by path (never from the hub)."""
+    """`accuracy`, `f1`, `exact_match`, `distinct_n` or `repetition`, loaded from this package by path (never from
+    the hub)."""
     return evaluate.load(str(_HERE / name))
 
 
@@ -29,3 +30,15 @@ def classification_scores(predictions: list[int], references: list[int], num_lab
             predictions=predictions, references=references, average=None, labels=labels
         )["f1"],
     }
+
+
+def generation_scores(generations: list[str]) -> dict[str, float]:
+    """Diversity across generations (distinct-2) and repetition within each (seq-rep-3)."""
+    return {
+        "distinct_2": load_metric("distinct_n").compute(predictions=generations, n=2)["distinct_2"],
+        "repetition_rate": load_metric("repetition").compute(predictions=generations, n=3)["repetition_rate"],
+    }
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    return float(load_metric("exact_match").compute(predictions=predictions, references=references)["exact_match"])

@@ -1,0 +1,174 @@
+"""A loaded generator candidate: prompts or chats in, text out.
+
+The folder layout is the classifiers' (`llmops.candidate`): `candidate.json`, the tokenizer (with its chat
+template), `config.json` and the weights; torch int8 candidates are rebuilt from their recipe. Evaluation, the
+MLflow model and serving generate through :class:`Generator`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from llmops.candidate import CandidateMeta, load_int8, quiet_bitsandbytes
+from llmops.generation.data import IGNORE, encode_example, prompt_ids, render_prompt
+from llmops.modeling import AUTO_CLASS
+
+Chat = Sequence[dict[str, str]]
+Prompt = str | Chat
+"""A plain prompt (given to the model as written) or a chat (rendered with the model's chat template)."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0: greedy decoding; above 0: sampling at this temperature."""
+    top_p: float = 1.0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    """Generation ends at the first of these strings (not included in the text)."""
+    seed: int | None = None
+    min_new_tokens: int = 0
+    """Benchmarks force a fixed length with it; 0 lets the model stop."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    """`stop` (end-of-text token or a stop string) or `length` (max_new_tokens reached)."""
+
+
+class Generator:
+    """A loaded candidate generator."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.meta = CandidateMeta.load(self.directory)
+        self.task = self.meta.task
+        self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
+        auto = AUTO_CLASS[self.task]
+        if self.meta.kind == "int8":
+            self.model = load_int8(self.directory, self.meta, auto)
+        else:
+            quantized = self.meta.kind in ("bnb-int8", "nf4")
+            if quantized:
+                quiet_bitsandbytes()
+            device_map = ("cuda" if torch.cuda.is_available() else "cpu") if quantized else None
+            self.model = auto.from_pretrained(self.directory, device_map=device_map)
+        self.model.eval()
+        self.device = torch.device("cpu") if self.meta.kind == "int8" else next(self.model.parameters()).device
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+
+    def render(self, prompt: Prompt) -> str:
+        """The text the model sees before its answer."""
+        if isinstance(prompt, str):
+            return prompt
+        return render_prompt(self.tokenizer, "", json.dumps(list(prompt)))
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Prompt token ids as the model was trained on them (BOS first for a decoder; truncated to max_length)."""
+        rendered = self.render(prompt)
+        if self.task == "seq2seq-lm":
+            return list(self.tokenizer(rendered, truncation=True, max_length=self.meta.max_length)["input_ids"])
+        return prompt_ids(self.tokenizer, rendered)[-self.meta.max_length :]
+
+    def _batch(self, encoded: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Pad a batch: on the left for a decoder (generation continues at the right end), right for an encoder."""
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, ids in enumerate(encoded):
+            span = slice(width - len(ids), width) if self.task == "causal-lm" else slice(0, len(ids))
+            input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+            mask[i, span] = 1
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    @torch.inference_mode()
+    def generate_ids(self, encoded: list[list[int]], params: GenerationParams) -> torch.Tensor:
+        """New token ids per row, (batch, new), padded after each row's end-of-text token."""
+        batch = self._batch(encoded)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        sampling = params.temperature > 0
+        out = self.model.generate(
+            **batch,
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens or None,
+            do_sample=sampling,
+            temperature=params.temperature if sampling else None,
+            top_p=params.top_p if sampling else None,
+            top_k=None,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
+        # a decoder returns prompt + answer; a seq2seq decoder returns its start token + answer
+        return out[:, batch["input_ids"].shape[1] :] if self.task == "causal-lm" else out[:, 1:]
+
+    def _finish(self, new_ids: list[int], prompt_tokens: int, params: GenerationParams) -> Generation:
+        ended = self.eos_id in new_ids
+        if ended:
+            new_ids = new_ids[: new_ids.index(self.eos_id) + 1]
+        text = str(self.tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)).strip()
+        hits = [text.index(s) for s in params.stop if s and s in text]
+        if hits:
+            text = text[: min(hits)].rstrip()
+            count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return Generation(text, prompt_tokens, count, "stop")
+        return Generation(text, prompt_tokens, len(new_ids), "stop" if ended else "length")
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams, batch_size: int = 16) -> list[Generation]:
+        """One generation per prompt, in order, `batch_size` prompts per `generate` call."""
+        results: list[Generation] = []
+        for start in range(0, len(prompts), batch_size):
+            encoded = [self.encode(p) for p in prompts[start : start + batch_size]]
+            new = self.generate_ids(encoded, params).tolist()
+            results += [self._finish(ids, len(enc), params) for ids, enc in zip(new, encoded, strict=True)]
+        return results
+
+    @torch.inference_mode()
+    def completion_nll(
+        self, prompts: Sequence[Prompt], completions: Sequence[str], batch_size: int = 32
+    ) -> tuple[float, int]:
+        """Summed negative log-likelihood of the completions (and their end-of-text token) given the prompts, and
+        the number of tokens it sums over: perplexity is exp(nll / tokens)."""
+        total, count = 0.0, 0
+        for start in range(0, len(prompts), batch_size):
+            pairs = zip(prompts[start : start + batch_size], completions[start : start + batch_size], strict=True)
+            examples = [
+                encode_example(self.tokenizer, self.render(p), c, self.task, self.meta.max_length) for p, c in pairs
+            ]
+            batch = self._right_padded(examples)
+            logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            labels = batch["labels"]
+            if self.task == "causal-lm":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            )
+            total += float(nll)
+            count += int((labels != IGNORE).sum())
+        return total, count
+
+    def _right_padded(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        label_width = max(len(e["labels"]) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full((len(examples), label_width), IGNORE, dtype=torch.long)
+        for i, e in enumerate(examples):
+            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            mask[i, : len(e["input_ids"])] = 1
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.task == "seq2seq-lm":
+            batch["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+        return {k: v.to(self.device) for k, v in batch.items()}

