@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONFIG ?= configs/quickstart.yaml
+LLM_CONFIG ?= configs/llm-quickstart.yaml
 STAMP := $(VENV)/.installed
 
 # Offline by default: the packaged corpus and model need no hub. Set HF_HUB_OFFLINE=0 to use hub ids.
@@ -16,7 +17,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: install run test lint bench-compression bench-serving bench-monitoring serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
+.PHONY: install run run-llm test lint bench-compression bench-generation bench-serving bench-monitoring serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
 
 install: $(STAMP)
 
@@ -31,6 +32,9 @@ $(STAMP): pyproject.toml requirements.lock
 run: install  ## the quickstart lifecycle: ends with a gated champion in ./mlflow.db
 	$(VENV)/bin/llmops run --config $(CONFIG)
 
+run-llm: install  ## the generative quickstart: ends with a gated `tweet-generator` champion in ./mlflow.db
+	$(VENV)/bin/llmops run --config $(LLM_CONFIG)
+
 test: install  ## lint, types, and the whole suite except GPU tests
 	$(VENV)/bin/ruff check llmops flows serving monitoring tests bench
 	$(VENV)/bin/ruff format --check llmops flows serving monitoring tests bench
@@ -43,6 +47,9 @@ lint: install
 
 bench-compression: install  ## teacher vs student vs int8 vs bnb-int8 vs NF4 -> bench/results/compression.{md,json}
 	$(PY) bench/compression.py --config $(CONFIG)
+
+bench-generation: install  ## generative teacher vs student vs int8 vs bnb-int8 vs NF4 -> bench/results/generation.{md,json}
+	$(PY) bench/generation.py --config $(LLM_CONFIG)
 
 bench-serving: install  ## our server (batching on/off) vs mlflow models serve -> bench/results/serving.{md,json}
 	$(PY) bench/serving.py --config $(CONFIG)

@@ -69,7 +69,11 @@ def measure(result: dict, config: Path, directory: Path) -> list[dict]:
     )
     data_dir = next((directory / cfg.work_dir / "data").iterdir())
     test = PreparedData.load(data_dir).split_path("test")
-    return [evaluate_candidate(directory / path, test, cfg.eval).__dict__ for path in result["candidates"].values()]
+    rows = []
+    for path in result["candidates"].values():
+        report = evaluate_candidate(directory / path, test, cfg.eval)
+        rows.append({"kind": report.kind, "params": report.params, **report.metrics})
+    return rows
 
 
 def non_embedding(row: dict) -> int:

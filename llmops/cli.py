@@ -1,4 +1,4 @@
-"""`llmops` command line: run the lifecycle, roll back the champion, predict, serve, monitor."""
+"""`llmops` command line: run the lifecycle, roll back the champion, predict (or generate), serve, monitor."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from llmops.data import DataError
 from llmops.modeling import ModelLoadError
 from llmops.registry import RegistryError
 
-app = typer.Typer(help="The whole lifecycle of a transformer classifier.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="The whole lifecycle of transformer classifiers and generators.", no_args_is_help=True, add_completion=False
+)
 
 ConfigOption = Annotated[str, typer.Option("--config", "-c", help="YAML config file.")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: data.sample=2000.")]
@@ -23,12 +25,28 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-NEXT_STEPS = """Next:
-  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # runs side by side, registry aliases
-  .venv/bin/llmops predict "the flight was great" "lost my bag again"   # the champion, from the registry
-  .venv/bin/llmops rollback                                   # champion back to previous-champion
-  .venv/bin/llmops serve                                      # HTTP API on 127.0.0.1:8000, follows the champion
-  .venv/bin/llmops monitor                                    # drift, quality and bias of the served traffic"""
+EXAMPLES = {
+    "sequence-classification": '"the flight was great" "lost my bag again"',
+    "generation": '"write a positive tweet about coachella" "classify the sentiment of this tweet: lost my bag again"',
+}
+
+
+def next_steps(config: str, overrides: list[str], task: str, uri: str) -> str:
+    """Commands that act on what this run built: its config and overrides, its model."""
+    args = f"--config {config}" + "".join(f" --set '{o}'" for o in overrides)
+    examples = EXAMPLES["sequence-classification" if task == "sequence-classification" else "generation"]
+    lines = [
+        "Next:",
+        f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # runs side by side, registry aliases",
+        f"  .venv/bin/llmops predict {args} {examples}   # the champion, from the registry",
+        f"  .venv/bin/llmops rollback {args}   # champion back to previous-champion",
+    ]
+    if task == "sequence-classification":
+        lines += [
+            f"  .venv/bin/llmops serve {args}   # HTTP API on 127.0.0.1:8000, follows the champion",
+            f"  .venv/bin/llmops monitor {args}   # drift, quality and bias of the served traffic",
+        ]
+    return "\n".join(lines)
 
 
 @app.command()
@@ -46,7 +64,7 @@ def run(config: ConfigOption = "configs/quickstart.yaml", overrides: SetOption =
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     typer.echo(f"\n{result['model']} version {result['version']} ({result['selected']}): {verdict}.")
     typer.echo(f"champion: version {result['champion']}")
-    typer.echo(NEXT_STEPS.format(uri=resolve_tracking_uri(cfg.registry), name=cfg.registry.model_name))
+    typer.echo(next_steps(config, overrides or [], cfg.task, resolve_tracking_uri(cfg.registry)))
 
 
 @app.command()
@@ -66,17 +84,20 @@ def rollback(config: ConfigOption = "configs/quickstart.yaml", overrides: SetOpt
 
 @app.command()
 def predict(
-    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify, or prompts for a generator.")],
     config: ConfigOption = "configs/quickstart.yaml",
+    overrides: SetOption = None,
     alias: Annotated[str, typer.Option(help="Registry alias to load.")] = "champion",
+    max_new_tokens: Annotated[int, typer.Option(help="Generators: tokens to write at most.")] = 48,
+    temperature: Annotated[float, typer.Option(help="Generators: 0 is greedy, above 0 samples.")] = 0.0,
 ) -> None:
-    """Classify texts with the registry's champion (or another alias), through the MLflow model."""
+    """Classify texts (or answer prompts) with the registry's champion or another alias, through the MLflow model."""
     import mlflow
 
     from llmops import registry
 
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, overrides)
         registry.setup_tracking(cfg.registry)
         model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{alias}")
     except BAD_INPUT as error:
@@ -84,6 +105,12 @@ def predict(
         return
     except mlflow.exceptions.MlflowException as error:
         _fail(RegistryError(f"cannot load models:/{cfg.registry.model_name}@{alias}: {error.message}"))
+        return
+    if cfg.generative:
+        predictions = model.predict(texts, params={"max_new_tokens": max_new_tokens, "temperature": temperature})
+        predictions.insert(0, "prompt", texts)
+        for row in predictions.itertuples():
+            typer.echo(f"> {row.prompt}\n{row.text}\n  ({row.completion_tokens} tokens, {row.finish_reason})")
         return
     predictions = model.predict(texts)
     predictions.insert(0, "text", texts)

@@ -157,6 +157,9 @@ DistillLoss = Literal["forward_kl", "reverse_kl", "jsd"]
 class DistillConfig(_Strict):
     student_layers: list[int] = Field(default_factory=lambda: [0, 2, 4])
     """Teacher layers copied into the student, in order (DistilBERT-style init)."""
+    ffn_keep: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Share of each student layer's feed-forward neurons kept (structured pruning by weight magnitude before
+    distillation; BERT and Llama-style blocks). 1.0 keeps them all."""
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     """Weight of the hard-label cross-entropy; (1 - alpha) goes to the distillation term."""
     temperature: float = Field(default=2.0, gt=0.0)

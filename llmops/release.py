@@ -92,8 +92,8 @@ def _version_tags(
         "git_commit": commit,
         "config": config_yaml,
     }
-    if verdict.notes:
-        tags["notes"] = verdict.notes
+    if report.notes or verdict.notes:
+        tags["notes"] = report.notes + verdict.notes
     if "macro_f1" in report.metrics:  # monitoring compares live quality with it
         tags["test_macro_f1"] = f"{report.metrics['macro_f1']:.6f}"
     return tags

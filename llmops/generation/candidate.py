@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from llmops.candidate import CandidateMeta, load_int8, quiet_bitsandbytes
 from llmops.generation.data import IGNORE, encode_example, prompt_ids, render_prompt
+from llmops.generation.losses import score_completions
 from llmops.modeling import AUTO_CLASS
 
 Chat = Sequence[dict[str, str]]
@@ -136,7 +138,7 @@ class Generator:
 
     @torch.inference_mode()
     def completion_nll(
-        self, prompts: Sequence[Prompt], completions: Sequence[str], batch_size: int = 32
+        self, prompts: Sequence[Prompt], completions: Sequence[str], batch_size: int = 8
     ) -> tuple[float, int]:
         """Summed negative log-likelihood of the completions (and their end-of-text token) given the prompts, and
         the number of tokens it sums over: perplexity is exp(nll / tokens)."""
@@ -146,16 +148,9 @@ class Generator:
             examples = [
                 encode_example(self.tokenizer, self.render(p), c, self.task, self.meta.max_length) for p, c in pairs
             ]
-            batch = self._right_padded(examples)
-            logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-            labels = batch["labels"]
-            if self.task == "causal-lm":
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-            )
-            total += float(nll)
-            count += int((labels != IGNORE).sum())
+            scored = score_completions(self.model, self._right_padded(examples), self.task)
+            total += float(F.cross_entropy(scored.logits.float(), scored.targets, reduction="sum"))
+            count += len(scored.targets)
         return total, count
 
     def _right_padded(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:

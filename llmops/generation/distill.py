@@ -10,7 +10,6 @@ batches are the student's own completions, scored by the teacher (GKD's on-polic
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -24,56 +23,10 @@ from llmops.config import DistillConfig
 from llmops.data import PreparedData
 from llmops.distill import build_student
 from llmops.generation.data import IGNORE, tokenize_split
-from llmops.generation.train import aligned, average, collator, completion_loss
+from llmops.generation.losses import completion_loss, score_completions, token_distillation_loss
+from llmops.generation.train import collator
 from llmops.modeling import AUTO_CLASS, count_parameters
 from llmops.train import drop_checkpoints, training_arguments, use_all_cores
-
-BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
-"""TRL's generalized JSD at beta 0 is KL(teacher || student), at beta 1 KL(student || teacher)."""
-
-
-def _generalized_jsd() -> Any:
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKD lives under trl.experimental in TRL 1.x
-    from trl.experimental.gkd import GKDTrainer
-
-    return GKDTrainer.generalized_jsd_loss
-
-
-def token_divergence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    loss: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Divergence between the teacher's and the student's next-token distributions at every position.
-
-    student_logits, teacher_logits: (batch, seq, vocab). Returns (batch, seq).
-    loss: `forward_kl` = KL(p_teacher || p_student) (mode-covering), `reverse_kl` = KL(p_student || p_teacher)
-    (mode-seeking), `jsd` = beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m) with
-    m = beta * p_teacher + (1 - beta) * p_student. Both distributions are softened by `temperature`.
-    """
-    elementwise = _generalized_jsd()(
-        student_logits, teacher_logits, beta=BETA.get(loss, beta), temperature=temperature, reduction="none"
-    )
-    return elementwise.sum(dim=-1)
-
-
-def token_distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    loss: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    per: str = "token",
-) -> torch.Tensor:
-    """`token_divergence` averaged over the scored tokens (labels other than -100), per token or per example.
-
-    Logits (batch, seq, vocab) at position t predict labels[:, t]; labels (batch, seq). Returns a scalar.
-    """
-    divergence = token_divergence(student_logits, teacher_logits, loss, beta, temperature)
-    return average(divergence, labels != IGNORE, per)
 
 
 class TokenDistillationTrainer(Trainer):
@@ -97,20 +50,23 @@ class TokenDistillationTrainer(Trainer):
         on_policy = model.training and self.cfg.on_policy > 0 and self.rng.random() < self.cfg.on_policy
         if on_policy:
             inputs = self._student_written(model, inputs)
-        features = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**features)
+        scored = score_completions(model, inputs, self.task)
         with torch.no_grad():
-            teacher_logits = self.teacher(**features).logits
-        student_logits, labels = aligned(outputs.logits, inputs["labels"], self.task)
-        teacher_logits, _ = aligned(teacher_logits, inputs["labels"], self.task)
+            teacher = score_completions(self.teacher, inputs, self.task)
         divergence = token_distillation_loss(
-            student_logits, teacher_logits, labels, self.cfg.loss, self.cfg.beta, self.cfg.temperature, self.loss_per
+            scored.logits,
+            teacher.logits,
+            scored.rows,
+            self.cfg.loss,
+            self.cfg.beta,
+            self.cfg.temperature,
+            self.loss_per,
         )
         # The student's own completions have no reference answer: only the teacher's judgement counts there.
         alpha = 0.0 if on_policy else self.cfg.alpha
-        hard = completion_loss(outputs.logits, inputs["labels"], self.task, self.loss_per) if alpha > 0 else 0.0
+        hard = completion_loss(scored, self.loss_per) if alpha > 0 else 0.0
         loss = alpha * hard + (1.0 - alpha) * divergence
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"logits": scored.logits}) if return_outputs else loss
 
     @torch.no_grad()
     def _student_written(self, model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,7 +131,7 @@ def distil(
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AUTO_CLASS[task].from_pretrained(teacher_dir).eval()
-    student = build_student(teacher, cfg.student_layers)
+    student = build_student(teacher, cfg.student_layers, cfg.ffn_keep)
     args = training_arguments(
         out_dir,
         epochs=cfg.epochs,
@@ -214,6 +170,7 @@ def distil(
         task=task,
         recipe={
             "teacher_layers": cfg.student_layers,
+            "ffn_keep": cfg.ffn_keep,
             "loss": cfg.loss,
             **({"beta": cfg.beta} if cfg.loss == "jsd" else {}),
             "alpha": cfg.alpha,

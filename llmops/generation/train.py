@@ -13,48 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, set_seed
 
 from llmops.candidate import HISTORY_FILE, CandidateMeta, save_hf_candidate
 from llmops.config import LoraConfig, ModelConfig, TrainConfig
 from llmops.data import PreparedData
 from llmops.generation.data import IGNORE, tokenize_split
+from llmops.generation.losses import completion_loss, score_completions
 from llmops.generation.modeling import add_lora, load_base_model, load_tokenizer, qlora_config
 from llmops.modeling import count_parameters
 from llmops.train import drop_checkpoints, training_arguments, use_all_cores
-
-
-def aligned(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and the labels they predict: a decoder's position t predicts token t + 1; a seq2seq decoder's
-    position t predicts labels[t]."""
-    if task == "seq2seq-lm":
-        return logits, labels
-    return logits[:, :-1], labels[:, 1:]
-
-
-def average(values: torch.Tensor, mask: torch.Tensor, per: str) -> torch.Tensor:
-    """Mean of per-token `values` (batch, seq) over the tokens in `mask`: over all of them (`token`), or per
-    example first and then over the examples that have any (`example`). Returns a scalar."""
-    mask = mask.to(values.dtype)
-    if per == "token":
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    counts = mask.sum(dim=1)
-    scored = counts > 0
-    return ((values * mask).sum(dim=1)[scored] / counts[scored]).mean()
-
-
-def completion_loss(logits: torch.Tensor, labels: torch.Tensor, task: str, per: str) -> torch.Tensor:
-    """Cross-entropy of the completion tokens (labels other than -100).
-
-    logits: (batch, seq, vocab); labels: (batch, seq) as the collator gives them (unshifted). Returns a scalar.
-    """
-    logits, labels = aligned(logits, labels, task)
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
-    ).view(labels.shape)
-    return average(nll, labels != IGNORE, per)
 
 
 class CompletionTrainer(Trainer):
@@ -65,9 +33,9 @@ class CompletionTrainer(Trainer):
         self.task, self.loss_per = task, loss_per
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-        loss = completion_loss(outputs.logits, inputs["labels"], self.task, self.loss_per)
-        return (loss, outputs) if return_outputs else loss
+        scored = score_completions(model, inputs, self.task)
+        loss = completion_loss(scored, self.loss_per)
+        return (loss, {"logits": scored.logits}) if return_outputs else loss
 
 
 def collator(tokenizer: Any, model: Any, task: str) -> DataCollatorForSeq2Seq:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from llmops.cli import app
 from tests.conftest import TINY_CONFIG
+from tests.tiny_registry import build_tiny_candidate
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -84,3 +86,53 @@ def test_monitor_without_a_champion_or_with_a_bad_config_is_named(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (workdir / "reports").exists()
+
+
+# --- generative tasks: the same promise ------------------------------------------------------------------------
+
+LLM_TINY = TINY_CONFIG.with_name("llm-tiny.yaml")
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _classifier_folder(directory: Path) -> str:
+    return str(build_tiny_candidate(directory / "classifier", seed=0))
+
+
+LLM_CASES = {
+    "neither-format": (
+        lambda d: [f"data.source={_jsonl(d / 'x.jsonl', [{'text': 'a', 'label': 'b'}] * 10)}"],
+        "neither 'prompt'/'completion' columns nor a 'messages' column",
+    ),
+    "empty-completions": (
+        lambda d: [
+            "data.source="
+            + _jsonl(d / "x.jsonl", [{"prompt": f"q{i}", "completion": "" if i % 5 == 0 else "a"} for i in range(20)])
+        ],
+        "4 rows have an empty completion (rows 0, 5, 10, 15)",
+    ),
+    "classifier-checkpoint": (
+        lambda d: [f"model.name_or_path={_classifier_folder(d)}", "model.random_init=null"],
+        "is a BertForSequenceClassification checkpoint (a classifier); task causal-lm needs",
+    ),
+    "unknown-task": (lambda d: ["task=summarisation"], "task: Input should be"),
+    "transfer-rows": (lambda d: ["distill.transfer_rows=100"], "distill.transfer_rows is for classification"),
+    "unknown-gate-metric": (lambda d: ["gates.min={bleu: 0.3}"], "gates name metrics a causal-lm evaluation"),
+}
+
+
+@pytest.mark.parametrize("case", LLM_CASES)
+def test_bad_generative_input_stops_with_a_named_error(case: str, workdir: Path) -> None:
+    overrides, message = LLM_CASES[case]
+    args = ["run", "--config", str(LLM_TINY)]
+    for item in overrides(workdir):
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (workdir / "artifacts" / "teacher").exists()  # stopped before training
+    if (workdir / "mlflow.db").exists():
+        assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").search_registered_models() == []

@@ -61,3 +61,17 @@ def test_more_processes_than_gpus_is_a_config_error(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ConfigError, match=r"train.processes=4 but this machine has 2 GPU\(s\)"):
         run_fine_tune(cfg.model, cfg.train, tmp_path / "data", tmp_path / "teacher")
     assert not (tmp_path / "teacher").exists()
+
+
+@one_gpu
+def test_a_generator_fine_tunes_in_two_processes(workdir: Path) -> None:
+    from llmops.generation.data import prepare_data as prepare_generative_data
+
+    cfg = load_config(TINY_CONFIG.with_name("llm-tiny.yaml"), ["train.processes=2"])
+    prepared = prepare_generative_data(cfg.data, workdir / "data")
+    model_dir = run_fine_tune(cfg.model, cfg.train, prepared.directory, workdir / "teacher", cfg.task)
+    meta = CandidateMeta.load(model_dir)
+    assert meta.task == "causal-lm" and meta.recipe["processes"] == 2
+    rows = pq.read_metadata(prepared.split_path("train")).num_rows
+    history = json.loads((model_dir.parent / HISTORY_FILE).read_text())
+    assert max(entry["step"] for entry in history) == math.ceil(rows / (2 * cfg.train.batch_size))

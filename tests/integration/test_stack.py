@@ -75,8 +75,10 @@ class LocalStack:
     def down(self) -> subprocess.CompletedProcess[str]:
         return make("down", f"ARGS=--home={self.home}")
 
-    def run_deployment(self, name: str, *overrides: str) -> subprocess.CompletedProcess[str]:
-        params = json.dumps({"config": str(TINY_CONFIG), "overrides": [*self.overrides, *overrides]})
+    def run_deployment(
+        self, name: str, *overrides: str, config: Path = TINY_CONFIG
+    ) -> subprocess.CompletedProcess[str]:
+        params = json.dumps({"config": str(config), "overrides": [*self.overrides, *overrides]})
         return subprocess.run(
             [str(BIN / "prefect"), "deployment", "run", name, "--params", params, "--watch"],
             cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600, check=False,
@@ -119,7 +121,7 @@ def test_up_starts_every_service_and_prints_its_url(stack: LocalStack) -> None:
     workers = httpx.post(stack.url("prefect", "/api/work_pools/llmops/workers/filter"), json={}).json()
     assert workers, "no worker on the llmops pool"
     deployments = httpx.post(stack.url("prefect", "/api/deployments/filter"), json={}).json()
-    assert {d["name"] for d in deployments} == {"quickstart", "full", "retrain", "scheduled"}
+    assert {d["name"] for d in deployments} == {"quickstart", "full", "retrain", "llm", "scheduled"}
     scheduled = next(d for d in deployments if d["name"] == "scheduled")
     assert scheduled["schedules"][0]["schedule"]["cron"] == "0 * * * *"
     assert {p.stem for p in (stack.home / "pids").glob("*.pid")} == {
@@ -137,6 +139,13 @@ def test_deployment_run_trains_promotes_and_serving_follows(stack: LocalStack) -
         ready = httpx.get(stack.url("serving", "/readyz")).json()
         time.sleep(0.5)
     assert ready["model"]["version"] == "1"
+
+
+def test_the_llm_deployment_registers_a_generator_champion(stack: LocalStack) -> None:
+    run = stack.run_deployment("lifecycle/llm", config=REPO / "configs" / "llm-tiny.yaml")
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    champion = stack.mlflow().get_model_version_by_alias("tweet-generator", "champion")
+    assert champion.version == "1" and champion.tags["llmops.task"] == "causal-lm"
 
 
 def test_monitor_deployment_writes_a_report_the_evidently_ui_shows(stack: LocalStack) -> None:

@@ -1,0 +1,199 @@
+"""Generation benchmark: the generative quickstart's teacher, student, int8, bnb-int8 and NF4 side by side.
+
+1. In a fresh directory, registers a `tweet-sentiment` champion with a short classifier lifecycle (not timed):
+   it is the judge of control accuracy, as a user's own `make run` champion would be.
+2. Runs `llmops run --config configs/llm-quickstart.yaml` cold, then again unchanged: each a new process, as a
+   user runs it (Prefect's temporary server start included), timed.
+3. Re-measures every candidate it built, one after the other, with the same threads and test rows, and more
+   timed prompts than the lifecycle's own evaluation (16 prompts x 64 new tokens at batch 1).
+4. Writes bench/results/generation.json and generation.md, with the machine and the targets.
+
+    make bench-generation            # or: python bench/generation.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from machine import machine
+from tabulate import tabulate
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+CLASSIFIER = [
+    "data.sample=3000",
+    "train.epochs=1",
+    "distill.epochs=1",
+    "quantize.candidates=[int8]",
+    "eval.latency_samples=20",
+    "eval.throughput_max_rows=128",
+]
+"""A short classifier lifecycle: the judge of control accuracy (macro-F1 about 0.7 on the tweets)."""
+
+
+def timed_cli_run(config: Path, directory: Path, name: str, overrides: list[str] = ()) -> float:  # type: ignore[assignment]
+    """Wall time of `llmops run --config CONFIG` in a new process, in `directory`."""
+    log = directory / f"{name}.log"
+    command = [sys.executable, "-m", "llmops.cli", "run", "--config", str(config)]
+    for item in overrides:
+        command += ["--set", item]
+    start = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(command, cwd=directory, stdout=out, stderr=subprocess.STDOUT, check=False)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"{name} run failed:\n" + "\n".join(log.read_text().splitlines()[-30:]))
+    return elapsed
+
+
+def measure(config: Path, directory: Path) -> tuple[dict, list[dict]]:
+    """The flow's result (from its cache) and every candidate re-measured."""
+    import os
+
+    from flows.lifecycle import lifecycle
+    from llmops import tasks
+    from llmops.config import load_config
+
+    overrides = ["eval.generation.speed_prompts=16", "eval.generation.speed_new_tokens=64"]
+    cwd = Path.cwd()
+    os.chdir(directory)
+    try:
+        result = lifecycle(str(config), [])
+        cfg = load_config(config, overrides)
+        task = tasks.for_config(cfg)
+        context = task.eval_context(cfg)
+        data_dir = str(next((directory / cfg.work_dir / "data").iterdir()))
+        rows = []
+        for path in result["candidates"].values():
+            report = task.evaluate(cfg, str(directory / path), data_dir, context)
+            rows.append({"kind": report.kind, "params": report.params, "notes": report.notes, **report.metrics})
+    finally:
+        os.chdir(cwd)
+    return result, rows
+
+
+def _ratio(row: dict, teacher: dict, key: str) -> str:
+    if key not in row or not teacher.get(key):
+        return "-"
+    return f"{row[key] / teacher[key]:.2f}"
+
+
+def table(rows: list[dict], champion: str) -> list[dict]:
+    teacher = next(r for r in rows if r["kind"] == "teacher")
+    out = []
+    for r in rows:
+        params = r["params"]["params_non_embedding"]
+        out.append(
+            {
+                "candidate": r["kind"] + (" (champion)" if r["kind"] == champion else ""),
+                "perplexity": f"{r['perplexity']:.2f}",
+                "ppl / teacher": _ratio(r, teacher, "perplexity"),
+                "macro-F1": f"{r.get('macro_f1', float('nan')):.4f}",
+                "F1 / teacher": _ratio(r, teacher, "macro_f1"),
+                "control": f"{r['control_accuracy']:.3f}" if "control_accuracy" in r else "-",
+                "control / teacher": _ratio(r, teacher, "control_accuracy"),
+                "distinct-2": f"{r['distinct_2']:.3f}",
+                "repetition": f"{r['repetition_rate']:.3f}",
+                "non-emb params": f"{params / 1e6:.2f}M",
+                "params / teacher": f"{params / teacher['params']['params_non_embedding']:.2f}",
+                "size MB": f"{r['size_mb']:.1f}",
+                "peak MB": f"{r['peak_memory_mb']:.0f}" if "peak_memory_mb" in r else "-",
+                "TTFT p50 ms": f"{r['ttft_p50_ms']:.1f}",
+                "tok/s (b=1)": f"{r['decode_tokens_per_s']:.0f}",
+                "x teacher (b=1)": _ratio(r, teacher, "decode_tokens_per_s"),
+                "tok/s (b=16)": f"{r['batch_tokens_per_s']:.0f}",
+            }
+        )
+    return out
+
+
+def targets(rows: list[dict], champion: str, cold_s: float, rerun_s: float) -> list[dict]:
+    by = {r["kind"]: r for r in rows}
+    t, s, c = by["teacher"], by["student"], by[champion]
+    checks: list[tuple[str, float, float, bool]] = [
+        ("student >= 0.95 x teacher instruction macro-F1", s["macro_f1"] / t["macro_f1"], 0.95, False),
+    ]
+    if "control_accuracy" in s and t.get("control_accuracy"):
+        checks.append(
+            ("student >= 0.95 x teacher control accuracy", s["control_accuracy"] / t["control_accuracy"], 0.95, False)
+        )
+    non_embedding = s["params"]["params_non_embedding"] / t["params"]["params_non_embedding"]
+    checks += [
+        ("student <= 0.5 x teacher non-embedding params", non_embedding, 0.5, True),
+        ("student perplexity <= 1.25 x teacher", s["perplexity"] / t["perplexity"], 1.25, True),
+        (
+            "champion >= 3 x teacher decode tokens/s (b=1)",
+            c["decode_tokens_per_s"] / t["decode_tokens_per_s"],
+            3,
+            False,
+        ),
+        ("make run-llm <= 15 min (s)", cold_s, 900, True),
+        ("unchanged rerun <= 10% of cold run", rerun_s / cold_s, 0.10, True),
+    ]
+    return [
+        {"target": name, "measured": f"{value:.3f}", "bound": bound, "met": value <= bound if upper else value >= bound}
+        for name, value, bound, upper in checks
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/llm-quickstart.yaml")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args()
+    config = (REPO / args.config).resolve() if not Path(args.config).is_absolute() else Path(args.config)
+    directory = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
+    try:
+        timed_cli_run(REPO / "configs" / "quickstart.yaml", directory, "classifier", CLASSIFIER)
+        cold_s = timed_cli_run(config, directory, "cold")
+        rerun_s = timed_cli_run(config, directory, "rerun")
+        result, rows = measure(config, directory)
+    finally:
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+    champion = result["selected"]
+    report = {
+        "machine": machine(),
+        "config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else str(config),
+        "cold_lifecycle_s": cold_s,
+        "rerun_s": rerun_s,
+        "champion": champion,
+        "candidates": rows,
+        "targets": targets(rows, champion, cold_s, rerun_s),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "generation.json").write_text(json.dumps(report, indent=2))
+    m = report["machine"]
+    notes = sorted({note for r in rows for note in r["notes"]})
+    md = [
+        "# Generation benchmark",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+        + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU")
+        + f". Config: `{report['config']}`.",
+        "",
+        f"`llmops run` cold: {cold_s:.0f} s; unchanged rerun: {rerun_s:.0f} s (each a new process, "
+        "Prefect's temporary server start included; the install is not).",
+        "",
+        tabulate(table(rows, champion), headers="keys", tablefmt="github"),
+        "",
+        *[f"- {note}" for note in notes],
+        "",
+        "## Targets",
+        "",
+        tabulate(report["targets"], headers="keys", tablefmt="github"),
+        "",
+    ]
+    (RESULTS / "generation.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

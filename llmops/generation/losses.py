@@ -1,0 +1,131 @@
+"""The losses of generative training, as pure functions of logits: what the model is scored on (completion
+tokens only), the completion cross-entropy, and the token-level distillation divergences.
+
+Every loss works on the completion tokens of a batch, flattened: `Scored.logits` (n_tokens, vocab),
+`Scored.targets` (n_tokens,) and `Scored.rows` (n_tokens,), the example each token belongs to, so a loss can
+be averaged per token or per example.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmops.generation.data import IGNORE
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The completion tokens of a batch, flattened: what the model predicted there and what was right."""
+
+    logits: torch.Tensor
+    """(n_tokens, vocab): the model's scores for each completion token"""
+    targets: torch.Tensor
+    """(n_tokens,): the token that was right"""
+    rows: torch.Tensor
+    """(n_tokens,): the example each token belongs to"""
+
+
+def scored_positions(labels: torch.Tensor, task: str) -> torch.Tensor:
+    """(batch, seq) bool: the positions whose output predicts a completion token. A decoder's position t predicts
+    token t + 1; a seq2seq decoder's position t predicts labels[t]."""
+    if task == "seq2seq-lm":
+        return labels != IGNORE
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def score_completions(model: Any, inputs: dict[str, torch.Tensor], task: str) -> Scored:
+    """Run the model on a batch and keep its outputs at completion tokens only.
+
+    The vocabulary projection is the largest matrix product of a small LM: where the model can (`logits_to_keep`,
+    transformers' decoders), it is computed for completion positions alone, not for the prompt's.
+    """
+    labels = inputs["labels"]
+    keep = scored_positions(labels, task)
+    features = {k: v for k, v in inputs.items() if k != "labels"}
+    if task != "seq2seq-lm" and _takes_logits_to_keep(model):
+        logits = model(**features, logits_to_keep=keep).logits
+    else:
+        logits = model(**features).logits[keep]
+    targets = labels[labels != IGNORE] if task == "seq2seq-lm" else labels[:, 1:][labels[:, 1:] != IGNORE]
+    return Scored(logits, targets, keep.nonzero()[:, 0])
+
+
+def average(values: torch.Tensor, rows: torch.Tensor, per: str) -> torch.Tensor:
+    """Mean of per-token `values` (n_tokens,): over all tokens (`token`), or within each example (`rows`: the
+    example of each token) and then over the examples (`example`). Returns a scalar."""
+    if values.numel() == 0:
+        return values.sum()
+    if per == "token":
+        return values.mean()
+    n = int(rows.max()) + 1
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    counts = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, torch.ones_like(values))
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()
+
+
+def completion_loss(scored: Scored, per: str) -> torch.Tensor:
+    """Cross-entropy of the completion tokens, averaged per token or per example. Returns a scalar."""
+    nll = F.cross_entropy(scored.logits.float(), scored.targets, reduction="none")
+    return average(nll, scored.rows, per)
+
+
+BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
+"""TRL's generalized JSD at beta 0 is KL(teacher || student), at beta 1 KL(student || teacher)."""
+
+
+def _generalized_jsd() -> Any:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKD lives under trl.experimental in TRL 1.x
+    from trl.experimental.gkd import GKDTrainer
+
+    return GKDTrainer.generalized_jsd_loss
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Divergence between the teacher's and the student's next-token distributions, per position.
+
+    student_logits, teacher_logits: (..., vocab). Returns (...).
+    loss: `forward_kl` = KL(p_teacher || p_student) (mode-covering), `reverse_kl` = KL(p_student || p_teacher)
+    (mode-seeking), `jsd` = beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m) with
+    m = beta * p_teacher + (1 - beta) * p_student. Both distributions are softened by `temperature`.
+    """
+    elementwise = _generalized_jsd()(
+        student_logits, teacher_logits, beta=BETA.get(loss, beta), temperature=temperature, reduction="none"
+    )
+    return elementwise.sum(dim=-1)
+
+
+def token_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    rows: torch.Tensor,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    per: str = "token",
+) -> torch.Tensor:
+    """`token_divergence` at every completion token, averaged per token or per example.
+
+    student_logits, teacher_logits: (n_tokens, vocab) at the completion tokens; rows: (n_tokens,) the example of
+    each token. Returns a scalar.
+    """
+    return average(token_divergence(student_logits, teacher_logits, loss, beta, temperature), rows, per)

