@@ -74,6 +74,16 @@ def tweet_instructions(tweets: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def _missing(value: Any) -> bool:
+    """None, or the NaN a table reader puts in an empty cell."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _text(value: Any) -> str:
+    """A cell as repaired, trimmed text ("" when empty)."""
+    return "" if _missing(value) else ftfy.fix_text(str(value)).strip()
+
+
 def _as_messages(value: Any, row: int) -> list[dict[str, str]]:
     """A chat cell (a list from JSONL or Parquet, or a JSON string from CSV) -> a list of {role, content}."""
     if isinstance(value, str):
@@ -85,7 +95,7 @@ def _as_messages(value: Any, row: int) -> list[dict[str, str]]:
         value = value.tolist()
     if not isinstance(value, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value):
         raise DataError(f"row {row}: messages must be a list of {{role, content}} objects")
-    return [{"role": str(m["role"]), "content": ftfy.fix_text(str(m["content"] or "")).strip()} for m in value]
+    return [{"role": str(m["role"]), "content": _text(m["content"])} for m in value]
 
 
 def _chat_row(messages: list[dict[str, str]], row: int) -> tuple[str, str, str]:
@@ -111,16 +121,15 @@ def normalise_rows(raw: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
         )
     rows = []
     for i, record in enumerate(raw.to_dict("records")):
-        if chat and record.get(cfg.messages_column) is not None:
+        if chat and not _missing(record.get(cfg.messages_column)):
             prompt, history, completion = _chat_row(_as_messages(record[cfg.messages_column], i), i)
         elif isinstance(record.get(cfg.prompt_column), list | np.ndarray):
             answer = _as_messages(record.get(cfg.completion_column), i)
             prompt, history, completion = _chat_row(_as_messages(record[cfg.prompt_column], i) + answer[-1:], i)
         else:
-            prompt = ftfy.fix_text(str(record.get(cfg.prompt_column) or "")).strip()
-            completion = ftfy.fix_text(str(record.get(cfg.completion_column) or "")).strip()
+            prompt, completion = _text(record.get(cfg.prompt_column)), _text(record.get(cfg.completion_column))
             history = ""
-        instruction, target = (str(record.get(c) or "").strip() for c in (cfg.instruction_column, cfg.target_column))
+        instruction, target = (_text(record.get(c)) for c in (cfg.instruction_column, cfg.target_column))
         rows.append((prompt, history, completion, instruction, target))
     return pd.DataFrame(rows, columns=COLUMNS[:-1])
 
@@ -133,7 +142,8 @@ def check_rows(df: pd.DataFrame) -> None:
         empty = np.flatnonzero(df[column].str.len().to_numpy() == 0)
         if len(empty):
             shown = ", ".join(map(str, empty[:5])) + (" ..." if len(empty) > 5 else "")
-            raise DataError(f"{len(empty)} rows have an empty {column} (rows {shown}): fill or remove them")
+            rows = f"{len(empty)} of {len(df)} rows"
+            raise DataError(f"{rows} have an empty {column} (rows {shown}): fill or remove them")
 
 
 def clean_rows(raw: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:

@@ -112,7 +112,7 @@ LLM_CASES = {
             "data.source="
             + _jsonl(d / "x.jsonl", [{"prompt": f"q{i}", "completion": "" if i % 5 == 0 else "a"} for i in range(20)])
         ],
-        "4 rows have an empty completion (rows 0, 5, 10, 15)",
+        "4 of 20 rows have an empty completion (rows 0, 5, 10, 15)",
     ),
     "classifier-checkpoint": (
         lambda d: [f"model.name_or_path={_classifier_folder(d)}", "model.random_init=null"],

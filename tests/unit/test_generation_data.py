@@ -65,12 +65,19 @@ def test_conversational_prompt_completion_counts_as_chat() -> None:
     ("raw", "message"),
     [
         (pd.DataFrame({"text": ["a"], "label": ["b"]}), "neither 'prompt'/'completion' columns nor a 'messages'"),
-        (pd.DataFrame({"prompt": ["a", "b", "c"], "completion": ["x", " ", ""]}), "2 rows have an empty completion"),
+        (
+            pd.DataFrame({"prompt": ["a", "b", "c"], "completion": ["x", " ", ""]}),
+            "2 of 3 rows have an empty completion",
+        ),
+        (
+            pd.DataFrame({"prompt": ["a", "b"], "completion": ["x", float("nan")]}),
+            "1 of 2 rows have an empty completion",
+        ),
         (pd.DataFrame({"messages": [CHAT]}), "must end with the assistant message"),
         (pd.DataFrame({"messages": ["not json"]}), "not a JSON list"),
         (pd.DataFrame({"messages": [[{"role": "assistant", "content": "hi"}]]}), "needs a message before"),
     ],
-    ids=["no-format", "empty-completions", "no-answer", "bad-json", "answer-only"],
+    ids=["no-format", "empty-completions", "missing-completion", "no-answer", "bad-json", "answer-only"],
 )
 def test_unusable_rows_are_named(raw: pd.DataFrame, message: str) -> None:
     from llmops.generation.data import clean_rows
