@@ -113,6 +113,19 @@ def test_an_unchanged_rerun_trains_nothing_and_registers_nothing(first: dict, cl
     assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
 
 
+def test_the_cli_answers_prompts_and_suggests_commands_for_this_run(first: dict) -> None:
+    ran = CliRunner().invoke(app, ["run", "--config", str(LLM_TINY), "--set", "eval.generation.samples=8"])
+    assert ran.exit_code == 0, ran.output
+    assert f"{NAME} version 1" in ran.output and "champion: version 1" in ran.output
+    assert f"llmops predict --config {LLM_TINY} --set 'eval.generation.samples=8'" in ran.output
+    asked = CliRunner().invoke(
+        app, ["predict", "--config", str(LLM_TINY), "--max-new-tokens", "3", "write a positive tweet about coachella"]
+    )
+    assert asked.exit_code == 0, asked.output
+    assert "> write a positive tweet about coachella" in asked.output
+    assert "tokens, stop)" in asked.output or "(3 tokens, length)" in asked.output
+
+
 def test_no_trainer_checkpoint_is_left_behind(first: dict, home: Path) -> None:
     for stage in ("teacher", "student"):
         (folder,) = (home / "artifacts" / stage).iterdir()
