@@ -130,6 +130,25 @@ def training_arguments(
     )
 
 
+def fine_tune_arguments(out_dir: Path, cfg: TrainConfig, data: PreparedData, **best: Any) -> TrainingArguments:
+    """`training_arguments` from the `train` config, for this process's share of a (data-parallel) run.
+    `best` names the metric that picks the best checkpoint (default: validation macro-F1)."""
+    return training_arguments(
+        out_dir,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        train_rows=pq.read_metadata(data.split_path("train")).num_rows,
+        evals_per_epoch=cfg.evals_per_epoch,
+        mixed_precision=cfg.mixed_precision,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        seed=cfg.seed,
+        processes=int(os.environ.get("WORLD_SIZE", "1")),
+        **best,
+    )
+
+
 def drop_checkpoints(out_dir: Path) -> None:
     """Trainer checkpoints (optimizer states: several times the model) are not needed once the best one is saved
     as the candidate: a rerun reuses the finished stage folder, never a checkpoint."""
@@ -146,19 +165,7 @@ def fine_tune(model_cfg: ModelConfig, train_cfg: TrainConfig, data: PreparedData
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(model_cfg)
     model = load_base_model(model_cfg, data.labels)
-    args = training_arguments(
-        out_dir,
-        epochs=train_cfg.epochs,
-        batch_size=train_cfg.batch_size,
-        learning_rate=train_cfg.learning_rate,
-        train_rows=pq.read_metadata(data.split_path("train")).num_rows,
-        evals_per_epoch=train_cfg.evals_per_epoch,
-        mixed_precision=train_cfg.mixed_precision,
-        weight_decay=train_cfg.weight_decay,
-        warmup_ratio=train_cfg.warmup_ratio,
-        seed=train_cfg.seed,
-        processes=int(os.environ.get("WORLD_SIZE", "1")),
-    )
+    args = fine_tune_arguments(out_dir, train_cfg, data)
     with args.main_process_first(desc="tokenize"):  # one process fills the datasets cache, the others read it
         train = tokenize_split(data.split_path("train"), tokenizer, model_cfg.max_length)
         validation = tokenize_split(data.split_path("validation"), tokenizer, model_cfg.max_length)

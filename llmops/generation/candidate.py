@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from llmops.candidate import CandidateMeta, load_int8, quiet_bitsandbytes
 from llmops.generation.data import IGNORE, encode_example, prompt_ids, render_prompt
+from llmops.generation.decode import decode
 from llmops.generation.losses import score_completions
 from llmops.modeling import AUTO_CLASS
 
@@ -95,9 +96,22 @@ class Generator:
         return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     @torch.inference_mode()
-    def generate_ids(self, encoded: list[list[int]], params: GenerationParams) -> torch.Tensor:
-        """New token ids per row, (batch, new), padded after each row's end-of-text token."""
+    def generate_ids(self, encoded: list[list[int]], params: GenerationParams) -> list[list[int]]:
+        """New token ids per row, ending with the end-of-text token where the row stopped by itself."""
         batch = self._batch(encoded)
+        if self.task == "causal-lm":
+            generator = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+            return decode(
+                self.model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                max_new_tokens=params.max_new_tokens,
+                eos_id=self.eos_id,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                min_new_tokens=params.min_new_tokens,
+                generator=generator,
+            )
         if params.seed is not None:
             torch.manual_seed(params.seed)
         sampling = params.temperature > 0
@@ -112,8 +126,7 @@ class Generator:
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
         )
-        # a decoder returns prompt + answer; a seq2seq decoder returns its start token + answer
-        return out[:, batch["input_ids"].shape[1] :] if self.task == "causal-lm" else out[:, 1:]
+        return out[:, 1:].tolist()  # after the decoder's start token
 
     def _finish(self, new_ids: list[int], prompt_tokens: int, params: GenerationParams) -> Generation:
         ended = self.eos_id in new_ids
@@ -132,7 +145,7 @@ class Generator:
         results: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
             encoded = [self.encode(p) for p in prompts[start : start + batch_size]]
-            new = self.generate_ids(encoded, params).tolist()
+            new = self.generate_ids(encoded, params)
             results += [self._finish(ids, len(enc), params) for ids, enc in zip(new, encoded, strict=True)]
         return results
 

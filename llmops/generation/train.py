@@ -8,11 +8,9 @@ base) on a GPU. The best checkpoint by validation loss is kept. bf16/fp16 on a G
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, set_seed
 
 from llmops.candidate import HISTORY_FILE, CandidateMeta, save_hf_candidate
@@ -22,7 +20,7 @@ from llmops.generation.data import IGNORE, tokenize_split
 from llmops.generation.losses import completion_loss, score_completions
 from llmops.generation.modeling import add_lora, load_base_model, load_tokenizer, qlora_config
 from llmops.modeling import count_parameters
-from llmops.train import drop_checkpoints, training_arguments, use_all_cores
+from llmops.train import drop_checkpoints, fine_tune_arguments, use_all_cores
 
 
 class CompletionTrainer(Trainer):
@@ -72,21 +70,7 @@ def fine_tune(
     model = load_base_model(model_cfg, task, tokenizer, qlora_config() if lora and lora.qlora else None)
     if lora is not None:
         model = add_lora(model, lora, task)
-    args = training_arguments(
-        out_dir,
-        epochs=train_cfg.epochs,
-        batch_size=train_cfg.batch_size,
-        learning_rate=train_cfg.learning_rate,
-        train_rows=pq.read_metadata(data.split_path("train")).num_rows,
-        evals_per_epoch=train_cfg.evals_per_epoch,
-        mixed_precision=train_cfg.mixed_precision,
-        weight_decay=train_cfg.weight_decay,
-        warmup_ratio=train_cfg.warmup_ratio,
-        seed=train_cfg.seed,
-        processes=int(os.environ.get("WORLD_SIZE", "1")),
-        best_metric="loss",
-        greater_is_better=False,
-    )
+    args = fine_tune_arguments(out_dir, train_cfg, data, best_metric="loss", greater_is_better=False)
     with args.main_process_first(desc="tokenize"):
         train = tokenize_split(data.split_path("train"), tokenizer, task, model_cfg.max_length)
         validation = tokenize_split(data.split_path("validation"), tokenizer, task, model_cfg.max_length)
