@@ -1,3 +1,3 @@
-"""llmops: the whole lifecycle of a transformer classifier, from raw data to a served, monitored champion."""
+"""llmops: the whole lifecycle of transformer classifiers and generators, from raw data to a served, monitored champion."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
