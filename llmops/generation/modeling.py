@@ -37,15 +37,18 @@ def _architecture_config(cfg: ModelConfig, task: str, tokenizer: PreTrainedToken
     """The config the model is built from: the checkpoint's, or a random-init architecture of `model_type`."""
     overrides = dict(cfg.random_init or {})
     model_type = overrides.pop("model_type", None)
+    # the special tokens the tokenizer was given (BERT's [CLS] and [SEP] as start and end): the config agrees
+    specials = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     if model_type is None:
         config = AutoConfig.from_pretrained(resolve_checkpoint(cfg.name_or_path), **overrides)
+        for key, value in specials.items():
+            setattr(config, key, value)
     else:  # a fresh architecture speaking the checkpoint's tokenizer (tests build tiny Llama / GPT-2 / T5 so)
-        specials = {
-            "vocab_size": len(tokenizer),
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        }
+        specials["vocab_size"] = len(tokenizer)
         if task == "seq2seq-lm":
             specials["decoder_start_token_id"] = tokenizer.pad_token_id
         config = AutoConfig.for_model(model_type, **{**specials, **overrides})
