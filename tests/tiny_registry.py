@@ -78,3 +78,27 @@ def register_versions(
 
 def set_alias(uri: str, name: str, alias: str, version: str) -> None:
     MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(name, alias, version)
+
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+def build_tiny_generator(directory: Path, seed: int) -> Path:
+    """A random-init 2-layer Llama speaking the packaged MiniLM tokenizer, saved as a generator candidate."""
+    from llmops.config import ModelConfig
+    from llmops.generation.modeling import load_base_model, load_tokenizer
+
+    cfg = ModelConfig(random_init=TINY_LLAMA, max_length=64)
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(seed)
+    model = load_base_model(cfg, "causal-lm", tokenizer)
+    meta = CandidateMeta("student", [], max_length=64, task="causal-lm")
+    return save_hf_candidate(model, tokenizer, meta, directory)

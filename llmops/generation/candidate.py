@@ -128,11 +128,16 @@ class Generator:
         )
         return out[:, 1:].tolist()  # after the decoder's start token
 
-    def _finish(self, new_ids: list[int], prompt_tokens: int, params: GenerationParams) -> Generation:
+    def text_of(self, ids: list[int]) -> str:
+        """Token ids as text, special tokens left out."""
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)).strip()
+
+    def result(self, new_ids: list[int], prompt_tokens: int, params: GenerationParams) -> Generation:
+        """The text of new token ids, cut at the end token or the first stop string, and why it ended."""
         ended = self.eos_id in new_ids
         if ended:
             new_ids = new_ids[: new_ids.index(self.eos_id) + 1]
-        text = str(self.tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)).strip()
+        text = self.text_of(new_ids)
         hits = [text.index(s) for s in params.stop if s and s in text]
         if hits:
             text = text[: min(hits)].rstrip()
@@ -146,7 +151,7 @@ class Generator:
         for start in range(0, len(prompts), batch_size):
             encoded = [self.encode(p) for p in prompts[start : start + batch_size]]
             new = self.generate_ids(encoded, params)
-            results += [self._finish(ids, len(enc), params) for ids, enc in zip(new, encoded, strict=True)]
+            results += [self.result(ids, len(enc), params) for ids, enc in zip(new, encoded, strict=True)]
         return results
 
     @torch.inference_mode()

@@ -11,7 +11,7 @@ end-of-text token, a key/value cache, left-padded batches with their position id
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,14 +43,18 @@ def _accepts(model: Any, argument: str) -> bool:
 
 @dataclass
 class Batch:
-    """The decoding state of a batch of sequences: their attention mask, cache and what they wrote so far."""
+    """The running state of a batch of sequences: their attention mask and their key/value cache.
+
+    Invariant between steps: the mask is as wide as the cache is long. Rows are left-padded, so every row's
+    next token goes in the last column; a row's position is its count of real tokens.
+    """
 
     attention_mask: torch.Tensor
-    """(batch, prompt + written): 0 on the left padding"""
+    """(batch, width): 0 on the left padding"""
     cache: Any
-    written: list[list[int]] = field(default_factory=list)
-    finished: torch.Tensor | None = None
-    """(batch,) bool: the row wrote its end-of-text token"""
+
+    def __len__(self) -> int:
+        return len(self.attention_mask)
 
 
 @torch.inference_mode()
@@ -66,9 +70,7 @@ def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
         use_cache=True,
         **extra,
     )
-    batch = Batch(attention_mask, out.past_key_values, [[] for _ in range(len(input_ids))])
-    batch.finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-    return out.logits[:, -1, :], batch
+    return out.logits[:, -1, :], Batch(attention_mask, out.past_key_values)
 
 
 @torch.inference_mode()
@@ -87,6 +89,38 @@ def step(model: Any, tokens: torch.Tensor, batch: Batch) -> torch.Tensor:
     return out.logits[:, -1, :]
 
 
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def join(first: Batch, second: Batch) -> Batch:
+    """One batch of both batches' rows (first's, then second's), the narrower one padded on the left: how new
+    sequences enter a running batch between two steps (continuous batching)."""
+    width = max(first.attention_mask.shape[1], second.attention_mask.shape[1])
+    mask = torch.cat([_pad_left(b.attention_mask, width, 1) for b in (first, second)], dim=0)
+    for mine, theirs in zip(first.cache.layers, second.cache.layers, strict=True):
+        mine.keys = torch.cat([_pad_left(mine.keys, width, -2), _pad_left(theirs.keys, width, -2)], dim=0)
+        mine.values = torch.cat([_pad_left(mine.values, width, -2), _pad_left(theirs.values, width, -2)], dim=0)
+    return Batch(mask, first.cache)
+
+
+def keep_rows(batch: Batch, rows: list[int]) -> Batch:
+    """The batch with only `rows`, in that order (finished sequences leave it), and without the left columns that
+    have become padding in every row."""
+    index = torch.tensor(rows, dtype=torch.long, device=batch.attention_mask.device)
+    mask = batch.attention_mask.index_select(0, index)
+    start = int((mask.sum(dim=0) > 0).nonzero()[0]) if len(rows) else 0
+    for layer in batch.cache.layers:
+        layer.keys = layer.keys.index_select(0, index)[..., start:, :]
+        layer.values = layer.values.index_select(0, index)[..., start:, :]
+    return Batch(mask[:, start:], batch.cache)
+
+
 @torch.inference_mode()
 def decode(
     model: Any,
@@ -102,16 +136,17 @@ def decode(
 ) -> list[list[int]]:
     """New token ids per row, each ending with `eos_id` when the row stopped by itself."""
     logits, batch = prefill(model, input_ids, attention_mask)
-    assert batch.finished is not None
-    for written in range(max_new_tokens):
-        if written < min_new_tokens:
+    written: list[list[int]] = [[] for _ in range(len(batch))]
+    finished = torch.zeros(len(batch), dtype=torch.bool, device=input_ids.device)
+    for count in range(max_new_tokens):
+        if count < min_new_tokens:
             logits[:, eos_id] = float("-inf")
         tokens = choose(logits, temperature, top_p, generator)
         for row, token in enumerate(tokens.tolist()):
-            if not batch.finished[row]:
-                batch.written[row].append(token)
-        batch.finished |= tokens == eos_id
-        if bool(batch.finished.all()) or written + 1 == max_new_tokens:
+            if not finished[row]:
+                written[row].append(token)
+        finished |= tokens == eos_id
+        if bool(finished.all()) or count + 1 == max_new_tokens:
             break
         logits = step(model, tokens, batch)
-    return batch.written
+    return written

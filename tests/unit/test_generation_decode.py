@@ -71,3 +71,38 @@ def test_a_seed_makes_sampling_reproducible() -> None:
     logits = torch.randn(3, 50)
     first = choose(logits, 0.9, 0.95, torch.Generator().manual_seed(11))
     assert torch.equal(first, choose(logits, 0.9, 0.95, torch.Generator().manual_seed(11)))
+
+
+def test_sequences_join_and_leave_a_running_batch_without_changing_what_they_write() -> None:
+    from llmops.generation.decode import join, keep_rows, prefill, step
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=60, pad_token_id=PAD, eos_token_id=EOS, **TINY["llama"])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    prompts = [[2, 7, 8, 9, 10, 11, 12], [2, 30, 31], [2, 40, 41, 42, 43]]
+
+    def alone(prompt: list[int], n: int) -> list[int]:
+        return decode(model, *_left_padded([prompt]), max_new_tokens=n, eos_id=EOS, min_new_tokens=n)[0]
+
+    def greedy(logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_fill(1, torch.tensor([EOS]), float("-inf")).argmax(-1)  # as min_new_tokens does
+
+    # Row 0 starts alone and writes 2 tokens; rows 1 and 2 join; row 0 leaves after 4; the others go on.
+    logits, running = prefill(model, *_left_padded(prompts[:1]))
+    written: list[list[int]] = [[]]
+    for _ in range(2):
+        token = greedy(logits)
+        written[0].append(int(token[0]))
+        logits = step(model, token, running)
+    new_logits, joining = prefill(model, *_left_padded(prompts[1:]))
+    running, logits, written = join(running, joining), torch.cat([logits, new_logits]), [*written, [], []]
+    for count in range(4):
+        tokens = greedy(logits)
+        for row, token in enumerate(tokens.tolist()):
+            written[row].append(token)
+        if count == 1:  # row 0 has its 4 tokens: it leaves
+            running, tokens, finished, written = keep_rows(running, [1, 2]), tokens[1:], written[0], written[1:]
+        logits = step(model, tokens, running)
+    assert finished == alone(prompts[0], 4)
+    assert written == [alone(prompts[1], 4), alone(prompts[2], 4)]
+    assert running.attention_mask.shape[1] == running.cache.layers[0].keys.shape[-2]

@@ -1,0 +1,276 @@
+"""Continuous batching for a generator: sequences join and leave the running batch at every decoding step.
+
+One engine per loaded model version, on one inference thread. Each loop: admit waiting sequences (one prefill
+for all of them, merged into the running batch), then one decoding step for every running sequence; a
+sequence that wrote its end token, a stop string or its last allowed token leaves at once, and one whose
+client went away leaves at the next step. A short request never waits for a long one to finish.
+
+transformers ships a continuous-batching API (`generate_batch`, `transformers serve --continuous-batching`);
+it is built for CUDA and, measured on this project's CPU, took 8.8-11.4 s for 12 requests x 16 tokens of a
+tiny Llama against 0.3 s for 12 sequential `generate()` calls. So the engine is the smallest scheduler that
+does the job, over `llmops.generation.decode` (prefill, step, join, keep_rows): bounded running and waiting
+sets, per-sequence sampling and seeds, streaming of text as it forms. Decoder-only models batch; a seq2seq
+model answers one sequence at a time through `Generator.generate_ids`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from llmops.generation.candidate import GenerationParams, Generator
+from llmops.generation.decode import Batch, choose, join, keep_rows, prefill, step
+
+log = logging.getLogger(__name__)
+
+
+class EngineFull(RuntimeError):
+    """The waiting queue is full: come back later."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a sequence's reader gets as it forms: new text, and the reason it ended on the last event."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class Sequence:
+    """One request's generation, from its prompt tokens to its last event."""
+
+    prompt_ids: list[int]
+    params: GenerationParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    written: list[int] = field(default_factory=list)
+    """Token ids of the answer (the end token not included)."""
+    generated: int = 0
+    """Tokens the model produced, the end token included: the answer's `completion_tokens`."""
+    emitted: int = 0
+    """Characters of text already sent."""
+    cancelled: bool = False
+    """Set by the reader (client gone): the sequence leaves at the next step."""
+    finish_reason: str | None = None
+    text: str = ""
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    rng: torch.Generator | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.submitted
+
+    def send(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class GenerationEngine:
+    """Continuous batching over one loaded generator (see the module docstring)."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        *,
+        max_running: int,
+        max_waiting: int,
+        continuous: bool = True,
+        on_finish: Callable[[Sequence], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ):
+        self.generator = generator
+        self.max_running = max_running if continuous and generator.task == "causal-lm" else 1
+        self.max_waiting = max_waiting
+        self.on_finish = on_finish
+        self.on_step = on_step
+        """Called with (running, waiting) after every step, for metrics."""
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._batch: Batch | None = None
+        self._logits: torch.Tensor | None = None
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams, loop: asyncio.AbstractEventLoop) -> Sequence:
+        """Queue a sequence; its events arrive on `sequence.events` in `loop`. Raises EngineFull."""
+        sequence = Sequence(prompt_ids, params, loop)
+        if params.seed is not None:
+            sequence.rng = torch.Generator(self.generator.device).manual_seed(params.seed)
+        with self._wake:
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineFull(f"{len(self._waiting)} sequences are waiting (serve.max_waiting)")
+            self._waiting.append(sequence)
+            self._wake.notify()
+        return sequence
+
+    def stop(self) -> None:
+        """Finish nothing more: the thread ends after its current step."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # --- the inference thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._running and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self._iterate()
+            except Exception as error:  # a failed step fails its sequences, never the thread
+                log.exception("generation step failed")
+                for sequence in [*self._running]:
+                    self._finish(sequence, "error", error_text=f"{type(error).__name__}: {error}")
+                self._running, self._batch, self._logits = [], None, None
+            if self.on_step is not None:
+                self.on_step(len(self._running), len(self._waiting))
+
+    @torch.inference_mode()
+    def _iterate(self) -> None:
+        self._drop_cancelled()
+        admitted = self._admit()
+        if self.generator.task != "causal-lm":
+            for sequence in admitted:
+                self._whole(sequence)
+            return
+        if admitted:
+            self._prefill(admitted)
+        if self._running:
+            self._decode_step()
+
+    def _admit(self) -> list[Sequence]:
+        with self._wake:
+            room = self.max_running - len(self._running)
+            admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        return [s for s in admitted if not s.cancelled]
+
+    def _drop_cancelled(self) -> None:
+        gone = [i for i, s in enumerate(self._running) if s.cancelled]
+        if gone:
+            self._leave(gone)
+
+    def _prefill(self, sequences: list[Sequence]) -> None:
+        width = max(len(s.prompt_ids) for s in sequences)
+        pad = self.generator.pad_id
+        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in sequences])
+        starts = torch.tensor([width - len(s.prompt_ids) for s in sequences])
+        mask = (torch.arange(width)[None, :] >= starts[:, None]).long()
+        device = self.generator.device
+        logits, batch = prefill(self.generator.model, ids.to(device), mask.to(device))
+        if self._batch is None or self._logits is None:
+            self._batch, self._logits = batch, logits
+        else:
+            self._batch = join(self._batch, batch)
+            self._logits = torch.cat([self._logits, logits])
+        self._running += sequences
+
+    def _choose(self) -> list[int]:
+        assert self._logits is not None
+        logits = self._logits
+        tokens = logits.argmax(dim=-1)
+        for row, sequence in enumerate(self._running):
+            params = sequence.params
+            if len(sequence.written) < params.min_new_tokens:
+                logits[row, self.generator.eos_id] = float("-inf")
+                tokens[row] = logits[row].argmax()
+            if params.temperature > 0:
+                tokens[row] = choose(logits[row : row + 1], params.temperature, params.top_p, sequence.rng)[0]
+        return tokens.tolist()
+
+    def _decode_step(self) -> None:
+        tokens = self._choose()
+        now = time.perf_counter()
+        leaving = []
+        for row, (sequence, token) in enumerate(zip(self._running, tokens, strict=True)):
+            if sequence.first_token_at is None:
+                sequence.first_token_at = now
+            if self._advance(sequence, token):
+                leaving.append(row)
+        if leaving:
+            self._leave(leaving)
+        if self._running:
+            assert self._batch is not None
+            staying = torch.tensor([t for i, t in enumerate(tokens) if i not in leaving])
+            self._logits = step(self.generator.model, staying.to(self.generator.device), self._batch)
+
+    def _advance(self, sequence: Sequence, token: int) -> bool:
+        """Add a token, send the text it completes; True when the sequence is done."""
+        generator, params = self.generator, sequence.params
+        sequence.generated += 1
+        if token == generator.eos_id:
+            self._finish(sequence, "stop")
+            return True
+        sequence.written.append(token)
+        text = generator.text_of(sequence.written)
+        hits = [text.index(s) for s in params.stop if s and s in text]
+        if hits:
+            sequence.text = text[: min(hits)].rstrip()
+            self._finish(sequence, "stop")
+            return True
+        sequence.text = text
+        if sequence.generated >= params.max_new_tokens:
+            self._finish(sequence, "length")
+            return True
+        # hold back what could be the start of a stop string: it may not be sent
+        hold = max((len(s) - 1 for s in params.stop), default=0)
+        ready = len(text) - hold
+        if ready > sequence.emitted:
+            sequence.send(Event(text[sequence.emitted : ready], sequence.generated))
+            sequence.emitted = ready
+        return False
+
+    def _finish(self, sequence: Sequence, reason: str, error_text: str = "") -> None:
+        sequence.finish_reason = reason
+        sequence.finished_at = time.perf_counter()
+        if sequence.first_token_at is None:
+            sequence.first_token_at = sequence.finished_at
+        tail = sequence.text[sequence.emitted :] if reason != "error" else error_text
+        sequence.emitted = len(sequence.text)
+        sequence.send(Event(tail, sequence.generated, reason))
+        if self.on_finish is not None and reason != "error":
+            self.on_finish(sequence)
+
+    def _leave(self, rows: list[int]) -> None:
+        gone = set(rows)
+        staying = [i for i in range(len(self._running)) if i not in gone]
+        self._running = [self._running[i] for i in staying]
+        if not staying:
+            self._batch, self._logits = None, None
+            return
+        assert self._batch is not None and self._logits is not None
+        self._batch = keep_rows(self._batch, staying)
+        self._logits = self._logits[staying]
+
+    def _whole(self, sequence: Sequence) -> None:
+        """A seq2seq model: the whole answer in one call, sent as one event."""
+        (written,) = self.generator.generate_ids([sequence.prompt_ids], sequence.params)
+        sequence.first_token_at = time.perf_counter()
+        result = self.generator.result(written, len(sequence.prompt_ids), sequence.params)
+        sequence.written, sequence.text, sequence.generated = written, result.text, result.completion_tokens
+        self._finish(sequence, result.finish_reason)
