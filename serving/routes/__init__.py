@@ -1,0 +1,19 @@
+"""The service's routes, one file per protocol over one serving core (`serving.predictor`):
+`ours` (health, /v1), `mlflow` (/invocations), `oip` (/v2, the Open Inference Protocol)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+
+from serving.schemas import ErrorResponse
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 411, 413, 415, 422, 503)
+}
+"""The error responses every route documents (one shape: `ErrorResponse`)."""
+
+
+def request_id_of(request: Request) -> str:
+    return request.state.request_id

@@ -1,0 +1,109 @@
+"""Our own protocol: health, `/v1/predict`, `/v1/model`, `/v1/feedback`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from serving.deps import Authorized, JsonBody, PredictorDep, check_texts
+from serving.models import LoadedModel
+from serving.routes import ERRORS, request_id_of
+from serving.schemas import (
+    FeedbackRequest,
+    FeedbackResponse,
+    HealthResponse,
+    LoadedModelInfo,
+    ModelRef,
+    ModelResponse,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    ReadyResponse,
+)
+
+router = APIRouter()
+
+
+# --- health ----------------------------------------------------------------------------------------
+
+
+@router.get("/healthz", response_model=HealthResponse, tags=["health"])
+async def healthz() -> HealthResponse:
+    """The process is alive."""
+    return HealthResponse()
+
+
+@router.get("/readyz", response_model=ReadyResponse, tags=["health"], responses={503: {"model": ReadyResponse}})
+async def readyz(predictor: PredictorDep) -> JSONResponse:
+    """200 once a model is loaded and warmed; the body carries a reload failure while the old version serves."""
+    model = predictor.champion.current
+    body = ReadyResponse(
+        ready=model is not None,
+        model=ModelRef(name=model.name, version=model.version, alias=model.alias) if model else None,
+        reason=predictor.champion.status,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if model else 503)
+
+
+# --- /v1 -------------------------------------------------------------------------------------------
+
+
+@router.post("/v1/predict", response_model=PredictResponse, tags=["v1"], dependencies=JsonBody, responses=ERRORS)
+async def predict(body: PredictRequest, request: Request, predictor: PredictorDep) -> PredictResponse:
+    """Label and class probabilities per text, with the model version that answered."""
+    texts = check_texts(body.texts, "texts", predictor.cfg)
+    request_id = request_id_of(request)
+    scored = await predictor.score(texts, request_id)
+    model = scored.model
+    predictions = [
+        Prediction(
+            label=label,
+            score=float(row.max()),
+            probabilities=dict(zip(model.labels, map(float, row), strict=True)),
+            model_name=model.name,
+            model_version=model.version,
+        )
+        for label, row in zip(scored.labels(), scored.probs, strict=True)
+    ]
+    ref = ModelRef(name=model.name, version=model.version, alias=model.alias)
+    return PredictResponse(request_id=request_id, model=ref, predictions=predictions)
+
+
+def _model_info(model: LoadedModel | None) -> LoadedModelInfo | None:
+    if model is None:
+        return None
+    return LoadedModelInfo(
+        name=model.name,
+        version=model.version,
+        alias=model.alias,
+        labels=model.labels,
+        kind=model.classifier.meta.kind,
+        loaded_at=model.loaded_at,
+        tags=model.tags,
+        metrics=model.metrics,
+    )
+
+
+@router.get("/v1/model", response_model=ModelResponse, tags=["v1"], dependencies=Authorized, responses=ERRORS)
+async def model_info(predictor: PredictorDep) -> ModelResponse:
+    """Which version serves, with its metrics and tags (and the challenger's, when shadow or canary is on)."""
+    challenger = predictor.challenger.current if predictor.challenger else None
+    return ModelResponse(
+        champion=_model_info(predictor.champion.current),
+        challenger=_model_info(challenger),
+        reload_error=predictor.champion.status if predictor.champion.current else None,
+    )
+
+
+@router.post(
+    "/v1/feedback",
+    response_model=FeedbackResponse,
+    status_code=202,
+    tags=["v1"],
+    dependencies=JsonBody,
+    responses=ERRORS,
+)
+async def feedback(body: FeedbackRequest, predictor: PredictorDep) -> FeedbackResponse:
+    """The true label of a past prediction, stored for monitoring."""
+    await predictor.feedback(body.request_id, body.index, body.label)
+    return FeedbackResponse(request_id=body.request_id, index=body.index, label=body.label, stored=True)
