@@ -287,6 +287,10 @@ class RegistryConfig(_Strict):
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    models: list[str] | None = None
+    """Registered models served, each following `alias`. Default: `registry.model_name` and `tweet-generator`
+    (`tweet-sentiment` and `tweet-generator` with the default config). A model without the alias yet is listed
+    as absent and does not hold readiness back."""
     alias: str = "champion"
     """Registry alias the service follows."""
     poll_interval_s: float = Field(default=10.0, gt=0)
@@ -330,6 +334,18 @@ class ServeConfig(_Strict):
     """Score a copy of every request with `challenger` and log it beside the champion's answer."""
     canary_share: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of requests answered by `challenger` (0: off)."""
+    continuous_batching: bool = True
+    """Generators: sequences join and leave the running batch at every decoding step. Off: one at a time."""
+    max_running: int = Field(default=16, gt=0)
+    """Generators: sequences decoding at once, per model version."""
+    max_waiting: int = Field(default=64, ge=0)
+    """Generators: sequences waiting for a slot; beyond it requests get 503 with Retry-After."""
+    max_new_tokens: int = Field(default=256, gt=0)
+    """Generators: `max_tokens` of a request is capped at this."""
+    default_max_tokens: int = Field(default=64, gt=0)
+    """Generators: `max_tokens` when a request gives none."""
+    max_prompt_tokens: int = Field(default=256, gt=0)
+    """Generators: longer prompts get 413."""
 
     @model_validator(mode="after")
     def _one_challenger_mode(self) -> ServeConfig:
@@ -337,6 +353,10 @@ class ServeConfig(_Strict):
             raise ValueError("serve.shadow and serve.canary_share > 0 exclude each other: choose one")
         if self.max_batch_size > self.max_queue:
             raise ValueError("serve.max_batch_size must not exceed serve.max_queue")
+        if self.models is not None and (not self.models or len(set(self.models)) != len(self.models)):
+            raise ValueError(f"serve.models must name distinct registered models, got {self.models}")
+        if self.default_max_tokens > self.max_new_tokens:
+            raise ValueError("serve.default_max_tokens must not exceed serve.max_new_tokens")
         return self
 
 
@@ -472,6 +492,11 @@ class LlmopsConfig(_Strict):
     @property
     def generative(self) -> bool:
         return self.task in GENERATIVE_TASKS
+
+    @property
+    def served_models(self) -> list[str]:
+        """What `llmops serve` serves: `serve.models`, else this config's model and the generator."""
+        return self.serve.models or list(dict.fromkeys([self.registry.model_name, "tweet-generator"]))
 
     @model_validator(mode="before")
     @classmethod

@@ -1,7 +1,8 @@
 """The HTTP service: `create_app(cfg)` builds it; `llmops serve` runs it under uvicorn.
 
-The routes live in `serving/routes/`, one file per protocol: ours (`/v1`), MLflow's (`/invocations`) and the
-Open Inference Protocol's (`/v2`); they share one core, `serving.predictor.Predictor`.
+The routes live in `serving/routes/`, one file per protocol: ours (`/v1/predict`, ...), MLflow's
+(`/invocations`), the Open Inference Protocol's (`/v2`) and OpenAI's (`/v1/completions`, ...); they share one
+core, `serving.predictor.Predictor` (with `serving.generation` for generators).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from llmops.registry import resolve_tracking_uri
 from serving.auth import load_api_keys
 from serving.errors import install_handlers
 from serving.predictor import Predictor
-from serving.routes import mlflow, oip, ours
+from serving.routes import mlflow, oip, openai, ours
 from serving.schemas import ErrorResponse
 
 Scope = MutableMapping[str, Any]
@@ -95,7 +96,8 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
     app = FastAPI(
         title="llmops serving",
         version=llmops.__version__,
-        summary=f"{cfg.registry.model_name}@{cfg.serve.alias} over /v1, MLflow /invocations and Open Inference v2.",
+        summary=f"{', '.join(cfg.served_models)} @{cfg.serve.alias}: our /v1, MLflow /invocations, Open Inference "
+        "v2 and OpenAI's API.",
         lifespan=lifespan,
     )
     app.state.predictor = predictor
@@ -106,7 +108,7 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
     ).instrument(
         app, metric_namespace="", latency_lowr_buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
     ).expose(app, tags=["health"])
-    for protocol in (ours, mlflow, oip):
+    for protocol in (ours, mlflow, oip, openai):
         app.include_router(protocol.router)
     app.add_middleware(RequestContext, max_body_bytes=cfg.serve.max_body_bytes)
     return app

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 class EngineFull(RuntimeError):
     """The waiting queue is full: come back later."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine's version was replaced and its thread has ended: submit to the current version's engine."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class Sequence:
     first_token_at: float | None = None
     finished_at: float | None = None
     rng: torch.Generator | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    """What the caller needs back when the sequence ends (request id, prompt, model: for the log and metrics)."""
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -102,6 +109,8 @@ class GenerationEngine:
         self._logits: torch.Tensor | None = None
         self._wake = threading.Condition()
         self._stopping = False
+        self._retiring = False
+        self.closed = False
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self._thread.start()
 
@@ -113,12 +122,20 @@ class GenerationEngine:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, prompt_ids: list[int], params: GenerationParams, loop: asyncio.AbstractEventLoop) -> Sequence:
-        """Queue a sequence; its events arrive on `sequence.events` in `loop`. Raises EngineFull."""
-        sequence = Sequence(prompt_ids, params, loop)
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        loop: asyncio.AbstractEventLoop,
+        context: dict[str, Any] | None = None,
+    ) -> Sequence:
+        """Queue a sequence; its events arrive on `sequence.events` in `loop`. Raises EngineFull, EngineClosed."""
+        sequence = Sequence(prompt_ids, params, loop, context=context or {})
         if params.seed is not None:
             sequence.rng = torch.Generator(self.generator.device).manual_seed(params.seed)
         with self._wake:
+            if self.closed:
+                raise EngineClosed("this version's engine has stopped")
             if len(self._waiting) >= self.max_waiting:
                 raise EngineFull(f"{len(self._waiting)} sequences are waiting (serve.max_waiting)")
             self._waiting.append(sequence)
@@ -129,8 +146,15 @@ class GenerationEngine:
         """Finish nothing more: the thread ends after its current step."""
         with self._wake:
             self._stopping = True
+            self.closed = True
             self._wake.notify()
         self._thread.join(timeout=30)
+
+    def retire(self) -> None:
+        """A newer version serves now: finish the sequences this engine has, then end its thread."""
+        with self._wake:
+            self._retiring = True
+            self._wake.notify()
 
     # --- the inference thread --------------------------------------------------------------------------------
 
@@ -138,6 +162,9 @@ class GenerationEngine:
         while True:
             with self._wake:
                 while not self._waiting and not self._running and not self._stopping:
+                    if self._retiring:
+                        self.closed = True
+                        return
                     self._wake.wait()
                 if self._stopping:
                     return

@@ -10,6 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TOKEN_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class ServingMetrics:
@@ -52,6 +54,43 @@ class ServingMetrics:
         self.log_failures = Gauge(
             "llmops_prediction_log_write_failures",
             "Failed prediction-log flushes",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
+        # generators, per model and version
+        versioned = ["model", "version"]
+        self.ttft = Histogram(
+            "llmops_time_to_first_token_seconds", "Request to first token", versioned, buckets=SECONDS, registry=r
+        )
+        self.tpot = Histogram(
+            "llmops_time_per_output_token_seconds",
+            "Mean time between tokens after the first, per request",
+            versioned,
+            buckets=TOKEN_SECONDS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "llmops_generation_seconds", "Request to last token", versioned, buckets=SECONDS, registry=r
+        )
+        self.prompt_tokens = Counter(
+            "llmops_prompt_tokens", "Prompt tokens of answered requests", versioned, registry=r
+        )
+        self.generated_tokens = Counter("llmops_generated_tokens", "Tokens generated", versioned, registry=r)
+        self.generations = Counter(
+            "llmops_generations", "Generations that ended, by why", [*versioned, "finish_reason"], registry=r
+        )
+        self.running = Gauge(
+            "llmops_running_sequences",
+            "Sequences decoding now",
+            versioned,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.waiting = Gauge(
+            "llmops_waiting_sequences",
+            "Sequences waiting for a decoding slot",
+            versioned,
             registry=r,
             multiprocess_mode="livesum",
         )

@@ -2,7 +2,9 @@
 
 A request takes a reference to the current :class:`LoadedModel` when it starts and
 keeps it to the end, so a swap never changes the model under a request in flight;
-the old version is freed when its last request finishes.
+the old version is freed when its last request finishes. A version is a classifier or a
+generator (its `candidate.json` says which); a generator comes with its own
+continuous-batching engine, retired once the next version is in and its sequences are done.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from llmops.candidate import Classifier
+from llmops.candidate import CandidateMeta, Classifier
 from llmops.registry import TAG, alias_version, download_candidate
+from serving.engine import GenerationEngine
 from serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -28,15 +33,36 @@ log = logging.getLogger(__name__)
 WARM_TEXTS = ["warming up the model", "a second, somewhat longer text to warm up the padded path"]
 
 
+EngineFactory = Callable[[Any, str, str], GenerationEngine]
+"""(generator, model name, version) -> the engine that serves that version."""
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     name: str
     version: str
     alias: str
-    classifier: Classifier
+    runtime: Any
+    """A `llmops.candidate.Classifier` or a `llmops.generation.candidate.Generator`."""
     tags: dict[str, str]
     metrics: dict[str, float]
     loaded_at: float
+    engine: GenerationEngine | None = None
+    """Generators: the continuous-batching engine of this version."""
+
+    @property
+    def task(self) -> str:
+        return str(self.runtime.meta.task)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.task == "sequence-classification"
+
+    @property
+    def classifier(self) -> Classifier:
+        if not isinstance(self.runtime, Classifier):
+            raise TypeError(f"{self.name} version {self.version} is a {self.task} model, not a classifier")
+        return self.runtime
 
     @property
     def labels(self) -> list[str]:
@@ -66,20 +92,40 @@ def fetch_version(tracking_uri: str, name: str, version: str, cache: Path) -> Pa
     return next(final.rglob("candidate.json")).parent
 
 
+def _load_runtime(folder: Path) -> Any:
+    """A classifier or a generator, warmed: the first forward pass allocates; pay it before traffic does."""
+    if CandidateMeta.load(folder).task == "sequence-classification":
+        classifier = Classifier(folder)
+        classifier.predict_proba(WARM_TEXTS)
+        return classifier
+    from llmops.generation.candidate import GenerationParams, Generator
+
+    generator = Generator(folder)
+    generator.generate(WARM_TEXTS, GenerationParams(max_new_tokens=2))
+    return generator
+
+
 def load_version(
-    client: MlflowClient, tracking_uri: str, name: str, version: str, alias: str, cache: Path
+    client: MlflowClient,
+    tracking_uri: str,
+    name: str,
+    version: str,
+    alias: str,
+    cache: Path,
+    engine_factory: EngineFactory | None = None,
 ) -> LoadedModel:
     """Download, load and warm one version (blocking: run it off the event loop)."""
     folder = fetch_version(tracking_uri, name, version, cache)
-    classifier = Classifier(folder)
-    classifier.predict_proba(WARM_TEXTS)  # the first forward pass allocates; pay it before traffic does
+    runtime = _load_runtime(folder)
     mv = client.get_model_version(name, version)
     try:
         metrics = dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
     except MlflowException:
         metrics = {}
     tags = {k: v for k, v in mv.tags.items() if k.startswith(TAG)}
-    return LoadedModel(name, version, alias, classifier, tags, metrics, time.time())
+    generative = runtime.meta.task != "sequence-classification"
+    engine = engine_factory(runtime, name, version) if generative and engine_factory else None
+    return LoadedModel(name, version, alias, runtime, tags, metrics, time.time(), engine)
 
 
 class ModelWatcher:
@@ -95,8 +141,10 @@ class ModelWatcher:
         metrics: ServingMetrics,
         poll_interval_s: float,
         retry_failed_after_s: float,
+        engine_factory: EngineFactory | None = None,
     ):
         self.client = client
+        self.engine_factory = engine_factory
         self.tracking_uri = tracking_uri
         self.name = name
         self.alias = alias
@@ -105,6 +153,8 @@ class ModelWatcher:
         self.poll_interval_s = poll_interval_s
         self.retry_failed_after_s = retry_failed_after_s
         self.current: LoadedModel | None = None
+        self.absent = False
+        """The registry has no such model or no such alias: nothing to serve, and nothing to wait for."""
         self.status: str | None = "not checked yet"
         """Why the alias's target is not the one serving (None when it is)."""
         self._failed: dict[str, float] = {}
@@ -120,7 +170,9 @@ class ModelWatcher:
             return
         if target is None:
             self.status = f"model '{self.name}' has no '{self.alias}' alias"
+            self.absent = True
             return
+        self.absent = False
         if self.current is not None and self.current.version == target:
             self.status = None
             return
@@ -128,7 +180,9 @@ class ModelWatcher:
         if failed_at is not None and time.monotonic() - failed_at < self.retry_failed_after_s:
             return
         try:
-            loaded = load_version(self.client, self.tracking_uri, self.name, target, self.alias, self.cache)
+            loaded = load_version(
+                self.client, self.tracking_uri, self.name, target, self.alias, self.cache, self.engine_factory
+            )
         except Exception as error:
             self._failed[target] = time.monotonic()
             self.status = f"version {target} failed to load: {type(error).__name__}: {error}"
@@ -136,8 +190,11 @@ class ModelWatcher:
             self.metrics.reload_error.labels(self.alias).set(1)
             log.error("%s@%s: %s; still serving %s", self.name, self.alias, self.status, self.served_version)
             return
+        previous_model = self.current
         previous = self.served_version
         self.current = loaded  # the swap: one reference assignment
+        if previous_model is not None and previous_model.engine is not None:
+            previous_model.engine.retire()  # it finishes the sequences it has, then stops
         # Move the loaded model's objects (and the libraries') out of the garbage collector's sight: a full
         # collection walks millions of long-lived objects and stalls every request for a few hundred ms.
         gc.collect()

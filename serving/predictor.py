@@ -1,7 +1,8 @@
-"""The service's state: the followed model(s), the batcher and the prediction log.
+"""The service's state, shared by every protocol: the followed models, the classifier's batcher, the
+generators' engines and the prediction log.
 
-Routes get it through `PredictorDep` (serving/deps.py); every inference protocol
-ends in :meth:`Predictor.score`.
+Routes get it through `PredictorDep` (serving/deps.py). Every classification ends in
+:meth:`Predictor.score`; every generation in :meth:`Predictor.generate` (serving/generation.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from mlflow import MlflowClient
@@ -28,6 +30,7 @@ from llmops.predlog import (
 )
 from llmops.registry import CHALLENGER
 from serving.batcher import MicroBatcher, QueueFull
+from serving.engine import GenerationEngine
 from serving.errors import ApiError
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel, ModelWatcher
@@ -53,24 +56,28 @@ class Predictor:
     def __init__(self, cfg: LlmopsConfig, tracking_uri: str):
         self.cfg = cfg.serve
         self.model_name = cfg.registry.model_name
+        """The classifier routes' model when it is served (else the first served classifier)."""
         self.metrics = ServingMetrics()
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         cache = Path(self.cfg.model_cache)
 
-        def watcher(alias: str) -> ModelWatcher:
+        def watcher(name: str, alias: str) -> ModelWatcher:
             return ModelWatcher(
                 client,
                 tracking_uri,
-                self.model_name,
+                name,
                 alias,
                 cache,
                 self.metrics,
                 self.cfg.poll_interval_s,
                 self.cfg.retry_failed_after_s,
+                self._engine,
             )
 
-        self.champion = watcher(self.cfg.alias)
-        self.challenger = watcher(CHALLENGER) if self.cfg.shadow or self.cfg.canary_share > 0 else None
+        self.models = {name: watcher(name, self.cfg.alias) for name in cfg.served_models}
+        """Every served model's watcher, by registered name."""
+        shadowing = self.cfg.shadow or self.cfg.canary_share > 0
+        self.challenger = watcher(self.model_name, CHALLENGER) if shadowing else None
         self.batcher = MicroBatcher(
             self.metrics,
             enabled=self.cfg.batching,
@@ -83,30 +90,63 @@ class Predictor:
         self._watchers: list[asyncio.Task[None]] = []
         self._shadows: set[asyncio.Task[None]] = set()
 
+    def _engine(self, generator: Any, name: str, version: str) -> GenerationEngine:
+        from serving.generation import record_generation
+
+        def on_step(running: int, waiting: int) -> None:
+            self.metrics.running.labels(name, version).set(running)
+            self.metrics.waiting.labels(name, version).set(waiting)
+
+        return GenerationEngine(
+            generator,
+            max_running=self.cfg.max_running,
+            max_waiting=self.cfg.max_waiting,
+            continuous=self.cfg.continuous_batching,
+            on_finish=lambda sequence: record_generation(self, sequence),
+            on_step=on_step,
+        )
+
+    @property
+    def champion(self) -> ModelWatcher:
+        """The classifier the classifier routes use: `registry.model_name` when served, else the first served
+        model that is a classifier (or, before anything loaded, the first served model)."""
+        if self.model_name in self.models:
+            return self.models[self.model_name]
+        loaded = [w for w in self.models.values() if w.current is not None and w.current.is_classifier]
+        return loaded[0] if loaded else next(iter(self.models.values()))
+
     async def start(self) -> None:
         self.log.start()
         self.batcher.start()
-        self._watchers = [asyncio.create_task(w.run()) for w in (self.champion, self.challenger) if w is not None]
-        # Take no connection before the first load attempt is over (at most `startup_wait_s`): the workers of
+        watchers = [*self.models.values(), *([self.challenger] if self.challenger else [])]
+        self._watchers = [asyncio.create_task(w.run()) for w in watchers]
+        # Take no connection before the first load attempts are over (at most `startup_wait_s`): the workers of
         # one server share its port, so a worker still loading would answer 503 to requests a loaded one can serve.
         try:
-            await asyncio.wait_for(self.champion.checked.wait(), self.cfg.startup_wait_s)
+            checked = (w.checked.wait() for w in self.models.values())
+            await asyncio.wait_for(asyncio.gather(*checked), self.cfg.startup_wait_s)
         except TimeoutError:
             log.warning("no model loaded after %.0f s; serving starts and reports not ready", self.cfg.startup_wait_s)
 
     async def stop(self) -> None:
-        """Stop polling, finish shadow scoring, then write every buffered prediction."""
+        """Stop polling, finish shadow scoring and generations, then write every buffered prediction."""
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, *self._shadows, return_exceptions=True)
         await self.batcher.stop()
+        for watcher in self.models.values():
+            if watcher.current is not None and watcher.current.engine is not None:
+                await asyncio.to_thread(watcher.current.engine.stop)
         self.log.close()
 
     @property
     def ready(self) -> bool:
-        return self.champion.current is not None
+        """At least one model serves, and every served model the registry has is loaded."""
+        watchers = self.models.values()
+        return any(w.current for w in watchers) and all(w.current is not None or w.absent for w in watchers)
 
     def require_model(self) -> LoadedModel:
+        """The classifier routes' model, loaded, or a 503 (not loaded yet) or 400 (it generates text)."""
         model = self.champion.current
         if model is None:
             raise ApiError(
@@ -114,6 +154,12 @@ class Predictor:
                 f"no model loaded yet: {self.champion.status}",
                 type="not_ready",
                 headers={"Retry-After": str(max(1, round(self.cfg.poll_interval_s)))},
+            )
+        if not model.is_classifier:
+            raise ApiError(
+                400,
+                f"'{model.name}' is a {model.task} model: use /v1/completions or /v1/chat/completions",
+                type="wrong_model_kind",
             )
         return model
 

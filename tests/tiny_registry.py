@@ -102,3 +102,18 @@ def build_tiny_generator(directory: Path, seed: int) -> Path:
     model = load_base_model(cfg, "causal-lm", tokenizer)
     meta = CandidateMeta("student", [], max_length=64, task="causal-lm")
     return save_hf_candidate(model, tokenizer, meta, directory)
+
+
+def register_generators(root: Path, name: str, seeds: list[int], uri: str | None = None) -> str:
+    """Register one tiny generator version per seed (version i+1 for seeds[i]) in the SQLite store under `root`
+    (or `uri`), through the lifecycle's own `log_generator_model`; returns the store's URI."""
+    uri = uri or f"sqlite:///{root / 'mlflow.db'}"
+    registry.setup_tracking(
+        RegistryConfig(tracking_uri=uri, experiment="serving-tests", artifact_location=str(root / "mlartifacts"))
+    )
+    for seed in seeds:
+        candidate = build_tiny_generator(root / f"generator-{seed}", seed)
+        with mlflow.start_run(run_name=f"tiny-generator-{seed}"):
+            model_uri = registry.log_generator_model(candidate, ["write a positive tweet about coachella"])
+            registry.register(name, model_uri, {"task": "causal-lm", "candidate": "student", "seed": seed})
+    return uri

@@ -77,12 +77,24 @@ class Generator:
             return prompt
         return render_prompt(self.tokenizer, "", json.dumps(list(prompt)))
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Prompt token ids as the model was trained on them (BOS first for a decoder; truncated to max_length)."""
+    def encode(self, prompt: Prompt, truncate: bool = True) -> list[int]:
+        """Prompt token ids as the model was trained on them (BOS first for a decoder), the oldest cut to the
+        training `max_length` unless `truncate` is off (serving checks the length against its own limit)."""
         rendered = self.render(prompt)
         if self.task == "seq2seq-lm":
-            return list(self.tokenizer(rendered, truncation=True, max_length=self.meta.max_length)["input_ids"])
-        return prompt_ids(self.tokenizer, rendered)[-self.meta.max_length :]
+            ids = list(self.tokenizer(rendered)["input_ids"])
+            return ids[: self.meta.max_length] if truncate else ids
+        ids = prompt_ids(self.tokenizer, rendered)
+        return ids[-self.meta.max_length :] if truncate else ids
+
+    @property
+    def context_length(self) -> int | None:
+        """Positions the model has (prompt and answer together); None where it has no such limit (T5)."""
+        config = self.model.config
+        for key in ("max_position_embeddings", "n_positions"):
+            if isinstance(getattr(config, key, None), int):
+                return int(getattr(config, key))
+        return None
 
     def _batch(self, encoded: list[list[int]]) -> dict[str, torch.Tensor]:
         """Pad a batch: on the left for a decoder (generation continues at the right end), right for an encoder."""

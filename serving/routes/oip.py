@@ -1,17 +1,21 @@
-"""The Open Inference Protocol (KServe v2, Triton): server and model metadata, health, `infer`."""
+"""The Open Inference Protocol (KServe v2, Triton): server and model metadata, health, `infer` for the
+classifier, and Triton's `generate` / `generate_stream` extension for generators."""
 
 from __future__ import annotations
 
+import json
 import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import llmops
-from serving.deps import Authorized, PredictorDep, check_texts
+from serving.deps import Authorized, JsonBody, PredictorDep, check_texts
 from serving.errors import ApiError, field_path
+from serving.generation import GenerationRequest, generate
 from serving.predictor import Predictor
 from serving.routes import ERRORS, request_id_of
 from serving.schemas import (
@@ -27,6 +31,10 @@ from serving.schemas import (
 )
 
 router = APIRouter()
+ROUTE = "v2"
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "One event per piece of text."}
+}
 
 
 # --- /v2 (Open Inference Protocol) -----------------------------------------------------------------
@@ -36,8 +44,9 @@ V2_OUTPUTS = ("label", "probabilities")
 
 
 def _v2_model(predictor: Predictor, name: str) -> None:
-    if name != predictor.model_name:
-        raise ApiError(404, f"model '{name}' is not served here (serving '{predictor.model_name}')", type="not_found")
+    if name not in predictor.models:
+        served = ", ".join(predictor.models)
+        raise ApiError(404, f"model '{name}' is not served here (serving {served})", type="not_found")
 
 
 @router.get("/v2", response_model=ServerMetadataResponse, tags=["v2"])
@@ -172,3 +181,109 @@ async def v2_infer(name: str, request: Request, predictor: PredictorDep) -> Infe
     return InferResponse(
         model_name=name, model_version=scored.model.version, id=request_id, outputs=[tensors[w] for w in wanted]
     )
+
+
+# --- generate (Triton's generate extension, for generators) ---------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    """Triton's generate extension: the prompt in `text_input`, sampling in `parameters` (or at the top level)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text_input: str = Field(min_length=1)
+    parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters())
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+
+
+class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    seed: int | None = None
+
+
+class GenerateResponse(BaseModel):
+    model_name: str
+    model_version: str
+    text_output: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+GenerateRequest.model_rebuild()
+
+
+def _generation_request(name: str, body: GenerateRequest) -> GenerationRequest:
+    p = body.parameters
+    return GenerationRequest(
+        model=name,
+        prompt=body.text_input,
+        max_tokens=body.max_tokens or p.max_tokens,
+        temperature=p.temperature if body.temperature is None else body.temperature,
+        top_p=p.top_p if body.top_p is None else body.top_p,
+        stop=tuple(p.stop),
+        seed=p.seed,
+        field="text_input",
+    )
+
+
+@router.post(
+    "/v2/models/{name}/generate",
+    response_model=GenerateResponse,
+    tags=["v2"],
+    dependencies=JsonBody,
+    responses=ERRORS,
+)
+async def v2_generate(name: str, body: GenerateRequest, request: Request, predictor: PredictorDep) -> GenerateResponse:
+    """The whole answer to `text_input` from the generator `name`."""
+    _v2_model(predictor, name)
+    stream = await generate(predictor, _generation_request(name, body), request_id_of(request), ROUTE)
+    answer = await stream.answer()
+    return GenerateResponse(
+        model_name=name,
+        model_version=stream.model.version,
+        text_output=answer.text,
+        finish_reason=answer.finish_reason,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+    )
+
+
+@router.post(
+    "/v2/models/{name}/generate_stream",
+    tags=["v2"],
+    dependencies=JsonBody,
+    responses=ERRORS | STREAMED,
+)
+async def v2_generate_stream(
+    name: str, body: GenerateRequest, request: Request, predictor: PredictorDep
+) -> StreamingResponse:
+    """The answer to `text_input` as server-sent events of `{model_name, model_version, text_output}`; the last
+    one also carries `finish_reason` and the token counts."""
+    _v2_model(predictor, name)
+    stream = await generate(predictor, _generation_request(name, body), request_id_of(request), ROUTE)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for piece in stream.events():
+                last = piece.finish_reason is not None
+                out = GenerateResponse(
+                    model_name=name,
+                    model_version=stream.model.version,
+                    text_output=piece.text,
+                    finish_reason=piece.finish_reason,
+                    prompt_tokens=stream.prompt_tokens if last else None,
+                    completion_tokens=piece.completion_tokens if last else None,
+                )
+                yield f"data: {out.model_dump_json(exclude_none=True)}\n\n"
+        except ApiError as error:
+            yield f"data: {json.dumps({'error': error.message, 'type': error.type})}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,193 @@
+"""Generation, shared by every protocol that generates (OpenAI's routes, the Open Inference Protocol's
+`generate`): check a request against the limits, hand it to the served version's engine, and read its
+answer as a stream or whole.
+
+A request keeps the version it started on: its sequence lives in that version's engine, which finishes the
+sequences it has before it stops when a newer version swaps in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from llmops.generation.candidate import GenerationParams, Prompt
+from serving.engine import EngineClosed, EngineFull, Event, Sequence
+from serving.errors import ApiError
+from serving.models import LoadedModel
+from serving.predictor import Predictor
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model: str
+    prompt: Prompt
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    field: str = "prompt"
+    """The request field holding the prompt, for error messages."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Stream:
+    """One request's generation as it forms: `events()` for pieces of text, `answer()` for the whole."""
+
+    def __init__(self, sequence: Sequence, model: LoadedModel, request_id: str):
+        self.sequence = sequence
+        self.model = model
+        self.request_id = request_id
+        self.prompt_tokens = len(sequence.prompt_ids)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Text as it forms; the last event carries the finish reason. A reader that stops early (the client went
+        away) frees the sequence's slot at the next step."""
+        try:
+            while True:
+                event = await self.sequence.events.get()
+                if event.finish_reason == "error":
+                    raise ApiError(500, f"generation failed: {event.text}", type="generation_error")
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """The reader is gone: the sequence leaves at the next step (nothing happens once it has finished)."""
+        if self.sequence.finish_reason is None:
+            self.sequence.cancelled = True
+
+    async def answer(self) -> Answer:
+        text, last = "", None
+        async for event in self.events():
+            text += event.text
+            last = event
+        assert last is not None and last.finish_reason is not None
+        return Answer(text, last.finish_reason, self.prompt_tokens, last.completion_tokens)
+
+
+def _generator_model(predictor: Predictor, name: str) -> LoadedModel:
+    watcher = predictor.models.get(name)
+    if watcher is None:
+        served = ", ".join(predictor.models)
+        raise ApiError(404, f"model '{name}' is not served here (serving {served})", type="not_found", field="model")
+    model = watcher.current
+    if model is None:
+        raise ApiError(
+            503,
+            f"model '{name}' is not loaded: {watcher.status}",
+            type="not_ready",
+            headers={"Retry-After": str(max(1, round(predictor.cfg.poll_interval_s)))},
+        )
+    if model.engine is None:
+        raise ApiError(
+            400, f"model '{name}' is a {model.task} model: use /v1/predict", type="wrong_model_kind", field="model"
+        )
+    return model
+
+
+def _params(
+    predictor: Predictor, request: GenerationRequest, prompt_tokens: int, model: LoadedModel
+) -> GenerationParams:
+    cfg = predictor.cfg
+    if prompt_tokens > cfg.max_prompt_tokens:
+        raise ApiError(
+            413,
+            f"{request.field}: {prompt_tokens} tokens; at most {cfg.max_prompt_tokens} (serve.max_prompt_tokens)",
+            type="prompt_too_long",
+            field=request.field,
+        )
+    budget = min(request.max_tokens or cfg.default_max_tokens, cfg.max_new_tokens)
+    context = model.runtime.context_length
+    if context is not None:
+        if prompt_tokens >= context:
+            raise ApiError(
+                413,
+                f"{request.field}: {prompt_tokens} tokens leave no room in the model's {context} positions",
+                type="prompt_too_long",
+                field=request.field,
+            )
+        budget = min(budget, context - prompt_tokens)
+    return GenerationParams(
+        max_new_tokens=budget,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=request.stop,
+        seed=request.seed,
+    )
+
+
+async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Event]]:
+    """The events of several streams as they come, each with its stream's index."""
+    queue: asyncio.Queue[tuple[int, Event | BaseException]] = asyncio.Queue()
+
+    async def pump(index: int, stream: Stream) -> None:
+        try:
+            async for event in stream.events():
+                await queue.put((index, event))
+        except BaseException as error:  # handed to the reader, which raises it
+            await queue.put((index, error))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield index, item
+            if item.finish_reason is not None:
+                open_streams -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.cancel()
+
+
+async def generate(predictor: Predictor, request: GenerationRequest, request_id: str, route: str) -> Stream:
+    """Start a generation with the model's current version; 404 / 503 / 413 / 400 before anything runs."""
+    loop = asyncio.get_running_loop()
+    for _ in range(3):  # a version swapped out between reading it and submitting: take the new one
+        model = _generator_model(predictor, request.model)
+        assert model.engine is not None
+        prompt_ids = model.runtime.encode(request.prompt, truncate=False)
+        params = _params(predictor, request, len(prompt_ids), model)
+        context = {"request_id": request_id, "prompt": request.prompt, "route": route, "model": model}
+        try:
+            sequence = model.engine.submit(prompt_ids, params, loop, context)
+        except EngineFull as error:
+            predictor.metrics.rejected.labels("generation_queue_full").inc()
+            raise ApiError(503, f"server busy: {error}", type="overloaded", headers={"Retry-After": "1"}) from None
+        except EngineClosed:
+            continue
+        return Stream(sequence, model, request_id)
+    raise ApiError(503, "the model is being replaced: try again", type="not_ready", headers={"Retry-After": "1"})
+
+
+def record_generation(predictor: Predictor, sequence: Sequence) -> None:
+    """Metrics of a finished generation (called on the engine's thread)."""
+    model: LoadedModel = sequence.context["model"]
+    labels = (model.name, model.version)
+    metrics = predictor.metrics
+    finished = sequence.finished_at or time.perf_counter()
+    first = sequence.first_token_at or finished
+    metrics.ttft.labels(*labels).observe(first - sequence.submitted)
+    metrics.e2e.labels(*labels).observe(finished - sequence.submitted)
+    if sequence.generated > 1:
+        metrics.tpot.labels(*labels).observe((finished - first) / (sequence.generated - 1))
+    metrics.prompt_tokens.labels(*labels).inc(len(sequence.prompt_ids))
+    metrics.generated_tokens.labels(*labels).inc(sequence.generated)
+    metrics.generations.labels(*labels, sequence.finish_reason or "unknown").inc()

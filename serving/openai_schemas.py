@@ -1,0 +1,145 @@
+"""Request and response models of the OpenAI API routes (`/v1/completions`, `/v1/chat/completions`,
+`/v1/models`), in the shape the official `openai` client reads.
+
+Unknown request fields are ignored, as OpenAI-compatible servers do (clients send fields like
+`frequency_penalty`); fields llmops cannot honour (`n` above 1, `logprobs`, `echo`) are refused with a 422
+naming them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP = 4
+"""Stop strings per request at most (OpenAI's limit)."""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    """Send one more chunk before `[DONE]` with the request's token counts."""
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="A served generator, as `GET /v1/models` lists it (`tweet-generator`).")
+    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to write at most (capped by the server).")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0: greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1, description="Choices per prompt: only 1 is served.")
+    stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP} strings that end the text.")
+    seed: int | None = Field(default=None, description="Makes sampling reproducible.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return stop
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(description="A prompt, or a list of prompts (one choice each).")
+    logprobs: None = Field(default=None, description="Not served: must be absent or null.")
+    echo: Literal[False] = Field(default=False, description="Not served: must be absent or false.")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="The newer name of `max_tokens`.")
+    logprobs: Literal[False] | None = Field(default=None, description="Not served: must be absent, null or false.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    """`llmops-<model>-v<version>`: which registered version answered."""
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llmops"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
