@@ -87,7 +87,7 @@ TINY_LLAMA = {
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
     "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
+    "max_position_embeddings": 8192,  # long answers for the back-pressure tests (Llama has no position weights)
 }
 
 

@@ -1,0 +1,304 @@
+"""Generators served in-process (ASGI transport, real lifespan) next to a classifier, against a real MLflow
+registry of tiny models: OpenAI's routes through the official `openai` client, streamed and not, Triton's
+generate extension, continuous batching under concurrency, disconnects, back-pressure, an alias switch while
+streaming, and every bad input a 4xx.
+
+Versions of `tiny-generator`: 1 and 2 (different weights). `tiny-sentiment` version 1 is a classifier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from asgi_lifespan import LifespanManager
+
+from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
+from serving.app import create_app
+from tests.tiny_registry import register_generators, register_versions, set_alias
+
+GENERATOR, CLASSIFIER = "tiny-generator", "tiny-sentiment"
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("generation-serving")
+    uri = register_versions(root, CLASSIFIER, seeds=[1])
+    register_generators(root, GENERATOR, seeds=[1, 2], uri=uri)
+    set_alias(uri, CLASSIFIER, "champion", "1")
+    return uri
+
+
+@pytest.fixture
+def v1(store: str) -> str:
+    set_alias(store, GENERATOR, "champion", "1")
+    return store
+
+
+@asynccontextmanager
+async def serving(store: str, tmp_path: Path, **serve: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    settings = {
+        "models": [CLASSIFIER, GENERATOR],
+        "poll_interval_s": 0.1,
+        "flush_interval_s": 0.2,
+        "model_cache": str(tmp_path / "served"),
+        "prediction_log": str(tmp_path / "predictions.db"),
+    } | serve
+    cfg = LlmopsConfig(registry=RegistryConfig(model_name=CLASSIFIER), serve=ServeConfig(**settings))
+    app = create_app(cfg, tracking_uri=store)
+    async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serving", timeout=60) as client:
+            for _ in range(600):
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            yield client, manager.app
+
+
+def openai_client(app: Any) -> openai.AsyncOpenAI:
+    transport = httpx.ASGITransport(app=app)
+    return openai.AsyncOpenAI(
+        base_url="http://serving/v1",
+        api_key="unused",
+        http_client=httpx.AsyncClient(transport=transport, base_url="http://serving", timeout=60),
+        max_retries=0,
+    )
+
+
+def complete(prompt: str, max_tokens: int, **more: Any) -> dict[str, Any]:
+    return {"model": GENERATOR, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0} | more
+
+
+async def sse(response: httpx.Response) -> list[Any]:
+    """The data of every server-sent event, parsed ('[DONE]' kept as the string)."""
+    out = []
+    async for line in response.aiter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+# --- the OpenAI client, unchanged ------------------------------------------------------------------------
+
+
+async def test_the_openai_client_lists_completes_and_chats(v1: str, tmp_path: Path) -> None:
+    async with serving(v1, tmp_path) as (_, app):
+        client = openai_client(app)
+        assert {m.id for m in (await client.models.list()).data} == {CLASSIFIER, GENERATOR}
+        done = await client.completions.create(model=GENERATOR, prompt="write a tweet", max_tokens=6, temperature=0)
+        assert done.object == "text_completion" and done.system_fingerprint == f"llmops-{GENERATOR}-v1"
+        (choice,) = done.choices
+        assert choice.finish_reason in {"stop", "length"} and choice.text
+        assert done.usage.completion_tokens <= 6 and done.usage.prompt_tokens > 0
+        assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+        chat = await client.chat.completions.create(
+            model=GENERATOR, messages=[{"role": "user", "content": "classify: great crew"}], max_tokens=4
+        )
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 4
+
+
+async def test_a_streamed_answer_is_the_whole_answer_in_pieces(v1: str, tmp_path: Path) -> None:
+    async with serving(v1, tmp_path) as (_, app):
+        client = openai_client(app)
+        whole = await client.completions.create(model=GENERATOR, prompt="write a tweet", max_tokens=12, temperature=0)
+        stream = await client.completions.create(
+            model=GENERATOR,
+            prompt="write a tweet",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        pieces, finish, usage = [], None, None
+        async for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason or finish
+            usage = chunk.usage or usage
+        assert "".join(pieces) == whole.choices[0].text and finish == whole.choices[0].finish_reason
+        assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+        chat = await client.chat.completions.create(
+            model=GENERATOR, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True
+        )
+        deltas = [c.choices[0] async for c in chat]
+        assert deltas[0].delta.role == "assistant" and deltas[-1].finish_reason in {"stop", "length"}
+
+
+async def test_sse_ends_with_done(v1: str, tmp_path: Path) -> None:
+    async with serving(v1, tmp_path) as (client, _):
+        async with client.stream("POST", "/v1/completions", json=complete("hello", 5, stream=True)) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            events = await sse(response)
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in {"stop", "length"}
+
+
+async def test_triton_generate_and_generate_stream(v1: str, tmp_path: Path) -> None:
+    async with serving(v1, tmp_path) as (client, _):
+        body = {"text_input": "write a tweet", "parameters": {"max_tokens": 6}}
+        whole = (await client.post(f"/v2/models/{GENERATOR}/generate", json=body)).json()
+        assert whole["model_name"] == GENERATOR and whole["model_version"] == "1"
+        assert whole["completion_tokens"] <= 6 and whole["finish_reason"] in {"stop", "length"}
+        async with client.stream("POST", f"/v2/models/{GENERATOR}/generate_stream", json=body) as response:
+            events = await sse(response)
+        assert "".join(e["text_output"] for e in events) == whole["text_output"]
+        assert events[-1]["completion_tokens"] == whole["completion_tokens"]
+
+
+# --- continuous batching ----------------------------------------------------------------------------------
+
+
+async def test_many_streams_at_once_keep_their_own_text_and_counts(v1: str, tmp_path: Path) -> None:
+    prompts = [f"write tweet number {i} about coachella" for i in range(12)]
+    lengths = [2, 17, 5, 11, 3, 23, 8, 1, 14, 6, 19, 9]
+    async with serving(v1, tmp_path, max_running=4) as (client, _):
+        alone = []
+        for prompt, n in zip(prompts, lengths, strict=True):
+            alone.append((await client.post("/v1/completions", json=complete(prompt, n))).json())
+
+        async def streamed(prompt: str, n: int) -> tuple[str, int]:
+            async with client.stream(
+                "POST", "/v1/completions", json=complete(prompt, n, stream=True, stream_options={"include_usage": True})
+            ) as r:
+                events = [e for e in await sse(r) if e != "[DONE]"]
+            return "".join(c["text"] for e in events for c in e["choices"]), events[-1]["usage"]["completion_tokens"]
+
+        together = await asyncio.gather(*(streamed(p, n) for p, n in zip(prompts, lengths, strict=True)))
+    for (text, tokens), expected in zip(together, alone, strict=True):
+        assert text == expected["choices"][0]["text"]  # no cross-talk between the sequences of one batch
+        assert tokens == expected["usage"]["completion_tokens"]
+
+
+async def test_a_client_that_goes_away_frees_its_slot(v1: str, tmp_path: Path) -> None:
+    async with serving(v1, tmp_path, max_running=1, max_new_tokens=4000) as (client, _):
+        endless = complete("write forever", 4000, stream=True)
+        async with client.stream("POST", "/v1/completions", json=endless) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    break  # one chunk, then the client hangs up
+        answered = await asyncio.wait_for(client.post("/v1/completions", json=complete("hi", 3)), timeout=30)
+        assert answered.status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert f'llmops_running_sequences{{model="{GENERATOR}",version="1"}} 0.0' in metrics
+
+
+async def test_over_the_limit_is_refused_at_once_with_retry_after(v1: str, tmp_path: Path) -> None:
+    async with serving(v1, tmp_path, max_running=1, max_waiting=1, max_new_tokens=4000) as (client, _):
+        busy = [asyncio.create_task(client.post("/v1/completions", json=complete(f"long {i}", 2000))) for i in range(2)]
+        await asyncio.sleep(0.5)  # one decoding, one waiting
+        refused = await asyncio.wait_for(client.post("/v1/completions", json=complete("one more", 3)), timeout=5)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["type"] == "overloaded"
+        for task in busy:
+            task.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
+
+
+async def test_an_alias_switch_while_streaming_loses_no_request(store: str, tmp_path: Path) -> None:
+    set_alias(store, GENERATOR, "champion", "1")
+    async with serving(store, tmp_path) as (client, _):
+
+        async def one(i: int) -> tuple[int, str]:
+            response = await client.post("/v1/completions", json=complete(f"tweet {i}", 12))
+            return response.status_code, response.json().get("system_fingerprint", "")
+
+        first = [asyncio.create_task(one(i)) for i in range(8)]
+        await asyncio.sleep(0.05)
+        set_alias(store, GENERATOR, "champion", "2")
+        later = []
+        for i in range(40):  # keep sending while the new version loads and swaps in
+            later.append(await one(100 + i))
+            if later[-1][1].endswith("-v2"):
+                break
+            await asyncio.sleep(0.1)
+        results = [*await asyncio.gather(*first), *later]
+    set_alias(store, GENERATOR, "champion", "1")
+    assert all(status == 200 for status, _ in results)  # none lost, whichever version answered
+    assert later[-1][1] == f"llmops-{GENERATOR}-v2"
+
+
+# --- bad input is a 4xx ---------------------------------------------------------------------------------------
+
+
+BAD = {
+    "unknown-model": ({"model": "nope", "prompt": "x"}, 404, "not served here"),
+    "a-classifier": ({"model": CLASSIFIER, "prompt": "x"}, 400, "is a sequence-classification model"),
+    "no-prompt": ({"model": GENERATOR}, 422, "prompt"),
+    "empty-prompt-list": ({"model": GENERATOR, "prompt": []}, 422, "at least one prompt"),
+    "two-choices": ({"model": GENERATOR, "prompt": "x", "n": 2}, 422, "n:"),
+    "hot": ({"model": GENERATOR, "prompt": "x", "temperature": 5}, 422, "temperature"),
+    "logprobs": ({"model": GENERATOR, "prompt": "x", "logprobs": 3}, 422, "logprobs"),
+    "five-stops": ({"model": GENERATOR, "prompt": "x", "stop": list("abcde")}, 422, "at most 4 stop strings"),
+    "zero-tokens": ({"model": GENERATOR, "prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+    "long-prompt": ({"model": GENERATOR, "prompt": "word " * 400}, 413, "serve.max_prompt_tokens"),
+    "prompt-not-text": ({"model": GENERATOR, "prompt": 7}, 422, "prompt"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+async def test_bad_completion_requests_are_4xx(case: str, v1: str, tmp_path: Path) -> None:
+    body, status, message = BAD[case]
+    async with serving(v1, tmp_path) as (client, _):
+        response = await client.post("/v1/completions", json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"] and response.json()["request_id"]
+
+
+async def test_bad_chat_and_generate_requests_are_4xx(v1: str, tmp_path: Path) -> None:
+    async with serving(v1, tmp_path) as (client, _):
+        no_messages = await client.post("/v1/chat/completions", json={"model": GENERATOR, "messages": []})
+        bad_role = await client.post(
+            "/v1/chat/completions", json={"model": GENERATOR, "messages": [{"role": "robot", "content": "x"}]}
+        )
+        not_json = await client.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"})
+        wrong_type = await client.post("/v1/completions", content=b"x", headers={"content-type": "text/plain"})
+        no_text = await client.post(f"/v2/models/{GENERATOR}/generate", json={"parameters": {}})
+        unknown = await client.post("/v2/models/nope/generate", json={"text_input": "x"})
+        classifier_route = await client.post("/v1/predict", json={"texts": ["fine"]})
+    assert [r.status_code for r in (no_messages, bad_role, not_json, wrong_type, no_text, unknown)] == [
+        422, 422, 400, 415, 422, 404
+    ]  # fmt: skip
+    assert classifier_route.status_code == 200  # the classifier beside it keeps answering
+
+
+async def test_api_keys_guard_the_new_routes(v1: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMOPS_API_KEYS", "k1")
+    async with serving(v1, tmp_path) as (client, app):
+        refused = await client.post("/v1/completions", json=complete("x", 2))
+        listed = await client.get("/v1/models")
+        keyed = openai.AsyncOpenAI(
+            base_url="http://serving/v1",
+            api_key="k1",
+            http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serving"),
+        )
+        done = await keyed.completions.create(model=GENERATOR, prompt="x", max_tokens=2)
+    assert refused.status_code == 401 and listed.status_code == 401 and done.choices
+
+
+async def test_metrics_tell_time_to_first_token_and_tokens(v1: str, tmp_path: Path) -> None:
+    async with serving(v1, tmp_path) as (client, _):
+        await client.post("/v1/completions", json=complete("hello", 4))
+        metrics = (await client.get("/metrics")).text
+    labels = f'model="{GENERATOR}",version="1"'
+    for name in (
+        "llmops_time_to_first_token_seconds_count",
+        "llmops_time_per_output_token_seconds_count",
+        "llmops_generation_seconds_count",
+        "llmops_prompt_tokens_total",
+        "llmops_generated_tokens_total",
+    ):
+        assert f"{name}{{{labels}}}" in metrics, name
