@@ -1,11 +1,12 @@
-"""The prediction log: every served prediction and every feedback label, for monitoring to read.
+"""The prediction log: every served prediction and generation, and every feedback on them, for monitoring.
 
 Serving writes it, monitoring reads it; this module is the contract between them.
 Two stores behind one interface, chosen by the path:
 - `predictions.db` (any `.db` / `.sqlite` path): one SQLite file in WAL mode, so a
   monitor can read while the server writes;
-- any other path: a folder of Parquet files, `predictions/part-*.parquet` and
-  `feedback/part-*.parquet`, one file per flush (easy to ship to object storage).
+- any other path: a folder of Parquet files, `predictions/part-*.parquet`,
+  `feedback/part-*.parquet`, `generations/...` and `generation_feedback/...`, one file
+  per flush (easy to ship to object storage).
 
 :class:`PredictionLogWriter` keeps writes off the request path: rows go to an
 in-memory buffer that a background thread flushes every `flush_interval_s`
@@ -23,6 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -63,8 +65,49 @@ class FeedbackRow:
     ts: float
 
 
+@dataclass(frozen=True)
+class GenerationRow:
+    """One generated answer of a served generator."""
+
+    request_id: str
+    idx: int
+    """Position of the prompt in its request (a completion request may hold several)."""
+    ts: float
+    model_name: str
+    model_version: str
+    route: str
+    """The protocol that asked: `openai` or `v2`."""
+    prompt: str
+    """The prompt as written, or a chat's last user message."""
+    messages: str
+    """A chat as JSON (its messages before the answer); "" for a plain prompt."""
+    completion: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    ttft_ms: float
+    latency_ms: float
+    embedding: bytes | None = None
+    """The model's hidden state at the prompt's last token (float16), for embedding drift of the prompts."""
+    unk_share: float | None = None
+    """Share of the prompt's tokens unknown to the model's tokenizer."""
+
+
+@dataclass(frozen=True)
+class GenerationFeedbackRow:
+    request_id: str
+    idx: int
+    rating: float | None
+    """A user's score of the answer (any scale the team agrees on; for example -1, 0, 1)."""
+    correction: str | None
+    """The answer the model should have written."""
+    ts: float
+
+
 PREDICTION_COLUMNS = list(PredictionRow.__dataclass_fields__)
 FEEDBACK_COLUMNS = list(FeedbackRow.__dataclass_fields__)
+GENERATION_COLUMNS = list(GenerationRow.__dataclass_fields__)
+GENERATION_FEEDBACK_COLUMNS = list(GenerationFeedbackRow.__dataclass_fields__)
 
 
 def encode_embedding(vector: np.ndarray) -> bytes:
@@ -81,6 +124,15 @@ def decode_embeddings(values: Iterable[bytes | None]) -> np.ndarray | None:
 
 def probabilities_json(labels: list[str], probs: Iterable[float]) -> str:
     return json.dumps({label: round(float(p), 6) for label, p in zip(labels, probs, strict=True)})
+
+
+TABLES = ("predictions", "feedback", "generations", "generation_feedback")
+COLUMNS = {
+    "predictions": PREDICTION_COLUMNS,
+    "feedback": FEEDBACK_COLUMNS,
+    "generations": GENERATION_COLUMNS,
+    "generation_feedback": GENERATION_FEEDBACK_COLUMNS,
+}
 
 
 class SqliteStore:
@@ -101,19 +153,30 @@ class SqliteStore:
             db.execute("CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
             db.execute("CREATE TABLE IF NOT EXISTS feedback (request_id TEXT, idx INTEGER, label TEXT, ts REAL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS generations (request_id TEXT, idx INTEGER, ts REAL, model_name TEXT,"
+                " model_version TEXT, route TEXT, prompt TEXT, messages TEXT, completion TEXT, prompt_tokens INTEGER,"
+                " completion_tokens INTEGER, finish_reason TEXT, ttft_ms REAL, latency_ms REAL, embedding BLOB,"
+                " unk_share REAL)"
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS generations_request ON generations (request_id)")
+            db.execute("CREATE INDEX IF NOT EXISTS generations_ts ON generations (ts)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS generation_feedback (request_id TEXT, idx INTEGER, rating REAL,"
+                " correction TEXT, ts REAL)"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
 
-    def write(self, predictions: list[PredictionRow], feedback: list[FeedbackRow]) -> None:
-        with self._connect() as db:  # one transaction per flush
-            if predictions:
-                marks = ",".join("?" * len(PREDICTION_COLUMNS))
-                db.executemany(
-                    f"INSERT INTO predictions VALUES ({marks})", [tuple(asdict(r).values()) for r in predictions]
-                )
-            if feedback:
-                db.executemany("INSERT INTO feedback VALUES (?,?,?,?)", [tuple(asdict(r).values()) for r in feedback])
+    def write(self, predictions: list[PredictionRow], feedback: list[FeedbackRow], *more: list[Any]) -> None:
+        """Every buffered row in one transaction; `more`: generation rows, then generation feedback rows."""
+        tables: zip[tuple[str, list[Any]]] = zip(TABLES, (predictions, feedback, *more), strict=False)
+        with self._connect() as db:
+            for table, rows in tables:
+                if rows:
+                    marks = ",".join("?" * len(COLUMNS[table]))
+                    db.executemany(f"INSERT INTO {table} VALUES ({marks})", [tuple(asdict(r).values()) for r in rows])
 
     def request_size(self, request_id: str) -> int:
         """How many texts the request had (0: no such request)."""
@@ -146,25 +209,52 @@ class SqliteStore:
         with self._connect() as db:
             return pd.read_sql_query("SELECT * FROM feedback ORDER BY ts", db)
 
+    def generation_request_size(self, request_id: str) -> int:
+        """How many prompts a generation request had (0: no such request)."""
+        with self._connect() as db:
+            query = "SELECT COUNT(DISTINCT idx) FROM generations WHERE request_id = ?"
+            return int(db.execute(query, (request_id,)).fetchone()[0])
+
+    def read_generations(
+        self, last_n: int | None = None, since: float | None = None, model_name: str | None = None
+    ) -> pd.DataFrame:
+        """The last `last_n` generations at or after `since`, of one model if given, oldest first."""
+        conditions = {"ts >= ?": since, "model_name = ?": model_name}
+        where = [(clause, value) for clause, value in conditions.items() if value is not None]
+        query = "SELECT * FROM generations"
+        if where:
+            query += " WHERE " + " AND ".join(clause for clause, _ in where)
+        params: list[object] = [value for _, value in where]
+        query += " ORDER BY ts DESC, request_id DESC, idx DESC"
+        if last_n is not None:
+            query, params = query + " LIMIT ?", [*params, last_n]
+        with self._connect() as db:
+            frame = pd.read_sql_query(query, db, params=params)
+        return frame.iloc[::-1].reset_index(drop=True)
+
+    def read_generation_feedback(self) -> pd.DataFrame:
+        with self._connect() as db:
+            return pd.read_sql_query("SELECT * FROM generation_feedback ORDER BY ts", db)
+
 
 class ParquetStore:
     def __init__(self, path: Path):
         self.path = path
-        for part in ("predictions", "feedback"):
+        for part in TABLES:
             (path / part).mkdir(parents=True, exist_ok=True)
 
-    def _append(self, part: str, rows: list[PredictionRow] | list[FeedbackRow]) -> None:
+    def _append(self, part: str, rows: list[Any]) -> None:
         # Write then rename: a reader never sees half a file.
         name = f"part-{time.time_ns()}-{os.getpid()}"  # several server workers may flush at once
         tmp = self.path / part / f".{name}.tmp"
         pd.DataFrame([asdict(r) for r in rows]).to_parquet(tmp, index=False)
         tmp.rename(self.path / part / f"{name}.parquet")
 
-    def write(self, predictions: list[PredictionRow], feedback: list[FeedbackRow]) -> None:
-        if predictions:
-            self._append("predictions", predictions)
-        if feedback:
-            self._append("feedback", feedback)
+    def write(self, predictions: list[PredictionRow], feedback: list[FeedbackRow], *more: list[Any]) -> None:
+        batches: list[list[Any]] = [predictions, feedback, *more]
+        for part, rows in zip(TABLES, batches, strict=False):
+            if rows:
+                self._append(part, rows)
 
     def _read(self, part: str, columns: list[str]) -> pd.DataFrame:
         files = sorted((self.path / part).glob("part-*.parquet"))
@@ -199,6 +289,26 @@ class ParquetStore:
     def read_feedback(self) -> pd.DataFrame:
         return self._read("feedback", FEEDBACK_COLUMNS).sort_values("ts", kind="stable").reset_index(drop=True)
 
+    def generation_request_size(self, request_id: str) -> int:
+        frame = self._read("generations", GENERATION_COLUMNS)
+        return int(frame.loc[frame["request_id"] == request_id, "idx"].nunique())
+
+    def read_generations(
+        self, last_n: int | None = None, since: float | None = None, model_name: str | None = None
+    ) -> pd.DataFrame:
+        frame = self._read("generations", GENERATION_COLUMNS).sort_values(["ts", "request_id", "idx"], kind="stable")
+        if since is not None:
+            frame = frame[frame["ts"] >= since]
+        if model_name is not None:
+            frame = frame[frame["model_name"] == model_name]
+        if last_n is not None:
+            frame = frame.tail(last_n)
+        return frame.reset_index(drop=True)
+
+    def read_generation_feedback(self) -> pd.DataFrame:
+        frame = self._read("generation_feedback", GENERATION_FEEDBACK_COLUMNS)
+        return frame.sort_values("ts", kind="stable").reset_index(drop=True)
+
 
 PredictionStore = SqliteStore | ParquetStore
 
@@ -217,7 +327,10 @@ class PredictionLogWriter:
         self._lock = threading.Lock()
         self._predictions: list[PredictionRow] = []
         self._feedback: list[FeedbackRow] = []
+        self._generations: list[GenerationRow] = []
+        self._generation_feedback: list[GenerationFeedbackRow] = []
         self._pending_sizes: dict[str, int] = {}
+        self._pending_generations: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self.rows_written = 0
@@ -237,10 +350,29 @@ class PredictionLogWriter:
         with self._lock:
             self._feedback.append(row)
 
+    def append_generation(self, row: GenerationRow) -> None:
+        with self._lock:
+            self._generations.append(row)
+            self._pending_generations[row.request_id] = max(
+                self._pending_generations.get(row.request_id, 0), row.idx + 1
+            )
+
+    def append_generation_feedback(self, row: GenerationFeedbackRow) -> None:
+        with self._lock:
+            self._generation_feedback.append(row)
+
+    def generation_request_size(self, request_id: str) -> int:
+        """How many prompts a logged generation request had, written or still buffered (0: unknown)."""
+        with self._lock:
+            if request_id in self._pending_generations:
+                return self._pending_generations[request_id]
+        return self.store.generation_request_size(request_id)
+
     @property
     def pending(self) -> int:
         with self._lock:
-            return len(self._predictions) + len(self._feedback)
+            buffers = (self._predictions, self._feedback, self._generations, self._generation_feedback)
+            return sum(len(b) for b in buffers)
 
     def request_size(self, request_id: str) -> int:
         """How many texts a logged request had, written or still buffered (0: unknown request)."""
@@ -252,11 +384,12 @@ class PredictionLogWriter:
     def flush(self) -> None:
         with self._lock:
             predictions, feedback = self._predictions, self._feedback
-            self._predictions, self._feedback = [], []
-        if not predictions and not feedback:
+            generations, generation_feedback = self._generations, self._generation_feedback
+            self._predictions, self._feedback, self._generations, self._generation_feedback = [], [], [], []
+        if not (predictions or feedback or generations or generation_feedback):
             return
         try:
-            self.store.write(predictions, feedback)
+            self.store.write(predictions, feedback, generations, generation_feedback)
         except Exception:
             # Keep the rows for the next flush rather than lose them; the failure shows in /metrics.
             self.write_failures += 1
@@ -264,11 +397,15 @@ class PredictionLogWriter:
             with self._lock:
                 self._predictions[:0] = predictions
                 self._feedback[:0] = feedback
+                self._generations[:0] = generations
+                self._generation_feedback[:0] = generation_feedback
             return
-        self.rows_written += len(predictions)
+        self.rows_written += len(predictions) + len(generations)
         with self._lock:
             for r in predictions:
                 self._pending_sizes.pop(r.request_id, None)
+            for g in generations:
+                self._pending_generations.pop(g.request_id, None)
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval_s):

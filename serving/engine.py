@@ -94,12 +94,15 @@ class GenerationEngine:
         max_running: int,
         max_waiting: int,
         continuous: bool = True,
+        embeddings: bool = False,
         on_finish: Callable[[Sequence], None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ):
         self.generator = generator
         self.max_running = max_running if continuous and generator.task == "causal-lm" else 1
         self.max_waiting = max_waiting
+        self.embeddings = embeddings
+        """Keep each prompt's embedding (the output layer's input at its last token) for the prediction log."""
         self.on_finish = on_finish
         self.on_step = on_step
         """Called with (running, waiting) after every step, for metrics."""
@@ -209,7 +212,17 @@ class GenerationEngine:
         starts = torch.tensor([width - len(s.prompt_ids) for s in sequences])
         mask = (torch.arange(width)[None, :] >= starts[:, None]).long()
         device = self.generator.device
-        logits, batch = prefill(self.generator.model, ids.to(device), mask.to(device))
+        caught: list[torch.Tensor] = []
+        head = self.generator.model.get_output_embeddings() if self.embeddings else None
+        hook = head.register_forward_pre_hook(lambda _, args: caught.append(args[0])) if head is not None else None
+        try:
+            logits, batch = prefill(self.generator.model, ids.to(device), mask.to(device))
+        finally:
+            if hook is not None:
+                hook.remove()
+        if caught:  # (batch, 1, hidden) at the last prompt token
+            for sequence, vector in zip(sequences, caught[0][:, -1, :].float().cpu().numpy(), strict=True):
+                sequence.context["embedding"] = vector
         if self._batch is None or self._logits is None:
             self._batch, self._logits = batch, logits
         else:

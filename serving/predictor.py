@@ -22,6 +22,7 @@ from llmops.candidate import Forward
 from llmops.config import LlmopsConfig
 from llmops.predlog import (
     FeedbackRow,
+    GenerationFeedbackRow,
     PredictionLogWriter,
     PredictionRow,
     encode_embedding,
@@ -102,6 +103,7 @@ class Predictor:
             max_running=self.cfg.max_running,
             max_waiting=self.cfg.max_waiting,
             continuous=self.cfg.continuous_batching,
+            embeddings=self.cfg.log_embeddings,
             on_finish=lambda sequence: record_generation(self, sequence),
             on_step=on_step,
         )
@@ -236,6 +238,20 @@ class Predictor:
         # Sampled here rather than computed at scrape time: multi-process metrics cannot call back into a worker.
         self.metrics.log_pending.set(self.log.pending)
         self.metrics.log_failures.set(self.log.write_failures)
+
+    async def generation_feedback(
+        self, request_id: str, index: int, rating: float | None, correction: str | None
+    ) -> None:
+        size = await asyncio.to_thread(self.log.generation_request_size, request_id)
+        if size == 0:
+            raise ApiError(
+                404, f"request_id: no generation with id '{request_id}'", type="not_found", field="request_id"
+            )
+        if index >= size:
+            raise ApiError(
+                422, f"index: request {request_id} had {size} prompt(s)", type="invalid_field", field="index"
+            )
+        self.log.append_generation_feedback(GenerationFeedbackRow(request_id, index, rating, correction, time.time()))
 
     async def feedback(self, request_id: str, index: int, label: str) -> None:
         labels = self.require_model().labels

@@ -50,16 +50,32 @@ class PredictResponse(BaseModel):
 
 
 class FeedbackRequest(_Body):
+    """Feedback on a past answer: the true `label` of a classification, or a `rating` and / or a corrected
+    `completion` of a generation (the request id of either comes back in `X-Request-ID`)."""
+
     request_id: StrictStr = Field(min_length=1)
-    label: StrictStr
+    label: StrictStr | None = None
+    rating: float | None = None
+    completion: StrictStr | None = Field(default=None, min_length=1)
     index: int = Field(default=0, ge=0)
-    """Which text of the request (0 for single-text requests)."""
+    """Which text (or prompt) of the request (0 for single-text requests)."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> FeedbackRequest:
+        generation = self.rating is not None or self.completion is not None
+        if self.label is None and not generation:
+            raise ValueError("give a label (a classification) or a rating or completion (a generation)")
+        if self.label is not None and generation:
+            raise ValueError("a label is feedback on a classification; rating and completion on a generation")
+        return self
 
 
 class FeedbackResponse(BaseModel):
     request_id: str
     index: int
-    label: str
+    label: str | None = None
+    rating: float | None = None
+    completion: str | None = None
     stored: bool
 
 

@@ -64,7 +64,7 @@ async def _start(
     """One stream per prompt; if any is refused, the ones already started are stopped."""
     streams: list[Stream] = []
     try:
-        for prompt, field in zip(prompts, fields, strict=True):
+        for index, (prompt, field) in enumerate(zip(prompts, fields, strict=True)):
             request = GenerationRequest(
                 model=body.model,
                 prompt=prompt,
@@ -75,7 +75,7 @@ async def _start(
                 seed=body.seed,
                 field=field,
             )
-            streams.append(await generate(predictor, request, request_id, ROUTE))
+            streams.append(await generate(predictor, request, request_id, ROUTE, index))
     except BaseException:
         for stream in streams:
             stream.cancel()

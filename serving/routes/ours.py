@@ -104,6 +104,10 @@ async def model_info(predictor: PredictorDep) -> ModelResponse:
     responses=ERRORS,
 )
 async def feedback(body: FeedbackRequest, predictor: PredictorDep) -> FeedbackResponse:
-    """The true label of a past prediction, stored for monitoring."""
-    await predictor.feedback(body.request_id, body.index, body.label)
-    return FeedbackResponse(request_id=body.request_id, index=body.index, label=body.label, stored=True)
+    """The true label of a past prediction, or a rating or corrected completion of a past generation, stored
+    beside it for monitoring."""
+    if body.label is not None:
+        await predictor.feedback(body.request_id, body.index, body.label)
+    else:
+        await predictor.generation_feedback(body.request_id, body.index, body.rating, body.completion)
+    return FeedbackResponse(**body.model_dump(), stored=True)

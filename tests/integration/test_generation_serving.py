@@ -198,14 +198,25 @@ async def test_a_client_that_goes_away_frees_its_slot(v1: str, tmp_path: Path) -
 
 async def test_over_the_limit_is_refused_at_once_with_retry_after(v1: str, tmp_path: Path) -> None:
     async with serving(v1, tmp_path, max_running=1, max_waiting=1, max_new_tokens=4000) as (client, _):
-        busy = [asyncio.create_task(client.post("/v1/completions", json=complete(f"long {i}", 2000))) for i in range(2)]
-        await asyncio.sleep(0.5)  # one decoding, one waiting
+        busy = [asyncio.create_task(client.post("/v1/completions", json=complete("long 0", 3000)))]
+        await wait_for_gauge(client, "llmops_running_sequences", 1)
+        busy.append(asyncio.create_task(client.post("/v1/completions", json=complete("long 1", 3000))))
+        await wait_for_gauge(client, "llmops_waiting_sequences", 1)  # one decoding, one waiting: full
         refused = await asyncio.wait_for(client.post("/v1/completions", json=complete("one more", 3)), timeout=5)
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
         assert refused.json()["type"] == "overloaded"
         for task in busy:
             task.cancel()
         await asyncio.gather(*busy, return_exceptions=True)
+
+
+async def wait_for_gauge(client: httpx.AsyncClient, name: str, value: int) -> None:
+    line = f'{name}{{model="{GENERATOR}",version="1"}} {float(value)}'
+    for _ in range(200):
+        if line in (await client.get("/metrics")).text:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{line} never showed")
 
 
 async def test_an_alias_switch_while_streaming_loses_no_request(store: str, tmp_path: Path) -> None:
@@ -302,3 +313,38 @@ async def test_metrics_tell_time_to_first_token_and_tokens(v1: str, tmp_path: Pa
         "llmops_generated_tokens_total",
     ):
         assert f"{name}{{{labels}}}" in metrics, name
+
+
+async def test_every_generation_is_logged_and_takes_feedback(v1: str, tmp_path: Path) -> None:
+    from llmops.predlog import open_store
+
+    chat = [{"role": "user", "content": "write a positive tweet about coachella"}]
+    async with serving(v1, tmp_path) as (client, _):
+        answered = await client.post(
+            "/v1/chat/completions", json={"model": GENERATOR, "messages": chat, "max_tokens": 5}
+        )
+        request_id = answered.headers["x-request-id"]
+        pair = await client.post("/v1/completions", json=complete(["first prompt", "second prompt"], 3))
+        rated = await client.post("/v1/feedback", json={"request_id": request_id, "rating": 1, "completion": "so good"})
+        second = await client.post(
+            "/v1/feedback", json={"request_id": pair.headers["x-request-id"], "index": 1, "rating": -1}
+        )
+        unknown = await client.post("/v1/feedback", json={"request_id": "nope", "rating": 1})
+        past_end = await client.post("/v1/feedback", json={"request_id": request_id, "index": 3, "rating": 1})
+        both = await client.post("/v1/feedback", json={"request_id": request_id, "label": "positive", "rating": 1})
+    assert (rated.status_code, second.status_code, unknown.status_code, past_end.status_code) == (202, 202, 404, 422)
+    assert both.status_code == 422 and "a label is feedback on a classification" in both.json()["error"]
+    store = open_store(tmp_path / "predictions.db")  # the service flushed its log on shutdown
+    logged = store.read_generations()
+    assert len(logged) == 3 and set(logged["model_name"]) == {GENERATOR}
+    row = logged[logged["request_id"] == request_id].iloc[0]
+    assert row["prompt"] == chat[0]["content"] and json.loads(row["messages"]) == chat
+    assert row["completion"] == answered.json()["choices"][0]["message"]["content"]
+    assert row["completion_tokens"] == answered.json()["usage"]["completion_tokens"] and row["route"] == "openai"
+    assert row["ttft_ms"] > 0 and row["latency_ms"] >= row["ttft_ms"] and len(row["embedding"]) == 64 * 2
+    assert sorted(logged.loc[logged["request_id"] == pair.headers["x-request-id"], "prompt"]) == [
+        "first prompt",
+        "second prompt",
+    ]
+    feedback = store.read_generation_feedback()
+    assert feedback[["idx", "rating", "correction"]].values.tolist() == [[0, 1.0, "so good"], [1, -1.0, None]]
