@@ -1,5 +1,6 @@
-"""The real `llmops serve` process on a free loopback port, driven over HTTP by standard clients:
-httpx, MLflow's own scoring-server client, and Triton's Open Inference Protocol client."""
+"""The real `llmops serve` process on a free loopback port, serving a classifier and a generator, driven over
+HTTP by standard clients: httpx, MLflow's own scoring-server client, Triton's Open Inference Protocol client
+and the official `openai` client."""
 
 from __future__ import annotations
 
@@ -19,18 +20,21 @@ import yaml
 
 from llmops.predlog import open_store
 from llmops.stack import free_port
-from tests.tiny_registry import LABELS, register_versions, set_alias
+from tests.tiny_registry import LABELS, register_generators, register_versions, set_alias
 
 NAME = "tiny-process"
+GENERATOR = "tiny-process-generator"
 
 
 @pytest.fixture
 def server(workdir: Path) -> Iterator[tuple[str, int, subprocess.Popen]]:
     store = register_versions(workdir / "registry", NAME, seeds=[7])
+    register_generators(workdir / "registry", GENERATOR, seeds=[7], uri=store)
     set_alias(store, NAME, "champion", "1")
+    set_alias(store, GENERATOR, "champion", "1")
     config = workdir / "serve.yaml"
-    # Two workers: each loads the model and batches on its own; /metrics adds them up.
-    serve = {"flush_interval_s": 60, "workers": 2, "threads": 1}
+    # Two workers: each loads the models and batches on its own; /metrics adds them up.
+    serve = {"flush_interval_s": 60, "workers": 2, "threads": 1, "models": [NAME, GENERATOR]}
     config.write_text(yaml.safe_dump({"registry": {"model_name": NAME}, "serve": serve}))
     port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": store}
@@ -84,6 +88,18 @@ def test_the_real_server_answers_standard_clients_and_flushes_on_sigterm(
     expected = [[p["probabilities"][label] for label in LABELS] for p in ours.json()["predictions"]]
     np.testing.assert_allclose(probs, expected, atol=1e-5)
 
+    import openai
+
+    llm = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    assert {m.id for m in llm.models.list().data} == {NAME, GENERATOR}
+    done = llm.completions.create(model=GENERATOR, prompt="write a tweet", max_tokens=5, temperature=0)
+    assert done.usage.completion_tokens <= 5 and done.system_fingerprint == f"llmops-{GENERATOR}-v1"
+    streamed = llm.chat.completions.create(
+        model=GENERATOR, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, stream=True
+    )
+    chunks = list(streamed)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in {"stop", "length"}
+
     metrics = httpx.get(f"{base}/metrics").text
     assert f'llmops_model_info{{alias="champion",model="{NAME}",version="1"}} 1.0' in metrics
     assert 'http_requests_total{handler="/v1/predict",method="POST",status="200"} 1.0' in metrics
@@ -94,3 +110,4 @@ def test_the_real_server_answers_standard_clients_and_flushes_on_sigterm(
     assert output.count("Application shutdown complete") == 2  # both workers; uvicorn then re-raises SIGTERM
     logged = open_store(workdir / "predictions.db").read_predictions()
     assert len(logged) == 6  # 2 texts through each of the three protocols
+    assert len(open_store(workdir / "predictions.db").read_generations()) == 2
