@@ -17,7 +17,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: install run run-llm test lint bench-compression bench-generation bench-serving bench-monitoring serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
+.PHONY: install run run-llm test lint bench-compression bench-generation bench-generation-serving bench-serving bench-monitoring serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
 
 install: $(STAMP)
 
@@ -50,6 +50,9 @@ bench-compression: install  ## teacher vs student vs int8 vs bnb-int8 vs NF4 -> 
 
 bench-generation: install  ## generative teacher vs student vs int8 vs bnb-int8 vs NF4 -> bench/results/generation.{md,json}
 	$(PY) bench/generation.py --config $(LLM_CONFIG)
+
+bench-generation-serving: install  ## ours (continuous batching on/off) vs transformers serve vs mlflow models serve -> bench/results/generation_serving.{md,json}
+	$(PY) bench/generation_serving.py $(ARGS)
 
 bench-serving: install  ## our server (batching on/off) vs mlflow models serve -> bench/results/serving.{md,json}
 	$(PY) bench/serving.py --config $(CONFIG)

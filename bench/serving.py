@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,12 +32,12 @@ import numpy as np
 import pandas as pd
 from machine import machine
 from mlflow import MlflowClient
+from servers import running
 from tabulate import tabulate
 
 from llmops.candidate import Classifier
 from llmops.config import load_config
 from llmops.registry import CHAMPION, TAG, download_candidate, resolve_tracking_uri
-from llmops.stack import free_port
 
 SERVERS = ("on", "off", "peer")
 REPO = Path(__file__).resolve().parent.parent
@@ -102,24 +101,6 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, warmup_s: float
     }
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {timeout} s")
-
-
 def measure_server(
     label: str,
     command: list[str],
@@ -130,28 +111,16 @@ def measure_server(
     env: dict[str, str],
     workdir: Path,
 ) -> list[dict[str, Any]]:
-    port = free_port()
-    command = [part.replace("{port}", str(port)) for part in command]
-    log = (workdir / f"{label.replace(' ', '_')}.log").open("w")
-    print(f"[{label}] {' '.join(command)}", flush=True)
-    proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}{ready_path}", proc)
+    with running(label, command, ready_path, env, workdir) as base:
         path, make_body = predict
         bodies = [json.dumps(make_body(t)).encode() for t in texts]
         rows = []
         for concurrency in args.concurrency:
-            row = asyncio.run(
-                _load(f"http://127.0.0.1:{port}{path}", bodies, concurrency, args.warmup_s, args.duration_s)
-            )
+            row = asyncio.run(_load(f"{base}{path}", bodies, concurrency, args.warmup_s, args.duration_s))
             row["server"] = label
             print(f"[{label}] c={concurrency}: {row['throughput']:.0f} req/s, p99 {row['p99_ms']:.1f} ms", flush=True)
             rows.append(row)
         return rows
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -247,6 +216,7 @@ def main() -> None:
         ours = [str(VENV_BIN / "llmops"), "serve", "--config", config, "--port", "{port}"]
         ours += ["--set", f"serve.prediction_log={work / 'predictions.db'}"]
         ours += ["--set", f"serve.model_cache={work / 'cache'}"]
+        ours += ["--set", f"serve.models=[{name}]"]  # the classifier alone, as the peer serves it
         ours += [part for item in args.set for part in ("--set", item)]
         v1 = ("/v1/predict", lambda text: {"texts": [text]})
         peer_cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@{CHAMPION}"]

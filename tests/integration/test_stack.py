@@ -146,6 +146,16 @@ def test_the_llm_deployment_registers_a_generator_champion(stack: LocalStack) ->
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     champion = stack.mlflow().get_model_version_by_alias("tweet-generator", "champion")
     assert champion.version == "1" and champion.tags["llmops.task"] == "causal-lm"
+    # the stack's service follows the generator too, beside the classifier
+    body = {"model": "tweet-generator", "prompt": "write a positive tweet about coachella", "max_tokens": 5}
+    deadline, answered = time.time() + 120, None
+    while time.time() < deadline:
+        answered = httpx.post(stack.url("serving", "/v1/completions"), json=body, timeout=30)
+        if answered.status_code == 200:
+            break
+        time.sleep(1)
+    assert answered is not None and answered.status_code == 200, answered.text if answered else None
+    assert answered.json()["system_fingerprint"] == "llmops-tweet-generator-v1"
 
 
 def test_monitor_deployment_writes_a_report_the_evidently_ui_shows(stack: LocalStack) -> None:
