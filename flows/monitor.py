@@ -36,9 +36,10 @@ def launcher(cfg: LlmopsConfig) -> Any:
             from prefect.deployments import run_deployment
 
             parameters = {"config": config, "overrides": request.overrides}
-            run = run_deployment(cfg.monitor.retrain_deployment, parameters=parameters, timeout=0)
+            deployment = request.deployment or cfg.monitor.retrain_deployment
+            run = run_deployment(deployment, parameters=parameters, timeout=0)
             flow_run_id = str(run.id)  # type: ignore[union-attr]  # sync call: a FlowRun, not a coroutine
-            return {"mode": "prefect", "deployment": cfg.monitor.retrain_deployment, "flow_run_id": flow_run_id}
+            return {"mode": "prefect", "deployment": deployment, "flow_run_id": flow_run_id}
         result = lifecycle(config, request.overrides)
         return {
             "mode": "in-process",
@@ -51,14 +52,43 @@ def launcher(cfg: LlmopsConfig) -> Any:
     return launch
 
 
+def _generators(cfg: LlmopsConfig) -> list[str]:
+    """The other served models whose champion generates text (the config's own model is monitored anyway)."""
+    from llmops import registry
+
+    client = registry.setup_tracking(cfg.registry)
+    found = []
+    for name in cfg.served_models:
+        version = registry.alias_version(client, name, registry.CHAMPION)
+        if name != cfg.registry.model_name and version is not None:
+            task = registry.version_tags(client, name, version).get(registry.TAG + "task", "sequence-classification")
+            if task != "sequence-classification":
+                found.append(name)
+    return found
+
+
 @flow(name="monitor", log_prints=True)
 def monitor(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Window vs the champion's reference: report, decision (recorded), retraining if decided."""
+    """Window vs the champion's reference: report, decision (recorded), retraining if decided; for the config's
+    model, and for every served generator beside it (`serve.models`)."""
+    from monitoring.generation import run_generation_monitor
+
     cfg = load_config(config, overrides)
-    outcome = run_monitor(cfg, config, overrides or [], launcher=launcher(cfg))
+    if cfg.generative:
+        outcome = run_generation_monitor(cfg, cfg.registry.model_name, launcher=launcher(cfg))
+    else:
+        outcome = run_monitor(cfg, config, overrides or [], launcher=launcher(cfg))
     get_run_logger().info("report written to %s", outcome.report_dir)
     print(verdict_lines(outcome))
-    return {**outcome.summary, "report_dir": str(outcome.report_dir), "run_id": outcome.run_id}
+    result = {**outcome.summary, "report_dir": str(outcome.report_dir), "run_id": outcome.run_id}
+    others = {}
+    for name in _generators(cfg):
+        other = run_generation_monitor(cfg, name, launcher=launcher(cfg))
+        print(verdict_lines(other))
+        others[name] = {**other.summary, "report_dir": str(other.report_dir), "run_id": other.run_id}
+    if others:
+        result["generators"] = others
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

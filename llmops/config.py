@@ -425,6 +425,42 @@ class BiasConfig(_Strict):
     """Ceiling on the largest difference in a predicted label's rate between slices (reported as over/under)."""
 
 
+GenerationSignal = Literal["prompt", "embedding", "generation"]
+DEFAULT_GENERATION_SIGNALS: tuple[GenerationSignal, ...] = ("prompt",)
+
+
+class GenerationMonitorConfig(_Strict):
+    """How a served generator is monitored (`llmops monitor` covers every served model with a champion)."""
+
+    drift_on: list[GenerationSignal] = Field(default_factory=lambda: list(DEFAULT_GENERATION_SIGNALS))
+    """Signals whose drift makes the window drifted: the prompts' text (default), their embedding, the
+    generations' descriptors. The others are reported. Templated prompts (the tweet instructions) put the
+    prompt embeddings in a few tight clusters, on which the component tests fire on sampling noise alone: the
+    embedding is reported, not a trigger, by default."""
+    reference_rows: int = Field(default=300, gt=0)
+    """Reference prompts (the champion's reference data) the champion answers once per version, greedily."""
+    max_new_tokens: int = Field(default=40, gt=0)
+    control_model: str | None = "tweet-sentiment"
+    """The classifier champion that labels generated texts (null: no control signal)."""
+    target_pattern: str = r"\bwrite an? (\w+) tweet\b"
+    """A regex over a prompt whose first group is the label the answer should carry."""
+    good_rating: float = 1.0
+    """On retraining, answers rated at least this join the training data (corrections always do)."""
+    retrain_config: str = "configs/llm-quickstart.yaml"
+    retrain_deployment: str = "lifecycle/llm"
+
+    @field_validator("target_pattern")
+    @classmethod
+    def _one_group(cls, pattern: str) -> str:
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as error:
+            raise ValueError(f"monitor.generation.target_pattern: invalid regex: {error}") from None
+        if groups < 1:
+            raise ValueError("monitor.generation.target_pattern needs a group around the label")
+        return pattern
+
+
 class MonitorConfig(_Strict):
     window_size: int | None = Field(default=1000, gt=0)
     """The window: the champion's last N logged predictions ..."""
@@ -449,6 +485,8 @@ class MonitorConfig(_Strict):
     """The deployment `run_deployment` starts for a retraining through Prefect."""
     bias: BiasConfig = BiasConfig()
     retrain: RetrainPolicy = RetrainPolicy()
+    generation: GenerationMonitorConfig = GenerationMonitorConfig()
+    """Generators only."""
 
     @model_validator(mode="after")
     def _has_window(self) -> MonitorConfig:

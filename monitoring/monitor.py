@@ -42,6 +42,8 @@ class RetrainRequest:
     extra_rows: str | None
     """Parquet of the window's feedback-labelled rows (None: the window had none)."""
     reason: str
+    deployment: str | None = None
+    """The Prefect deployment that retrains (default: `monitor.retrain_deployment`)."""
 
 
 Launcher = Callable[[RetrainRequest], dict[str, Any]]
@@ -93,7 +95,7 @@ def _window_result(report: MonitoringReport | None, rows: int, at: float) -> Win
     )
 
 
-def _report_dir(root: str, at: float) -> Path:
+def report_dir(root: str, at: float) -> Path:
     stamp = datetime.fromtimestamp(at).strftime("%Y%m%d-%H%M%S")
     folder, n = Path(root) / stamp, 1
     while folder.exists():  # two passes in one second
@@ -124,8 +126,14 @@ def _metrics(summary: dict[str, Any]) -> dict[str, float]:
     return values
 
 
-def _record_mlflow(
-    cfg: LlmopsConfig, champion: Champion, summary: dict[str, Any], decision: RetrainDecision, folder: Path, at: float
+def record_mlflow(
+    cfg: LlmopsConfig,
+    champion: Champion,
+    summary: dict[str, Any],
+    decision: RetrainDecision,
+    folder: Path,
+    at: float,
+    metrics: dict[str, float],
 ) -> str:
     drift = summary.get("drift")
     tags = {
@@ -141,7 +149,7 @@ def _record_mlflow(
     experiment_id = registry.ensure_experiment(cfg.registry, monitoring_experiment(cfg))
     name = f"monitor-v{champion.version}-{folder.name}"
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
-        mlflow.log_metrics(_metrics(summary))
+        mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(folder), artifact_path="report")
     return run.info.run_id
 
@@ -173,7 +181,7 @@ def run_monitor(
     spec = WindowSpec.from_config(cfg.monitor, at)
     window = load_window(open_store(cfg.serve.prediction_log), spec, champion, cache.tokenizer(champion), cfg.data)
     rows = len(window.frame)
-    folder = _report_dir(cfg.monitor.reports_dir, at)
+    folder = report_dir(cfg.monitor.reports_dir, at)
     report = None
     summary: dict[str, Any] = {
         "model": champion.name,
@@ -199,8 +207,8 @@ def run_monitor(
         labelled = int(window.frame["feedback_label"].notna().sum())
         summary["retraining"] = {"config": request.config, "extra_rows": extra, "labelled_rows": labelled}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    run_id = _record_mlflow(cfg, champion, summary, decision, folder, at)
-    _record_workspace(cfg, champion, report, summary, decision, at)
+    run_id = record_mlflow(cfg, champion, summary, decision, folder, at, _metrics(summary))
+    record_workspace(cfg, champion, report, summary, decision, at)
     if request is not None:
         started = launcher(request) if launcher is not None else {"mode": "none", "note": "no launcher given"}
         summary["retraining"] |= started
@@ -209,7 +217,7 @@ def run_monitor(
     return MonitorOutcome(folder, summary, decision, run_id)
 
 
-def _record_workspace(
+def record_workspace(
     cfg: LlmopsConfig,
     champion: Champion,
     report: MonitoringReport | None,
@@ -244,8 +252,15 @@ def verdict_lines(outcome: MonitorOutcome) -> str:
             f"drift: {'YES' if drift['detected'] else 'no'}"
             + (f" ({'; '.join(drift['reasons'])})" if drift["reasons"] else "")
         )
+    generations = s.get("generations")
+    if generations:
+        now, ref = generations["window"], generations["reference"]
+        lines.append(
+            f"generations: control accuracy {now['control_accuracy']} (reference {ref['control_accuracy']}),"
+            f" empty {now['empty_share']}, truncated {now['truncated_share']}; {generations['control']}"
+        )
     quality = s.get("quality")
-    if quality:
+    if quality and "macro_f1" in quality:
         lines.append(
             f"quality: macro-F1 {quality['macro_f1']:.3f} on {quality['labelled']} feedback labels"
             f" (champion test {quality['champion_test_macro_f1']})"

@@ -22,13 +22,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from llmops.generation.candidate import GenerationParams, Generator
-from llmops.generation.decode import Batch, choose, join, keep_rows, prefill, step
+from llmops.generation.decode import Batch, choose, head_inputs, join, keep_rows, prefill, step
 
 log = logging.getLogger(__name__)
 
@@ -212,14 +213,11 @@ class GenerationEngine:
         starts = torch.tensor([width - len(s.prompt_ids) for s in sequences])
         mask = (torch.arange(width)[None, :] >= starts[:, None]).long()
         device = self.generator.device
-        caught: list[torch.Tensor] = []
-        head = self.generator.model.get_output_embeddings() if self.embeddings else None
-        hook = head.register_forward_pre_hook(lambda _, args: caught.append(args[0])) if head is not None else None
-        try:
+        capture: AbstractContextManager[list[torch.Tensor]] = (
+            head_inputs(self.generator.model) if self.embeddings else nullcontext([])
+        )
+        with capture as caught:
             logits, batch = prefill(self.generator.model, ids.to(device), mask.to(device))
-        finally:
-            if hook is not None:
-                hook.remove()
         if caught:  # (batch, 1, hidden) at the last prompt token
             for sequence, vector in zip(sequences, caught[0][:, -1, :].float().cpu().numpy(), strict=True):
                 sequence.context["embedding"] = vector
@@ -292,9 +290,9 @@ class GenerationEngine:
             sequence.first_token_at = sequence.finished_at
         tail = sequence.text[sequence.emitted :] if reason != "error" else error_text
         sequence.emitted = len(sequence.text)
-        sequence.send(Event(tail, sequence.generated, reason))
         if self.on_finish is not None and reason != "error":
-            self.on_finish(sequence)
+            self.on_finish(sequence)  # logged before the reader hears the end: feedback may follow at once
+        sequence.send(Event(tail, sequence.generated, reason))
 
     def _leave(self, rows: list[int]) -> None:
         gone = set(rows)

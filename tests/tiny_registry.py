@@ -104,9 +104,12 @@ def build_tiny_generator(directory: Path, seed: int) -> Path:
     return save_hf_candidate(model, tokenizer, meta, directory)
 
 
-def register_generators(root: Path, name: str, seeds: list[int], uri: str | None = None) -> str:
+def register_generators(
+    root: Path, name: str, seeds: list[int], uri: str | None = None, reference: pd.DataFrame | None = None
+) -> str:
     """Register one tiny generator version per seed (version i+1 for seeds[i]) in the SQLite store under `root`
-    (or `uri`), through the lifecycle's own `log_generator_model`; returns the store's URI."""
+    (or `uri`), through the lifecycle's own `log_generator_model`; returns the store's URI. With `reference`
+    (generative rows: prompt, messages, completion, ...), each version carries the lineage tags monitoring reads."""
     uri = uri or f"sqlite:///{root / 'mlflow.db'}"
     registry.setup_tracking(
         RegistryConfig(tracking_uri=uri, experiment="serving-tests", artifact_location=str(root / "mlartifacts"))
@@ -115,5 +118,12 @@ def register_generators(root: Path, name: str, seeds: list[int], uri: str | None
         candidate = build_tiny_generator(root / f"generator-{seed}", seed)
         with mlflow.start_run(run_name=f"tiny-generator-{seed}"):
             model_uri = registry.log_generator_model(candidate, ["write a positive tweet about coachella"])
-            registry.register(name, model_uri, {"task": "causal-lm", "candidate": "student", "seed": seed})
+            tags: dict[str, object] = {"task": "causal-lm", "candidate": "student", "seed": seed, "labels": []}
+            if reference is not None:
+                path = root / "generation-reference.parquet"
+                reference.to_parquet(path, index=False)
+                mlflow.log_artifact(str(path), artifact_path="data")
+                run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+                tags["reference_data"] = f"runs:/{run_id}/data/generation-reference.parquet"
+            registry.register(name, model_uri, tags)
     return uri

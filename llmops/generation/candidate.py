@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from llmops.candidate import CandidateMeta, load_int8, quiet_bitsandbytes
 from llmops.generation.data import IGNORE, encode_example, prompt_ids, render_prompt
-from llmops.generation.decode import decode
+from llmops.generation.decode import decode, head_inputs, prefill
 from llmops.generation.losses import score_completions
 from llmops.modeling import AUTO_CLASS
 
@@ -165,6 +166,17 @@ class Generator:
             new = self.generate_ids(encoded, params)
             results += [self.result(ids, len(enc), params) for ids, enc in zip(new, encoded, strict=True)]
         return results
+
+    @torch.inference_mode()
+    def prompt_embeddings(self, prompts: Sequence[Prompt], batch_size: int = 32) -> np.ndarray:
+        """(n_prompts, hidden) float32: the output layer's input at each prompt's last token, as serving logs it."""
+        vectors = []
+        for start in range(0, len(prompts), batch_size):
+            batch = self._batch([self.encode(p) for p in prompts[start : start + batch_size]])
+            with head_inputs(self.model) as caught:
+                prefill(self.model, batch["input_ids"], batch["attention_mask"])
+            vectors.append(caught[0][:, -1, :].float().cpu().numpy())
+        return np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
     @torch.inference_mode()
     def completion_nll(

@@ -75,8 +75,8 @@ def tweet_instructions(tweets: pd.DataFrame) -> pd.DataFrame:
 
 
 def _missing(value: Any) -> bool:
-    """None, or the NaN a table reader puts in an empty cell."""
-    return value is None or (isinstance(value, float) and np.isnan(value))
+    """None, an empty string, or the NaN a table reader puts in an empty cell."""
+    return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value)
 
 
 def _text(value: Any) -> str:

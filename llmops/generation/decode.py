@@ -11,6 +11,8 @@ end-of-text token, a key/value cache, left-padded batches with their position id
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +37,20 @@ def choose(
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@contextmanager
+def head_inputs(model: Any) -> Iterator[list[torch.Tensor]]:
+    """Collects what the output layer reads on each forward pass inside the block: the hidden state the next token
+    is chosen from. At a prompt's last token it is the model's embedding of the prompt (monitoring's drift input)."""
+    caught: list[torch.Tensor] = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _, args: caught.append(args[0])) if head is not None else None
+    try:
+        yield caught
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def _accepts(model: Any, argument: str) -> bool:

@@ -1,0 +1,401 @@
+"""Monitoring of a served generator: what users ask, what it writes, whether it writes what was asked.
+
+One pass compares a window of the champion's logged generations with its reference (the prompts of its
+reference data, answered once per version by the champion itself, greedily, and cached):
+- prompt drift: Evidently's text drift on the prompts, their descriptors (length, words, URL and mention
+  share, unknown tokens), and the prompts' embedding (the output layer's input at the prompt's last token,
+  logged by serving) on a few principal components;
+- generation descriptors: length, words, empty and truncated share, repetition (seq-rep-3), unknown tokens;
+- control: where a prompt asks for a label (`write a positive tweet ...`), the share of generations the
+  classifier champion labels with it, in the window and in the reference;
+- quality from feedback (ratings, corrections), and bias: control accuracy and rating by topic slice.
+The decision and the records are the classifier's (`monitoring.monitor`): the same pure retraining policy,
+an MLflow run per pass, the Evidently workspace. A retraining starts the generative lifecycle
+(`lifecycle/llm`) with the window's corrected and well-rated answers as extra training rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from evidently import DataDefinition, Dataset, Report
+from evidently.metrics import DriftedColumnsCount, ValueDrift
+from mlflow import MlflowClient
+
+from llmops import registry
+from llmops.candidate import Classifier
+from llmops.config import LlmopsConfig
+from llmops.data import tag_topic
+from llmops.predlog import PredictionStore, decode_embeddings, open_store
+from monitoring.decision import WindowResult, decide_retraining
+from monitoring.monitor import (
+    Launcher,
+    MonitorOutcome,
+    RetrainRequest,
+    monitoring_experiment,
+    past_decisions,
+    record_mlflow,
+    record_workspace,
+    report_dir,
+)
+from monitoring.report import EMBEDDING_SHARE, MonitoringReport, _components, _drift_results, _plain, _signal
+from monitoring.window import Champion, MonitorError, ReferenceCache, Side, WindowSpec, describe, find_champion
+
+PROMPT_DESCRIPTORS = ("length", "words", "url_share", "mention_share", "has_unknown")
+GENERATION_DESCRIPTORS = ("g_length", "g_words", "g_repetition", "g_empty", "g_truncated", "g_has_unknown")
+CATEGORICAL = ("has_unknown", "g_empty", "g_truncated", "g_has_unknown")
+
+
+def requested_labels(prompts: pd.Series, pattern: str) -> pd.Series:
+    """The label each prompt asks its answer to carry (the pattern's first group), or None."""
+    found = prompts.str.extract(re.compile(pattern, re.IGNORECASE), expand=False)
+    found = found.iloc[:, 0] if isinstance(found, pd.DataFrame) else found
+    return found.str.lower().where(found.notna(), None)
+
+
+def repetition(text: str, n: int = 3) -> float:
+    """seq-rep-n of one text: the share of its word n-grams that repeat an earlier one."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def describe_generations(texts: pd.Series, finish: pd.Series, unknown: np.ndarray) -> pd.DataFrame:
+    yes_no = {True: "yes", False: "no"}
+    return pd.DataFrame(
+        {
+            "g_length": texts.str.len(),
+            "g_words": texts.str.count(r"\S+"),
+            "g_repetition": [repetition(t) for t in texts],
+            "g_empty": (texts.str.strip() == "").map(yes_no),
+            "g_truncated": (finish == "length").map(yes_no),
+            "g_unk_share": unknown,
+            "g_has_unknown": pd.Series(unknown > 0, index=texts.index).map(yes_no),
+        },
+        index=texts.index,
+    )
+
+
+def _unknown(texts: list[str], tokenizer: Any) -> np.ndarray:
+    unk = tokenizer.unk_token_id
+    if unk is None or not texts:
+        return np.zeros(len(texts))
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return np.array([row.count(unk) / max(len(row), 1) for row in ids])
+
+
+def _side(frame: pd.DataFrame, embeddings: np.ndarray | None, prompt_unknown: np.ndarray, cfg: LlmopsConfig,
+          tokenizer: Any) -> Side:  # fmt: skip
+    """Topic, requested label and every descriptor of prompts and generations, on one frame."""
+    frame = frame.reset_index(drop=True)
+    frame["topic"] = tag_topic(frame["prompt"], cfg.data.topics) if len(frame) else pd.Series(dtype="object")
+    frame["requested"] = requested_labels(frame["prompt"], cfg.monitor.generation.target_pattern)
+    frame = frame.join(describe(frame["prompt"], prompt_unknown, cfg.data.url_token))
+    unknown = _unknown(frame["completion"].tolist(), tokenizer)
+    frame = frame.join(describe_generations(frame["completion"], frame["finish_reason"], unknown))
+    return Side(frame, embeddings)
+
+
+def load_window(
+    store: PredictionStore, spec: WindowSpec, champion: Champion, cfg: LlmopsConfig, tokenizer: Any
+) -> Side:
+    """The champion's logged generations in the window, with their latest feedback joined."""
+    logged = store.read_generations(spec.last_n, spec.since, model_name=champion.name)
+    logged = logged[logged["model_version"].astype(str) == champion.version].reset_index(drop=True)
+    frame = logged[["request_id", "idx", "ts", "prompt", "messages", "completion", "finish_reason"]].copy()
+    feedback = store.read_generation_feedback()
+    if len(feedback):
+        latest = feedback.drop_duplicates(["request_id", "idx"], keep="last")[
+            ["request_id", "idx", "rating", "correction"]
+        ]
+        frame = frame.merge(latest, on=["request_id", "idx"], how="left")
+    else:
+        frame["rating"], frame["correction"] = np.nan, None
+    known = logged["unk_share"] if "unk_share" in logged else pd.Series([None] * len(logged))
+    prompt_unknown = (
+        known.to_numpy(dtype="float64")
+        if len(logged) and known.notna().all()
+        else _unknown(frame["prompt"].tolist(), tokenizer)
+    )
+    embeddings = decode_embeddings(logged["embedding"]) if len(logged) else None
+    return _side(frame, embeddings, prompt_unknown, cfg, tokenizer)
+
+
+class GenerationReferenceCache(ReferenceCache):
+    """Per generator version: its reference prompts answered by it (greedily), with their embeddings."""
+
+    def generation_reference(self, champion: Champion, cfg: LlmopsConfig) -> Side:
+        from llmops.generation.candidate import GenerationParams, Generator
+        from llmops.generation.evaluate import prompts_of
+
+        rows = cfg.monitor.generation.reference_rows
+        folder = self.root / f"{champion.name}-v{champion.version}"
+        table, vectors = folder / f"generations-{rows}.parquet", folder / f"generations-{rows}.npy"
+        generator = Generator(self.model_dir(champion))
+        if not (table.is_file() and vectors.is_file()):
+            try:
+                local = mlflow.artifacts.download_artifacts(
+                    champion.reference_uri, dst_path=str(folder / "data"), tracking_uri=self.tracking_uri
+                )
+            except Exception as error:  # MLflow raises several types for a missing artifact
+                raise MonitorError(f"cannot read the reference data {champion.reference_uri}: {error}") from None
+            data = pd.read_parquet(local)
+            if data.empty:
+                raise MonitorError(f"the reference data {champion.reference_uri} is empty")
+            data = data.sample(min(rows, len(data)), random_state=0).reset_index(drop=True)
+            prompts = prompts_of(data)
+            answers = generator.generate(
+                prompts, GenerationParams(max_new_tokens=cfg.monitor.generation.max_new_tokens)
+            )
+            frame = pd.DataFrame(
+                {
+                    "prompt": data["prompt"].astype(str),
+                    "messages": data["messages"].astype(str),
+                    "completion": [a.text for a in answers],
+                    "finish_reason": [a.finish_reason for a in answers],
+                }
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(table, index=False)
+            np.save(vectors, generator.prompt_embeddings(prompts))
+        frame = pd.read_parquet(table)
+        prompt_unknown = _unknown(frame["prompt"].tolist(), generator.tokenizer)
+        return _side(frame, np.load(vectors), prompt_unknown, cfg, generator.tokenizer)
+
+
+def judge(side: Side, control: Classifier | None) -> None:
+    """`said` (the control classifier's label of each generation with a requested label) and `controlled`."""
+    frame = side.frame
+    frame["said"], frame["controlled"] = None, np.nan
+    asked = frame["requested"].notna() & (frame["completion"].str.strip() != "")
+    if control is None or not asked.any():
+        return
+    probs = control.predict_proba(frame.loc[asked, "completion"].tolist())
+    frame.loc[asked, "said"] = [control.labels[i] for i in probs.argmax(axis=1)]
+    frame.loc[asked, "controlled"] = (frame.loc[asked, "said"] == frame.loc[asked, "requested"]).astype(float)
+
+
+def _control_classifier(
+    cfg: LlmopsConfig, client: MlflowClient, cache: ReferenceCache
+) -> tuple[Classifier | None, str]:
+    name = cfg.monitor.generation.control_model
+    if name is None:
+        return None, "no control model configured (monitor.generation.control_model)"
+    version = registry.alias_version(client, name, registry.CHAMPION)
+    if version is None:
+        return None, f"control not measured: no '{name}' champion in the registry"
+    folder = cache.model_dir(Champion(name, version, [], None, ""))  # only its weights are needed
+    return Classifier(folder), f"control judged by {name} version {version}"
+
+
+def drift(reference: Side, window: Side, cfg: LlmopsConfig, metadata: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """One Evidently report over prompt text, descriptors of prompts and generations, and the prompt embedding."""
+    columns = ["prompt", *PROMPT_DESCRIPTORS, *GENERATION_DESCRIPTORS]
+    ref, cur = reference.frame[columns].reset_index(drop=True), window.frame[columns].reset_index(drop=True)
+    components = _components(reference, window, cfg.monitor.embedding_components)
+    embedding_columns: list[str] = []
+    if components is not None:
+        ref, cur = ref.join(components[0]), cur.join(components[1])
+        embedding_columns = list(components[0].columns)
+    numerical = [c for c in (*PROMPT_DESCRIPTORS, *GENERATION_DESCRIPTORS) if c not in CATEGORICAL]
+    definition = DataDefinition(
+        text_columns=["prompt"],
+        categorical_columns=list(CATEGORICAL),
+        numerical_columns=[*numerical, *embedding_columns],
+    )
+    metrics: list[Any] = [ValueDrift(column=c) for c in columns]
+    if embedding_columns:
+        metrics.append(DriftedColumnsCount(columns=embedding_columns, drift_share=EMBEDDING_SHARE))
+    snapshot = Report(metrics, metadata=metadata, tags=["drift", "generation"], include_tests=True).run(
+        Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, definition)
+    )
+    per_column, embedding = _drift_results(snapshot)
+    signals: dict[str, Any] = {
+        "prompt": _signal(per_column, "prompt"),
+        "prompt_descriptors": {d: _signal(per_column, d) for d in PROMPT_DESCRIPTORS},
+        "embedding": embedding or {"drifted": False, "unavailable": "the window was logged without embeddings"},
+        "generation": {d: _signal(per_column, d) for d in GENERATION_DESCRIPTORS},
+    }
+    signals["generation"]["drifted"] = any(d["drifted"] for d in signals["generation"].values())
+    reasons = []
+    for name in cfg.monitor.generation.drift_on:
+        signal = signals[name]
+        if not signal["drifted"]:
+            continue
+        if name == "generation":
+            drifted = [d for d, s in signal.items() if isinstance(s, dict) and s.get("drifted")]
+            reasons.append(f"generations drifted: {', '.join(drifted)}")
+        elif name == "embedding":
+            reasons.append(f"prompt embedding: {signal['drifted_components']} principal components drifted")
+        else:
+            reasons.append(f"prompt: {signal['method']} {signal['score']:.3f} (threshold {signal['threshold']})")
+    return snapshot, {"detected": bool(reasons), "reasons": reasons, "signals": signals}
+
+
+def _share(values: pd.Series) -> float | None:
+    values = values.dropna()
+    return None if values.empty else round(float(values.mean()), 6)
+
+
+def shares(frame: pd.DataFrame) -> dict[str, Any]:
+    return {
+        "rows": len(frame),
+        "empty_share": _share((frame["g_empty"] == "yes").astype(float)),
+        "truncated_share": _share((frame["g_truncated"] == "yes").astype(float)),
+        "repetition": _share(frame["g_repetition"]),
+        "unk_share": _share(frame["g_unk_share"]),
+        "control_accuracy": _share(frame["controlled"]),
+        "judged": int(frame["controlled"].notna().sum()),
+    }
+
+
+def bias_by_topic(frame: pd.DataFrame, min_rows: int, ceiling: float | None) -> dict[str, Any]:
+    """Control accuracy and mean rating per topic; the largest control gap between topics with enough rows."""
+    slices: list[dict[str, Any]] = []
+    for topic, rows in frame.groupby("topic"):
+        judged = rows["controlled"].dropna()
+        slices.append(
+            {
+                "name": f"topic={topic}",
+                "rows": len(rows),
+                "control_accuracy": None if judged.empty else round(float(judged.mean()), 6),
+                "judged": len(judged),
+                "mean_rating": _share(rows["rating"].astype(float)) if "rating" in rows else None,
+                "gated": len(judged) >= min_rows,
+            }
+        )
+    gated = [s for s in slices if s["gated"]]
+    gap = None
+    if len(gated) >= 2:
+        high = max(gated, key=lambda s: float(s["control_accuracy"]))
+        low = min(gated, key=lambda s: float(s["control_accuracy"]))
+        value = round(float(high["control_accuracy"]) - float(low["control_accuracy"]), 6)
+        gap = {"value": value, "between": [high["name"], low["name"]], "ceiling": ceiling,
+               "over": ceiling is not None and value > ceiling}  # fmt: skip
+    return {"slices": slices, "control_gap": gap, "f1_gap": None, "rate_gap": None}
+
+
+def training_rows(window: Side, good_rating: float) -> pd.DataFrame:
+    """Generative training rows from feedback: a correction replaces the answer; a well-rated answer stays."""
+    frame = window.frame
+    corrected = frame[frame["correction"].notna() & (frame["correction"].astype(str).str.strip() != "")]
+    liked = frame[frame["correction"].isna() & (frame["rating"].astype(float) >= good_rating)]
+    rows = pd.concat([corrected.assign(completion=corrected["correction"]), liked], ignore_index=True)[
+        ["prompt", "messages", "completion"]
+    ]
+    return rows.reset_index(drop=True)
+
+
+def run_generation_monitor(
+    cfg: LlmopsConfig, model_name: str, *, launcher: Launcher | None = None, now: float | None = None
+) -> MonitorOutcome:
+    """One pass over a generator: window vs reference, report, decision (recorded), and the retraining if decided."""
+    at = time.time() if now is None else now
+    client = registry.setup_tracking(cfg.registry)
+    tracking_uri = registry.resolve_tracking_uri(cfg.registry)
+    champion = find_champion(client, model_name)
+    cache = GenerationReferenceCache(Path(cfg.work_dir) / "monitor", tracking_uri)
+    spec = WindowSpec.from_config(cfg.monitor, at)
+    tokenizer = cache.tokenizer(champion)
+    window = load_window(open_store(cfg.serve.prediction_log), spec, champion, cfg, tokenizer)
+    rows = len(window.frame)
+    folder = report_dir(cfg.monitor.reports_dir, at)
+    summary: dict[str, Any] = {
+        "model": champion.name,
+        "task": "generation",
+        "champion_version": champion.version,
+        "window": {"spec": spec.describe(), "rows": rows},
+    }
+    report, quality_drop, bias_gap = None, None, None
+    if rows >= cfg.monitor.retrain.min_window:
+        reference = cache.generation_reference(champion, cfg)
+        control, control_note = _control_classifier(cfg, client, cache)
+        judge(window, control)
+        judge(reference, control)
+        metadata = {"model": champion.name, "champion_version": champion.version, "window": spec.describe()}
+        snapshot, drift_summary = drift(reference, window, cfg, metadata)
+        now_shares, ref_shares = shares(window.frame), shares(reference.frame)
+        ratings = window.frame["rating"].astype(float).dropna()
+        measured = now_shares["control_accuracy"] is not None and ref_shares["control_accuracy"] is not None
+        if measured and now_shares["judged"] >= cfg.monitor.min_labelled:
+            quality_drop = round(ref_shares["control_accuracy"] - now_shares["control_accuracy"], 6)
+        bias = bias_by_topic(window.frame, cfg.monitor.bias.min_slice_rows, cfg.monitor.retrain.max_bias_gap)
+        bias_gap = bias["control_gap"]["value"] if bias["control_gap"] else None
+        summary |= {
+            "reference": {"uri": champion.reference_uri, "rows": len(reference.frame)},
+            "drift": drift_summary,
+            "generations": {"window": now_shares, "reference": ref_shares, "control": control_note},
+            "quality": {
+                "drop": quality_drop,
+                "ratings": len(ratings),
+                "mean_rating": None if ratings.empty else round(float(ratings.mean()), 6),
+                "corrections": int(window.frame["correction"].notna().sum()),
+            },
+            "bias": bias,
+        }
+        summary = _plain(summary)
+        report = MonitoringReport(snapshot, None, summary)
+        snapshot.save_html(str(folder / "report.html"))
+    history = past_decisions(client, monitoring_experiment(cfg), champion.name)
+    result = WindowResult(at, rows, drift=report is not None and report.drift_detected, quality_drop=quality_drop,
+                          bias_gap=bias_gap)  # fmt: skip
+    decision = decide_retraining(result, history, cfg.monitor.retrain)
+    summary["created"] = datetime.fromtimestamp(at).isoformat(timespec="seconds")
+    summary["decision"] = {"verdict": decision.verdict, "reason": decision.reason, "triggers": list(decision.triggers)}
+    request = None
+    if decision.retrain:
+        extra = training_rows(window, cfg.monitor.generation.good_rating)
+        extra_path = None
+        if len(extra):
+            extra_path = str(folder / "feedback-generations.parquet")
+            extra.to_parquet(extra_path, index=False)
+        overrides = [f"registry.tracking_uri={tracking_uri}"] + (
+            [f"data.extra_rows={extra_path}"] if extra_path else []
+        )
+        request = RetrainRequest(
+            cfg.monitor.generation.retrain_config,
+            overrides,
+            extra_path,
+            decision.reason,
+            deployment=cfg.monitor.generation.retrain_deployment,
+        )
+        summary["retraining"] = {"config": request.config, "extra_rows": extra_path, "training_rows": len(extra)}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    run_id = record_mlflow(cfg, champion, summary, decision, folder, at, generation_metrics(summary))
+    record_workspace(cfg, champion, report, summary, decision, at)
+    if request is not None:
+        started = launcher(request) if launcher is not None else {"mode": "none", "note": "no launcher given"}
+        summary["retraining"] |= started
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        client.set_tag(run_id, "llmops.retraining", json.dumps(started)[:5000])
+    return MonitorOutcome(folder, summary, decision, run_id)
+
+
+def generation_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    values: dict[str, float] = {"window_rows": summary["window"]["rows"]}
+    signals = (summary.get("drift") or {}).get("signals")
+    if signals:
+        values["drift_prompt"] = signals["prompt"]["score"]
+        if "share" in signals["embedding"]:
+            values["drift_embedding_share"] = signals["embedding"]["share"]
+        for name, signal in signals["generation"].items():
+            if isinstance(signal, dict) and "score" in signal:
+                values[f"drift_{name}"] = signal["score"]
+    for key, value in ((summary.get("generations") or {}).get("window") or {}).items():
+        if isinstance(value, int | float):
+            values[f"window_{key}"] = float(value)
+    quality = summary.get("quality") or {}
+    if quality.get("mean_rating") is not None:
+        values["window_mean_rating"] = quality["mean_rating"]
+    gap = (summary.get("bias") or {}).get("control_gap")
+    if gap:
+        values["bias_control_gap"] = gap["value"]
+    return values
