@@ -240,10 +240,14 @@ def record_workspace(
     workspace.add(cfg.monitor.workspace, champion.name, snapshots)
 
 
+_GAP_NAMES = {"rate_gap": "rate", "f1_gap": "macro-F1", "control_gap": "control accuracy"}
+
+
 def verdict_lines(outcome: MonitorOutcome) -> str:
     """The terminal summary: drift and why, bias gaps, quality, the decision, where the report is."""
     s = outcome.summary
-    lines = [f"{s['model']} v{s['champion_version']}: window {s['window']['spec']}, {s['window']['rows']} predictions"]
+    rows = f"{s['window']['rows']} {'generations' if s.get('task') == 'generation' else 'predictions'}"
+    lines = [f"{s['model']} v{s['champion_version']}: window {s['window']['spec']}, {rows}"]
     drift = s.get("drift")
     if drift is None:
         lines.append("drift: not computed (window below monitor.retrain.min_window)")
@@ -255,10 +259,21 @@ def verdict_lines(outcome: MonitorOutcome) -> str:
     generations = s.get("generations")
     if generations:
         now, ref = generations["window"], generations["reference"]
+
+        def share(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
         lines.append(
-            f"generations: control accuracy {now['control_accuracy']} (reference {ref['control_accuracy']}),"
-            f" empty {now['empty_share']}, truncated {now['truncated_share']}; {generations['control']}"
+            f"generations: control accuracy {share(now['control_accuracy'])}"
+            f" (reference {share(ref['control_accuracy'])}), empty {share(now['empty_share'])},"
+            f" truncated {share(now['truncated_share'])}, repetition {share(now['repetition'])};"
+            f" {generations['control']}"
         )
+        if s["quality"]["ratings"] or s["quality"]["corrections"]:
+            q = s["quality"]
+            lines.append(
+                f"feedback: {q['ratings']} ratings (mean {share(q['mean_rating'])}), {q['corrections']} corrections"
+            )
     quality = s.get("quality")
     if quality and "macro_f1" in quality:
         lines.append(
@@ -267,11 +282,11 @@ def verdict_lines(outcome: MonitorOutcome) -> str:
         )
     bias = s.get("bias")
     if bias:
-        for name in ("rate_gap", "f1_gap"):
+        for name in ("rate_gap", "f1_gap", "control_gap"):
             gap = bias.get(name)
             if gap:
                 over = " OVER ceiling" if gap["over"] else ""
-                what = f"'{gap['label']}' rate" if gap.get("label") else "macro-F1"
+                what = f"'{gap['label']}' rate" if gap.get("label") else _GAP_NAMES[name]
                 lines.append(f"bias: {what} gap {gap['value']:.3f} ({gap['between'][0]} vs {gap['between'][1]}){over}")
     d = s["decision"]
     lines.append(f"decision: {d['verdict'].upper()}: {d['reason']}")

@@ -30,17 +30,19 @@ class ServingMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
-        self.reloads = Counter("llmops_model_reloads", "Versions loaded and swapped in", ["alias"], registry=r)
+        self.reloads = Counter(
+            "llmops_model_reloads", "Versions loaded and swapped in", ["model", "alias"], registry=r
+        )
         self.reload_failures = Counter(
             "llmops_model_reload_failures",
             "Versions that failed to load (the old one kept serving)",
-            ["alias"],
+            ["model", "alias"],
             registry=r,
         )
         self.reload_error = Gauge(
             "llmops_model_reload_error",
             "1 while the alias's current target failed to load",
-            ["alias"],
+            ["model", "alias"],
             registry=r,
             multiprocess_mode="livemax",
         )

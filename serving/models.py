@@ -186,8 +186,8 @@ class ModelWatcher:
         except Exception as error:
             self._failed[target] = time.monotonic()
             self.status = f"version {target} failed to load: {type(error).__name__}: {error}"
-            self.metrics.reload_failures.labels(self.alias).inc()
-            self.metrics.reload_error.labels(self.alias).set(1)
+            self.metrics.reload_failures.labels(self.name, self.alias).inc()
+            self.metrics.reload_error.labels(self.name, self.alias).set(1)
             log.error("%s@%s: %s; still serving %s", self.name, self.alias, self.status, self.served_version)
             return
         previous_model = self.current
@@ -201,8 +201,8 @@ class ModelWatcher:
         gc.freeze()
         self.status = None
         self._failed.pop(target, None)
-        self.metrics.reloads.labels(self.alias).inc()
-        self.metrics.reload_error.labels(self.alias).set(0)
+        self.metrics.reloads.labels(self.name, self.alias).inc()
+        self.metrics.reload_error.labels(self.name, self.alias).set(0)
         self.metrics.set_model(self.name, self.alias, target)
         log.info("%s@%s: now serving version %s (was %s)", self.name, self.alias, target, previous)
 

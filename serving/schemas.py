@@ -102,11 +102,25 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class ServedModel(BaseModel):
+    name: str
+    alias: str
+    version: str | None = None
+    """The version serving now (null: none loaded yet)."""
+    task: str | None = None
+    reason: str | None = None
+    """Why none is loaded, or the last reload failure while the old version keeps serving."""
+
+
 class ReadyResponse(BaseModel):
     ready: bool
+    """At least one model serves, and every served model the registry has is loaded."""
     model: ModelRef | None = None
+    """The classifier routes' model."""
     reason: str | None = None
-    """Why not ready (no model loaded yet), or the last reload failure while the old version keeps serving."""
+    """Why not ready, or the last reload failure while the old version keeps serving (the first, by model)."""
+    models: list[ServedModel] = []
+    """Every model of `serve.models`, each following its alias."""
 
 
 # --- /invocations (MLflow scoring protocol) --------------------------------------------------------

@@ -105,17 +105,25 @@ def build_tiny_generator(directory: Path, seed: int) -> Path:
 
 
 def register_generators(
-    root: Path, name: str, seeds: list[int], uri: str | None = None, reference: pd.DataFrame | None = None
+    root: Path,
+    name: str,
+    seeds: list[int],
+    uri: str | None = None,
+    reference: pd.DataFrame | None = None,
+    broken: set[int] = frozenset(),
 ) -> str:
     """Register one tiny generator version per seed (version i+1 for seeds[i]) in the SQLite store under `root`
     (or `uri`), through the lifecycle's own `log_generator_model`; returns the store's URI. With `reference`
-    (generative rows: prompt, messages, completion, ...), each version carries the lineage tags monitoring reads."""
+    (generative rows: prompt, messages, completion, ...), each version carries the lineage tags monitoring reads.
+    Versions whose seed is in `broken` are registered but cannot load."""
     uri = uri or f"sqlite:///{root / 'mlflow.db'}"
     registry.setup_tracking(
         RegistryConfig(tracking_uri=uri, experiment="serving-tests", artifact_location=str(root / "mlartifacts"))
     )
     for seed in seeds:
         candidate = build_tiny_generator(root / f"generator-{seed}", seed)
+        if seed in broken:
+            break_candidate(candidate)
         with mlflow.start_run(run_name=f"tiny-generator-{seed}"):
             model_uri = registry.log_generator_model(candidate, ["write a positive tweet about coachella"])
             tags: dict[str, object] = {"task": "causal-lm", "candidate": "student", "seed": seed, "labels": []}

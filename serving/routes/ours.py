@@ -19,6 +19,7 @@ from serving.schemas import (
     PredictRequest,
     PredictResponse,
     ReadyResponse,
+    ServedModel,
 )
 
 router = APIRouter()
@@ -35,14 +36,31 @@ async def healthz() -> HealthResponse:
 
 @router.get("/readyz", response_model=ReadyResponse, tags=["health"], responses={503: {"model": ReadyResponse}})
 async def readyz(predictor: PredictorDep) -> JSONResponse:
-    """200 once a model is loaded and warmed; the body carries a reload failure while the old version serves."""
+    """200 once every served model the registry has is loaded and warmed; the body carries each model's version
+    and a reload failure while its old version serves."""
     model = predictor.champion.current
+    models = [
+        ServedModel(
+            name=name,
+            alias=watcher.alias,
+            version=watcher.current.version if watcher.current else None,
+            task=watcher.current.task if watcher.current else None,
+            reason=watcher.status,
+        )
+        for name, watcher in predictor.models.items()
+    ]
+    ready = predictor.ready
+    # A model the registry does not have yet holds nothing back; it is named only while nothing serves.
+    reasons = [
+        f"{name}: {w.status}" for name, w in predictor.models.items() if w.status and (not w.absent or not ready)
+    ]
     body = ReadyResponse(
-        ready=model is not None,
+        ready=ready,
         model=ModelRef(name=model.name, version=model.version, alias=model.alias) if model else None,
-        reason=predictor.champion.status,
+        reason="; ".join(reasons) or None,
+        models=models,
     )
-    return JSONResponse(body.model_dump(), status_code=200 if model else 503)
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
 # --- /v1 -------------------------------------------------------------------------------------------

@@ -126,7 +126,8 @@ def test_a_shifted_topic_decides_to_retrain_with_the_corrected_answers(
     assert f"data.extra_rows={request.extra_rows}" in request.overrides
     assert outcome.summary["retraining"]["training_rows"] == 40
     lines = verdict_lines(outcome)
-    assert f"{NAME} v1" in lines and "generations: control accuracy" in lines and "decision: RETRAIN" in lines
+    assert f"{NAME} v1" in lines and "300 generations" in lines and "decision: RETRAIN" in lines
+    assert "generations: control accuracy" in lines and "40 corrections" in lines
 
 
 def test_the_requested_label_comes_from_the_prompt() -> None:

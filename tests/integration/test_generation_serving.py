@@ -3,7 +3,8 @@ registry of tiny models: OpenAI's routes through the official `openai` client, s
 generate extension, continuous batching under concurrency, disconnects, back-pressure, an alias switch while
 streaming, and every bad input a 4xx.
 
-Versions of `tiny-generator`: 1 and 2 (different weights). `tiny-sentiment` version 1 is a classifier.
+Versions of `tiny-generator`: 1 and 2 (different weights), 3 cannot load. `tiny-sentiment` version 1 is a
+classifier.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def anyio_backend() -> str:
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("generation-serving")
     uri = register_versions(root, CLASSIFIER, seeds=[1])
-    register_generators(root, GENERATOR, seeds=[1, 2], uri=uri)
+    register_generators(root, GENERATOR, seeds=[1, 2, 3], uri=uri, broken={3})
     set_alias(uri, CLASSIFIER, "champion", "1")
     return uri
 
@@ -240,6 +241,26 @@ async def test_an_alias_switch_while_streaming_loses_no_request(store: str, tmp_
     set_alias(store, GENERATOR, "champion", "1")
     assert all(status == 200 for status, _ in results)  # none lost, whichever version answered
     assert later[-1][1] == f"llmops-{GENERATOR}-v2"
+
+
+async def test_a_generator_version_that_fails_to_load_leaves_the_old_one_serving(store: str, tmp_path: Path) -> None:
+    set_alias(store, GENERATOR, "champion", "1")
+    async with serving(store, tmp_path) as (client, _):
+        set_alias(store, GENERATOR, "champion", "3")
+        for _ in range(600):
+            ready = (await client.get("/readyz")).json()
+            if ready["reason"]:
+                break
+            await asyncio.sleep(0.05)
+        answer = await client.post("/v1/completions", json=complete("still here?", 4))
+        metrics = (await client.get("/metrics")).text
+    set_alias(store, GENERATOR, "champion", "1")
+    assert ready["ready"] is True
+    assert ready["reason"].startswith(f"{GENERATOR}: version 3 failed to load")
+    served = {m["name"]: m for m in ready["models"]}
+    assert served[GENERATOR]["version"] == "1" and served[CLASSIFIER]["version"] == "1"
+    assert answer.status_code == 200 and answer.json()["system_fingerprint"] == f"llmops-{GENERATOR}-v1"
+    assert f'llmops_model_reload_error{{alias="champion",model="{GENERATOR}"}} 1.0' in metrics
 
 
 # --- bad input is a 4xx ---------------------------------------------------------------------------------------

@@ -102,7 +102,12 @@ async def test_health_model_info_and_docs(champion_1: str, workdir: Path) -> Non
         info = (await client.get("/v1/model")).json()
         docs = await client.get("/docs")
         schema = (await client.get("/openapi.json")).json()
-    assert ready == {"ready": True, "model": {"name": NAME, "version": "1", "alias": "champion"}, "reason": None}
+    assert ready["ready"] is True and ready["reason"] is None
+    assert ready["model"] == {"name": NAME, "version": "1", "alias": "champion"}
+    served = {m["name"]: m for m in ready["models"]}  # the default serve.models: the generator is not registered
+    assert served[NAME] == {"name": NAME, "alias": "champion", "version": "1", "task": "sequence-classification",
+                            "reason": None}  # fmt: skip
+    assert served["tweet-generator"]["version"] is None and "no 'champion' alias" in served["tweet-generator"]["reason"]
     assert info["champion"]["version"] == "1" and info["champion"]["labels"] == LABELS
     assert info["champion"]["tags"]["llmops.seed"] == "1"
     assert info["champion"]["metrics"]["test_macro_f1"] == pytest.approx(0.51)
@@ -284,7 +289,7 @@ async def test_metrics_report_requests_batches_and_model_version(champion_1: str
     assert "http_request_duration_seconds_bucket" in text
     assert "llmops_batch_size_sum 10.0" in text  # 5 requests x 2 texts, however they were grouped
     assert f'llmops_model_info{{alias="champion",model="{NAME}",version="1"}} 1.0' in text
-    assert 'llmops_model_reloads_total{alias="champion"} 1.0' in text
+    assert f'llmops_model_reloads_total{{alias="champion",model="{NAME}"}} 1.0' in text
     assert "llmops_queue_depth 0.0" in text
 
 
@@ -347,7 +352,7 @@ async def test_alias_switch_under_load_drops_nothing(champion_1: str, workdir: P
     assert all(status == 200 for status, _ in results), [r for r in results if r[0] != 200][:3]
     versions = [v for _, v in results]
     assert versions[0] == "1" and versions[-20:] == ["2"] * 20
-    assert 'llmops_model_reloads_total{alias="champion"} 2.0' in metrics
+    assert f'llmops_model_reloads_total{{alias="champion",model="{NAME}"}} 2.0' in metrics
     assert f'llmops_model_info{{alias="champion",model="{NAME}",version="2"}} 1.0' in metrics
     assert 'version="1"' not in metrics.split("llmops_model_info")[-1].split("\n# ")[0]
 
@@ -373,8 +378,8 @@ async def test_a_version_that_fails_to_load_leaves_the_old_one_serving(champion_
     assert ready.status_code == 200 and ready.json()["model"]["version"] == "1"
     assert "version 3 failed to load" in ready.json()["reason"]
     assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
-    assert 'llmops_model_reload_failures_total{alias="champion"} 1.0' in metrics
-    assert 'llmops_model_reload_error{alias="champion"} 1.0' in metrics
+    assert f'llmops_model_reload_failures_total{{alias="champion",model="{NAME}"}} 1.0' in metrics
+    assert f'llmops_model_reload_error{{alias="champion",model="{NAME}"}} 1.0' in metrics
     assert after.json()["model"]["version"] == "2"
 
 
@@ -386,7 +391,7 @@ async def test_a_worker_takes_requests_only_once_its_first_load_is_over(champion
 
     async with serving(champion_1, ready=False, startup_wait_s=0) as client:  # no wait: up at once, not ready
         early = await client.get("/readyz")
-    assert early.status_code == 503 and early.json()["reason"] == "not checked yet"
+    assert early.status_code == 503 and f"{NAME}: not checked yet" in early.json()["reason"]
 
 
 async def test_not_ready_without_a_champion(store: str, workdir: Path) -> None:
