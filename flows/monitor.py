@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger
 from flows.lifecycle import lifecycle
 from llmops.config import LlmopsConfig, load_config
 from monitoring.monitor import RetrainRequest, run_monitor, verdict_lines
+from monitoring.window import MonitorError
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
@@ -81,9 +82,14 @@ def monitor(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) ->
     get_run_logger().info("report written to %s", outcome.report_dir)
     print(verdict_lines(outcome))
     result = {**outcome.summary, "report_dir": str(outcome.report_dir), "run_id": outcome.run_id}
-    others = {}
+    others: dict[str, Any] = {}
     for name in _generators(cfg):
-        other = run_generation_monitor(cfg, name, launcher=launcher(cfg))
+        try:  # one generator that cannot be monitored loses neither the classifier's pass nor the others'
+            other = run_generation_monitor(cfg, name, launcher=launcher(cfg))
+        except MonitorError as error:
+            get_run_logger().error("%s: not monitored: %s", name, error)
+            others[name] = {"error": str(error)}
+            continue
         print(verdict_lines(other))
         others[name] = {**other.summary, "report_dir": str(other.report_dir), "run_id": other.run_id}
     if others:

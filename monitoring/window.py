@@ -70,7 +70,7 @@ def find_champion(client: MlflowClient, name: str, alias: str = "champion") -> C
 def unknown_share(texts: pd.Series, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     """Per text, the share of its tokens the tokenizer does not know (serving logs this; older logs lack it)."""
     unk = tokenizer.unk_token_id
-    if unk is None:
+    if unk is None or texts.empty:  # an empty window (no traffic yet) too
         return np.zeros(len(texts))
     ids = tokenizer(texts.tolist(), add_special_tokens=False)["input_ids"]
     return np.array([sum(t == unk for t in row) / max(len(row), 1) for row in ids])

@@ -130,6 +130,43 @@ def test_a_shifted_topic_decides_to_retrain_with_the_corrected_answers(
     assert "generations: control accuracy" in lines and "40 corrections" in lines
 
 
+@pytest.mark.usefixtures("prefect_server")
+def test_the_monitor_flow_of_the_classifier_covers_the_served_generators(
+    cfg: LlmopsConfig, instructions: dict[str, pd.DataFrame], workdir: Path
+) -> None:
+    from flows.monitor import monitor
+
+    tweets = pd.DataFrame({"text": ["great crew", "lost my bag"], "label": ["positive", "negative"],
+                           "topic": ["airline", "airline"]})  # fmt: skip
+    register_versions(workdir, "flow-sentiment", [2], reference=tweets)  # the config's own model: a classifier
+    register_generators(workdir, "unmonitorable", [3])  # a champion without lineage: its pass fails alone
+    set_alias(cfg.registry.tracking_uri, "flow-sentiment", "champion", "1")
+    set_alias(cfg.registry.tracking_uri, "unmonitorable", "champion", "1")
+    serve(cfg, instructions["test"].sample(300, random_state=2))
+    overrides = [
+        f"registry.tracking_uri={cfg.registry.tracking_uri}",
+        f"registry.artifact_location={cfg.registry.artifact_location}",
+        "registry.model_name=flow-sentiment",
+        f"serve.models=[flow-sentiment,{NAME},unmonitorable]",
+        f"serve.prediction_log={cfg.serve.prediction_log}",
+        f"work_dir={cfg.work_dir}",
+        f"monitor.reports_dir={cfg.monitor.reports_dir}",
+        f"monitor.workspace={cfg.monitor.workspace}",
+        "monitor.window_size=300",
+        "monitor.generation.reference_rows=300",
+        "monitor.generation.max_new_tokens=8",
+    ]
+    result = monitor(str(REPO / "configs" / "tiny.yaml"), overrides)
+
+    assert result["model"] == "flow-sentiment" and result["decision"]["verdict"] == "no-verdict"  # no traffic
+    generated = result["generators"][NAME]
+    assert generated["window"]["rows"] == 300 and generated["decision"]["verdict"] == "hold"
+    assert generated["generations"]["window"]["judged"] > 100  # judged by tweet-sentiment, as configured
+    assert (Path(generated["report_dir"]) / "report.html").is_file()
+    assert mlflow.get_run(generated["run_id"]).data.tags["llmops.model"] == NAME
+    assert "has no llmops.reference_data tag" in result["generators"]["unmonitorable"]["error"]
+
+
 def test_the_requested_label_comes_from_the_prompt() -> None:
     prompts = pd.Series(
         ["write a Positive tweet about apple", "classify the sentiment of this tweet: x", "write an odd tweet"]
