@@ -30,9 +30,7 @@ class ServingMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
-        self.reloads = Counter(
-            "llmops_model_reloads", "Versions loaded and swapped in", ["model", "alias"], registry=r
-        )
+        self.reloads = Counter("llmops_model_reloads", "Versions loaded and swapped in", ["model", "alias"], registry=r)
         self.reload_failures = Counter(
             "llmops_model_reload_failures",
             "Versions that failed to load (the old one kept serving)",
