@@ -66,7 +66,9 @@ def champion_facts(uri: str, workdir: Path) -> tuple[str, dict[str, str], list[l
     client = MlflowClient(uri, registry_uri=uri)
     version = client.get_model_version_by_alias(NAME, CHAMPION)
     tags = dict(version.tags)
-    test = pd.read_parquet(mlflow.artifacts.download_artifacts(tags[TAG + "test_data"], dst_path=str(workdir / "t")))
+    test = pd.read_parquet(
+        mlflow.artifacts.download_artifacts(tags[TAG + "test_data"], dst_path=str(workdir / "t"), tracking_uri=uri)
+    )
     chats = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts_of(test)]
     if tags[TAG + "candidate"] in ("int8", "bnb-int8", "nf4"):  # quantized: the student they were made from
         fp32 = next((workdir / "artifacts" / "student").glob("*/model"))

@@ -234,10 +234,16 @@ def record_workspace(
         "rate_gap": (bias.get("rate_gap") or {}).get("value"),
         "f1_gap": (bias.get("f1_gap") or {}).get("value"),
     }
+    generative = summary.get("task") == "generation"
+    if generative:
+        window = (summary.get("generations") or {}).get("window") or {}
+        values |= {key: window.get(key) for key in ("control_accuracy", "truncated_share", "empty_share")}
+        values["mean_rating"] = (summary.get("quality") or {}).get("mean_rating")
+        values["control_gap"] = (bias.get("control_gap") or {}).get("value")
     snapshots = [workspace.decision_snapshot(values, decision.verdict, decision.reason, datetime.fromtimestamp(at))]
     if report is not None:
         snapshots = [report.drift, *([report.quality] if report.quality else []), *snapshots]
-    workspace.add(cfg.monitor.workspace, champion.name, snapshots)
+    workspace.add(cfg.monitor.workspace, champion.name, snapshots, generative)
 
 
 _GAP_NAMES = {"rate_gap": "rate", "f1_gap": "macro-F1", "control_gap": "control accuracy"}

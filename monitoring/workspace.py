@@ -14,15 +14,31 @@ from evidently.sdk.panels import PanelMetric, line_plot_panel
 from evidently.ui.workspace import Project, Workspace
 
 DECISION_COLUMNS = ("rows", "drift", "retrain", "macro_f1", "rate_gap", "f1_gap")
+GENERATION_COLUMNS = ("control_accuracy", "mean_rating", "control_gap", "truncated_share", "empty_share")
 
 
-def _panels() -> list[Any]:
-    def drift(column: str, legend: str) -> PanelMetric:
-        return PanelMetric(legend=legend, metric="ValueDrift", metric_labels={"column": column})
+def _drift(column: str, legend: str) -> PanelMetric:
+    return PanelMetric(legend=legend, metric="ValueDrift", metric_labels={"column": column})
 
-    def decision(column: str) -> PanelMetric:
-        return PanelMetric(legend=column, metric="MeanValue", metric_labels={"column": column}, tags=["decision"])
 
+def _decision(column: str) -> PanelMetric:
+    return PanelMetric(legend=column, metric="MeanValue", metric_labels={"column": column}, tags=["decision"])
+
+
+def _panels(generative: bool) -> list[Any]:
+    drift, decision = _drift, _decision
+    if generative:
+        return [
+            line_plot_panel(
+                "Prompt drift", [drift(c, c) for c in ("prompt", "length", "words", "url_share", "mention_share")]
+            ),
+            line_plot_panel(
+                "Drift of the generations",
+                [drift(c, c.removeprefix("g_")) for c in ("g_length", "g_words", "g_repetition")],
+            ),
+            line_plot_panel("Decisions (1 = yes)", [decision("drift"), decision("retrain")], size="half"),
+            line_plot_panel("Control, feedback and bias", [decision(c) for c in GENERATION_COLUMNS], size="half"),
+        ]
     return [
         line_plot_panel(
             "Drift scores",
@@ -36,14 +52,15 @@ def _panels() -> list[Any]:
     ]
 
 
-def project(workspace_dir: str | Path, name: str) -> tuple[Workspace, Project]:
-    """The workspace and the model's project, created with its dashboard on first use."""
+def project(workspace_dir: str | Path, name: str, generative: bool = False) -> tuple[Workspace, Project]:
+    """The workspace and the model's project, created with its dashboard (a classifier's or a generator's) on
+    first use."""
     workspace = Workspace(str(workspace_dir))
     found = workspace.search_project(name)
     if found:
         return workspace, found[0]
     created = workspace.create_project(name, description=f"Monitoring of the registered model '{name}'")
-    for panel in _panels():
+    for panel in _panels(generative):
         created.dashboard.add_panel(panel)
     return workspace, created
 
@@ -61,9 +78,9 @@ def decision_snapshot(values: dict[str, float | None], verdict: str, reason: str
     return report.run(Dataset.from_pandas(frame, definition), None, timestamp=at)
 
 
-def add(workspace_dir: str | Path, name: str, snapshots: list[Snapshot]) -> str:
+def add(workspace_dir: str | Path, name: str, snapshots: list[Snapshot], generative: bool = False) -> str:
     """Add the snapshots to the model's project; returns the project id."""
-    workspace, proj = project(workspace_dir, name)
+    workspace, proj = project(workspace_dir, name, generative)
     for snapshot in snapshots:
         workspace.add_run(proj.id, snapshot, include_data=False)
     return str(proj.id)

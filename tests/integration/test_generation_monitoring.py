@@ -14,6 +14,7 @@ import mlflow
 import pandas as pd
 import pytest
 from asgi_lifespan import LifespanManager
+from evidently.ui.workspace import Workspace
 
 from llmops.config import LlmopsConfig, load_config
 from llmops.generation.data import prepare_data
@@ -106,6 +107,11 @@ def test_prompts_like_the_reference_hold(cfg: LlmopsConfig, instructions: dict[s
     run = mlflow.get_run(outcome.run_id)
     assert run.data.tags["llmops.model"] == NAME and run.data.tags["llmops.drift"] == "false"
     assert {"drift_prompt", "window_control_accuracy", "drift_g_length"} <= set(run.data.metrics)
+    workspace = Workspace(cfg.monitor.workspace)
+    project = workspace.search_project(NAME)[0]
+    assert len(workspace.list_runs(project.id)) == 2  # drift, decision
+    titles = [panel.title for panel in workspace.get_dashboard(project.id).panels]  # a generator's dashboard
+    assert "Prompt drift" in titles and "Control, feedback and bias" in titles
 
 
 def test_a_shifted_topic_decides_to_retrain_with_the_corrected_answers(

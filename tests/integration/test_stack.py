@@ -167,10 +167,11 @@ def test_monitor_deployment_writes_a_report_the_evidently_ui_shows(stack: LocalS
     run = stack.run_deployment("monitor/scheduled")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert list((stack.home / "reports").glob("*/summary.json"))
-    projects = httpx.get(stack.url("evidently", "/api/projects")).json()
-    assert [p["name"] for p in projects] == ["tweet-sentiment"]
-    snapshots = httpx.get(stack.url("evidently", f"/api/projects/{projects[0]['id']}/snapshots")).json()
-    assert any("decision" in s["tags"] for s in snapshots)
+    projects = {p["name"]: p["id"] for p in httpx.get(stack.url("evidently", "/api/projects")).json()}
+    assert set(projects) == {"tweet-sentiment", "tweet-generator"}  # the served generator is monitored too
+    for project in projects.values():
+        snapshots = httpx.get(stack.url("evidently", f"/api/projects/{project}/snapshots")).json()
+        assert any("decision" in s["tags"] for s in snapshots)
 
 
 def test_a_retraining_decision_runs_lifecycle_retrain_on_the_worker(stack: LocalStack) -> None:
@@ -193,7 +194,8 @@ def test_a_retraining_decision_runs_lifecycle_retrain_on_the_worker(stack: Local
 
     client = stack.mlflow()
     (experiment,) = [e for e in client.search_experiments() if e.name == "llmops-monitoring"]
-    (last, *_) = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    classifier = "tags.`llmops.model` = 'tweet-sentiment'"  # the generator's pass is recorded beside it
+    (last, *_) = client.search_runs([experiment.experiment_id], classifier, order_by=["attributes.start_time DESC"])
     assert last.data.tags["llmops.verdict"] == "retrain"
     retraining = json.loads(last.data.tags["llmops.retraining"])
     assert retraining["mode"] == "prefect" and retraining["deployment"] == "lifecycle/retrain"
