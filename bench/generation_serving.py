@@ -152,7 +152,8 @@ async def _level(base: str, kind: str, model: str, chats: list, concurrency: int
 
 def servers(workdir: Path, fp32: Path) -> dict[str, tuple[list[str], str, str, str]]:
     """label -> (command, ready path, request kind, model field)."""
-    ours = [str(VENV_BIN / "llmops"), "serve", "--port", "{port}", "--set", f"serve.models=[{NAME}]"]
+    ours = [str(VENV_BIN / "llmops"), "serve", "--config", str(REPO / "configs" / "llm-quickstart.yaml")]
+    ours += ["--port", "{port}", "--set", f"serve.models=[{NAME}]"]
     ours += ["--set", f"serve.prediction_log={workdir / 'bench-predictions.db'}"]
     ours += ["--set", f"serve.model_cache={workdir / 'bench-cache'}", "--set", "serve.max_waiting=256"]
     transformers = [str(VENV_BIN / "transformers"), "serve", str(fp32), "--host", "127.0.0.1", "--port", "{port}"]

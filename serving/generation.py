@@ -31,6 +31,8 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    min_tokens: int = 0
+    """Tokens written before the end token may end the answer (vLLM's `min_tokens`; stop strings still end it)."""
     field: str = "prompt"
     """The request field holding the prompt, for error messages."""
 
@@ -122,12 +124,20 @@ def _params(
                 field=request.field,
             )
         budget = min(budget, context - prompt_tokens)
+    if request.min_tokens > budget:
+        raise ApiError(
+            422,
+            f"min_tokens: {request.min_tokens} is more than the {budget} tokens this answer may have",
+            type="invalid_field",
+            field="min_tokens",
+        )
     return GenerationParams(
         max_new_tokens=budget,
         temperature=request.temperature,
         top_p=request.top_p,
         stop=request.stop,
         seed=request.seed,
+        min_new_tokens=request.min_tokens,
     )
 
 

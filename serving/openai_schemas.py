@@ -31,6 +31,9 @@ class _Sampling(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="Choices per prompt: only 1 is served.")
     stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP} strings that end the text.")
     seed: int | None = Field(default=None, description="Makes sampling reproducible.")
+    min_tokens: int = Field(
+        default=0, ge=0, description="vLLM's extension: tokens written before the end token may end the answer."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -206,6 +206,7 @@ class GenerateParameters(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=4)
     seed: int | None = None
+    min_tokens: int = Field(default=0, ge=0)
 
 
 class GenerateResponse(BaseModel):
@@ -230,6 +231,7 @@ def _generation_request(name: str, body: GenerateRequest) -> GenerationRequest:
         top_p=p.top_p if body.top_p is None else body.top_p,
         stop=tuple(p.stop),
         seed=p.seed,
+        min_tokens=p.min_tokens,
         field="text_input",
     )
 

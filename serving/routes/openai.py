@@ -73,6 +73,7 @@ async def _start(
                 top_p=body.top_p,
                 stop=body.stops(),
                 seed=body.seed,
+                min_tokens=body.min_tokens,
                 field=field,
             )
             streams.append(await generate(predictor, request, request_id, ROUTE, index))

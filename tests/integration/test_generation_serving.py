@@ -278,6 +278,7 @@ BAD = {
     "zero-tokens": ({"model": GENERATOR, "prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
     "long-prompt": ({"model": GENERATOR, "prompt": "word " * 400}, 413, "serve.max_prompt_tokens"),
     "prompt-not-text": ({"model": GENERATOR, "prompt": 7}, 422, "prompt"),
+    "min-over-max": ({"model": GENERATOR, "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 422, "min_tokens: 5"),
 }
 
 

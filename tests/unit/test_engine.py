@@ -4,6 +4,7 @@ ones, and a sequence whose reader is gone leaves the batch."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,22 @@ def test_stop_strings_end_the_text_before_them(generator: Generator) -> None:
     finally:
         engine.stop()
     assert last.finish_reason == "stop" and stop not in text and whole.startswith(text)
+
+
+def test_min_tokens_holds_the_end_token_back(tmp_path: Path) -> None:
+    generator = Generator(build_tiny_generator(tmp_path / "tiny", seed=3))
+    prompt = generator.encode(PROMPTS[0])
+    first = generator.generate([PROMPTS[0]], GenerationParams(max_new_tokens=1))[0]
+    generator.eos_id = generator.tokenizer.convert_tokens_to_ids(generator.tokenizer.tokenize(first.text)[0])
+    engine = GenerationEngine(generator, max_running=2, max_waiting=2)  # its greedy first token is now the end
+
+    async def answer(params: GenerationParams) -> Event:
+        return (await read(engine.submit(prompt, params, asyncio.get_running_loop())))[1]
+
+    try:
+        ended = asyncio.run(answer(GenerationParams(max_new_tokens=8)))
+        held = asyncio.run(answer(GenerationParams(max_new_tokens=8, min_new_tokens=8)))
+    finally:
+        engine.stop()
+    assert (ended.completion_tokens, ended.finish_reason) == (1, "stop")
+    assert (held.completion_tokens, held.finish_reason) == (8, "length")
