@@ -4,8 +4,9 @@
 1. A registry with a `tweet-generator` champion: `--workdir` of an earlier `llmops run --config
    configs/llm-quickstart.yaml`, else that lifecycle is run first in a scratch folder.
 2. Each server in turn on loopback; a closed-loop load generator (aiohttp, this process) keeps `c` requests in
-   flight: the champion's held-out test prompts as chats, greedy, `max_tokens` 64, streamed where the server
-   streams. At c = 1, 4 and 16, a fixed number of requests per level after a warm-up.
+   flight: the champion's held-out test prompts as chats, greedy, exactly 64 new tokens each (the end token held
+   back: `min_tokens` for ours, a generation config for `transformers serve`, `min_new_tokens` for the pyfunc),
+   streamed where the server streams. At c = 1, 4 and 16, a fixed number of requests per level after a warm-up.
    - ours: `llmops serve` on the registered champion, `/v1/chat/completions`;
    - `transformers serve` cannot read a torch-int8 state dict: it serves the champion's fp32 student (the same
      weights before quantization; with an fp32 champion, the champion itself);
@@ -77,11 +78,23 @@ def champion_facts(uri: str, workdir: Path) -> tuple[str, dict[str, str], list[l
     return str(version.version), tags, chats, fp32
 
 
-async def _one(session: aiohttp.ClientSession, base: str, kind: str, chat: list[dict[str, str]], model: str) -> dict:
+def forced_length(kind: str, generation_config: dict[str, Any]) -> dict[str, Any]:
+    """What each server needs in a request to write exactly MAX_TOKENS tokens (the end token held back)."""
+    if kind == "ours":  # vLLM's extension
+        return {"min_tokens": MAX_TOKENS}
+    if kind == "openai":  # transformers serve: a whole generation config in the body
+        forced = generation_config | {"max_new_tokens": MAX_TOKENS, "min_new_tokens": MAX_TOKENS, "do_sample": False}
+        return {"generation_config": json.dumps(forced)}
+    return {"min_new_tokens": MAX_TOKENS}  # the pyfunc's params
+
+
+async def _one(
+    session: aiohttp.ClientSession, base: str, kind: str, chat: list[dict[str, str]], model: str, extra: dict
+) -> dict:
     """One request; returns ttft, e2e and generated tokens (or an error)."""
     start = time.perf_counter()
     if kind == "invocations":
-        body = {"inputs": [{"messages": chat}], "params": {"max_new_tokens": MAX_TOKENS}}
+        body = {"inputs": [{"messages": chat}], "params": {"max_new_tokens": MAX_TOKENS, **extra}}
         async with session.post(f"{base}/invocations", json=body) as response:
             data = await response.json()
             done = time.perf_counter()
@@ -96,6 +109,7 @@ async def _one(session: aiohttp.ClientSession, base: str, kind: str, chat: list[
         "max_tokens": MAX_TOKENS,
         "temperature": 0,
         "stream": True,
+        **extra,
     }
     if kind == "ours":
         body["stream_options"] = {"include_usage": True}
@@ -119,18 +133,21 @@ async def _one(session: aiohttp.ClientSession, base: str, kind: str, chat: list[
     return {"ttft": (first or done) - start, "e2e": done - start, "tokens": usage if usage is not None else tokens}
 
 
-async def _level(base: str, kind: str, model: str, chats: list, concurrency: int, requests: int) -> dict[str, Any]:
+async def _level(
+    base: str, kind: str, model: str, chats: list, concurrency: int, requests: int, extra: dict
+) -> dict[str, Any]:
     """`requests` answers at `concurrency` in flight (after one warm-up request per slot)."""
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(_one(session, base, kind, chats[i], model) for i in range(concurrency)))
+        await asyncio.gather(*(_one(session, base, kind, chats[i], model, extra) for i in range(concurrency)))
         results: list[dict] = []
         counter = iter(range(requests))
 
         async def worker() -> None:
             for i in counter:
-                results.append(await _one(session, base, kind, chats[(i + concurrency) % len(chats)], model))
+                chat = chats[(i + concurrency) % len(chats)]
+                results.append(await _one(session, base, kind, chat, model, extra))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -214,6 +231,7 @@ def main() -> None:
     workdir = prepare(args.workdir).resolve()
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     version, tags, chats, fp32 = champion_facts(uri, workdir)
+    generation_config = json.loads((fp32 / "generation_config.json").read_text())
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow models serve execs `uvicorn`
     rows = []
@@ -223,7 +241,8 @@ def main() -> None:
         with running(label, command, ready, env, workdir) as base:
             for concurrency in args.concurrency:
                 requests = max(args.requests, concurrency)
-                row = asyncio.run(_level(base, kind, model, chats, concurrency, requests))
+                extra = forced_length(kind, generation_config)
+                row = asyncio.run(_level(base, kind, model, chats, concurrency, requests, extra))
                 row["server"] = label
                 print(
                     f"[{label}] c={concurrency}: {row['tokens_per_s']:.0f} tok/s, TTFT p99 {row['ttft_p99_ms']} ms",
@@ -259,9 +278,9 @@ def main() -> None:
         "# Generation serving benchmark",
         "",
         f"Champion: `{NAME}` version {version} ({result['candidate']}); `transformers serve` serves "
-        f"`{result['transformers_serves']}` (fp32). Chats from the held-out test split, greedy, max_tokens "
-        f"{MAX_TOKENS}, closed loop, server and load generator on one machine: {m['cpu']}, {m['cores']} cores, "
-        f"torch {m['torch']}, CUDA: {m['cuda'] or 'none'}. Date: {result['date']}.",
+        f"`{result['transformers_serves']}` (fp32). Chats from the held-out test split, greedy, exactly "
+        f"{MAX_TOKENS} new tokens each, closed loop, server and load generator on one machine: {m['cpu']}, "
+        f"{m['cores']} cores, torch {m['torch']}, CUDA: {m['cuda'] or 'none'}. Date: {result['date']}.",
         "",
         table,
         "",
