@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_fastapi_instrumentator import Instrumentator
 
 import llmops
@@ -93,7 +94,7 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
         finally:
             await predictor.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from files in the package: no CDN, so they render offline
         title="llmops serving",
         version=llmops.__version__,
         summary=f"{', '.join(cfg.served_models)} @{cfg.serve.alias}: our /v1, MLflow /invocations, Open Inference "

@@ -7,6 +7,7 @@ Each test sets the aliases it needs first.
 from __future__ import annotations
 
 import asyncio
+import re
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -102,6 +103,10 @@ async def test_health_model_info_and_docs(champion_1: str, workdir: Path) -> Non
         info = (await client.get("/v1/model")).json()
         docs = await client.get("/docs")
         schema = (await client.get("/openapi.json")).json()
+        # The page's scripts come from the service itself: /docs renders on a machine with no internet.
+        scripts = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs.text)
+        fetched = [(await client.get(url)).status_code for url in scripts]
+    assert scripts and all(url.startswith("/") for url in scripts) and set(fetched) == {200}
     assert ready["ready"] is True and ready["reason"] is None
     assert ready["model"] == {"name": NAME, "version": "1", "alias": "champion"}
     served = {m["name"]: m for m in ready["models"]}  # the default serve.models: the generator is not registered
