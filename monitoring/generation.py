@@ -16,14 +16,12 @@ an MLflow run per pass, the Evidently workspace. A retraining starts the generat
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 from evidently import DataDefinition, Dataset, Report
@@ -40,14 +38,13 @@ from monitoring.monitor import (
     Launcher,
     MonitorOutcome,
     RetrainRequest,
+    conclude,
     monitoring_experiment,
     past_decisions,
-    record_mlflow,
-    record_workspace,
     report_dir,
 )
 from monitoring.report import EMBEDDING_SHARE, MonitoringReport, _components, _drift_results, _plain, _signal
-from monitoring.window import Champion, MonitorError, ReferenceCache, Side, WindowSpec, describe, find_champion
+from monitoring.window import Champion, ReferenceCache, Side, WindowSpec, describe, find_champion
 
 PROMPT_DESCRIPTORS = ("length", "words", "url_share", "mention_share", "has_unknown")
 GENERATION_DESCRIPTORS = ("g_length", "g_words", "g_repetition", "g_empty", "g_truncated", "g_has_unknown")
@@ -141,15 +138,7 @@ class GenerationReferenceCache(ReferenceCache):
         table, vectors = folder / f"generations-{rows}.parquet", folder / f"generations-{rows}.npy"
         generator = Generator(self.model_dir(champion))
         if not (table.is_file() and vectors.is_file()):
-            try:
-                local = mlflow.artifacts.download_artifacts(
-                    champion.reference_uri, dst_path=str(folder / "data"), tracking_uri=self.tracking_uri
-                )
-            except Exception as error:  # MLflow raises several types for a missing artifact
-                raise MonitorError(f"cannot read the reference data {champion.reference_uri}: {error}") from None
-            data = pd.read_parquet(local)
-            if data.empty:
-                raise MonitorError(f"the reference data {champion.reference_uri} is empty")
+            data = self.reference_data(champion)
             data = data.sample(min(rows, len(data)), random_state=0).reset_index(drop=True)
             prompts = prompts_of(data)
             answers = generator.generate(
@@ -368,15 +357,8 @@ def run_generation_monitor(
             deployment=cfg.monitor.generation.retrain_deployment,
         )
         summary["retraining"] = {"config": request.config, "extra_rows": extra_path, "training_rows": len(extra)}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    run_id = record_mlflow(cfg, champion, summary, decision, folder, at, generation_metrics(summary))
-    record_workspace(cfg, champion, report, summary, decision, at)
-    if request is not None:
-        started = launcher(request) if launcher is not None else {"mode": "none", "note": "no launcher given"}
-        summary["retraining"] |= started
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-        client.set_tag(run_id, "llmops.retraining", json.dumps(started)[:5000])
-    return MonitorOutcome(folder, summary, decision, run_id)
+    metrics = generation_metrics(summary)
+    return conclude(cfg, client, champion, report, summary, decision, request, metrics, launcher, folder, at)
 
 
 def generation_metrics(summary: dict[str, Any]) -> dict[str, float]:

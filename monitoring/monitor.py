@@ -206,8 +206,26 @@ def run_monitor(
         request = RetrainRequest(cfg.monitor.retrain_config or config_path, overrides_now, extra, decision.reason)
         labelled = int(window.frame["feedback_label"].notna().sum())
         summary["retraining"] = {"config": request.config, "extra_rows": extra, "labelled_rows": labelled}
+    return conclude(cfg, client, champion, report, summary, decision, request, _metrics(summary), launcher, folder, at)
+
+
+def conclude(
+    cfg: LlmopsConfig,
+    client: MlflowClient,
+    champion: Champion,
+    report: MonitoringReport | None,
+    summary: dict[str, Any],
+    decision: RetrainDecision,
+    request: RetrainRequest | None,
+    metrics: dict[str, float],
+    launcher: Launcher | None,
+    folder: Path,
+    at: float,
+) -> MonitorOutcome:
+    """The end of every pass: the summary written, the pass recorded in MLflow and the Evidently workspace, then
+    the retraining started if one was decided (and its start recorded)."""
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    run_id = record_mlflow(cfg, champion, summary, decision, folder, at, _metrics(summary))
+    run_id = record_mlflow(cfg, champion, summary, decision, folder, at, metrics)
     record_workspace(cfg, champion, report, summary, decision, at)
     if request is not None:
         started = launcher(request) if launcher is not None else {"mode": "none", "note": "no launcher given"}

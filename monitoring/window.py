@@ -109,11 +109,9 @@ class ReferenceCache:
     def tokenizer(self, champion: Champion) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(self.model_dir(champion))
 
-    def reference(self, champion: Champion, rows: int, data_cfg: DataConfig, seed: int = 0) -> Side:
+    def reference_data(self, champion: Champion) -> pd.DataFrame:
+        """The champion's reference rows as its lineage tag names them (downloaded once per version)."""
         folder = self.root / f"{champion.name}-v{champion.version}"
-        table, vectors = folder / f"reference-{rows}.parquet", folder / f"reference-{rows}.npy"
-        if table.is_file() and vectors.is_file():
-            return Side(pd.read_parquet(table), np.load(vectors))
         try:
             local = mlflow.artifacts.download_artifacts(
                 champion.reference_uri, dst_path=str(folder / "data"), tracking_uri=self.tracking_uri
@@ -123,6 +121,14 @@ class ReferenceCache:
         data = pd.read_parquet(local)
         if data.empty:
             raise MonitorError(f"the reference data {champion.reference_uri} is empty")
+        return data
+
+    def reference(self, champion: Champion, rows: int, data_cfg: DataConfig, seed: int = 0) -> Side:
+        folder = self.root / f"{champion.name}-v{champion.version}"
+        table, vectors = folder / f"reference-{rows}.parquet", folder / f"reference-{rows}.npy"
+        if table.is_file() and vectors.is_file():
+            return Side(pd.read_parquet(table), np.load(vectors))
+        data = self.reference_data(champion)
         if len(data) > rows:
             data = data.sample(rows, random_state=seed)
         frame = pd.DataFrame({"text": data["text"].astype(str).reset_index(drop=True)})

@@ -18,9 +18,13 @@ os.environ.update(
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from monitoring.monitor import RetrainRequest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -49,3 +53,14 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh working directory: mlflow.db, mlartifacts/ and artifacts/ land here."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+class Recorder:
+    """A monitor's retraining launcher that only records what it was asked to start."""
+
+    def __init__(self) -> None:
+        self.requests: list[RetrainRequest] = []
+
+    def __call__(self, request: RetrainRequest) -> dict:
+        self.requests.append(request)
+        return {"mode": "recorded"}

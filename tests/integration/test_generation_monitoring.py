@@ -19,10 +19,10 @@ from evidently.ui.workspace import Workspace
 from llmops.config import LlmopsConfig, load_config
 from llmops.generation.data import prepare_data
 from monitoring.generation import requested_labels, run_generation_monitor, training_rows
-from monitoring.monitor import RetrainRequest, verdict_lines
+from monitoring.monitor import verdict_lines
 from monitoring.window import Side
 from serving.app import create_app
-from tests.conftest import REPO
+from tests.conftest import REPO, Recorder
 from tests.tiny_registry import register_generators, register_versions, set_alias
 
 LLM_TINY = REPO / "configs" / "llm-tiny.yaml"
@@ -81,15 +81,6 @@ def serve(cfg: LlmopsConfig, rows: pd.DataFrame, corrections: int = 0) -> None:
                         assert (await client.post("/v1/feedback", json=correction)).status_code == 202
 
     asyncio.run(traffic())
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.requests: list[RetrainRequest] = []
-
-    def __call__(self, request: RetrainRequest) -> dict:
-        self.requests.append(request)
-        return {"mode": "recorded"}
 
 
 def test_prompts_like_the_reference_hold(cfg: LlmopsConfig, instructions: dict[str, pd.DataFrame]) -> None:

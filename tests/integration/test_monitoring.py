@@ -22,8 +22,8 @@ from llmops.data import prepare_data
 from llmops.predlog import FeedbackRow, PredictionLogWriter, PredictionRow, encode_embedding, open_store
 from llmops.registry import download_candidate
 from llmops.stack import free_port
-from monitoring.monitor import RetrainRequest, monitoring_experiment, run_monitor
-from tests.conftest import TINY_CONFIG
+from monitoring.monitor import monitoring_experiment, run_monitor
+from tests.conftest import TINY_CONFIG, Recorder
 from tests.tiny_registry import register_versions
 
 NAME = "monitored"
@@ -95,15 +95,6 @@ def serve_traffic(
         for i, label in enumerate(rows["label"]):
             writer.append_feedback(FeedbackRow(request, i, label, at))
     writer.close()
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.requests: list[RetrainRequest] = []
-
-    def __call__(self, request: RetrainRequest) -> dict:
-        self.requests.append(request)
-        return {"mode": "recorded"}
 
 
 def test_no_drift_window_holds_and_writes_parseable_reports(setup, corpus) -> None:

@@ -7,9 +7,9 @@ Each test sets the aliases it needs first.
 from __future__ import annotations
 
 import asyncio
-import re
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
