@@ -7,9 +7,12 @@
    flight: the champion's held-out test prompts as chats, greedy, exactly 64 new tokens each (the end token held
    back: `min_tokens` for ours, a generation config for `transformers serve`, `min_new_tokens` for the pyfunc),
    streamed where the server streams. At c = 1, 4 and 16, a fixed number of requests per level after a warm-up.
-   - ours: `llmops serve` on the registered champion, `/v1/chat/completions`;
+   - ours: `llmops serve` on the registered champion, `/v1/chat/completions`; and on the champion's fp32 student
+     (registered beside it as `tweet-generator-fp32`), the weights `transformers serve` runs;
    - `transformers serve` cannot read a torch-int8 state dict: it serves the champion's fp32 student (the same
      weights before quantization; with an fp32 champion, the champion itself);
+   - `transformers serve --continuous-batching` ignores `min_new_tokens`: its answers stop at the end token (the
+     tokens/answer column shows it); tokens/s counts what each server wrote, from its usage;
    - `mlflow models serve` on `models:/tweet-generator@champion` (its pyfunc, `/invocations`, no streaming: its
      time to first token is its whole answer).
 3. Generated tokens/s (from the answers' token counts), time to first token p50 / p99, end-to-end p99.
@@ -40,6 +43,7 @@ from mlflow import MlflowClient
 from servers import running
 from tabulate import tabulate
 
+from llmops import registry
 from llmops.generation.evaluate import prompts_of
 from llmops.registry import CHAMPION, TAG
 
@@ -47,6 +51,9 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
 NAME = "tweet-generator"
+FP32 = "tweet-generator-fp32"
+"""The champion's fp32 student, registered beside it in the benchmark's store: our server on the very weights
+`transformers serve` runs, so the engine is compared apart from int8."""
 MAX_TOKENS = 64
 
 
@@ -86,6 +93,19 @@ def forced_length(kind: str, generation_config: dict[str, Any]) -> dict[str, Any
         forced = generation_config | {"max_new_tokens": MAX_TOKENS, "min_new_tokens": MAX_TOKENS, "do_sample": False}
         return {"generation_config": json.dumps(forced)}
     return {"min_new_tokens": MAX_TOKENS}  # the pyfunc's params
+
+
+def register_fp32(uri: str, fp32: Path) -> None:
+    """`FP32@champion`: the fp32 student as a registered model of its own (once per store)."""
+    client = MlflowClient(uri, registry_uri=uri)
+    if client.search_model_versions(f"name='{FP32}'"):
+        return
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run(run_name="bench-fp32-student"):
+        model_uri = registry.log_generator_model(fp32, ["write a positive tweet about coachella"])
+        version = registry.register(FP32, model_uri, {"task": "causal-lm", "candidate": "student"})
+    client.set_registered_model_alias(FP32, CHAMPION, version)
 
 
 async def _one(
@@ -176,8 +196,10 @@ def servers(workdir: Path, fp32: Path) -> dict[str, tuple[list[str], str, str, s
     transformers = [str(VENV_BIN / "transformers"), "serve", str(fp32), "--host", "127.0.0.1", "--port", "{port}"]
     mlflow_serve = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@{CHAMPION}"]
     mlflow_serve += ["--env-manager", "local", "--host", "127.0.0.1", "--port", "{port}"]
+    ours_fp32 = [part.replace(f"serve.models=[{NAME}]", f"serve.models=[{FP32}]") for part in ours]
     return {
         "llmops (continuous batching)": (ours, "/readyz", "ours", NAME),
+        "llmops (continuous batching), fp32 student": (ours_fp32, "/readyz", "ours", FP32),
         "llmops (one sequence at a time)": (
             [*ours, "--set", "serve.continuous_batching=false"],
             "/readyz",
@@ -209,6 +231,15 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             1.5,
         ),
     ]
+    same = at16.get("llmops (continuous batching), fp32 student")
+    if same is not None:  # apart from int8: the same fp32 weights as transformers serve
+        checks.append(
+            (
+                f"c=16, fp32 student: >= 1.5x the best peer's tokens/s ({best['server']})",
+                same["tokens_per_s"] / best["tokens_per_s"],
+                1.5,
+            )
+        )
     out = [{"target": t, "measured": f"{v:.2f}", "met": v >= bound} for t, v, bound in checks]
     for label, peer in peers.items():
         out.append(
@@ -232,6 +263,7 @@ def main() -> None:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     version, tags, chats, fp32 = champion_facts(uri, workdir)
     generation_config = json.loads((fp32 / "generation_config.json").read_text())
+    register_fp32(uri, fp32)
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow models serve execs `uvicorn`
     rows = []
@@ -280,7 +312,10 @@ def main() -> None:
         f"Champion: `{NAME}` version {version} ({result['candidate']}); `transformers serve` serves "
         f"`{result['transformers_serves']}` (fp32). Chats from the held-out test split, greedy, exactly "
         f"{MAX_TOKENS} new tokens each, closed loop, server and load generator on one machine: {m['cpu']}, "
-        f"{m['cores']} cores, torch {m['torch']}, CUDA: {m['cuda'] or 'none'}. Date: {result['date']}.",
+        f"{m['cores']} cores, torch {m['torch']}, CUDA: {m['cuda'] or 'none'}. Date: {result['date']}. "
+        f"`llmops ..., fp32 student` serves `{FP32}`, the same fp32 weights as `transformers serve`. "
+        "`transformers serve --continuous-batching` ignores `min_new_tokens`: its answers end at the end token "
+        "(tokens/answer); tokens/s counts what each server wrote.",
         "",
         table,
         "",
