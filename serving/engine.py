@@ -5,12 +5,12 @@ for all of them, merged into the running batch), then one decoding step for ever
 sequence that wrote its end token, a stop string or its last allowed token leaves at once, and one whose
 client went away leaves at the next step. A short request never waits for a long one to finish.
 
-transformers ships a continuous-batching API (`generate_batch`, `transformers serve --continuous-batching`);
-it is built for CUDA and, measured on this project's CPU, took 8.8-11.4 s for 12 requests x 16 tokens of a
-tiny Llama against 0.3 s for 12 sequential `generate()` calls. So the engine is the smallest scheduler that
-does the job, over `llmops.generation.decode` (prefill, step, join, keep_rows): bounded running and waiting
-sets, per-sequence sampling and seeds, streaming of text as it forms. Decoder-only models batch; a seq2seq
-model answers one sequence at a time through `Generator.generate_ids`.
+transformers ships a continuous-batching API (`generate_batch`, `transformers serve --continuous-batching`):
+it cannot serve a torch-int8 champion, ignores `min_new_tokens`, and on this project's CPU wrote 0.6x the
+tokens of this engine on the same fp32 weights at 16 concurrent requests (bench/generation_serving.py). So the
+engine is the smallest scheduler that does the job, over `llmops.generation.decode` (prefill, step, join,
+keep_rows): bounded running and waiting sets, per-sequence sampling and seeds, streaming of text as it forms.
+Decoder-only models batch; a seq2seq model answers one sequence at a time through `Generator.generate_ids`.
 """
 
 from __future__ import annotations

@@ -91,16 +91,20 @@ TINY_LLAMA = {
 }
 
 
-def build_tiny_generator(directory: Path, seed: int) -> Path:
-    """A random-init 2-layer Llama speaking the packaged MiniLM tokenizer, saved as a generator candidate."""
+TINY_T5 = {"model_type": "t5", "d_model": 64, "d_ff": 128, "d_kv": 32, "num_layers": 2, "num_heads": 2}
+
+
+def build_tiny_generator(directory: Path, seed: int, task: str = "causal-lm") -> Path:
+    """A random-init 2-layer Llama (or, for `seq2seq-lm`, T5) speaking the packaged MiniLM tokenizer, saved as a
+    generator candidate."""
     from llmops.config import ModelConfig
     from llmops.generation.modeling import load_base_model, load_tokenizer
 
-    cfg = ModelConfig(random_init=TINY_LLAMA, max_length=64)
+    cfg = ModelConfig(random_init=TINY_T5 if task == "seq2seq-lm" else TINY_LLAMA, max_length=64)
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(seed)
-    model = load_base_model(cfg, "causal-lm", tokenizer)
-    meta = CandidateMeta("student", [], max_length=64, task="causal-lm")
+    model = load_base_model(cfg, task, tokenizer)
+    meta = CandidateMeta("student", [], max_length=64, task=task)
     return save_hf_candidate(model, tokenizer, meta, directory)
 
 

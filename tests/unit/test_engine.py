@@ -181,3 +181,27 @@ def test_min_tokens_holds_the_end_token_back(tmp_path: Path) -> None:
         engine.stop()
     assert (ended.completion_tokens, ended.finish_reason) == (1, "stop")
     assert (held.completion_tokens, held.finish_reason) == (8, "length")
+
+
+def test_a_seq2seq_model_answers_one_sequence_at_a_time(tmp_path: Path) -> None:
+    generator = Generator(build_tiny_generator(tmp_path / "t5", seed=4, task="seq2seq-lm"))
+    params = GenerationParams(max_new_tokens=6)
+    alone = [generator.generate([p], params)[0] for p in PROMPTS[:3]]
+    engine = GenerationEngine(generator, max_running=4, max_waiting=8)
+    assert engine.max_running == 1  # encoder-decoder caches are not merged: no continuous batching
+
+    async def everything() -> list[tuple[str, Event]]:
+        loop = asyncio.get_running_loop()
+        sequences = [engine.submit(generator.encode(p), params, loop) for p in PROMPTS[:3]]
+        return await asyncio.gather(*map(read, sequences))
+
+    try:
+        results = asyncio.run(everything())
+    finally:
+        engine.stop()
+    for (text, last), expected in zip(results, alone, strict=True):
+        assert (text, last.completion_tokens, last.finish_reason) == (
+            expected.text,
+            expected.completion_tokens,
+            expected.finish_reason,
+        )
