@@ -34,6 +34,22 @@ async def read(sequence: Sequence) -> tuple[str, Event]:
             return text, event
 
 
+def all_at_once(
+    engine: GenerationEngine, prompts: list[str], params: list[GenerationParams]
+) -> list[tuple[str, Event]]:
+    """Every prompt submitted at once; each sequence's text and last event, in order. The engine is stopped."""
+
+    async def everything() -> list[tuple[str, Event]]:
+        loop = asyncio.get_running_loop()
+        sequences = [engine.submit(engine.generator.encode(p), q, loop) for p, q in zip(prompts, params, strict=True)]
+        return await asyncio.gather(*map(read, sequences))
+
+    try:
+        return asyncio.run(everything())
+    finally:
+        engine.stop()
+
+
 def test_concurrent_sequences_write_what_each_writes_alone(generator: Generator) -> None:
     lengths = [3, 12, 7, 20, 1, 9, 15, 5]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
@@ -41,19 +57,7 @@ def test_concurrent_sequences_write_what_each_writes_alone(generator: Generator)
         generator.generate([p], GenerationParams(max_new_tokens=n))[0] for p, n in zip(prompts, lengths, strict=True)
     ]
     engine = GenerationEngine(generator, max_running=4, max_waiting=16)
-
-    async def everything() -> list[tuple[str, Event]]:
-        loop = asyncio.get_running_loop()
-        sequences = [
-            engine.submit(generator.encode(p), GenerationParams(max_new_tokens=n), loop)
-            for p, n in zip(prompts, lengths, strict=True)
-        ]
-        return await asyncio.gather(*map(read, sequences))
-
-    try:
-        results = asyncio.run(everything())
-    finally:
-        engine.stop()
+    results = all_at_once(engine, prompts, [GenerationParams(max_new_tokens=n) for n in lengths])
     for (text, last), expected in zip(results, alone, strict=True):
         assert text == expected.text  # no cross-talk: the streamed pieces add up to the sequence's own answer
         assert last.completion_tokens == expected.completion_tokens
@@ -189,16 +193,7 @@ def test_a_seq2seq_model_answers_one_sequence_at_a_time(tmp_path: Path) -> None:
     alone = [generator.generate([p], params)[0] for p in PROMPTS[:3]]
     engine = GenerationEngine(generator, max_running=4, max_waiting=8)
     assert engine.max_running == 1  # encoder-decoder caches are not merged: no continuous batching
-
-    async def everything() -> list[tuple[str, Event]]:
-        loop = asyncio.get_running_loop()
-        sequences = [engine.submit(generator.encode(p), params, loop) for p in PROMPTS[:3]]
-        return await asyncio.gather(*map(read, sequences))
-
-    try:
-        results = asyncio.run(everything())
-    finally:
-        engine.stop()
+    results = all_at_once(engine, PROMPTS[:3], [params] * 3)
     for (text, last), expected in zip(results, alone, strict=True):
         assert (text, last.completion_tokens, last.finish_reason) == (
             expected.text,
