@@ -4,20 +4,29 @@ A stage's folder is `work_dir/<stage>/<key>`, the key a hash of the stage's
 config and of its inputs' folders (themselves keyed), so a change anywhere
 upstream gives new keys downstream. A stage is built in a temporary folder and
 renamed into place when complete: a crash leaves nothing that looks finished.
+
+Two runs sharing a `work_dir` (two people pressing run, a scheduled run overlapping a manual one, two workers on
+one volume) build a stage once: the builder holds `<key>.lock` (an OS file lock, released if its process dies);
+the other waits for it, then finds the folder complete and reuses it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
 import llmops
+
+log = logging.getLogger(__name__)
 
 
 def _jsonable(part: Any) -> Any:
@@ -35,16 +44,36 @@ def stage_key(*parts: Any) -> str:
 
 
 def cached_stage(folder: Path, build: Callable[[Path], Any]) -> tuple[Path, bool]:
-    """Run `build(tmp_folder)` unless `folder` is already complete; returns (folder, was_cached)."""
+    """Run `build(tmp_folder)` unless `folder` is already complete; returns (folder, was_cached).
+
+    One builder at a time per folder, across processes: a run that finds the stage being built waits for it."""
     if folder.is_dir():
         return folder, True
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder.with_name(folder.name + ".lock"))
     try:
-        build(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tmp.rename(folder)
-    return folder, False
+        lock.acquire(timeout=0)
+    except Timeout:
+        builder = folder.with_name(folder.name + ".partial") / ".builder"
+        who = builder.read_text().strip() if builder.is_file() else "another process"
+        log.warning(
+            "stage %s/%s is being built by another run (%s): waiting for it", folder.parent.name, folder.name, who
+        )
+        lock.acquire()
+    try:
+        if folder.is_dir():  # the other run built it while this one waited
+            return folder, True
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died: the lock says nobody builds it now
+        tmp.mkdir()
+        (tmp / ".builder").write_text(f"pid {os.getpid()}\n")
+        try:
+            build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        (tmp / ".builder").unlink()
+        tmp.rename(folder)
+        return folder, False
+    finally:
+        lock.release()

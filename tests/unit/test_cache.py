@@ -32,4 +32,4 @@ def test_failed_build_leaves_nothing_that_looks_finished(tmp_path: Path) -> None
 
     with pytest.raises(RuntimeError):
         cached_stage(tmp_path / "k", build)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["k.lock"]  # only the (released) lock: no folder, no .partial
