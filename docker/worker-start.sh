@@ -2,5 +2,5 @@
 # The worker container: make sure the pool and the deployments exist, then take flow runs.
 set -eu
 prefect work-pool create llmops --type process --overwrite
-python -m flows.deploy --all
+prefect --no-prompt deploy --all
 exec prefect worker start --pool llmops

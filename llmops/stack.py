@@ -181,7 +181,7 @@ def _up(stack: Stack, env: dict[str, str], cfg: LlmopsConfig, config_path: str, 
     _wait("prefect-server", prefect, _get_ok(f"http://127.0.0.1:{ports.prefect}/api/health"), home, 180)
     stack.urls["Prefect UI"] = f"http://127.0.0.1:{ports.prefect}"
     _run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env, home, "pool")
-    _run([sys.executable, "-m", "flows.deploy", "--all"], env, home, "prefect deploy --all (flows/deploy.py)")
+    _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env, home, "prefect deploy --all")
 
     worker = _start(home, "prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL], env)
     workers_url = f"http://127.0.0.1:{ports.prefect}/api/work_pools/{POOL}/workers/filter"

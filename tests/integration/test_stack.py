@@ -141,6 +141,22 @@ def test_deployment_run_trains_promotes_and_serving_follows(stack: LocalStack) -
     assert ready["model"]["version"] == "1"
 
 
+def test_the_prefect_cli_a_user_types_works_unpatched(stack: LocalStack) -> None:
+    def prefect(*args: str) -> subprocess.CompletedProcess[str]:
+        env = stack.env | {"COLUMNS": "250"}  # wide enough that rich tables do not cut names
+        return subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300, check=False)  # fmt: skip
+
+    names = ["lifecycle/quickstart", "lifecycle/full", "lifecycle/retrain", "lifecycle/llm", "monitor/scheduled"]
+    deployed = prefect("--no-prompt", "deploy", "--all")  # again: stock Prefect, no patch (make up ran it first)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    assert all(f"'{name}'" in deployed.stdout for name in names), deployed.stdout[-3000:]
+    listed = prefect("deployment", "ls")
+    assert listed.returncode == 0 and all(name in listed.stdout for name in names), listed.stdout + listed.stderr
+    runs = prefect("flow-run", "ls")  # 422 with fastapi >= 0.151 (Prefect sends `limit: null`)
+    assert runs.returncode == 0 and "lifecycle" in runs.stdout, runs.stdout + runs.stderr
+
+
 def test_the_llm_deployment_registers_a_generator_champion(stack: LocalStack) -> None:
     run = stack.run_deployment("lifecycle/llm", config=REPO / "configs" / "llm-tiny.yaml")
     assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
