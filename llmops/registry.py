@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -136,14 +138,23 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+@contextmanager
+def _without_mlflow_advice() -> Iterator[None]:
+    """MLflow's advice a user of llmops cannot act on, silenced where llmops calls MLflow: the integer-column schema
+    hint (the splits' label ids are never missing; the generators' token counts are integers by nature)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Hint: Inferred schema contains integer", category=UserWarning)
+        yield
+
+
 def log_data_inputs(splits: dict[str, Path], fingerprint: str, targets: str = "label") -> None:
     """Splits as MLflow dataset inputs (with their digest) and as artifacts under `data/`."""
     for name, path in splits.items():
         frame = pd.read_parquet(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # source-type ambiguity and integer-schema hints
+        with _without_mlflow_advice():
+            warnings.simplefilter("ignore", UserWarning)  # and the dataset's source-type note
             dataset = from_pandas(frame, source=str(path), name=f"{name}-{fingerprint}", targets=targets)
-        mlflow.log_input(dataset, context=name)
+            mlflow.log_input(dataset, context=name)
         mlflow.log_artifact(str(path), artifact_path="data")
 
 
@@ -162,15 +173,16 @@ def runtime_requirements() -> list[str]:
 
 def log_candidate_model(candidate_dir: Path, labels: list[str], input_example: list[str]) -> str:
     """Log a candidate as an MLflow models-from-code pyfunc in the active run; returns its model URI."""
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(_MODEL_CODE),
-        artifacts={"candidate": str(candidate_dir)},
-        code_paths=[str(_MODEL_CODE.parent)],
-        signature=model_signature(labels),
-        input_example=input_example,
-        pip_requirements=runtime_requirements(),
-    )
+    with _without_mlflow_advice():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(_MODEL_CODE),
+            artifacts={"candidate": str(candidate_dir)},
+            code_paths=[str(_MODEL_CODE.parent)],
+            signature=model_signature(labels),
+            input_example=input_example,
+            pip_requirements=runtime_requirements(),
+        )
     return info.model_uri
 
 
@@ -198,15 +210,16 @@ def generator_signature() -> ModelSignature:
 
 def log_generator_model(candidate_dir: Path, input_example: list[Any]) -> str:
     """Log a generator candidate as an MLflow models-from-code pyfunc in the active run; returns its model URI."""
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(_GENERATOR_CODE),
-        artifacts={"candidate": str(candidate_dir)},
-        code_paths=[str(_MODEL_CODE.parent)],
-        signature=generator_signature(),
-        input_example=(input_example, {"max_new_tokens": 16}),
-        pip_requirements=runtime_requirements(),
-    )
+    with _without_mlflow_advice():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(_GENERATOR_CODE),
+            artifacts={"candidate": str(candidate_dir)},
+            code_paths=[str(_MODEL_CODE.parent)],
+            signature=generator_signature(),
+            input_example=(input_example, {"max_new_tokens": 16}),
+            pip_requirements=runtime_requirements(),
+        )
     return info.model_uri
 
 
