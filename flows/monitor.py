@@ -53,26 +53,11 @@ def launcher(cfg: LlmopsConfig) -> Any:
     return launch
 
 
-def _generators(cfg: LlmopsConfig) -> list[str]:
-    """The other served models whose champion generates text (the config's own model is monitored anyway)."""
-    from llmops import registry
-
-    client = registry.setup_tracking(cfg.registry)
-    found = []
-    for name in cfg.served_models:
-        version = registry.alias_version(client, name, registry.CHAMPION)
-        if name != cfg.registry.model_name and version is not None:
-            task = registry.version_tags(client, name, version).get(registry.TAG + "task", "sequence-classification")
-            if task != "sequence-classification":
-                found.append(name)
-    return found
-
-
 @flow(name="monitor", log_prints=True)
 def monitor(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> dict[str, Any]:
     """Window vs the champion's reference: report, decision (recorded), retraining if decided; for the config's
     model, and for every served generator beside it (`serve.models`)."""
-    from monitoring.generation import run_generation_monitor
+    from monitoring.generation import run_generation_monitor, served_generators
 
     cfg = load_config(config, overrides)
     if cfg.generative:
@@ -83,7 +68,7 @@ def monitor(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) ->
     print(verdict_lines(outcome))
     result = {**outcome.summary, "report_dir": str(outcome.report_dir), "run_id": outcome.run_id}
     others: dict[str, Any] = {}
-    for name in _generators(cfg):
+    for name in served_generators(cfg):
         try:  # one generator that cannot be monitored loses neither the classifier's pass nor the others'
             other = run_generation_monitor(cfg, name, launcher=launcher(cfg))
         except MonitorError as error:

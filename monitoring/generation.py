@@ -283,6 +283,19 @@ def training_rows(window: Side, good_rating: float) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
+def served_generators(cfg: LlmopsConfig) -> list[str]:
+    """The served models (`serve.models`) other than the config's own whose champion generates text."""
+    client = registry.setup_tracking(cfg.registry)
+    found = []
+    for name in cfg.served_models:
+        version = registry.alias_version(client, name, registry.CHAMPION)
+        if name != cfg.registry.model_name and version is not None:
+            task = registry.version_tags(client, name, version).get(registry.TAG + "task", "sequence-classification")
+            if task != "sequence-classification":
+                found.append(name)
+    return found
+
+
 def run_generation_monitor(
     cfg: LlmopsConfig, model_name: str, *, launcher: Launcher | None = None, now: float | None = None
 ) -> MonitorOutcome:

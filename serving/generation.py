@@ -87,14 +87,7 @@ def _generator_model(predictor: Predictor, name: str) -> LoadedModel:
     if watcher is None:
         served = ", ".join(predictor.models)
         raise ApiError(404, f"model '{name}' is not served here (serving {served})", type="not_found", field="model")
-    model = watcher.current
-    if model is None:
-        raise ApiError(
-            503,
-            f"model '{name}' is not loaded: {watcher.status}",
-            type="not_ready",
-            headers={"Retry-After": str(max(1, round(predictor.cfg.poll_interval_s)))},
-        )
+    model = predictor.loaded(watcher)
     if model.engine is None:
         raise ApiError(
             400, f"model '{name}' is a {model.task} model: use /v1/predict", type="wrong_model_kind", field="model"

@@ -147,16 +147,20 @@ class Predictor:
         watchers = self.models.values()
         return any(w.current for w in watchers) and all(w.current is not None or w.absent for w in watchers)
 
-    def require_model(self) -> LoadedModel:
-        """The classifier routes' model, loaded, or a 503 (not loaded yet) or 400 (it generates text)."""
-        model = self.champion.current
-        if model is None:
+    def loaded(self, watcher: ModelWatcher) -> LoadedModel:
+        """The version `watcher` serves now, or a 503 with Retry-After while none is loaded."""
+        if watcher.current is None:
             raise ApiError(
                 503,
-                f"no model loaded yet: {self.champion.status}",
+                f"no version of '{watcher.name}' loaded yet: {watcher.status}",
                 type="not_ready",
                 headers={"Retry-After": str(max(1, round(self.cfg.poll_interval_s)))},
             )
+        return watcher.current
+
+    def require_model(self) -> LoadedModel:
+        """The classifier routes' model, loaded, or a 503 (not loaded yet) or 400 (it generates text)."""
+        model = self.loaded(self.champion)
         if not model.is_classifier:
             raise ApiError(
                 400,

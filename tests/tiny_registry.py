@@ -42,6 +42,14 @@ def break_candidate(directory: Path) -> Path:
     return directory
 
 
+def _log_reference(reference: pd.DataFrame, path: Path) -> dict[str, object]:
+    """The reference rows logged to the active run under `data/`; the lineage tag monitoring reads."""
+    reference.to_parquet(path, index=False)
+    mlflow.log_artifact(str(path), artifact_path="data")
+    run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+    return {"reference_data": f"runs:/{run_id}/data/{path.name}"}
+
+
 def register_versions(
     root: Path, name: str, seeds: list[int], broken: set[int] = frozenset(), reference: pd.DataFrame | None = None
 ) -> str:
@@ -63,15 +71,9 @@ def register_versions(
             model_uri = registry.log_candidate_model(candidate, LABELS, ["an example tweet"])
             tags: dict[str, object] = {"candidate": "student", "seed": seed}
             if reference is not None:
-                path = root / "reference.parquet"
-                reference.to_parquet(path, index=False)
-                mlflow.log_artifact(str(path), artifact_path="data")
-                run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
-                tags |= {
-                    "labels": LABELS,
-                    "reference_data": f"runs:/{run_id}/data/reference.parquet",
-                    "test_macro_f1": "0.600000",
-                }
+                tags |= {"labels": LABELS, "test_macro_f1": "0.600000"} | _log_reference(
+                    reference, root / "reference.parquet"
+                )
             registry.register(name, model_uri, tags)
     return uri
 
@@ -132,10 +134,6 @@ def register_generators(
             model_uri = registry.log_generator_model(candidate, ["write a positive tweet about coachella"])
             tags: dict[str, object] = {"task": "causal-lm", "candidate": "student", "seed": seed, "labels": []}
             if reference is not None:
-                path = root / "generation-reference.parquet"
-                reference.to_parquet(path, index=False)
-                mlflow.log_artifact(str(path), artifact_path="data")
-                run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
-                tags["reference_data"] = f"runs:/{run_id}/data/generation-reference.parquet"
+                tags |= _log_reference(reference, root / "generation-reference.parquet")
             registry.register(name, model_uri, tags)
     return uri
