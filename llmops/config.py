@@ -318,7 +318,7 @@ class ServeConfig(_Strict):
     """Texts per request at most."""
     max_text_chars: int = Field(default=2000, gt=0)
     over_length: Literal["truncate", "reject"] = "truncate"
-    """A text over max_text_chars is cut to it, or the request gets 413."""
+    """A text over max_text_chars is cut to it, or the request gets 422 (the OpenAPI document says so)."""
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     api_keys_env: str = "LLMOPS_API_KEYS"
     """Environment variable holding comma-separated API keys. No keys anywhere: no auth."""

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_fastapi_instrumentator import Instrumentator
 
 import llmops
 from llmops.config import LlmopsConfig
 from llmops.registry import resolve_tracking_uri
+from serving import contract
 from serving.auth import load_api_keys
 from serving.errors import install_handlers
 from serving.predictor import Predictor
@@ -100,6 +101,7 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
         summary=f"{', '.join(cfg.served_models)} @{cfg.serve.alias}: our /v1, MLflow /invocations, Open Inference "
         "v2 and OpenAI's API.",
         lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,  # operationIds a client generator reads: `predict`
     )
     app.state.predictor = predictor
     app.state.api_keys = api_keys
@@ -108,10 +110,11 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
         registry=predictor.metrics.registry, excluded_handlers=["/metrics"], should_group_status_codes=False
     ).instrument(
         app, metric_namespace="", latency_lowr_buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-    ).expose(app, tags=["health"])
+    ).expose(app, tags=["health"], response_class=PlainTextResponse)
     for protocol in (ours, mlflow, oip, openai):
         app.include_router(protocol.router)
     app.add_middleware(RequestContext, max_body_bytes=cfg.serve.max_body_bytes)
+    contract.install(app, predictor, keys_required=bool(api_keys))
     return app
 
 

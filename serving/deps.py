@@ -58,7 +58,7 @@ def check_texts(texts: list[Any], field: str, cfg: ServeConfig) -> list[str]:
         raise ApiError(422, f"{field}: give at least one text", type="invalid_field", field=field)
     if len(texts) > cfg.max_texts:
         raise ApiError(
-            413,
+            422,
             f"{field}: {len(texts)} texts in one request; at most {cfg.max_texts} (serve.max_texts)",
             type="too_many_texts",
             field=field,
@@ -75,7 +75,7 @@ def check_texts(texts: list[Any], field: str, cfg: ServeConfig) -> list[str]:
         if len(text) > cfg.max_text_chars:
             if cfg.over_length == "reject":
                 raise ApiError(
-                    413,
+                    422,
                     f"{where}: {len(text)} characters; at most {cfg.max_text_chars} (serve.max_text_chars)",
                     type="text_too_long",
                     field=where,

@@ -32,7 +32,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     min_tokens: int = 0
-    """Tokens written before the end token may end the answer (vLLM's `min_tokens`; stop strings still end it)."""
+    """Tokens written before the end token may end the answer (vLLM's `min_tokens`; stop strings still end it).
+    Capped by the answer's budget, as `max_tokens` is."""
     field: str = "prompt"
     """The request field holding the prompt, for error messages."""
 
@@ -89,8 +90,9 @@ def _generator_model(predictor: Predictor, name: str) -> LoadedModel:
         raise ApiError(404, f"model '{name}' is not served here (serving {served})", type="not_found", field="model")
     model = predictor.loaded(watcher)
     if model.engine is None:
+        # 404, as OpenAI answers a model its route does not serve ("This is a chat model and not supported ...").
         raise ApiError(
-            400, f"model '{name}' is a {model.task} model: use /v1/predict", type="wrong_model_kind", field="model"
+            404, f"model '{name}' is a {model.task} model: use /v1/predict", type="wrong_model_kind", field="model"
         )
     return model
 
@@ -117,20 +119,13 @@ def _params(
                 field=request.field,
             )
         budget = min(budget, context - prompt_tokens)
-    if request.min_tokens > budget:
-        raise ApiError(
-            422,
-            f"min_tokens: {request.min_tokens} is more than the {budget} tokens this answer may have",
-            type="invalid_field",
-            field="min_tokens",
-        )
     return GenerationParams(
         max_new_tokens=budget,
         temperature=request.temperature,
         top_p=request.top_p,
         stop=request.stop,
         seed=request.seed,
-        min_new_tokens=request.min_tokens,
+        min_new_tokens=min(request.min_tokens, budget),  # capped like max_tokens, never refused
     )
 
 
@@ -165,7 +160,7 @@ async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Event]]:
 async def generate(
     predictor: Predictor, request: GenerationRequest, request_id: str, route: str, index: int = 0
 ) -> Stream:
-    """Start a generation with the model's current version; 404 / 503 / 413 / 400 before anything runs.
+    """Start a generation with the model's current version; 404 / 503 / 413 before anything runs.
     `index`: the prompt's position in its request (the prediction log keys answers by request id and index)."""
     loop = asyncio.get_running_loop()
     for _ in range(3):  # a version swapped out between reading it and submitting: take the new one

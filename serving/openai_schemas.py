@@ -8,31 +8,48 @@ naming them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+
+from serving.schemas import STRICT, Integer, NotServed, PositiveInteger, Text, whole_number
 
 MAX_STOP = 4
 """Stop strings per request at most (OpenAI's limit)."""
 
+StopString = Annotated[str, Field(min_length=1)]
+StopList = Annotated[
+    list[StopString],  # the validator below says how many, with a clearer message than pydantic's
+    WithJsonSchema({"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}),
+]
+Seed = Annotated[int, Field(ge=-(2**53), le=2**53), BeforeValidator(whole_number)]
+"""Integers a JSON number holds exactly (a torch generator takes more)."""
+
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
     """Send one more chunk before `[DONE]` with the request's token counts."""
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT | ConfigDict(extra="ignore")
 
     model: str = Field(description="A served generator, as `GET /v1/models` lists it (`tweet-generator`).")
-    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to write at most (capped by the server).")
+    max_tokens: PositiveInteger | None = Field(
+        default=None, description="Tokens to write at most (capped by the server)."
+    )
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0: greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1, description="Choices per prompt: only 1 is served.")
-    stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP} strings that end the text.")
-    seed: int | None = Field(default=None, description="Makes sampling reproducible.")
-    min_tokens: int = Field(
-        default=0, ge=0, description="vLLM's extension: tokens written before the end token may end the answer."
+    n: Integer = Field(default=1, ge=1, le=1, description="Choices per prompt: only 1 is served.")
+    stop: StopString | StopList | None = Field(default=None, description=f"Up to {MAX_STOP} strings that end the text.")
+    seed: Seed | None = Field(default=None, description="Makes sampling reproducible.")
+    min_tokens: Integer = Field(
+        default=0,
+        ge=0,
+        description="vLLM's extension: tokens written before the end token may end the answer (capped like "
+        "`max_tokens`).",
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -52,20 +69,22 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="A prompt, or a list of prompts (one choice each).")
+    prompt: Text | list[Text] = Field(description="A prompt, or a list of prompts (one choice each).")
     logprobs: None = Field(default=None, description="Not served: must be absent or null.")
-    echo: Literal[False] = Field(default=False, description="Not served: must be absent or false.")
+    echo: NotServed = Field(default=False, description="Not served: must be absent or false.")
 
 
 class ChatMessage(BaseModel):
+    model_config = STRICT
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="The newer name of `max_tokens`.")
-    logprobs: Literal[False] | None = Field(default=None, description="Not served: must be absent, null or false.")
+    max_completion_tokens: PositiveInteger | None = Field(default=None, description="The newer name of `max_tokens`.")
+    logprobs: NotServed | None = Field(default=None, description="Not served: must be absent, null or false.")
 
 
 class Usage(BaseModel):

@@ -251,10 +251,8 @@ class Predictor:
             raise ApiError(
                 404, f"request_id: no generation with id '{request_id}'", type="not_found", field="request_id"
             )
-        if index >= size:
-            raise ApiError(
-                422, f"index: request {request_id} had {size} prompt(s)", type="invalid_field", field="index"
-            )
+        if index >= size:  # the answer asked about does not exist
+            raise ApiError(404, f"index: request {request_id} had {size} prompt(s)", type="not_found", field="index")
         self.log.append_generation_feedback(GenerationFeedbackRow(request_id, index, rating, correction, time.time()))
 
     async def feedback(self, request_id: str, index: int, label: str) -> None:
@@ -266,6 +264,6 @@ class Predictor:
             raise ApiError(
                 404, f"request_id: no prediction with id '{request_id}'", type="not_found", field="request_id"
             )
-        if index >= size:
-            raise ApiError(422, f"index: request {request_id} had {size} text(s)", type="invalid_field", field="index")
+        if index >= size:  # the prediction asked about does not exist
+            raise ApiError(404, f"index: request {request_id} had {size} text(s)", type="not_found", field="index")
         self.log.append_feedback(FeedbackRow(request_id, index, label, time.time()))

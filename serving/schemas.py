@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, model_validator
+
+# Request fields take exactly the JSON types the OpenAPI document gives them (request models are strict):
+# "3" is not an integer, 0 is not false. These are the types strictness alone would get wrong or cannot say.
+
+
+def whole_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _exactly_a_boolean(value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise ValueError("must be a boolean")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(whole_number)]
+"""An integer as JSON Schema counts them: 3 and 3.0, never "3" or true."""
+PositiveInteger = Annotated[int, Field(ge=1), BeforeValidator(whole_number)]
+"""(The bound before the validator: after it, pydantic's document would say `ge` where JSON Schema says `minimum`.)"""
+NotServed = Annotated[Literal[False], BeforeValidator(_exactly_a_boolean)]
+"""A feature llmops does not serve: absent or false."""
+NOT_BLANK = r"\S"
+Text = Annotated[str, Field(min_length=1, pattern=NOT_BLANK)]
+"""Something other than whitespace, in Python's sense (models using it set `regex_engine="python-re"`)."""
+STRICT = ConfigDict(strict=True, regex_engine="python-re")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT | ConfigDict(extra="forbid")
 
 
 class ErrorResponse(BaseModel):
@@ -53,11 +78,36 @@ class FeedbackRequest(_Body):
     """Feedback on a past answer: the true `label` of a classification, or a `rating` and / or a corrected
     `completion` of a generation (the request id of either comes back in `X-Request-ID`)."""
 
+    model_config = STRICT | ConfigDict(
+        extra="forbid",
+        json_schema_extra={  # what `_one_kind` checks, in the document
+            "anyOf": [
+                {
+                    "title": "On a classification",
+                    "required": ["label"],
+                    "properties": {
+                        "label": {"type": "string"},
+                        "rating": {"type": "null"},
+                        "completion": {"type": "null"},
+                    },
+                },
+                {
+                    "title": "On a generation",
+                    "properties": {"label": {"type": "null"}},
+                    "anyOf": [
+                        {"required": ["rating"], "properties": {"rating": {"type": "number"}}},
+                        {"required": ["completion"], "properties": {"completion": {"type": "string"}}},
+                    ],
+                },
+            ]
+        },
+    )
+
     request_id: StrictStr = Field(min_length=1)
     label: StrictStr | None = None
     rating: float | None = None
     completion: StrictStr | None = Field(default=None, min_length=1)
-    index: int = Field(default=0, ge=0)
+    index: Integer = Field(default=0, ge=0)
     """Which text (or prompt) of the request (0 for single-text requests)."""
 
     @model_validator(mode="after")
@@ -197,8 +247,10 @@ class ModelReadyResponse(BaseModel):
 
 
 class RequestInput(BaseModel):
+    model_config = STRICT
+
     name: str
-    shape: list[int]
+    shape: list[Integer]
     datatype: str
     parameters: dict[str, Any] | None = None
     data: list[Any] | None = None
@@ -206,11 +258,15 @@ class RequestInput(BaseModel):
 
 
 class RequestOutput(BaseModel):
+    model_config = STRICT
+
     name: str
     parameters: dict[str, Any] | None = None
 
 
 class InferRequest(BaseModel):
+    model_config = STRICT
+
     id: str | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[RequestInput]

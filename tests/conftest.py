@@ -30,6 +30,15 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Prefect binds its console log handler to the sys.stderr of the moment it first sets logging up. Set up now,
+    # that is pytest's stream: set up inside a test's CliRunner, the handler would keep that runner's stream, closed
+    # once the runner is done, and every later in-process `llmops run` would fail writing to it.
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

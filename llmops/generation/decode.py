@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+GREEDY_BELOW = 1e-6
+
 
 def choose(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
@@ -26,14 +28,16 @@ def choose(
     """The next token of each row. logits: (batch, vocab). Returns (batch,) token ids.
 
     temperature 0 is greedy; otherwise sample from the softmax at `temperature`, restricted to the smallest set
-    of tokens whose probability reaches `top_p` (nucleus sampling, Holtzman et al. 2020).
+    of tokens whose probability reaches `top_p` (nucleus sampling, Holtzman et al. 2020). A temperature under
+    `GREEDY_BELOW` is greedy too: it would make the same choice, but dividing by it overflows to inf and NaN.
     """
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the most likely token always stays
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        outside[..., 0] = False  # the most likely token always stays (a top_p under float32's range reads as 0)
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

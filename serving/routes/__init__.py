@@ -15,5 +15,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 """The error responses every route documents (one shape: `ErrorResponse`)."""
 
 
+def feedback_link(request_id: str) -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI link from an answer to `/v1/feedback` on it (`request_id`: where the answer's id is)."""
+    link = {"operationId": "feedback", "requestBody": {"request_id": request_id}, "description": "Feedback on it"}
+    return {200: {"links": {"feedback": link}}}
+
+
 def request_id_of(request: Request) -> str:
     return request.state.request_id

@@ -16,17 +16,23 @@ import llmops
 from serving.deps import Authorized, JsonBody, PredictorDep, check_texts
 from serving.errors import ApiError, field_path
 from serving.generation import GenerationRequest, generate
+from serving.models import LoadedModel, ModelWatcher
+from serving.openai_schemas import MAX_STOP, Seed, StopString
 from serving.predictor import Predictor
 from serving.routes import ERRORS, request_id_of
 from serving.schemas import (
+    STRICT,
     InferRequest,
     InferResponse,
+    Integer,
     LiveResponse,
     ModelMetadataResponse,
     ModelReadyResponse,
+    PositiveInteger,
     ResponseOutput,
     ServerMetadataResponse,
     TensorMetadata,
+    Text,
     V2ReadyResponse,
 )
 
@@ -43,10 +49,31 @@ V2_INPUT = "text"
 V2_OUTPUTS = ("label", "probabilities")
 
 
-def _v2_model(predictor: Predictor, name: str) -> None:
+def _served(predictor: Predictor, name: str) -> ModelWatcher:
     if name not in predictor.models:
         served = ", ".join(predictor.models)
-        raise ApiError(404, f"model '{name}' is not served here (serving {served})", type="not_found")
+        raise ApiError(404, f"model '{name}' is not served here (serving {served})", type="not_found", field="name")
+    return predictor.models[name]
+
+
+def _classifier(predictor: Predictor, name: str) -> LoadedModel:
+    """`infer` scores with the classifier routes' model: a 404 for a generator (it has `generate` instead)."""
+    model = predictor.loaded(_served(predictor, name))
+    if not model.is_classifier:
+        raise ApiError(
+            404,
+            f"model '{name}' is a {model.task} model: use /v2/models/{name}/generate",
+            type="wrong_model_kind",
+            field="name",
+        )
+    if predictor.models[name] is not predictor.champion:
+        raise ApiError(
+            404,
+            f"model '{name}' is served, but `infer` scores with '{predictor.champion.name}' (registry.model_name)",
+            type="wrong_model_kind",
+            field="name",
+        )
+    return model
 
 
 @router.get("/v2", response_model=ServerMetadataResponse, tags=["v2"])
@@ -66,25 +93,27 @@ async def v2_ready(predictor: PredictorDep) -> JSONResponse:
 
 @router.get("/v2/models/{name}/ready", response_model=ModelReadyResponse, tags=["v2"], responses=ERRORS)
 async def v2_model_ready(name: str, predictor: PredictorDep) -> JSONResponse:
-    _v2_model(predictor, name)
-    return JSONResponse({"name": name, "ready": predictor.ready}, status_code=200 if predictor.ready else 503)
+    ready = _served(predictor, name).current is not None
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
 @router.get(
     "/v2/models/{name}", response_model=ModelMetadataResponse, tags=["v2"], dependencies=Authorized, responses=ERRORS
 )
 async def v2_model_metadata(name: str, predictor: PredictorDep) -> ModelMetadataResponse:
-    _v2_model(predictor, name)
-    model = predictor.require_model()
-    return ModelMetadataResponse(
-        name=name,
-        versions=[model.version],
-        platform="pytorch_huggingface",
-        inputs=[TensorMetadata(name=V2_INPUT, datatype="BYTES", shape=[-1])],
-        outputs=[
+    """A classifier's tensors for `infer`; a generator's for `generate`."""
+    model = predictor.loaded(_served(predictor, name))
+    if model.is_classifier:
+        inputs = [TensorMetadata(name=V2_INPUT, datatype="BYTES", shape=[-1])]
+        outputs = [
             TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
             TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, len(model.labels)]),
-        ],
+        ]
+    else:
+        inputs = [TensorMetadata(name="text_input", datatype="BYTES", shape=[1])]
+        outputs = [TensorMetadata(name="text_output", datatype="BYTES", shape=[1])]
+    return ModelMetadataResponse(
+        name=name, versions=[model.version], platform="pytorch_huggingface", inputs=inputs, outputs=outputs
     )
 
 
@@ -130,8 +159,17 @@ async def _read_infer_request(request: Request) -> InferRequest:
     return infer
 
 
-def _flatten(data: list[Any]) -> list[Any]:
-    return [x for item in data for x in (_flatten(item) if isinstance(item, list) else [item])]
+def _texts_of(data: list[Any], field: str) -> list[Any]:
+    """The texts of a tensor of shape [n], or [n, 1] given as rows of one text."""
+    texts = []
+    for i, item in enumerate(data):
+        if isinstance(item, list):
+            if len(item) != 1:
+                where = f"{field}[{i}]"
+                raise ApiError(422, f"{where}: a row holds one text (shape [n, 1])", type="invalid_field", field=where)
+            item = item[0]
+        texts.append(item)
+    return texts
 
 
 @router.post(
@@ -141,12 +179,16 @@ def _flatten(data: list[Any]) -> list[Any]:
     dependencies=Authorized,
     responses=ERRORS,
     openapi_extra={
-        "requestBody": {"content": {"application/json": {"schema": InferRequest.model_json_schema()}}, "required": True}
+        # The route reads its body itself (JSON or binary tensors); serving/contract.py writes the JSON schema.
+        "requestBody": {
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}},
+            "required": True,
+        }
     },
 )
 async def v2_infer(name: str, request: Request, predictor: PredictorDep) -> InferResponse:
     """Input: one BYTES tensor `text` of shape [n]. Outputs: `label` (BYTES [n]) and `probabilities` (FP32 [n, k])."""
-    _v2_model(predictor, name)
+    _classifier(predictor, name)
     infer = await _read_infer_request(request)
     if len(infer.inputs) != 1 or infer.inputs[0].name != V2_INPUT:
         names = [t.name for t in infer.inputs]
@@ -161,7 +203,7 @@ async def v2_infer(name: str, request: Request, predictor: PredictorDep) -> Infe
             type="invalid_field",
             field="inputs[0].datatype",
         )
-    raw = _flatten(tensor.data or [])
+    raw = _texts_of(tensor.data or [], "inputs[0].data")
     wanted = [o.name for o in infer.outputs] if infer.outputs else list(V2_OUTPUTS)
     unknown = sorted(set(wanted) - set(V2_OUTPUTS))
     if unknown:
@@ -189,24 +231,24 @@ async def v2_infer(name: str, request: Request, predictor: PredictorDep) -> Infe
 class GenerateRequest(BaseModel):
     """Triton's generate extension: the prompt in `text_input`, sampling in `parameters` (or at the top level)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT | ConfigDict(extra="ignore")
 
-    text_input: str = Field(min_length=1)
+    text_input: Text
     parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters())
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: PositiveInteger | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
 
 
 class GenerateParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT | ConfigDict(extra="ignore")
 
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: PositiveInteger | None = None
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list, max_length=4)
-    seed: int | None = None
-    min_tokens: int = Field(default=0, ge=0)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
+    seed: Seed | None = None
+    min_tokens: Integer = Field(default=0, ge=0)
 
 
 class GenerateResponse(BaseModel):
@@ -245,7 +287,6 @@ def _generation_request(name: str, body: GenerateRequest) -> GenerationRequest:
 )
 async def v2_generate(name: str, body: GenerateRequest, request: Request, predictor: PredictorDep) -> GenerateResponse:
     """The whole answer to `text_input` from the generator `name`."""
-    _v2_model(predictor, name)
     stream = await generate(predictor, _generation_request(name, body), request_id_of(request), ROUTE)
     answer = await stream.answer()
     return GenerateResponse(
@@ -269,7 +310,6 @@ async def v2_generate_stream(
 ) -> StreamingResponse:
     """The answer to `text_input` as server-sent events of `{model_name, model_version, text_output}`; the last
     one also carries `finish_reason` and the token counts."""
-    _v2_model(predictor, name)
     stream = await generate(predictor, _generation_request(name, body), request_id_of(request), ROUTE)
 
     async def events() -> AsyncIterator[str]:

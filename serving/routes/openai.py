@@ -37,7 +37,7 @@ from serving.openai_schemas import (
     Usage,
 )
 from serving.predictor import Predictor
-from serving.routes import ERRORS, request_id_of
+from serving.routes import ERRORS, feedback_link, request_id_of
 
 router = APIRouter()
 STREAMED: dict[int | str, dict[str, Any]] = {
@@ -131,7 +131,7 @@ def _wants_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
     response_model=Completion,
     tags=["openai"],
     dependencies=JsonBody,
-    responses=ERRORS | STREAMED,
+    responses=ERRORS | {200: STREAMED[200] | feedback_link("$response.header.X-Request-ID")[200]},
 )
 async def completions(body: CompletionRequest, request: Request, predictor: PredictorDep) -> Any:
     """Text completion of a prompt (or of each prompt of a list), whole or streamed."""
@@ -139,7 +139,12 @@ async def completions(body: CompletionRequest, request: Request, predictor: Pred
     if not prompts:
         raise ApiError(422, "prompt: give at least one prompt", type="invalid_field", field="prompt")
     if len(prompts) > predictor.cfg.max_texts:
-        raise ApiError(413, f"prompt: {len(prompts)} prompts; at most {predictor.cfg.max_texts}", type="too_many_texts")
+        raise ApiError(
+            422,
+            f"prompt: {len(prompts)} prompts; at most {predictor.cfg.max_texts} (serve.max_texts)",
+            type="too_many_texts",
+            field="prompt",
+        )
     fields = ["prompt"] if isinstance(body.prompt, str) else [f"prompt[{i}]" for i in range(len(prompts))]
     request_id = request_id_of(request)
     streams = await _start(predictor, body, prompts, fields, body.max_tokens, request_id)

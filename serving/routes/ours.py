@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from serving.deps import Authorized, JsonBody, PredictorDep, check_texts
 from serving.models import LoadedModel
-from serving.routes import ERRORS, request_id_of
+from serving.routes import ERRORS, feedback_link, request_id_of
 from serving.schemas import (
     FeedbackRequest,
     FeedbackResponse,
@@ -66,7 +66,13 @@ async def readyz(predictor: PredictorDep) -> JSONResponse:
 # --- /v1 -------------------------------------------------------------------------------------------
 
 
-@router.post("/v1/predict", response_model=PredictResponse, tags=["v1"], dependencies=JsonBody, responses=ERRORS)
+@router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    tags=["v1"],
+    dependencies=JsonBody,
+    responses=ERRORS | feedback_link("$response.body#/request_id"),
+)
 async def predict(body: PredictRequest, request: Request, predictor: PredictorDep) -> PredictResponse:
     """Label and class probabilities per text, with the model version that answered."""
     texts = check_texts(body.texts, "texts", predictor.cfg)

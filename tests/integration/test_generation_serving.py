@@ -148,6 +148,28 @@ async def test_sse_ends_with_done(v1: str, tmp_path: Path) -> None:
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in {"stop", "length"}
 
 
+async def test_v2_metadata_and_infer_answer_for_the_model_named(v1: str, tmp_path: Path) -> None:
+    infer = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+    async with serving(v1, tmp_path) as (client, _):
+        generator = (await client.get(f"/v2/models/{GENERATOR}")).json()
+        classifier = (await client.get(f"/v2/models/{CLASSIFIER}")).json()
+        ready = await client.get(f"/v2/models/{GENERATOR}/ready")
+        wrong_kind = await client.post(f"/v2/models/{GENERATOR}/infer", json=infer)
+        scored = await client.post(f"/v2/models/{CLASSIFIER}/infer", json=infer)
+    assert [t["name"] for t in generator["inputs"]] == ["text_input"] and generator["versions"] == ["1"]
+    assert [t["name"] for t in classifier["outputs"]] == ["label", "probabilities"]
+    assert ready.json() == {"name": GENERATOR, "ready": True}
+    assert (wrong_kind.status_code, wrong_kind.json()["type"]) == (404, "wrong_model_kind")  # was: the classifier's
+    assert scored.status_code == 200 and scored.json()["model_name"] == CLASSIFIER
+
+
+async def test_min_tokens_beyond_the_answer_is_capped_like_max_tokens(v1: str, tmp_path: Path) -> None:
+    async with serving(v1, tmp_path) as (client, _):
+        capped = await client.post("/v1/completions", json=complete("hello", 4, min_tokens=50))
+    assert capped.status_code == 200, capped.text
+    assert capped.json()["usage"]["completion_tokens"] == 4 and capped.json()["choices"][0]["finish_reason"] == "length"
+
+
 async def test_triton_generate_and_generate_stream(v1: str, tmp_path: Path) -> None:
     async with serving(v1, tmp_path) as (client, _):
         body = {"text_input": "write a tweet", "parameters": {"max_tokens": 6}}
@@ -268,7 +290,7 @@ async def test_a_generator_version_that_fails_to_load_leaves_the_old_one_serving
 
 BAD = {
     "unknown-model": ({"model": "nope", "prompt": "x"}, 404, "not served here"),
-    "a-classifier": ({"model": CLASSIFIER, "prompt": "x"}, 400, "is a sequence-classification model"),
+    "a-classifier": ({"model": CLASSIFIER, "prompt": "x"}, 404, "is a sequence-classification model"),
     "no-prompt": ({"model": GENERATOR}, 422, "prompt"),
     "empty-prompt-list": ({"model": GENERATOR, "prompt": []}, 422, "at least one prompt"),
     "two-choices": ({"model": GENERATOR, "prompt": "x", "n": 2}, 422, "n:"),
@@ -278,7 +300,8 @@ BAD = {
     "zero-tokens": ({"model": GENERATOR, "prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
     "long-prompt": ({"model": GENERATOR, "prompt": "word " * 400}, 413, "serve.max_prompt_tokens"),
     "prompt-not-text": ({"model": GENERATOR, "prompt": 7}, 422, "prompt"),
-    "min-over-max": ({"model": GENERATOR, "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 422, "min_tokens: 5"),
+    "empty-stop": ({"model": GENERATOR, "prompt": "x", "stop": [""]}, 422, "stop"),
+    "seed-over-64-bits": ({"model": GENERATOR, "prompt": "x", "seed": 2**64}, 422, "seed"),
 }
 
 
@@ -354,7 +377,7 @@ async def test_every_generation_is_logged_and_takes_feedback(v1: str, tmp_path: 
         unknown = await client.post("/v1/feedback", json={"request_id": "nope", "rating": 1})
         past_end = await client.post("/v1/feedback", json={"request_id": request_id, "index": 3, "rating": 1})
         both = await client.post("/v1/feedback", json={"request_id": request_id, "label": "positive", "rating": 1})
-    assert (rated.status_code, second.status_code, unknown.status_code, past_end.status_code) == (202, 202, 404, 422)
+    assert (rated.status_code, second.status_code, unknown.status_code, past_end.status_code) == (202, 202, 404, 404)
     assert both.status_code == 422 and "a label is feedback on a classification" in both.json()["error"]
     store = open_store(tmp_path / "predictions.db")  # the service flushed its log on shutdown
     logged = store.read_generations()

@@ -195,8 +195,8 @@ BAD_INPUT = [
     ("non-string text", "/v1/predict", {"texts": ["ok", 3]}, 422, "texts[1]"),
     ("missing field", "/v1/predict", {"text": ["ok"]}, 422, "texts"),
     ("unknown field", "/v1/predict", {"texts": ["ok"], "model": "x"}, 422, "model"),
-    ("too many texts", "/v1/predict", {"texts": ["ok"] * 9}, 413, "texts"),
-    ("text too long (reject)", "/v1/predict", {"texts": ["x" * 101]}, 413, "texts[0]"),
+    ("too many texts", "/v1/predict", {"texts": ["ok"] * 9}, 422, "texts"),
+    ("text too long (reject)", "/v1/predict", {"texts": ["x" * 101]}, 422, "texts[0]"),
     ("no mlflow format", "/invocations", {"params": {}}, 422, None),
     ("two mlflow formats", "/invocations", {"instances": ["a"], "inputs": ["b"]}, 422, None),
     ("non-string instance", "/invocations", {"instances": [1.5]}, 422, "instances[0]"),
@@ -205,7 +205,8 @@ BAD_INPUT = [
     ("v2 wrong input name", INFER, {"inputs": [v2_input(name="x")]}, 400, "inputs"),
     ("v2 empty text", INFER, {"inputs": [v2_input(data=[""])]}, 422, "inputs[0].data[0]"),
     ("v2 unknown output", INFER, {"inputs": [v2_input()], "outputs": [{"name": "logits"}]}, 400, "outputs"),
-    ("v2 unknown model", "/v2/models/other/infer", {"inputs": [v2_input()]}, 404, None),
+    ("v2 unknown model", "/v2/models/other/infer", {"inputs": [v2_input()]}, 404, "name"),
+    ("v2 row of two texts", INFER, {"inputs": [v2_input(data=[["a", "b"]])]}, 422, "inputs[0].data[0]"),
     ("feedback unknown request", "/v1/feedback", {"request_id": "never-seen", "label": "positive"}, 404, "request_id"),
 ]  # fmt: skip
 
@@ -314,7 +315,7 @@ async def test_every_prediction_and_feedback_is_logged_and_flushed_on_shutdown(
         beyond = await client.post(
             "/v1/feedback", json={"request_id": first["request_id"], "label": "negative", "index": 2}
         )
-    assert (beyond.status_code, beyond.json()["field"]) == (422, "index")
+    assert (beyond.status_code, beyond.json()["field"]) == (404, "index")
     assert feedback.status_code == 202 and feedback.json()["stored"]
     store = open_store(workdir / log_path)
     logged = store.read_predictions()

@@ -67,6 +67,14 @@ def test_greedy_is_the_argmax_and_sampling_stays_in_the_nucleus() -> None:
     assert everything == {0, 1, 2, 3}
 
 
+def test_extreme_temperatures_and_nuclei_still_choose_a_token() -> None:
+    """Found by fuzzing the served API: a temperature of 1e-261 overflowed the softmax to NaN (a 500)."""
+    logits = torch.tensor([[30.0, 29.0, -5.0, 0.0]])
+    assert choose(logits, 3.7e-261, 1.0).tolist() == [0]
+    assert choose(logits, 1.0, 3.3e-262, torch.Generator().manual_seed(0)).tolist() == [0]
+    assert choose(logits, 2.0, 1.0, torch.Generator().manual_seed(0)).shape == (1,)
+
+
 def test_a_seed_makes_sampling_reproducible() -> None:
     logits = torch.randn(3, 50)
     first = choose(logits, 0.9, 0.95, torch.Generator().manual_seed(11))

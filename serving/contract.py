@@ -1,0 +1,218 @@
+"""The OpenAPI document (`/openapi.json`, rendered at `/docs`) is the service's contract: a request it allows,
+the server accepts; a request it rules out, the server refuses with a 4xx.
+
+FastAPI derives the document from the request models. This module adds what only the running service knows:
+
+- the limits of `serve.*`: texts per request (`max_texts`), characters per text when over-length texts are
+  refused (`max_text_chars` with `over_length: reject`);
+- which served model each route answers for, as loaded now: `infer` the classifier, `generate` and OpenAI's
+  routes the generators, and the labels feedback may give;
+- API-key security, declared only when keys are configured (without keys, nothing asks for one);
+- the body of the Open Inference Protocol's `infer`, which its route reads itself (it also takes the binary
+  tensor extension, which JSON Schema cannot describe).
+
+The document follows the served versions: it is rebuilt when a version with other labels or another task
+swaps in. `tests/integration/test_contract.py` holds the server to it with schemathesis.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from llmops.config import ServeConfig
+from serving.predictor import Predictor
+
+Schema = dict[str, Any]
+
+NOT_BLANK = r"\S"
+"""A text must hold something other than whitespace."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the routes answer for right now."""
+
+    models: tuple[str, ...]
+    """Every model of `serve.models`."""
+    classifier: str | None
+    """The model `/v1/predict`, `/invocations` and `infer` score with, once loaded."""
+    labels: tuple[str, ...]
+    generators: tuple[str, ...]
+    """The loaded generators."""
+
+    @classmethod
+    def now(cls, predictor: Predictor) -> Served:
+        champion = predictor.champion.current
+        classifier = champion if champion is not None and champion.is_classifier else None
+        generators = [n for n, w in predictor.models.items() if w.current is not None and not w.current.is_classifier]
+        return cls(
+            models=tuple(predictor.models),
+            classifier=classifier.name if classifier else None,
+            labels=tuple(classifier.labels) if classifier else (),
+            generators=tuple(generators),
+        )
+
+
+def install(app: FastAPI, predictor: Predictor, keys_required: bool) -> None:
+    """Serve the contract at `/openapi.json` (and so `/docs`) in place of FastAPI's own document."""
+    built: dict[Served, Schema] = {}
+
+    def openapi() -> Schema:
+        served = Served.now(predictor)
+        if served not in built:
+            built.clear()
+            generated = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            built[served] = document(generated, predictor.cfg, served, keys_required)
+        return built[served]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def document(generated: Schema, cfg: ServeConfig, served: Served, keys_required: bool) -> Schema:
+    """FastAPI's document with the service's own knowledge written in."""
+    doc = copy.deepcopy(generated)
+    schemas = doc["components"]["schemas"]
+    text, texts = text_schema(cfg), texts_schema(cfg)
+
+    schemas["PredictRequest"]["properties"]["texts"] = texts
+    schemas["InvocationsRequest"] = invocations_schema(text, texts)
+    schemas.pop("DataframeSplit", None)
+    schemas["InferRequest"] = infer_schema(text, cfg)
+    if served.labels:
+        _nullable(schemas["FeedbackRequest"]["properties"], "label", {"type": "string", "enum": list(served.labels)})
+    prompts = _one_of_or_list({"type": "string", "minLength": 1, "pattern": NOT_BLANK}, cfg.max_texts)
+    schemas["CompletionRequest"]["properties"]["prompt"] |= prompts
+    if served.generators:
+        for request in ("CompletionRequest", "ChatCompletionRequest"):
+            schemas[request]["properties"]["model"]["enum"] = list(served.generators)
+
+    names = {
+        "/v2/models/{name}": list(served.models),
+        "/v2/models/{name}/ready": list(served.models),
+        "/v2/models/{name}/infer": [served.classifier] if served.classifier else [],
+        "/v2/models/{name}/generate": list(served.generators),
+        "/v2/models/{name}/generate_stream": list(served.generators),
+    }
+    for path, allowed in names.items():
+        for operation in doc["paths"][path].values():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "name" and allowed:
+                    parameter["schema"]["enum"] = allowed
+
+    if not keys_required:
+        doc["components"].pop("securitySchemes", None)
+        for item in doc["paths"].values():
+            for operation in item.values():
+                operation.pop("security", None)
+    return doc
+
+
+def text_schema(cfg: ServeConfig) -> Schema:
+    """One text to classify: not blank; over `max_text_chars` it is cut, unless `over_length: reject`."""
+    schema: Schema = {"type": "string", "minLength": 1, "pattern": NOT_BLANK}
+    if cfg.over_length == "reject":
+        schema["maxLength"] = cfg.max_text_chars
+    return schema
+
+
+def texts_schema(cfg: ServeConfig) -> Schema:
+    return {"type": "array", "items": text_schema(cfg), "minItems": 1, "maxItems": cfg.max_texts}
+
+
+def _one_field(value: Schema) -> Schema:
+    """An object holding `value` under `text`, or as its only field (MLflow's records and columns)."""
+    return {
+        "anyOf": [
+            {"type": "object", "required": ["text"], "properties": {"text": value}},
+            {"type": "object", "minProperties": 1, "maxProperties": 1, "additionalProperties": value},
+        ]
+    }
+
+
+def _one_of_or_list(item: Schema, max_items: int) -> Schema:
+    return {"anyOf": [item, {"type": "array", "items": item, "minItems": 1, "maxItems": max_items}]}
+
+
+def _nullable(properties: Schema, name: str, schema: Schema) -> None:
+    properties[name] = {"anyOf": [schema, {"type": "null"}], "default": None}
+
+
+def invocations_schema(text: Schema, texts: Schema) -> Schema:
+    """MLflow's four input formats, one per request, over a single text column."""
+    rows = texts | {"items": {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 1}]}}
+    split = {
+        "type": "object",
+        "description": "pandas' `split` orientation of a frame with one column, the text.",
+        "required": ["data"],
+        "additionalProperties": False,
+        "properties": {
+            "columns": {
+                "anyOf": [
+                    {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+                    {"type": "null"},
+                ]
+            },
+            "index": {"anyOf": [{"type": "array"}, {"type": "null"}]},
+            "data": rows,
+        },
+    }
+    text_or_record = {"anyOf": [text, _one_field(text)]}
+    formats: dict[str, Schema] = {
+        "dataframe_split": split,
+        "dataframe_records": texts | {"items": _one_field(text)},
+        "instances": texts | {"items": text_or_record},
+        "inputs": {"anyOf": [texts | {"items": text_or_record}, _one_field(texts)]},
+    }
+    properties: Schema = {}
+    for name, schema in formats.items():
+        _nullable(properties, name, schema)
+    _nullable(properties, "params", {"type": "object"})
+    return {
+        "type": "object",
+        "title": "InvocationsRequest",
+        "description": "Exactly one of MLflow's four input formats; `params` is accepted and ignored.",
+        "additionalProperties": False,
+        "properties": properties,
+        "oneOf": [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in formats],
+    }
+
+
+def infer_schema(text: Schema, cfg: ServeConfig) -> Schema:
+    """The Open Inference Protocol's request, as the classifier takes it: one BYTES tensor `text` of shape [n]
+    (or [n, 1]), and any of the outputs `label`, `probabilities`."""
+    row = {"type": "array", "items": text, "minItems": 1, "maxItems": 1}
+    tensor = {
+        "type": "object",
+        "required": ["name", "shape", "datatype", "data"],
+        "properties": {
+            "name": {"const": "text"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "datatype": {"const": "BYTES"},
+            "parameters": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+            "data": {"type": "array", "items": {"anyOf": [text, row]}, "minItems": 1, "maxItems": cfg.max_texts},
+        },
+    }
+    output = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"enum": ["label", "probabilities"]},
+            "parameters": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+        },
+    }
+    return {
+        "type": "object",
+        "title": "InferRequest",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "parameters": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+            "inputs": {"type": "array", "items": tensor, "minItems": 1, "maxItems": 1},
+            "outputs": {"anyOf": [{"type": "array", "items": output}, {"type": "null"}]},
+        },
+    }
