@@ -11,6 +11,7 @@ config reuses every folder and registers nothing new.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +118,10 @@ def release_candidates(
     keys: dict[str, str],
     champion: release.ChampionState,
     data_dir: str,
+    execution: release.Execution,
 ) -> release.ReleaseOutcome:
     reports = {kind: CandidateReport.load(path) for kind, path in report_paths.items()}
-    return release.release(cfg, reports, keys, champion, data_dir)
+    return release.release(cfg, reports, keys, champion, data_dir, execution)
 
 
 def candidate_key(candidate_dir: str) -> str:
@@ -152,6 +154,7 @@ def evaluate_all(
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Data -> teacher -> student -> quantized candidates -> evaluation -> gates -> registry."""
+    started_at = time.time()
     cfg = load_config(config, overrides)
     champion_at_start = current_champion(cfg)
     preflight(cfg)
@@ -166,7 +169,9 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
     keys = {kind: candidate_key(path) for kind, path in candidates.items()}
     known = {keys[k]: CandidateReport.load(p).metrics.get(cfg.gates.metric) for k, p in reports.items()}
     champion = score_champion(cfg, champion_at_start, data_dir, known, context)
-    outcome = release_candidates(cfg, reports, keys, champion, data_dir)
+    # Candidates and their evaluations are content-keyed folders: the same key, the same execution (MLflow shows one).
+    execution = release.Execution(stage_key(reports, cfg.gates, cfg.registry.model_name), started_at)
+    outcome = release_candidates(cfg, reports, keys, champion, data_dir, execution)
     print(f"\n{outcome.summary}\n\n{outcome.message}")
     return {
         "task": cfg.task,

@@ -8,6 +8,8 @@ renamed into place when complete: a crash leaves nothing that looks finished.
 Two runs sharing a `work_dir` (two people pressing run, a scheduled run overlapping a manual one, two workers on
 one volume) build a stage once: the builder holds `<key>.lock` (an OS file lock, released if its process dies);
 the other waits for it, then finds the folder complete and reuses it.
+
+A built folder records when it was built (`.built.json`): the lifecycle's MLflow runs show real durations.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,23 @@ def stage_key(*parts: Any) -> str:
     """A short, stable hash of the parts (configs, paths, strings) and the llmops version."""
     payload = json.dumps([llmops.__version__, *map(_jsonable, parts)], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+BUILT = ".built.json"
+
+
+@dataclass(frozen=True)
+class Built:
+    """When a stage folder was built (seconds since the epoch)."""
+
+    started: float
+    finished: float
+
+    @classmethod
+    def of(cls, folder: str | Path) -> Built | None:
+        """The build times of `folder`, a stage folder (None for one built before llmops recorded them)."""
+        record = Path(folder) / BUILT
+        return cls(**json.loads(record.read_text())) if record.is_file() else None
 
 
 def cached_stage(folder: Path, build: Callable[[Path], Any]) -> tuple[Path, bool]:
@@ -67,12 +88,14 @@ def cached_stage(folder: Path, build: Callable[[Path], Any]) -> tuple[Path, bool
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died: the lock says nobody builds it now
         tmp.mkdir()
         (tmp / ".builder").write_text(f"pid {os.getpid()}\n")
+        started = time.time()
         try:
             build(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         (tmp / ".builder").unlink()
+        (tmp / BUILT).write_text(json.dumps({"started": started, "finished": time.time()}))
         tmp.rename(folder)
         return folder, False
     finally:

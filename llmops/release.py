@@ -1,28 +1,49 @@
 """Record a lifecycle in MLflow, decide, register, promote.
 
-One parent run per lifecycle and one child run per candidate, so the MLflow
-UI compares candidates side by side. The decision itself is
-`gates.decide_promotion`, a pure function; this module carries it out.
+One parent run per lifecycle execution, spanning it (from the flow's start to its decision), and one child run
+per candidate, spanning that candidate's build, with the settings a user compares as params: the MLflow UI
+compares candidates side by side. A rerun that built nothing and changes nothing in the registry adds no runs:
+it counts itself on the run that recorded the execution (`llmops.cached_reruns`). The registered model and each
+version carry a description from the model card. The decision itself is `gates.decide_promotion`, a pure
+function; this module carries it out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
 import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from llmops import registry, tasks
+from llmops.cache import Built, stage_key
 from llmops.candidate import HISTORY_FILE
 from llmops.config import LlmopsConfig
 from llmops.data import SPLITS, PreparedData
 from llmops.gates import CandidateReport, ChampionState, Decision, decide_promotion
-from llmops.report import model_card, summary_table
+from llmops.report import model_card, model_description, summary_table, version_description
+
+DESCRIPTION_LIMIT = 5000
+"""Characters MLflow's SQL stores keep of a description."""
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One run of the lifecycle flow: when it started, and a key of what it decided from (the candidate and
+    evaluation stages, the gates, the registered name). Runs with one key are one execution in MLflow."""
+
+    key: str
+    started_at: float
 
 
 @dataclass(frozen=True)
@@ -99,16 +120,67 @@ def _version_tags(
     return tags
 
 
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _compared(cfg: LlmopsConfig, report: CandidateReport) -> dict[str, Any]:
+    """The settings a user compares candidates by, under the same names on every candidate's run."""
+    trained_by = cfg.train if report.kind == "teacher" else cfg.distill
+    params: dict[str, Any] = {
+        "candidate": report.kind,
+        "training": "fine-tuning" if report.kind == "teacher" else "distillation",
+        "learning_rate": trained_by.learning_rate,
+        "epochs": trained_by.epochs,
+        "batch_size": trained_by.batch_size,
+        "quantization": report.recipe.get("quantization", {}).get("method", "none"),
+    }
+    model_config = Path(report.path) / "config.json"
+    if model_config.is_file():
+        architecture = json.loads(model_config.read_text())
+        layers = architecture.get("num_hidden_layers", architecture.get("num_layers"))
+        if layers is not None:
+            params["layers"] = layers
+    if report.kind != "teacher":
+        params |= {"student_layers": cfg.distill.student_layers, "ffn_keep": cfg.distill.ffn_keep}
+        params |= {"temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha}
+    if report.kind not in ("teacher", "student"):
+        params["quantization_kind"] = report.kind
+    return params
+
+
+def _recorded(client: MlflowClient, experiment_id: str, execution: Execution) -> Run | None:
+    """The run that recorded this execution already, if any."""
+    runs = client.search_runs(
+        [experiment_id], f"tags.`llmops.execution_key` = '{execution.key}'", order_by=["start_time ASC"], max_results=1
+    )
+    return runs[0] if runs else None
+
+
+def _count_rerun(client: MlflowClient, run: Run) -> str:
+    reruns = int(run.data.tags.get("llmops.cached_reruns", "0")) + 1
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    client.set_tag(run.info.run_id, "llmops.cached_reruns", str(reruns))
+    client.set_tag(run.info.run_id, "llmops.last_cached_rerun", now)
+    return (
+        f"nothing new: every stage was reused and the registry already holds this outcome; recorded in MLflow run "
+        f"'{run.info.run_name}' ({run.info.run_id}), which counts {reruns} such rerun(s)"
+    )
+
+
 def release(
     cfg: LlmopsConfig,
     reports: dict[str, CandidateReport],
     keys: dict[str, str],
     champion: ChampionState,
     data_dir: str | Path,
+    execution: Execution | None = None,
 ) -> ReleaseOutcome:
     """Log the lifecycle, decide with the policy, register the selected candidate and promote it if it passed."""
     task = tasks.for_config(cfg)
     client = registry.setup_tracking(cfg.registry)
+    experiment_id = registry.ensure_experiment(cfg.registry, cfg.registry.experiment)
+    execution = execution or Execution(stage_key(keys, reports, cfg.gates, cfg.registry.model_name), time.time())
     name = cfg.registry.model_name
     state = dataclasses.replace(champion, version_now=registry.alias_version(client, name, registry.CHAMPION))
     decision = decide_promotion(list(reports.values()), state, cfg.gates, cfg.eval.min_slice_size, task.scoring, keys)
@@ -116,10 +188,21 @@ def release(
     selected = reports.get(decision.selected or "")
     existing = registry.find_version_by_key(client, name, keys[selected.kind]) if selected else None
     table = summary_table(list(reports.values()), decision)
+
+    earlier = _recorded(client, experiment_id, execution)
+    challenger = registry.alias_version(client, name, registry.CHALLENGER)
+    passed = selected is not None and decision.verdicts[selected.kind].passed
+    if earlier is not None and existing is not None and not decision.promote and (not passed or challenger == existing):
+        message = _count_rerun(client, earlier)
+        return ReleaseOutcome(earlier.info.run_id, decision, existing, state.version_now, False, message, table)
+
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     commit = registry.git_commit()
     model_uri = None
-    with mlflow.start_run(run_name=f"lifecycle-{data.fingerprint[:8]}") as parent:
+    parent_id = client.create_run(
+        experiment_id, start_time=_ms(execution.started_at), run_name=f"lifecycle-{data.fingerprint[:8]}"
+    ).info.run_id
+    with mlflow.start_run(run_id=parent_id) as parent:
         mlflow.log_params(_flat_params(cfg.model_dump(mode="json")))
         mlflow.set_tags(
             {
@@ -128,6 +211,7 @@ def release(
                 "llmops.data_fingerprint": data.fingerprint,
                 "llmops.git_commit": commit,
                 "llmops.decision": decision.reason,
+                "llmops.execution_key": execution.key,
             }
         )
         splits = {s: data.split_path(s) for s in (*SPLITS, "holdout", "reference")}
@@ -136,9 +220,17 @@ def release(
             mlflow.log_artifact(str(data.directory / "data_card.md"))
         for kind, report in reports.items():
             verdict = decision.verdicts[kind]
-            with mlflow.start_run(run_name=kind, nested=True):
+            built = Built.of(Path(report.path).parent)
+            fresh = built is not None and built.started >= execution.started_at
+            child_id = client.create_run(
+                experiment_id,
+                start_time=_ms(built.started) if built and fresh else None,
+                run_name=kind,
+                tags={MLFLOW_PARENT_RUN_ID: parent_id},
+            ).info.run_id
+            with mlflow.start_run(run_id=child_id, nested=True):
                 mlflow.log_metrics(report.flat_metrics())
-                mlflow.log_params({"candidate": kind, **_flat_params(report.recipe, "recipe.")})
+                mlflow.log_params(_flat_params(_compared(cfg, report)) | _flat_params(report.recipe, "recipe."))
                 notes = report.notes + verdict.notes
                 mlflow.set_tags(
                     {
@@ -147,11 +239,14 @@ def release(
                         "llmops.verdict": "passed" if verdict.passed else "rejected",
                         "llmops.reasons": "; ".join(verdict.reasons) or "passed every gate",
                         **({"llmops.notes": "; ".join(notes)} if notes else {}),
+                        **({} if fresh else {"llmops.reused": "built by an earlier run of the lifecycle"}),
                     }
                 )
                 _log_history(Path(report.path))
                 if kind == decision.selected and existing is None:
                     model_uri = task.log_model(Path(report.path), data)
+            if built and fresh:  # the run spans the candidate's build
+                client.set_terminated(child_id, end_time=_ms(built.finished))
         version = existing
         if selected is not None:
             tags = _version_tags(selected, decision, keys[selected.kind], data, parent.info.run_id, config_yaml, commit)
@@ -162,7 +257,7 @@ def release(
                 for key, value in verdict_tags.items():
                     client.set_model_version_tag(name, version, key, value)
         promoted, message, champion_now = False, decision.reason, state.version_now
-        if selected is not None and decision.verdicts[selected.kind].passed and version is not None:
+        if passed and version is not None:
             client.set_registered_model_alias(name, registry.CHALLENGER, version)
         if decision.promote and version is not None:
             result = registry.promote(client, name, version, champion.version_at_start)
@@ -171,18 +266,14 @@ def release(
         mlflow.log_text(table, "summary.md")
         mlflow.log_text(config_yaml, "config.yaml")
         mlflow.log_dict(dataclasses.asdict(decision), "decision.json")
-        mlflow.log_text(
-            model_card(
-                name,
-                version,
-                list(reports.values()),
-                decision,
-                data.fingerprint,
-                json.loads((data.directory / "data.json").read_text())["rows"],
-                config_yaml,
-            ),
-            "model_card.md",
-        )
+        rows = json.loads((data.directory / "data.json").read_text())["rows"]
+        card = model_card(name, version, list(reports.values()), decision, data.fingerprint, rows, config_yaml)
+        mlflow.log_text(card, "model_card.md")
+        if version is not None:
+            described = version_description(card, parent.info.run_id)
+            client.update_model_version(name, version, description=described[:DESCRIPTION_LIMIT])
+            about = model_description(name, cfg.task, data.labels, cfg.model.name_or_path)
+            client.update_registered_model(name, description=about[:DESCRIPTION_LIMIT])
     return ReleaseOutcome(parent.info.run_id, decision, version, champion_now, promoted, message, table)
 
 

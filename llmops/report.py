@@ -141,3 +141,30 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+CONFIGURATION = "\n## Configuration\n"
+
+
+def version_description(card: str, run_id: str) -> str:
+    """A registered version's description: its model card, the configuration left in the lifecycle run."""
+    head = card.split(CONFIGURATION)[0].rstrip()
+    return f"{head}\n\nThe whole configuration: `config.yaml` of MLflow run `{run_id}`; `llmops.config` tag.\n"
+
+
+def model_description(name: str, task: str, labels: list[str], base: str) -> str:
+    """A registered model's description: what it is, what its aliases mean, where each version says more."""
+    family = _family(task)
+    made = "fine-tuned, distilled, quantized" if family == "sequence-classification" else "fine-tuned and distilled"
+    lines = [
+        f"**{name}**: a {task} model from `{base}`, {made} and gated by llmops."
+        + (f" Labels: {', '.join(f'`{label}`' for label in labels)}." if labels and family != "generation" else ""),
+        "",
+        "Aliases: `champion` is the version `llmops serve` serves; `challenger` the newest version that passed the "
+        "gates; `previous-champion` the version `llmops rollback` restores.",
+        "",
+        "Each version's description is its model card: the candidate, its test metrics, the decision and the data.",
+        "",
+        f"Intended use and limits: {INTENDED_USE[family]}",
+    ]
+    return "\n".join(lines)

@@ -108,7 +108,8 @@ def test_the_champion_honours_the_generation_contract(first: dict, home: Path) -
 def test_an_unchanged_rerun_trains_nothing_and_registers_nothing(first: dict, client: MlflowClient, home: Path) -> None:
     stages = sorted(p.relative_to(home) for p in (home / "artifacts").glob("*/*"))
     again = run()
-    assert not again["promoted"] and "already the champion" in again["message"]
+    assert not again["promoted"] and "nothing new" in again["message"]
+    assert again["parent_run_id"] == first["parent_run_id"]  # no second run in MLflow
     assert sorted(p.relative_to(home) for p in (home / "artifacts").glob("*/*")) == stages
     assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
 
@@ -129,7 +130,7 @@ def test_the_cli_answers_prompts_and_suggests_commands_for_this_run(first: dict)
 def test_no_trainer_checkpoint_is_left_behind(first: dict, home: Path) -> None:
     for stage in ("teacher", "student"):
         (folder,) = [p for p in (home / "artifacts" / stage).iterdir() if p.is_dir()]  # beside it: <key>.lock
-        assert sorted(p.name for p in folder.iterdir()) == ["model", "training_log.json"]
+        assert sorted(p.name for p in folder.iterdir()) == [".built.json", "model", "training_log.json"]
 
 
 def test_a_rejected_candidate_is_registered_and_the_champion_kept(first: dict, client: MlflowClient) -> None:

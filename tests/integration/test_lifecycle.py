@@ -78,6 +78,17 @@ def test_parent_run_holds_one_child_per_candidate(first: dict, client: MlflowCli
     ]
     for child in children:
         assert {"macro_f1", "accuracy", "latency_p50_ms", "throughput_per_s", "size_mb"} <= set(child.data.metrics)
+        # What the Compare view compares, under one name on every candidate.
+        assert {"candidate", "learning_rate", "epochs", "batch_size", "layers", "quantization"} <= set(
+            child.data.params
+        )
+        if child.data.tags["llmops.candidate"] != "teacher":
+            assert {"student_layers", "temperature", "alpha"} <= set(child.data.params)
+        # Real durations: each candidate's run spans its build, inside the lifecycle's run.
+        assert parent.info.start_time <= child.info.start_time <= child.info.end_time <= parent.info.end_time
+    teacher = next(c for c in children if c.data.tags["llmops.candidate"] == "teacher")
+    assert teacher.info.end_time - teacher.info.start_time > 100  # ms: fine-tuning, not the moment it was logged
+    assert parent.info.end_time - parent.info.start_time > sum(c.info.end_time - c.info.start_time for c in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"model_card.md", "summary.md", "decision.json", "config.yaml", "data"} <= artifacts
     assert {i.dataset.name.split("-")[0] for i in parent.inputs.dataset_inputs} == {
@@ -87,6 +98,34 @@ def test_parent_run_holds_one_child_per_candidate(first: dict, client: MlflowCli
         "holdout",
         "reference",
     }
+
+
+def test_the_registry_and_experiment_read_as_a_user_expects(first: dict, client: MlflowClient) -> None:
+    model = client.get_registered_model(NAME)
+    assert "`champion` is the version `llmops serve` serves" in model.description
+    version = client.get_model_version(NAME, "1")
+    assert version.description.startswith(f"# {NAME} version 1") and "## Decision" in version.description
+    assert first["parent_run_id"] in version.description  # where the whole configuration is
+    experiment = client.get_experiment(client.get_run(first["parent_run_id"]).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the training runs
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+TRAINER_STATE = ("checkpoint-", "optimizer", "scheduler", "rng_state", "trainer_state")
+
+
+def test_a_run_leaves_only_what_a_rerun_needs(first: dict, home: Path) -> None:
+    """The stage folders keep each candidate's model and little else (a Trainer's checkpoints and optimizer state
+    once made the teacher's folder 7x its model); the tiny config's whole `artifacts/` stays under 60 MB."""
+    artifacts = home / "artifacts"
+    assert [p for p in artifacts.rglob("*") if p.name.startswith(TRAINER_STATE)] == []
+    for stage in ("teacher", "student", "int8", "bnb-int8", "nf4"):
+        (folder,) = [p for p in (artifacts / stage).iterdir() if p.is_dir()]
+        assert _size(folder) - _size(folder / "model") < 1_000_000, stage  # besides the model: logs and records
+    assert _size(artifacts) < 60_000_000
 
 
 def test_champion_honours_the_model_contract(first: dict, home: Path) -> None:
@@ -101,9 +140,14 @@ def test_champion_honours_the_model_contract(first: dict, home: Path) -> None:
 
 def test_unchanged_rerun_registers_nothing(first: dict, client: MlflowClient) -> None:
     again = run()
-    assert not again["promoted"] and "already the champion" in again["message"]
+    assert not again["promoted"] and "nothing new" in again["message"]
     assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
     assert aliases(client)["champion"] == "1"
+    # One execution, one run: the rerun counts itself on the run that recorded it instead of adding six more.
+    experiment_id = client.get_run(first["parent_run_id"]).info.experiment_id
+    assert len(client.search_runs([experiment_id])) == 6  # the lifecycle and its five candidates
+    assert again["parent_run_id"] == first["parent_run_id"]
+    assert client.get_run(first["parent_run_id"]).data.tags["llmops.cached_reruns"] == "1"
 
 
 def test_cli_and_module_entry_points(first: dict, client: MlflowClient) -> None:
