@@ -182,6 +182,7 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
         "selected": outcome.decision.selected,
         "message": outcome.message,
         "parent_run_id": outcome.parent_run_id,
+        "experiment_id": outcome.experiment_id,
         "summary": outcome.summary,
         "candidates": candidates,
     }

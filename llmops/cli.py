@@ -31,13 +31,16 @@ EXAMPLES = {
 }
 
 
-def next_steps(config: str, overrides: list[str], task: str, uri: str) -> str:
+def next_steps(config: str, overrides: list[str], task: str, uri: str, experiment_id: str) -> str:
     """Commands that act on what this run built: its config and overrides, its model."""
+    from llmops.registry import experiment_url
+
     args = f"--config {config}" + "".join(f" --set '{o}'" for o in overrides)
     examples = EXAMPLES["sequence-classification" if task == "sequence-classification" else "generation"]
     lines = [
         "Next:",
         f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # runs side by side, registry aliases",
+        f"    then open {experiment_url('http://127.0.0.1:5000', experiment_id)}   # this run's experiment",
         f"  .venv/bin/llmops predict {args} {examples}   # the champion, from the registry",
         f"  .venv/bin/llmops rollback {args}   # champion back to previous-champion",
     ]
@@ -64,7 +67,8 @@ def run(config: ConfigOption = "configs/quickstart.yaml", overrides: SetOption =
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     typer.echo(f"\n{result['model']} version {result['version']} ({result['selected']}): {verdict}.")
     typer.echo(f"champion: version {result['champion']}")
-    typer.echo(next_steps(config, overrides or [], cfg.task, resolve_tracking_uri(cfg.registry)))
+    uri = resolve_tracking_uri(cfg.registry)
+    typer.echo(next_steps(config, overrides or [], cfg.task, uri, result["experiment_id"]))
 
 
 @app.command()

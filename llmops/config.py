@@ -305,7 +305,8 @@ class ServeConfig(_Strict):
     max_batch_size: int = Field(default=32, gt=0)
     """Texts per forward pass at most (one request larger than this runs alone)."""
     max_wait_ms: float = Field(default=5.0, ge=0)
-    """How long the first request of a batch waits for others."""
+    """While the model is busy, how long a forming batch waits for more texts (a request that finds the model
+    idle runs at once)."""
     max_queue: int = Field(default=1024, gt=0)
     """Texts waiting for the model at most; beyond it requests get 503 with Retry-After."""
     threads: int | None = Field(default=None, gt=0)

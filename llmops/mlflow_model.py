@@ -17,7 +17,9 @@ class TextClassifierModel(PythonModel):
 
         self.classifier = Classifier(context.artifacts["candidate"])
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame is what MLflow hands predict after enforcing the signature, and a hint MLflow infers no schema
+    # from: without a hint, MLflow prints advice to add one each time this file is loaded.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         if isinstance(model_input, pd.DataFrame):
             texts = model_input.iloc[:, 0].astype(str).tolist()
         else:

@@ -76,7 +76,13 @@ def setup_tracking(cfg: RegistryConfig) -> MlflowClient:
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-"""Opens the experiment in MLflow's UI on its training runs (without it, MLflow 3 may open its GenAI overview)."""
+"""Marks the experiment as model training for MLflow builds that choose its view by it."""
+
+
+def experiment_url(ui: str, experiment_id: str) -> str:
+    """The experiment's runs in MLflow's UI. MLflow 3.17 opens an experiment on its GenAI overview (traces: 0)
+    unless the page asks for the model-training view; the browser remembers the choice afterwards."""
+    return f"{ui}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def ensure_experiment(cfg: RegistryConfig, name: str) -> str:

@@ -49,6 +49,7 @@ class Execution:
 @dataclass(frozen=True)
 class ReleaseOutcome:
     parent_run_id: str
+    experiment_id: str
     decision: Decision
     version: str | None
     """The registered version of the selected candidate (new or reused)."""
@@ -194,7 +195,9 @@ def release(
     passed = selected is not None and decision.verdicts[selected.kind].passed
     if earlier is not None and existing is not None and not decision.promote and (not passed or challenger == existing):
         message = _count_rerun(client, earlier)
-        return ReleaseOutcome(earlier.info.run_id, decision, existing, state.version_now, False, message, table)
+        return ReleaseOutcome(
+            earlier.info.run_id, experiment_id, decision, existing, state.version_now, False, message, table
+        )
 
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     commit = registry.git_commit()
@@ -274,7 +277,7 @@ def release(
             client.update_model_version(name, version, description=described[:DESCRIPTION_LIMIT])
             about = model_description(name, cfg.task, data.labels, cfg.model.name_or_path)
             client.update_registered_model(name, description=about[:DESCRIPTION_LIMIT])
-    return ReleaseOutcome(parent.info.run_id, decision, version, champion_now, promoted, message, table)
+    return ReleaseOutcome(parent.info.run_id, experiment_id, decision, version, champion_now, promoted, message, table)
 
 
 def current_champion(cfg: LlmopsConfig) -> str | None:

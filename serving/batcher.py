@@ -1,8 +1,10 @@
 """Dynamic micro-batching with a bounded queue.
 
-Requests wait at most `max_wait_ms` to be grouped, up to `max_batch_size` texts, into
-one tokenizer call and one forward pass. Inference runs on one worker thread, off the
-event loop: while a batch runs, the next one fills and waits behind it. A request only joins a batch of
+Requests are grouped, up to `max_batch_size` texts, into one tokenizer call and one forward pass,
+but only while the model is busy: a request that finds the model idle runs at once (the policy of
+Triton's and TorchServe's dynamic batchers), so batching costs a lone request nothing. While a batch
+runs, the next one fills, for at most `max_wait_ms`, then waits behind it. Inference runs on one
+worker thread, off the event loop. A request only joins a batch of
 the same model version, so a swap never mixes versions in a forward pass. When the
 texts waiting would exceed `max_queue`, the request is refused (503) instead of queued:
 memory stays bounded however fast clients send.
@@ -113,6 +115,8 @@ class MicroBatcher:
                 batch.append(self._jobs.popleft())
                 size += len(nxt.texts)
                 continue
+            if not self._in_flight:  # the model is idle: waiting for company would only add latency
+                break
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 break
@@ -138,6 +142,7 @@ class MicroBatcher:
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
             task.add_done_callback(lambda _: slots.release())
+            task.add_done_callback(lambda _: self._arrived.set())  # a batch forming now may go at once
 
     async def _complete(self, jobs: list[_Job]) -> None:
         texts = [text for job in jobs for text in job.texts]

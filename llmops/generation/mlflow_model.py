@@ -47,7 +47,9 @@ class TextGeneratorModel(PythonModel):
 
         self.generator = Generator(context.artifacts["candidate"])
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame is what MLflow hands predict after enforcing the signature, and a hint MLflow infers no schema
+    # from: without a hint, MLflow prints advice to add one each time this file is loaded.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         from llmops.generation.candidate import GenerationParams
 
         params = params or {}

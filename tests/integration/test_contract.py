@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from openapi_spec_validator import validate
 from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
 from llmops.stack import free_port
 from serving.app import create_app
+from tests.http_service import wait_until_ready
 from tests.tiny_registry import LABELS, register_generators, register_versions, set_alias
 
 CLASSIFIER = "contract-classifier"
@@ -58,15 +58,7 @@ def service(
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "service not ready in 120 s"
-        time.sleep(0.2)
+    wait_until_ready(base)
     yield base
     server.should_exit = True
     thread.join(timeout=60)

@@ -155,6 +155,7 @@ def test_cli_and_module_entry_points(first: dict, client: MlflowClient) -> None:
     result = CliRunner().invoke(app, ["run", "--config", str(TINY_CONFIG)])
     assert result.exit_code == 0, result.output
     assert "champion: version 1" in result.output and "mlflow ui --backend-store-uri" in result.output
+    assert "#/experiments/1?workflowType=machine_learning" in result.output  # the training runs, not GenAI's view
     assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
     predicted = CliRunner().invoke(app, ["predict", "--config", str(TINY_CONFIG), "the flight was great"])
     assert predicted.exit_code == 0, predicted.output

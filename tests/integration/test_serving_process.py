@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import yaml
 
 from llmops.predlog import open_store
 from llmops.stack import free_port
+from tests.http_service import wait_until_ready
 from tests.tiny_registry import LABELS, register_generators, register_versions, set_alias
 
 NAME = "tiny-process"
@@ -48,16 +48,13 @@ def server(workdir: Path) -> Iterator[tuple[str, int, subprocess.Popen]]:
         text=True,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "server exited"
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server not ready in 120 s"
-        time.sleep(0.2)
+
+    def exited() -> str | None:
+        if proc.poll() is None:
+            return None
+        return proc.stdout.read() if proc.stdout else "server exited"
+
+    wait_until_ready(base, exited)
     yield base, port, proc
     if proc.poll() is None:
         proc.kill()
