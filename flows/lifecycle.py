@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from llmops import quantize, release, tasks
 from llmops.cache import cached_stage, stage_key
 from llmops.config import ConfigError, LlmopsConfig, load_config
-from llmops.data import DataError
+from llmops.data import DataError, PreparedData
 from llmops.gates import CandidateReport
 from llmops.modeling import ModelLoadError
 
@@ -88,12 +88,14 @@ def distil(cfg: LlmopsConfig, teacher_dir: str, data_dir: str) -> str:
 
 
 @compute_task
-def quantize_student(cfg: LlmopsConfig, student_dir: str, kind: str) -> str:
+def quantize_student(cfg: LlmopsConfig, student_dir: str, kind: str, data_dir: str) -> str:
     folder = _stage(cfg, kind, student_dir, kind, cfg.quantize)
-    return (
-        _cached(folder, lambda tmp: quantize.quantize_candidate(student_dir, kind, cfg.quantize, tmp / "model"))
-        + "/model"
-    )
+    validation = PreparedData.load(data_dir).split_path("validation")  # what the int8 search scores on
+
+    def build(tmp: Path) -> Path:
+        return quantize.quantize_candidate(student_dir, kind, cfg.quantize, tmp / "model", validation)
+
+    return _cached(folder, build) + "/model"
 
 
 @compute_task
@@ -164,7 +166,9 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
     student = distil(cfg, teacher, data_dir)
     candidates = {"teacher": teacher}
     for kind in cfg.quantize.candidates:
-        candidates[quantize.KIND_OF[kind]] = student if kind == "fp32" else quantize_student(cfg, student, kind)
+        candidates[quantize.KIND_OF[kind]] = (
+            student if kind == "fp32" else quantize_student(cfg, student, kind, data_dir)
+        )
     reports = evaluate_all(cfg, candidates, data_dir, context)
     keys = {kind: candidate_key(path) for kind, path in candidates.items()}
     known = {keys[k]: CandidateReport.load(p).metrics.get(cfg.gates.metric) for k, p in reports.items()}

@@ -65,10 +65,15 @@ def save_hf_candidate(
     return directory
 
 
+def is_skipped(name: str, skip_modules: list[str]) -> bool:
+    return name in skip_modules or bool(set(name.split(".")) & set(skip_modules))
+
+
 def quantize_dynamic_int8(model: torch.nn.Module, per_channel: bool, skip_modules: list[str]) -> torch.nn.Module:
     """torch dynamic int8 on every Linear layer except those under a module named in `skip_modules`.
 
-    A name matches any component of a module's dotted path: `pooler` keeps `bert.pooler.dense`.
+    A name matches any component of a module's dotted path (`pooler` keeps `bert.pooler.dense`) or the whole
+    path (`bert.encoder.layer.1.output.dense`, as the accuracy-aware search names the layers it keeps).
     """
     from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
@@ -76,7 +81,7 @@ def quantize_dynamic_int8(model: torch.nn.Module, per_channel: bool, skip_module
     spec = {
         name: qconfig
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and not set(name.split(".")) & set(skip_modules)
+        if isinstance(module, torch.nn.Linear) and not is_skipped(name, skip_modules)
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the torchao migration notice, printed on every call

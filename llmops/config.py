@@ -198,6 +198,14 @@ class QuantizeConfig(_Strict):
     """Per-output-channel int8 weight scales (more accurate than one scale per tensor)."""
     skip_modules: list[str] = Field(default_factory=lambda: ["classifier"])
     """Modules kept in full precision, by any component of their dotted name (default: the classifier head)."""
+    max_loss: float | None = Field(default=0.005, ge=0)
+    """torch int8 of a classifier: the most validation macro-F1 it may lose against the fp32 student (0.005: half
+    a point). Layers are returned to fp32, the most sensitive first, until the loss is within it (Intel Neural
+    Compressor's accuracy-aware tuning). None: quantize every Linear layer outside `skip_modules`."""
+    search_trials: int = Field(default=40, gt=0)
+    """The search's budget: validation passes at most."""
+    search_rows: int = Field(default=1000, gt=0)
+    """Validation rows each pass scores (never the test split)."""
 
 
 class GenerationEvalConfig(_Strict):

@@ -71,6 +71,14 @@ def _predict_test(classifier: Classifier, test: pd.DataFrame, batch_size: int) -
     return np.array([ids.get(classifier.labels[i], -1) for i in predicted])
 
 
+def macro_f1_on(classifier: Classifier, rows: pd.DataFrame, batch_size: int = 64) -> float:
+    """Macro-F1 of `classifier` on labelled rows (`text`, `label`, `label_id`)."""
+    predicted = _predict_test(classifier, rows, batch_size)
+    return float(
+        classification_scores(predicted.tolist(), rows["label_id"].tolist(), len(classifier.labels))["macro_f1"]
+    )
+
+
 def evaluate_quality(candidate_dir: str | Path, test_path: str | Path, cfg: EvalConfig) -> dict[str, float]:
     """Macro-F1 and accuracy alone (the champion's scores on this flow's test set, for non-inferiority)."""
     classifier = Classifier(candidate_dir)

@@ -150,6 +150,29 @@ def _compared(cfg: LlmopsConfig, report: CandidateReport) -> dict[str, Any]:
     return params
 
 
+def _without_search(recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The recipe without the int8 search's log (a run's params stay short), and that log."""
+    quantization = dict(recipe.get("quantization", {}))
+    search = quantization.pop("search", None)
+    return ({**recipe, "quantization": quantization} if "quantization" in recipe else recipe), search
+
+
+def _log_search(search: dict[str, Any]) -> None:
+    """The accuracy-aware int8 search on its candidate's run: each pass as a step, the result as params."""
+    for step, trial in enumerate(search["trials"]):
+        metrics = {"search/macro_f1": trial["macro_f1"], "search/layers_kept_fp32": len(trial["kept_fp32"])}
+        mlflow.log_metrics(metrics, step=step)
+    mlflow.log_params(
+        {
+            "int8_search.max_loss": search["max_loss"],
+            "int8_search.reference_macro_f1": round(search["reference_macro_f1"], 6),
+            "int8_search.layers_kept_fp32": len(search["kept_fp32"]),
+            "int8_search.met": search["met"],
+        }
+    )
+    mlflow.log_dict(search, "quantization_search.json")
+
+
 def _recorded(client: MlflowClient, experiment_id: str, execution: Execution) -> Run | None:
     """The run that recorded this execution already, if any."""
     runs = client.search_runs(
@@ -233,7 +256,10 @@ def release(
             ).info.run_id
             with mlflow.start_run(run_id=child_id, nested=True):
                 mlflow.log_metrics(report.flat_metrics())
-                mlflow.log_params(_flat_params(_compared(cfg, report)) | _flat_params(report.recipe, "recipe."))
+                recipe, search = _without_search(report.recipe)
+                mlflow.log_params(_flat_params(_compared(cfg, report)) | _flat_params(recipe, "recipe."))
+                if search is not None:
+                    _log_search(search)
                 notes = report.notes + verdict.notes
                 mlflow.set_tags(
                     {

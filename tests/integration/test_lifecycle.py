@@ -86,6 +86,9 @@ def test_parent_run_holds_one_child_per_candidate(first: dict, client: MlflowCli
             assert {"student_layers", "temperature", "alpha"} <= set(child.data.params)
         # Real durations: each candidate's run spans its build, inside the lifecycle's run.
         assert parent.info.start_time <= child.info.start_time <= child.info.end_time <= parent.info.end_time
+    int8 = next(c for c in children if c.data.tags["llmops.candidate"] == "int8")  # its accuracy-aware search
+    assert int8.data.params["int8_search.max_loss"] == "0.005" and "search/macro_f1" in int8.data.metrics
+    assert "quantization_search.json" in {a.path for a in client.list_artifacts(int8.info.run_id)}
     teacher = next(c for c in children if c.data.tags["llmops.candidate"] == "teacher")
     assert teacher.info.end_time - teacher.info.start_time > 100  # ms: fine-tuning, not the moment it was logged
     assert parent.info.end_time - parent.info.start_time > sum(c.info.end_time - c.info.start_time for c in children)

@@ -184,7 +184,8 @@ def test_monitor_deployment_writes_a_report_the_evidently_ui_shows(stack: LocalS
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert list((stack.home / "reports").glob("*/summary.json"))
     projects = {p["name"]: p["id"] for p in httpx.get(stack.url("evidently", "/api/projects")).json()}
-    assert set(projects) == {"tweet-sentiment", "tweet-generator"}  # the served generator is monitored too
+    monitored = set(projects) == {"tweet-sentiment", "tweet-generator"}  # the served generator is monitored too
+    assert monitored, f"{sorted(projects)}\n{run.stdout[-4000:]}"
     for project in projects.values():
         snapshots = httpx.get(stack.url("evidently", f"/api/projects/{project}/snapshots")).json()
         assert any("decision" in s["tags"] for s in snapshots)
