@@ -59,6 +59,8 @@ class MicroBatcher:
         """Texts accepted and not yet answered (queued or in the forward pass)."""
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._alone = 0
+        """Requests running alone: they found the model idle and nothing queued."""
 
     def start(self) -> None:
         if self.enabled:
@@ -83,6 +85,8 @@ class MicroBatcher:
         try:
             if not self.enabled:
                 return await self._infer(model, texts)
+            if self._idle() and not self._jobs and len(texts) <= self.max_batch_size:
+                return await self._infer_alone(model, texts)
             future: asyncio.Future[Forward] = asyncio.get_running_loop().create_future()
             self._jobs.append(_Job(model, texts, future))
             self._arrived.set()
@@ -90,6 +94,19 @@ class MicroBatcher:
         finally:
             self._waiting -= len(texts)
             self.metrics.queue_depth.set(self._waiting)
+
+    def _idle(self) -> bool:
+        return not self._in_flight and not self._alone
+
+    async def _infer_alone(self, model: LoadedModel, texts: list[str]) -> Forward:
+        """The model is idle and nobody waits: straight to it, without the batcher's hops (what batching off
+        does); requests that arrive meanwhile queue and go together once it is done."""
+        self._alone += 1
+        try:
+            return await self._infer(model, texts)
+        finally:
+            self._alone -= 1
+            self._arrived.set()
 
     async def _infer(self, model: LoadedModel, texts: list[str]) -> Forward:
         self.metrics.batch_size.observe(len(texts))
@@ -115,7 +132,7 @@ class MicroBatcher:
                 batch.append(self._jobs.popleft())
                 size += len(nxt.texts)
                 continue
-            if not self._in_flight:  # the model is idle: waiting for company would only add latency
+            if self._idle():  # the model is idle: waiting for company would only add latency
                 break
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
