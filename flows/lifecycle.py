@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from llmops import quantize, release, tasks
 from llmops.cache import cached_stage, stage_key
 from llmops.config import ConfigError, LlmopsConfig, load_config
-from llmops.data import DataError, PreparedData
+from llmops.data import DataError
 from llmops.gates import CandidateReport
 from llmops.modeling import ModelLoadError
 
@@ -90,11 +90,7 @@ def distil(cfg: LlmopsConfig, teacher_dir: str, data_dir: str) -> str:
 @compute_task
 def quantize_student(cfg: LlmopsConfig, student_dir: str, kind: str, data_dir: str) -> str:
     folder = _stage(cfg, kind, student_dir, kind, cfg.quantize)
-    validation = PreparedData.load(data_dir).split_path("validation")  # what the int8 search scores on
-
-    def build(tmp: Path) -> Path:
-        return quantize.quantize_candidate(student_dir, kind, cfg.quantize, tmp / "model", validation)
-
+    build = lambda tmp: quantize.quantize_candidate(student_dir, kind, cfg.quantize, tmp / "model", data_dir)  # noqa: E731
     return _cached(folder, build) + "/model"
 
 

@@ -27,6 +27,8 @@ from llmops.candidate import (
     save_hf_candidate,
 )
 from llmops.config import QuantizeConfig
+from llmops.data import PreparedData
+from llmops.evaluate import macro_f1_on
 from llmops.modeling import AUTO_CLASS
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,6 @@ def accuracy_aware_search(student_dir: Path, validation: pd.DataFrame, cfg: Quan
     """Quantize every Linear layer; while macro-F1 loses more than `cfg.max_loss` against fp32, return layers to fp32
     one at a time, the most sensitive first (the layer whose return alone recovers the most), within
     `cfg.search_trials` validation passes."""
-    from llmops.evaluate import macro_f1_on
-
     assert cfg.max_loss is not None
     max_loss = cfg.max_loss
     classifier = Classifier(student_dir)
@@ -111,14 +111,13 @@ def accuracy_aware_search(student_dir: Path, validation: pd.DataFrame, cfg: Quan
     return search
 
 
-def save_dynamic_int8(
-    student_dir: Path, cfg: QuantizeConfig, out_dir: Path, validation: pd.DataFrame | None = None
-) -> Path:
+def save_dynamic_int8(student_dir: Path, cfg: QuantizeConfig, out_dir: Path, data_dir: Path | None = None) -> Path:
     meta = CandidateMeta.load(student_dir)
     model = AUTO_CLASS[meta.task].from_pretrained(student_dir)
     skip = list(cfg.skip_modules)
     search = None
-    if cfg.max_loss is not None and validation is not None and meta.task == "sequence-classification":
+    if cfg.max_loss is not None and data_dir is not None and meta.task == "sequence-classification":
+        validation = pd.read_parquet(PreparedData.load(data_dir).split_path("validation"))
         search = accuracy_aware_search(student_dir, validation, cfg)
         skip += search.kept_fp32
     recipe = {
@@ -160,16 +159,16 @@ def save_bitsandbytes(student_dir: Path, kind: str, cfg: QuantizeConfig, out_dir
 
 
 def quantize_candidate(
-    student_dir: str | Path, kind: str, cfg: QuantizeConfig, out_dir: str | Path, validation: str | Path | None = None
+    student_dir: str | Path, kind: str, cfg: QuantizeConfig, out_dir: str | Path, data_dir: str | Path | None = None
 ) -> Path:
-    """Build one compressed candidate (`fp32` is the student itself) under `out_dir`. `validation`: the split the
-    accuracy-aware int8 search scores on (without it, int8 quantizes every layer outside `skip_modules`)."""
+    """Build one compressed candidate (`fp32` is the student itself) under `out_dir`. `data_dir`: the prepared
+    data whose validation split the accuracy-aware int8 search scores on (without it, int8 quantizes every layer
+    outside `skip_modules`)."""
     student_dir, out_dir = Path(student_dir), Path(out_dir)
     if kind == "fp32":
         return student_dir
     if kind == "int8":
-        rows = pd.read_parquet(validation) if validation is not None else None
-        return save_dynamic_int8(student_dir, cfg, out_dir, rows)
+        return save_dynamic_int8(student_dir, cfg, out_dir, Path(data_dir) if data_dir is not None else None)
     if kind in ("bnb-int8", "nf4"):
         return save_bitsandbytes(student_dir, kind, cfg, out_dir)
     raise ValueError(f"quantize.candidates: unknown kind '{kind}'")

@@ -183,19 +183,24 @@ def runtime_requirements() -> list[str]:
     return [f"{pkg}=={installed_version(pkg).split('+')[0]}" for pkg in _RUNTIME_PACKAGES]
 
 
-def log_candidate_model(candidate_dir: Path, labels: list[str], input_example: list[str]) -> str:
-    """Log a candidate as an MLflow models-from-code pyfunc in the active run; returns its model URI."""
+def _log_pyfunc(code: Path, candidate_dir: Path, signature: ModelSignature, input_example: Any) -> str:
+    """Log a candidate as an MLflow models-from-code pyfunc (`code`) in the active run; returns its model URI."""
     with _without_mlflow_advice():
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(_MODEL_CODE),
+            python_model=str(code),
             artifacts={"candidate": str(candidate_dir)},
             code_paths=[str(_MODEL_CODE.parent)],
-            signature=model_signature(labels),
+            signature=signature,
             input_example=input_example,
             pip_requirements=runtime_requirements(),
         )
     return info.model_uri
+
+
+def log_candidate_model(candidate_dir: Path, labels: list[str], input_example: list[str]) -> str:
+    """Log a classifier candidate in the active run; returns its model URI."""
+    return _log_pyfunc(_MODEL_CODE, candidate_dir, model_signature(labels), input_example)
 
 
 def generator_signature() -> ModelSignature:
@@ -221,18 +226,9 @@ def generator_signature() -> ModelSignature:
 
 
 def log_generator_model(candidate_dir: Path, input_example: list[Any]) -> str:
-    """Log a generator candidate as an MLflow models-from-code pyfunc in the active run; returns its model URI."""
-    with _without_mlflow_advice():
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(_GENERATOR_CODE),
-            artifacts={"candidate": str(candidate_dir)},
-            code_paths=[str(_MODEL_CODE.parent)],
-            signature=generator_signature(),
-            input_example=(input_example, {"max_new_tokens": 16}),
-            pip_requirements=runtime_requirements(),
-        )
-    return info.model_uri
+    """Log a generator candidate in the active run; returns its model URI."""
+    example = (input_example, {"max_new_tokens": 16})
+    return _log_pyfunc(_GENERATOR_CODE, candidate_dir, generator_signature(), example)
 
 
 def encode_tags(tags: dict[str, Any]) -> dict[str, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +25,7 @@ from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from llmops import registry, tasks
-from llmops.cache import Built, stage_key
+from llmops.cache import Built
 from llmops.candidate import HISTORY_FILE
 from llmops.config import LlmopsConfig
 from llmops.data import SPLITS, PreparedData
@@ -198,13 +197,12 @@ def release(
     keys: dict[str, str],
     champion: ChampionState,
     data_dir: str | Path,
-    execution: Execution | None = None,
+    execution: Execution,
 ) -> ReleaseOutcome:
     """Log the lifecycle, decide with the policy, register the selected candidate and promote it if it passed."""
     task = tasks.for_config(cfg)
     client = registry.setup_tracking(cfg.registry)
     experiment_id = registry.ensure_experiment(cfg.registry, cfg.registry.experiment)
-    execution = execution or Execution(stage_key(keys, reports, cfg.gates, cfg.registry.model_name), time.time())
     name = cfg.registry.model_name
     state = dataclasses.replace(champion, version_now=registry.alias_version(client, name, registry.CHAMPION))
     decision = decide_promotion(list(reports.values()), state, cfg.gates, cfg.eval.min_slice_size, task.scoring, keys)

@@ -26,11 +26,9 @@ from fastapi.openapi.utils import get_openapi
 
 from llmops.config import ServeConfig
 from serving.predictor import Predictor
+from serving.schemas import NOT_BLANK
 
 Schema = dict[str, Any]
-
-NOT_BLANK = r"\S"
-"""A text must hold something other than whitespace."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +83,9 @@ def document(generated: Schema, cfg: ServeConfig, served: Served, keys_required:
     schemas["InferRequest"] = infer_schema(text, cfg)
     if served.labels:
         _nullable(schemas["FeedbackRequest"]["properties"], "label", {"type": "string", "enum": list(served.labels)})
-    prompts = _one_of_or_list({"type": "string", "minLength": 1, "pattern": NOT_BLANK}, cfg.max_texts)
-    schemas["CompletionRequest"]["properties"]["prompt"] |= prompts
+    for option in schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]:  # a prompt, or a list of them
+        if option.get("type") == "array":
+            option |= {"minItems": 1, "maxItems": cfg.max_texts}
     if served.generators:
         for request in ("CompletionRequest", "ChatCompletionRequest"):
             schemas[request]["properties"]["model"]["enum"] = list(served.generators)
@@ -132,10 +131,6 @@ def _one_field(value: Schema) -> Schema:
             {"type": "object", "minProperties": 1, "maxProperties": 1, "additionalProperties": value},
         ]
     }
-
-
-def _one_of_or_list(item: Schema, max_items: int) -> Schema:
-    return {"anyOf": [item, {"type": "array", "items": item, "minItems": 1, "maxItems": max_items}]}
 
 
 def _nullable(properties: Schema, name: str, schema: Schema) -> None:

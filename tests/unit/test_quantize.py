@@ -1,5 +1,6 @@
 """Quantization recipes on a tiny BERT: which modules stay in full precision."""
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -84,7 +85,11 @@ def test_the_search_quantizes_everything_when_the_budget_allows_it(tmp_path: Pat
 def test_an_int8_candidate_records_its_search_and_loads_with_the_layers_it_kept(tmp_path: Path) -> None:
     student, validation = _sensitive_student(tmp_path / "student")
     cfg = QuantizeConfig(int8_per_channel=False, max_loss=0.0)
-    out = save_dynamic_int8(student, cfg, tmp_path / "int8", validation)
+    data = tmp_path / "data"  # the prepared data the lifecycle hands it: the search reads its validation split
+    data.mkdir()
+    (data / "data.json").write_text(json.dumps({"labels": LABELS, "fingerprint": "test"}))
+    validation.to_parquet(data / "validation.parquet")
+    out = save_dynamic_int8(student, cfg, tmp_path / "int8", data)
     recipe = CandidateMeta.load(out).recipe["quantization"]
     assert recipe["search"]["kept_fp32"] and set(recipe["search"]["kept_fp32"]) <= set(recipe["skip_modules"])
     loaded = Classifier(out)  # rebuilt from the recipe: the kept layers are plain Linear again
