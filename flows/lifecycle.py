@@ -162,7 +162,7 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
     student = distil(cfg, teacher, data_dir)
     candidates = {"teacher": teacher}
     for kind in cfg.quantize.candidates:
-        candidates[quantize.KIND_OF[kind]] = (
+        candidates[quantize.KIND_OF.get(kind, kind)] = (
             student if kind == "fp32" else quantize_student(cfg, student, kind, data_dir)
         )
     reports = evaluate_all(cfg, candidates, data_dir, context)

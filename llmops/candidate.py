@@ -6,7 +6,8 @@ counts), the tokenizer, the Hugging Face `config.json`, and its weights:
 - bnb-int8, nf4: `model.safetensors` with the bitsandbytes quantization config;
 - int8 (torch dynamic): `quantized_state_dict.pt`, a weights-only torch state
   dict, because safetensors cannot hold quantized tensors. It is rebuilt by
-  applying the recorded recipe to the architecture and loading the weights.
+  applying the recorded recipe to the architecture and loading the weights;
+- onnx-fp32, onnx-int8: `model.onnx`, run by ONNX Runtime (`llmops.ort`).
 Evaluation, the MLflow model and serving all load classifiers through here;
 generators load through `llmops.generation.candidate`, on the same folder layout.
 """
@@ -29,6 +30,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from llmops.config import ONNX_KINDS
+from llmops.ort import ONNX_FILE, OnnxModel
 
 META_FILE = "candidate.json"
 INT8_WEIGHTS = "quantized_state_dict.pt"
@@ -103,7 +107,7 @@ def load_int8(directory: Path, meta: CandidateMeta, auto_class: Any = AutoModelF
 
 def weights_size_mb(directory: str | Path) -> float:
     """Size on disk of the weight files alone (tokenizer and config excluded)."""
-    files = [p for p in Path(directory).iterdir() if p.suffix in (".safetensors", ".pt", ".bin")]
+    files = [p for p in Path(directory).iterdir() if p.suffix in (".safetensors", ".pt", ".bin", ".onnx")]
     return sum(p.stat().st_size for p in files) / 2**20
 
 
@@ -114,6 +118,11 @@ def _drop_cast_notice(record: logging.LogRecord) -> bool:
 
 def quiet_bitsandbytes() -> None:
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_cast_notice)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 class Forward(NamedTuple):
@@ -138,6 +147,11 @@ class Classifier:
         self.meta = CandidateMeta.load(self.directory)
         self.labels = self.meta.labels
         self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
+        self.model: Any
+        if self.meta.kind in ONNX_KINDS:
+            self.model = OnnxModel(self.directory / ONNX_FILE)
+            self.device = torch.device("cpu")
+            return
         if self.meta.kind == "int8":
             self.model = load_int8(self.directory, self.meta)
         else:
@@ -158,34 +172,50 @@ class Classifier:
     def forward(self, texts: list[str], batch_size: int = 64, embeddings: bool = True) -> Forward:
         """Probabilities, and what monitoring wants from the same pass: embeddings and unknown-token shares.
 
-        The embedding is the classification head's input, caught with a forward hook: no extra cost.
+        Texts are batched in order of length (less padding; the outputs come back in the given order). A torch
+        model's embedding is the classification head's input, caught with a forward hook; an ONNX graph returns
+        it as its second output: no extra cost either way.
         """
+        if not texts:
+            return Forward(np.zeros((0, len(self.labels)), dtype=np.float32), None, np.zeros(0))
+        order = np.argsort([len(text) for text in texts], kind="stable")
         probs: list[np.ndarray] = []
         embeds: list[np.ndarray] = []
         unknown: list[np.ndarray] = []
-        hook = self._embedding_hook(embeds) if embeddings else None
         unk_id, n_special = self.tokenizer.unk_token_id, self.tokenizer.num_special_tokens_to_add()
+        for start in range(0, len(texts), batch_size):
+            encoded = self.tokenizer(
+                [texts[i] for i in order[start : start + batch_size]],
+                padding=True,
+                truncation=True,
+                max_length=self.meta.max_length,
+                return_tensors="np",
+            )
+            logits, embedding = self._run(encoded, embeddings)
+            probs.append(_softmax(logits))
+            if embedding is not None:
+                embeds.append(embedding)
+            if unk_id is not None:
+                real = np.clip(encoded["attention_mask"].sum(axis=1) - n_special, 1, None)
+                unknown.append((encoded["input_ids"] == unk_id).sum(axis=1) / real)
+        back = np.argsort(order)
+        shares = np.concatenate(unknown)[back] if unknown else np.zeros(len(texts))
+        return Forward(np.concatenate(probs)[back], np.concatenate(embeds)[back] if embeddings else None, shares)
+
+    def _run(self, encoded: Any, embeddings: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, embeddings or None) of one tokenized batch."""
+        if isinstance(self.model, OnnxModel):
+            logits, embedding = self.model(encoded)
+            return logits, embedding if embeddings else None
+        sink: list[np.ndarray] = []
+        hook = self._embedding_hook(sink) if embeddings else None
         try:
-            for start in range(0, len(texts), batch_size):
-                batch = self.tokenizer(
-                    texts[start : start + batch_size],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.meta.max_length,
-                    return_tensors="pt",
-                ).to(self.device)
-                logits = self.model(**batch).logits.float()
-                probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
-                if unk_id is not None:
-                    real = (batch["attention_mask"].sum(dim=1) - n_special).clamp(min=1)
-                    unknown.append(((batch["input_ids"] == unk_id).sum(dim=1) / real).cpu().numpy())
+            batch = {name: torch.from_numpy(values).to(self.device) for name, values in encoded.items()}
+            logits = self.model(**batch).logits.float().cpu().numpy()
         finally:
             if hook is not None:
                 hook.remove()
-        if not probs:
-            return Forward(np.zeros((0, len(self.labels)), dtype=np.float32), None, np.zeros(0))
-        shares = np.concatenate(unknown) if unknown else np.zeros(len(texts))
-        return Forward(np.concatenate(probs), np.concatenate(embeds) if embeddings else None, shares)
+        return logits, sink[0] if sink else None
 
     def _embedding_hook(self, sink: list[np.ndarray]) -> torch.utils.hooks.RemovableHandle:
         head = getattr(self.model, "classifier", None)

@@ -118,9 +118,10 @@ def _keep_columns(linear: torch.nn.Linear, index: torch.Tensor) -> None:
 
 
 def pruned_width(width: int, keep: float) -> int:
-    """`keep` of `width`, rounded to a multiple of 64 (8 for narrow blocks): int8 and 4-bit CPU kernels work in
-    blocks of 64 columns, and fail or slow down on other widths."""
-    multiple = 64 if width >= 256 else 8
+    """`keep` of `width`, rounded to a multiple of 64 (32 for narrow blocks): int8 and 4-bit CPU kernels work in
+    blocks of 64 columns and slow down on other widths; bitsandbytes' CPU NF4 kernel fails unless the width is a
+    multiple of 32."""
+    multiple = 64 if width >= 256 else 32
     return min(width, max(multiple, round(width * keep / multiple) * multiple))
 
 

@@ -45,6 +45,7 @@ _RUNTIME_PACKAGES = (
     "numpy",
     "bitsandbytes",
     "accelerate",
+    "onnxruntime",
 )
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from llmops.distill import build_student, distillation_loss, hidden_state_loss
+from llmops.distill import build_student, distillation_loss, hidden_state_loss, pruned_width
 
 
 def test_loss_is_zero_kl_for_identical_logits() -> None:
@@ -94,3 +94,19 @@ def test_unlabelled_rows_count_in_the_kl_term_only() -> None:
     assert got.item() == pytest.approx(0.5 * ce_labelled.item() + 0.5 * kl_all.item(), rel=1e-6)
     only_unlabelled = distillation_loss(student, teacher, torch.full((4,), -100), alpha=0.5, temperature=2.0)
     assert torch.isfinite(only_unlabelled) and only_unlabelled.item() == pytest.approx(0.5 * kl_all.item(), rel=1e-6)
+
+
+def test_ffn_pruning_keeps_the_strongest_neurons_at_kernel_friendly_widths() -> None:
+    config = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512, num_labels=3
+    )
+    teacher = BertForSequenceClassification(config).eval()
+    with torch.no_grad():  # neuron 7 of layer 0 made the strongest: pruning must keep it
+        teacher.bert.encoder.layer[0].intermediate.dense.weight[7] *= 100
+    student = build_student(teacher, [0, 1], ffn_keep=0.9)
+    kept = student.bert.encoder.layer[0].intermediate.dense
+    assert kept.out_features == 448 == student.config.intermediate_size  # 0.9 x 512 = 460.8 -> a multiple of 64
+    assert student.bert.encoder.layer[0].output.dense.in_features == 448
+    assert kept.weight.abs().max() == teacher.bert.encoder.layer[0].intermediate.dense.weight.abs().max()
+    assert student(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3)
+    assert [pruned_width(1536, 0.9), pruned_width(128, 0.9), pruned_width(128, 0.5)] == [1408, 128, 64]

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from llmops.candidate import CandidateMeta, Classifier, quantize_dynamic_int8
 from llmops.config import QuantizeConfig
-from llmops.quantize import accuracy_aware_search, save_dynamic_int8
+from llmops.quantize import save_dynamic_int8, search_torch_int8
 from tests.tiny_registry import LABELS, build_tiny_candidate
 
 
@@ -69,7 +69,7 @@ def _sensitive_student(directory: Path) -> tuple[Path, pd.DataFrame]:
 def test_the_search_keeps_layers_in_fp32_when_no_loss_is_allowed(tmp_path: Path) -> None:
     student, validation = _sensitive_student(tmp_path / "student")
     cfg = QuantizeConfig(int8_per_channel=False, max_loss=0.0, search_trials=40)
-    search = accuracy_aware_search(student, validation, cfg)
+    search = search_torch_int8(student, validation, cfg)
     assert search.met and search.kept_fp32  # at least one layer returned to fp32
     assert search.trials[0]["kept_fp32"] == [] and search.trials[0]["macro_f1"] < search.reference_macro_f1
     assert search.trials[-1]["macro_f1"] == search.reference_macro_f1  # the loss the result keeps: none
@@ -78,7 +78,7 @@ def test_the_search_keeps_layers_in_fp32_when_no_loss_is_allowed(tmp_path: Path)
 
 def test_the_search_quantizes_everything_when_the_budget_allows_it(tmp_path: Path) -> None:
     student, validation = _sensitive_student(tmp_path / "student")
-    search = accuracy_aware_search(student, validation, QuantizeConfig(int8_per_channel=False, max_loss=1.0))
+    search = search_torch_int8(student, validation, QuantizeConfig(int8_per_channel=False, max_loss=1.0))
     assert search.met and search.kept_fp32 == [] and len(search.trials) == 1
 
 
