@@ -104,7 +104,7 @@ def measure(result: dict, config: Path, directory: Path) -> tuple[list[dict], fl
     cfg = load_config(
         config, ["eval.throughput_repeats=5", "eval.throughput_max_rows=1024", "eval.latency_samples=200"]
     )
-    data_dir = next((directory / cfg.work_dir / "data").iterdir())
+    data_dir = next(path for path in (directory / cfg.work_dir / "data").iterdir() if path.is_dir())
     test = PreparedData.load(data_dir).split_path("test")
     candidates = {name: directory / path for name, path in result["candidates"].items()}
     candidates[PEER] = build_peer(candidates["teacher"], directory / "peer", cfg.quantize.onnx_opset)
