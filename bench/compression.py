@@ -210,16 +210,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--measure-only",
+        metavar="DIR",
+        help="re-measure the candidates a kept run left in DIR (its run times are read from compression.json)",
+    )
     args = parser.parse_args()
     config = (REPO / args.config).resolve() if not Path(args.config).is_absolute() else Path(args.config)
-    directory = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
+    directory = Path(args.measure_only or tempfile.mkdtemp(prefix="llmops-bench-"))
     try:
-        cold_s = timed_cli_run(config, directory, "cold")
-        rerun_s = timed_cli_run(config, directory, "rerun")
+        if args.measure_only:
+            previous = json.loads((RESULTS / "compression.json").read_text())
+            cold_s, rerun_s = previous["cold_lifecycle_s"], previous["rerun_s"]
+        else:
+            cold_s = timed_cli_run(config, directory, "cold")
+            rerun_s = timed_cli_run(config, directory, "rerun")
         result = cached_result(config, directory)
         rows, tokens = measure(result, config, directory)
     finally:
-        if not args.keep:
+        if not (args.keep or args.measure_only):
             shutil.rmtree(directory, ignore_errors=True)
     champion = result["selected"]
     peak = cpu_peak()

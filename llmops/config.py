@@ -490,6 +490,9 @@ class MonitorConfig(_Strict):
     """Reference rows compared at most (a fixed sample of the champion's reference data)."""
     embedding_components: int = Field(default=5, gt=0)
     """Embeddings are compared on this many principal components (fit on the reference)."""
+    text_drift_rows: int | None = Field(default=1000, gt=0)
+    """Rows of each side that text drift's domain classifier learns from (a seeded sample; null: every row). The
+    other signals use every row. The report states the smallest ROC AUC the sample tells from chance."""
     drift_on: list[DriftSignal] = Field(default_factory=lambda: list(DEFAULT_DRIFT_SIGNALS))
     """Signals whose drift makes the window drifted; the others are reported for diagnosis."""
     min_labelled: int = Field(default=30, gt=0)

@@ -4,11 +4,31 @@ import pandas as pd
 import pytest
 
 from llmops.config import DataConfig
-from llmops.data import DataError, clean_text, prepare_data, resolve_duplicates, stratified_split, tag_topic
+from llmops.data import (
+    DataError,
+    clean_text,
+    prepare_data,
+    read_source,
+    resolve_duplicates,
+    stratified_split,
+    tag_topic,
+)
 
 
 def test_clean_text_repairs_mojibake_and_entities() -> None:
     assert clean_text("I donâ€™t like it &amp; that's it") == "I don't like it & that's it"
+
+
+def test_the_plain_text_fast_path_changes_nothing_ftfy_would_not() -> None:
+    import ftfy
+
+    from llmops.data import _NEEDS_REPAIR
+
+    corpus = read_source(DataConfig())["text"].astype(str).head(3000).tolist()
+    plain = [text for text in corpus if not _NEEDS_REPAIR.search(text)]
+    assert len(plain) > 1000  # the fast path is taken for most tweets...
+    assert [ftfy.fix_text(text) for text in plain] == plain  # ...and ftfy would have left them as they are
+    assert clean_text("tab\there") == "tab here" and clean_text("caf\u00c3\u00a9") == "caf\u00e9"
 
 
 def test_clean_text_normalises_urls_and_whitespace() -> None:
