@@ -490,9 +490,11 @@ class MonitorConfig(_Strict):
     """Reference rows compared at most (a fixed sample of the champion's reference data)."""
     embedding_components: int = Field(default=5, gt=0)
     """Embeddings are compared on this many principal components (fit on the reference)."""
-    text_drift_rows: int | None = Field(default=1000, gt=0)
+    text_drift_rows: int | None = Field(default=2000, gt=0)
     """Rows of each side that text drift's domain classifier learns from (a seeded sample; null: every row). The
-    other signals use every row. The report states the smallest ROC AUC the sample tells from chance."""
+    other signals use every row. The report states the smallest ROC AUC the sample tells from chance. Keep it above
+    1000: at 1000 rows or fewer a side Evidently switches to its permutation-percentile method, several fits (a
+    5,000-row window took 1.77 s at 1000, 0.46 s at 2000, 0.54 s uncapped)."""
     drift_on: list[DriftSignal] = Field(default_factory=lambda: list(DEFAULT_DRIFT_SIGNALS))
     """Signals whose drift makes the window drifted; the others are reported for diagnosis."""
     min_labelled: int = Field(default=30, gt=0)

@@ -115,7 +115,7 @@ def test_no_drift_window_holds_and_writes_parseable_reports(setup, corpus) -> No
     assert not signals["descriptors"]["drifted"]
     assert signals["embedding"]["drifted_components"] >= 0
     # Text drift's classifier learns from at most monitor.text_drift_rows a side, and says what that can detect.
-    assert signals["text"]["rows"]["current"] == 300 and signals["text"]["rows"]["reference"] <= 1000
+    assert signals["text"]["rows"]["current"] == 300 and signals["text"]["rows"]["reference"] <= 2000
     assert 0.5 < signals["text"]["detectable_auc"] < 0.6
     assert summary["quality"]["labelled"] == 300 and 0 <= summary["quality"]["macro_f1"] <= 1
     assert any(s["name"] == "topic=airline" for s in summary["bias"]["slices"])
