@@ -159,10 +159,11 @@ DistillLoss = Literal["forward_kl", "reverse_kl", "jsd"]
 class DistillConfig(_Strict):
     student_layers: list[int] = Field(default_factory=lambda: [0, 2, 4])
     """Teacher layers copied into the student, in order (DistilBERT-style init)."""
-    ffn_keep: float = Field(default=0.96, gt=0.0, le=1.0)
+    ffn_keep: float | None = Field(default=None, gt=0.0, le=1.0)
     """Share of each student layer's feed-forward neurons kept (structured pruning by weight magnitude before
-    distillation; BERT and Llama-style blocks). 1.0 keeps them all. The default 0.96 (MiniLM: 1,472 of 1,536) brings
-    three of MiniLM's six layers under half the teacher's non-embedding parameters (the pooler and head come whole)."""
+    distillation). null (default): 0.96 where every block is one llmops prunes (BERT- and Llama-style; MiniLM: 1,472
+    of 1,536 neurons, which brings three of its six layers under half its non-embedding parameters), 1.0 for other
+    architectures. A number prunes every block, and a block llmops cannot prune is then an error. 1.0 keeps all."""
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     """Weight of the hard-label cross-entropy; (1 - alpha) goes to the distillation term."""
     temperature: float = Field(default=2.0, gt=0.0)

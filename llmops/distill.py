@@ -117,6 +117,23 @@ def _keep_columns(linear: torch.nn.Linear, index: torch.Tensor) -> None:
     linear.in_features = len(index)
 
 
+DEFAULT_FFN_KEEP = 0.96
+"""`distill.ffn_keep` left unset, for blocks `prune_ffn` knows (see `resolve_ffn_keep`)."""
+
+
+def resolve_ffn_keep(teacher: PreTrainedModel, keep: float | None) -> float:
+    """`distill.ffn_keep` as given; unset: `DEFAULT_FFN_KEEP` where every block is one `prune_ffn` knows, else 1.0."""
+    if keep is not None:
+        return keep
+    try:
+        for blocks in layer_stacks(teacher):
+            for block in blocks:
+                _ffn_layout(block)
+    except ValueError:
+        return 1.0
+    return DEFAULT_FFN_KEEP
+
+
 def pruned_width(width: int, keep: float) -> int:
     """`keep` of `width`, rounded to a multiple of 64 (32 for narrow blocks): int8 and 4-bit CPU kernels work in
     blocks of 64 columns and slow down on other widths; bitsandbytes' CPU NF4 kernel fails unless the width is a
@@ -241,7 +258,8 @@ def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_
     teacher_meta = CandidateMeta.load(teacher_dir)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
-    student = build_student(teacher, cfg.student_layers, cfg.ffn_keep)
+    ffn_keep = resolve_ffn_keep(teacher, cfg.ffn_keep)
+    student = build_student(teacher, cfg.student_layers, ffn_keep)
     collator = DataCollatorWithPadding(tokenizer)
     train = tokenize_split(data.split_path("train"), tokenizer, teacher_meta.max_length)
     if cfg.transfer_rows > 0 and data.split_path("unlabeled").is_file():
@@ -285,7 +303,7 @@ def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_
         max_length=teacher_meta.max_length,
         recipe={
             "teacher_layers": cfg.student_layers,
-            "ffn_keep": cfg.ffn_keep,
+            "ffn_keep": ffn_keep,
             "alpha": cfg.alpha,
             "temperature": cfg.temperature,
             "hidden_weight": cfg.hidden_weight,

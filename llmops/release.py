@@ -142,7 +142,8 @@ def _compared(cfg: LlmopsConfig, report: CandidateReport) -> dict[str, Any]:
         if layers is not None:
             params["layers"] = layers
     if report.kind != "teacher":
-        params |= {"student_layers": cfg.distill.student_layers, "ffn_keep": cfg.distill.ffn_keep}
+        ffn_keep = report.recipe.get("ffn_keep", cfg.distill.ffn_keep)  # unset in the config: what was applied
+        params |= {"student_layers": cfg.distill.student_layers, "ffn_keep": ffn_keep}
         params |= {"temperature": cfg.distill.temperature, "alpha": cfg.distill.alpha}
     if report.kind not in ("teacher", "student"):
         params["quantization_kind"] = report.kind

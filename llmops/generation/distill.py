@@ -21,7 +21,7 @@ from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, set_se
 from llmops.candidate import HISTORY_FILE, CandidateMeta, save_hf_candidate
 from llmops.config import DistillConfig
 from llmops.data import PreparedData
-from llmops.distill import build_student
+from llmops.distill import build_student, resolve_ffn_keep
 from llmops.generation.data import IGNORE, tokenize_split
 from llmops.generation.losses import completion_loss, score_completions, token_distillation_loss
 from llmops.generation.train import collator
@@ -131,7 +131,8 @@ def distil(
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AUTO_CLASS[task].from_pretrained(teacher_dir).eval()
-    student = build_student(teacher, cfg.student_layers, cfg.ffn_keep)
+    ffn_keep = resolve_ffn_keep(teacher, cfg.ffn_keep)
+    student = build_student(teacher, cfg.student_layers, ffn_keep)
     args = training_arguments(
         out_dir,
         epochs=cfg.epochs,
@@ -170,7 +171,7 @@ def distil(
         task=task,
         recipe={
             "teacher_layers": cfg.student_layers,
-            "ffn_keep": cfg.ffn_keep,
+            "ffn_keep": ffn_keep,
             "loss": cfg.loss,
             **({"beta": cfg.beta} if cfg.loss == "jsd" else {}),
             "alpha": cfg.alpha,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from llmops.distill import build_student, distillation_loss, hidden_state_loss, pruned_width
+from llmops.distill import build_student, distillation_loss, hidden_state_loss, pruned_width, resolve_ffn_keep
 
 
 def test_loss_is_zero_kl_for_identical_logits() -> None:
@@ -110,3 +110,16 @@ def test_ffn_pruning_keeps_the_strongest_neurons_at_kernel_friendly_widths() -> 
     assert kept.weight.abs().max() == teacher.bert.encoder.layer[0].intermediate.dense.weight.abs().max()
     assert student(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3)
     assert [pruned_width(1536, 0.9), pruned_width(128, 0.9), pruned_width(128, 0.5)] == [1408, 128, 64]
+
+
+def test_unset_ffn_keep_prunes_only_blocks_llmops_knows() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    bert = BertForSequenceClassification(
+        BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+    )
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2))
+    assert resolve_ffn_keep(bert, None) == 0.96 and resolve_ffn_keep(gpt2, None) == 1.0
+    assert resolve_ffn_keep(gpt2, 0.5) == 0.5  # a number is applied as given...
+    with pytest.raises(ValueError, match="cannot prune the feed-forward block of GPT2Block"):
+        build_student(gpt2, [0], ffn_keep=0.5)  # ...and refused where the block cannot be pruned
