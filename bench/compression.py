@@ -69,22 +69,18 @@ def build_peer(teacher_dir: Path, out: Path, opset: int) -> Path:
     """The teacher exported to ONNX and quantized by ONNX Runtime's `quantize_dynamic` with its defaults (every
     op it knows, per-tensor scales): the fast CPU classifier a user would otherwise build."""
     import dataclasses
-    import logging
 
     from onnxruntime.quantization import quantize_dynamic
 
     from llmops import ort
-    from llmops.candidate import CandidateMeta
+    from llmops.candidate import CandidateMeta, copy_without_weights
 
-    ort.copy_folder_without_weights(teacher_dir, out)
+    copy_without_weights(teacher_dir, out)
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = Path(scratch) / "fp32.onnx"
         inputs = ort.export(teacher_dir, fp32, opset)
-        logging.disable(logging.WARNING)  # ONNX Runtime logs every node it skips on the root logger
-        try:
+        with ort.quiet_quantization_logs():
             quantize_dynamic(fp32, out / ort.ONNX_FILE, extra_options={"DefaultTensorType": 1})  # else defaults
-        finally:
-            logging.disable(logging.NOTSET)
     meta = CandidateMeta.load(teacher_dir)
     recipe = ort.recipe(opset, inputs, method="onnxruntime.quantization.quantize_dynamic, default arguments")
     dataclasses.replace(meta, kind="onnx-int8", recipe={**meta.recipe, "quantization": recipe}).save(out)

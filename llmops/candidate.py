@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from llmops.config import ONNX_KINDS
 from llmops.ort import ONNX_FILE, OnnxModel
 
 META_FILE = "candidate.json"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".onnx")
 INT8_WEIGHTS = "quantized_state_dict.pt"
 HISTORY_FILE = "training_log.json"
 """Trainer log history, written beside the candidate folder by fine-tuning and distillation."""
@@ -107,8 +109,16 @@ def load_int8(directory: Path, meta: CandidateMeta, auto_class: Any = AutoModelF
 
 def weights_size_mb(directory: str | Path) -> float:
     """Size on disk of the weight files alone (tokenizer and config excluded)."""
-    files = [p for p in Path(directory).iterdir() if p.suffix in (".safetensors", ".pt", ".bin", ".onnx")]
+    files = [p for p in Path(directory).iterdir() if p.suffix in WEIGHT_SUFFIXES]
     return sum(p.stat().st_size for p in files) / 2**20
+
+
+def copy_without_weights(src: Path, dst: Path) -> None:
+    """A candidate folder's tokenizer, config and candidate.json, for a candidate with other weights."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES:
+            shutil.copy2(path, dst / path.name)
 
 
 def _drop_cast_notice(record: logging.LogRecord) -> bool:

@@ -87,13 +87,13 @@ def export(model_dir: Path, out_file: Path, opset: int) -> list[str]:
 class OnnxModel:
     """An ONNX Runtime session over a candidate's graph: tokenizer output in, (logits, embeddings) out."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path):
         import onnxruntime as ort
 
         if not path.is_file():
             raise OnnxLoadError(f"ONNX candidate {path.parent}: {path.name} is missing")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = torch.get_num_threads()  # what the evaluation and serving set for torch
         options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(path), options, providers=[PROVIDER])
@@ -136,7 +136,7 @@ def nodes_to_quantize(nodes: dict[str, str], kept_fp32: list[str], skip: Callabl
 
 
 @contextmanager
-def _quiet_root_logger() -> Iterator[None]:
+def quiet_quantization_logs() -> Iterator[None]:
     """ONNX Runtime's quantization tools log every node they skip at INFO, and advice at WARNING, on the root logger."""
     logging.disable(logging.WARNING)
     try:
@@ -152,7 +152,7 @@ def quantize_dynamic(src: Path, dst: Path, per_channel: bool, nodes: list[str]) 
     if not nodes:  # ONNX Runtime reads an empty list as "every node"
         shutil.copyfile(src, dst)
         return
-    with _quiet_root_logger():
+    with quiet_quantization_logs():
         ort_quantize_dynamic(
             src,
             dst,
@@ -172,6 +172,10 @@ def quantize_static(
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
+    if not nodes:
+        shutil.copyfile(src, dst)
+        return
+
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
             self.batches: Iterator[dict[str, np.ndarray]] = iter(calibration)
@@ -179,10 +183,7 @@ def quantize_static(
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    if not nodes:
-        shutil.copyfile(src, dst)
-        return
-    with _quiet_root_logger():
+    with quiet_quantization_logs():
         ort_quantize_static(
             src,
             dst,
@@ -226,10 +227,3 @@ def recipe(opset: int, input_names: list[str], **quantization: Any) -> dict[str,
         "torch": installed_version("torch"),
         **quantization,
     }
-
-
-def copy_folder_without_weights(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for path in src.iterdir():
-        if path.is_file() and path.suffix not in (".safetensors", ".bin", ".pt", ".onnx"):
-            shutil.copy2(path, dst / path.name)

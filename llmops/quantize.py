@@ -26,6 +26,7 @@ from llmops.candidate import (
     INT8_WEIGHTS,
     CandidateMeta,
     Classifier,
+    copy_without_weights,
     is_skipped,
     quantize_dynamic_int8,
     save_hf_candidate,
@@ -34,7 +35,6 @@ from llmops.config import ONNX_KINDS, QuantizeConfig
 from llmops.data import PreparedData
 from llmops.evaluate import macro_f1_on, measure_throughput
 from llmops.modeling import AUTO_CLASS
-from llmops.ort import copy_folder_without_weights
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ class Search:
     met: bool = False
     """Whether the result is within `max_loss` (else the budget ran out: the best tried is used)."""
 
+    def within(self, value: float) -> bool:
+        """Whether a validation macro-F1 of `value` loses at most `max_loss` against the fp32 student."""
+        return self.reference_macro_f1 - value <= self.max_loss + 1e-12
+
 
 def accuracy_aware_search(
     classifier: Classifier,
@@ -71,7 +75,6 @@ def accuracy_aware_search(
     search serves torch's and ONNX Runtime's int8. The classifier gets its fp32 model back at the end.
     """
     assert cfg.max_loss is not None
-    max_loss = cfg.max_loss
     fp32 = classifier.model
     rows = validation.head(cfg.search_rows)
     search = Search(cfg.max_loss, reference_macro_f1=macro_f1_on(classifier, rows))
@@ -82,15 +85,12 @@ def accuracy_aware_search(
         search.trials.append({"kept_fp32": list(kept), "macro_f1": value})
         return value
 
-    def within(value: float) -> bool:
-        return search.reference_macro_f1 - value <= max_loss + 1e-12
-
     def budget() -> bool:
         return len(search.trials) < cfg.search_trials
 
     try:
         best: tuple[float, list[str]] = (score([]), [])
-        if within(best[0]):
+        if search.within(best[0]):
             search.met = True
             return search
         recovered = {layer: score([layer]) for layer in layers if budget()}
@@ -102,7 +102,7 @@ def accuracy_aware_search(
             value = score(kept)
             if value > best[0]:
                 best = (value, list(kept))
-            if within(value):
+            if search.within(value):
                 search.met = True
                 best = (value, list(kept))
                 break
@@ -152,7 +152,7 @@ def save_dynamic_int8(student_dir: Path, cfg: QuantizeConfig, out_dir: Path, dat
         **({"search": dataclasses.asdict(search)} if search else {}),
     }
     quantized = quantize_dynamic_int8(model, cfg.int8_per_channel, skip)
-    copy_folder_without_weights(student_dir, out_dir)
+    copy_without_weights(student_dir, out_dir)
     torch.save(quantized.state_dict(), out_dir / INT8_WEIGHTS)
     dataclasses.replace(meta, kind="int8", recipe={**meta.recipe, "quantization": recipe}).save(out_dir)
     return out_dir
@@ -208,7 +208,7 @@ def save_onnx(student_dir: Path, kind: str, cfg: QuantizeConfig, out_dir: Path, 
         raise ValueError(f"quantize.candidates: {kind} is built for classifiers, not for a {meta.task} model")
     if kind == "onnx-int8" and cfg.onnx_int8_mode == "static" and data_dir is None:
         raise ValueError("quantize.onnx_int8_mode: static needs the training rows to calibrate on")
-    copy_folder_without_weights(student_dir, out_dir)
+    copy_without_weights(student_dir, out_dir)
     model_file = out_dir / ort.ONNX_FILE
     inputs = ort.export(student_dir, model_file, cfg.onnx_opset)
     fp32_meta = dataclasses.replace(
@@ -218,15 +218,18 @@ def save_onnx(student_dir: Path, kind: str, cfg: QuantizeConfig, out_dir: Path, 
     if kind == "onnx-fp32":
         return out_dir
     with tempfile.TemporaryDirectory(prefix="llmops-onnx-") as scratch:
-        quantization = _onnx_int8(out_dir, cfg, data_dir, Path(scratch))
+        quantization = _onnx_int8(out_dir, inputs, cfg, data_dir, Path(scratch))
         (Path(scratch) / "int8.onnx").replace(model_file)
     recipe = {**meta.recipe, "quantization": ort.recipe(cfg.onnx_opset, inputs, **quantization)}
     dataclasses.replace(meta, kind="onnx-int8", recipe=recipe).save(out_dir)
     return out_dir
 
 
-def _onnx_int8(fp32_dir: Path, cfg: QuantizeConfig, data_dir: Path | None, scratch: Path) -> dict[str, Any]:
-    """Writes `scratch/int8.onnx` from the fp32 candidate in `fp32_dir`; returns its quantization recipe."""
+def _onnx_int8(
+    fp32_dir: Path, inputs: list[str], cfg: QuantizeConfig, data_dir: Path | None, scratch: Path
+) -> dict[str, Any]:
+    """Writes `scratch/int8.onnx` from the fp32 candidate in `fp32_dir` (graph inputs `inputs`); returns its
+    quantization recipe."""
     source = fp32_dir / ort.ONNX_FILE
     nodes = ort.weight_matmuls(source)
     skip = lambda module: is_skipped(module, cfg.skip_modules)  # noqa: E731
@@ -237,11 +240,11 @@ def _onnx_int8(fp32_dir: Path, cfg: QuantizeConfig, data_dir: Path | None, scrat
         ort.quantize_dynamic(source, trial, cfg.int8_per_channel, ort.nodes_to_quantize(nodes, kept, skip))
         return ort.OnnxModel(trial)
 
-    search, validation = None, None
-    if data_dir is not None:
-        validation = _validation(data_dir)
+    classifier = Classifier(fp32_dir)
+    validation = _validation(data_dir) if data_dir is not None else None
+    search = None
     if cfg.max_loss is not None and validation is not None:
-        search = accuracy_aware_search(Classifier(fp32_dir), layers, dynamic_keeping, validation, cfg)
+        search = accuracy_aware_search(classifier, layers, dynamic_keeping, validation, cfg)
     kept = search.kept_fp32 if search else []
     quantized = ort.nodes_to_quantize(nodes, kept, skip)
     recipe: dict[str, Any] = {
@@ -256,21 +259,17 @@ def _onnx_int8(fp32_dir: Path, cfg: QuantizeConfig, data_dir: Path | None, scrat
     dynamic_file, static_file = scratch / "dynamic.onnx", scratch / "static.onnx"
     if cfg.onnx_int8_mode != "static":
         ort.quantize_dynamic(source, dynamic_file, cfg.int8_per_channel, quantized)
-    if cfg.onnx_int8_mode == "dynamic" or data_dir is None:
+    if cfg.onnx_int8_mode == "dynamic" or data_dir is None or validation is None:
         dynamic_file.replace(scratch / "int8.onnx")
         return {**recipe, "mode": "dynamic"}
-    classifier = Classifier(fp32_dir)
     train = pd.read_parquet(PreparedData.load(data_dir).split_path("train"))["text"].head(cfg.calibration_rows)
-    inputs = ort.OnnxModel(source).input_names
     batches = ort.calibration_batches(train.tolist(), classifier.tokenizer, inputs, classifier.meta.max_length)
     ort.quantize_static(source, static_file, cfg.int8_per_channel, quantized, batches)
     recipe |= {"calibration_rows": len(train), "calibration": "minmax", "static_format": "QOperator (u8 activations)"}
     if cfg.onnx_int8_mode == "static":
         static_file.replace(scratch / "int8.onnx")
         return {**recipe, "mode": "static"}
-    assert validation is not None
     rows = validation.head(cfg.search_rows)
-    reference = macro_f1_on(classifier, rows)
     measured = {}
     for mode, path in (("dynamic", dynamic_file), ("static", static_file)):
         classifier.model = ort.OnnxModel(path)
@@ -279,9 +278,9 @@ def _onnx_int8(fp32_dir: Path, cfg: QuantizeConfig, data_dir: Path | None, scrat
             "texts_per_s": measure_throughput(classifier, rows["text"].tolist(), 64),
         }
     static = measured["static"]
-    wins = static["texts_per_s"] > measured["dynamic"]["texts_per_s"] and (
-        cfg.max_loss is None or reference - static["macro_f1"] <= cfg.max_loss + 1e-12
-    )
+    # Without max_loss there is no search: speed alone decides.
+    within = search is None or search.within(static["macro_f1"])
+    wins = static["texts_per_s"] > measured["dynamic"]["texts_per_s"] and within
     mode = "static" if wins else "dynamic"
     (static_file if wins else dynamic_file).replace(scratch / "int8.onnx")
     log.info("onnx int8: %s kept (validation: %s)", mode, measured)

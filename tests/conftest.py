@@ -17,6 +17,7 @@ os.environ.update(
 )
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,15 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def home(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One working directory for a test module's tests that build on each other (a lifecycle run, its store)."""
+    directory = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        yield directory
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ each go from data to a registered version.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -27,14 +26,6 @@ LLM_TINY = REPO / "configs" / "llm-tiny.yaml"
 NAME = "tweet-generator"
 CHAT = [{"role": "user", "content": "write a positive tweet about coachella"}]
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    directory = tmp_path_factory.mktemp("generation")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        yield directory
 
 
 @pytest.fixture(scope="module")

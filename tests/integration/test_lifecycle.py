@@ -7,7 +7,6 @@ and a champion that moves while a flow evaluates.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -22,14 +21,6 @@ from tests.conftest import TINY_CONFIG
 
 NAME = "tweet-sentiment"
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    directory = tmp_path_factory.mktemp("lifecycle")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        yield directory
 
 
 @pytest.fixture(scope="module")

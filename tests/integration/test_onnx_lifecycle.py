@@ -5,7 +5,6 @@ file is corrupt or missing fails its load while the old version keeps serving.""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -27,14 +26,6 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    directory = tmp_path_factory.mktemp("onnx-lifecycle")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(directory)
-        yield directory
 
 
 @pytest.fixture(scope="module")
