@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,15 +57,28 @@ def _panels(generative: bool) -> list[Any]:
 
 def project(workspace_dir: str | Path, name: str, generative: bool = False) -> tuple[Workspace, Project]:
     """The workspace and the model's project, created with its dashboard (a classifier's or a generator's) on
-    first use."""
+    first use.
+
+    A new project is written in a folder beside the workspace and moved in whole: a running `evidently ui` watches
+    the workspace, and a `metadata.json` it reads half-written stops its watcher for good (it then never lists
+    another project)."""
     workspace = Workspace(str(workspace_dir))
     found = workspace.search_project(name)
     if found:
         return workspace, found[0]
-    created = workspace.create_project(name, description=f"Monitoring of the registered model '{name}'")
-    for panel in _panels(generative):
-        created.dashboard.add_panel(panel)
-    return workspace, created
+    target = Path(workspace_dir).resolve()
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))  # same file system: a rename
+    try:
+        created = Workspace(str(staging)).create_project(
+            name, description=f"Monitoring of the registered model '{name}'"
+        )
+        for panel in _panels(generative):
+            created.dashboard.add_panel(panel)
+        os.rename(staging / str(created.id), target / str(created.id))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    workspace = Workspace(str(workspace_dir))
+    return workspace, workspace.get_project(created.id)
 
 
 def decision_snapshot(values: dict[str, float | None], verdict: str, reason: str, at: datetime) -> Snapshot:
