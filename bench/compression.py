@@ -24,9 +24,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from machine import machine
 from tabulate import tabulate
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -87,14 +91,31 @@ def build_peer(teacher_dir: Path, out: Path, opset: int) -> Path:
     return out
 
 
-def measure(result: dict, config: Path, directory: Path) -> tuple[list[dict], float]:
-    """Every candidate's report, and the mean real tokens per test text."""
+def unseen_rows(data_dir: Path, transfer_rows: int) -> pd.DataFrame | None:
+    """The rows `data.sample` left out that the transfer set did not take: labelled, and seen by no model, no
+    validation and no search. On the quickstart about 21,600 of them against the test split's 750, so a
+    difference of half a point is a signal, not the noise of a few dozen tweets."""
+    import pandas as pd
+
+    from llmops.data import PreparedData
+    from llmops.distill import transfer_indices
+
+    path = PreparedData.load(data_dir).split_path("unlabeled")
+    if not path.is_file():
+        return None
+    pool = pd.read_parquet(path)
+    return pool.drop(index=transfer_indices(len(pool), transfer_rows)).reset_index(drop=True)
+
+
+def measure(result: dict, config: Path, directory: Path) -> tuple[list[dict], float, int]:
+    """Every candidate's report, the mean real tokens per test text, and the unseen rows scored."""
     import pandas as pd
     from transformers import AutoConfig, AutoTokenizer
 
+    from llmops.candidate import Classifier
     from llmops.config import load_config
     from llmops.data import PreparedData
-    from llmops.evaluate import evaluate_candidate
+    from llmops.evaluate import evaluate_candidate, macro_f1_on
 
     # More rows and passes than the lifecycle's own (time-boxed) evaluation: shared 2-core machines are noisy.
     cfg = load_config(
@@ -102,6 +123,7 @@ def measure(result: dict, config: Path, directory: Path) -> tuple[list[dict], fl
     )
     data_dir = next(path for path in (directory / cfg.work_dir / "data").iterdir() if path.is_dir())
     test = PreparedData.load(data_dir).split_path("test")
+    unseen = unseen_rows(data_dir, cfg.distill.transfer_rows)
     candidates = {name: directory / path for name, path in result["candidates"].items()}
     candidates[PEER] = build_peer(candidates["teacher"], directory / "peer", cfg.quantize.onnx_opset)
     rows = []
@@ -110,10 +132,18 @@ def measure(result: dict, config: Path, directory: Path) -> tuple[list[dict], fl
         shape = AutoConfig.from_pretrained(path)
         layers = {"layers": shape.num_hidden_layers, "hidden": shape.hidden_size}
         rows.append({"kind": name, "params": report.params, **layers, **report.metrics})
+        if unseen is not None:
+            rows[-1]["macro_f1_unseen"] = macro_f1_on(Classifier(path), unseen)
+        print(f"measured {name}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(candidates["teacher"])
     texts = pd.read_parquet(test)["text"].head(cfg.eval.throughput_max_rows).tolist()
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=cfg.model.max_length)["input_ids"]]
-    return rows, sum(lengths) / len(lengths)
+    return rows, sum(lengths) / len(lengths), 0 if unseen is None else len(unseen)
+
+
+def quality(row: dict) -> float:
+    """The macro-F1 the targets judge: on the unseen rows where the run has them, else on the test split."""
+    return row.get("macro_f1_unseen") or row["macro_f1"]
 
 
 def cpu_peak() -> dict:
@@ -160,8 +190,9 @@ def table(rows: list[dict], champion: str, tokens: float, peak: dict) -> list[di
         out.append(
             {
                 "candidate": r["kind"] + (" (champion)" if r["kind"] == champion else ""),
-                "macro-F1": f"{r['macro_f1']:.4f}",
-                "F1 / teacher": f"{r['macro_f1'] / teacher['macro_f1']:.3f}",
+                **({"macro-F1 (unseen)": f"{r['macro_f1_unseen']:.4f}"} if "macro_f1_unseen" in r else {}),
+                "macro-F1 (test)": f"{r['macro_f1']:.4f}",
+                "F1 / teacher": f"{quality(r) / quality(teacher):.3f}",
                 "non-emb params": f"{r['params']['params_non_embedding'] / 1e6:.2f}M",
                 "params / teacher": f"{non_embedding(r) / non_embedding(teacher):.2f}",
                 "size MB": f"{r['size_mb']:.1f}",
@@ -180,17 +211,17 @@ def targets(rows: list[dict], champion: str, cold_s: float, rerun_s: float) -> l
     t, s, c, peer = by["teacher"], by.get("student"), by[champion], by[PEER]
     checks = [
         ("champion >= 8 x teacher throughput (b=64)", c["throughput_per_s"] / t["throughput_per_s"], 8.0, False),
-        ("champion >= 0.98 x teacher macro-F1", c["macro_f1"] / t["macro_f1"], 0.98, False),
+        ("champion >= 0.98 x teacher macro-F1", quality(c) / quality(t), 0.98, False),
         ("champion >= 2 x the peer's throughput (b=64)", c["throughput_per_s"] / peer["throughput_per_s"], 2.0, False),
-        ("champion macro-F1 >= the peer's", c["macro_f1"] - peer["macro_f1"], 0.0, False),
+        ("champion macro-F1 >= the peer's (points)", 100 * (quality(c) - quality(peer)), 0.0, False),
     ]
     if s:
-        checks.append(("student >= 0.98 x teacher macro-F1", s["macro_f1"] / t["macro_f1"], 0.98, False))
+        checks.append(("student >= 0.98 x teacher macro-F1", quality(s) / quality(t), 0.98, False))
         params = non_embedding(s) / non_embedding(t)
         checks.append(("student <= 0.5 x teacher non-embedding params", params, 0.5, True))
         for kind, fp32 in (("int8", s), ("onnx-int8", by.get("onnx-fp32", s))):
             if kind in by:
-                loss = 100 * (fp32["macro_f1"] - by[kind]["macro_f1"])
+                loss = 100 * (quality(fp32) - quality(by[kind]))
                 checks.append((f"{kind} macro-F1 loss vs fp32 student <= 0.5 point", loss, 0.5, True))
                 speedup = by[kind]["throughput_per_s"] / s["throughput_per_s"]
                 checks.append((f"{kind} >= 2.5 x student fp32 throughput (b=64)", speedup, 2.5, False))
@@ -222,7 +253,7 @@ def main() -> None:
             cold_s = timed_cli_run(config, directory, "cold")
             rerun_s = timed_cli_run(config, directory, "rerun")
         result = cached_result(config, directory)
-        rows, tokens = measure(result, config, directory)
+        rows, tokens, unseen = measure(result, config, directory)
     finally:
         if not (args.keep or args.measure_only):
             shutil.rmtree(directory, ignore_errors=True)
@@ -236,6 +267,7 @@ def main() -> None:
         "champion": champion,
         "candidates": rows,
         "tokens_per_text": tokens,
+        "unseen_rows": unseen,
         "cpu_peak": peak,
         "targets": targets(rows, champion, cold_s, rerun_s),
     }
@@ -254,7 +286,14 @@ def main() -> None:
         "",
         tabulate(table(rows, champion, tokens, peak), headers="keys", tablefmt="github"),
         "",
-        f"Throughput and p50 latency are medians (5 passes over 1,024 test texts; 200 single-text calls). "
+        (
+            f"macro-F1 (unseen): on the {unseen:,} labelled rows `data.sample` left out and the transfer set did not "
+            "take, which no model, validation or search saw; the targets judge these. macro-F1 (test): the "
+            "lifecycle's own test split, where one tweet in 750 moves accuracy 0.13 point.\n\n"
+            if unseen
+            else ""
+        )
+        + f"Throughput and p50 latency are medians (5 passes over 1,024 test texts; 200 single-text calls). "
         f"Gops/s: 2 x (non-embedding parameters x tokens + 2 x layers x tokens^2 x hidden) per text, at "
         f"{tokens:.1f} real tokens a text, times texts/s. Peak: {peak['how']}: "
         f"{peak['int8_ops_per_s'] / 1e9:.0f} int8 Gops/s (int8 and NF4 rows), {peak['fp32_flops_per_s'] / 1e9:.0f} "

@@ -230,21 +230,32 @@ class DistillationTrainer(Trainer):
 def teacher_logits(
     teacher: PreTrainedModel, dataset: datasets.Dataset, collator: DataCollatorWithPadding, batch_size: int = 128
 ) -> list[list[float]]:
-    """The teacher's logits for every row, computed once: its forward pass costs as much as a student step."""
+    """The teacher's logits for every row, computed once: its forward pass costs as much as a student step. Rows go
+    through in order of length (less padding), the logits come back in the dataset's order."""
     teacher.eval()
-    rows = []
-    for start in range(0, len(dataset), batch_size):
-        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    order = sorted(range(len(dataset)), key=lengths.__getitem__)
+    rows: list[list[float]] = [[] for _ in order]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = collator([dataset[i] for i in chunk])
         batch.pop("labels")
-        rows.extend(teacher(**batch).logits.float().tolist())
+        for i, logits in zip(chunk, teacher(**batch).logits.float().tolist(), strict=True):
+            rows[i] = logits
     return rows
+
+
+def transfer_indices(pool_rows: int, transfer_rows: int) -> list[int]:
+    """The rows of the unlabelled split (`pool_rows` of them) that the transfer set takes, in its order: the first
+    `transfer_rows` of a seeded shuffle. The rest no model has seen: the compression benchmark scores on them."""
+    order: list[int] = datasets.Dataset.from_dict({"row": range(pool_rows)}).shuffle(seed=0)["row"]
+    return order[:transfer_rows]
 
 
 def transfer_set(data: PreparedData, tokenizer: Any, max_length: int, cfg: DistillConfig) -> datasets.Dataset:
     """Up to `cfg.transfer_rows` unlabelled texts, tokenized, with label -100 (soft targets only)."""
     pool = tokenize_split(data.split_path("unlabeled"), tokenizer, max_length)
-    pool = pool.shuffle(seed=0).select(range(min(cfg.transfer_rows, len(pool))))
-    return pool.map(_unlabel, batched=True)
+    return pool.select(transfer_indices(len(pool), cfg.transfer_rows)).map(_unlabel, batched=True)
 
 
 def _unlabel(batch: dict[str, list[Any]]) -> dict[str, list[int]]:

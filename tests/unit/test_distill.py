@@ -1,10 +1,21 @@
 import math
 
+import datasets
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding, PreTrainedTokenizerFast
 
-from llmops.distill import build_student, distillation_loss, hidden_state_loss, pruned_width, resolve_ffn_keep
+from llmops.distill import (
+    build_student,
+    distillation_loss,
+    hidden_state_loss,
+    pruned_width,
+    resolve_ffn_keep,
+    teacher_logits,
+    transfer_indices,
+)
 
 
 def test_loss_is_zero_kl_for_identical_logits() -> None:
@@ -123,3 +134,31 @@ def test_unset_ffn_keep_prunes_only_blocks_llmops_knows() -> None:
     assert resolve_ffn_keep(gpt2, 0.5) == 0.5  # a number is applied as given...
     with pytest.raises(ValueError, match="cannot prune the feed-forward block of GPT2Block"):
         build_student(gpt2, [0], ffn_keep=0.5)  # ...and refused where the block cannot be pruned
+
+
+def test_the_transfer_set_takes_a_seeded_prefix_and_leaves_the_rest_unseen() -> None:
+    small, large = transfer_indices(1000, 300), transfer_indices(1000, 600)
+    assert len(set(large)) == 600 and all(0 <= row < 1000 for row in large)
+    assert large[:300] == small  # more transfer rows add rows; the ones already taken stay
+    assert transfer_indices(1000, 300) == small  # the same every run: the cache and the benchmark rely on it
+    assert sorted(small) != small  # a shuffle, not the pool's first rows
+    assert transfer_indices(50, 300) == transfer_indices(50, 50)  # capped at the pool
+
+
+def test_teacher_logits_come_back_in_the_datasets_order() -> None:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
+    teacher = BertForSequenceClassification(config).eval()
+    lengths = [9, 2, 5, 12, 3, 7, 4]  # batched by length, these are not in the dataset's order
+    rows = [{"input_ids": [1 + (i * 7 + j) % 40 for j in range(n)], "label": i % 3} for i, n in enumerate(lengths)]
+    dataset = datasets.Dataset.from_list(rows)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"[PAD]": 0}, unk_token="[PAD]")))
+    tokenizer.pad_token = "[PAD]"
+
+    got = teacher_logits(teacher, dataset, DataCollatorWithPadding(tokenizer), batch_size=3)
+
+    with torch.no_grad():
+        alone = [teacher(input_ids=torch.tensor([r["input_ids"]])).logits[0].tolist() for r in rows]
+    assert torch.allclose(torch.tensor(got), torch.tensor(alone), atol=1e-5)
