@@ -61,6 +61,8 @@ class MicroBatcher:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._alone = 0
         """Requests running alone: they found the model idle and nothing queued."""
+        self._forming = False
+        """A batch is waiting for company while the model is busy (it goes once the model is idle)."""
 
     def start(self) -> None:
         if self.enabled:
@@ -106,7 +108,8 @@ class MicroBatcher:
             return await self._infer(model, texts)
         finally:
             self._alone -= 1
-            self._arrived.set()
+            if self._jobs or self._forming:  # else nobody waits: waking the batcher would only cost the loop a turn
+                self._arrived.set()
 
     async def _infer(self, model: LoadedModel, texts: list[str]) -> Forward:
         self.metrics.batch_size.observe(len(texts))
@@ -124,6 +127,15 @@ class MicroBatcher:
         first = self._jobs.popleft()
         batch, size = [first], len(first.texts)
         deadline = asyncio.get_running_loop().time() + self.max_wait_s
+        self._forming = True
+        try:
+            return await self._fill(batch, size, deadline)
+        finally:
+            self._forming = False
+
+    async def _fill(self, batch: list[_Job], size: int, deadline: float) -> list[_Job]:
+        """Add queued jobs of the same model to `batch` until it is full, the model is idle or `deadline` passes."""
+        first = batch[0]
         while size < self.max_batch_size:
             if self._jobs:
                 nxt = self._jobs[0]
