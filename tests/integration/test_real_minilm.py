@@ -20,6 +20,7 @@ def test_real_minilm_lifecycle(workdir: Path) -> None:
             "data.sample=400",
             "train.epochs=1",
             "distill.epochs=1",
+            "distill.transfer_rows=200",  # the quickstart's 10,000 would make this the slowest test
             "quantize.candidates=[fp32, int8]",
             "gates.min_macro_f1=0.0",
             "gates.min_retention=0.0",
