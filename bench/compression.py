@@ -143,7 +143,7 @@ def measure(result: dict, config: Path, directory: Path) -> tuple[list[dict], fl
 
 def quality(row: dict) -> float:
     """The macro-F1 the targets judge: on the unseen rows where the run has them, else on the test split."""
-    return row.get("macro_f1_unseen") or row["macro_f1"]
+    return row.get("macro_f1_unseen", row["macro_f1"])
 
 
 def cpu_peak() -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (
@@ -248,8 +249,7 @@ def teacher_logits(
 def transfer_indices(pool_rows: int, transfer_rows: int) -> list[int]:
     """The rows of the unlabelled split (`pool_rows` of them) that the transfer set takes, in its order: the first
     `transfer_rows` of a seeded shuffle. The rest no model has seen: the compression benchmark scores on them."""
-    order: list[int] = datasets.Dataset.from_dict({"row": range(pool_rows)}).shuffle(seed=0)["row"]
-    return order[:transfer_rows]
+    return np.random.default_rng(0).permutation(pool_rows)[:transfer_rows].tolist()  # = Dataset.shuffle(seed=0)
 
 
 def transfer_set(data: PreparedData, tokenizer: Any, max_length: int, cfg: DistillConfig) -> datasets.Dataset:

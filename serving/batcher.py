@@ -129,31 +129,26 @@ class MicroBatcher:
         deadline = asyncio.get_running_loop().time() + self.max_wait_s
         self._forming = True
         try:
-            return await self._fill(batch, size, deadline)
+            while size < self.max_batch_size:
+                if self._jobs:
+                    nxt = self._jobs[0]
+                    if nxt.model is not first.model or size + len(nxt.texts) > self.max_batch_size:
+                        break
+                    batch.append(self._jobs.popleft())
+                    size += len(nxt.texts)
+                    continue
+                if self._idle():  # the model is idle: waiting for company would only add latency
+                    break
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
         finally:
             self._forming = False
-
-    async def _fill(self, batch: list[_Job], size: int, deadline: float) -> list[_Job]:
-        """Add queued jobs of the same model to `batch` until it is full, the model is idle or `deadline` passes."""
-        first = batch[0]
-        while size < self.max_batch_size:
-            if self._jobs:
-                nxt = self._jobs[0]
-                if nxt.model is not first.model or size + len(nxt.texts) > self.max_batch_size:
-                    break
-                batch.append(self._jobs.popleft())
-                size += len(nxt.texts)
-                continue
-            if self._idle():  # the model is idle: waiting for company would only add latency
-                break
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                break
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                break
         return batch
 
     async def _run(self) -> None:
