@@ -56,7 +56,8 @@ def _cached(folder: Path, build: Any) -> str:
 
 @compute_task
 def preflight(cfg: LlmopsConfig) -> None:
-    tasks.for_config(cfg).preflight(cfg)
+    for line in tasks.for_config(cfg).preflight(cfg):
+        get_run_logger().info(line)
 
 
 @io_task

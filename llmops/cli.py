@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -65,7 +65,10 @@ def run(config: ConfigOption = "configs/quickstart.yaml", overrides: SetOption =
         _fail(error)
         return
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
-    typer.echo(f"\n{result['model']} version {result['version']} ({result['selected']}): {verdict}.")
+    if result["selected"] is None:
+        typer.echo(f"\nno candidate passed the gates: {result['model']} not promoted ({result['message']}).")
+    else:
+        typer.echo(f"\n{result['model']} version {result['version']} ({result['selected']}): {verdict}.")
     typer.echo(f"champion: version {result['champion']}")
     uri = resolve_tracking_uri(cfg.registry)
     typer.echo(next_steps(config, overrides or [], cfg.task, uri, result["experiment_id"]))
@@ -97,9 +100,11 @@ def predict(
 ) -> None:
     """Classify texts (or answer prompts) with the registry's champion or another alias, through the MLflow model."""
     import mlflow
+    from transformers.utils import logging as transformers_logging
 
     from llmops import registry
 
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars between a prompt and its answer
     try:
         cfg = load_config(config, overrides)
         registry.setup_tracking(cfg.registry)
@@ -111,14 +116,28 @@ def predict(
         _fail(RegistryError(f"cannot load models:/{cfg.registry.model_name}@{alias}: {error.message}"))
         return
     if cfg.generative:
-        predictions = model.predict(texts, params={"max_new_tokens": max_new_tokens, "temperature": temperature})
-        predictions.insert(0, "prompt", texts)
-        for row in predictions.itertuples():
-            typer.echo(f"> {row.prompt}\n{row.text}\n  ({row.completion_tokens} tokens, {row.finish_reason})")
+        _answer(model, texts, max_new_tokens, temperature)
         return
     predictions = model.predict(texts)
     predictions.insert(0, "text", texts)
     typer.echo(predictions.to_string(index=False, float_format="{:.3f}".format))
+
+
+def _answer(model: Any, prompts: list[str], max_new_tokens: int, temperature: float) -> None:
+    """A generator's answers, asked the way its training asked: a model trained on chats gets each prompt as a
+    user message in its chat template. Greedy unless a temperature is given, as evaluation scores closed
+    instructions; an answer that is one of the model's labels says which, as evaluation would score it."""
+    from llmops.generation.evaluate import label_of
+
+    generator = model.unwrap_python_model().generator
+    chat = generator.prompt_format == "chat"
+    inputs = [{"messages": [{"role": "user", "content": p}]} for p in prompts] if chat else prompts
+    predictions = model.predict(inputs, params={"max_new_tokens": max_new_tokens, "temperature": temperature})
+    for prompt, row in zip(prompts, predictions.itertuples(), strict=True):
+        ended = "stop" if row.finish_reason == "stop" else f"cut at --max-new-tokens {max_new_tokens}"
+        label = label_of(str(row.text), generator.meta.labels)
+        scored = f"; scored as the label '{label}'" if label is not None else ""
+        typer.echo(f"> {prompt}\n{row.text}\n  ({row.completion_tokens} tokens, {ended}{scored})")
 
 
 @app.command()

@@ -268,6 +268,21 @@ class EvalConfig(_Strict):
     """Generative tasks only."""
 
 
+class AnswerGates(_Strict):
+    """Generators: absolute ceilings on what a reader notices first, whatever the teacher scored. Each applies where
+    the evaluation measures it: the empty share on every answer, the off-label share on the closed instructions'
+    rows (`classify`), truncation and repetition on the open ones (`write`). null turns one off."""
+
+    max_empty_share: float | None = Field(default=0.02, ge=0.0, le=1.0)
+    """Answers that are empty or that the model would have left empty (its first choice was the end token)."""
+    max_off_label_share: float | None = Field(default=0.05, ge=0.0, le=1.0)
+    """Answers to a closed instruction that are none of its labels."""
+    max_truncated_share: float | None = Field(default=0.25, ge=0.0, le=1.0)
+    """Open answers cut at `eval.generation.max_new_tokens` instead of ending by themselves."""
+    max_repetition_rate: float | None = Field(default=0.2, ge=0.0, le=1.0)
+    """seq-rep-3: the share of an answer's word trigrams that repeat one before them (a loop is near 1)."""
+
+
 class GateConfig(_Strict):
     metric: str = "macro_f1"
     """The quality metric that retention and non-inferiority compare (generative tasks default to `perplexity`).
@@ -292,6 +307,13 @@ class GateConfig(_Strict):
     """Largest allowed gap in macro-F1 between gated slices."""
     allow_teacher: bool = True
     """The teacher may be promoted when it is the only candidate that passes."""
+    answers: AnswerGates | None = None
+    """Generative tasks (on by default there): absolute ceilings on empty, off-label, truncated and repeating
+    answers. null: none."""
+    when_measured: list[str] = Field(default_factory=list)
+    """Metrics whose gates apply only when this run can measure them (`control_accuracy` needs a classifier
+    champion in the registry). A gate on any other metric the run cannot measure is refused before any stage runs,
+    with the override that fixes it."""
 
 
 class RegistryConfig(_Strict):
@@ -528,8 +550,15 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"source": PACKAGED_INSTRUCTIONS},
         "distill": {"temperature": 1.0},
         "quantize": {"skip_modules": [], "candidates": ["fp32", "int8", "bnb-int8", "nf4"]},
-        # perplexity: candidate <= 1.25 x the teacher's, and <= the champion's + 0.5 on the same test rows
-        "gates": {"metric": "perplexity", "min_macro_f1": None, "min_retention": 0.8, "max_drop_vs_champion": 0.5},
+        # perplexity: candidate <= 1.25 x the teacher's, and <= the champion's + 0.5 on the same test rows; the
+        # answers' floors (empty, off-label, truncated, repeating) with their defaults
+        "gates": {
+            "metric": "perplexity",
+            "min_macro_f1": None,
+            "min_retention": 0.8,
+            "max_drop_vs_champion": 0.5,
+            "answers": {},
+        },
         "registry": {"model_name": "tweet-generator"},
     },
 }
@@ -583,7 +612,9 @@ class LlmopsConfig(_Strict):
         onnx = [kind for kind in self.quantize.candidates if kind in ONNX_KINDS]
         if self.generative and onnx:
             raise ValueError(f"quantize.candidates: {onnx} are built for classifiers; a {self.task} task has none")
-        gated = {self.gates.metric, *self.gates.min, *self.gates.max}
+        if not self.generative and self.gates.answers is not None:
+            raise ValueError("gates.answers is for generative tasks: a classifier's answers are always a label")
+        gated = {self.gates.metric, *self.gates.min, *self.gates.max, *self.gates.when_measured}
         gated |= {*self.gates.min_ratio_to_teacher, *self.gates.max_ratio_to_teacher}
         unknown = sorted(name for name in gated if not is_known_metric(self.task, name))
         if unknown:
@@ -612,6 +643,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
         "repetition_rate",
         "empty_share",
         "truncated_share",
+        "off_label_share",
         "ttft_p50_ms",
         "ttft_p95_ms",
         "decode_tokens_per_s",

@@ -22,6 +22,7 @@ LOWER_IS_BETTER = frozenset(
         "repetition_rate",
         "empty_share",
         "truncated_share",
+        "off_label_share",
         "latency_p50_ms",
         "latency_p95_ms",
         "ttft_p50_ms",
@@ -34,7 +35,13 @@ LOWER_IS_BETTER = frozenset(
 )
 """Metrics where less is better; every other metric is better when higher."""
 
-_LABELS = {"macro_f1": "macro-F1"}
+_LABELS = {
+    "macro_f1": "macro-F1",
+    "empty_share": "empty share",
+    "off_label_share": "off-label share",
+    "truncated_share": "truncated share",
+    "repetition_rate": "repetition (seq-rep-3)",
+}
 
 
 def _label(metric: str) -> str:
@@ -57,6 +64,8 @@ class CandidateReport:
     recipe: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     """What the evaluation could not measure, and why."""
+    samples: list[dict[str, str]] = field(default_factory=list)
+    """Generators: a few test prompts with the candidate's answers (`prompt`, `answer`, `finish_reason`)."""
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -113,10 +122,17 @@ class Verdict:
 @dataclass(frozen=True)
 class Decision:
     selected: str | None
-    """Kind of the candidate to register (the fastest that passed, else the best-scoring)."""
+    """Kind of the candidate chosen: the fastest that passed every gate; None when none passed."""
     promote: bool
     reason: str
     verdicts: dict[str, Verdict] = field(default_factory=dict)
+    best_rejected: str | None = None
+    """When none passed: the best on `gates.metric`, registered as rejected so its reasons can be inspected."""
+
+    @property
+    def registered(self) -> str | None:
+        """The candidate the registry records: the selected one, else the best rejected one."""
+        return self.selected or self.best_rejected
 
 
 def slice_gap(report: CandidateReport, min_rows: int) -> float:
@@ -137,9 +153,36 @@ def retention(metric: str, candidate: float, teacher: float) -> float:
     return candidate / teacher if teacher > 0 else 1.0
 
 
+def answer_ceilings(policy: GateConfig) -> dict[str, tuple[str, float]]:
+    """The answers' ceilings that are on: metric -> (its config key, ceiling)."""
+    if policy.answers is None:
+        return {}
+    return {
+        metric: (f"gates.answers.max_{metric}", bound)
+        for metric, bound in (
+            ("empty_share", policy.answers.max_empty_share),
+            ("off_label_share", policy.answers.max_off_label_share),
+            ("truncated_share", policy.answers.max_truncated_share),
+            ("repetition_rate", policy.answers.max_repetition_rate),
+        )
+        if bound is not None
+    }
+
+
+def _answers(report: CandidateReport, policy: GateConfig) -> list[str]:
+    """Failures on the answers' ceilings; one the evaluation did not measure is not applied (the report's notes
+    say why it was not measured)."""
+    failures = []
+    for metric, (key, bound) in answer_ceilings(policy).items():
+        value = report.metrics.get(metric)
+        if value is not None and value > bound:
+            failures.append(f"{_label(metric)} {value:.4f} > ceiling {bound:.4f} ({key})")
+    return failures
+
+
 def _bounds(report: CandidateReport, teacher: CandidateReport, policy: GateConfig) -> tuple[list[str], list[str]]:
     """Floors, ceilings and ratios to the teacher on named metrics: (failures, notes on unmeasured metrics)."""
-    failures: list[str] = []
+    failures: list[str] = _answers(report, policy)
     notes: list[str] = []
     checks: list[tuple[str, str, float]] = [(m, "min", v) for m, v in policy.min.items()]
     checks += [(m, "max", v) for m, v in policy.max.items()]
@@ -232,7 +275,8 @@ def decide_promotion(
     passing = [c for c in candidates if verdicts[c.kind].passed]
     if not passing:
         best = max(candidates, key=_quality_key(policy.metric))
-        return Decision(best.kind, False, "no candidate passed every gate; the champion is unchanged", verdicts)
+        reason = "no candidate passed every gate (each candidate's reasons say why); the champion is unchanged"
+        return Decision(None, False, reason, verdicts, best_rejected=best.kind)
     chosen = max(passing, key=lambda c: (c.metrics.get(scoring.speed, 0.0), -c.metrics.get(scoring.latency_p50, 0.0)))
     if champion.version_at_start != champion.version_now:
         return Decision(
@@ -248,3 +292,78 @@ def decide_promotion(
             chosen.kind, False, f"{chosen.kind} is already the champion (version {champion.version_now})", verdicts
         )
     return Decision(chosen.kind, True, f"{chosen.kind} passed every gate and is the fastest that did", verdicts)
+
+
+# --- before any stage runs: can this run measure what its gates name? -------------------------------------
+
+GATE_SECTIONS = ("min", "max", "min_ratio_to_teacher", "max_ratio_to_teacher")
+
+
+def gated_metrics(policy: GateConfig) -> dict[str, str]:
+    """The metric each gate names, by the config key that sets it (the answers' ceilings apply where measured and
+    are not listed)."""
+    keys = {"gates.metric": policy.metric}
+    if policy.min_macro_f1 is not None:
+        keys["gates.min_macro_f1"] = "macro_f1"
+    for section in GATE_SECTIONS:
+        keys |= {f"gates.{section}.{metric}": metric for metric in getattr(policy, section)}
+    return keys
+
+
+def _why_not(metric: str, why_not: dict[str, str]) -> str | None:
+    if metric in why_not:
+        return why_not[metric]
+    return why_not.get("macro_f1") if metric.startswith(("f1_", "slice_f1_")) else None  # per class, per slice
+
+
+def unmeasurable_gates(policy: GateConfig, why_not: dict[str, str]) -> dict[str, str]:
+    """Config keys whose gate names a metric this run cannot measure, with why; `why_not` maps a metric to the
+    reason it cannot be measured. Metrics in `gates.when_measured` are exempt: their gates wait until they are."""
+    refused = {}
+    for key, metric in gated_metrics(policy).items():
+        reason = _why_not(metric, why_not)
+        if reason is not None and metric not in policy.when_measured:
+            refused[key] = f"{key} gates {_label(metric)}, which this run cannot measure: {reason}"
+    return refused
+
+
+def fixing_overrides(policy: GateConfig, keys: list[str], fallback_metric: str) -> list[str]:
+    """`--set` items that remove the gates at `keys` (`gates.metric` moves to `fallback_metric`)."""
+    fixes = []
+    if "gates.metric" in keys:
+        fixes.append(f"gates.metric={fallback_metric}")
+    if "gates.min_macro_f1" in keys:
+        fixes.append("gates.min_macro_f1=null")
+    for section in GATE_SECTIONS:
+        dropped = {k.rsplit(".", 1)[1] for k in keys if k.startswith(f"gates.{section}.")}
+        if dropped:
+            kept = ", ".join(f"{m}: {v}" for m, v in getattr(policy, section).items() if m not in dropped)
+            fixes.append(f"gates.{section}={{{kept}}}")
+    return fixes
+
+
+def refusal(policy: GateConfig, why_not: dict[str, str], fallback_metric: str) -> str | None:
+    """The error for gates this run cannot apply, naming the overrides that fix it; None when all can be."""
+    refused = unmeasurable_gates(policy, why_not)
+    if not refused:
+        return None
+    fixes = " ".join(f"--set '{item}'" for item in fixing_overrides(policy, list(refused), fallback_metric))
+    metrics = sorted({gated_metrics(policy)[k] for k in refused})
+    return (
+        "\n".join(["gates this run cannot apply (nothing was trained):", *[f"  {line}" for line in refused.values()]])
+        + f"\nFix: {fixes}\n(or gate {', '.join(metrics)} only where measured: gates.when_measured)"
+    )
+
+
+def gate_plan(policy: GateConfig, why_not: dict[str, str]) -> list[str]:
+    """What the gates will compare, in the words a user reads before training starts."""
+    lines = [f"gates: quality compared on {_label(policy.metric)} (gates.metric)"]
+    ceilings = answer_ceilings(policy)
+    applied = [f"{_label(m)} <= {bound:g}" for m, (_, bound) in ceilings.items() if m not in why_not]
+    if applied:
+        lines.append("gates: answers must keep " + ", ".join(applied) + " (gates.answers)")
+    waiting = [f"{_label(m)} ({why_not[m]})" for m in policy.when_measured if m in why_not]
+    waiting += [f"{_label(m)} ({why_not[m]})" for m in ceilings if m in why_not]
+    if waiting:
+        lines.append("gates not applied, this run cannot measure: " + "; ".join(waiting))
+    return lines

@@ -219,7 +219,7 @@ def generator_signature() -> ModelSignature:
             ParamSpec("temperature", DataType.double, 0.0),
             ParamSpec("top_p", DataType.double, 1.0),
             ParamSpec("seed", DataType.long, None),
-            ParamSpec("min_new_tokens", DataType.long, 0),
+            ParamSpec("min_new_tokens", DataType.long, 1),  # never an empty answer unless asked for
             ParamSpec("stop", DataType.string, [], shape=(-1,)),
         ]
     )

@@ -208,7 +208,7 @@ def release(
     state = dataclasses.replace(champion, version_now=registry.alias_version(client, name, registry.CHAMPION))
     decision = decide_promotion(list(reports.values()), state, cfg.gates, cfg.eval.min_slice_size, task.scoring, keys)
     data = PreparedData.load(data_dir)
-    selected = reports.get(decision.selected or "")
+    selected = reports.get(decision.registered or "")  # what passed, else the best rejected one (for inspection)
     existing = registry.find_version_by_key(client, name, keys[selected.kind]) if selected else None
     table = summary_table(list(reports.values()), decision)
 
@@ -271,7 +271,7 @@ def release(
                     }
                 )
                 _log_history(Path(report.path))
-                if kind == decision.selected and existing is None:
+                if kind == decision.registered and existing is None:
                     model_uri = task.log_model(Path(report.path), data)
             if built and fresh:  # the run spans the candidate's build
                 client.set_terminated(child_id, end_time=_ms(built.finished))

@@ -54,8 +54,15 @@ def summary_rows(reports: list[CandidateReport], decision: Decision) -> list[dic
 
 
 def summary_table(reports: list[CandidateReport], decision: Decision, fmt: str = "github") -> str:
-    """A table of every candidate; `*` marks the one selected for registration."""
-    return tabulate(summary_rows(reports, decision), headers="keys", tablefmt=fmt)
+    """A table of every candidate; `*` marks the one selected (the fastest that passed every gate), and a line
+    under it says why none is marked when none passed."""
+    table = tabulate(summary_rows(reports, decision), headers="keys", tablefmt=fmt)
+    if decision.selected is not None:
+        return table
+    why = "No candidate is marked *: none passed every gate (the gates column says why)."
+    if decision.best_rejected is not None:
+        why += f" The best on the quality metric, {decision.best_rejected}, is registered as rejected for inspection."
+    return f"{table}\n\n{why}"
 
 
 INTENDED_USE = {
@@ -97,8 +104,19 @@ def _selected_lines(selected: CandidateReport) -> list[str]:
             ),
             "",
         ]
+    if selected.samples:
+        lines += ["## Sample answers (test prompts)", "", *_sample_lines(selected.samples), ""]
     if selected.notes:
         lines += ["## Not measured", "", *[f"- {note}" for note in selected.notes], ""]
+    return lines
+
+
+def _sample_lines(samples: list[dict[str, str]]) -> list[str]:
+    """Each answer under its prompt, as a person reads them; one cut at the token limit says so."""
+    lines = []
+    for sample in samples:
+        cut = " *(cut at the token limit)*" if sample.get("finish_reason") == "length" else ""
+        lines += [f"- > {sample['prompt']}", f"  {sample['answer'] or '*(empty)*'}{cut}"]
     return lines
 
 
@@ -112,10 +130,13 @@ def model_card(
     config_yaml: str,
 ) -> str:
     """Markdown model card for the registered candidate, logged with the lifecycle run."""
-    selected = next((r for r in reports if r.kind == decision.selected), None)
+    selected = next((r for r in reports if r.kind == decision.registered), None)
     lines = [f"# {model_name}" + (f" version {version}" if version else ""), ""]
     if selected is not None:
         lines += _selected_lines(selected)
+        if decision.selected is None:
+            lines.insert(3, "It did **not** pass the gates (see the decision): it is registered for inspection only.")
+            lines.insert(4, "")
     lines += [
         "## Decision",
         "",

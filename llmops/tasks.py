@@ -24,8 +24,9 @@ from llmops.gates import CandidateReport, Scoring
 class Task:
     name: str
     scoring: Scoring
-    preflight: Callable[[LlmopsConfig], None]
-    """Fail before any data work if the model cannot serve this task."""
+    preflight: Callable[[LlmopsConfig], list[str]]
+    """Fail before any stage runs if the model cannot serve this task or the gates name what this run cannot
+    measure; returns what the user should read before training starts."""
     prepare_data: Callable[[DataConfig, Path], PreparedData]
     fine_tune: Callable[[LlmopsConfig, str, Path], Path]
     """(cfg, data_dir, stage folder) -> the teacher candidate folder."""
@@ -50,10 +51,11 @@ def _test(data_dir: str) -> Path:
 # --- classification --------------------------------------------------------------------------------------
 
 
-def _classifier_preflight(cfg: LlmopsConfig) -> None:
+def _classifier_preflight(cfg: LlmopsConfig) -> list[str]:
     from llmops import modeling
 
     modeling.preflight(cfg.model)
+    return []
 
 
 def _fine_tune(cfg: LlmopsConfig, data_dir: str, out: Path) -> Path:
@@ -108,12 +110,37 @@ def _classification() -> Task:
 # --- generation ------------------------------------------------------------------------------------------
 
 
-def _generator_preflight(cfg: LlmopsConfig) -> None:
+def _generator_preflight(cfg: LlmopsConfig) -> list[str]:
     from llmops.generation.modeling import check_checkpoint, qlora_config
 
     check_checkpoint(cfg.model, cfg.task)
     if cfg.train.lora is not None and cfg.train.lora.qlora:
         qlora_config()  # no GPU: a clear error now, not after the data stage
+    return _check_gates(cfg)
+
+
+def _no_judge(cfg: LlmopsConfig) -> str | None:
+    """Why no classifier can judge control accuracy (None: one can)."""
+    name = cfg.eval.generation.control_model
+    if name is None:
+        return "eval.generation.control_model is null"
+    if _control_context(cfg)["control_version"] is None:
+        return f"there is no '{name}' champion in the registry to judge it (its lifecycle registers one: make run)"
+    return None
+
+
+def _check_gates(cfg: LlmopsConfig) -> list[str]:
+    """Refuse gates on metrics this run cannot measure (a ConfigError naming the fix); say what will be gated."""
+    from llmops import gates
+    from llmops.config import ConfigError
+    from llmops.generation.data import row_kinds
+    from llmops.generation.evaluate import unmeasurable
+
+    why_not = unmeasurable(cfg.eval.generation, row_kinds(cfg.data), _no_judge(cfg))
+    refused = gates.refusal(cfg.gates, why_not, fallback_metric="perplexity")
+    if refused is not None:
+        raise ConfigError(refused)
+    return gates.gate_plan(cfg.gates, why_not)
 
 
 def _generator_distil(cfg: LlmopsConfig, teacher_dir: str, data_dir: str, out: Path) -> Path:

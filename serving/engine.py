@@ -29,9 +29,11 @@ from typing import Any
 import torch
 
 from llmops.generation.candidate import GenerationParams, Generator
-from llmops.generation.decode import Batch, choose, head_inputs, join, keep_rows, prefill, step
+from llmops.generation.decode import Batch, head_inputs, join, keep_rows, pick, prefill, step
 
 log = logging.getLogger(__name__)
+REPLACEMENT = "\ufffd"
+"""What a tokenizer decodes an incomplete UTF-8 character to."""
 
 
 class EngineFull(RuntimeError):
@@ -73,6 +75,8 @@ class Sequence:
     first_token_at: float | None = None
     finished_at: float | None = None
     rng: torch.Generator | None = None
+    chose_end_first: bool = False
+    """The model's own first choice was the end token (barred by the minimum length: see `decode.Barred`)."""
     context: dict[str, Any] = field(default_factory=dict)
     """What the caller needs back when the sequence ends (request id, prompt, model: for the log and metrics)."""
     id: int = field(default_factory=itertools.count().__next__)
@@ -229,16 +233,19 @@ class GenerationEngine:
         self._running += sequences
 
     def _choose(self) -> list[int]:
+        """Each running sequence's next token under its own sampling and the tokens barred at its length."""
         assert self._logits is not None
-        logits = self._logits
+        barred = self.generator.barred
+        logits = barred.forbid_always(self._logits)
         tokens = logits.argmax(dim=-1)
         for row, sequence in enumerate(self._running):
             params = sequence.params
-            if len(sequence.written) < params.min_new_tokens:
-                logits[row, self.generator.eos_id] = float("-inf")
-                tokens[row] = logits[row].argmax()
-            if params.temperature > 0:
-                tokens[row] = choose(logits[row : row + 1], params.temperature, params.top_p, sequence.rng)[0]
+            now_barred = barred.at(sequence.generated, params.min_new_tokens)
+            if params.temperature > 0 or now_barred:
+                chosen, own = pick(logits[row : row + 1], now_barred, params.temperature, params.top_p, sequence.rng)
+                tokens[row] = chosen[0]
+                if sequence.generated == 0:
+                    sequence.chose_end_first = int(own[0]) == barred.eos_id
         return tokens.tolist()
 
     def _decode_step(self) -> None:
@@ -275,9 +282,10 @@ class GenerationEngine:
         if sequence.generated >= params.max_new_tokens:
             self._finish(sequence, "length")
             return True
-        # hold back what could be the start of a stop string: it may not be sent
+        # hold back what could be the start of a stop string (it may not be sent), and a character whose bytes
+        # are not all written yet (byte-level vocabularies split one over several tokens)
         hold = max((len(s) - 1 for s in params.stop), default=0)
-        ready = len(text) - hold
+        ready = len(text.rstrip(REPLACEMENT)) - hold
         if ready > sequence.emitted:
             sequence.send(Event(text[sequence.emitted : ready], sequence.generated))
             sequence.emitted = ready
@@ -307,7 +315,8 @@ class GenerationEngine:
 
     def _whole(self, sequence: Sequence) -> None:
         """A seq2seq model: the whole answer in one call, sent as one event."""
-        (written,) = self.generator.generate_ids([sequence.prompt_ids], sequence.params)
+        decoded = self.generator.generate_ids([sequence.prompt_ids], sequence.params)
+        (written,), (sequence.chose_end_first,) = decoded.ids, decoded.chose_end_first
         sequence.first_token_at = time.perf_counter()
         result = self.generator.result(written, len(sequence.prompt_ids), sequence.params)
         sequence.written, sequence.text, sequence.generated = written, result.text, result.completion_tokens

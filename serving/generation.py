@@ -31,9 +31,9 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    min_tokens: int = 0
+    min_tokens: int = 1
     """Tokens written before the end token may end the answer (vLLM's `min_tokens`; stop strings still end it).
-    Capped by the answer's budget, as `max_tokens` is."""
+    Capped by the answer's budget, as `max_tokens` is. 1: never an empty answer unless the caller asks for 0."""
     field: str = "prompt"
     """The request field holding the prompt, for error messages."""
 

@@ -46,10 +46,10 @@ class _Sampling(BaseModel):
     stop: StopString | StopList | None = Field(default=None, description=f"Up to {MAX_STOP} strings that end the text.")
     seed: Seed | None = Field(default=None, description="Makes sampling reproducible.")
     min_tokens: Integer = Field(
-        default=0,
+        default=1,
         ge=0,
         description="vLLM's extension: tokens written before the end token may end the answer (capped like "
-        "`max_tokens`).",
+        "`max_tokens`). 1 by default: an answer is never empty unless a request asks for 0.",
     )
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -19,8 +19,9 @@ from transformers import AutoTokenizer
 
 from llmops.candidate import CandidateMeta, load_int8, quiet_bitsandbytes
 from llmops.generation.data import IGNORE, encode_example, prompt_ids, render_prompt
-from llmops.generation.decode import decode, head_inputs, prefill
+from llmops.generation.decode import Decoded, decode, head_inputs, prefill
 from llmops.generation.losses import score_completions
+from llmops.generation.vocabulary import Vocabulary
 from llmops.modeling import AUTO_CLASS
 
 Chat = Sequence[dict[str, str]]
@@ -37,8 +38,9 @@ class GenerationParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     """Generation ends at the first of these strings (not included in the text)."""
     seed: int | None = None
-    min_new_tokens: int = 0
-    """Benchmarks force a fixed length with it; 0 lets the model stop."""
+    min_new_tokens: int = 1
+    """Tokens written before the end token may end the answer: 1 by default, so an answer is never empty unless
+    the caller asks for 0. Benchmarks force a fixed length with it."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Generation:
     completion_tokens: int
     finish_reason: str
     """`stop` (end-of-text token or a stop string) or `length` (max_new_tokens reached)."""
+    chose_end_first: bool = False
+    """The model's own first choice was the end token: it would have answered nothing (evaluation counts these)."""
 
 
 class Generator:
@@ -71,6 +75,13 @@ class Generator:
         self.device = torch.device("cpu") if self.meta.kind == "int8" else next(self.model.parameters()).device
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        self.vocabulary = Vocabulary(self.tokenizer)
+        self.barred = self.vocabulary.barred
+
+    @property
+    def prompt_format(self) -> str:
+        """`chat` when training rendered its prompts with the chat template, else `plain` (prompts as written)."""
+        return str(self.meta.recipe.get("prompt_format", "plain"))
 
     def render(self, prompt: Prompt) -> str:
         """The text the model sees before its answer."""
@@ -109,7 +120,7 @@ class Generator:
         return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     @torch.inference_mode()
-    def generate_ids(self, encoded: list[list[int]], params: GenerationParams) -> list[list[int]]:
+    def generate_ids(self, encoded: list[list[int]], params: GenerationParams) -> Decoded:
         """New token ids per row, ending with the end-of-text token where the row stopped by itself."""
         batch = self._batch(encoded)
         if self.task == "causal-lm":
@@ -124,7 +135,13 @@ class Generator:
                 top_p=params.top_p,
                 min_new_tokens=params.min_new_tokens,
                 generator=generator,
+                barred=self.barred,
             )
+        return self._generate_seq2seq(batch, params)
+
+    def _generate_seq2seq(self, batch: dict[str, torch.Tensor], params: GenerationParams) -> Decoded:
+        """transformers' `generate()` under the same rules: `never` suppressed at every step, `not_first` at the
+        first, the end token until `min_new_tokens`."""
         if params.seed is not None:
             torch.manual_seed(params.seed)
         sampling = params.temperature > 0
@@ -138,14 +155,21 @@ class Generator:
             top_k=None,
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
+            suppress_tokens=list(self.barred.never) or None,
+            begin_suppress_tokens=list(self.barred.not_first) or None,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-        return out[:, 1:].tolist()  # after the decoder's start token
+        chose_end_first = (out.logits[0].argmax(dim=-1) == self.eos_id).tolist()  # the first step, before the rules
+        return Decoded(out.sequences[:, 1:].tolist(), chose_end_first)  # after the decoder's start token
 
     def text_of(self, ids: list[int]) -> str:
-        """Token ids as text, special tokens left out."""
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)).strip()
+        """Token ids as text, special tokens left out (see `llmops.generation.vocabulary`)."""
+        return self.vocabulary.text(ids)
 
-    def result(self, new_ids: list[int], prompt_tokens: int, params: GenerationParams) -> Generation:
+    def result(
+        self, new_ids: list[int], prompt_tokens: int, params: GenerationParams, chose_end_first: bool = False
+    ) -> Generation:
         """The text of new token ids, cut at the end token or the first stop string, and why it ended."""
         ended = self.eos_id in new_ids
         if ended:
@@ -155,8 +179,8 @@ class Generator:
         if hits:
             text = text[: min(hits)].rstrip()
             count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            return Generation(text, prompt_tokens, count, "stop")
-        return Generation(text, prompt_tokens, len(new_ids), "stop" if ended else "length")
+            return Generation(text, prompt_tokens, count, "stop", chose_end_first)
+        return Generation(text, prompt_tokens, len(new_ids), "stop" if ended else "length", chose_end_first)
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams, batch_size: int = 16) -> list[Generation]:
         """One generation per prompt, in order, `batch_size` prompts per `generate` call."""
@@ -164,7 +188,10 @@ class Generator:
         for start in range(0, len(prompts), batch_size):
             encoded = [self.encode(p) for p in prompts[start : start + batch_size]]
             new = self.generate_ids(encoded, params)
-            results += [self.result(ids, len(enc), params) for ids, enc in zip(new, encoded, strict=True)]
+            results += [
+                self.result(ids, len(enc), params, first)
+                for ids, enc, first in zip(new.ids, encoded, new.chose_end_first, strict=True)
+            ]
         return results
 
     @torch.inference_mode()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,31 @@ def clean_rows(raw: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     return df
 
 
+@dataclass(frozen=True)
+class RowKinds:
+    """What kinds of rows a generative dataset holds: enough to know, before any stage runs, what its evaluation
+    can measure."""
+
+    kinds: frozenset[str]
+    """Instruction kinds of the rows ("" for rows without one)."""
+    targeted: frozenset[str]
+    """Kinds with at least one row that carries a target (the label an answer should have)."""
+    chat: bool
+    """Whether the rows are chats (rendered with the chat template) rather than plain prompts."""
+
+
+PACKAGED_KINDS = RowKinds(frozenset({"classify", "write"}), frozenset({"classify", "write"}), chat=True)
+
+
+def row_kinds(cfg: DataConfig) -> RowKinds:
+    """The kinds of rows `data.source` holds, read without preparing it (a missing column is a DataError here)."""
+    if cfg.source == PACKAGED_INSTRUCTIONS:
+        return PACKAGED_KINDS
+    rows = normalise_rows(read_source(cfg), cfg)
+    targeted = rows.loc[rows["target"] != "", "instruction"]
+    return RowKinds(frozenset(rows["instruction"]), frozenset(targeted), chat=bool((rows["messages"] != "").any()))
+
+
 def split_rows(df: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.DataFrame]:
     """Train / validation / test under `data.seed`, stratified by instruction kind where each has 3 rows."""
     if len(df) < 6:
@@ -253,6 +279,13 @@ def data_card(cfg: DataConfig, frames: dict[str, pd.DataFrame], digest: str) -> 
         "",
     ]
     return "\n".join(lines)
+
+
+def prompt_format(data: PreparedData) -> str:
+    """`chat` when the training rows are chats (their prompts rendered with the chat template), else `plain`: what
+    a plain instruction typed at the command line must become to be asked the way training asked."""
+    messages = pd.read_parquet(data.split_path("train"), columns=["messages"])["messages"]
+    return "chat" if (messages != "").any() else "plain"
 
 
 # --- tokenisation ------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 transformers' `generate()` is built for every model and every decoding strategy; for a small model on CPU its
 per-step bookkeeping costs more than the model itself (measured on the quickstart's int8 student at batch 1: 415
 tokens/s through `generate()`, 961 through this loop, same greedy tokens). This loop does what the lifecycle and
-serving need and nothing more: greedy or temperature / top-p sampling, a minimum length, stop at the
-end-of-text token, a key/value cache, left-padded batches with their position ids. Seq2seq models keep
-`generate()`.
+serving need and nothing more: greedy or temperature / top-p sampling, a minimum length, tokens an answer may
+not use (:class:`Barred`), stop at the end-of-text token, a key/value cache, left-padded batches with their
+position ids. Seq2seq models keep `generate()`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,30 @@ import torch
 from transformers import DynamicCache
 
 GREEDY_BELOW = 1e-6
+
+
+@dataclass(frozen=True)
+class Barred:
+    """Tokens an answer may not use (`llmops.generation.vocabulary.Vocabulary.barred` says which).
+
+    `never` at any step; `not_first` at the first; the end token until the answer has `min_new_tokens` tokens
+    (1 by default everywhere: an answer is empty only when the caller asks for `min_new_tokens=0`).
+    """
+
+    eos_id: int
+    never: tuple[int, ...] = ()
+    not_first: tuple[int, ...] = ()
+
+    def at(self, count: int, min_new_tokens: int) -> list[int]:
+        """Tokens barred, beyond `never`, when choosing the `count`-th new token (0: the first)."""
+        barred = list(self.not_first) if count == 0 else []
+        return [*barred, self.eos_id] if count < min_new_tokens else barred
+
+    def forbid_always(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (batch, vocab) with `never` at -inf, in place."""
+        if self.never:
+            logits[:, list(self.never)] = float("-inf")
+        return logits
 
 
 def choose(
@@ -41,6 +65,40 @@ def choose(
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def pick(
+    logits: torch.Tensor,
+    barred: list[int],
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token, never one of `barred`; and the token each row chose before that rule (batch,).
+
+    A row that chose a barred token chooses again with it removed: for sampling, that is the model's
+    distribution given that the token is not barred. Keeping the first choice lets evaluation count the answers a
+    model would have ended before writing anything.
+    """
+    first = choose(logits, temperature, top_p, generator)
+    if not barred:
+        return first, first
+    barred_ids = torch.tensor(barred, device=logits.device)
+    again = torch.isin(first, barred_ids)
+    if not bool(again.any()):
+        return first, first
+    tokens = first.clone()
+    tokens[again] = choose(logits[again].index_fill(1, barred_ids, float("-inf")), temperature, top_p, generator)
+    return tokens, first
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What decoding wrote: new token ids per row (ending with the end token where the row stopped by itself),
+    and per row whether the model's own first choice was the end token (an answer it would have left empty)."""
+
+    ids: list[list[int]]
+    chose_end_first: list[bool]
 
 
 @contextmanager
@@ -151,17 +209,21 @@ def decode(
     eos_id: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    min_new_tokens: int = 0,
+    min_new_tokens: int = 1,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """New token ids per row, each ending with `eos_id` when the row stopped by itself."""
+    barred: Barred | None = None,
+) -> Decoded:
+    """New token ids per row, each ending with `eos_id` when the row stopped by itself, never a `barred` token."""
+    barred = barred or Barred(eos_id)
     logits, batch = prefill(model, input_ids, attention_mask)
     written: list[list[int]] = [[] for _ in range(len(batch))]
     finished = torch.zeros(len(batch), dtype=torch.bool, device=input_ids.device)
+    chose_end_first: list[bool] = []
     for count in range(max_new_tokens):
-        if count < min_new_tokens:
-            logits[:, eos_id] = float("-inf")
-        tokens = choose(logits, temperature, top_p, generator)
+        now_barred = barred.at(count, min_new_tokens)
+        tokens, own = pick(barred.forbid_always(logits), now_barred, temperature, top_p, generator)
+        if count == 0:
+            chose_end_first = (own == eos_id).tolist()
         for row, token in enumerate(tokens.tolist()):
             if not finished[row]:
                 written[row].append(token)
@@ -169,4 +231,4 @@ def decode(
         if bool(finished.all()) or count + 1 == max_new_tokens:
             break
         logits = step(model, tokens, batch)
-    return written
+    return Decoded(written, chose_end_first)

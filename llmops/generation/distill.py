@@ -170,6 +170,7 @@ def distil(
         max_length=meta.max_length,
         task=task,
         recipe={
+            "prompt_format": meta.recipe.get("prompt_format", "plain"),
             "teacher_layers": cfg.student_layers,
             "ffn_keep": ffn_keep,
             "loss": cfg.loss,

@@ -2,9 +2,12 @@
 
 Every candidate is measured by the same function on the same rows with the same thread count:
 - perplexity of the reference completions (teacher-forced);
-- exact match and macro-F1 of greedy answers to the closed instructions (`classify`), per class and per topic;
+- exact match and macro-F1 of greedy answers to the closed instructions (`classify`), per class and per topic, and
+  the share of answers outside the label set;
 - for the open instructions (`write`), sampled generations: control accuracy (the share that the registry's
-  classifier champion labels with the requested target), distinct-2, repetition, empty and truncated shares;
+  classifier champion labels with the requested target), distinct-2, repetition and truncated shares;
+- over every answer, the empty share: answers that are empty, or that the model would have left empty (its own
+  first choice was the end token, which decoding bars at the first step: `decode.Barred`);
 - time to first token (p50, p95) and decode tokens/s at batch 1, tokens/s at batch `speed_batch_size`;
 - peak memory while loading and generating, and the weights' size on disk.
 """
@@ -31,11 +34,19 @@ from llmops.candidate import Classifier, weights_size_mb
 from llmops.config import EvalConfig, GenerationEvalConfig
 from llmops.evaluate import slice_scores
 from llmops.gates import CandidateReport, Scoring
-from llmops.generation.candidate import GenerationParams, Generator, Prompt
+from llmops.generation.candidate import Generation, GenerationParams, Generator, Prompt
+from llmops.generation.data import RowKinds
 from llmops.metrics import classification_scores, exact_match, generation_scores
 
 SCORING = Scoring(speed="decode_tokens_per_s", latency_p50="ttft_p50_ms", latency_p95="ttft_p95_ms")
 """Generators: the fastest decodes the most tokens per second for one request; latency is time to first token."""
+CLOSED_METRICS = ("macro_f1", "exact_match", "off_label_share")
+"""Measured on the closed instructions' rows (`eval.generation.exact_match_instructions`), with `f1_<label>` and
+`slice_f1_<topic>`."""
+OPEN_METRICS = ("distinct_2", "repetition_rate", "truncated_share")
+"""Measured on the open instructions' rows."""
+SAMPLES_KEPT = 6
+"""Answers of each kind kept on the report, for the model card: what a person reads."""
 
 
 @dataclass(frozen=True)
@@ -52,42 +63,56 @@ def prompts_of(rows: pd.DataFrame) -> list[Prompt]:
     return [json.loads(m) if m else p for p, m in zip(rows["prompt"], rows["messages"], strict=True)]
 
 
-def _normalise(text: str) -> str:
+def normalise_answer(text: str) -> str:
+    """A closed answer as it is scored: trimmed, lower-cased, without trailing punctuation (`Positive.` is
+    `positive`)."""
     return text.strip().lower().rstrip(".!?;:,").strip()
 
 
-def closed_answers(generator: Generator, rows: pd.DataFrame) -> tuple[dict[str, float], dict[str, Any]]:
+def label_of(answer: str, labels: list[str]) -> str | None:
+    """The label a closed answer is scored as, or None when it is none of them."""
+    normalised = normalise_answer(answer)
+    return next((label for label in labels if normalise_answer(label) == normalised), None)
+
+
+def closed_answers(
+    generator: Generator, rows: pd.DataFrame
+) -> tuple[dict[str, float], dict[str, Any], list[Generation]]:
     """Greedy answers to closed instructions: exact match, macro-F1 and per-class F1 over the reference answers'
-    label set (an answer outside it counts as wrong), and macro-F1 per topic."""
-    labels = sorted({_normalise(c) for c in rows["completion"]})
+    label set (an answer outside it counts as wrong, and in `off_label_share`), and macro-F1 per topic."""
+    labels = sorted({normalise_answer(c) for c in rows["completion"]})
     longest = max(len(generator.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in rows["completion"])
-    answers = [g.text for g in generator.generate(prompts_of(rows), GenerationParams(max_new_tokens=longest + 1))]
+    generations = generator.generate(prompts_of(rows), GenerationParams(max_new_tokens=longest + 1))
+    answers = [g.text for g in generations]
     index = {label: i for i, label in enumerate(labels)}
-    predicted = np.array([index.get(_normalise(a), -1) for a in answers])
-    truth = np.array([index[_normalise(c)] for c in rows["completion"]])
+    predicted = np.array([index.get(normalise_answer(a), -1) for a in answers])
+    truth = np.array([index[normalise_answer(c)] for c in rows["completion"]])
     scores = classification_scores(predicted.tolist(), truth.tolist(), len(labels))
     frame = pd.DataFrame({"label_id": truth, "topic": rows["topic"].to_numpy()})
     slices, slice_rows = slice_scores(frame, predicted, len(labels))
-    metrics = {"exact_match": exact_match(answers, rows["completion"].tolist()), "macro_f1": float(scores["macro_f1"])}
+    metrics = {
+        "exact_match": exact_match(answers, rows["completion"].tolist()),
+        "macro_f1": float(scores["macro_f1"]),
+        "off_label_share": float(np.mean(predicted == -1)),
+    }
     details = {
         "per_class_f1": dict(zip(labels, map(float, scores["per_class_f1"]), strict=True)),
         "slice_macro_f1": slices,
         "slice_rows": slice_rows,
     }
-    return metrics, details
+    return metrics, details, generations
 
 
 def open_generations(
     generator: Generator, rows: pd.DataFrame, cfg: GenerationEvalConfig, control: Control | None
-) -> tuple[dict[str, float], list[str]]:
-    """Sampled answers to open instructions: diversity, repetition, empty and truncated shares, control."""
+) -> tuple[dict[str, float], list[str], list[Generation]]:
+    """Sampled answers to open instructions: diversity, repetition, truncated share, control."""
     params = GenerationParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed
     )
     generations = generator.generate(prompts_of(rows), params)
     texts = [g.text for g in generations]
     metrics = generation_scores(texts)
-    metrics["empty_share"] = float(np.mean([not t for t in texts]))
     metrics["truncated_share"] = float(np.mean([g.finish_reason == "length" for g in generations]))
     notes: list[str] = []
     targets = rows["target"].tolist()
@@ -105,7 +130,21 @@ def open_generations(
         said = [labels[int(k)] for k in probs.argmax(axis=1)]
         metrics["control_accuracy"] = float(np.mean([s == targets[i] for s, i in zip(said, judged, strict=True)]))
         notes.append(f"control accuracy judged by {control.name} version {control.version}")
-    return metrics, notes
+    return metrics, notes, generations
+
+
+def empty_share(generations: list[Generation]) -> float:
+    """Share of answers that are empty, or that the model would have left empty (its first choice was the end
+    token): decoding never returns an empty answer by default, so the second is what shows a model that answers
+    nothing."""
+    return float(np.mean([not g.text or g.chose_end_first for g in generations]))
+
+
+def _samples(rows: pd.DataFrame, generations: list[Generation]) -> list[dict[str, str]]:
+    return [
+        {"prompt": prompt, "answer": g.text, "finish_reason": g.finish_reason}
+        for prompt, g in zip(rows["prompt"].head(SAMPLES_KEPT), generations[:SAMPLES_KEPT], strict=False)
+    ]
 
 
 def perplexity(generator: Generator, rows: pd.DataFrame) -> float:
@@ -186,24 +225,60 @@ def _open_rows(test: pd.DataFrame, cfg: GenerationEvalConfig) -> pd.DataFrame:
     return test[~test["instruction"].isin(cfg.exact_match_instructions)].head(cfg.samples)
 
 
+def unmeasurable(cfg: GenerationEvalConfig, rows: RowKinds, control: str | None) -> dict[str, str]:
+    """The metrics this evaluation cannot report on data with `rows`, each with why. `control` is why there is no
+    classifier to judge control accuracy (None: there is one)."""
+    closed = rows.kinds & set(cfg.exact_match_instructions)
+    has_kinds = bool(rows.kinds - {""})
+    open_kinds = rows.kinds & set(cfg.control_instructions) if has_kinds else rows.kinds - closed
+    described = f"its rows' instruction kinds are {sorted(rows.kinds - {''})}" if has_kinds else "it has no kinds"
+    why: dict[str, str] = {}
+    if not closed:
+        reason = (
+            f"it needs rows of instruction kinds {cfg.exact_match_instructions} "
+            f"(eval.generation.exact_match_instructions) and data.source has none ({described}: "
+            "data.instruction_column)"
+        )
+        why |= dict.fromkeys(CLOSED_METRICS, reason)
+    if not open_kinds:
+        reason = f"it needs open rows of instruction kinds {cfg.control_instructions} and data.source has none"
+        why |= dict.fromkeys(OPEN_METRICS, reason)
+        why["control_accuracy"] = reason
+    elif not open_kinds & rows.targeted:
+        why["control_accuracy"] = "the open rows carry no target label (data.target_column)"
+    elif control is not None:
+        why["control_accuracy"] = control
+    if not closed and not open_kinds:
+        why["empty_share"] = "no rows are answered"
+    return why
+
+
 def evaluate_quality(
     generator: Generator, test: pd.DataFrame, cfg: GenerationEvalConfig, control: Control | None
 ) -> tuple[dict[str, float], dict[str, Any], list[str]]:
-    """Quality metrics, details (per class, per slice) and notes, without timing anything."""
+    """Quality metrics, details (per class, per slice, sample answers) and notes, without timing anything."""
     metrics: dict[str, float] = {"perplexity": perplexity(generator, test.head(cfg.perplexity_rows))}
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"samples": []}
     notes: list[str] = []
+    answered: list[Generation] = []
     closed = _rows(test, cfg.exact_match_instructions, cfg.exact_match_rows)
     if len(closed):
-        more, details = closed_answers(generator, closed)
+        more, per_label, generations = closed_answers(generator, closed)
         metrics |= more
+        details |= per_label
+        details["samples"] += _samples(closed, generations)
+        answered += generations
     else:
         notes.append(f"exact match and macro-F1 not measured: no {cfg.exact_match_instructions} rows in the test set")
     open_rows = _open_rows(test, cfg)
     if len(open_rows):
-        more, said = open_generations(generator, open_rows, cfg, control)
+        more, said, generations = open_generations(generator, open_rows, cfg, control)
         metrics |= more
         notes += said
+        details["samples"] += _samples(open_rows, generations)
+        answered += generations
+    if answered:
+        metrics["empty_share"] = empty_share(answered)
     return metrics, details, notes
 
 

@@ -7,8 +7,8 @@
 Input: a list of prompts (given to the model as written), or records / a DataFrame with a `prompt` or a
 `messages` column (a chat, rendered with the model's chat template). Params: `max_new_tokens`, `temperature`
 (0: greedy), `top_p`, `seed`, `stop` (a list of strings), `min_new_tokens` (tokens written before the end token
-may end the text). Output: a DataFrame with, per input, `text`, `finish_reason` (`stop` or `length`),
-`prompt_tokens` and `completion_tokens`.
+may end the text: 1 by default, so an answer is never empty; 0 allows an empty one). Output: a DataFrame with,
+per input, `text`, `finish_reason` (`stop` or `length`), `prompt_tokens` and `completion_tokens`.
 """
 
 import math
@@ -60,7 +60,7 @@ class TextGeneratorModel(PythonModel):
             top_p=float(params.get("top_p", 1.0)),
             stop=tuple(params.get("stop") or ()),
             seed=None if seed is None else int(seed),
-            min_new_tokens=int(params.get("min_new_tokens") or 0),
+            min_new_tokens=int(params.get("min_new_tokens", 1)),
         )
         results = self.generator.generate(_prompts(model_input), generation)
         return pd.DataFrame(

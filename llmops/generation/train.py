@@ -16,7 +16,7 @@ from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer,
 from llmops.candidate import HISTORY_FILE, CandidateMeta, save_hf_candidate
 from llmops.config import LoraConfig, ModelConfig, TrainConfig
 from llmops.data import PreparedData
-from llmops.generation.data import IGNORE, tokenize_split
+from llmops.generation.data import IGNORE, prompt_format, tokenize_split
 from llmops.generation.losses import completion_loss, score_completions
 from llmops.generation.modeling import add_lora, load_base_model, load_tokenizer, qlora_config
 from llmops.modeling import count_parameters
@@ -101,6 +101,7 @@ def fine_tune(
         task=task,
         recipe={
             "base": model_cfg.name_or_path,
+            "prompt_format": prompt_format(data),
             "validation_loss": best["eval_loss"],
             "fine_tuning": "full" if lora is None else ("qlora" if lora.qlora else "lora"),
             "loss_per": train_cfg.loss_per,

@@ -248,7 +248,9 @@ class GenerateParameters(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
     seed: Seed | None = None
-    min_tokens: Integer = Field(default=0, ge=0)
+    min_tokens: Integer = Field(
+        default=1, ge=0, description="Tokens written before the end token may end the answer; 0 allows an empty one."
+    )
 
 
 class GenerateResponse(BaseModel):

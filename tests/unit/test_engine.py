@@ -4,6 +4,7 @@ ones, and a sequence whose reader is gone leaves the batch."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -173,17 +174,21 @@ def test_min_tokens_holds_the_end_token_back(tmp_path: Path) -> None:
     prompt = generator.encode(PROMPTS[0])
     first = generator.generate([PROMPTS[0]], GenerationParams(max_new_tokens=1))[0]
     generator.eos_id = generator.tokenizer.convert_tokens_to_ids(generator.tokenizer.tokenize(first.text)[0])
+    generator.barred = dataclasses.replace(generator.barred, eos_id=generator.eos_id)
     engine = GenerationEngine(generator, max_running=2, max_waiting=2)  # its greedy first token is now the end
 
-    async def answer(params: GenerationParams) -> Event:
-        return (await read(engine.submit(prompt, params, asyncio.get_running_loop())))[1]
+    async def answer(params: GenerationParams) -> tuple[Event, Sequence]:
+        sequence = engine.submit(prompt, params, asyncio.get_running_loop())
+        return (await read(sequence))[1], sequence
 
     try:
-        ended = asyncio.run(answer(GenerationParams(max_new_tokens=8)))
-        held = asyncio.run(answer(GenerationParams(max_new_tokens=8, min_new_tokens=8)))
+        ended, _ = asyncio.run(answer(GenerationParams(max_new_tokens=8, min_new_tokens=0)))  # asked for: may be empty
+        kept, sequence = asyncio.run(answer(GenerationParams(max_new_tokens=8)))  # the default: never empty
+        held, _ = asyncio.run(answer(GenerationParams(max_new_tokens=8, min_new_tokens=8)))
     finally:
         engine.stop()
     assert (ended.completion_tokens, ended.finish_reason) == (1, "stop")
+    assert kept.completion_tokens > 1 and sequence.text and sequence.chose_end_first
     assert (held.completion_tokens, held.finish_reason) == (8, "length")
 
 

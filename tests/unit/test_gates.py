@@ -60,7 +60,8 @@ def test_retention_rejects_and_the_next_fastest_is_chosen() -> None:
 def test_rejects_all_below_the_floor_and_keeps_the_champion() -> None:
     decision = decide(CANDIDATES, ChampionState("3", "3", 0.7), GateConfig(min_macro_f1=0.9))
     assert not decision.promote
-    assert decision.selected == "teacher"  # the best-scoring is registered with its reasons
+    assert decision.selected is None and decision.best_rejected == "teacher"  # registered with its reasons
+    assert decision.registered == "teacher"
     assert "no candidate passed" in decision.reason
     assert "macro-F1 0.7850 < floor 0.9000" in decision.verdicts["int8"].reasons
 
@@ -157,7 +158,7 @@ def test_ratios_to_the_teacher_floors_and_ceilings_on_named_metrics() -> None:
     reasons = decide_generators([teacher, student], policy=policy).verdicts["student"].reasons
     assert reasons == [
         "distinct_2 0.2000 < floor 0.3000",
-        "repetition_rate 0.3000 > ceiling 0.2000",
+        "repetition (seq-rep-3) 0.3000 > ceiling 0.2000",
         "control_accuracy 0.8750 x teacher < 0.9500",
         "perplexity 1.1500 x teacher > 1.1000",
     ]

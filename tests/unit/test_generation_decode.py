@@ -31,7 +31,7 @@ def test_greedy_decoding_writes_what_generate_writes(model_type: str) -> None:
     )
     model = AutoModelForCausalLM.from_config(config).eval()
     ids, mask = _left_padded([[2, 7, 8, 9, 10, 11], [2, 30, 31]])  # two lengths: the short one is left-padded
-    ours = decode(model, ids, mask, max_new_tokens=8, eos_id=EOS, min_new_tokens=8)
+    ours = decode(model, ids, mask, max_new_tokens=8, eos_id=EOS, min_new_tokens=8).ids
     theirs = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=PAD
     )[:, ids.shape[1] :]
@@ -53,8 +53,8 @@ class Scripted(torch.nn.Module):
 
 def test_a_row_stops_at_its_end_token_and_the_others_go_on() -> None:
     ids, mask = _left_padded([[2, 3, 4], [2, 3, 4]])
-    assert decode(Scripted(), ids, mask, max_new_tokens=5, eos_id=EOS) == [[5, EOS], [6, 6, 6, 6, 6]]
-    forced = decode(Scripted(), ids, mask, max_new_tokens=3, eos_id=EOS, min_new_tokens=3)
+    assert decode(Scripted(), ids, mask, max_new_tokens=5, eos_id=EOS).ids == [[5, EOS], [6, 6, 6, 6, 6]]
+    forced = decode(Scripted(), ids, mask, max_new_tokens=3, eos_id=EOS, min_new_tokens=3).ids
     assert EOS not in forced[0]  # a minimum length keeps the end token out until it is reached
 
 
@@ -90,7 +90,7 @@ def test_sequences_join_and_leave_a_running_batch_without_changing_what_they_wri
     prompts = [[2, 7, 8, 9, 10, 11, 12], [2, 30, 31], [2, 40, 41, 42, 43]]
 
     def alone(prompt: list[int], n: int) -> list[int]:
-        return decode(model, *_left_padded([prompt]), max_new_tokens=n, eos_id=EOS, min_new_tokens=n)[0]
+        return decode(model, *_left_padded([prompt]), max_new_tokens=n, eos_id=EOS, min_new_tokens=n).ids[0]
 
     def greedy(logits: torch.Tensor) -> torch.Tensor:
         return logits.index_fill(1, torch.tensor([EOS]), float("-inf")).argmax(-1)  # as min_new_tokens does
