@@ -53,8 +53,12 @@ def timed_cli_run(config: Path, directory: Path, name: str, overrides: list[str]
     return elapsed
 
 
-def measure(config: Path, directory: Path) -> tuple[dict, list[dict]]:
-    """The flow's result (from its cache) and every candidate re-measured."""
+SAMPLES = 20
+"""The champion's tweets printed in the results, sampled as evaluation samples (its temperature, top-p, seed)."""
+
+
+def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict]]:
+    """The flow's result (from its cache), every candidate re-measured, and the champion's sample tweets."""
     import os
 
     from flows.lifecycle import lifecycle
@@ -69,14 +73,46 @@ def measure(config: Path, directory: Path) -> tuple[dict, list[dict]]:
         cfg = load_config(config, overrides)
         task = tasks.for_config(cfg)
         context = task.eval_context(cfg)
-        data_dir = str(next((directory / cfg.work_dir / "data").iterdir()))
+        data_dir = next(p for p in (directory / cfg.work_dir / "data").iterdir() if p.is_dir())
         rows = []
         for path in result["candidates"].values():
-            report = task.evaluate(cfg, str(directory / path), data_dir, context)
+            report = task.evaluate(cfg, str(directory / path), str(data_dir), context)
             rows.append({"kind": report.kind, "params": report.params, "notes": report.notes, **report.metrics})
+        champion = result["selected"] or "teacher"
+        judge = tasks.control_judge(cfg, context)
+        tweets = sample_tweets(directory / result["candidates"][champion], data_dir / "test.parquet", cfg, judge)
     finally:
         os.chdir(cwd)
-    return result, rows
+    return result, rows, tweets
+
+
+def sample_tweets(candidate: Path, test: Path, cfg, judge) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The first `SAMPLES` write prompts of the test split, answered as evaluation samples them, each with the
+    label the control judge gives it."""
+    import pandas as pd
+
+    from llmops.generation.candidate import GenerationParams, Generator
+    from llmops.generation.evaluate import prompts_of
+
+    rows = pd.read_parquet(test).query("instruction == 'write'").head(SAMPLES)
+    generation = cfg.eval.generation
+    params = GenerationParams(
+        max_new_tokens=generation.max_new_tokens,
+        temperature=generation.temperature,
+        top_p=generation.top_p,
+        seed=generation.seed,
+    )
+    answers = Generator(candidate).generate(prompts_of(rows), params)
+    said = judge.classifier.predict_proba([a.text for a in answers]).argmax(axis=1) if judge else []
+    return [
+        {
+            "prompt": prompt,
+            "tweet": answer.text,
+            "judged": judge.classifier.labels[int(label)] if judge else "-",
+            "finish_reason": answer.finish_reason,
+        }
+        for prompt, answer, label in zip(rows["prompt"], answers, list(said) or [None] * len(answers), strict=True)
+    ]
 
 
 def _ratio(row: dict, teacher: dict, key: str) -> str:
@@ -99,6 +135,8 @@ def table(rows: list[dict], champion: str) -> list[dict]:
                 "F1 / teacher": _ratio(r, teacher, "macro_f1"),
                 "control": f"{r['control_accuracy']:.3f}" if "control_accuracy" in r else "-",
                 "control / teacher": _ratio(r, teacher, "control_accuracy"),
+                "empty": f"{r['empty_share']:.3f}",
+                "off-label": f"{r['off_label_share']:.3f}",
                 "distinct-2": f"{r['distinct_2']:.3f}",
                 "repetition": f"{r['repetition_rate']:.3f}",
                 "non-emb params": f"{params / 1e6:.2f}M",
@@ -114,10 +152,19 @@ def table(rows: list[dict], champion: str) -> list[dict]:
     return out
 
 
+BEFORE = {"macro_f1": 0.7236}
+"""The quickstart teacher's instruction macro-F1 before issue 21 (bench/results/generation.md of 2026-11-24):
+the champion is to reach it."""
+
+
 def targets(rows: list[dict], champion: str, cold_s: float, rerun_s: float) -> list[dict]:
     by = {r["kind"]: r for r in rows}
     t, s, c = by["teacher"], by["student"], by[champion]
     checks: list[tuple[str, float, float, bool]] = [
+        ("champion instruction macro-F1 >= the teacher's before (0.72)", c["macro_f1"], 0.72, False),
+        ("champion control accuracy >= 0.60", c.get("control_accuracy", float("nan")), 0.60, False),
+        ("champion empty share <= 0.02", c["empty_share"], 0.02, True),
+        ("champion off-label share <= 0.05", c["off_label_share"], 0.05, True),
         ("student >= 0.95 x teacher instruction macro-F1", s["macro_f1"] / t["macro_f1"], 0.95, False),
     ]
     if "control_accuracy" in s and t.get("control_accuracy"):
@@ -154,11 +201,11 @@ def main() -> None:
         timed_cli_run(REPO / "configs" / "quickstart.yaml", directory, "classifier", CLASSIFIER)
         cold_s = timed_cli_run(config, directory, "cold")
         rerun_s = timed_cli_run(config, directory, "rerun")
-        result, rows = measure(config, directory)
+        result, rows, tweets = measure(config, directory)
     finally:
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
-    champion = result["selected"]
+    champion = result["selected"] or "teacher"
     report = {
         "machine": machine(),
         "config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else str(config),
@@ -167,6 +214,7 @@ def main() -> None:
         "champion": champion,
         "candidates": rows,
         "targets": targets(rows, champion, cold_s, rerun_s),
+        "samples": tweets,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "generation.json").write_text(json.dumps(report, indent=2))
@@ -189,6 +237,18 @@ def main() -> None:
         "## Targets",
         "",
         tabulate(report["targets"], headers="keys", tablefmt="github"),
+        "",
+        f"## What the champion writes ({champion})",
+        "",
+        f"The first {SAMPLES} `write` prompts of the test split, sampled as evaluation samples them (temperature, "
+        "top-p and seed of `eval.generation`), each with the label the control judge gives it. Unedited; the "
+        "packaged tokenizer lower-cases, and the packaged data replaces every URL with `http`.",
+        "",
+        tabulate(
+            [[t["prompt"], t["tweet"] + (" [cut]" * (t["finish_reason"] == "length")), t["judged"]] for t in tweets],
+            headers=["prompt", "tweet", "judged"],
+            tablefmt="github",
+        ),
         "",
     ]
     (RESULTS / "generation.md").write_text("\n".join(md))

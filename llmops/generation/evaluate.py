@@ -231,7 +231,11 @@ def unmeasurable(cfg: GenerationEvalConfig, rows: RowKinds, control: str | None)
     closed = rows.kinds & set(cfg.exact_match_instructions)
     has_kinds = bool(rows.kinds - {""})
     open_kinds = rows.kinds & set(cfg.control_instructions) if has_kinds else rows.kinds - closed
-    described = f"its rows' instruction kinds are {sorted(rows.kinds - {''})}" if has_kinds else "it has no kinds"
+    described = (
+        f"its rows' instruction kinds are {sorted(rows.kinds - {''})}"
+        if has_kinds
+        else "its rows carry no instruction kind"
+    )
     why: dict[str, str] = {}
     if not closed:
         reason = (

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +48,30 @@ def _takes_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+@contextmanager
+def output_layer_at(model: Any, keep: torch.Tensor) -> Iterator[bool]:
+    """Inside the block, the model's output layer projects the positions `keep` (batch, seq) alone, and the model's
+    logits come back as (n_kept, vocab). For models without `logits_to_keep` (the BERT decoder): there the
+    projection onto a 30k vocabulary costs more than all six layers, and the loss reads a quarter of the positions.
+    Yields False, changing nothing, where the output layer is not a plain Linear layer."""
+    unwrapped = getattr(model, "module", model)  # under DistributedDataParallel
+    head = unwrapped.get_output_embeddings() if hasattr(unwrapped, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        yield False
+        return
+    head.forward = lambda hidden: F.linear(hidden[keep], head.weight, head.bias)  # type: ignore[method-assign,assignment]
+    try:
+        yield True
+    finally:
+        del head.forward  # the class's forward again
+
+
 def score_completions(model: Any, inputs: dict[str, torch.Tensor], task: str) -> Scored:
     """Run the model on a batch and keep its outputs at completion tokens only.
 
-    The vocabulary projection is the largest matrix product of a small LM: where the model can (`logits_to_keep`,
-    transformers' decoders), it is computed for completion positions alone, not for the prompt's.
+    The vocabulary projection is the largest matrix product of a small LM: it is computed for completion positions
+    alone, not for the prompt's or the padding's (`logits_to_keep` where transformers' model takes it, else
+    :func:`output_layer_at`).
     """
     labels = inputs["labels"]
     keep = scored_positions(labels, task)
@@ -58,7 +79,9 @@ def score_completions(model: Any, inputs: dict[str, torch.Tensor], task: str) ->
     if task != "seq2seq-lm" and _takes_logits_to_keep(model):
         logits = model(**features, logits_to_keep=keep).logits
     else:
-        logits = model(**features).logits[keep]
+        with output_layer_at(model, keep) as narrowed:
+            logits = model(**features).logits
+        logits = logits if narrowed else logits[keep]
     targets = labels[labels != IGNORE] if task == "seq2seq-lm" else labels[:, 1:][labels[:, 1:] != IGNORE]
     return Scored(logits, targets, keep.nonzero()[:, 0])
 

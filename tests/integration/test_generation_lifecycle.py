@@ -118,6 +118,24 @@ def test_the_cli_answers_prompts_and_suggests_commands_for_this_run(first: dict)
     assert "tokens, stop" in asked.output or "(3 tokens, cut at --max-new-tokens 3" in asked.output
 
 
+def test_the_cli_asks_as_training_did_and_answers_with_the_label_evaluation_scores(first: dict, home: Path) -> None:
+    from llmops.generation.candidate import Generator
+    from llmops.generation.evaluate import closed_answers, label_of
+
+    (data,) = [p for p in (home / "artifacts" / "data").iterdir() if p.is_dir()]
+    rows = pd.read_parquet(data / "test.parquet").query("instruction == 'classify'").head(8)
+    champion = Generator(first["candidates"][first["selected"]])
+    assert champion.prompt_format == "chat"  # the packaged instructions are chats
+    *_, scored = closed_answers(champion, rows)
+    asked = CliRunner().invoke(app, ["predict", "--config", str(LLM_TINY), *rows["prompt"]])
+    assert asked.exit_code == 0, asked.output
+    for prompt, evaluated in zip(rows["prompt"], scored, strict=True):
+        answer = asked.output.split(f"> {prompt}\n", 1)[1].split("\n")
+        label = label_of(evaluated.text, champion.meta.labels)
+        said = f"scored as the label '{label}'" if label else "scored as the label"
+        assert (said in answer[1]) == (label is not None), (prompt, answer[:2], evaluated.text)
+
+
 def test_no_trainer_checkpoint_is_left_behind(first: dict, home: Path) -> None:
     for stage in ("teacher", "student"):
         (folder,) = [p for p in (home / "artifacts" / stage).iterdir() if p.is_dir()]  # beside it: <key>.lock

