@@ -22,8 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 from machine import machine
 from tabulate import tabulate
+
+from llmops.config import LlmopsConfig
+from llmops.generation.evaluate import Control
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -75,9 +79,13 @@ def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict]
         context = task.eval_context(cfg)
         data_dir = next(p for p in (directory / cfg.work_dir / "data").iterdir() if p.is_dir())
         rows = []
+        unseen = unseen_classify_rows(cfg)
         for path in result["candidates"].values():
             report = task.evaluate(cfg, str(directory / path), str(data_dir), context)
-            rows.append({"kind": report.kind, "params": report.params, "notes": report.notes, **report.metrics})
+            scored = {"macro_f1_unseen": unseen_macro_f1(directory / path, unseen)}
+            rows.append(
+                {"kind": report.kind, "params": report.params, "notes": report.notes, **report.metrics, **scored}
+            )
         champion = result["selected"] or "teacher"
         judge = tasks.control_judge(cfg, context)
         tweets = sample_tweets(directory / result["candidates"][champion], data_dir / "test.parquet", cfg, judge)
@@ -86,11 +94,40 @@ def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict]
     return result, rows, tweets
 
 
-def sample_tweets(candidate: Path, test: Path, cfg, judge) -> list[dict]:  # type: ignore[no-untyped-def]
+UNSEEN = 3000
+"""Classify prompts of tweets `data.sample` left out, scored for every candidate: on the 300 classify rows of the
+test split a macro-F1's standard error is about 0.027, on 3,000 about 0.009."""
+
+
+def unseen_classify_rows(cfg: LlmopsConfig) -> pd.DataFrame:
+    """`UNSEEN` labelled tweets the lifecycle never trained, validated or tested on, as classify instructions."""
+    from llmops.generation.data import classify_prompt, packaged_tweets
+
+    unseen = packaged_tweets(cfg.data).unseen
+    rest = unseen.sample(n=min(UNSEEN, len(unseen)), random_state=0)
+    prompts = rest["text"].map(classify_prompt)
+    return pd.DataFrame(
+        {
+            "prompt": prompts,
+            "messages": [json.dumps([{"role": "user", "content": p}]) for p in prompts],
+            "completion": rest["label"],
+            "instruction": "classify",
+            "target": rest["label"],
+            "topic": rest["topic"],
+        }
+    )
+
+
+def unseen_macro_f1(candidate: Path, rows: pd.DataFrame) -> float:
+    from llmops.generation.candidate import Generator
+    from llmops.generation.evaluate import closed_answers
+
+    return closed_answers(Generator(candidate), rows)[0]["macro_f1"]
+
+
+def sample_tweets(candidate: Path, test: Path, cfg: LlmopsConfig, judge: Control | None) -> list[dict]:
     """The first `SAMPLES` write prompts of the test split, answered as evaluation samples them, each with the
     label the control judge gives it."""
-    import pandas as pd
-
     from llmops.generation.candidate import GenerationParams, Generator
     from llmops.generation.evaluate import prompts_of
 
@@ -131,8 +168,9 @@ def table(rows: list[dict], champion: str) -> list[dict]:
                 "candidate": r["kind"] + (" (champion)" if r["kind"] == champion else ""),
                 "perplexity": f"{r['perplexity']:.2f}",
                 "ppl / teacher": _ratio(r, teacher, "perplexity"),
-                "macro-F1": f"{r.get('macro_f1', float('nan')):.4f}",
-                "F1 / teacher": _ratio(r, teacher, "macro_f1"),
+                "macro-F1 (unseen)": f"{r['macro_f1_unseen']:.4f}",
+                "macro-F1 (test)": f"{r.get('macro_f1', float('nan')):.4f}",
+                "F1 / teacher": _ratio(r, teacher, "macro_f1_unseen"),
                 "control": f"{r['control_accuracy']:.3f}" if "control_accuracy" in r else "-",
                 "control / teacher": _ratio(r, teacher, "control_accuracy"),
                 "empty": f"{r['empty_share']:.3f}",
@@ -152,20 +190,20 @@ def table(rows: list[dict], champion: str) -> list[dict]:
     return out
 
 
-BEFORE = {"macro_f1": 0.7236}
-"""The quickstart teacher's instruction macro-F1 before issue 21 (bench/results/generation.md of 2026-11-24):
-the champion is to reach it."""
-
-
 def targets(rows: list[dict], champion: str, cold_s: float, rerun_s: float) -> list[dict]:
     by = {r["kind"]: r for r in rows}
     t, s, c = by["teacher"], by["student"], by[champion]
     checks: list[tuple[str, float, float, bool]] = [
-        ("champion instruction macro-F1 >= the teacher's before (0.72)", c["macro_f1"], 0.72, False),
+        ("champion instruction macro-F1 (unseen) >= 0.72", c["macro_f1_unseen"], 0.72, False),
         ("champion control accuracy >= 0.60", c.get("control_accuracy", float("nan")), 0.60, False),
         ("champion empty share <= 0.02", c["empty_share"], 0.02, True),
         ("champion off-label share <= 0.05", c["off_label_share"], 0.05, True),
-        ("student >= 0.95 x teacher instruction macro-F1", s["macro_f1"] / t["macro_f1"], 0.95, False),
+        (
+            "student >= 0.95 x teacher instruction macro-F1 (unseen)",
+            s["macro_f1_unseen"] / t["macro_f1_unseen"],
+            0.95,
+            False,
+        ),
     ]
     if "control_accuracy" in s and t.get("control_accuracy"):
         checks.append(

@@ -97,11 +97,9 @@ def training_arguments(
     processes: int = 1,
     best_metric: str = "macro_f1",
     greater_is_better: bool = True,
-    group_by_length: bool = False,
 ) -> TrainingArguments:
     """Arguments shared by fine-tuning and distillation, for every task: evaluate and checkpoint together, and
-    keep the best checkpoint by `best_metric` on the validation split. `group_by_length` batches examples of
-    similar length (transformers' LengthGroupedSampler: less padding, the order still shuffled)."""
+    keep the best checkpoint by `best_metric` on the validation split."""
     on_gpu = torch.cuda.is_available()
     steps_per_epoch = max(1, math.ceil(train_rows / (batch_size * processes)))
     eval_steps = max(1, steps_per_epoch // evals_per_epoch)
@@ -129,7 +127,6 @@ def training_arguments(
         dataloader_num_workers=0,
         remove_unused_columns=remove_unused_columns,
         seed=seed,
-        train_sampling_strategy="group_by_length" if group_by_length else "random",
     )
 
 

