@@ -156,10 +156,11 @@ def prefer_ending(model: torch.nn.Module, tokenizer: object) -> torch.nn.Module:
     from llmops.generation.vocabulary import Vocabulary
 
     vocabulary = Vocabulary(tokenizer)  # type: ignore[arg-type]
-    with torch.no_grad():
-        bias = model.cls.predictions.bias  # type: ignore[union-attr]
-        bias[list(vocabulary.not_first)] = 40.0
-        bias[vocabulary.eos_id] = 100.0  # first at any temperature up to 2, against 5,800 pieces at 40
+    head = model.cls.predictions  # type: ignore[union-attr]
+    with torch.no_grad():  # the head's bias and its output layer's, whether or not transformers tied them
+        for bias in {id(b): b for b in (head.bias, head.decoder.bias)}.values():
+            bias[list(vocabulary.not_first)] = 40.0
+            bias[vocabulary.eos_id] = 100.0  # first at any temperature up to 2, against 5,800 pieces at 40
     return model
 
 
