@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -18,6 +19,10 @@ app = typer.Typer(
 ConfigOption = Annotated[str, typer.Option("--config", "-c", help="YAML config file.")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: data.sample=2000.")]
 BAD_INPUT = (ConfigError, DataError, ModelLoadError, RegistryError)
+
+# `llmops run` starts a temporary Prefect server where no PREFECT_API_URL is set; on a fresh PREFECT_HOME it first
+# builds its database, which on 2 busy cores outlasted Prefect's 20 s default (the run then fails before any stage).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _fail(error: Exception) -> None:
@@ -149,7 +154,6 @@ def serve(
 ) -> None:
     """Serve the registry's champion over HTTP (/v1/predict, /invocations, /v2, /metrics, /docs)."""
     import json
-    import os
     import tempfile
 
     import uvicorn
