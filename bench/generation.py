@@ -54,7 +54,13 @@ def timed_cli_run(config: Path, directory: Path, name: str, overrides: list[str]
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"{name} run failed:\n" + "\n".join(log.read_text().splitlines()[-30:]))
+    times = directory / TIMES
+    times.write_text(json.dumps({**(json.loads(times.read_text()) if times.exists() else {}), name: elapsed}))
     return elapsed
+
+
+TIMES = "times.json"
+"""The timed runs' wall times, kept in the scratch directory: `--reuse` measures again without rerunning them."""
 
 
 SAMPLES = 20
@@ -77,7 +83,11 @@ def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict]
         cfg = load_config(config, overrides)
         task = tasks.for_config(cfg)
         context = task.eval_context(cfg)
-        data_dir = next(p for p in (directory / cfg.work_dir / "data").iterdir() if p.is_dir())
+        data_dir = next(  # the generator's data, not the judge's
+            p
+            for p in (directory / cfg.work_dir / "data").iterdir()
+            if (p / "test.parquet").exists() and "prompt" in pd.read_parquet(p / "test.parquet").columns
+        )
         rows = []
         unseen = unseen_classify_rows(cfg)
         for path in result["candidates"].values():
@@ -232,16 +242,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/llm-quickstart.yaml")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--reuse", type=Path, help="a kept scratch directory: measure its runs again, not rerun them")
     args = parser.parse_args()
     config = (REPO / args.config).resolve() if not Path(args.config).is_absolute() else Path(args.config)
-    directory = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
+    directory = args.reuse or Path(tempfile.mkdtemp(prefix="llmops-bench-"))
     try:
-        timed_cli_run(REPO / "configs" / "quickstart.yaml", directory, "classifier", CLASSIFIER)
-        cold_s = timed_cli_run(config, directory, "cold")
-        rerun_s = timed_cli_run(config, directory, "rerun")
+        if args.reuse is None:
+            timed_cli_run(REPO / "configs" / "quickstart.yaml", directory, "classifier", CLASSIFIER)
+            timed_cli_run(config, directory, "cold")
+            timed_cli_run(config, directory, "rerun")
+        times = json.loads((directory / TIMES).read_text())
+        cold_s, rerun_s = times["cold"], times["rerun"]
         result, rows, tweets = measure(config, directory)
     finally:
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(directory, ignore_errors=True)
     champion = result["selected"] or "teacher"
     report = {
