@@ -78,8 +78,8 @@ def _space_before(token: str, state: _Spacing) -> bool:
     if token == prev and not _is_word(token) and state.glued:
         return False  # a mark repeated (`$$`, `**`, `>>`)
     initial = len(token) == 1 == len(before) and _is_word(token) and _is_word(before)
-    if prev == "." and (token in DOMAINS or initial):
-        return not state.glued  # `bit.ly`, `u.s.`
+    if prev == "." and _is_word(before) and (token in DOMAINS or initial):
+        return not state.glued  # `bit.ly`, `u.s.` (not after an ellipsis: `wait... ca`)
     if prev in ".'" and not state.glued:
         return False  # `.@name` opening a tweet, an opening single quote
     if token == "+" and _DIGITS.match(prev):
