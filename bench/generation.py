@@ -8,7 +8,8 @@
    timed prompts than the lifecycle's own evaluation (16 prompts x 64 new tokens at batch 1).
 4. Writes bench/results/generation.json and generation.md, with the machine and the targets.
 
-    make bench-generation            # or: python bench/generation.py
+    make bench-generation            # or: python bench/generation.py [--keep]
+    python bench/generation.py --reuse /tmp/llmops-bench-XXXX   # measure a kept directory again (its times kept)
 """
 
 from __future__ import annotations
