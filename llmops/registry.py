@@ -11,7 +11,7 @@ import os
 import subprocess
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.exceptions import MlflowException
@@ -71,9 +72,18 @@ def setup_tracking(cfg: RegistryConfig) -> MlflowClient:
             os.environ.pop(var, None)
         else:
             os.environ[var] = value
-    ensure_experiment(cfg, cfg.experiment)
-    mlflow.set_experiment(cfg.experiment)
+    with _store_lock(uri):
+        ensure_experiment(cfg, cfg.experiment)
+        mlflow.set_experiment(cfg.experiment)
     return MlflowClient()
+
+
+def _store_lock(uri: str) -> AbstractContextManager[object]:
+    """Two runs that open a new SQLite store at once: the first builds its tables and experiment, the other waits
+    (MLflow's schema migrations collide when two processes run them together: `_alembic_tmp_... already exists`)."""
+    if uri.startswith("sqlite:///"):
+        return FileLock(uri.removeprefix("sqlite:///") + ".lock")
+    return nullcontext()
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
