@@ -62,9 +62,6 @@ class DataConfig(_Strict):
     """Drop rows whose crowd confidence is below this. Rows without a confidence are dropped too."""
     sample: int | None = Field(default=None, gt=0)
     """Stratified sample of this many rows after cleaning (quickstart runs)."""
-    """The packaged tweet instructions: as many training `write` rows for each sentiment, the rarer ones (positive:
-    18% of the corpus) topped up with tweets `data.sample` did not take. People ask for each sentiment alike; the
-    corpus does not write them alike. Validation and test are not changed."""
     url_token: str = "http"
     """Every URL is replaced by this token."""
     topics: dict[str, list[str]] = Field(
