@@ -36,14 +36,15 @@ run-llm: install  ## the generative quickstart: ends with a gated `tweet-generat
 	$(VENV)/bin/llmops run --config $(LLM_CONFIG)
 
 test: install  ## lint, types, and the whole suite except GPU tests
-	$(VENV)/bin/ruff check llmops flows serving monitoring tests bench
-	$(VENV)/bin/ruff format --check llmops flows serving monitoring tests bench
-	$(VENV)/bin/mypy llmops flows serving monitoring
+	$(VENV)/bin/ruff check llmops flows serving monitoring cli tests bench
+	$(VENV)/bin/ruff format --check llmops flows serving monitoring cli tests bench
+	$(VENV)/bin/mypy llmops flows serving monitoring cli
+	$(VENV)/bin/lint-imports  # the layers of docs/architecture.md: no circles, no upward imports
 	$(PY) -m pytest -m "not gpu" tests
 
 lint: install
-	$(VENV)/bin/ruff check --fix llmops flows serving monitoring tests bench
-	$(VENV)/bin/ruff format llmops flows serving monitoring tests bench
+	$(VENV)/bin/ruff check --fix llmops flows serving monitoring cli tests bench
+	$(VENV)/bin/ruff format llmops flows serving monitoring cli tests bench
 
 bench-compression: install  ## teacher vs student vs int8 vs bnb-int8 vs NF4 -> bench/results/compression.{md,json}
 	$(PY) bench/compression.py --config $(CONFIG)
@@ -64,7 +65,7 @@ monitor: install  ## one monitoring pass over predictions.db: report under repor
 	$(VENV)/bin/llmops monitor --config $(CONFIG)
 
 drift-demo: install  ## the scripted drift scenario: serve, replay, drift, retrain once, promote, drift resolved
-	$(PY) -m monitoring.demo
+	$(PY) -m cli.drift_demo
 
 evidently-ui: install  ## Evidently UI on the monitoring workspace, 127.0.0.1:8001
 	$(VENV)/bin/evidently ui --workspace evidently-workspace --host 127.0.0.1 --port 8001

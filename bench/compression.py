@@ -42,7 +42,7 @@ def timed_cli_run(config: Path, directory: Path, name: str) -> float:
     start = time.perf_counter()
     with log.open("w") as out:
         done = subprocess.run(
-            [sys.executable, "-m", "llmops.cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "cli", "run", "--config", str(config)],
             cwd=directory,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -77,7 +77,7 @@ def build_peer(teacher_dir: Path, out: Path, opset: int) -> Path:
     from onnxruntime.quantization import quantize_dynamic
 
     from llmops import ort
-    from llmops.candidate import CandidateMeta, copy_without_weights
+    from llmops.candidate_folder import CandidateMeta, copy_without_weights
 
     copy_without_weights(teacher_dir, out)
     with tempfile.TemporaryDirectory() as scratch:
@@ -97,8 +97,8 @@ def unseen_rows(data_dir: Path, transfer_rows: int) -> pd.DataFrame | None:
     difference of half a point is a signal, not the noise of a few dozen tweets."""
     import pandas as pd
 
-    from llmops.data import PreparedData
-    from llmops.distill import transfer_indices
+    from llmops.classification.distill import transfer_indices
+    from llmops.prepared_data import PreparedData
 
     path = PreparedData.load(data_dir).split_path("unlabeled")
     if not path.is_file():
@@ -112,10 +112,10 @@ def measure(result: dict, config: Path, directory: Path) -> tuple[list[dict], fl
     import pandas as pd
     from transformers import AutoConfig, AutoTokenizer
 
-    from llmops.candidate import Classifier
+    from llmops.classification.candidate import Classifier
+    from llmops.classification.evaluate import evaluate_candidate, macro_f1_on
     from llmops.config import load_config
-    from llmops.data import PreparedData
-    from llmops.evaluate import evaluate_candidate, macro_f1_on
+    from llmops.prepared_data import PreparedData
 
     # More rows and passes than the lifecycle's own (time-boxed) evaluation: shared 2-core machines are noisy.
     cfg = load_config(

@@ -46,7 +46,7 @@ CLASSIFIER = [
 def timed_cli_run(config: Path, directory: Path, name: str, overrides: list[str] = ()) -> float:  # type: ignore[assignment]
     """Wall time of `llmops run --config CONFIG` in a new process, in `directory`."""
     log = directory / f"{name}.log"
-    command = [sys.executable, "-m", "llmops.cli", "run", "--config", str(config)]
+    command = [sys.executable, "-m", "cli", "run", "--config", str(config)]
     for item in overrides:
         command += ["--set", item]
     start = time.perf_counter()

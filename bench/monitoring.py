@@ -29,9 +29,9 @@ import pandas as pd  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from llmops import registry  # noqa: E402
-from llmops.candidate import Classifier  # noqa: E402
+from llmops.classification.candidate import Classifier  # noqa: E402
 from llmops.config import load_config  # noqa: E402
-from llmops.data import clean_frame, read_source  # noqa: E402
+from llmops.corpus import clean_frame, read_source  # noqa: E402
 from llmops.predlog import FeedbackRow, PredictionLogWriter, PredictionRow, encode_embedding, open_store  # noqa: E402
 from monitoring.report import build_report  # noqa: E402
 from monitoring.window import Side, WindowSpec, describe, find_champion, load_window  # noqa: E402

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from llmops.stack import free_port
+from llmops.ports import free_port
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from servers import running
 from tabulate import tabulate
 
-from llmops.candidate import Classifier
+from llmops.classification.candidate import Classifier
 from llmops.config import load_config
 from llmops.registry import CHAMPION, TAG, download_candidate, resolve_tracking_uri
 

@@ -20,10 +20,10 @@ from prefect.cache_policies import NO_CACHE
 
 from llmops import quantize, release, tasks
 from llmops.cache import cached_stage, stage_key
+from llmops.checkpoints import ModelLoadError
 from llmops.config import ConfigError, LlmopsConfig, load_config
-from llmops.data import DataError
 from llmops.gates import CandidateReport
-from llmops.modeling import ModelLoadError
+from llmops.prepared_data import DataError
 
 BAD_INPUT = (ConfigError, DataError, ModelLoadError)
 

@@ -1,7 +1,7 @@
 """Quantize the student: torch dynamic int8 (CPU) and bitsandbytes int8 / NF4 for every task, and for a
 classifier ONNX Runtime fp32 and int8 (`llmops.ort`).
 
-Each candidate is written as a folder that `llmops.candidate.Classifier` (or, for a
+Each candidate is written as a folder that `llmops.classification.candidate.Classifier` (or, for a
 generator, `llmops.generation.candidate.Generator`) loads again, with its recipe in
 `candidate.json`. The model class comes from the task recorded in the student's.
 """
@@ -22,19 +22,19 @@ import torch
 from transformers import AutoTokenizer, BitsAndBytesConfig
 
 from llmops import ort
-from llmops.candidate import (
+from llmops.candidate_folder import (
     INT8_WEIGHTS,
     CandidateMeta,
-    Classifier,
     copy_without_weights,
     is_skipped,
     quantize_dynamic_int8,
     save_hf_candidate,
 )
+from llmops.checkpoints import AUTO_CLASS
+from llmops.classification.candidate import Classifier
+from llmops.classification.evaluate import macro_f1_on, measure_throughput
 from llmops.config import ONNX_KINDS, QuantizeConfig
-from llmops.data import PreparedData
-from llmops.evaluate import macro_f1_on, measure_throughput
-from llmops.modeling import AUTO_CLASS
+from llmops.prepared_data import PreparedData
 
 log = logging.getLogger(__name__)
 

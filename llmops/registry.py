@@ -27,15 +27,17 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 from mlflow.types.schema import AnyType
 
-from llmops.candidate import META_FILE
+from llmops.candidate_folder import META_FILE
 from llmops.config import RegistryConfig
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS = "previous-champion"
 TAG = "llmops."
-_MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-_GENERATOR_CODE = Path(__file__).parent / "generation" / "mlflow_model.py"
+_PACKAGE = Path(__file__).parent
+"""logged with every model (`code_paths`): a registered version loads with the code it was registered with"""
+_MODEL_CODE = _PACKAGE / "classification" / "mlflow_model.py"
+_GENERATOR_CODE = _PACKAGE / "generation" / "mlflow_model.py"
 _RUNTIME_PACKAGES = (
     "torch",
     "transformers",
@@ -201,7 +203,7 @@ def _log_pyfunc(code: Path, candidate_dir: Path, signature: ModelSignature, inpu
             name="model",
             python_model=str(code),
             artifacts={"candidate": str(candidate_dir)},
-            code_paths=[str(_MODEL_CODE.parent)],
+            code_paths=[str(_PACKAGE)],
             signature=signature,
             input_example=input_example,
             pip_requirements=runtime_requirements(),

@@ -26,10 +26,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from llmops import registry, tasks
 from llmops.cache import Built
-from llmops.candidate import HISTORY_FILE
+from llmops.candidate_folder import HISTORY_FILE
 from llmops.config import LlmopsConfig
-from llmops.data import SPLITS, PreparedData
 from llmops.gates import CandidateReport, ChampionState, Decision, decide_promotion
+from llmops.prepared_data import SPLITS, PreparedData
 from llmops.report import model_card, model_description, summary_table, version_description
 
 DESCRIPTION_LIMIT = 5000

@@ -1,9 +1,10 @@
 """What differs by task, in one table: each lifecycle stage's implementation for classifiers and generators.
 
 The flow (`flows/lifecycle.py`), the stage cache, the gates, the registry and the release are shared and call
-the stages through here. Classification lives in the top-level modules (`data`, `train`, `distill`, `evaluate`,
-`candidate`, `mlflow_model`), generation in `llmops/generation/`. Quantization is shared: it reads the task
-from the candidate it quantizes.
+the stages through here. Classification lives in `llmops/classification/`, generation in `llmops/generation/`,
+each with the same module names (`data`, `modeling`, `train`, `distill`, `candidate`, `evaluate`,
+`mlflow_model`); what both use sits beside this module (`training`, `launcher`, `students`, `candidate_folder`,
+`prepared_data`, `corpus`, `checkpoints`). Quantization is shared: it reads the task from the candidate.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 import pandas as pd
 
 from llmops.config import DataConfig, LlmopsConfig
-from llmops.data import PreparedData
 from llmops.gates import CandidateReport, Scoring
+from llmops.prepared_data import PreparedData
 
 
 @dataclass(frozen=True)
@@ -52,32 +53,33 @@ def _test(data_dir: str) -> Path:
 
 
 def _classifier_preflight(cfg: LlmopsConfig) -> list[str]:
-    from llmops import modeling
+    from llmops.checkpoints import preflight
 
-    modeling.preflight(cfg.model)
+    preflight(cfg.model)
     return []
 
 
-def _fine_tune(cfg: LlmopsConfig, data_dir: str, out: Path) -> Path:
-    from llmops import train
+def _classifier_fine_tune(cfg: LlmopsConfig, data_dir: str, out: Path) -> Path:
+    from llmops.classification.train import fine_tune
+    from llmops.launcher import run_fine_tune
 
-    return train.run_fine_tune(cfg.model, cfg.train, data_dir, out, cfg.task)
+    return run_fine_tune(fine_tune, cfg.model, cfg.train, cfg.task, data_dir, out)
 
 
 def _classifier_distil(cfg: LlmopsConfig, teacher_dir: str, data_dir: str, out: Path) -> Path:
-    from llmops import distill
+    from llmops.classification import distill
 
     return distill.distil(cfg.distill, teacher_dir, PreparedData.load(data_dir), out)
 
 
 def _classifier_evaluate(cfg: LlmopsConfig, candidate_dir: str, data_dir: str, context: dict) -> CandidateReport:
-    from llmops import evaluate
+    from llmops.classification import evaluate
 
     return evaluate.evaluate_candidate(candidate_dir, _test(data_dir), cfg.eval)
 
 
 def _classifier_quality(cfg: LlmopsConfig, candidate_dir: str, data_dir: str, context: dict) -> dict[str, float]:
-    from llmops import evaluate
+    from llmops.classification import evaluate
 
     return evaluate.evaluate_quality(candidate_dir, _test(data_dir), cfg.eval)
 
@@ -90,14 +92,14 @@ def _classifier_log_model(candidate_dir: Path, data: PreparedData) -> str:
 
 
 def _classification() -> Task:
-    from llmops import data, evaluate
+    from llmops.classification import data, evaluate
 
     return Task(
         name="sequence-classification",
         scoring=evaluate.SCORING,
         preflight=_classifier_preflight,
         prepare_data=data.prepare_data,
-        fine_tune=_fine_tune,
+        fine_tune=_classifier_fine_tune,
         distil=_classifier_distil,
         eval_context=lambda cfg: {},
         evaluate=_classifier_evaluate,
@@ -143,6 +145,13 @@ def _check_gates(cfg: LlmopsConfig) -> list[str]:
     return gates.gate_plan(cfg.gates, why_not)
 
 
+def _generator_fine_tune(cfg: LlmopsConfig, data_dir: str, out: Path) -> Path:
+    from llmops.generation.train import fine_tune
+    from llmops.launcher import run_fine_tune
+
+    return run_fine_tune(fine_tune, cfg.model, cfg.train, cfg.task, data_dir, out)
+
+
 def _generator_distil(cfg: LlmopsConfig, teacher_dir: str, data_dir: str, out: Path) -> Path:
     from llmops.generation import distill
 
@@ -163,7 +172,7 @@ def _control_context(cfg: LlmopsConfig) -> dict[str, Any]:
 def control_judge(cfg: LlmopsConfig, context: dict[str, Any]) -> Any:
     """The classifier champion of `context` that judges control accuracy, loaded (None: there is none)."""
     from llmops import registry
-    from llmops.candidate import Classifier
+    from llmops.classification.candidate import Classifier
     from llmops.generation.evaluate import Control
 
     name, version = context.get("control_model"), context.get("control_version")
@@ -210,7 +219,7 @@ def _generation(name: str) -> Task:
         scoring=SCORING,
         preflight=_generator_preflight,
         prepare_data=data.prepare_data,
-        fine_tune=_fine_tune,  # run_fine_tune picks the generator's training by task
+        fine_tune=_generator_fine_tune,
         distil=_generator_distil,
         eval_context=_control_context,
         evaluate=_generator_evaluate,

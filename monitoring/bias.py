@@ -15,7 +15,7 @@ import pandas as pd
 from sklearn.metrics import f1_score
 
 from llmops.config import BiasConfig, SliceRule
-from llmops.data import tag_topic
+from llmops.corpus import tag_topic
 
 
 @dataclass(frozen=True)

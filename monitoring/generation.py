@@ -29,9 +29,9 @@ from evidently.metrics import DriftedColumnsCount, ValueDrift
 from mlflow import MlflowClient
 
 from llmops import registry
-from llmops.candidate import Classifier
+from llmops.classification.candidate import Classifier
 from llmops.config import LlmopsConfig
-from llmops.data import tag_topic
+from llmops.corpus import tag_topic
 from llmops.predlog import PredictionStore, decode_embeddings, open_store
 from monitoring.decision import WindowResult, decide_retraining
 from monitoring.monitor import (

@@ -21,9 +21,9 @@ import pandas as pd
 from mlflow import MlflowClient
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llmops.candidate import Classifier
+from llmops.classification.candidate import Classifier
 from llmops.config import DataConfig, MonitorConfig
-from llmops.data import clean_text, tag_topic
+from llmops.corpus import clean_text, tag_topic
 from llmops.predlog import PredictionStore, decode_embeddings
 from llmops.registry import TAG, alias_version, download_candidate
 

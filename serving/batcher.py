@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from llmops.candidate import Forward
+from llmops.classification.candidate import Forward
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel
 

@@ -9,13 +9,10 @@ sequences it has before it stops when a newer version swaps in.
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from llmops.generation.candidate import GenerationParams, Prompt
-from llmops.predlog import GenerationRow, encode_embedding
 from serving.engine import EngineClosed, EngineFull, Event, Sequence
 from serving.errors import ApiError
 from serving.models import LoadedModel
@@ -178,57 +175,3 @@ async def generate(
             continue
         return Stream(sequence, model, request_id)
     raise ApiError(503, "the model is being replaced: try again", type="not_ready", headers={"Retry-After": "1"})
-
-
-def _unknown_share(model: LoadedModel, prompt_ids: list[int]) -> float | None:
-    unk = model.runtime.tokenizer.unk_token_id
-    return None if unk is None or not prompt_ids else prompt_ids.count(unk) / len(prompt_ids)
-
-
-def record_generation(predictor: Predictor, sequence: Sequence) -> None:
-    """Metrics and the prediction-log row of a finished generation (called on the engine's thread)."""
-    context = sequence.context
-    model: LoadedModel = context["model"]
-    prompt = context["prompt"]
-    if isinstance(prompt, str):
-        text, messages = prompt, ""
-    else:
-        users = [m["content"] for m in prompt if m["role"] == "user"]
-        text, messages = (users[-1] if users else prompt[-1]["content"]), json.dumps(list(prompt))
-    finished = sequence.finished_at or time.perf_counter()
-    embedding = context.get("embedding")
-    predictor.log.append_generation(
-        GenerationRow(
-            request_id=context["request_id"],
-            idx=context["idx"],
-            ts=time.time(),
-            model_name=model.name,
-            model_version=model.version,
-            route=context["route"],
-            prompt=text,
-            messages=messages,
-            completion=sequence.text,
-            prompt_tokens=len(sequence.prompt_ids),
-            completion_tokens=sequence.generated,
-            finish_reason=sequence.finish_reason or "unknown",
-            ttft_ms=((sequence.first_token_at or finished) - sequence.submitted) * 1000,
-            latency_ms=(finished - sequence.submitted) * 1000,
-            embedding=None if embedding is None else encode_embedding(embedding),
-            unk_share=_unknown_share(model, sequence.prompt_ids),
-        )
-    )
-    _observe(predictor, sequence, model)
-
-
-def _observe(predictor: Predictor, sequence: Sequence, model: LoadedModel) -> None:
-    labels = (model.name, model.version)
-    metrics = predictor.metrics
-    finished = sequence.finished_at or time.perf_counter()
-    first = sequence.first_token_at or finished
-    metrics.ttft.labels(*labels).observe(first - sequence.submitted)
-    metrics.e2e.labels(*labels).observe(finished - sequence.submitted)
-    if sequence.generated > 1:
-        metrics.tpot.labels(*labels).observe((finished - first) / (sequence.generated - 1))
-    metrics.prompt_tokens.labels(*labels).inc(len(sequence.prompt_ids))
-    metrics.generated_tokens.labels(*labels).inc(sequence.generated)
-    metrics.generations.labels(*labels, sequence.finish_reason or "unknown").inc()

@@ -23,7 +23,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from llmops.candidate import CandidateMeta, Classifier
+from llmops.candidate_folder import CandidateMeta
+from llmops.classification.candidate import Classifier
 from llmops.registry import TAG, alias_version, download_candidate
 from serving.engine import GenerationEngine
 from serving.metrics import ServingMetrics
@@ -43,7 +44,7 @@ class LoadedModel:
     version: str
     alias: str
     runtime: Any
-    """A `llmops.candidate.Classifier` or a `llmops.generation.candidate.Generator`."""
+    """A `llmops.classification.candidate.Classifier` or a `llmops.generation.candidate.Generator`."""
     tags: dict[str, str]
     metrics: dict[str, float]
     loaded_at: float

@@ -2,12 +2,14 @@
 generators' engines and the prediction log.
 
 Routes get it through `PredictorDep` (serving/deps.py). Every classification ends in
-:meth:`Predictor.score`; every generation in :meth:`Predictor.generate` (serving/generation.py).
+:meth:`Predictor.score`; every generation in `serving.generation.generate`, and once its engine finishes it, in
+:meth:`Predictor.record_generation` (metrics and the prediction-log row).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -18,11 +20,12 @@ from typing import Any
 import numpy as np
 from mlflow import MlflowClient
 
-from llmops.candidate import Forward
+from llmops.classification.candidate import Forward
 from llmops.config import LlmopsConfig
 from llmops.predlog import (
     FeedbackRow,
     GenerationFeedbackRow,
+    GenerationRow,
     PredictionLogWriter,
     PredictionRow,
     encode_embedding,
@@ -31,7 +34,7 @@ from llmops.predlog import (
 )
 from llmops.registry import CHALLENGER
 from serving.batcher import MicroBatcher, QueueFull
-from serving.engine import GenerationEngine
+from serving.engine import GenerationEngine, Sequence
 from serving.errors import ApiError
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel, ModelWatcher
@@ -92,8 +95,6 @@ class Predictor:
         self._shadows: set[asyncio.Task[None]] = set()
 
     def _engine(self, generator: Any, name: str, version: str) -> GenerationEngine:
-        from serving.generation import record_generation
-
         def on_step(running: int, waiting: int) -> None:
             self.metrics.running.labels(name, version).set(running)
             self.metrics.waiting.labels(name, version).set(waiting)
@@ -104,9 +105,43 @@ class Predictor:
             max_waiting=self.cfg.max_waiting,
             continuous=self.cfg.continuous_batching,
             embeddings=self.cfg.log_embeddings,
-            on_finish=lambda sequence: record_generation(self, sequence),
+            on_finish=self.record_generation,
             on_step=on_step,
         )
+
+    def record_generation(self, sequence: Sequence) -> None:
+        """Metrics and the prediction-log row of a finished generation (called on the engine's thread)."""
+        context = sequence.context
+        model: LoadedModel = context["model"]
+        prompt = context["prompt"]
+        if isinstance(prompt, str):
+            text, messages = prompt, ""
+        else:
+            users = [m["content"] for m in prompt if m["role"] == "user"]
+            text, messages = (users[-1] if users else prompt[-1]["content"]), json.dumps(list(prompt))
+        finished = sequence.finished_at or time.perf_counter()
+        embedding = context.get("embedding")
+        self.log.append_generation(
+            GenerationRow(
+                request_id=context["request_id"],
+                idx=context["idx"],
+                ts=time.time(),
+                model_name=model.name,
+                model_version=model.version,
+                route=context["route"],
+                prompt=text,
+                messages=messages,
+                completion=sequence.text,
+                prompt_tokens=len(sequence.prompt_ids),
+                completion_tokens=sequence.generated,
+                finish_reason=sequence.finish_reason or "unknown",
+                ttft_ms=((sequence.first_token_at or finished) - sequence.submitted) * 1000,
+                latency_ms=(finished - sequence.submitted) * 1000,
+                embedding=None if embedding is None else encode_embedding(embedding),
+                unk_share=_unknown_share(model, sequence.prompt_ids),
+            )
+        )
+        _observe(self.metrics, sequence, model)
 
     @property
     def champion(self) -> ModelWatcher:
@@ -267,3 +302,21 @@ class Predictor:
         if index >= size:  # the prediction asked about does not exist
             raise ApiError(404, f"index: request {request_id} had {size} text(s)", type="not_found", field="index")
         self.log.append_feedback(FeedbackRow(request_id, index, label, time.time()))
+
+
+def _unknown_share(model: LoadedModel, prompt_ids: list[int]) -> float | None:
+    unk = model.runtime.tokenizer.unk_token_id
+    return None if unk is None or not prompt_ids else prompt_ids.count(unk) / len(prompt_ids)
+
+
+def _observe(metrics: ServingMetrics, sequence: Sequence, model: LoadedModel) -> None:
+    labels = (model.name, model.version)
+    finished = sequence.finished_at or time.perf_counter()
+    first = sequence.first_token_at or finished
+    metrics.ttft.labels(*labels).observe(first - sequence.submitted)
+    metrics.e2e.labels(*labels).observe(finished - sequence.submitted)
+    if sequence.generated > 1:
+        metrics.tpot.labels(*labels).observe((finished - first) / (sequence.generated - 1))
+    metrics.prompt_tokens.labels(*labels).inc(len(sequence.prompt_ids))
+    metrics.generated_tokens.labels(*labels).inc(sequence.generated)
+    metrics.generations.labels(*labels, sequence.finish_reason or "unknown").inc()

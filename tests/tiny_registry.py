@@ -17,9 +17,10 @@ from mlflow import MlflowClient
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from llmops import registry
-from llmops.candidate import META_FILE, CandidateMeta, save_hf_candidate
+from llmops.candidate_folder import META_FILE, CandidateMeta, save_hf_candidate
+from llmops.checkpoints import packaged_model_path
+from llmops.classification.modeling import label_maps
 from llmops.config import RegistryConfig
-from llmops.modeling import label_maps, packaged_model_path
 
 LABELS = ["negative", "neutral", "positive"]
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}

@@ -1,6 +1,6 @@
 """A loaded generator candidate: prompts or chats in, text out.
 
-The folder layout is the classifiers' (`llmops.candidate`): `candidate.json`, the tokenizer (with its chat
+The folder layout is the shared contract (`llmops.candidate_folder`): `candidate.json`, the tokenizer (with its chat
 template), `config.json` and the weights; torch int8 candidates are rebuilt from their recipe. Evaluation, the
 MLflow model and serving generate through :class:`Generator`.
 """
@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from llmops.candidate import CandidateMeta, load_int8, quiet_bitsandbytes
+from llmops.candidate_folder import CandidateMeta, load_int8, quiet_bitsandbytes
+from llmops.checkpoints import AUTO_CLASS
 from llmops.generation.data import IGNORE, encode_example, prompt_ids, render_prompt
 from llmops.generation.decode import Decoded, decode, head_inputs, prefill
 from llmops.generation.losses import score_completions
 from llmops.generation.vocabulary import Vocabulary
-from llmops.modeling import AUTO_CLASS
 
 Chat = Sequence[dict[str, str]]
 Prompt = str | Chat
@@ -64,7 +64,7 @@ class Generator:
         self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
         auto = AUTO_CLASS[self.task]
         if self.meta.kind == "int8":
-            self.model = load_int8(self.directory, self.meta, auto)
+            self.model = load_int8(self.directory, self.meta)
         else:
             quantized = self.meta.kind in ("bnb-int8", "nf4")
             if quantized:

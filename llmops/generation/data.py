@@ -28,15 +28,8 @@ from sklearn.model_selection import train_test_split
 from transformers import PreTrainedTokenizerBase
 
 from llmops.config import PACKAGED_CORPUS, PACKAGED_INSTRUCTIONS, DataConfig
-from llmops.data import (
-    DataError,
-    PreparedData,
-    clean_frame,
-    read_source,
-    stratified_split,
-    tag_topic,
-    write_prepared,
-)
+from llmops.corpus import clean_frame, read_source, stratified_split, tag_topic
+from llmops.prepared_data import DataError, PreparedData, write_prepared
 
 COLUMNS = ["prompt", "messages", "completion", "instruction", "target", "topic"]
 IGNORE = -100

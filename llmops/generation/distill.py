@@ -1,6 +1,6 @@
 """Distil a generator into a student: token-level distillation from the teacher's logits.
 
-The student is a layer-dropped copy of the teacher (`llmops.distill.build_student`: the same tokenizer, so the
+The student is a layer-dropped copy of the teacher (`llmops.students.build_student`: the same tokenizer, so the
 two distributions are over one vocabulary). At every completion token the loss compares the student's next-token
 distribution with the teacher's: forward KL, reverse KL or the generalized Jensen-Shannon divergence of GKD
 (Agarwal et al. 2024), computed by TRL's maintained implementation. With `distill.on_policy`, a share of the
@@ -9,7 +9,6 @@ batches are the student's own completions, scored by the teacher (GKD's on-polic
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,15 @@ import pyarrow.parquet as pq
 import torch
 from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, set_seed
 
-from llmops.candidate import HISTORY_FILE, CandidateMeta, save_hf_candidate
+from llmops.candidate_folder import CandidateMeta
+from llmops.checkpoints import AUTO_CLASS, count_parameters
 from llmops.config import DistillConfig
-from llmops.data import PreparedData
-from llmops.distill import build_student, resolve_ffn_keep
 from llmops.generation.data import IGNORE, tokenize_split
 from llmops.generation.losses import completion_loss, score_completions, token_distillation_loss
 from llmops.generation.train import collator
-from llmops.modeling import AUTO_CLASS, count_parameters
-from llmops.train import drop_checkpoints, training_arguments, use_all_cores
+from llmops.prepared_data import PreparedData
+from llmops.students import build_student, resolve_ffn_keep
+from llmops.training import train_to_candidate, training_arguments, use_all_cores
 
 
 class TokenDistillationTrainer(Trainer):
@@ -161,28 +160,26 @@ def distil(
         pad_id=tokenizer.pad_token_id,
         loss_per=loss_per,
     )
-    trainer.train()
-    best = trainer.evaluate()
-    (out_dir / HISTORY_FILE).write_text(json.dumps(trainer.state.log_history))
-    student_meta = CandidateMeta(
-        kind="student",
-        labels=meta.labels,
-        max_length=meta.max_length,
-        task=task,
-        recipe={
-            "prompt_format": meta.recipe.get("prompt_format", "plain"),
-            "teacher_layers": cfg.student_layers,
-            "ffn_keep": ffn_keep,
-            "loss": cfg.loss,
-            **({"beta": cfg.beta} if cfg.loss == "jsd" else {}),
-            "alpha": cfg.alpha,
-            "temperature": cfg.temperature,
-            "on_policy": cfg.on_policy,
-            "loss_per": loss_per,
-            "validation_loss": best["eval_loss"],
-        },
-        params=count_parameters(student),
-    )
-    save_hf_candidate(student, tokenizer, student_meta, out_dir / "model")
-    drop_checkpoints(out_dir)
-    return out_dir / "model"
+
+    def describe(best: dict[str, float], trained: PreTrainedModel) -> CandidateMeta:
+        return CandidateMeta(
+            kind="student",
+            labels=meta.labels,
+            max_length=meta.max_length,
+            task=task,
+            recipe={
+                "prompt_format": meta.recipe.get("prompt_format", "plain"),
+                "teacher_layers": cfg.student_layers,
+                "ffn_keep": ffn_keep,
+                "loss": cfg.loss,
+                **({"beta": cfg.beta} if cfg.loss == "jsd" else {}),
+                "alpha": cfg.alpha,
+                "temperature": cfg.temperature,
+                "on_policy": cfg.on_policy,
+                "loss_per": loss_per,
+                "validation_loss": best["eval_loss"],
+            },
+            params=count_parameters(trained),
+        )
+
+    return train_to_candidate(trainer, out_dir, describe)

@@ -24,19 +24,18 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
-from llmops.candidate import Classifier, weights_size_mb
+from llmops.candidate_folder import weights_size_mb
 from llmops.config import EvalConfig, GenerationEvalConfig
-from llmops.evaluate import slice_scores
 from llmops.gates import CandidateReport, Scoring
 from llmops.generation.candidate import Generation, GenerationParams, Generator, Prompt
 from llmops.generation.data import RowKinds
-from llmops.metrics import classification_scores, exact_match, generation_scores
+from llmops.metrics import classification_scores, exact_match, generation_scores, slice_scores
 
 SCORING = Scoring(speed="decode_tokens_per_s", latency_p50="ttft_p50_ms", latency_p95="ttft_p95_ms")
 """Generators: the fastest decodes the most tokens per second for one request; latency is time to first token."""
@@ -49,13 +48,21 @@ SAMPLES_KEPT = 6
 """Answers of each kind kept on the report, for the model card: what a person reads."""
 
 
+class Judge(Protocol):
+    """What control accuracy needs of a classifier (`llmops.classification.candidate.Classifier` is one)."""
+
+    labels: list[str]
+
+    def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
 class Control:
     """The classifier that judges whether a generation carries the requested label."""
 
     name: str
     version: str
-    classifier: Classifier
+    classifier: Judge
 
 
 def prompts_of(rows: pd.DataFrame) -> list[Prompt]:

@@ -22,9 +22,9 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
 )
 
+from llmops.checkpoints import AUTO_CLASS, ModelLoadError, resolve_checkpoint
 from llmops.config import ConfigError, LoraConfig, ModelConfig
 from llmops.generation.data import DEFAULT_CHAT_TEMPLATE
-from llmops.modeling import AUTO_CLASS, ModelLoadError, resolve_checkpoint
 
 _SUPPORTED = {
     "causal-lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,

@@ -2,25 +2,24 @@
 
 Full fine-tuning, or LoRA adapters (`train.lora`, peft) merged into the base for release; QLoRA (a 4-bit NF4
 base) on a GPU. The best checkpoint by validation loss is kept. bf16/fp16 on a GPU, all cores on CPU, and
-`train.processes` data-parallel as for classifiers (`llmops.train.run_fine_tune` launches it).
+`train.processes` data-parallel as for classifiers (`llmops.launcher.run_fine_tune` launches it).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, set_seed
+from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PreTrainedModel, Trainer, set_seed
 
-from llmops.candidate import HISTORY_FILE, CandidateMeta, save_hf_candidate
+from llmops.candidate_folder import CandidateMeta
+from llmops.checkpoints import count_parameters
 from llmops.config import LoraConfig, ModelConfig, TrainConfig
-from llmops.data import PreparedData
 from llmops.generation.data import IGNORE, prompt_format, tokenize_split
 from llmops.generation.losses import completion_loss, score_completions
 from llmops.generation.modeling import add_lora, load_base_model, load_tokenizer, qlora_config
-from llmops.modeling import count_parameters
-from llmops.train import drop_checkpoints, fine_tune_arguments, use_all_cores
+from llmops.prepared_data import PreparedData
+from llmops.training import fine_tune_arguments, train_to_candidate, use_all_cores
 
 
 class CompletionTrainer(Trainer):
@@ -87,32 +86,27 @@ def fine_tune(
         task=task,
         loss_per=train_cfg.loss_per,
     )
-    trainer.train()
-    best = trainer.evaluate()
-    model_dir = out_dir / "model"
-    if not trainer.is_world_process_zero():
-        return model_dir
-    (out_dir / HISTORY_FILE).write_text(json.dumps(trainer.state.log_history))
-    trained: Any = trainer.model
-    if lora is not None:
-        trained = _merge_lora(trained, lora, model_cfg, task, tokenizer, out_dir)
-    meta = CandidateMeta(
-        kind="teacher",
-        labels=data.labels,
-        max_length=model_cfg.max_length,
-        task=task,
-        recipe={
-            "base": model_cfg.name_or_path,
-            "prompt_format": prompt_format(data),
-            "validation_loss": best["eval_loss"],
-            "fine_tuning": "full" if lora is None else ("qlora" if lora.qlora else "lora"),
-            "loss_per": train_cfg.loss_per,
-            **({"lora": lora.model_dump(mode="json")} if lora is not None else {}),
-            "processes": args.world_size,
-            "devices": "cuda" if args.device.type == "cuda" else "cpu",
-        },
-        params=count_parameters(trained),
-    )
-    save_hf_candidate(trained, tokenizer, meta, model_dir)
-    drop_checkpoints(out_dir)
-    return model_dir
+
+    def describe(best: dict[str, float], trained: PreTrainedModel) -> CandidateMeta:
+        return CandidateMeta(
+            kind="teacher",
+            labels=data.labels,
+            max_length=model_cfg.max_length,
+            task=task,
+            recipe={
+                "base": model_cfg.name_or_path,
+                "prompt_format": prompt_format(data),
+                "validation_loss": best["eval_loss"],
+                "fine_tuning": "full" if lora is None else ("qlora" if lora.qlora else "lora"),
+                "loss_per": train_cfg.loss_per,
+                **({"lora": lora.model_dump(mode="json")} if lora is not None else {}),
+                "processes": args.world_size,
+                "devices": "cuda" if args.device.type == "cuda" else "cpu",
+            },
+            params=count_parameters(trained),
+        )
+
+    def release(trained: Any) -> PreTrainedModel:
+        return trained if lora is None else _merge_lora(trained, lora, model_cfg, task, tokenizer, out_dir)
+
+    return train_to_candidate(trainer, out_dir, describe, release)

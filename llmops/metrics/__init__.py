@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import evaluate
+import numpy as np
+import pandas as pd
 
 _HERE = Path(__file__).parent
 
@@ -30,6 +32,18 @@ def classification_scores(predictions: list[int], references: list[int], num_lab
             predictions=predictions, references=references, average=None, labels=labels
         )["f1"],
     }
+
+
+def slice_scores(test: pd.DataFrame, predicted: np.ndarray, num_labels: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Macro-F1 and row count per value of the `topic` column."""
+    scores, rows = {}, {}
+    for topic, index in test.groupby("topic").groups.items():
+        positions = test.index.get_indexer(index)
+        scores[str(topic)] = classification_scores(
+            predicted[positions].tolist(), test["label_id"].to_numpy()[positions].tolist(), num_labels
+        )["macro_f1"]
+        rows[str(topic)] = len(positions)
+    return scores, rows
 
 
 def generation_scores(generations: list[str]) -> dict[str, float]:

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from llmops.cli import app
+from cli.main import app
 from tests.conftest import TINY_CONFIG
 from tests.tiny_registry import build_tiny_candidate
 

@@ -19,7 +19,7 @@ import uvicorn
 from openapi_spec_validator import validate
 
 from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
-from llmops.stack import free_port
+from llmops.ports import free_port
 from serving.app import create_app
 from tests.http_service import wait_until_ready
 from tests.tiny_registry import LABELS, register_generators, register_versions, set_alias

@@ -16,10 +16,11 @@ import torch
 from mlflow import MlflowClient
 
 import flows.lifecycle as lifecycle_flow
-from llmops import data
-from llmops.candidate import HISTORY_FILE, CandidateMeta
+from llmops.candidate_folder import HISTORY_FILE, CandidateMeta
+from llmops.classification import data
+from llmops.classification.train import fine_tune
 from llmops.config import ConfigError, load_config
-from llmops.train import TrainLaunchError, run_fine_tune
+from llmops.launcher import TrainLaunchError, run_fine_tune
 from tests.conftest import TINY_CONFIG
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -48,7 +49,7 @@ def test_a_failed_launch_names_the_command_and_shows_its_output(workdir: Path) -
     cfg = load_config(TINY_CONFIG, ["train.processes=2", "train.launch_args=[--no_such_flag]"])
     data_dir = data.prepare_data(cfg.data, workdir / "data").directory
     with pytest.raises(TrainLaunchError) as failed:
-        run_fine_tune(cfg.model, cfg.train, data_dir, workdir / "teacher")
+        run_fine_tune(fine_tune, cfg.model, cfg.train, cfg.task, data_dir, workdir / "teacher")
     message = str(failed.value)
     assert "accelerate.commands.launch --multi_gpu --num_processes 2" in message
     assert "unrecognized arguments: --no_such_flag" in message
@@ -59,17 +60,20 @@ def test_more_processes_than_gpus_is_a_config_error(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # no GPU here: pretend there are two
     cfg = load_config(TINY_CONFIG, ["train.processes=4"])
     with pytest.raises(ConfigError, match=r"train.processes=4 but this machine has 2 GPU\(s\)"):
-        run_fine_tune(cfg.model, cfg.train, tmp_path / "data", tmp_path / "teacher")
+        run_fine_tune(fine_tune, cfg.model, cfg.train, cfg.task, tmp_path / "data", tmp_path / "teacher")
     assert not (tmp_path / "teacher").exists()
 
 
 @one_gpu
 def test_a_generator_fine_tunes_in_two_processes(workdir: Path) -> None:
     from llmops.generation.data import prepare_data as prepare_generative_data
+    from llmops.generation.train import fine_tune as fine_tune_generator
 
     cfg = load_config(TINY_CONFIG.with_name("llm-tiny.yaml"), ["train.processes=2"])
     prepared = prepare_generative_data(cfg.data, workdir / "data")
-    model_dir = run_fine_tune(cfg.model, cfg.train, prepared.directory, workdir / "teacher", cfg.task)
+    model_dir = run_fine_tune(
+        fine_tune_generator, cfg.model, cfg.train, cfg.task, prepared.directory, workdir / "teacher"
+    )
     meta = CandidateMeta.load(model_dir)
     assert meta.task == "causal-lm" and meta.recipe["processes"] == 2
     rows = pq.read_metadata(prepared.split_path("train")).num_rows

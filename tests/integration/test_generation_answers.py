@@ -19,8 +19,8 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 import flows.lifecycle as lifecycle_flow
+from cli.main import app
 from llmops import tasks
-from llmops.cli import app
 from llmops.config import ConfigError, LlmopsConfig, RegistryConfig, ServeConfig, load_config
 from tests.conftest import REPO
 from tests.http_service import in_process, openai_client

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 import flows.lifecycle as lifecycle_flow
-from llmops.cli import app
+from cli.main import app
 from tests.conftest import REPO
 from tests.tiny_registry import register_versions
 

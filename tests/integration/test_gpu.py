@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmops.candidate import Classifier
+from llmops.classification.candidate import Classifier
+from llmops.classification.data import prepare_data
+from llmops.classification.train import fine_tune
 from llmops.config import load_config
-from llmops.data import prepare_data
 from llmops.quantize import quantize_candidate
-from llmops.train import fine_tune, training_arguments
+from llmops.training import training_arguments
 from tests.conftest import TINY_CONFIG
 
 pytestmark = pytest.mark.gpu
@@ -27,7 +28,7 @@ def test_training_arguments_use_mixed_precision_on_gpu(tmp_path: Path) -> None:
 def test_tiny_teacher_trains_and_bnb_candidates_run_on_cuda(tmp_path: Path) -> None:
     cfg = load_config(TINY_CONFIG)
     data = prepare_data(cfg.data, tmp_path / "data")
-    teacher = fine_tune(cfg.model, cfg.train, data, tmp_path / "teacher")
+    teacher = fine_tune(cfg.model, cfg.train, cfg.task, data, tmp_path / "teacher")
     for kind in ("bnb-int8", "nf4"):
         classifier = Classifier(quantize_candidate(teacher, kind, cfg.quantize, tmp_path / kind))
         assert classifier.device.type == "cuda"

@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 import flows.lifecycle as lifecycle_flow
+from cli.main import app
 from llmops import registry
-from llmops.cli import app
 from tests.conftest import TINY_CONFIG
 
 NAME = "tweet-sentiment"

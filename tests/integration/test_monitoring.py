@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 from evidently.ui.workspace import Workspace
 
-from llmops.candidate import Classifier
+from llmops.classification.candidate import Classifier
+from llmops.classification.data import prepare_data
 from llmops.config import LlmopsConfig, load_config
-from llmops.data import prepare_data
+from llmops.ports import free_port
 from llmops.predlog import FeedbackRow, PredictionLogWriter, PredictionRow, encode_embedding, open_store
 from llmops.registry import download_candidate
-from llmops.stack import free_port
 from monitoring.monitor import monitoring_experiment, run_monitor
 from tests.conftest import TINY_CONFIG, Recorder
 from tests.tiny_registry import register_versions

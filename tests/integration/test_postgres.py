@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from llmops import registry
 from llmops.config import load_config
-from llmops.stack import free_port
+from llmops.ports import free_port
 from serving.metrics import ServingMetrics
 from serving.models import ModelWatcher
 from tests.conftest import TINY_CONFIG

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from llmops.ports import free_port
 from llmops.predlog import open_store
-from llmops.stack import free_port
 from tests.http_service import wait_until_ready
 from tests.tiny_registry import LABELS, register_generators, register_versions, set_alias
 
@@ -38,7 +38,7 @@ def server(workdir: Path) -> Iterator[tuple[str, int, subprocess.Popen]]:
     config.write_text(yaml.safe_dump({"registry": {"model_name": NAME}, "serve": serve}))
     port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": store}
-    cli = [sys.executable, "-c", "from llmops.cli import main; main()"]
+    cli = [sys.executable, "-c", "from cli.main import main; main()"]
     proc = subprocess.Popen(
         [*cli, "serve", "--config", str(config), "--port", str(port)],
         cwd=workdir,

@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from llmops.classification.data import prepare_data
 from llmops.config import load_config
-from llmops.data import prepare_data
+from llmops.ports import free_port
 from llmops.predlog import open_store
-from llmops.stack import free_port
 from tests.conftest import REPO, TINY_CONFIG
 
 BIN = Path(sys.executable).parent

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from llmops.candidate import Forward
+from llmops.classification.candidate import Forward
 from serving.batcher import MicroBatcher
 from serving.metrics import ServingMetrics
 

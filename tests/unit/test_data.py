@@ -3,16 +3,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from llmops.classification.data import prepare_data
 from llmops.config import DataConfig
-from llmops.data import (
-    DataError,
-    clean_text,
-    prepare_data,
-    read_source,
-    resolve_duplicates,
-    stratified_split,
-    tag_topic,
-)
+from llmops.corpus import clean_text, read_source, resolve_duplicates, stratified_split, tag_topic
+from llmops.prepared_data import DataError
 
 
 def test_clean_text_repairs_mojibake_and_entities() -> None:
@@ -22,7 +16,7 @@ def test_clean_text_repairs_mojibake_and_entities() -> None:
 def test_the_plain_text_fast_path_changes_nothing_ftfy_would_not() -> None:
     import ftfy
 
-    from llmops.data import _NEEDS_REPAIR
+    from llmops.corpus import _NEEDS_REPAIR
 
     corpus = read_source(DataConfig())["text"].astype(str).head(3000).tolist()
     plain = [text for text in corpus if not _NEEDS_REPAIR.search(text)]

@@ -7,15 +7,8 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding, PreTrainedTokenizerFast
 
-from llmops.distill import (
-    build_student,
-    distillation_loss,
-    hidden_state_loss,
-    pruned_width,
-    resolve_ffn_keep,
-    teacher_logits,
-    transfer_indices,
-)
+from llmops.classification.distill import distillation_loss, hidden_state_loss, teacher_logits, transfer_indices
+from llmops.students import build_student, pruned_width, resolve_ffn_keep
 
 
 def test_loss_is_zero_kl_for_identical_logits() -> None:

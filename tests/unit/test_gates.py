@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
+from llmops.classification.evaluate import SCORING
 from llmops.config import GateConfig
-from llmops.evaluate import SCORING
 from llmops.gates import CandidateReport, ChampionState, decide_promotion, slice_gap
 from llmops.generation.evaluate import SCORING as GENERATION_SCORING
 

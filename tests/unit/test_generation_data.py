@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from llmops.config import PACKAGED_INSTRUCTIONS, DataConfig, ModelConfig
-from llmops.data import DataError, PreparedData
 from llmops.generation.data import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE,
@@ -21,6 +20,7 @@ from llmops.generation.data import (
     tweet_instructions,
 )
 from llmops.generation.modeling import load_tokenizer
+from llmops.prepared_data import DataError, PreparedData
 
 CHAT = [{"role": "user", "content": "classify the sentiment of this tweet: lost my bag"}]
 

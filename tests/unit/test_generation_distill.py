@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from llmops.distill import build_student, prune_ffn
+from llmops.checkpoints import count_parameters
 from llmops.generation.data import IGNORE
 from llmops.generation.losses import (
     Scored,
@@ -20,7 +20,7 @@ from llmops.generation.losses import (
     token_distillation_loss,
     token_divergence,
 )
-from llmops.modeling import count_parameters
+from llmops.students import build_student, prune_ffn
 
 # One position, two tokens. Teacher logits [ln 3, 0] -> p_t = [.75, .25]; student logits [0, 0] -> p_s = [.5, .5].
 TEACHER = torch.tensor([[[math.log(3.0), 0.0]]])

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from llmops.config import ModelConfig
-from llmops.data import clean_text, packaged_corpus_path
+from llmops.corpus import clean_text, packaged_corpus_path
 from llmops.generation.modeling import load_tokenizer
 from llmops.generation.vocabulary import Vocabulary, join_wordpieces
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from llmops.checkpoints import ModelLoadError, packaged_model_path, preflight, resolve_checkpoint
 from llmops.config import PACKAGED_MODEL, ModelConfig
-from llmops.modeling import ModelLoadError, packaged_model_path, preflight, resolve_checkpoint
 
 
 def test_packaged_model_resolves_to_a_local_folder() -> None:

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmops.candidate import CandidateMeta, Classifier
+from llmops.candidate_folder import CandidateMeta
+from llmops.classification.candidate import Classifier
 from llmops.config import LlmopsConfig, QuantizeConfig
 from llmops.ort import ONNX_FILE, OnnxLoadError
 from llmops.quantize import quantize_candidate

@@ -7,7 +7,8 @@ import pandas as pd
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from llmops.candidate import CandidateMeta, Classifier, quantize_dynamic_int8
+from llmops.candidate_folder import CandidateMeta, quantize_dynamic_int8
+from llmops.classification.candidate import Classifier
 from llmops.config import QuantizeConfig
 from llmops.quantize import save_dynamic_int8, search_torch_int8
 from tests.tiny_registry import LABELS, build_tiny_candidate

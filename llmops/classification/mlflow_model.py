@@ -13,7 +13,7 @@ from mlflow.pyfunc import PythonModel
 
 class TextClassifierModel(PythonModel):
     def load_context(self, context):  # untyped: MLflow reads predict's hints as a schema
-        from llmops.candidate import Classifier
+        from llmops.classification.candidate import Classifier
 
         self.classifier = Classifier(context.artifacts["candidate"])
 

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
+from llmops.checkpoints import ModelLoadError
 from llmops.config import ConfigError, load_config
-from llmops.data import DataError
-from llmops.modeling import ModelLoadError
+from llmops.prepared_data import DataError
 from llmops.registry import RegistryError
 
 app = typer.Typer(
@@ -212,8 +212,8 @@ def up(
     """Start the local stack: MLflow, Prefect server and worker (with prefect.yaml deployed), serving, Evidently UI."""
     from pathlib import Path
 
-    from llmops.stack import Ports, StackError
-    from llmops.stack import up as stack_up
+    from cli.stack import Ports, StackError
+    from cli.stack import up as stack_up
 
     try:
         cfg = load_config(config, overrides)
@@ -237,7 +237,7 @@ def down(home: StackHome = ".stack") -> None:
     """Stop exactly the processes `llmops up` started."""
     from pathlib import Path
 
-    from llmops.stack import down as stack_down
+    from cli.stack import down as stack_down
 
     stopped = stack_down(Path(home))
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")

@@ -1,7 +1,6 @@
-"""Loading checkpoints and tokenizers: what every task shares, and the classifier's base model.
-
-`AUTO_CLASS` maps each task to its transformers model class; generative tasks
-load their bases in `llmops.generation.modeling`.
+"""Checkpoints and tokenizers, for every task: where a checkpoint is (packaged, a folder, a hub id), whether it
+loads, and how big a model is. `AUTO_CLASS` maps each task to its transformers model class; each task loads its
+base model in its own `modeling` (`llmops.classification.modeling`, `llmops.generation.modeling`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -52,14 +50,6 @@ def resolve_checkpoint(name_or_path: str) -> str:
     return name_or_path
 
 
-def label_maps(labels: list[str]) -> dict[str, Any]:
-    return {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {label: i for i, label in enumerate(labels)},
-    }
-
-
 def preflight(cfg: ModelConfig) -> None:
     """Fail fast, before any data work or training, if the checkpoint or tokenizer cannot load."""
     checkpoint = resolve_checkpoint(cfg.name_or_path)
@@ -72,15 +62,6 @@ def preflight(cfg: ModelConfig) -> None:
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_checkpoint(cfg.name_or_path))
-
-
-def load_base_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
-    """The teacher's starting point: pretrained weights with a fresh head, or random init."""
-    checkpoint = resolve_checkpoint(cfg.name_or_path)
-    if cfg.random_init is not None:
-        config = AutoConfig.from_pretrained(checkpoint, **cfg.random_init, **label_maps(labels))
-        return AutoModelForSequenceClassification.from_config(config)
-    return AutoModelForSequenceClassification.from_pretrained(checkpoint, **label_maps(labels))
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

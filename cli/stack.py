@@ -58,13 +58,6 @@ class Stack:
         }
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         try:

