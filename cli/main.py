@@ -48,12 +48,10 @@ def next_steps(config: str, overrides: list[str], task: str, uri: str, experimen
         f"    then open {experiment_url('http://127.0.0.1:5000', experiment_id)}   # this run's experiment",
         f"  .venv/bin/llmops predict {args} {examples}   # the champion, from the registry",
         f"  .venv/bin/llmops rollback {args}   # champion back to previous-champion",
+        f"  .venv/bin/llmops serve {args}   # HTTP API on 127.0.0.1:8000, follows the champion"
+        + ("" if task == "sequence-classification" else " (OpenAI's /v1/chat/completions)"),
+        f"  .venv/bin/llmops monitor {args}   # drift, quality and bias of the served traffic",
     ]
-    if task == "sequence-classification":
-        lines += [
-            f"  .venv/bin/llmops serve {args}   # HTTP API on 127.0.0.1:8000, follows the champion",
-            f"  .venv/bin/llmops monitor {args}   # drift, quality and bias of the served traffic",
-        ]
     return "\n".join(lines)
 
 

@@ -10,20 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from serving.schemas import STRICT, Integer, NotServed, PositiveInteger, Text, whole_number
+from serving.schemas import MAX_STOP, STRICT, Integer, NotServed, PositiveInteger, Seed, StopString, Text
 
-MAX_STOP = 4
-"""Stop strings per request at most (OpenAI's limit)."""
-
-StopString = Annotated[str, Field(min_length=1)]
 StopList = Annotated[
     list[StopString],  # the validator below says how many, with a clearer message than pydantic's
     WithJsonSchema({"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}),
 ]
-Seed = Annotated[int, Field(ge=-(2**53), le=2**53), BeforeValidator(whole_number)]
-"""Integers a JSON number holds exactly (a torch generator takes more)."""
 
 
 class StreamOptions(BaseModel):

@@ -30,6 +30,11 @@ NOT_BLANK = r"\S"
 Text = Annotated[str, Field(min_length=1, pattern=NOT_BLANK)]
 """Something other than whitespace, in Python's sense (models using it set `regex_engine="python-re"`)."""
 STRICT = ConfigDict(strict=True, regex_engine="python-re")
+MAX_STOP = 4
+"""Stop strings per request at most (OpenAI's limit; the generate extension takes the same)."""
+StopString = Annotated[str, Field(min_length=1)]
+Seed = Annotated[int, Field(ge=-(2**53), le=2**53), BeforeValidator(whole_number)]
+"""Integers a JSON number holds exactly (a torch generator takes more)."""
 
 
 class _Body(BaseModel):
@@ -285,3 +290,43 @@ class InferResponse(BaseModel):
     model_version: str
     id: str
     outputs: list[ResponseOutput]
+
+
+# --- Open Inference Protocol: Triton's generate extension, for generators ------------------------------
+
+
+class GenerateRequest(BaseModel):
+    """Triton's generate extension: the prompt in `text_input`, sampling in `parameters` (or at the top level)."""
+
+    model_config = STRICT | ConfigDict(extra="ignore")
+
+    text_input: Text
+    parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters())
+    max_tokens: PositiveInteger | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+
+
+class GenerateParameters(BaseModel):
+    model_config = STRICT | ConfigDict(extra="ignore")
+
+    max_tokens: PositiveInteger | None = None
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
+    seed: Seed | None = None
+    min_tokens: Integer = Field(
+        default=1, ge=0, description="Tokens written before the end token may end the answer; 0 allows an empty one."
+    )
+
+
+class GenerateResponse(BaseModel):
+    model_name: str
+    model_version: str
+    text_output: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+GenerateRequest.model_rebuild()

@@ -1,5 +1,6 @@
 """The service's routes, one file per protocol over one serving core (`serving.predictor`):
-`ours` (health, /v1), `mlflow` (/invocations), `oip` (/v2, the Open Inference Protocol)."""
+`ours` (health, /v1), `mlflow` (/invocations), `oip` (/v2, the Open Inference Protocol) and `openai`
+(/v1/completions, /v1/chat/completions, /v1/models)."""
 
 from __future__ import annotations
 

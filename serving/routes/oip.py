@@ -10,29 +10,26 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 import llmops
 from serving.deps import Authorized, JsonBody, PredictorDep, check_texts
 from serving.errors import ApiError, field_path
 from serving.generation import GenerationRequest, generate
 from serving.models import LoadedModel, ModelWatcher
-from serving.openai_schemas import MAX_STOP, Seed, StopString
 from serving.predictor import Predictor
 from serving.routes import ERRORS, request_id_of
 from serving.schemas import (
-    STRICT,
+    GenerateRequest,
+    GenerateResponse,
     InferRequest,
     InferResponse,
-    Integer,
     LiveResponse,
     ModelMetadataResponse,
     ModelReadyResponse,
-    PositiveInteger,
     ResponseOutput,
     ServerMetadataResponse,
     TensorMetadata,
-    Text,
     V2ReadyResponse,
 )
 
@@ -226,43 +223,6 @@ async def v2_infer(name: str, request: Request, predictor: PredictorDep) -> Infe
 
 
 # --- generate (Triton's generate extension, for generators) ---------------------------------------------
-
-
-class GenerateRequest(BaseModel):
-    """Triton's generate extension: the prompt in `text_input`, sampling in `parameters` (or at the top level)."""
-
-    model_config = STRICT | ConfigDict(extra="ignore")
-
-    text_input: Text
-    parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters())
-    max_tokens: PositiveInteger | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-
-
-class GenerateParameters(BaseModel):
-    model_config = STRICT | ConfigDict(extra="ignore")
-
-    max_tokens: PositiveInteger | None = None
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
-    seed: Seed | None = None
-    min_tokens: Integer = Field(
-        default=1, ge=0, description="Tokens written before the end token may end the answer; 0 allows an empty one."
-    )
-
-
-class GenerateResponse(BaseModel):
-    model_name: str
-    model_version: str
-    text_output: str
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-GenerateRequest.model_rebuild()
 
 
 def _generation_request(name: str, body: GenerateRequest) -> GenerationRequest:
