@@ -99,6 +99,20 @@ def load_int8(directory: Path, meta: CandidateMeta) -> Any:
     return quantized
 
 
+def load_torch_model(directory: Path, meta: CandidateMeta) -> tuple[Any, torch.device]:
+    """A candidate's torch model in eval mode, and the device it runs on: torch int8 rebuilt from its recipe (on
+    CPU); bitsandbytes folders (their quantization config is in config.json) on the GPU when there is one, else
+    on CPU; plain folders as saved."""
+    if meta.kind == "int8":
+        return load_int8(directory, meta).eval(), torch.device("cpu")
+    quantized = meta.kind in ("bnb-int8", "nf4")
+    if quantized:
+        quiet_bitsandbytes()
+    device_map = ("cuda" if torch.cuda.is_available() else "cpu") if quantized else None
+    model = AUTO_CLASS[meta.task].from_pretrained(directory, device_map=device_map).eval()
+    return model, next(iter(model.parameters())).device
+
+
 def weights_size_mb(directory: str | Path) -> float:
     """Size on disk of the weight files alone (tokenizer and config excluded)."""
     files = [p for p in Path(directory).iterdir() if p.suffix in WEIGHT_SUFFIXES]

@@ -192,6 +192,36 @@ def _count_rerun(client: MlflowClient, run: Run) -> str:
     )
 
 
+@dataclass(frozen=True)
+class _Release:
+    """What every step of one release reads: the decision, the candidates, the data, and the lifecycle run."""
+
+    cfg: LlmopsConfig
+    task: tasks.Task
+    client: MlflowClient
+    experiment_id: str
+    reports: dict[str, CandidateReport]
+    keys: dict[str, str]
+    decision: Decision
+    data: PreparedData
+    execution: Execution
+    config_yaml: str
+    commit: str
+
+    @property
+    def name(self) -> str:
+        return self.cfg.registry.model_name
+
+    @property
+    def selected(self) -> CandidateReport | None:
+        """What passed, else the best rejected candidate (registered for inspection), else none."""
+        return self.reports.get(self.decision.registered or "")
+
+    @property
+    def passed(self) -> bool:
+        return self.selected is not None and self.decision.verdicts[self.selected.kind].passed
+
+
 def release(
     cfg: LlmopsConfig,
     reports: dict[str, CandidateReport],
@@ -207,102 +237,145 @@ def release(
     name = cfg.registry.model_name
     state = dataclasses.replace(champion, version_now=registry.alias_version(client, name, registry.CHAMPION))
     decision = decide_promotion(list(reports.values()), state, cfg.gates, cfg.eval.min_slice_size, task.scoring, keys)
-    data = PreparedData.load(data_dir)
-    selected = reports.get(decision.registered or "")  # what passed, else the best rejected one (for inspection)
-    existing = registry.find_version_by_key(client, name, keys[selected.kind]) if selected else None
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    run = _Release(
+        cfg, task, client, experiment_id, reports, keys, decision, PreparedData.load(data_dir), execution, config_yaml,
+        registry.git_commit(),
+    )  # fmt: skip
+    existing = registry.find_version_by_key(client, name, keys[run.selected.kind]) if run.selected else None
     table = summary_table(list(reports.values()), decision)
-
-    earlier = _recorded(client, experiment_id, execution)
-    challenger = registry.alias_version(client, name, registry.CHALLENGER)
-    passed = selected is not None and decision.verdicts[selected.kind].passed
-    if earlier is not None and existing is not None and not decision.promote and (not passed or challenger == existing):
+    earlier = _unchanged_rerun(run, existing)
+    if earlier is not None:
         message = _count_rerun(client, earlier)
         return ReleaseOutcome(
             earlier.info.run_id, experiment_id, decision, existing, state.version_now, False, message, table
         )
-
-    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    commit = registry.git_commit()
-    model_uri = None
     parent_id = client.create_run(
-        experiment_id, start_time=_ms(execution.started_at), run_name=f"lifecycle-{data.fingerprint[:8]}"
+        experiment_id, start_time=_ms(execution.started_at), run_name=f"lifecycle-{run.data.fingerprint[:8]}"
     ).info.run_id
-    with mlflow.start_run(run_id=parent_id) as parent:
-        mlflow.log_params(_flat_params(cfg.model_dump(mode="json")))
-        mlflow.set_tags(
-            {
-                "llmops.kind": "lifecycle",
-                "llmops.task": cfg.task,
-                "llmops.data_fingerprint": data.fingerprint,
-                "llmops.git_commit": commit,
-                "llmops.decision": decision.reason,
-                "llmops.execution_key": execution.key,
-            }
-        )
-        splits = {s: data.split_path(s) for s in (*SPLITS, "holdout", "reference")}
-        registry.log_data_inputs(splits, data.fingerprint, task.target_column)
-        if (data.directory / "data_card.md").is_file():
-            mlflow.log_artifact(str(data.directory / "data_card.md"))
-        for kind, report in reports.items():
-            verdict = decision.verdicts[kind]
-            built = Built.of(Path(report.path).parent)
-            fresh = built is not None and built.started >= execution.started_at
-            child_id = client.create_run(
-                experiment_id,
-                start_time=_ms(built.started) if built and fresh else None,
-                run_name=kind,
-                tags={MLFLOW_PARENT_RUN_ID: parent_id},
-            ).info.run_id
-            with mlflow.start_run(run_id=child_id, nested=True):
-                mlflow.log_metrics(report.flat_metrics())
-                recipe, search = _without_search(report.recipe)
-                mlflow.log_params(_flat_params(_compared(cfg, report)) | _flat_params(recipe, "recipe."))
-                if search is not None:
-                    _log_search(search)
-                notes = report.notes + verdict.notes
-                mlflow.set_tags(
-                    {
-                        "llmops.candidate": kind,
-                        "llmops.candidate_key": keys[kind],
-                        "llmops.verdict": "passed" if verdict.passed else "rejected",
-                        "llmops.reasons": "; ".join(verdict.reasons) or "passed every gate",
-                        **({"llmops.notes": "; ".join(notes)} if notes else {}),
-                        **({} if fresh else {"llmops.reused": "built by an earlier run of the lifecycle"}),
-                    }
-                )
-                _log_history(Path(report.path))
-                if kind == decision.registered and existing is None:
-                    model_uri = task.log_model(Path(report.path), data)
-            if built and fresh:  # the run spans the candidate's build
-                client.set_terminated(child_id, end_time=_ms(built.finished))
-        version = existing
-        if selected is not None:
-            tags = _version_tags(selected, decision, keys[selected.kind], data, parent.info.run_id, config_yaml, commit)
-            if version is None:
-                version = registry.register(name, model_uri or "", tags)
-            else:  # a rerun: keep the version's lineage, refresh its verdict
-                verdict_tags = registry.encode_tags({k: tags[k] for k in ("verdict", "reasons")})
-                for key, value in verdict_tags.items():
-                    client.set_model_version_tag(name, version, key, value)
-        promoted, message, champion_now = False, decision.reason, state.version_now
-        if passed and version is not None:
-            client.set_registered_model_alias(name, registry.CHALLENGER, version)
-        if decision.promote and version is not None:
-            result = registry.promote(client, name, version, champion.version_at_start)
-            promoted, message, champion_now = result.promoted, result.message, result.champion
-        mlflow.set_tag("llmops.outcome", message)
-        mlflow.log_text(table, "summary.md")
-        mlflow.log_text(config_yaml, "config.yaml")
-        mlflow.log_dict(dataclasses.asdict(decision), "decision.json")
-        rows = json.loads((data.directory / "data.json").read_text())["rows"]
-        card = model_card(name, version, list(reports.values()), decision, data.fingerprint, rows, config_yaml)
-        mlflow.log_text(card, "model_card.md")
-        if version is not None:
-            described = version_description(card, parent.info.run_id)
-            client.update_model_version(name, version, description=described[:DESCRIPTION_LIMIT])
-            about = model_description(name, cfg.task, data.labels, cfg.model.name_or_path)
-            client.update_registered_model(name, description=about[:DESCRIPTION_LIMIT])
-    return ReleaseOutcome(parent.info.run_id, experiment_id, decision, version, champion_now, promoted, message, table)
+    with mlflow.start_run(run_id=parent_id):
+        _record_execution(run)
+        model_uri = _record_candidates(run, parent_id, log_model=existing is None)
+        version = _register(run, parent_id, existing, model_uri)
+        promoted, message, champion_now = _promote(run, version, state)
+        _describe(run, version, parent_id, message, table)
+    return ReleaseOutcome(parent_id, experiment_id, decision, version, champion_now, promoted, message, table)
+
+
+def _unchanged_rerun(run: _Release, existing: str | None) -> Run | None:
+    """The run that recorded this execution, when its candidate is registered already and the registry would not
+    change (nothing to promote, no new challenger); else None."""
+    if existing is None or run.decision.promote:
+        return None
+    earlier = _recorded(run.client, run.experiment_id, run.execution)
+    unchanged = not run.passed or registry.alias_version(run.client, run.name, registry.CHALLENGER) == existing
+    return earlier if unchanged else None
+
+
+def _record_execution(run: _Release) -> None:
+    """The lifecycle run: the config as params, lineage tags, the data splits as MLflow dataset inputs."""
+    data = run.data
+    mlflow.log_params(_flat_params(run.cfg.model_dump(mode="json")))
+    mlflow.set_tags(
+        {
+            "llmops.kind": "lifecycle",
+            "llmops.task": run.cfg.task,
+            "llmops.data_fingerprint": data.fingerprint,
+            "llmops.git_commit": run.commit,
+            "llmops.decision": run.decision.reason,
+            "llmops.execution_key": run.execution.key,
+        }
+    )
+    splits = {s: data.split_path(s) for s in (*SPLITS, "holdout", "reference")}
+    registry.log_data_inputs(splits, data.fingerprint, run.task.target_column)
+    if (data.directory / "data_card.md").is_file():
+        mlflow.log_artifact(str(data.directory / "data_card.md"))
+
+
+def _record_candidates(run: _Release, parent_id: str, log_model: bool) -> str | None:
+    """One child run per candidate, spanning its build: metrics, compared settings, verdict, training log. The
+    selected candidate's MLflow model is logged in its run (`log_model`: it has no version yet); returns its URI."""
+    model_uri = None
+    for kind, report in run.reports.items():
+        verdict = run.decision.verdicts[kind]
+        built = Built.of(Path(report.path).parent)
+        fresh = built is not None and built.started >= run.execution.started_at
+        child_id = run.client.create_run(
+            run.experiment_id,
+            start_time=_ms(built.started) if built and fresh else None,
+            run_name=kind,
+            tags={MLFLOW_PARENT_RUN_ID: parent_id},
+        ).info.run_id
+        with mlflow.start_run(run_id=child_id, nested=True):
+            mlflow.log_metrics(report.flat_metrics())
+            recipe, search = _without_search(report.recipe)
+            mlflow.log_params(_flat_params(_compared(run.cfg, report)) | _flat_params(recipe, "recipe."))
+            if search is not None:
+                _log_search(search)
+            notes = report.notes + verdict.notes
+            mlflow.set_tags(
+                {
+                    "llmops.candidate": kind,
+                    "llmops.candidate_key": run.keys[kind],
+                    "llmops.verdict": "passed" if verdict.passed else "rejected",
+                    "llmops.reasons": "; ".join(verdict.reasons) or "passed every gate",
+                    **({"llmops.notes": "; ".join(notes)} if notes else {}),
+                    **({} if fresh else {"llmops.reused": "built by an earlier run of the lifecycle"}),
+                }
+            )
+            _log_history(Path(report.path))
+            if kind == run.decision.registered and log_model:
+                model_uri = run.task.log_model(Path(report.path), run.data)
+        if built and fresh:  # the run spans the candidate's build
+            run.client.set_terminated(child_id, end_time=_ms(built.finished))
+    return model_uri
+
+
+def _register(run: _Release, parent_id: str, existing: str | None, model_uri: str | None) -> str | None:
+    """The selected candidate's version: a new one with its lineage tags, or (a rerun) the existing one with its
+    verdict refreshed. None when no candidate was selected."""
+    selected = run.selected
+    if selected is None:
+        return existing
+    tags = _version_tags(
+        selected, run.decision, run.keys[selected.kind], run.data, parent_id, run.config_yaml, run.commit
+    )
+    if existing is None:
+        return registry.register(run.name, model_uri or "", tags)
+    verdict_tags = registry.encode_tags({k: tags[k] for k in ("verdict", "reasons")})
+    for key, value in verdict_tags.items():
+        run.client.set_model_version_tag(run.name, existing, key, value)
+    return existing
+
+
+def _promote(run: _Release, version: str | None, state: ChampionState) -> tuple[bool, str, str | None]:
+    """A passing version becomes the challenger; the champion, when the policy says so and nobody promoted
+    another version meanwhile. Returns (promoted, what happened, the champion now)."""
+    if run.passed and version is not None:
+        run.client.set_registered_model_alias(run.name, registry.CHALLENGER, version)
+    if not (run.decision.promote and version is not None):
+        return False, run.decision.reason, state.version_now
+    result = registry.promote(run.client, run.name, version, state.version_at_start)
+    return result.promoted, result.message, result.champion
+
+
+def _describe(run: _Release, version: str | None, parent_id: str, outcome: str, table: str) -> None:
+    """The outcome, the closing table, the config, the decision and the model card on the lifecycle run; the card
+    as the version's description, and what the model is as the registered model's."""
+    mlflow.set_tag("llmops.outcome", outcome)
+    mlflow.log_text(table, "summary.md")
+    mlflow.log_text(run.config_yaml, "config.yaml")
+    mlflow.log_dict(dataclasses.asdict(run.decision), "decision.json")
+    rows = json.loads((run.data.directory / "data.json").read_text())["rows"]
+    reports = list(run.reports.values())
+    card = model_card(run.name, version, reports, run.decision, run.data.fingerprint, rows, run.config_yaml)
+    mlflow.log_text(card, "model_card.md")
+    if version is None:
+        return
+    described = version_description(card, parent_id)
+    run.client.update_model_version(run.name, version, description=described[:DESCRIPTION_LIMIT])
+    about = model_description(run.name, run.cfg.task, run.data.labels, run.cfg.model.name_or_path)
+    run.client.update_registered_model(run.name, description=about[:DESCRIPTION_LIMIT])
 
 
 def current_champion(cfg: LlmopsConfig) -> str | None:

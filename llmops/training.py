@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,7 +19,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from llmops.candidate_folder import HISTORY_FILE, CandidateMeta, save_hf_candidate
-from llmops.config import TrainConfig
+from llmops.checkpoints import count_parameters
+from llmops.config import ModelConfig, TrainConfig
 from llmops.prepared_data import PreparedData
 
 
@@ -102,19 +104,37 @@ def drop_checkpoints(out_dir: Path) -> None:
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
 
 
-Describe = Callable[[dict[str, float], PreTrainedModel], CandidateMeta]
-"""(the best checkpoint's validation metrics, the model as released) -> the candidate's `candidate.json`."""
+def teacher_meta(
+    model_cfg: ModelConfig, task: str, data: PreparedData, args: TrainingArguments, **recipe: Any
+) -> CandidateMeta:
+    """A teacher's `candidate.json` before training: its base, `recipe`, and where it trained."""
+    return CandidateMeta(
+        kind="teacher",
+        labels=data.labels,
+        max_length=model_cfg.max_length,
+        task=task,
+        recipe={
+            "base": model_cfg.name_or_path,
+            **recipe,
+            "processes": args.world_size,
+            "devices": "cuda" if args.device.type == "cuda" else "cpu",
+        },
+    )
 
 
 def train_to_candidate(
     trainer: Trainer,
     out_dir: Path,
-    describe: Describe,
+    meta: CandidateMeta,
+    best_metric: str,
     release: Callable[[Any], PreTrainedModel] = lambda model: model,
 ) -> Path:
     """Train, then write the best checkpoint as the candidate folder `out_dir/model`, with the Trainer's log
-    history beside it; the checkpoints go. `release`: the trained model as it is released (LoRA adapters merged).
+    history beside it; the checkpoints go.
 
+    meta: the candidate's `candidate.json` but for what training decides: its parameter counts and the best
+    checkpoint's validation `best_metric` (recorded in its recipe as `validation_<best_metric>`).
+    release: the trained model as it is released (LoRA adapters merged).
     Under `accelerate launch` every process trains and evaluates (evaluation is sharded and gathered); the first
     one writes the candidate.
     """
@@ -125,7 +145,8 @@ def train_to_candidate(
         return model_dir
     (out_dir / HISTORY_FILE).write_text(json.dumps(trainer.state.log_history))
     released = release(trainer.model)  # the best checkpoint, loaded in place
+    recipe = {**meta.recipe, f"validation_{best_metric}": best[f"eval_{best_metric}"]}
     tokenizer = cast(PreTrainedTokenizerBase, trainer.processing_class)  # every caller passes its tokenizer
-    save_hf_candidate(released, tokenizer, describe(best, released), model_dir)
+    save_hf_candidate(released, tokenizer, replace(meta, recipe=recipe, params=count_parameters(released)), model_dir)
     drop_checkpoints(out_dir)
     return model_dir

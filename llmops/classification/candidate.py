@@ -10,9 +10,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
-from llmops.candidate_folder import CandidateMeta, load_int8, quiet_bitsandbytes
+from llmops.candidate_folder import CandidateMeta, load_torch_model
 from llmops.config import ONNX_KINDS
 from llmops.ort import ONNX_FILE, OnnxModel
 
@@ -49,17 +49,7 @@ class Classifier:
             self.model = OnnxModel(self.directory / ONNX_FILE)
             self.device = torch.device("cpu")
             return
-        if self.meta.kind == "int8":
-            self.model = load_int8(self.directory, self.meta)
-        else:
-            # bnb folders carry their quantization config in config.json; bitsandbytes runs on CPU.
-            quantized = self.meta.kind in ("bnb-int8", "nf4")
-            if quantized:
-                quiet_bitsandbytes()
-            device_map = ("cuda" if torch.cuda.is_available() else "cpu") if quantized else None
-            self.model = AutoModelForSequenceClassification.from_pretrained(self.directory, device_map=device_map)
-        self.model.eval()
-        self.device = next(iter(self.model.parameters())).device if self.meta.kind != "int8" else torch.device("cpu")
+        self.model, self.device = load_torch_model(self.directory, self.meta)
 
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """(n_texts, n_labels) class probabilities."""

@@ -22,7 +22,6 @@ from transformers import (
 )
 
 from llmops.candidate_folder import CandidateMeta
-from llmops.checkpoints import count_parameters
 from llmops.classification.train import compute_metrics_fn, tokenize_split
 from llmops.config import DistillConfig
 from llmops.prepared_data import PreparedData
@@ -188,22 +187,18 @@ def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_
         layer_map=cfg.student_layers,
     )
 
-    def describe(best: dict[str, float], trained: PreTrainedModel) -> CandidateMeta:
-        return CandidateMeta(
-            kind="student",
-            labels=data.labels,
-            max_length=teacher_meta.max_length,
-            task=teacher_meta.task,
-            recipe={
-                "teacher_layers": cfg.student_layers,
-                "ffn_keep": ffn_keep,
-                "alpha": cfg.alpha,
-                "temperature": cfg.temperature,
-                "hidden_weight": cfg.hidden_weight,
-                "transfer_rows": cfg.transfer_rows,
-                "validation_macro_f1": best["eval_macro_f1"],
-            },
-            params=count_parameters(trained),
-        )
-
-    return train_to_candidate(trainer, out_dir, describe)
+    meta = CandidateMeta(
+        kind="student",
+        labels=data.labels,
+        max_length=teacher_meta.max_length,
+        task=teacher_meta.task,
+        recipe={
+            "teacher_layers": cfg.student_layers,
+            "ffn_keep": ffn_keep,
+            "alpha": cfg.alpha,
+            "temperature": cfg.temperature,
+            "hidden_weight": cfg.hidden_weight,
+            "transfer_rows": cfg.transfer_rows,
+        },
+    )
+    return train_to_candidate(trainer, out_dir, meta, best_metric="macro_f1")

@@ -16,19 +16,17 @@ from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
     EvalPrediction,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     set_seed,
 )
 
-from llmops.candidate_folder import CandidateMeta
-from llmops.checkpoints import count_parameters, load_tokenizer
+from llmops.checkpoints import load_tokenizer
 from llmops.classification.modeling import load_base_model
 from llmops.config import ModelConfig, TrainConfig
 from llmops.metrics import classification_scores
 from llmops.prepared_data import PreparedData
-from llmops.training import fine_tune_arguments, train_to_candidate, use_all_cores
+from llmops.training import fine_tune_arguments, teacher_meta, train_to_candidate, use_all_cores
 
 
 def tokenize_split(path: Path, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
@@ -83,19 +81,5 @@ def fine_tune(
         callbacks=[EarlyStoppingCallback(early_stopping_patience=train_cfg.early_stopping_patience)],
     )
 
-    def describe(best: dict[str, float], trained: PreTrainedModel) -> CandidateMeta:
-        return CandidateMeta(
-            kind="teacher",
-            labels=data.labels,
-            max_length=model_cfg.max_length,
-            task=task,
-            recipe={
-                "base": model_cfg.name_or_path,
-                "validation_macro_f1": best["eval_macro_f1"],
-                "processes": args.world_size,
-                "devices": "cuda" if args.device.type == "cuda" else "cpu",
-            },
-            params=count_parameters(trained),
-        )
-
-    return train_to_candidate(trainer, out_dir, describe)
+    meta = teacher_meta(model_cfg, task, data, args)
+    return train_to_candidate(trainer, out_dir, meta, best_metric="macro_f1")

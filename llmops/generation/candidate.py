@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from llmops.candidate_folder import CandidateMeta, load_int8, quiet_bitsandbytes
-from llmops.checkpoints import AUTO_CLASS
+from llmops.candidate_folder import CandidateMeta, load_torch_model
 from llmops.generation.data import IGNORE, encode_example, prompt_ids, render_prompt
 from llmops.generation.decode import Decoded, decode, head_inputs, prefill
 from llmops.generation.losses import score_completions
@@ -62,17 +61,7 @@ class Generator:
         self.meta = CandidateMeta.load(self.directory)
         self.task = self.meta.task
         self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
-        auto = AUTO_CLASS[self.task]
-        if self.meta.kind == "int8":
-            self.model = load_int8(self.directory, self.meta)
-        else:
-            quantized = self.meta.kind in ("bnb-int8", "nf4")
-            if quantized:
-                quiet_bitsandbytes()
-            device_map = ("cuda" if torch.cuda.is_available() else "cpu") if quantized else None
-            self.model = auto.from_pretrained(self.directory, device_map=device_map)
-        self.model.eval()
-        self.device = torch.device("cpu") if self.meta.kind == "int8" else next(self.model.parameters()).device
+        self.model, self.device = load_torch_model(self.directory, self.meta)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.vocabulary = Vocabulary(self.tokenizer)

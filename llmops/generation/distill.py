@@ -18,7 +18,7 @@ import torch
 from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, set_seed
 
 from llmops.candidate_folder import CandidateMeta
-from llmops.checkpoints import AUTO_CLASS, count_parameters
+from llmops.checkpoints import AUTO_CLASS
 from llmops.config import DistillConfig
 from llmops.generation.data import IGNORE, tokenize_split
 from llmops.generation.losses import completion_loss, score_completions, token_distillation_loss
@@ -161,25 +161,21 @@ def distil(
         loss_per=loss_per,
     )
 
-    def describe(best: dict[str, float], trained: PreTrainedModel) -> CandidateMeta:
-        return CandidateMeta(
-            kind="student",
-            labels=meta.labels,
-            max_length=meta.max_length,
-            task=task,
-            recipe={
-                "prompt_format": meta.recipe.get("prompt_format", "plain"),
-                "teacher_layers": cfg.student_layers,
-                "ffn_keep": ffn_keep,
-                "loss": cfg.loss,
-                **({"beta": cfg.beta} if cfg.loss == "jsd" else {}),
-                "alpha": cfg.alpha,
-                "temperature": cfg.temperature,
-                "on_policy": cfg.on_policy,
-                "loss_per": loss_per,
-                "validation_loss": best["eval_loss"],
-            },
-            params=count_parameters(trained),
-        )
-
-    return train_to_candidate(trainer, out_dir, describe)
+    student_meta = CandidateMeta(
+        kind="student",
+        labels=meta.labels,
+        max_length=meta.max_length,
+        task=task,
+        recipe={
+            "prompt_format": meta.recipe.get("prompt_format", "plain"),
+            "teacher_layers": cfg.student_layers,
+            "ffn_keep": ffn_keep,
+            "loss": cfg.loss,
+            **({"beta": cfg.beta} if cfg.loss == "jsd" else {}),
+            "alpha": cfg.alpha,
+            "temperature": cfg.temperature,
+            "on_policy": cfg.on_policy,
+            "loss_per": loss_per,
+        },
+    )
+    return train_to_candidate(trainer, out_dir, student_meta, best_metric="loss")

@@ -12,14 +12,12 @@ from typing import Any
 
 from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PreTrainedModel, Trainer, set_seed
 
-from llmops.candidate_folder import CandidateMeta
-from llmops.checkpoints import count_parameters
 from llmops.config import LoraConfig, ModelConfig, TrainConfig
 from llmops.generation.data import IGNORE, prompt_format, tokenize_split
 from llmops.generation.losses import completion_loss, score_completions
 from llmops.generation.modeling import add_lora, load_base_model, load_tokenizer, qlora_config
 from llmops.prepared_data import PreparedData
-from llmops.training import fine_tune_arguments, train_to_candidate, use_all_cores
+from llmops.training import fine_tune_arguments, teacher_meta, train_to_candidate, use_all_cores
 
 
 class CompletionTrainer(Trainer):
@@ -87,26 +85,18 @@ def fine_tune(
         loss_per=train_cfg.loss_per,
     )
 
-    def describe(best: dict[str, float], trained: PreTrainedModel) -> CandidateMeta:
-        return CandidateMeta(
-            kind="teacher",
-            labels=data.labels,
-            max_length=model_cfg.max_length,
-            task=task,
-            recipe={
-                "base": model_cfg.name_or_path,
-                "prompt_format": prompt_format(data),
-                "validation_loss": best["eval_loss"],
-                "fine_tuning": "full" if lora is None else ("qlora" if lora.qlora else "lora"),
-                "loss_per": train_cfg.loss_per,
-                **({"lora": lora.model_dump(mode="json")} if lora is not None else {}),
-                "processes": args.world_size,
-                "devices": "cuda" if args.device.type == "cuda" else "cpu",
-            },
-            params=count_parameters(trained),
-        )
+    meta = teacher_meta(
+        model_cfg,
+        task,
+        data,
+        args,
+        prompt_format=prompt_format(data),
+        fine_tuning="full" if lora is None else ("qlora" if lora.qlora else "lora"),
+        loss_per=train_cfg.loss_per,
+        **({"lora": lora.model_dump(mode="json")} if lora is not None else {}),
+    )
 
     def release(trained: Any) -> PreTrainedModel:
         return trained if lora is None else _merge_lora(trained, lora, model_cfg, task, tokenizer, out_dir)
 
-    return train_to_candidate(trainer, out_dir, describe, release)
+    return train_to_candidate(trainer, out_dir, meta, best_metric="loss", release=release)
