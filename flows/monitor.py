@@ -18,7 +18,8 @@ from prefect import flow, get_run_logger
 
 from flows.lifecycle import lifecycle
 from llmops.config import LlmopsConfig, load_config
-from monitoring.monitor import RetrainRequest, run_monitor, verdict_lines
+from monitoring.classification import run_monitor
+from monitoring.monitor import RetrainRequest, verdict_lines
 from monitoring.window import MonitorError
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"

@@ -9,16 +9,15 @@ reference data, answered once per version by the champion itself, greedily, and 
 - control: where a prompt asks for a label (`write a positive tweet ...`), the share of generations the
   classifier champion labels with it, in the window and in the reference;
 - quality from feedback (ratings, corrections), and bias: control accuracy and rating by topic slice.
-The decision and the records are the classifier's (`monitoring.monitor`): the same pure retraining policy,
-an MLflow run per pass, the Evidently workspace. A retraining starts the generative lifecycle
+These are the generator's parts of the one monitoring pass (`monitoring.monitor.run_pass`): the same pure
+retraining policy, an MLflow run per pass, the Evidently workspace. A retraining starts the generative lifecycle
 (`lifecycle/llm`) with the window's corrected and well-rated answers as extra training rows.
 """
 
 from __future__ import annotations
 
 import re
-import time
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +31,20 @@ from llmops import registry
 from llmops.classification.candidate import Classifier
 from llmops.config import LlmopsConfig
 from llmops.corpus import tag_topic
+from llmops.generation.evaluate import Judge, said_labels
+from llmops.metrics.text import seq_rep, unknown_shares
 from llmops.predlog import PredictionStore, decode_embeddings, open_store
-from monitoring.decision import WindowResult, decide_retraining
-from monitoring.monitor import (
-    Launcher,
-    MonitorOutcome,
-    RetrainRequest,
-    conclude,
-    monitoring_experiment,
-    past_decisions,
-    report_dir,
+from monitoring.decision import RetrainDecision, WindowResult
+from monitoring.monitor import Launcher, MonitorOutcome, RetrainRequest, run_pass
+from monitoring.report import (
+    EMBEDDING_SHARE,
+    MonitoringReport,
+    column_signal,
+    drift_results,
+    plain,
+    principal_components,
 )
-from monitoring.report import EMBEDDING_SHARE, MonitoringReport, _components, _drift_results, _plain, _signal
-from monitoring.window import Champion, ReferenceCache, Side, WindowSpec, describe, find_champion
+from monitoring.window import Champion, ReferenceCache, Side, WindowSpec, describe
 
 PROMPT_DESCRIPTORS = ("length", "words", "url_share", "mention_share", "has_unknown")
 GENERATION_DESCRIPTORS = ("g_length", "g_words", "g_repetition", "g_empty", "g_truncated", "g_has_unknown")
@@ -58,20 +58,13 @@ def requested_labels(prompts: pd.Series, pattern: str) -> pd.Series:
     return found.str.lower().where(found.notna(), None)
 
 
-def repetition(text: str, n: int = 3) -> float:
-    """seq-rep-n of one text: the share of its word n-grams that repeat an earlier one."""
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
-
-
 def describe_generations(texts: pd.Series, finish: pd.Series, unknown: np.ndarray) -> pd.DataFrame:
     yes_no = {True: "yes", False: "no"}
     return pd.DataFrame(
         {
             "g_length": texts.str.len(),
             "g_words": texts.str.count(r"\S+"),
-            "g_repetition": [repetition(t) for t in texts],
+            "g_repetition": [seq_rep(t) for t in texts],
             "g_empty": (texts.str.strip() == "").map(yes_no),
             "g_truncated": (finish == "length").map(yes_no),
             "g_unk_share": unknown,
@@ -81,14 +74,6 @@ def describe_generations(texts: pd.Series, finish: pd.Series, unknown: np.ndarra
     )
 
 
-def _unknown(texts: list[str], tokenizer: Any) -> np.ndarray:
-    unk = tokenizer.unk_token_id
-    if unk is None or not texts:
-        return np.zeros(len(texts))
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return np.array([row.count(unk) / max(len(row), 1) for row in ids])
-
-
 def _side(frame: pd.DataFrame, embeddings: np.ndarray | None, prompt_unknown: np.ndarray, cfg: LlmopsConfig,
           tokenizer: Any) -> Side:  # fmt: skip
     """Topic, requested label and every descriptor of prompts and generations, on one frame."""
@@ -96,7 +81,7 @@ def _side(frame: pd.DataFrame, embeddings: np.ndarray | None, prompt_unknown: np
     frame["topic"] = tag_topic(frame["prompt"], cfg.data.topics) if len(frame) else pd.Series(dtype="object")
     frame["requested"] = requested_labels(frame["prompt"], cfg.monitor.generation.target_pattern)
     frame = frame.join(describe(frame["prompt"], prompt_unknown, cfg.data.url_token))
-    unknown = _unknown(frame["completion"].tolist(), tokenizer)
+    unknown = unknown_shares(tokenizer, frame["completion"].tolist())
     frame = frame.join(describe_generations(frame["completion"], frame["finish_reason"], unknown))
     return Side(frame, embeddings)
 
@@ -120,7 +105,7 @@ def load_window(
     prompt_unknown = (
         known.to_numpy(dtype="float64")
         if len(logged) and known.notna().all()
-        else _unknown(frame["prompt"].tolist(), tokenizer)
+        else unknown_shares(tokenizer, frame["prompt"].tolist())
     )
     embeddings = decode_embeddings(logged["embedding"]) if len(logged) else None
     return _side(frame, embeddings, prompt_unknown, cfg, tokenizer)
@@ -156,19 +141,18 @@ class GenerationReferenceCache(ReferenceCache):
             frame.to_parquet(table, index=False)
             np.save(vectors, generator.prompt_embeddings(prompts))
         frame = pd.read_parquet(table)
-        prompt_unknown = _unknown(frame["prompt"].tolist(), generator.tokenizer)
+        prompt_unknown = unknown_shares(generator.tokenizer, frame["prompt"].tolist())
         return _side(frame, np.load(vectors), prompt_unknown, cfg, generator.tokenizer)
 
 
-def judge(side: Side, control: Classifier | None) -> None:
+def judge(side: Side, control: Judge | None) -> None:
     """`said` (the control classifier's label of each generation with a requested label) and `controlled`."""
     frame = side.frame
     frame["said"], frame["controlled"] = None, np.nan
     asked = frame["requested"].notna() & (frame["completion"].str.strip() != "")
     if control is None or not asked.any():
         return
-    probs = control.predict_proba(frame.loc[asked, "completion"].tolist())
-    frame.loc[asked, "said"] = [control.labels[i] for i in probs.argmax(axis=1)]
+    frame.loc[asked, "said"] = said_labels(control, frame.loc[asked, "completion"].tolist())
     frame.loc[asked, "controlled"] = (frame.loc[asked, "said"] == frame.loc[asked, "requested"]).astype(float)
 
 
@@ -189,7 +173,7 @@ def drift(reference: Side, window: Side, cfg: LlmopsConfig, metadata: dict[str, 
     """One Evidently report over prompt text, descriptors of prompts and generations, and the prompt embedding."""
     columns = ["prompt", *PROMPT_DESCRIPTORS, *GENERATION_DESCRIPTORS]
     ref, cur = reference.frame[columns].reset_index(drop=True), window.frame[columns].reset_index(drop=True)
-    components = _components(reference, window, cfg.monitor.embedding_components)
+    components = principal_components(reference, window, cfg.monitor.embedding_components)
     embedding_columns: list[str] = []
     if components is not None:
         ref, cur = ref.join(components[0]), cur.join(components[1])
@@ -206,12 +190,12 @@ def drift(reference: Side, window: Side, cfg: LlmopsConfig, metadata: dict[str, 
     snapshot = Report(metrics, metadata=metadata, tags=["drift", "generation"], include_tests=True).run(
         Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, definition)
     )
-    per_column, embedding = _drift_results(snapshot)
+    per_column, embedding = drift_results(snapshot)
     signals: dict[str, Any] = {
-        "prompt": _signal(per_column, "prompt"),
-        "prompt_descriptors": {d: _signal(per_column, d) for d in PROMPT_DESCRIPTORS},
+        "prompt": column_signal(per_column, "prompt"),
+        "prompt_descriptors": {d: column_signal(per_column, d) for d in PROMPT_DESCRIPTORS},
         "embedding": embedding or {"drifted": False, "unavailable": "the window was logged without embeddings"},
-        "generation": {d: _signal(per_column, d) for d in GENERATION_DESCRIPTORS},
+        "generation": {d: column_signal(per_column, d) for d in GENERATION_DESCRIPTORS},
     }
     signals["generation"]["drifted"] = any(d["drifted"] for d in signals["generation"].values())
     reasons = []
@@ -300,38 +284,44 @@ def run_generation_monitor(
     cfg: LlmopsConfig, model_name: str, *, launcher: Launcher | None = None, now: float | None = None
 ) -> MonitorOutcome:
     """One pass over a generator: window vs reference, report, decision (recorded), and the retraining if decided."""
-    at = time.time() if now is None else now
-    client = registry.setup_tracking(cfg.registry)
-    tracking_uri = registry.resolve_tracking_uri(cfg.registry)
-    champion = find_champion(client, model_name)
-    cache = GenerationReferenceCache(Path(cfg.work_dir) / "monitor", tracking_uri)
-    spec = WindowSpec.from_config(cfg.monitor, at)
-    tokenizer = cache.tokenizer(champion)
-    window = load_window(open_store(cfg.serve.prediction_log), spec, champion, cfg, tokenizer)
-    rows = len(window.frame)
-    folder = report_dir(cfg.monitor.reports_dir, at)
-    summary: dict[str, Any] = {
-        "model": champion.name,
-        "task": "generation",
-        "champion_version": champion.version,
-        "window": {"spec": spec.describe(), "rows": rows},
-    }
-    report, quality_drop, bias_gap = None, None, None
-    if rows >= cfg.monitor.retrain.min_window:
-        reference = cache.generation_reference(champion, cfg)
-        control, control_note = _control_classifier(cfg, client, cache)
+
+    def parts(client: MlflowClient, tracking_uri: str) -> GenerationMonitor:
+        cache = GenerationReferenceCache(Path(cfg.work_dir) / "monitor", tracking_uri)
+        return GenerationMonitor(cfg, client, cache, tracking_uri)
+
+    return run_pass(cfg, model_name, parts, launcher=launcher, now=now)
+
+
+@dataclass
+class GenerationMonitor:
+    cfg: LlmopsConfig
+    client: MlflowClient
+    cache: GenerationReferenceCache
+    tracking_uri: str
+    task: str | None = "generation"
+
+    def load_window(self, spec: WindowSpec, champion: Champion) -> Side:
+        store = open_store(self.cfg.serve.prediction_log)
+        return load_window(store, spec, champion, self.cfg, self.cache.tokenizer(champion))
+
+    def report(
+        self, window: Side, champion: Champion, spec: WindowSpec, summary: dict[str, Any], folder: Path, at: float
+    ) -> tuple[MonitoringReport, WindowResult]:
+        cfg = self.cfg
+        reference = self.cache.generation_reference(champion, cfg)
+        control, control_note = _control_classifier(cfg, self.client, self.cache)
         judge(window, control)
         judge(reference, control)
         metadata = {"model": champion.name, "champion_version": champion.version, "window": spec.describe()}
         snapshot, drift_summary = drift(reference, window, cfg, metadata)
         now_shares, ref_shares = shares(window.frame), shares(reference.frame)
         ratings = window.frame["rating"].astype(float).dropna()
+        quality_drop = None
         measured = now_shares["control_accuracy"] is not None and ref_shares["control_accuracy"] is not None
         if measured and now_shares["judged"] >= cfg.monitor.min_labelled:
             quality_drop = round(ref_shares["control_accuracy"] - now_shares["control_accuracy"], 6)
         bias = bias_by_topic(window.frame, cfg.monitor.bias.min_slice_rows, cfg.monitor.retrain.max_bias_gap)
-        bias_gap = bias["control_gap"]["value"] if bias["control_gap"] else None
-        summary |= {
+        summary = summary | {
             "reference": {"uri": champion.reference_uri, "rows": len(reference.frame)},
             "drift": drift_summary,
             "generations": {"window": now_shares, "reference": ref_shares, "control": control_note},
@@ -343,35 +333,31 @@ def run_generation_monitor(
             },
             "bias": bias,
         }
-        summary = _plain(summary)
-        report = MonitoringReport(snapshot, None, summary)
+        report = MonitoringReport(snapshot, None, plain(summary))
         snapshot.save_html(str(folder / "report.html"))
-    history = past_decisions(client, monitoring_experiment(cfg), champion.name)
-    result = WindowResult(at, rows, drift=report is not None and report.drift_detected, quality_drop=quality_drop,
-                          bias_gap=bias_gap)  # fmt: skip
-    decision = decide_retraining(result, history, cfg.monitor.retrain)
-    summary["created"] = datetime.fromtimestamp(at).isoformat(timespec="seconds")
-    summary["decision"] = {"verdict": decision.verdict, "reason": decision.reason, "triggers": list(decision.triggers)}
-    request = None
-    if decision.retrain:
-        extra = training_rows(window, cfg.monitor.generation.good_rating)
+        bias_gap = bias["control_gap"]["value"] if bias["control_gap"] else None
+        rows = len(window.frame)
+        return report, WindowResult(at, rows, drift=report.drift_detected, quality_drop=quality_drop, bias_gap=bias_gap)
+
+    def retraining(
+        self, window: Side, decision: RetrainDecision, folder: Path
+    ) -> tuple[RetrainRequest, dict[str, Any]]:
+        extra = training_rows(window, self.cfg.monitor.generation.good_rating)
         extra_path = None
         if len(extra):
             extra_path = str(folder / "feedback-generations.parquet")
             extra.to_parquet(extra_path, index=False)
-        overrides = [f"registry.tracking_uri={tracking_uri}"] + (
+        overrides = [f"registry.tracking_uri={self.tracking_uri}"] + (
             [f"data.extra_rows={extra_path}"] if extra_path else []
         )
+        generation = self.cfg.monitor.generation
         request = RetrainRequest(
-            cfg.monitor.generation.retrain_config,
-            overrides,
-            extra_path,
-            decision.reason,
-            deployment=cfg.monitor.generation.retrain_deployment,
+            generation.retrain_config, overrides, extra_path, decision.reason, deployment=generation.retrain_deployment
         )
-        summary["retraining"] = {"config": request.config, "extra_rows": extra_path, "training_rows": len(extra)}
-    metrics = generation_metrics(summary)
-    return conclude(cfg, client, champion, report, summary, decision, request, metrics, launcher, folder, at)
+        return request, {"config": request.config, "extra_rows": extra_path, "training_rows": len(extra)}
+
+    def metrics(self, summary: dict[str, Any]) -> dict[str, float]:
+        return generation_metrics(summary)
 
 
 def generation_metrics(summary: dict[str, Any]) -> dict[str, float]:

@@ -6,31 +6,30 @@ drift) with the report as artifacts, and the Evidently workspace. Past passes
 are read back from those MLflow runs: they are the history the retraining
 policy's hysteresis, cooldown and daily cap look at.
 
-How a retraining starts is the caller's: `flows/monitor.py` passes a launcher
-that goes through Prefect or runs the lifecycle in-process.
+Each task brings its parts (`TaskMonitor`: `monitoring.classification`, `monitoring.generation`); the pass,
+the decision and the records are one. How a retraining starts is the caller's: `flows/monitor.py` passes a
+launcher that goes through Prefect or runs the lifecycle in-process.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlflow
 from mlflow import MlflowClient
 
 from llmops import registry
 from llmops.config import LlmopsConfig
-from llmops.predlog import open_store
 from monitoring import workspace
 from monitoring.decision import PastDecision, RetrainDecision, WindowResult, decide_retraining
-from monitoring.report import MonitoringReport, build_report
-from monitoring.window import Champion, ReferenceCache, Side, WindowSpec, find_champion, labelled_rows, load_window
+from monitoring.report import MonitoringReport
+from monitoring.window import Champion, Side, WindowSpec, find_champion
 
 KIND = "monitor"
 
@@ -82,19 +81,6 @@ def past_decisions(client: MlflowClient, experiment: str, model: str) -> list[Pa
     ]
 
 
-def _window_result(report: MonitoringReport | None, rows: int, at: float) -> WindowResult:
-    if report is None:
-        return WindowResult(at, rows, drift=False)
-    quality, bias = report.summary["quality"], report.summary["bias"]
-    return WindowResult(
-        at,
-        rows,
-        drift=report.drift_detected,
-        quality_drop=None if quality is None else quality["drop"],
-        bias_gap=None if bias["f1_gap"] is None else bias["f1_gap"]["value"],
-    )
-
-
 def report_dir(root: str, at: float) -> Path:
     stamp = datetime.fromtimestamp(at).strftime("%Y%m%d-%H%M%S")
     folder, n = Path(root) / stamp, 1
@@ -103,27 +89,6 @@ def report_dir(root: str, at: float) -> Path:
         folder = Path(root) / f"{stamp}-{n}"
     folder.mkdir(parents=True)
     return folder.resolve()
-
-
-def _metrics(summary: dict[str, Any]) -> dict[str, float]:
-    values: dict[str, float] = {"window_rows": summary["window"]["rows"]}
-    drift = summary.get("drift")
-    if drift:
-        signals = drift["signals"]
-        for name in ("text", "prediction", "confidence"):
-            values[f"drift_{name}"] = signals[name]["score"]
-        if "share" in signals["embedding"]:
-            values["drift_embedding_share"] = signals["embedding"]["share"]
-        for name, signal in signals["descriptors"].items():
-            if isinstance(signal, dict) and "score" in signal:
-                values[f"drift_{name}"] = signal["score"]
-    if summary.get("quality"):
-        values |= {"window_macro_f1": summary["quality"]["macro_f1"], "window_accuracy": summary["quality"]["accuracy"]}
-    for gap in ("rate_gap", "f1_gap"):
-        found = (summary.get("bias") or {}).get(gap)
-        if found:
-            values[f"bias_{gap}"] = found["value"]
-    return values
 
 
 def record_mlflow(
@@ -154,59 +119,72 @@ def record_mlflow(
     return run.info.run_id
 
 
-def _extra_rows(window: Side, folder: Path) -> str | None:
-    rows = labelled_rows(window)
-    if rows.empty:
-        return None
-    digest = hashlib.sha256(rows.to_json().encode()).hexdigest()[:12]
-    path = folder / f"feedback-{digest}.parquet"  # named by content: the lifecycle's data cache keys on the path
-    rows.to_parquet(path, index=False)
-    return str(path)
+class TaskMonitor(Protocol):
+    """A task's parts of the one monitoring pass (`run_pass`): how its window is read, compared with the
+    champion's reference, turned into a retraining, and measured in MLflow."""
+
+    task: str | None
+    """Written as the summary's `task` (None: the classifier's summary, which has none)."""
+
+    def load_window(self, spec: WindowSpec, champion: Champion) -> Side:
+        """The champion's logged traffic in the window."""
+        ...
+
+    def report(
+        self, window: Side, champion: Champion, spec: WindowSpec, summary: dict[str, Any], folder: Path, at: float
+    ) -> tuple[MonitoringReport, WindowResult]:
+        """Window vs the champion's reference: the report (its pages written to `folder`, its summary the pass's
+        `summary` with every signal) and what the retraining policy reads of it."""
+        ...
+
+    def retraining(
+        self, window: Side, decision: RetrainDecision, folder: Path
+    ) -> tuple[RetrainRequest, dict[str, Any]]:
+        """The retraining a `retrain` decision starts, and what the summary says of it."""
+        ...
+
+    def metrics(self, summary: dict[str, Any]) -> dict[str, float]:
+        """The pass's MLflow metrics."""
+        ...
 
 
-def run_monitor(
+def run_pass(
     cfg: LlmopsConfig,
-    config_path: str | None = None,
-    overrides: list[str] | None = None,
+    model_name: str,
+    task_monitor: Callable[[MlflowClient, str], TaskMonitor],
     *,
     launcher: Launcher | None = None,
     now: float | None = None,
 ) -> MonitorOutcome:
-    """Compare the window with the reference, write and record the report, decide, and retrain if decided."""
+    """One monitoring pass over `model_name`'s champion: compare the window with the reference, write and record
+    the report, decide, and retrain if decided. `task_monitor(client, tracking_uri)`: the task's parts."""
     at = time.time() if now is None else now
     client = registry.setup_tracking(cfg.registry)
-    tracking_uri = registry.resolve_tracking_uri(cfg.registry)
-    champion = find_champion(client, cfg.registry.model_name)
-    cache = ReferenceCache(Path(cfg.work_dir) / "monitor", tracking_uri)
+    part = task_monitor(client, registry.resolve_tracking_uri(cfg.registry))
+    champion = find_champion(client, model_name)
     spec = WindowSpec.from_config(cfg.monitor, at)
-    window = load_window(open_store(cfg.serve.prediction_log), spec, champion, cache.tokenizer(champion), cfg.data)
+    window = part.load_window(spec, champion)
     rows = len(window.frame)
     folder = report_dir(cfg.monitor.reports_dir, at)
-    report = None
     summary: dict[str, Any] = {
         "model": champion.name,
+        **({"task": part.task} if part.task else {}),
         "champion_version": champion.version,
         "window": {"spec": spec.describe(), "rows": rows},
     }
+    report, result = None, WindowResult(at, rows, drift=False)
     if rows >= cfg.monitor.retrain.min_window:
-        reference = cache.reference(champion, cfg.monitor.reference_rows, cfg.data)
-        report = build_report(reference, window, champion, cfg.monitor, cfg.data, spec.describe())
+        report, result = part.report(window, champion, spec, summary, folder, at)
         summary = report.summary
-        report.drift.save_html(str(folder / "report.html"))
-        if report.quality is not None:
-            report.quality.save_html(str(folder / "quality.html"))
     history = past_decisions(client, monitoring_experiment(cfg), champion.name)
-    decision = decide_retraining(_window_result(report, rows, at), history, cfg.monitor.retrain)
+    decision = decide_retraining(result, history, cfg.monitor.retrain)
     summary["created"] = datetime.fromtimestamp(at).isoformat(timespec="seconds")
     summary["decision"] = {"verdict": decision.verdict, "reason": decision.reason, "triggers": list(decision.triggers)}
     request = None
     if decision.retrain:
-        extra = _extra_rows(window, folder)
-        overrides_now = [*(overrides or []), *([f"data.extra_rows={extra}"] if extra else [])]
-        request = RetrainRequest(cfg.monitor.retrain_config or config_path, overrides_now, extra, decision.reason)
-        labelled = int(window.frame["feedback_label"].notna().sum())
-        summary["retraining"] = {"config": request.config, "extra_rows": extra, "labelled_rows": labelled}
-    return conclude(cfg, client, champion, report, summary, decision, request, _metrics(summary), launcher, folder, at)
+        request, summary["retraining"] = part.retraining(window, decision, folder)
+    metrics = part.metrics(summary)
+    return conclude(cfg, client, champion, report, summary, decision, request, metrics, launcher, folder, at)
 
 
 def conclude(

@@ -43,7 +43,8 @@ class MonitoringReport:
         return bool(self.summary["drift"]["detected"])
 
 
-def _components(reference: Side, current: Side, k: int) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+def principal_components(reference: Side, current: Side, k: int) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Both sides' embeddings on the reference's first `k` principal components (None: a side has none)."""
     if reference.embeddings is None or current.embeddings is None:
         return None
     if reference.embeddings.shape[1] != current.embeddings.shape[1]:
@@ -57,7 +58,8 @@ def _components(reference: Side, current: Side, k: int) -> tuple[pd.DataFrame, p
     )
 
 
-def _signal(results: dict[str, dict[str, Any]], column: str) -> dict[str, Any]:
+def column_signal(results: dict[str, dict[str, Any]], column: str) -> dict[str, Any]:
+    """One column's drift as the summary reports it (from `drift_results`)."""
     test = results[column]
     return {
         "score": test["score"],
@@ -67,7 +69,7 @@ def _signal(results: dict[str, dict[str, Any]], column: str) -> dict[str, Any]:
     }
 
 
-def _drift_results(snapshot: Snapshot) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+def drift_results(snapshot: Snapshot) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """Per column: score, method, threshold and drifted (from Evidently's own test); the embedding share."""
     data = snapshot.dict()
     failed = {t["metric_config"]["metric_id"]: t["status"] != "SUCCESS" for t in data["tests"]}
@@ -110,7 +112,7 @@ def detectable_auc(n_reference: int, n_current: int) -> float:
 
 
 def drift_report(reference: Side, current: Side, cfg: MonitorConfig, metadata: dict[str, Any]) -> tuple[Snapshot, dict]:
-    components = _components(reference, current, cfg.embedding_components)
+    components = principal_components(reference, current, cfg.embedding_components)
     columns = ["text", "prediction", "confidence", *DESCRIPTORS]
     ref, cur = reference.frame[columns].reset_index(drop=True), current.frame[columns].reset_index(drop=True)
     # The domain classifier is the report's costliest step and grows with the rows; a sample keeps its power stated.
@@ -130,15 +132,15 @@ def drift_report(reference: Side, current: Side, cfg: MonitorConfig, metadata: d
         metrics.append(DriftedColumnsCount(columns=embedding_columns, drift_share=EMBEDDING_SHARE))
     report = Report(metrics, metadata=metadata, tags=["drift"], include_tests=True)
     snapshot = report.run(Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, definition))
-    per_column, embedding = _drift_results(snapshot)
+    per_column, embedding = drift_results(snapshot)
     signals: dict[str, Any] = {
-        "text": _signal(per_column, "text")
+        "text": column_signal(per_column, "text")
         | {"rows": text_rows, "detectable_auc": round(detectable_auc(*text_rows.values()), 4)},
-        "descriptors": {d: _signal(per_column, d) for d in DESCRIPTORS},
+        "descriptors": {d: column_signal(per_column, d) for d in DESCRIPTORS},
         "embedding": embedding
         or {"drifted": False, "unavailable": "the window was logged without embedding vectors (serve.log_embeddings)"},
-        "prediction": _signal(per_column, "prediction"),
-        "confidence": _signal(per_column, "confidence"),
+        "prediction": column_signal(per_column, "prediction"),
+        "confidence": column_signal(per_column, "confidence"),
     }
     signals["descriptors"]["drifted"] = any(d["drifted"] for d in signals["descriptors"].values())
     signals["descriptors"]["unk_share_mean"] = {
@@ -232,15 +234,15 @@ def build_report(
         "quality": quality_summary,
         "bias": bias_result.to_dict(),
     }
-    return MonitoringReport(drift_snapshot, quality_snapshot, _plain(summary))
+    return MonitoringReport(drift_snapshot, quality_snapshot, plain(summary))
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """numpy scalars and tuples to JSON types."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value

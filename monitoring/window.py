@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from llmops.classification.candidate import Classifier
 from llmops.config import DataConfig, MonitorConfig
 from llmops.corpus import clean_text, tag_topic
+from llmops.metrics.text import unknown_shares
 from llmops.predlog import PredictionStore, decode_embeddings
 from llmops.registry import TAG, alias_version, download_candidate
 
@@ -65,15 +66,6 @@ def find_champion(client: MlflowClient, name: str, alias: str = "champion") -> C
         raise MonitorError(f"{name} version {version} has no {TAG}reference_data tag: register it with the lifecycle")
     f1 = tags.get(TAG + "test_macro_f1")
     return Champion(name, version, json.loads(tags[TAG + "labels"]), float(f1) if f1 else None, reference)
-
-
-def unknown_share(texts: pd.Series, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
-    """Per text, the share of its tokens the tokenizer does not know (serving logs this; older logs lack it)."""
-    unk = tokenizer.unk_token_id
-    if unk is None or texts.empty:  # an empty window (no traffic yet) too
-        return np.zeros(len(texts))
-    ids = tokenizer(texts.tolist(), add_special_tokens=False)["input_ids"]
-    return np.array([sum(t == unk for t in row) / max(len(row), 1) for row in ids])
 
 
 def describe(texts: pd.Series, unk_share: np.ndarray, url_token: str) -> pd.DataFrame:
@@ -196,7 +188,7 @@ def load_window(
     unknown = (
         logged_unknown.to_numpy(dtype="float64")
         if len(logged) and logged_unknown.notna().all()
-        else unknown_share(frame["text"], tokenizer)
+        else unknown_shares(tokenizer, frame["text"].tolist())
     )
     frame = frame.join(describe(frame["text"], unknown, data_cfg.url_token)) if len(frame) else frame
     embeddings = decode_embeddings(logged["embedding"]) if "embedding" in logged and len(logged) else None

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 
 from llmops.classification.candidate import Forward
 from llmops.config import LlmopsConfig
+from llmops.metrics.text import unknown_share
 from llmops.predlog import (
     FeedbackRow,
     GenerationFeedbackRow,
@@ -138,7 +139,7 @@ class Predictor:
                 ttft_ms=((sequence.first_token_at or finished) - sequence.submitted) * 1000,
                 latency_ms=(finished - sequence.submitted) * 1000,
                 embedding=None if embedding is None else encode_embedding(embedding),
-                unk_share=_unknown_share(model, sequence.prompt_ids),
+                unk_share=_prompt_unknown_share(model, sequence.prompt_ids),
             )
         )
         _observe(self.metrics, sequence, model)
@@ -304,11 +305,6 @@ class Predictor:
         self.log.append_feedback(FeedbackRow(request_id, index, label, time.time()))
 
 
-def _unknown_share(model: LoadedModel, prompt_ids: list[int]) -> float | None:
-    unk = model.runtime.tokenizer.unk_token_id
-    return None if unk is None or not prompt_ids else prompt_ids.count(unk) / len(prompt_ids)
-
-
 def _observe(metrics: ServingMetrics, sequence: Sequence, model: LoadedModel) -> None:
     labels = (model.name, model.version)
     finished = sequence.finished_at or time.perf_counter()
@@ -320,3 +316,9 @@ def _observe(metrics: ServingMetrics, sequence: Sequence, model: LoadedModel) ->
     metrics.prompt_tokens.labels(*labels).inc(len(sequence.prompt_ids))
     metrics.generated_tokens.labels(*labels).inc(sequence.generated)
     metrics.generations.labels(*labels, sequence.finish_reason or "unknown").inc()
+
+
+def _prompt_unknown_share(model: LoadedModel, prompt_ids: list[int]) -> float | None:
+    """None where it means nothing: a tokenizer without an unknown token, or no prompt tokens."""
+    unk = model.runtime.tokenizer.unk_token_id
+    return None if unk is None or not prompt_ids else unknown_share(prompt_ids, unk)

@@ -56,6 +56,13 @@ class Judge(Protocol):
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray: ...
 
 
+def said_labels(judge: Judge, texts: list[str]) -> list[str]:
+    """The label the judge gives each text: control accuracy is the share that carries the requested one."""
+    if not texts:
+        return []
+    return [judge.labels[int(k)] for k in judge.predict_proba(texts).argmax(axis=1)]
+
+
 @dataclass(frozen=True)
 class Control:
     """The classifier that judges whether a generation carries the requested label."""
@@ -133,8 +140,7 @@ def open_generations(
         unknown = sorted({targets[i] for i in judged} - set(labels))
         if unknown:
             notes.append(f"control accuracy: targets {unknown} are not labels of {control.name}; counted as misses")
-        probs = control.classifier.predict_proba([texts[i] for i in judged])
-        said = [labels[int(k)] for k in probs.argmax(axis=1)]
+        said = said_labels(control.classifier, [texts[i] for i in judged])
         metrics["control_accuracy"] = float(np.mean([s == targets[i] for s, i in zip(said, judged, strict=True)]))
         notes.append(f"control accuracy judged by {control.name} version {control.version}")
     return metrics, notes, generations

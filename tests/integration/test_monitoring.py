@@ -22,7 +22,8 @@ from llmops.config import LlmopsConfig, load_config
 from llmops.ports import free_port
 from llmops.predlog import FeedbackRow, PredictionLogWriter, PredictionRow, encode_embedding, open_store
 from llmops.registry import download_candidate
-from monitoring.monitor import monitoring_experiment, run_monitor
+from monitoring.classification import run_monitor
+from monitoring.monitor import monitoring_experiment
 from tests.conftest import TINY_CONFIG, Recorder
 from tests.tiny_registry import register_versions
 

@@ -8,12 +8,9 @@ over generations. 0 for text that never repeats itself, near 1 for a loop.
 import datasets
 import evaluate
 
+from llmops.metrics.text import seq_rep
+
 _DESCRIPTION = "Mean share of repeated word n-grams within each generation (seq-rep-n)."
-
-
-def _repeated_share(words, n):
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 class Repetition(evaluate.Metric):
@@ -26,5 +23,5 @@ class Repetition(evaluate.Metric):
         )
 
     def _compute(self, predictions, n=3):
-        shares = [_repeated_share(str(text).split(), n) for text in predictions]
+        shares = [seq_rep(str(text), n) for text in predictions]
         return {"repetition_rate": sum(shares) / len(shares) if shares else 0.0}
