@@ -46,8 +46,8 @@ class Served:
     @classmethod
     def now(cls, predictor: Predictor) -> Served:
         champion = predictor.champion.current
-        classifier = champion if champion is not None and champion.is_classifier else None
-        generators = [n for n, w in predictor.models.items() if w.current is not None and not w.current.is_classifier]
+        classifier = champion if champion is not None and not champion.generates else None
+        generators = [n for n, w in predictor.models.items() if w.current is not None and w.current.generates]
         return cls(
             models=tuple(predictor.models),
             classifier=classifier.name if classifier else None,

@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmops.generation.candidate import GenerationParams, Generator
@@ -77,8 +78,10 @@ class Sequence:
     rng: torch.Generator | None = None
     chose_end_first: bool = False
     """The model's own first choice was the end token (barred by the minimum length: see `decode.Barred`)."""
-    context: dict[str, Any] = field(default_factory=dict)
-    """What the caller needs back when the sequence ends (request id, prompt, model: for the log and metrics)."""
+    context: Any = None
+    """What the caller needs back when the sequence ends, opaque to the engine (serving: `predictor.Origin`)."""
+    embedding: np.ndarray | None = None
+    """The prompt's embedding (the output layer's input at its last token), when the engine logs embeddings."""
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -135,10 +138,10 @@ class GenerationEngine:
         prompt_ids: list[int],
         params: GenerationParams,
         loop: asyncio.AbstractEventLoop,
-        context: dict[str, Any] | None = None,
+        context: Any = None,
     ) -> Sequence:
         """Queue a sequence; its events arrive on `sequence.events` in `loop`. Raises EngineFull, EngineClosed."""
-        sequence = Sequence(prompt_ids, params, loop, context=context or {})
+        sequence = Sequence(prompt_ids, params, loop, context=context)
         if params.seed is not None:
             sequence.rng = torch.Generator(self.generator.device).manual_seed(params.seed)
         with self._wake:
@@ -224,7 +227,7 @@ class GenerationEngine:
             logits, batch = prefill(self.generator.model, ids.to(device), mask.to(device))
         if caught:  # (batch, 1, hidden) at the last prompt token
             for sequence, vector in zip(sequences, caught[0][:, -1, :].float().cpu().numpy(), strict=True):
-                sequence.context["embedding"] = vector
+                sequence.embedding = vector
         if self._batch is None or self._logits is None:
             self._batch, self._logits = batch, logits
         else:

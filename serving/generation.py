@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from llmops.generation.candidate import GenerationParams, Prompt
 from serving.engine import EngineClosed, EngineFull, Event, Sequence
 from serving.errors import ApiError
-from serving.models import LoadedModel
-from serving.predictor import Predictor
+from serving.models import Generating, LoadedModel
+from serving.predictor import Origin, Predictor
+from serving.runtimes import GeneratorRuntime, WrongModelKind
 
 
 @dataclass(frozen=True)
@@ -80,22 +81,21 @@ class Stream:
         return Answer(text, last.finish_reason, self.prompt_tokens, last.completion_tokens)
 
 
-def _generator_model(predictor: Predictor, name: str) -> LoadedModel:
+def _generator_model(predictor: Predictor, name: str) -> tuple[LoadedModel, Generating]:
     watcher = predictor.models.get(name)
     if watcher is None:
         served = ", ".join(predictor.models)
         raise ApiError(404, f"model '{name}' is not served here (serving {served})", type="not_found", field="model")
     model = predictor.loaded(watcher)
-    if model.engine is None:
+    try:
+        return model, model.generation
+    except WrongModelKind as error:
         # 404, as OpenAI answers a model its route does not serve ("This is a chat model and not supported ...").
-        raise ApiError(
-            404, f"model '{name}' is a {model.task} model: use /v1/predict", type="wrong_model_kind", field="model"
-        )
-    return model
+        raise ApiError(404, f"model {error}: use /v1/predict", type="wrong_model_kind", field="model") from None
 
 
 def _params(
-    predictor: Predictor, request: GenerationRequest, prompt_tokens: int, model: LoadedModel
+    predictor: Predictor, request: GenerationRequest, prompt_tokens: int, generator: GeneratorRuntime
 ) -> GenerationParams:
     cfg = predictor.cfg
     if prompt_tokens > cfg.max_prompt_tokens:
@@ -106,7 +106,7 @@ def _params(
             field=request.field,
         )
     budget = min(request.max_tokens or cfg.default_max_tokens, cfg.max_new_tokens)
-    context = model.runtime.context_length
+    context = generator.context_length
     if context is not None:
         if prompt_tokens >= context:
             raise ApiError(
@@ -161,13 +161,12 @@ async def generate(
     `index`: the prompt's position in its request (the prediction log keys answers by request id and index)."""
     loop = asyncio.get_running_loop()
     for _ in range(3):  # a version swapped out between reading it and submitting: take the new one
-        model = _generator_model(predictor, request.model)
-        assert model.engine is not None
-        prompt_ids = model.runtime.encode(request.prompt, truncate=False)
-        params = _params(predictor, request, len(prompt_ids), model)
-        context = {"request_id": request_id, "idx": index, "prompt": request.prompt, "route": route, "model": model}
+        model, generation = _generator_model(predictor, request.model)
+        prompt_ids = generation.runtime.encode(request.prompt, truncate=False)
+        params = _params(predictor, request, len(prompt_ids), generation.runtime)
+        origin = Origin(request_id, index, request.prompt, route, model)
         try:
-            sequence = model.engine.submit(prompt_ids, params, loop, context)
+            sequence = generation.backend.submit(prompt_ids, params, loop, origin)
         except EngineFull as error:
             predictor.metrics.rejected.labels("generation_queue_full").inc()
             raise ApiError(503, f"server busy: {error}", type="overloaded", headers={"Retry-After": "1"}) from None

@@ -3,8 +3,8 @@
 A request takes a reference to the current :class:`LoadedModel` when it starts and
 keeps it to the end, so a swap never changes the model under a request in flight;
 the old version is freed when its last request finishes. A version is a classifier or a
-generator (its `candidate.json` says which); a generator comes with its own
-continuous-batching engine, retired once the next version is in and its sequences are done.
+generator (its `candidate.json` says which; `serving.runtimes` is the seam); a generator comes with its own
+backend (the continuous-batching engine), retired once the next version is in and its sequences are done.
 """
 
 from __future__ import annotations
@@ -18,24 +18,32 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from llmops.candidate_folder import CandidateMeta
-from llmops.classification.candidate import Classifier
 from llmops.registry import TAG, alias_version, download_candidate
-from serving.engine import GenerationEngine
 from serving.metrics import ServingMetrics
+from serving.runtimes import (
+    ClassifierRuntime,
+    GenerationBackend,
+    GeneratorRuntime,
+    WrongModelKind,
+    load_runtime,
+)
 
 log = logging.getLogger(__name__)
 
-WARM_TEXTS = ["warming up the model", "a second, somewhat longer text to warm up the padded path"]
+EngineFactory = Callable[[GeneratorRuntime, str, str], GenerationBackend]
+"""(generator, model name, version) -> what schedules that version's sequences."""
 
 
-EngineFactory = Callable[[Any, str, str], GenerationEngine]
-"""(generator, model name, version) -> the engine that serves that version."""
+@dataclass(frozen=True)
+class Generating:
+    """A generator version as the generation routes use it."""
+
+    runtime: GeneratorRuntime
+    backend: GenerationBackend
 
 
 @dataclass(frozen=True)
@@ -43,27 +51,34 @@ class LoadedModel:
     name: str
     version: str
     alias: str
-    runtime: Any
-    """A `llmops.classification.candidate.Classifier` or a `llmops.generation.candidate.Generator`."""
+    runtime: ClassifierRuntime | GeneratorRuntime
     tags: dict[str, str]
     metrics: dict[str, float]
     loaded_at: float
-    engine: GenerationEngine | None = None
-    """Generators: the continuous-batching engine of this version."""
+    backend: GenerationBackend | None = None
+    """Generators: what schedules this version's sequences."""
 
     @property
     def task(self) -> str:
-        return str(self.runtime.meta.task)
+        return self.runtime.meta.task
 
     @property
-    def is_classifier(self) -> bool:
-        return self.task == "sequence-classification"
+    def generates(self) -> bool:
+        return self.backend is not None
 
     @property
-    def classifier(self) -> Classifier:
-        if not isinstance(self.runtime, Classifier):
-            raise TypeError(f"{self.name} version {self.version} is a {self.task} model, not a classifier")
-        return self.runtime
+    def classifier(self) -> ClassifierRuntime:
+        """This version as a classifier; `WrongModelKind` for a generator."""
+        if self.backend is not None or self.task != "sequence-classification":
+            raise WrongModelKind(self.name, self.task)
+        return self.runtime  # type: ignore[return-value]
+
+    @property
+    def generation(self) -> Generating:
+        """This version as a generator with its backend; `WrongModelKind` for a classifier."""
+        if self.backend is None:
+            raise WrongModelKind(self.name, self.task)
+        return Generating(self.runtime, self.backend)  # type: ignore[arg-type]
 
     @property
     def labels(self) -> list[str]:
@@ -93,19 +108,6 @@ def fetch_version(tracking_uri: str, name: str, version: str, cache: Path) -> Pa
     return next(final.rglob("candidate.json")).parent
 
 
-def _load_runtime(folder: Path) -> Any:
-    """A classifier or a generator, warmed: the first forward pass allocates; pay it before traffic does."""
-    if CandidateMeta.load(folder).task == "sequence-classification":
-        classifier = Classifier(folder)
-        classifier.predict_proba(WARM_TEXTS)
-        return classifier
-    from llmops.generation.candidate import GenerationParams, Generator
-
-    generator = Generator(folder)
-    generator.generate(WARM_TEXTS, GenerationParams(max_new_tokens=2))
-    return generator
-
-
 def load_version(
     client: MlflowClient,
     tracking_uri: str,
@@ -117,7 +119,7 @@ def load_version(
 ) -> LoadedModel:
     """Download, load and warm one version (blocking: run it off the event loop)."""
     folder = fetch_version(tracking_uri, name, version, cache)
-    runtime = _load_runtime(folder)
+    runtime = load_runtime(folder)
     mv = client.get_model_version(name, version)
     try:
         metrics = dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
@@ -125,8 +127,8 @@ def load_version(
         metrics = {}
     tags = {k: v for k, v in mv.tags.items() if k.startswith(TAG)}
     generative = runtime.meta.task != "sequence-classification"
-    engine = engine_factory(runtime, name, version) if generative and engine_factory else None
-    return LoadedModel(name, version, alias, runtime, tags, metrics, time.time(), engine)
+    backend = engine_factory(runtime, name, version) if generative and engine_factory else None  # type: ignore[arg-type]
+    return LoadedModel(name, version, alias, runtime, tags, metrics, time.time(), backend)
 
 
 class ModelWatcher:
@@ -194,8 +196,8 @@ class ModelWatcher:
         previous_model = self.current
         previous = self.served_version
         self.current = loaded  # the swap: one reference assignment
-        if previous_model is not None and previous_model.engine is not None:
-            previous_model.engine.retire()  # it finishes the sequences it has, then stops
+        if previous_model is not None and previous_model.backend is not None:
+            previous_model.backend.retire()  # it finishes the sequences it has, then stops
         # Move the loaded model's objects (and the libraries') out of the garbage collector's sight: a full
         # collection walks millions of long-lived objects and stalls every request for a few hundred ms.
         gc.collect()

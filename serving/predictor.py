@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 
 from llmops.classification.candidate import Forward
 from llmops.config import LlmopsConfig
+from llmops.generation.candidate import Prompt
 from llmops.metrics.text import unknown_share
 from llmops.predlog import (
     FeedbackRow,
@@ -41,6 +42,18 @@ from serving.metrics import ServingMetrics
 from serving.models import LoadedModel, ModelWatcher
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a generation came from: what its prediction-log row and metrics need once it finishes."""
+
+    request_id: str
+    idx: int
+    """The prompt's position in its request."""
+    prompt: Prompt
+    route: str
+    model: LoadedModel
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,8 @@ class Predictor:
         self._shadows: set[asyncio.Task[None]] = set()
 
     def _engine(self, generator: Any, name: str, version: str) -> GenerationEngine:
+        """The torch runtime's backend: continuous batching over a `Generator` (its model and KV cache)."""
+
         def on_step(running: int, waiting: int) -> None:
             self.metrics.running.labels(name, version).set(running)
             self.metrics.waiting.labels(name, version).set(waiting)
@@ -112,24 +127,23 @@ class Predictor:
 
     def record_generation(self, sequence: Sequence) -> None:
         """Metrics and the prediction-log row of a finished generation (called on the engine's thread)."""
-        context = sequence.context
-        model: LoadedModel = context["model"]
-        prompt = context["prompt"]
+        origin: Origin = sequence.context
+        model, prompt = origin.model, origin.prompt
         if isinstance(prompt, str):
             text, messages = prompt, ""
         else:
             users = [m["content"] for m in prompt if m["role"] == "user"]
             text, messages = (users[-1] if users else prompt[-1]["content"]), json.dumps(list(prompt))
         finished = sequence.finished_at or time.perf_counter()
-        embedding = context.get("embedding")
+        embedding = sequence.embedding
         self.log.append_generation(
             GenerationRow(
-                request_id=context["request_id"],
-                idx=context["idx"],
+                request_id=origin.request_id,
+                idx=origin.idx,
                 ts=time.time(),
                 model_name=model.name,
                 model_version=model.version,
-                route=context["route"],
+                route=origin.route,
                 prompt=text,
                 messages=messages,
                 completion=sequence.text,
@@ -150,7 +164,7 @@ class Predictor:
         model that is a classifier (or, before anything loaded, the first served model)."""
         if self.model_name in self.models:
             return self.models[self.model_name]
-        loaded = [w for w in self.models.values() if w.current is not None and w.current.is_classifier]
+        loaded = [w for w in self.models.values() if w.current is not None and not w.current.generates]
         return loaded[0] if loaded else next(iter(self.models.values()))
 
     async def start(self) -> None:
@@ -173,8 +187,8 @@ class Predictor:
         await asyncio.gather(*self._watchers, *self._shadows, return_exceptions=True)
         await self.batcher.stop()
         for watcher in self.models.values():
-            if watcher.current is not None and watcher.current.engine is not None:
-                await asyncio.to_thread(watcher.current.engine.stop)
+            if watcher.current is not None and watcher.current.backend is not None:
+                await asyncio.to_thread(watcher.current.backend.stop)
         self.log.close()
 
     @property
@@ -197,7 +211,7 @@ class Predictor:
     def require_model(self) -> LoadedModel:
         """The classifier routes' model, loaded, or a 503 (not loaded yet) or 400 (it generates text)."""
         model = self.loaded(self.champion)
-        if not model.is_classifier:
+        if model.generates:
             raise ApiError(
                 400,
                 f"'{model.name}' is a {model.task} model: use /v1/completions or /v1/chat/completions",
@@ -320,5 +334,5 @@ def _observe(metrics: ServingMetrics, sequence: Sequence, model: LoadedModel) ->
 
 def _prompt_unknown_share(model: LoadedModel, prompt_ids: list[int]) -> float | None:
     """None where it means nothing: a tokenizer without an unknown token, or no prompt tokens."""
-    unk = model.runtime.tokenizer.unk_token_id
+    unk = model.generation.runtime.tokenizer.unk_token_id
     return None if unk is None or not prompt_ids else unknown_share(prompt_ids, unk)

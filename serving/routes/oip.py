@@ -56,13 +56,11 @@ def _served(predictor: Predictor, name: str) -> ModelWatcher:
 def _classifier(predictor: Predictor, name: str) -> LoadedModel:
     """`infer` scores with the classifier routes' model: a 404 for a generator (it has `generate` instead)."""
     model = predictor.loaded(_served(predictor, name))
-    if not model.is_classifier:
+    if model.generates:
         raise ApiError(
-            404,
-            f"model '{name}' is a {model.task} model: use /v2/models/{name}/generate",
-            type="wrong_model_kind",
+            404, f"model '{name}' is a {model.task} model: use /v2/models/{name}/generate", type="wrong_model_kind",
             field="name",
-        )
+        )  # fmt: skip
     if predictor.models[name] is not predictor.champion:
         raise ApiError(
             404,
@@ -100,7 +98,7 @@ async def v2_model_ready(name: str, predictor: PredictorDep) -> JSONResponse:
 async def v2_model_metadata(name: str, predictor: PredictorDep) -> ModelMetadataResponse:
     """A classifier's tensors for `infer`; a generator's for `generate`."""
     model = predictor.loaded(_served(predictor, name))
-    if model.is_classifier:
+    if not model.generates:
         inputs = [TensorMetadata(name=V2_INPUT, datatype="BYTES", shape=[-1])]
         outputs = [
             TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
