@@ -7,9 +7,15 @@ Encoder-only, decoder-only and encoder-decoder models alike (`layer_stacks`).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
+
+from llmops.candidate_folder import CandidateMeta
+from llmops.checkpoints import AUTO_CLASS
 
 
 def layer_stacks(model: PreTrainedModel) -> list[torch.nn.ModuleList]:
@@ -126,3 +132,26 @@ def build_student(teacher: PreTrainedModel, layers: list[int], ffn_keep: float =
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in layers]
     return prune_ffn(student, ffn_keep)
+
+
+@dataclass(frozen=True)
+class TeacherAndStudent:
+    """A teacher candidate loaded, and the student built from it (distillation starts here, for every task)."""
+
+    meta: CandidateMeta
+    """the teacher's"""
+    tokenizer: Any
+    teacher: Any
+    """a `PreTrainedModel` of the task's auto class, in eval mode"""
+    student: Any
+    ffn_keep: float
+    """the share of feed-forward neurons the student kept (`distill.ffn_keep`, resolved)"""
+
+
+def teacher_and_student(teacher_dir: str | Path, layers: list[int], ffn_keep: float | None) -> TeacherAndStudent:
+    """Load the teacher candidate at `teacher_dir` and build its student (`build_student`)."""
+    meta = CandidateMeta.load(teacher_dir)
+    teacher = AUTO_CLASS[meta.task].from_pretrained(teacher_dir).eval()
+    keep = resolve_ffn_keep(teacher, ffn_keep)
+    student = build_student(teacher, layers, keep)
+    return TeacherAndStudent(meta, AutoTokenizer.from_pretrained(teacher_dir), teacher, student, keep)

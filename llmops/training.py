@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from llmops.candidate_folder import HISTORY_FILE, CandidateMeta, save_hf_candidate
 from llmops.checkpoints import count_parameters
-from llmops.config import ModelConfig, TrainConfig
+from llmops.config import DistillConfig, ModelConfig, TrainConfig
 from llmops.prepared_data import PreparedData
 
 
@@ -94,6 +94,21 @@ def fine_tune_arguments(out_dir: Path, cfg: TrainConfig, data: PreparedData, **m
         warmup_ratio=cfg.warmup_ratio,
         seed=cfg.seed,
         processes=int(os.environ.get("WORLD_SIZE", "1")),
+        **more,
+    )
+
+
+def distil_arguments(out_dir: Path, cfg: DistillConfig, train_rows: int, **more: Any) -> TrainingArguments:
+    """`training_arguments` from the `distill` config: two evaluations an epoch, mixed precision on a GPU.
+    `more`: the metric that picks the best checkpoint (default: validation macro-F1), columns to keep."""
+    return training_arguments(
+        out_dir,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        train_rows=train_rows,
+        evals_per_epoch=2,
+        mixed_precision=True,
         **more,
     )
 

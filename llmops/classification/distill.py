@@ -13,8 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
     DataCollatorWithPadding,
     EarlyStoppingCallback,
     PreTrainedModel,
@@ -25,8 +23,8 @@ from llmops.candidate_folder import CandidateMeta
 from llmops.classification.train import compute_metrics_fn, tokenize_split
 from llmops.config import DistillConfig
 from llmops.prepared_data import PreparedData
-from llmops.students import build_student, resolve_ffn_keep
-from llmops.training import train_to_candidate, training_arguments, use_all_cores
+from llmops.students import TeacherAndStudent, teacher_and_student
+from llmops.training import distil_arguments, train_to_candidate, use_all_cores
 
 UNLABELLED = -100
 
@@ -143,36 +141,34 @@ def _unlabel(batch: dict[str, list[Any]]) -> dict[str, list[int]]:
     return {"labels": [UNLABELLED] * len(batch["labels"])}
 
 
+def _with_soft_targets(
+    pair: TeacherAndStudent, data: PreparedData, cfg: DistillConfig, collator: DataCollatorWithPadding
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The training rows (with the transfer set) and the validation rows, tokenized, each with the teacher's
+    logits."""
+    max_length = pair.meta.max_length
+    train = tokenize_split(data.split_path("train"), pair.tokenizer, max_length)
+    if cfg.transfer_rows > 0 and data.split_path("unlabeled").is_file():
+        train = datasets.concatenate_datasets([train, transfer_set(data, pair.tokenizer, max_length, cfg)])
+    validation = tokenize_split(data.split_path("validation"), pair.tokenizer, max_length)
+    return tuple(  # type: ignore[return-value]
+        rows.add_column("teacher_logits", teacher_logits(pair.teacher, rows, collator)) for rows in (train, validation)
+    )
+
+
 def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_dir: str | Path) -> Path:
     """Distil the teacher candidate at `teacher_dir`; returns the student candidate folder."""
     use_all_cores()
     out_dir = Path(out_dir)
-    teacher_meta = CandidateMeta.load(teacher_dir)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
-    ffn_keep = resolve_ffn_keep(teacher, cfg.ffn_keep)
-    student = build_student(teacher, cfg.student_layers, ffn_keep)
+    pair = teacher_and_student(teacher_dir, cfg.student_layers, cfg.ffn_keep)
+    teacher_meta, tokenizer, teacher = pair.meta, pair.tokenizer, pair.teacher
     collator = DataCollatorWithPadding(tokenizer)
-    train = tokenize_split(data.split_path("train"), tokenizer, teacher_meta.max_length)
-    if cfg.transfer_rows > 0 and data.split_path("unlabeled").is_file():
-        train = datasets.concatenate_datasets([train, transfer_set(data, tokenizer, teacher_meta.max_length, cfg)])
-    train = train.add_column("teacher_logits", teacher_logits(teacher, train, collator))
-    validation = tokenize_split(data.split_path("validation"), tokenizer, teacher_meta.max_length)
-    validation = validation.add_column("teacher_logits", teacher_logits(teacher, validation, collator))
-    args = training_arguments(
-        out_dir,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        train_rows=len(train),
-        evals_per_epoch=2,
-        mixed_precision=True,
-        remove_unused_columns=False,
-    )
+    train, validation = _with_soft_targets(pair, data, cfg, collator)
+    args = distil_arguments(out_dir, cfg, len(train), remove_unused_columns=False)
     if cfg.hidden_weight > 0:
         teacher.to(args.device)
     trainer = DistillationTrainer(
-        model=student,
+        model=pair.student,
         args=args,
         train_dataset=train,
         eval_dataset=validation,
@@ -194,7 +190,7 @@ def distil(cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_
         task=teacher_meta.task,
         recipe={
             "teacher_layers": cfg.student_layers,
-            "ffn_keep": ffn_keep,
+            "ffn_keep": pair.ffn_keep,
             "alpha": cfg.alpha,
             "temperature": cfg.temperature,
             "hidden_weight": cfg.hidden_weight,

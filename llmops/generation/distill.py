@@ -18,14 +18,13 @@ import torch
 from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, set_seed
 
 from llmops.candidate_folder import CandidateMeta
-from llmops.checkpoints import AUTO_CLASS
 from llmops.config import DistillConfig
 from llmops.generation.data import IGNORE, tokenize_split
 from llmops.generation.losses import completion_loss, score_completions, token_distillation_loss
 from llmops.generation.train import collator
 from llmops.prepared_data import PreparedData
-from llmops.students import build_student, resolve_ffn_keep
-from llmops.training import train_to_candidate, training_arguments, use_all_cores
+from llmops.students import teacher_and_student
+from llmops.training import distil_arguments, train_to_candidate, use_all_cores
 
 
 class TokenDistillationTrainer(Trainer):
@@ -124,25 +123,11 @@ def distil(
     use_all_cores()
     set_seed(0)
     out_dir = Path(out_dir)
-    meta = CandidateMeta.load(teacher_dir)
+    pair = teacher_and_student(teacher_dir, cfg.student_layers, cfg.ffn_keep)
+    meta, tokenizer, teacher, student = pair.meta, pair.tokenizer, pair.teacher, pair.student
     task = meta.task
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = AUTO_CLASS[task].from_pretrained(teacher_dir).eval()
-    ffn_keep = resolve_ffn_keep(teacher, cfg.ffn_keep)
-    student = build_student(teacher, cfg.student_layers, ffn_keep)
-    args = training_arguments(
-        out_dir,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        train_rows=pq.read_metadata(data.split_path("train")).num_rows,
-        evals_per_epoch=2,
-        mixed_precision=True,
-        best_metric="loss",
-        greater_is_better=False,
-    )
+    train_rows = pq.read_metadata(data.split_path("train")).num_rows
+    args = distil_arguments(out_dir, cfg, train_rows, best_metric="loss", greater_is_better=False)
     teacher.to(args.device)
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -169,7 +154,7 @@ def distil(
         recipe={
             "prompt_format": meta.recipe.get("prompt_format", "plain"),
             "teacher_layers": cfg.student_layers,
-            "ffn_keep": ffn_keep,
+            "ffn_keep": pair.ffn_keep,
             "loss": cfg.loss,
             **({"beta": cfg.beta} if cfg.loss == "jsd" else {}),
             "alpha": cfg.alpha,
