@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,17 @@ def test_images_copy_only_what_exists_and_run_unprivileged(dockerfile: Path) -> 
 
 def test_the_serving_image_exists() -> None:
     assert REPO / "serving" / "Dockerfile" in DOCKERFILES
+
+
+def test_the_serving_image_installs_every_package_the_llmops_command_needs() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    entry_package = project["project"]["scripts"]["llmops"].split(".")[0]
+    copied = {
+        Path(source).name
+        for op, args in instructions(REPO / "serving" / "Dockerfile")
+        if op == "COPY" and "--from=" not in args
+        for source in [a for a in shlex.split(args) if not a.startswith("--")][:-1]
+    }
+    assert entry_package in packages
+    assert packages <= copied, f"the image installs without {sorted(packages - copied)}"
