@@ -64,12 +64,12 @@ class LoadedModel:
 
     @property
     def generates(self) -> bool:
-        return self.backend is not None
+        return self.task != "sequence-classification"
 
     @property
     def classifier(self) -> ClassifierRuntime:
         """This version as a classifier; `WrongModelKind` for a generator."""
-        if self.backend is not None or self.task != "sequence-classification":
+        if self.generates:
             raise WrongModelKind(self.name, self.task)
         return self.runtime  # type: ignore[return-value]
 

@@ -6,7 +6,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import evaluate
 import numpy as np
 import pandas as pd
 
@@ -16,7 +15,9 @@ _HERE = Path(__file__).parent
 @cache
 def load_metric(name: str) -> Any:
     """`accuracy`, `f1`, `exact_match`, `distinct_n` or `repetition`, loaded from this package by path (never from
-    the hub)."""
+    the hub). `evaluate` is imported here, not with this package: serving reads `llmops.metrics.text` alone."""
+    import evaluate
+
     return evaluate.load(str(_HERE / name))
 
 
