@@ -99,7 +99,7 @@ def main() -> None:
     report.drift.save_html(str(scratch / "report.html"))
     if report.quality is not None:
         report.quality.save_html(str(scratch / "quality.html"))
-    (scratch / "summary.json").write_text(json.dumps(report.summary))
+    (scratch / "summary.json").write_text(json.dumps(report.summary.to_json()))
     t_write = time.perf_counter() - start
     total = t_window + t_report + t_write
 

@@ -67,7 +67,7 @@ def monitor(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) ->
         outcome = run_monitor(cfg, config, overrides or [], launcher=launcher(cfg))
     get_run_logger().info("report written to %s", outcome.report_dir)
     print(verdict_lines(outcome))
-    result = {**outcome.summary, "report_dir": str(outcome.report_dir), "run_id": outcome.run_id}
+    result = {**outcome.summary.to_json(), "report_dir": str(outcome.report_dir), "run_id": outcome.run_id}
     others: dict[str, Any] = {}
     for name in served_generators(cfg):
         try:  # one generator that cannot be monitored loses neither the classifier's pass nor the others'
@@ -77,7 +77,7 @@ def monitor(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) ->
             others[name] = {"error": str(error)}
             continue
         print(verdict_lines(other))
-        others[name] = {**other.summary, "report_dir": str(other.report_dir), "run_id": other.run_id}
+        others[name] = {**other.summary.to_json(), "report_dir": str(other.report_dir), "run_id": other.run_id}
     if others:
         result["generators"] = others
     return result

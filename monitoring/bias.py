@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,6 +15,7 @@ from sklearn.metrics import f1_score
 
 from llmops.config import BiasConfig, SliceRule
 from llmops.corpus import tag_topic
+from monitoring.summary import Bias, Gap
 
 
 @dataclass(frozen=True)
@@ -32,36 +32,14 @@ class SliceStats:
 
 
 @dataclass(frozen=True)
-class Gap:
-    value: float
-    between: tuple[str, str]
-    """(highest slice, lowest slice)"""
-    label: str | None = None
-    """For a rate gap: the label whose rate differs most."""
-    ceiling: float | None = None
-
-    @property
-    def over(self) -> bool:
-        return self.ceiling is not None and self.value > self.ceiling
-
-
-@dataclass(frozen=True)
 class BiasResult:
     slices: list[SliceStats]
     rate_gap: Gap | None
     f1_gap: Gap | None
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        def gap(g: Gap | None) -> dict[str, Any] | None:
-            return None if g is None else {**asdict(g), "over": g.over}
-
-        return {
-            "slices": [asdict(s) for s in self.slices],
-            "rate_gap": gap(self.rate_gap),
-            "f1_gap": gap(self.f1_gap),
-            "notes": self.notes,
-        }
+    def facts(self) -> Bias:
+        return Bias([asdict(s) for s in self.slices], rate_gap=self.rate_gap, f1_gap=self.f1_gap, notes=self.notes)
 
 
 def slice_masks(frame: pd.DataFrame, cfg: BiasConfig, topics: dict[str, list[str]]) -> dict[str, pd.Series]:

@@ -20,6 +20,7 @@ from llmops.predlog import open_store
 from monitoring.decision import RetrainDecision, WindowResult
 from monitoring.monitor import Launcher, MonitorOutcome, RetrainRequest, run_pass
 from monitoring.report import MonitoringReport, build_report
+from monitoring.summary import LabelQuality, PassSummary
 from monitoring.window import Champion, ReferenceCache, Side, WindowSpec, labelled_rows, load_window
 
 
@@ -54,7 +55,7 @@ class ClassifierMonitor:
         return load_window(store, spec, champion, self.cache.tokenizer(champion), self.cfg.data)
 
     def report(
-        self, window: Side, champion: Champion, spec: WindowSpec, summary: dict[str, Any], folder: Path, at: float
+        self, window: Side, champion: Champion, spec: WindowSpec, summary: PassSummary, folder: Path, at: float
     ) -> tuple[MonitoringReport, WindowResult]:
         cfg = self.cfg
         reference = self.cache.reference(champion, cfg.monitor.reference_rows, cfg.data)
@@ -74,39 +75,34 @@ class ClassifierMonitor:
         request = RetrainRequest(config, overrides, extra, decision.reason)
         return request, {"config": request.config, "extra_rows": extra, "labelled_rows": labelled}
 
-    def metrics(self, summary: dict[str, Any]) -> dict[str, float]:
+    def metrics(self, summary: PassSummary) -> dict[str, float]:
         return _metrics(summary)
 
 
 def _window_result(report: MonitoringReport, rows: int, at: float) -> WindowResult:
-    quality, bias = report.summary["quality"], report.summary["bias"]
+    quality, bias = report.summary.quality, report.summary.bias
     return WindowResult(
         at,
         rows,
         drift=report.drift_detected,
-        quality_drop=None if quality is None else quality["drop"],
-        bias_gap=None if bias["f1_gap"] is None else bias["f1_gap"]["value"],
+        quality_drop=None if quality is None else quality.drop,
+        bias_gap=None if bias is None or bias.f1_gap is None else bias.f1_gap.value,
     )
 
 
-def _metrics(summary: dict[str, Any]) -> dict[str, float]:
-    values: dict[str, float] = {"window_rows": summary["window"]["rows"]}
-    drift = summary.get("drift")
-    if drift:
-        signals = drift["signals"]
-        for name in ("text", "prediction", "confidence"):
-            values[f"drift_{name}"] = signals[name]["score"]
-        if "share" in signals["embedding"]:
-            values["drift_embedding_share"] = signals["embedding"]["share"]
-        for name, signal in signals["descriptors"].items():
-            if isinstance(signal, dict) and "score" in signal:
-                values[f"drift_{name}"] = signal["score"]
-    if summary.get("quality"):
-        values |= {"window_macro_f1": summary["quality"]["macro_f1"], "window_accuracy": summary["quality"]["accuracy"]}
-    for gap in ("rate_gap", "f1_gap"):
-        found = (summary.get("bias") or {}).get(gap)
-        if found:
-            values[f"bias_{gap}"] = found["value"]
+def _metrics(summary: PassSummary) -> dict[str, float]:
+    values: dict[str, float] = {"window_rows": summary.window.rows}
+    drift = summary.drift
+    if drift is not None:
+        values |= {f"drift_{name}": drift.signals[name]["score"] for name in ("text", "prediction", "confidence")}
+        if drift.embedding_share is not None:
+            values["drift_embedding_share"] = drift.embedding_share
+        values |= {f"drift_{name}": score for name, score in drift.scores("descriptors").items()}
+    if isinstance(summary.quality, LabelQuality):
+        values |= {"window_macro_f1": summary.quality.macro_f1, "window_accuracy": summary.quality.accuracy}
+    if summary.bias is not None:
+        gaps = summary.bias.gaps()
+        values |= {f"bias_{name}": gaps[name].value for name in ("rate_gap", "f1_gap") if name in gaps}
     return values
 
 

@@ -17,7 +17,7 @@ retraining policy, an MLflow run per pass, the Evidently workspace. A retraining
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,18 @@ from monitoring.report import (
     MonitoringReport,
     column_signal,
     drift_results,
-    plain,
     principal_components,
+)
+from monitoring.summary import (
+    Bias,
+    Drift,
+    FeedbackQuality,
+    Gap,
+    Generations,
+    PassSummary,
+    ReferenceFacts,
+    Shares,
+    plain,
 )
 from monitoring.window import Champion, ReferenceCache, Side, WindowSpec, describe
 
@@ -169,7 +179,7 @@ def _control_classifier(
     return Classifier(folder), f"control judged by {name} version {version}"
 
 
-def drift(reference: Side, window: Side, cfg: LlmopsConfig, metadata: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def drift(reference: Side, window: Side, cfg: LlmopsConfig, metadata: dict[str, Any]) -> tuple[Any, Drift]:
     """One Evidently report over prompt text, descriptors of prompts and generations, and the prompt embedding."""
     columns = ["prompt", *PROMPT_DESCRIPTORS, *GENERATION_DESCRIPTORS]
     ref, cur = reference.frame[columns].reset_index(drop=True), window.frame[columns].reset_index(drop=True)
@@ -210,7 +220,7 @@ def drift(reference: Side, window: Side, cfg: LlmopsConfig, metadata: dict[str, 
             reasons.append(f"prompt embedding: {signal['drifted_components']} principal components drifted")
         else:
             reasons.append(f"prompt: {signal['method']} {signal['score']:.3f} (threshold {signal['threshold']})")
-    return snapshot, {"detected": bool(reasons), "reasons": reasons, "signals": signals}
+    return snapshot, Drift(bool(reasons), reasons, plain(signals))
 
 
 def _share(values: pd.Series) -> float | None:
@@ -218,19 +228,19 @@ def _share(values: pd.Series) -> float | None:
     return None if values.empty else round(float(values.mean()), 6)
 
 
-def shares(frame: pd.DataFrame) -> dict[str, Any]:
-    return {
-        "rows": len(frame),
-        "empty_share": _share((frame["g_empty"] == "yes").astype(float)),
-        "truncated_share": _share((frame["g_truncated"] == "yes").astype(float)),
-        "repetition": _share(frame["g_repetition"]),
-        "unk_share": _share(frame["g_unk_share"]),
-        "control_accuracy": _share(frame["controlled"]),
-        "judged": int(frame["controlled"].notna().sum()),
-    }
+def shares(frame: pd.DataFrame) -> Shares:
+    return Shares(
+        rows=len(frame),
+        empty_share=_share((frame["g_empty"] == "yes").astype(float)),
+        truncated_share=_share((frame["g_truncated"] == "yes").astype(float)),
+        repetition=_share(frame["g_repetition"]),
+        unk_share=_share(frame["g_unk_share"]),
+        control_accuracy=_share(frame["controlled"]),
+        judged=int(frame["controlled"].notna().sum()),
+    )
 
 
-def bias_by_topic(frame: pd.DataFrame, min_rows: int, ceiling: float | None) -> dict[str, Any]:
+def bias_by_topic(frame: pd.DataFrame, min_rows: int, ceiling: float | None) -> Bias:
     """Control accuracy and mean rating per topic; the largest control gap between topics with enough rows."""
     slices: list[dict[str, Any]] = []
     for topic, rows in frame.groupby("topic"):
@@ -251,9 +261,8 @@ def bias_by_topic(frame: pd.DataFrame, min_rows: int, ceiling: float | None) -> 
         high = max(gated, key=lambda s: float(s["control_accuracy"]))
         low = min(gated, key=lambda s: float(s["control_accuracy"]))
         value = round(float(high["control_accuracy"]) - float(low["control_accuracy"]), 6)
-        gap = {"value": value, "between": [high["name"], low["name"]], "ceiling": ceiling,
-               "over": ceiling is not None and value > ceiling}  # fmt: skip
-    return {"slices": slices, "control_gap": gap, "f1_gap": None, "rate_gap": None}
+        gap = Gap(value, (high["name"], low["name"]), ceiling=ceiling)
+    return Bias(slices, control_gap=gap)
 
 
 def training_rows(window: Side, good_rating: float) -> pd.DataFrame:
@@ -305,7 +314,7 @@ class GenerationMonitor:
         return load_window(store, spec, champion, self.cfg, self.cache.tokenizer(champion))
 
     def report(
-        self, window: Side, champion: Champion, spec: WindowSpec, summary: dict[str, Any], folder: Path, at: float
+        self, window: Side, champion: Champion, spec: WindowSpec, summary: PassSummary, folder: Path, at: float
     ) -> tuple[MonitoringReport, WindowResult]:
         cfg = self.cfg
         reference = self.cache.generation_reference(champion, cfg)
@@ -317,25 +326,26 @@ class GenerationMonitor:
         now_shares, ref_shares = shares(window.frame), shares(reference.frame)
         ratings = window.frame["rating"].astype(float).dropna()
         quality_drop = None
-        measured = now_shares["control_accuracy"] is not None and ref_shares["control_accuracy"] is not None
-        if measured and now_shares["judged"] >= cfg.monitor.min_labelled:
-            quality_drop = round(ref_shares["control_accuracy"] - now_shares["control_accuracy"], 6)
+        now_accuracy, ref_accuracy = now_shares.control_accuracy, ref_shares.control_accuracy
+        if now_accuracy is not None and ref_accuracy is not None and now_shares.judged >= cfg.monitor.min_labelled:
+            quality_drop = round(ref_accuracy - now_accuracy, 6)
         bias = bias_by_topic(window.frame, cfg.monitor.bias.min_slice_rows, cfg.monitor.retrain.max_bias_gap)
-        summary = summary | {
-            "reference": {"uri": champion.reference_uri, "rows": len(reference.frame)},
-            "drift": drift_summary,
-            "generations": {"window": now_shares, "reference": ref_shares, "control": control_note},
-            "quality": {
-                "drop": quality_drop,
-                "ratings": len(ratings),
-                "mean_rating": None if ratings.empty else round(float(ratings.mean()), 6),
-                "corrections": int(window.frame["correction"].notna().sum()),
-            },
-            "bias": bias,
-        }
-        report = MonitoringReport(snapshot, None, plain(summary))
+        summary = replace(
+            summary,
+            reference=ReferenceFacts(champion.reference_uri, len(reference.frame)),
+            drift=drift_summary,
+            generations=Generations(now_shares, ref_shares, control_note),
+            quality=FeedbackQuality(
+                drop=quality_drop,
+                ratings=len(ratings),
+                mean_rating=None if ratings.empty else round(float(ratings.mean()), 6),
+                corrections=int(window.frame["correction"].notna().sum()),
+            ),
+            bias=bias,
+        )
+        report = MonitoringReport(snapshot, None, summary)
         snapshot.save_html(str(folder / "report.html"))
-        bias_gap = bias["control_gap"]["value"] if bias["control_gap"] else None
+        bias_gap = bias.control_gap.value if bias.control_gap else None
         rows = len(window.frame)
         return report, WindowResult(at, rows, drift=report.drift_detected, quality_drop=quality_drop, bias_gap=bias_gap)
 
@@ -356,27 +366,24 @@ class GenerationMonitor:
         )
         return request, {"config": request.config, "extra_rows": extra_path, "training_rows": len(extra)}
 
-    def metrics(self, summary: dict[str, Any]) -> dict[str, float]:
+    def metrics(self, summary: PassSummary) -> dict[str, float]:
         return generation_metrics(summary)
 
 
-def generation_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    values: dict[str, float] = {"window_rows": summary["window"]["rows"]}
-    signals = (summary.get("drift") or {}).get("signals")
-    if signals:
-        values["drift_prompt"] = signals["prompt"]["score"]
-        if "share" in signals["embedding"]:
-            values["drift_embedding_share"] = signals["embedding"]["share"]
-        for name, signal in signals["generation"].items():
-            if isinstance(signal, dict) and "score" in signal:
-                values[f"drift_{name}"] = signal["score"]
-    for key, value in ((summary.get("generations") or {}).get("window") or {}).items():
-        if isinstance(value, int | float):
-            values[f"window_{key}"] = float(value)
-    quality = summary.get("quality") or {}
-    if quality.get("mean_rating") is not None:
-        values["window_mean_rating"] = quality["mean_rating"]
-    gap = (summary.get("bias") or {}).get("control_gap")
-    if gap:
-        values["bias_control_gap"] = gap["value"]
+def generation_metrics(summary: PassSummary) -> dict[str, float]:
+    values: dict[str, float] = {"window_rows": summary.window.rows}
+    drift = summary.drift
+    if drift is not None:
+        values["drift_prompt"] = drift.signals["prompt"]["score"]
+        if drift.embedding_share is not None:
+            values["drift_embedding_share"] = drift.embedding_share
+        values |= {f"drift_{name}": score for name, score in drift.scores("generation").items()}
+    if summary.generations is not None:
+        for key, value in asdict(summary.generations.window).items():
+            if isinstance(value, int | float):
+                values[f"window_{key}"] = float(value)
+    if isinstance(summary.quality, FeedbackQuality) and summary.quality.mean_rating is not None:
+        values["window_mean_rating"] = summary.quality.mean_rating
+    if summary.bias is not None and summary.bias.control_gap is not None:
+        values["bias_control_gap"] = summary.bias.control_gap.value
     return values

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ from llmops.config import LlmopsConfig
 from monitoring import workspace
 from monitoring.decision import PastDecision, RetrainDecision, WindowResult, decide_retraining
 from monitoring.report import MonitoringReport
+from monitoring.summary import FeedbackQuality, Generations, LabelQuality, PassSummary, WindowFacts
 from monitoring.window import Champion, Side, WindowSpec, find_champion
 
 KIND = "monitor"
@@ -51,7 +52,7 @@ Launcher = Callable[[RetrainRequest], dict[str, Any]]
 @dataclass(frozen=True)
 class MonitorOutcome:
     report_dir: Path
-    summary: dict[str, Any]
+    summary: PassSummary
     decision: RetrainDecision
     run_id: str
 
@@ -94,22 +95,22 @@ def report_dir(root: str, at: float) -> Path:
 def record_mlflow(
     cfg: LlmopsConfig,
     champion: Champion,
-    summary: dict[str, Any],
+    summary: PassSummary,
     decision: RetrainDecision,
     folder: Path,
     at: float,
     metrics: dict[str, float],
 ) -> str:
-    drift = summary.get("drift")
+    drift = summary.drift
     tags = {
         "llmops.kind": KIND,
         "llmops.model": champion.name,
         "llmops.champion_version": champion.version,
         "llmops.verdict": decision.verdict,
         "llmops.reason": decision.reason[:5000],
-        "llmops.drift": "none" if decision.verdict == "no-verdict" or not drift else str(drift["detected"]).lower(),
+        "llmops.drift": "none" if decision.verdict == "no-verdict" or drift is None else str(drift.detected).lower(),
         "llmops.window_end": repr(at),
-        "llmops.window": summary["window"]["spec"],
+        "llmops.window": summary.window.spec,
     }
     experiment_id = registry.ensure_experiment(cfg.registry, monitoring_experiment(cfg))
     name = f"monitor-v{champion.version}-{folder.name}"
@@ -131,7 +132,7 @@ class TaskMonitor(Protocol):
         ...
 
     def report(
-        self, window: Side, champion: Champion, spec: WindowSpec, summary: dict[str, Any], folder: Path, at: float
+        self, window: Side, champion: Champion, spec: WindowSpec, summary: PassSummary, folder: Path, at: float
     ) -> tuple[MonitoringReport, WindowResult]:
         """Window vs the champion's reference: the report (its pages written to `folder`, its summary the pass's
         `summary` with every signal) and what the retraining policy reads of it."""
@@ -143,7 +144,7 @@ class TaskMonitor(Protocol):
         """The retraining a `retrain` decision starts, and what the summary says of it."""
         ...
 
-    def metrics(self, summary: dict[str, Any]) -> dict[str, float]:
+    def metrics(self, summary: PassSummary) -> dict[str, float]:
         """The pass's MLflow metrics."""
         ...
 
@@ -166,23 +167,18 @@ def run_pass(
     window = part.load_window(spec, champion)
     rows = len(window.frame)
     folder = report_dir(cfg.monitor.reports_dir, at)
-    summary: dict[str, Any] = {
-        "model": champion.name,
-        **({"task": part.task} if part.task else {}),
-        "champion_version": champion.version,
-        "window": {"spec": spec.describe(), "rows": rows},
-    }
+    summary = PassSummary(champion.name, champion.version, WindowFacts(spec.describe(), rows), task=part.task)
     report, result = None, WindowResult(at, rows, drift=False)
     if rows >= cfg.monitor.retrain.min_window:
         report, result = part.report(window, champion, spec, summary, folder, at)
         summary = report.summary
     history = past_decisions(client, monitoring_experiment(cfg), champion.name)
     decision = decide_retraining(result, history, cfg.monitor.retrain)
-    summary["created"] = datetime.fromtimestamp(at).isoformat(timespec="seconds")
-    summary["decision"] = {"verdict": decision.verdict, "reason": decision.reason, "triggers": list(decision.triggers)}
+    summary = summary.decided(datetime.fromtimestamp(at).isoformat(timespec="seconds"), decision)
     request = None
     if decision.retrain:
-        request, summary["retraining"] = part.retraining(window, decision, folder)
+        request, retraining = part.retraining(window, decision, folder)
+        summary = replace(summary, retraining=retraining)
     metrics = part.metrics(summary)
     return conclude(cfg, client, champion, report, summary, decision, request, metrics, launcher, folder, at)
 
@@ -192,7 +188,7 @@ def conclude(
     client: MlflowClient,
     champion: Champion,
     report: MonitoringReport | None,
-    summary: dict[str, Any],
+    summary: PassSummary,
     decision: RetrainDecision,
     request: RetrainRequest | None,
     metrics: dict[str, float],
@@ -202,13 +198,13 @@ def conclude(
 ) -> MonitorOutcome:
     """The end of every pass: the summary written, the pass recorded in MLflow and the Evidently workspace, then
     the retraining started if one was decided (and its start recorded)."""
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    (folder / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
     run_id = record_mlflow(cfg, champion, summary, decision, folder, at, metrics)
     record_workspace(cfg, champion, report, summary, decision, at)
     if request is not None:
         started = launcher(request) if launcher is not None else {"mode": "none", "note": "no launcher given"}
-        summary["retraining"] |= started
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = replace(summary, retraining={**(summary.retraining or {}), **started})
+        (folder / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
         client.set_tag(run_id, "llmops.retraining", json.dumps(started)[:5000])
     return MonitorOutcome(folder, summary, decision, run_id)
 
@@ -217,29 +213,29 @@ def record_workspace(
     cfg: LlmopsConfig,
     champion: Champion,
     report: MonitoringReport | None,
-    summary: dict[str, Any],
+    summary: PassSummary,
     decision: RetrainDecision,
     at: float,
 ) -> None:
-    bias = summary.get("bias") or {}
+    gaps = summary.bias.gaps() if summary.bias is not None else {}
+    quality = summary.quality
     values = {
-        "rows": summary["window"]["rows"],
+        "rows": summary.window.rows,
         "drift": None if report is None else float(report.drift_detected),
         "retrain": float(decision.retrain),
-        "macro_f1": (summary.get("quality") or {}).get("macro_f1"),
-        "rate_gap": (bias.get("rate_gap") or {}).get("value"),
-        "f1_gap": (bias.get("f1_gap") or {}).get("value"),
+        "macro_f1": quality.macro_f1 if isinstance(quality, LabelQuality) else None,
+        "rate_gap": gaps["rate_gap"].value if "rate_gap" in gaps else None,
+        "f1_gap": gaps["f1_gap"].value if "f1_gap" in gaps else None,
     }
-    generative = summary.get("task") == "generation"
-    if generative:
-        window = (summary.get("generations") or {}).get("window") or {}
-        values |= {key: window.get(key) for key in ("control_accuracy", "truncated_share", "empty_share")}
-        values["mean_rating"] = (summary.get("quality") or {}).get("mean_rating")
-        values["control_gap"] = (bias.get("control_gap") or {}).get("value")
+    if summary.generative:
+        window = summary.generations.window if summary.generations is not None else None
+        values |= {key: getattr(window, key, None) for key in ("control_accuracy", "truncated_share", "empty_share")}
+        values["mean_rating"] = quality.mean_rating if isinstance(quality, FeedbackQuality) else None
+        values["control_gap"] = gaps["control_gap"].value if "control_gap" in gaps else None
     snapshots = [workspace.decision_snapshot(values, decision.verdict, decision.reason, datetime.fromtimestamp(at))]
     if report is not None:
         snapshots = [report.drift, *([report.quality] if report.quality else []), *snapshots]
-    workspace.add(cfg.monitor.workspace, champion.name, snapshots, generative)
+    workspace.add(cfg.monitor.workspace, champion.name, snapshots, summary.generative)
 
 
 _GAP_NAMES = {"rate_gap": "rate", "f1_gap": "macro-F1", "control_gap": "control accuracy"}
@@ -248,51 +244,45 @@ _GAP_NAMES = {"rate_gap": "rate", "f1_gap": "macro-F1", "control_gap": "control 
 def verdict_lines(outcome: MonitorOutcome) -> str:
     """The terminal summary: drift and why, bias gaps, quality, the decision, where the report is."""
     s = outcome.summary
-    rows = f"{s['window']['rows']} {'generations' if s.get('task') == 'generation' else 'predictions'}"
-    lines = [f"{s['model']} v{s['champion_version']}: window {s['window']['spec']}, {rows}"]
-    drift = s.get("drift")
-    if drift is None:
+    rows = f"{s.window.rows} {'generations' if s.generative else 'predictions'}"
+    lines = [f"{s.model} v{s.champion_version}: window {s.window.spec}, {rows}"]
+    if s.drift is None:
         lines.append("drift: not computed (window below monitor.retrain.min_window)")
     else:
+        reasons = f" ({'; '.join(s.drift.reasons)})" if s.drift.reasons else ""
+        lines.append(f"drift: {'YES' if s.drift.detected else 'no'}{reasons}")
+    if s.generations is not None:
+        lines.append(_generation_line(s.generations))
+    quality = s.quality
+    if isinstance(quality, FeedbackQuality) and (quality.ratings or quality.corrections):
+        mean = _share(quality.mean_rating)
+        lines.append(f"feedback: {quality.ratings} ratings (mean {mean}), {quality.corrections} corrections")
+    if isinstance(quality, LabelQuality):
         lines.append(
-            f"drift: {'YES' if drift['detected'] else 'no'}"
-            + (f" ({'; '.join(drift['reasons'])})" if drift["reasons"] else "")
+            f"quality: macro-F1 {quality.macro_f1:.3f} on {quality.labelled} feedback labels"
+            f" (champion test {quality.champion_test_macro_f1})"
         )
-    generations = s.get("generations")
-    if generations:
-        now, ref = generations["window"], generations["reference"]
-
-        def share(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.3f}"
-
-        lines.append(
-            f"generations: control accuracy {share(now['control_accuracy'])}"
-            f" (reference {share(ref['control_accuracy'])}), empty {share(now['empty_share'])},"
-            f" truncated {share(now['truncated_share'])}, repetition {share(now['repetition'])};"
-            f" {generations['control']}"
-        )
-        if s["quality"]["ratings"] or s["quality"]["corrections"]:
-            q = s["quality"]
-            lines.append(
-                f"feedback: {q['ratings']} ratings (mean {share(q['mean_rating'])}), {q['corrections']} corrections"
-            )
-    quality = s.get("quality")
-    if quality and "macro_f1" in quality:
-        lines.append(
-            f"quality: macro-F1 {quality['macro_f1']:.3f} on {quality['labelled']} feedback labels"
-            f" (champion test {quality['champion_test_macro_f1']})"
-        )
-    bias = s.get("bias")
-    if bias:
-        for name in ("rate_gap", "f1_gap", "control_gap"):
-            gap = bias.get(name)
-            if gap:
-                over = " OVER ceiling" if gap["over"] else ""
-                what = f"'{gap['label']}' rate" if gap.get("label") else _GAP_NAMES[name]
-                lines.append(f"bias: {what} gap {gap['value']:.3f} ({gap['between'][0]} vs {gap['between'][1]}){over}")
-    d = s["decision"]
-    lines.append(f"decision: {d['verdict'].upper()}: {d['reason']}")
-    if "retraining" in s:
-        lines.append(f"retraining: {json.dumps({k: v for k, v in s['retraining'].items() if k != 'config'})}")
+    for name, gap in (s.bias.gaps() if s.bias is not None else {}).items():
+        over = " OVER ceiling" if gap.over else ""
+        what = f"'{gap.label}' rate" if gap.label else _GAP_NAMES[name]
+        lines.append(f"bias: {what} gap {gap.value:.3f} ({gap.between[0]} vs {gap.between[1]}){over}")
+    if s.decision is not None:
+        lines.append(f"decision: {s.decision.verdict.upper()}: {s.decision.reason}")
+    if s.retraining is not None:
+        lines.append(f"retraining: {json.dumps({k: v for k, v in s.retraining.items() if k != 'config'})}")
     lines.append(f"report: {outcome.report_dir}")
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _generation_line(generations: Generations) -> str:
+    now, ref = generations.window, generations.reference
+    return (
+        f"generations: control accuracy {_share(now.control_accuracy)}"
+        f" (reference {_share(ref.control_accuracy)}), empty {_share(now.empty_share)},"
+        f" truncated {_share(now.truncated_share)}, repetition {_share(now.repetition)};"
+        f" {generations.control}"
+    )

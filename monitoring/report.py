@@ -11,7 +11,7 @@ default method and threshold per column type decide each signal's drift.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from llmops.config import DataConfig, MonitorConfig
 from monitoring.bias import BiasResult, slice_bias, slice_masks
+from monitoring.summary import Drift, LabelQuality, PassSummary, ReferenceFacts, WindowFacts, plain
 from monitoring.window import DESCRIPTORS, NUMERIC_DESCRIPTORS, Champion, Side
 
 EMBEDDING_SHARE = 0.5
@@ -35,12 +36,12 @@ EMBEDDING_SHARE = 0.5
 class MonitoringReport:
     drift: Snapshot
     quality: Snapshot | None
-    summary: dict[str, Any]
-    """JSON-ready: window, reference, every signal, quality, bias (the decision is added by the monitor)."""
+    summary: PassSummary
+    """Window, reference, every signal, quality, bias (the decision is added by the pass)."""
 
     @property
     def drift_detected(self) -> bool:
-        return bool(self.summary["drift"]["detected"])
+        return self.summary.drift is not None and self.summary.drift.detected
 
 
 def principal_components(reference: Side, current: Side, k: int) -> tuple[pd.DataFrame, pd.DataFrame] | None:
@@ -111,7 +112,9 @@ def detectable_auc(n_reference: int, n_current: int) -> float:
     return 0.5 + 1.645 * float(np.sqrt((n_reference + n_current + 1) / (12 * n_reference * n_current)))
 
 
-def drift_report(reference: Side, current: Side, cfg: MonitorConfig, metadata: dict[str, Any]) -> tuple[Snapshot, dict]:
+def drift_report(
+    reference: Side, current: Side, cfg: MonitorConfig, metadata: dict[str, Any]
+) -> tuple[Snapshot, Drift]:
     components = principal_components(reference, current, cfg.embedding_components)
     columns = ["text", "prediction", "confidence", *DESCRIPTORS]
     ref, cur = reference.frame[columns].reset_index(drop=True), current.frame[columns].reset_index(drop=True)
@@ -148,7 +151,7 @@ def drift_report(reference: Side, current: Side, cfg: MonitorConfig, metadata: d
         "current": round(float(current.frame["unk_share"].mean()), 6),
     }
     reasons = [_reason(name, signals[name]) for name in cfg.drift_on if signals[name]["drifted"]]
-    return snapshot, {"detected": bool(reasons), "reasons": reasons, "signals": signals}
+    return snapshot, Drift(bool(reasons), reasons, plain(signals))
 
 
 def _reason(name: str, signal: dict[str, Any]) -> str:
@@ -162,7 +165,7 @@ def _reason(name: str, signal: dict[str, Any]) -> str:
 
 def quality(
     current: Side, reference: Side, champion: Champion, cfg: MonitorConfig, metadata: dict[str, Any]
-) -> tuple[Snapshot | None, dict[str, Any] | None]:
+) -> tuple[Snapshot | None, LabelQuality | None]:
     """Accuracy, macro-F1 and per-class F1 on the window's feedback labels, against the champion's test macro-F1."""
     labelled = current.frame[current.frame["feedback_label"].notna()]
     if len(labelled) < cfg.min_labelled:
@@ -170,19 +173,19 @@ def quality(
     y, p = labelled["feedback_label"].astype(str), labelled["prediction"].astype(str)
     macro = float(f1_score(y, p, labels=champion.labels, average="macro", zero_division=0))
     per_class = f1_score(y, p, labels=champion.labels, average=None, zero_division=0)
-    summary = {
-        "labelled": len(labelled),
-        "accuracy": round(float(accuracy_score(y, p)), 6),
-        "macro_f1": round(macro, 6),
-        "f1_per_class": {label: round(float(f), 6) for label, f in zip(champion.labels, per_class, strict=True)},
-        "champion_test_macro_f1": champion.test_macro_f1,
-        "drop": None if champion.test_macro_f1 is None else round(champion.test_macro_f1 - macro, 6),
-    }
+    summary = LabelQuality(
+        labelled=len(labelled),
+        accuracy=round(float(accuracy_score(y, p)), 6),
+        macro_f1=round(macro, 6),
+        f1_per_class={label: round(float(f), 6) for label, f in zip(champion.labels, per_class, strict=True)},
+        champion_test_macro_f1=champion.test_macro_f1,
+        drop=None if champion.test_macro_f1 is None else round(champion.test_macro_f1 - macro, 6),
+    )
     present = set(y) | set(p)
     if len(present) < len(champion.labels) or len(set(reference.frame["label"])) < len(champion.labels):
         # Evidently (0.7) takes a window where only two labels occur for a binary task and fails on it.
-        summary["page"] = f"no quality page: labels {sorted(present)} occur in the window, Evidently needs all"
-        return None, summary
+        page = f"no quality page: labels {sorted(present)} occur in the window, Evidently needs all"
+        return None, replace(summary, page=page)
     definition = DataDefinition(
         categorical_columns=["target", "prediction"],
         classification=[
@@ -219,30 +222,19 @@ def build_report(
     quality_snapshot, quality_summary = quality(current, reference, champion, cfg, metadata)
     bias_result = bias(current, champion, cfg, data_cfg)
     ts = current.frame["ts"]
-    summary = {
-        "model": champion.name,
-        "champion_version": champion.version,
-        "window": {
-            "spec": window,
-            "rows": len(current.frame),
-            "labelled": int(current.frame["feedback_label"].notna().sum()),
-            "first_ts": float(ts.min()) if len(ts) else None,
-            "last_ts": float(ts.max()) if len(ts) else None,
-        },
-        "reference": {"uri": champion.reference_uri, "rows": len(reference.frame)},
-        "drift": drift,
-        "quality": quality_summary,
-        "bias": bias_result.to_dict(),
-    }
-    return MonitoringReport(drift_snapshot, quality_snapshot, plain(summary))
-
-
-def plain(value: Any) -> Any:
-    """numpy scalars and tuples to JSON types."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+    summary = PassSummary(
+        model=champion.name,
+        champion_version=champion.version,
+        window=WindowFacts(
+            spec=window,
+            rows=len(current.frame),
+            labelled=int(current.frame["feedback_label"].notna().sum()),
+            first_ts=float(ts.min()) if len(ts) else None,
+            last_ts=float(ts.max()) if len(ts) else None,
+        ),
+        reference=ReferenceFacts(champion.reference_uri, len(reference.frame)),
+        drift=drift,
+        quality=quality_summary,
+        bias=bias_result.facts(),
+    )
+    return MonitoringReport(drift_snapshot, quality_snapshot, summary)

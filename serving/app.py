@@ -2,7 +2,7 @@
 
 The routes live in `serving/routes/`, one file per protocol: ours (`/v1/predict`, ...), MLflow's
 (`/invocations`), the Open Inference Protocol's (`/v2`) and OpenAI's (`/v1/completions`, ...); they share one
-core, `serving.predictor.Predictor` (with `serving.generation` for generators).
+core, `serving.service.Service` (with `serving.generate` for generators).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from llmops.registry import resolve_tracking_uri
 from serving import contract
 from serving.auth import load_api_keys
 from serving.errors import install_handlers
-from serving.predictor import Predictor
 from serving.routes import mlflow, oip, openai, ours
 from serving.schemas import ErrorResponse
+from serving.service import Service
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -83,17 +83,17 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
 
     uri = tracking_uri or resolve_tracking_uri(cfg.registry)
     api_keys = load_api_keys(cfg.serve)
-    predictor = Predictor(cfg, uri)
+    service = Service(cfg, uri)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if cfg.serve.threads is not None:
             torch.set_num_threads(cfg.serve.threads)
-        await predictor.start()
+        await service.start()
         try:
             yield
         finally:
-            await predictor.stop()
+            await service.stop()
 
     app = FastAPIOffline(  # /docs and /redoc from files in the package: no CDN, so they render offline
         title="llmops serving",
@@ -103,18 +103,18 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,  # operationIds a client generator reads: `predict`
     )
-    app.state.predictor = predictor
+    app.state.service = service
     app.state.api_keys = api_keys
     install_handlers(app)
     Instrumentator(
-        registry=predictor.metrics.registry, excluded_handlers=["/metrics"], should_group_status_codes=False
+        registry=service.metrics.registry, excluded_handlers=["/metrics"], should_group_status_codes=False
     ).instrument(
         app, metric_namespace="", latency_lowr_buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
     ).expose(app, tags=["health"], response_class=PlainTextResponse)
     for protocol in (ours, mlflow, oip, openai):
         app.include_router(protocol.router)
     app.add_middleware(RequestContext, max_body_bytes=cfg.serve.max_body_bytes)
-    contract.install(app, predictor, keys_required=bool(api_keys))
+    contract.install(app, service, keys_required=bool(api_keys))
     return app
 
 

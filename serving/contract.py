@@ -25,8 +25,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from llmops.config import ServeConfig
-from serving.predictor import Predictor
 from serving.schemas import NOT_BLANK
+from serving.service import Service
 
 Schema = dict[str, Any]
 
@@ -44,28 +44,28 @@ class Served:
     """The loaded generators."""
 
     @classmethod
-    def now(cls, predictor: Predictor) -> Served:
-        champion = predictor.champion.current
+    def now(cls, service: Service) -> Served:
+        champion = service.champion.current
         classifier = champion if champion is not None and not champion.generates else None
-        generators = [n for n, w in predictor.models.items() if w.current is not None and w.current.generates]
+        generators = [n for n, w in service.models.items() if w.current is not None and w.current.generates]
         return cls(
-            models=tuple(predictor.models),
+            models=tuple(service.models),
             classifier=classifier.name if classifier else None,
             labels=tuple(classifier.labels) if classifier else (),
             generators=tuple(generators),
         )
 
 
-def install(app: FastAPI, predictor: Predictor, keys_required: bool) -> None:
+def install(app: FastAPI, service: Service, keys_required: bool) -> None:
     """Serve the contract at `/openapi.json` (and so `/docs`) in place of FastAPI's own document."""
     built: dict[Served, Schema] = {}
 
     def openapi() -> Schema:
-        served = Served.now(predictor)
+        served = Served.now(service)
         if served not in built:
             built.clear()
             generated = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            built[served] = document(generated, predictor.cfg, served, keys_required)
+            built[served] = document(generated, service.cfg, served, keys_required)
         return built[served]
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -1,4 +1,4 @@
-"""Route dependencies: the predictor, API-key auth, JSON content type, text limits."""
+"""Route dependencies: the service, API-key auth, JSON content type, text limits."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from llmops.config import ServeConfig
 from serving.auth import key_is_valid
 from serving.errors import ApiError
-from serving.predictor import Predictor
+from serving.service import Service
 
 # Dependencies are `async def`: FastAPI runs a plain `def` dependency in a thread pool, a thread hop per
 # request for a few attribute reads.
 
 
-async def get_predictor(request: Request) -> Predictor:
-    return request.app.state.predictor
+async def get_service(request: Request) -> Service:
+    return request.app.state.service
 
 
-PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+ServiceDep = Annotated[Service, Depends(get_service)]
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`")

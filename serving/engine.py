@@ -79,7 +79,7 @@ class Sequence:
     chose_end_first: bool = False
     """The model's own first choice was the end token (barred by the minimum length: see `decode.Barred`)."""
     context: Any = None
-    """What the caller needs back when the sequence ends, opaque to the engine (serving: `predictor.Origin`)."""
+    """What the caller needs back when the sequence ends, opaque to the engine (serving: `service.Origin`)."""
     embedding: np.ndarray | None = None
     """The prompt's embedding (the output layer's input at its last token), when the engine logs embeddings."""
     id: int = field(default_factory=itertools.count().__next__)

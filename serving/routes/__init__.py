@@ -1,4 +1,4 @@
-"""The service's routes, one file per protocol over one serving core (`serving.predictor`):
+"""The service's routes, one file per protocol over one serving core (`serving.service`):
 `ours` (health, /v1), `mlflow` (/invocations), `oip` (/v2, the Open Inference Protocol) and `openai`
 (/v1/completions, /v1/chat/completions, /v1/models)."""
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
 import llmops
-from serving.deps import JsonBody, PredictorDep, check_texts
+from serving.deps import JsonBody, ServiceDep, check_texts
 from serving.errors import ApiError
 from serving.routes import ERRORS, request_id_of
 from serving.schemas import InvocationsRequest, InvocationsResponse
@@ -17,9 +17,9 @@ router = APIRouter()
 
 
 @router.get("/ping", response_class=PlainTextResponse, tags=["mlflow"])
-async def ping(predictor: PredictorDep) -> PlainTextResponse:
+async def ping(service: ServiceDep) -> PlainTextResponse:
     """MLflow's scoring-server health check."""
-    return PlainTextResponse("\n", status_code=200 if predictor.ready else 503)
+    return PlainTextResponse("\n", status_code=200 if service.ready else 503)
 
 
 @router.get("/version", response_class=PlainTextResponse, tags=["mlflow"])
@@ -74,11 +74,11 @@ def invocation_texts(body: InvocationsRequest) -> tuple[list[Any], str]:
 @router.post(
     "/invocations", response_model=InvocationsResponse, tags=["mlflow"], dependencies=JsonBody, responses=ERRORS
 )
-async def invocations(body: InvocationsRequest, request: Request, predictor: PredictorDep) -> InvocationsResponse:
+async def invocations(body: InvocationsRequest, request: Request, service: ServiceDep) -> InvocationsResponse:
     """MLflow's scoring protocol, answered like `mlflow models serve` answers for this model."""
     raw, field = invocation_texts(body)
-    texts = check_texts(raw, field, predictor.cfg)
-    scored = await predictor.score(texts, request_id_of(request))
+    texts = check_texts(raw, field, service.cfg)
+    scored = await service.score(texts, request_id_of(request))
     labels = scored.model.labels
     records = [
         {"label": label, "score": float(row.max())} | {f"prob_{k}": float(p) for k, p in zip(labels, row, strict=True)}

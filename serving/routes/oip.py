@@ -13,11 +13,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 import llmops
-from serving.deps import Authorized, JsonBody, PredictorDep, check_texts
+from serving.deps import Authorized, JsonBody, ServiceDep, check_texts
 from serving.errors import ApiError, field_path
-from serving.generation import GenerationRequest, generate
+from serving.generate import GenerationRequest, generate
 from serving.models import LoadedModel, ModelWatcher
-from serving.predictor import Predictor
 from serving.routes import ERRORS, request_id_of
 from serving.schemas import (
     GenerateRequest,
@@ -32,6 +31,7 @@ from serving.schemas import (
     TensorMetadata,
     V2ReadyResponse,
 )
+from serving.service import Service
 
 router = APIRouter()
 ROUTE = "v2"
@@ -46,25 +46,25 @@ V2_INPUT = "text"
 V2_OUTPUTS = ("label", "probabilities")
 
 
-def _served(predictor: Predictor, name: str) -> ModelWatcher:
-    if name not in predictor.models:
-        served = ", ".join(predictor.models)
+def _served(service: Service, name: str) -> ModelWatcher:
+    if name not in service.models:
+        served = ", ".join(service.models)
         raise ApiError(404, f"model '{name}' is not served here (serving {served})", type="not_found", field="name")
-    return predictor.models[name]
+    return service.models[name]
 
 
-def _classifier(predictor: Predictor, name: str) -> LoadedModel:
+def _classifier(service: Service, name: str) -> LoadedModel:
     """`infer` scores with the classifier routes' model: a 404 for a generator (it has `generate` instead)."""
-    model = predictor.loaded(_served(predictor, name))
+    model = service.loaded(_served(service, name))
     if model.generates:
         raise ApiError(
             404, f"model '{name}' is a {model.task} model: use /v2/models/{name}/generate", type="wrong_model_kind",
             field="name",
         )  # fmt: skip
-    if predictor.models[name] is not predictor.champion:
+    if service.models[name] is not service.champion:
         raise ApiError(
             404,
-            f"model '{name}' is served, but `infer` scores with '{predictor.champion.name}' (registry.model_name)",
+            f"model '{name}' is served, but `infer` scores with '{service.champion.name}' (registry.model_name)",
             type="wrong_model_kind",
             field="name",
         )
@@ -82,22 +82,22 @@ async def v2_live() -> LiveResponse:
 
 
 @router.get("/v2/health/ready", response_model=V2ReadyResponse, tags=["v2"])
-async def v2_ready(predictor: PredictorDep) -> JSONResponse:
-    return JSONResponse({"ready": predictor.ready}, status_code=200 if predictor.ready else 503)
+async def v2_ready(service: ServiceDep) -> JSONResponse:
+    return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
 
 
 @router.get("/v2/models/{name}/ready", response_model=ModelReadyResponse, tags=["v2"], responses=ERRORS)
-async def v2_model_ready(name: str, predictor: PredictorDep) -> JSONResponse:
-    ready = _served(predictor, name).current is not None
+async def v2_model_ready(name: str, service: ServiceDep) -> JSONResponse:
+    ready = _served(service, name).current is not None
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
 @router.get(
     "/v2/models/{name}", response_model=ModelMetadataResponse, tags=["v2"], dependencies=Authorized, responses=ERRORS
 )
-async def v2_model_metadata(name: str, predictor: PredictorDep) -> ModelMetadataResponse:
+async def v2_model_metadata(name: str, service: ServiceDep) -> ModelMetadataResponse:
     """A classifier's tensors for `infer`; a generator's for `generate`."""
-    model = predictor.loaded(_served(predictor, name))
+    model = service.loaded(_served(service, name))
     if not model.generates:
         inputs = [TensorMetadata(name=V2_INPUT, datatype="BYTES", shape=[-1])]
         outputs = [
@@ -181,9 +181,9 @@ def _texts_of(data: list[Any], field: str) -> list[Any]:
         }
     },
 )
-async def v2_infer(name: str, request: Request, predictor: PredictorDep) -> InferResponse:
+async def v2_infer(name: str, request: Request, service: ServiceDep) -> InferResponse:
     """Input: one BYTES tensor `text` of shape [n]. Outputs: `label` (BYTES [n]) and `probabilities` (FP32 [n, k])."""
-    _classifier(predictor, name)
+    _classifier(service, name)
     infer = await _read_infer_request(request)
     if len(infer.inputs) != 1 or infer.inputs[0].name != V2_INPUT:
         names = [t.name for t in infer.inputs]
@@ -205,9 +205,9 @@ async def v2_infer(name: str, request: Request, predictor: PredictorDep) -> Infe
         raise ApiError(
             400, f"outputs: unknown {unknown}; this model has {list(V2_OUTPUTS)}", type="invalid_field", field="outputs"
         )
-    texts = check_texts(raw, "inputs[0].data", predictor.cfg)
+    texts = check_texts(raw, "inputs[0].data", service.cfg)
     request_id = infer.id or request_id_of(request)
-    scored = await predictor.score(texts, request_id)
+    scored = await service.score(texts, request_id)
     n, k = scored.probs.shape
     tensors = {
         "label": ResponseOutput(name="label", shape=[n], datatype="BYTES", data=scored.labels()),
@@ -245,9 +245,9 @@ def _generation_request(name: str, body: GenerateRequest) -> GenerationRequest:
     dependencies=JsonBody,
     responses=ERRORS,
 )
-async def v2_generate(name: str, body: GenerateRequest, request: Request, predictor: PredictorDep) -> GenerateResponse:
+async def v2_generate(name: str, body: GenerateRequest, request: Request, service: ServiceDep) -> GenerateResponse:
     """The whole answer to `text_input` from the generator `name`."""
-    stream = await generate(predictor, _generation_request(name, body), request_id_of(request), ROUTE)
+    stream = await generate(service, _generation_request(name, body), request_id_of(request), ROUTE)
     answer = await stream.answer()
     return GenerateResponse(
         model_name=name,
@@ -266,11 +266,11 @@ async def v2_generate(name: str, body: GenerateRequest, request: Request, predic
     responses=ERRORS | STREAMED,
 )
 async def v2_generate_stream(
-    name: str, body: GenerateRequest, request: Request, predictor: PredictorDep
+    name: str, body: GenerateRequest, request: Request, service: ServiceDep
 ) -> StreamingResponse:
     """The answer to `text_input` as server-sent events of `{model_name, model_version, text_output}`; the last
     one also carries `finish_reason` and the token counts."""
-    stream = await generate(predictor, _generation_request(name, body), request_id_of(request), ROUTE)
+    stream = await generate(service, _generation_request(name, body), request_id_of(request), ROUTE)
 
     async def events() -> AsyncIterator[str]:
         try:

@@ -18,9 +18,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from serving.deps import Authorized, JsonBody, PredictorDep
+from serving.deps import Authorized, JsonBody, ServiceDep
 from serving.errors import ApiError
-from serving.generation import GenerationRequest, Stream, generate, merged
+from serving.generate import GenerationRequest, Stream, generate, merged
 from serving.openai_schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -36,8 +36,8 @@ from serving.openai_schemas import (
     ModelList,
     Usage,
 )
-from serving.predictor import Predictor
 from serving.routes import ERRORS, feedback_link, request_id_of
+from serving.service import Service
 
 router = APIRouter()
 STREAMED: dict[int | str, dict[str, Any]] = {
@@ -59,7 +59,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
 
 
 async def _start(
-    predictor: Predictor, body: Any, prompts: list[Any], fields: list[str], max_tokens: int | None, request_id: str
+    service: Service, body: Any, prompts: list[Any], fields: list[str], max_tokens: int | None, request_id: str
 ) -> list[Stream]:
     """One stream per prompt; if any is refused, the ones already started are stopped."""
     streams: list[Stream] = []
@@ -76,7 +76,7 @@ async def _start(
                 min_tokens=body.min_tokens,
                 field=field,
             )
-            streams.append(await generate(predictor, request, request_id, ROUTE, index))
+            streams.append(await generate(service, request, request_id, ROUTE, index))
     except BaseException:
         for stream in streams:
             stream.cancel()
@@ -90,11 +90,11 @@ def error_event(error: ApiError) -> str:
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["openai"], dependencies=Authorized, responses=ERRORS)
-async def list_models(predictor: PredictorDep) -> ModelList:
+async def list_models(service: ServiceDep) -> ModelList:
     """Every served model that has a version loaded (classifiers too: `/v1/predict` answers those)."""
     cards = [
         ModelCard(id=name, created=int(watcher.current.loaded_at))
-        for name, watcher in predictor.models.items()
+        for name, watcher in service.models.items()
         if watcher.current is not None
     ]
     return ModelList(data=cards)
@@ -133,21 +133,21 @@ def _wants_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
     dependencies=JsonBody,
     responses=ERRORS | {200: STREAMED[200] | feedback_link("$response.header.X-Request-ID")[200]},
 )
-async def completions(body: CompletionRequest, request: Request, predictor: PredictorDep) -> Any:
+async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Any:
     """Text completion of a prompt (or of each prompt of a list), whole or streamed."""
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise ApiError(422, "prompt: give at least one prompt", type="invalid_field", field="prompt")
-    if len(prompts) > predictor.cfg.max_texts:
+    if len(prompts) > service.cfg.max_texts:
         raise ApiError(
             422,
-            f"prompt: {len(prompts)} prompts; at most {predictor.cfg.max_texts} (serve.max_texts)",
+            f"prompt: {len(prompts)} prompts; at most {service.cfg.max_texts} (serve.max_texts)",
             type="too_many_texts",
             field="prompt",
         )
     fields = ["prompt"] if isinstance(body.prompt, str) else [f"prompt[{i}]" for i in range(len(prompts))]
     request_id = request_id_of(request)
-    streams = await _start(predictor, body, prompts, fields, body.max_tokens, request_id)
+    streams = await _start(service, body, prompts, fields, body.max_tokens, request_id)
     header = Header.of("cmpl", request_id, body.model, streams[0])
     prompt_tokens = sum(s.prompt_tokens for s in streams)
     if not body.stream:
@@ -186,13 +186,13 @@ async def completions(body: CompletionRequest, request: Request, predictor: Pred
     dependencies=JsonBody,
     responses=ERRORS | STREAMED,
 )
-async def chat_completions(body: ChatCompletionRequest, request: Request, predictor: PredictorDep) -> Any:
+async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Any:
     """The assistant's next message in a conversation, rendered with the model's chat template; whole or
     streamed."""
     chat = [message.model_dump() for message in body.messages]
     request_id = request_id_of(request)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    (stream,) = await _start(predictor, body, [chat], ["messages"], max_tokens, request_id)
+    (stream,) = await _start(service, body, [chat], ["messages"], max_tokens, request_id)
     header = Header.of("chatcmpl", request_id, body.model, stream)
     if not body.stream:
         answer = await stream.answer()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from serving.deps import Authorized, JsonBody, PredictorDep, check_texts
+from serving.deps import Authorized, JsonBody, ServiceDep, check_texts
 from serving.models import LoadedModel
 from serving.routes import ERRORS, feedback_link, request_id_of
 from serving.schemas import (
@@ -35,10 +35,10 @@ async def healthz() -> HealthResponse:
 
 
 @router.get("/readyz", response_model=ReadyResponse, tags=["health"], responses={503: {"model": ReadyResponse}})
-async def readyz(predictor: PredictorDep) -> JSONResponse:
+async def readyz(service: ServiceDep) -> JSONResponse:
     """200 once every served model the registry has is loaded and warmed; the body carries each model's version
     and a reload failure while its old version serves."""
-    model = predictor.champion.current
+    model = service.champion.current
     models = [
         ServedModel(
             name=name,
@@ -47,13 +47,11 @@ async def readyz(predictor: PredictorDep) -> JSONResponse:
             task=watcher.current.task if watcher.current else None,
             reason=watcher.status,
         )
-        for name, watcher in predictor.models.items()
+        for name, watcher in service.models.items()
     ]
-    ready = predictor.ready
+    ready = service.ready
     # A model the registry does not have yet holds nothing back; it is named only while nothing serves.
-    reasons = [
-        f"{name}: {w.status}" for name, w in predictor.models.items() if w.status and (not w.absent or not ready)
-    ]
+    reasons = [f"{name}: {w.status}" for name, w in service.models.items() if w.status and (not w.absent or not ready)]
     body = ReadyResponse(
         ready=ready,
         model=ModelRef(name=model.name, version=model.version, alias=model.alias) if model else None,
@@ -73,11 +71,11 @@ async def readyz(predictor: PredictorDep) -> JSONResponse:
     dependencies=JsonBody,
     responses=ERRORS | feedback_link("$response.body#/request_id"),
 )
-async def predict(body: PredictRequest, request: Request, predictor: PredictorDep) -> PredictResponse:
+async def predict(body: PredictRequest, request: Request, service: ServiceDep) -> PredictResponse:
     """Label and class probabilities per text, with the model version that answered."""
-    texts = check_texts(body.texts, "texts", predictor.cfg)
+    texts = check_texts(body.texts, "texts", service.cfg)
     request_id = request_id_of(request)
-    scored = await predictor.score(texts, request_id)
+    scored = await service.score(texts, request_id)
     model = scored.model
     predictions = [
         Prediction(
@@ -109,13 +107,13 @@ def _model_info(model: LoadedModel | None) -> LoadedModelInfo | None:
 
 
 @router.get("/v1/model", response_model=ModelResponse, tags=["v1"], dependencies=Authorized, responses=ERRORS)
-async def model_info(predictor: PredictorDep) -> ModelResponse:
+async def model_info(service: ServiceDep) -> ModelResponse:
     """Which version serves, with its metrics and tags (and the challenger's, when shadow or canary is on)."""
-    challenger = predictor.challenger.current if predictor.challenger else None
+    challenger = service.challenger.current if service.challenger else None
     return ModelResponse(
-        champion=_model_info(predictor.champion.current),
+        champion=_model_info(service.champion.current),
         challenger=_model_info(challenger),
-        reload_error=predictor.champion.status if predictor.champion.current else None,
+        reload_error=service.champion.status if service.champion.current else None,
     )
 
 
@@ -127,11 +125,11 @@ async def model_info(predictor: PredictorDep) -> ModelResponse:
     dependencies=JsonBody,
     responses=ERRORS,
 )
-async def feedback(body: FeedbackRequest, predictor: PredictorDep) -> FeedbackResponse:
+async def feedback(body: FeedbackRequest, service: ServiceDep) -> FeedbackResponse:
     """The true label of a past prediction, or a rating or corrected completion of a past generation, stored
     beside it for monitoring."""
     if body.label is not None:
-        await predictor.feedback(body.request_id, body.index, body.label)
+        await service.feedback(body.request_id, body.index, body.label)
     else:
-        await predictor.generation_feedback(body.request_id, body.index, body.rating, body.completion)
+        await service.generation_feedback(body.request_id, body.index, body.rating, body.completion)
     return FeedbackResponse(**body.model_dump(), stored=True)

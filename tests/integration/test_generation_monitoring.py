@@ -87,7 +87,7 @@ def test_prompts_like_the_reference_hold(cfg: LlmopsConfig, instructions: dict[s
     serve(cfg, instructions["train"].sample(300, random_state=1))
     recorder = Recorder()
     outcome = run_generation_monitor(cfg, NAME, launcher=recorder)
-    summary = outcome.summary
+    summary = json.loads((outcome.report_dir / "summary.json").read_text())  # what a user reads
     assert summary["window"]["rows"] == 300 and summary["reference"]["rows"] == 300
     assert not summary["drift"]["detected"], summary["drift"]["reasons"]
     assert outcome.decision.verdict == "hold" and recorder.requests == []
@@ -113,15 +113,15 @@ def test_a_shifted_topic_decides_to_retrain_with_the_corrected_answers(
     serve(cfg, shifted, corrections=40)
     recorder = Recorder()
     outcome = run_generation_monitor(cfg, NAME, launcher=recorder)
-    assert outcome.summary["drift"]["detected"], outcome.summary["drift"]
-    assert any(reason.startswith("prompt") for reason in outcome.summary["drift"]["reasons"])
+    assert outcome.summary.drift.detected, outcome.summary.drift
+    assert any(reason.startswith("prompt") for reason in outcome.summary.drift.reasons)
     assert outcome.decision.verdict == "retrain"
     (request,) = recorder.requests
     assert request.deployment == "lifecycle/llm" and request.config == "configs/llm-quickstart.yaml"
     extra = pd.read_parquet(request.extra_rows)
     assert len(extra) == 40 and set(extra["completion"]) <= set(shifted["completion"])
     assert f"data.extra_rows={request.extra_rows}" in request.overrides
-    assert outcome.summary["retraining"]["training_rows"] == 40
+    assert outcome.summary.retraining["training_rows"] == 40
     lines = verdict_lines(outcome)
     assert f"{NAME} v1" in lines and "300 generations" in lines and "decision: RETRAIN" in lines
     assert "generations: control accuracy" in lines and "40 corrections" in lines

@@ -105,8 +105,8 @@ def test_no_drift_window_holds_and_writes_parseable_reports(setup, corpus) -> No
     recorder = Recorder()
     outcome = run_monitor(cfg, str(TINY_CONFIG), [], launcher=recorder, now=now)
 
-    assert outcome.decision.verdict == "hold", outcome.summary["drift"]
-    assert not outcome.summary["drift"]["detected"]
+    assert outcome.decision.verdict == "hold", outcome.summary.drift
+    assert not outcome.summary.drift.detected
     assert recorder.requests == []
     summary = json.loads((outcome.report_dir / "summary.json").read_text())
     assert summary["window"]["rows"] == 300 and summary["window"]["labelled"] == 300
@@ -142,7 +142,7 @@ def test_shifted_traffic_triggers_one_retraining_under_the_cooldown(setup, corpu
         shifted = corpus["shifted"].iloc[hour * 300 : (hour + 1) * 300]
         serve_traffic(cfg, classifier, shifted, at)
         outcome = run_monitor(cfg, str(TINY_CONFIG), ["data.sample=600"], launcher=recorder, now=at)
-        assert outcome.summary["drift"]["detected"], outcome.summary["drift"]
+        assert outcome.summary.drift.detected, outcome.summary.drift
         verdicts.append(outcome.decision.verdict)
 
     # Hysteresis: the first drifted window alone holds; the second triggers; the cooldown holds the rest.

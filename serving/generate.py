@@ -16,8 +16,8 @@ from llmops.generation.candidate import GenerationParams, Prompt
 from serving.engine import EngineClosed, EngineFull, Event, Sequence
 from serving.errors import ApiError
 from serving.models import Generating, LoadedModel
-from serving.predictor import Origin, Predictor
 from serving.runtimes import GeneratorRuntime, WrongModelKind
+from serving.service import Origin, Service
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,12 @@ class Stream:
         return Answer(text, last.finish_reason, self.prompt_tokens, last.completion_tokens)
 
 
-def _generator_model(predictor: Predictor, name: str) -> tuple[LoadedModel, Generating]:
-    watcher = predictor.models.get(name)
+def _generator_model(service: Service, name: str) -> tuple[LoadedModel, Generating]:
+    watcher = service.models.get(name)
     if watcher is None:
-        served = ", ".join(predictor.models)
+        served = ", ".join(service.models)
         raise ApiError(404, f"model '{name}' is not served here (serving {served})", type="not_found", field="model")
-    model = predictor.loaded(watcher)
+    model = service.loaded(watcher)
     try:
         return model, model.generation
     except WrongModelKind as error:
@@ -95,9 +95,9 @@ def _generator_model(predictor: Predictor, name: str) -> tuple[LoadedModel, Gene
 
 
 def _params(
-    predictor: Predictor, request: GenerationRequest, prompt_tokens: int, generator: GeneratorRuntime
+    service: Service, request: GenerationRequest, prompt_tokens: int, generator: GeneratorRuntime
 ) -> GenerationParams:
-    cfg = predictor.cfg
+    cfg = service.cfg
     if prompt_tokens > cfg.max_prompt_tokens:
         raise ApiError(
             413,
@@ -154,21 +154,19 @@ async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Event]]:
             stream.cancel()
 
 
-async def generate(
-    predictor: Predictor, request: GenerationRequest, request_id: str, route: str, index: int = 0
-) -> Stream:
+async def generate(service: Service, request: GenerationRequest, request_id: str, route: str, index: int = 0) -> Stream:
     """Start a generation with the model's current version; 404 / 503 / 413 before anything runs.
     `index`: the prompt's position in its request (the prediction log keys answers by request id and index)."""
     loop = asyncio.get_running_loop()
     for _ in range(3):  # a version swapped out between reading it and submitting: take the new one
-        model, generation = _generator_model(predictor, request.model)
+        model, generation = _generator_model(service, request.model)
         prompt_ids = generation.runtime.encode(request.prompt, truncate=False)
-        params = _params(predictor, request, len(prompt_ids), generation.runtime)
+        params = _params(service, request, len(prompt_ids), generation.runtime)
         origin = Origin(request_id, index, request.prompt, route, model)
         try:
             sequence = generation.backend.submit(prompt_ids, params, loop, origin)
         except EngineFull as error:
-            predictor.metrics.rejected.labels("generation_queue_full").inc()
+            service.metrics.rejected.labels("generation_queue_full").inc()
             raise ApiError(503, f"server busy: {error}", type="overloaded", headers={"Retry-After": "1"}) from None
         except EngineClosed:
             continue

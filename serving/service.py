@@ -1,9 +1,9 @@
 """The service's state, shared by every protocol: the followed models, the classifier's batcher, the
 generators' engines and the prediction log.
 
-Routes get it through `PredictorDep` (serving/deps.py). Every classification ends in
-:meth:`Predictor.score`; every generation in `serving.generation.generate`, and once its engine finishes it, in
-:meth:`Predictor.record_generation` (metrics and the prediction-log row).
+Routes get it through `ServiceDep` (serving/deps.py). Every classification ends in
+:meth:`Service.score`; every generation in `serving.generate.generate`, and once its engine finishes it, in
+:meth:`Service.record_generation` (metrics and the prediction-log row).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Scored:
         return [self.model.labels[i] for i in self.probs.argmax(axis=1)]
 
 
-class Predictor:
+class Service:
     def __init__(self, cfg: LlmopsConfig, tracking_uri: str):
         self.cfg = cfg.serve
         self.model_name = cfg.registry.model_name
