@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llmops.checkpoints import AUTO_CLASS
 
@@ -97,6 +97,12 @@ def load_int8(directory: Path, meta: CandidateMeta) -> Any:
         warnings.simplefilter("ignore", UserWarning)  # TypedStorage deprecation inside torch's quantized unpickling
         quantized.load_state_dict(torch.load(directory / INT8_WEIGHTS, weights_only=True))
     return quantized
+
+
+def open_candidate(directory: str | Path) -> tuple[Path, CandidateMeta, PreTrainedTokenizerBase]:
+    """What every task's loader reads first: the folder, its `candidate.json` and its tokenizer."""
+    path = Path(directory)
+    return path, CandidateMeta.load(path), AutoTokenizer.from_pretrained(path)
 
 
 def load_torch_model(directory: Path, meta: CandidateMeta) -> tuple[Any, torch.device]:

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import pyarrow.parquet as pq
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from llmops.candidate_folder import HISTORY_FILE, CandidateMeta, save_hf_candidate
 from llmops.checkpoints import count_parameters
@@ -111,6 +111,31 @@ def distil_arguments(out_dir: Path, cfg: DistillConfig, train_rows: int, **more:
         mixed_precision=True,
         **more,
     )
+
+
+def fine_tune_inputs(
+    model: Any,
+    args: TrainingArguments,
+    data: PreparedData,
+    tokenize: Callable[[Path], Any],
+    tokenizer: PreTrainedTokenizerBase,
+    collator: Any,
+    patience: int,
+) -> dict[str, Any]:
+    """What every fine-tuning Trainer takes: the model and its arguments, the train and validation splits through
+    the task's `tokenize(split_path)` (one process first: it fills the datasets cache, the others read it), the
+    tokenizer and collator, and early stopping after `patience` evaluations without improvement."""
+    with args.main_process_first(desc="tokenize"):
+        train, validation = tokenize(data.split_path("train")), tokenize(data.split_path("validation"))
+    return {
+        "model": model,
+        "args": args,
+        "train_dataset": train,
+        "eval_dataset": validation,
+        "processing_class": tokenizer,
+        "data_collator": collator,
+        "callbacks": [EarlyStoppingCallback(early_stopping_patience=patience)],
+    }
 
 
 def drop_checkpoints(out_dir: Path) -> None:

@@ -10,9 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
-from llmops.candidate_folder import CandidateMeta, load_torch_model
+from llmops.candidate_folder import load_torch_model, open_candidate
 from llmops.config import ONNX_KINDS
 from llmops.ort import ONNX_FILE, OnnxModel
 
@@ -40,10 +39,8 @@ class Classifier:
     """A loaded candidate: texts in, class probabilities out."""
 
     def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.meta = CandidateMeta.load(self.directory)
+        self.directory, self.meta, self.tokenizer = open_candidate(directory)
         self.labels = self.meta.labels
-        self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
         self.model: Any
         if self.meta.kind in ONNX_KINDS:
             self.model = OnnxModel(self.directory / ONNX_FILE)

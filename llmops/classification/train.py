@@ -14,7 +14,6 @@ import datasets
 import numpy as np
 from transformers import (
     DataCollatorWithPadding,
-    EarlyStoppingCallback,
     EvalPrediction,
     PreTrainedTokenizerBase,
     Trainer,
@@ -26,7 +25,7 @@ from llmops.classification.modeling import load_base_model
 from llmops.config import ModelConfig, TrainConfig
 from llmops.metrics import classification_scores
 from llmops.prepared_data import PreparedData
-from llmops.training import fine_tune_arguments, teacher_meta, train_to_candidate, use_all_cores
+from llmops.training import fine_tune_arguments, fine_tune_inputs, teacher_meta, train_to_candidate, use_all_cores
 
 
 def tokenize_split(path: Path, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
@@ -67,18 +66,11 @@ def fine_tune(
     tokenizer = load_tokenizer(model_cfg)
     model = load_base_model(model_cfg, data.labels)
     args = fine_tune_arguments(out_dir, train_cfg, data)
-    with args.main_process_first(desc="tokenize"):  # one process fills the datasets cache, the others read it
-        train = tokenize_split(data.split_path("train"), tokenizer, model_cfg.max_length)
-        validation = tokenize_split(data.split_path("validation"), tokenizer, model_cfg.max_length)
+    tokenize = functools.partial(tokenize_split, tokenizer=tokenizer, max_length=model_cfg.max_length)
+    patience = train_cfg.early_stopping_patience
     trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=validation,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        **fine_tune_inputs(model, args, data, tokenize, tokenizer, DataCollatorWithPadding(tokenizer), patience),
         compute_metrics=compute_metrics_fn(len(data.labels)),
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=train_cfg.early_stopping_patience)],
     )
 
     meta = teacher_meta(model_cfg, task, data, args)

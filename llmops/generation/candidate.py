@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
 
-from llmops.candidate_folder import CandidateMeta, load_torch_model
+from llmops.candidate_folder import load_torch_model, open_candidate
 from llmops.generation.data import IGNORE, encode_example, prompt_ids, render_prompt
 from llmops.generation.decode import Decoded, decode, head_inputs, prefill
 from llmops.generation.losses import score_completions
@@ -57,10 +56,8 @@ class Generator:
     """A loaded candidate generator."""
 
     def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.meta = CandidateMeta.load(self.directory)
+        self.directory, self.meta, self.tokenizer = open_candidate(directory)
         self.task = self.meta.task
-        self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
         self.model, self.device = load_torch_model(self.directory, self.meta)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
