@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 CONFIG ?= configs/quickstart.yaml
 LLM_CONFIG ?= configs/llm-quickstart.yaml
 STAMP := $(VENV)/.installed
+# llama-cpp-python's source distribution: the llama.cpp it vendors is built once per pin (scripts/build-llama-cpp.sh)
+LLAMA_CPP_PIN := 0.3.36
 
 # Offline by default: the packaged corpus and model need no hub. Set HF_HUB_OFFLINE=0 to use hub ids.
 export HF_HUB_OFFLINE ?= 1
@@ -20,6 +22,7 @@ export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
 .PHONY: install run run-llm test lint bench-compression bench-generation bench-generation-serving bench-serving bench-monitoring serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
 
 install: $(STAMP)
+	@bash scripts/build-llama-cpp.sh $(LLAMA_CPP_PIN) $(VENV)/llama.cpp $(PY)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)

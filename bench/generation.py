@@ -130,17 +130,18 @@ def unseen_classify_rows(cfg: LlmopsConfig) -> pd.DataFrame:
 
 
 def unseen_macro_f1(candidate: Path, rows: pd.DataFrame) -> float:
-    from llmops.generation.candidate import Generator
     from llmops.generation.evaluate import closed_answers
+    from llmops.generation.loading import load_generator
 
-    return closed_answers(Generator(candidate), rows)[0]["macro_f1"]
+    return closed_answers(load_generator(candidate), rows)[0]["macro_f1"]
 
 
 def sample_tweets(candidate: Path, test: Path, cfg: LlmopsConfig, judge: Control | None) -> list[dict]:
     """The first `SAMPLES` write prompts of the test split, answered as evaluation samples them, each with the
     label the control judge gives it."""
-    from llmops.generation.candidate import GenerationParams, Generator
+    from llmops.generation.candidate import GenerationParams
     from llmops.generation.evaluate import prompts_of
+    from llmops.generation.loading import load_generator
 
     rows = pd.read_parquet(test).query("instruction == 'write'").head(SAMPLES)
     generation = cfg.eval.generation
@@ -150,7 +151,7 @@ def sample_tweets(candidate: Path, test: Path, cfg: LlmopsConfig, judge: Control
         top_p=generation.top_p,
         seed=generation.seed,
     )
-    answers = Generator(candidate).generate(prompts_of(rows), params)
+    answers = load_generator(candidate).generate(prompts_of(rows), params)
     said = judge.classifier.predict_proba([a.text for a in answers]).argmax(axis=1) if judge else []
     return [
         {

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 from llmops.checkpoints import AUTO_CLASS
 
 META_FILE = "candidate.json"
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".onnx")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".onnx", ".gguf")
 INT8_WEIGHTS = "quantized_state_dict.pt"
 HISTORY_FILE = "training_log.json"
 """Trainer log history, written beside the candidate folder by fine-tuning and distillation."""

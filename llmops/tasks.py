@@ -195,11 +195,11 @@ def _generator_evaluate(cfg: LlmopsConfig, candidate_dir: str, data_dir: str, co
 
 def _generator_quality(cfg: LlmopsConfig, candidate_dir: str, data_dir: str, context: dict) -> dict[str, float]:
     from llmops.generation import evaluate
-    from llmops.generation.candidate import Generator
+    from llmops.generation.loading import load_generator
 
     test = pd.read_parquet(_test(data_dir))
     judge = control_judge(cfg, context)
-    return evaluate.evaluate_quality(Generator(candidate_dir), test, cfg.eval.generation, judge)[0]
+    return evaluate.evaluate_quality(load_generator(candidate_dir), test, cfg.eval.generation, judge)[0]
 
 
 def _generator_log_model(candidate_dir: Path, data: PreparedData) -> str:

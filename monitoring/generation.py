@@ -125,13 +125,14 @@ class GenerationReferenceCache(ReferenceCache):
     """Per generator version: its reference prompts answered by it (greedily), with their embeddings."""
 
     def generation_reference(self, champion: Champion, cfg: LlmopsConfig) -> Side:
-        from llmops.generation.candidate import GenerationParams, Generator
+        from llmops.generation.candidate import GenerationParams
         from llmops.generation.evaluate import prompts_of
+        from llmops.generation.loading import load_generator
 
         rows = cfg.monitor.generation.reference_rows
         folder = self.root / f"{champion.name}-v{champion.version}"
         table, vectors = folder / f"generations-{rows}.parquet", folder / f"generations-{rows}.npy"
-        generator = Generator(self.model_dir(champion))
+        generator = load_generator(self.model_dir(champion))
         if not (table.is_file() and vectors.is_file()):
             data = self.reference_data(champion)
             data = data.sample(min(rows, len(data)), random_state=0).reset_index(drop=True)

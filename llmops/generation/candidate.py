@@ -8,9 +8,10 @@ MLflow model and serving generate through :class:`Generator`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,11 +59,15 @@ class Generator:
     def __init__(self, directory: str | Path):
         self.directory, self.meta, self.tokenizer = open_candidate(directory)
         self.task = self.meta.task
-        self.model, self.device = load_torch_model(self.directory, self.meta)
+        self.model, self.device = self._load_model()
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.vocabulary = Vocabulary(self.tokenizer)
         self.barred = self.vocabulary.barred
+
+    def _load_model(self) -> tuple[Any, torch.device]:
+        """The model that runs the forward passes (torch here; another runtime overrides this and the passes)."""
+        return load_torch_model(self.directory, self.meta)
 
     @property
     def prompt_format(self) -> str:
@@ -191,22 +196,32 @@ class Generator:
             vectors.append(caught[0][:, -1, :].float().cpu().numpy())
         return np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
-    @torch.inference_mode()
     def completion_nll(
         self, prompts: Sequence[Prompt], completions: Sequence[str], batch_size: int = 8
     ) -> tuple[float, int]:
         """Summed negative log-likelihood of the completions (and their end-of-text token) given the prompts, and
         the number of tokens it sums over: perplexity is exp(nll / tokens)."""
         total, count = 0.0, 0
-        for start in range(0, len(prompts), batch_size):
-            pairs = zip(prompts[start : start + batch_size], completions[start : start + batch_size], strict=True)
-            examples = [
-                encode_example(self.tokenizer, self.render(p), c, self.task, self.meta.max_length) for p, c in pairs
-            ]
-            scored = score_completions(self.model, self._right_padded(examples), self.task)
-            total += float(F.cross_entropy(scored.logits.float(), scored.targets, reduction="sum"))
-            count += len(scored.targets)
+        for logits, targets in self.completion_logits(prompts, completions, batch_size):
+            total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            count += len(targets)
         return total, count
+
+    def examples(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[dict[str, list[int]]]:
+        """Prompt and completion (and end token) as training encodes them: `input_ids`, `labels`."""
+        pairs = zip(prompts, completions, strict=True)
+        return [encode_example(self.tokenizer, self.render(p), c, self.task, self.meta.max_length) for p, c in pairs]
+
+    @torch.inference_mode()
+    def completion_logits(
+        self, prompts: Sequence[Prompt], completions: Sequence[str], batch_size: int = 8
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch: the logits at every completion position (n, vocab) and the tokens there (n,), rows in order
+        and positions in order within a row (so two runtimes' outputs on the same rows line up)."""
+        for start in range(0, len(prompts), batch_size):
+            examples = self.examples(prompts[start : start + batch_size], completions[start : start + batch_size])
+            scored = score_completions(self.model, self._right_padded(examples), self.task)
+            yield scored.logits, scored.targets
 
     def _right_padded(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(e["input_ids"]) for e in examples)

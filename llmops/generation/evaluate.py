@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +35,7 @@ from llmops.config import EvalConfig, GenerationEvalConfig
 from llmops.gates import CandidateReport, Scoring
 from llmops.generation.candidate import Generation, GenerationParams, Generator, Prompt
 from llmops.generation.data import RowKinds
+from llmops.generation.loading import load_generator
 from llmops.metrics import classification_scores, exact_match, generation_scores, slice_scores
 
 SCORING = Scoring(speed="decode_tokens_per_s", latency_p50="ttft_p50_ms", latency_p95="ttft_p95_ms")
@@ -307,6 +309,31 @@ def evaluate_quality(
     return metrics, details, notes
 
 
+def agreement(
+    reference: Generator, candidate: Generator, prompts: Sequence[Prompt], completions: Sequence[str]
+) -> dict[str, float]:
+    """How closely `candidate` follows `reference` (the fp32 model it came from) at every token of held-out
+    completions: the share of positions where both rank the same token first, and the mean KL divergence
+    KL(reference || candidate) of their next-token distributions (what llama.cpp's `llama-perplexity
+    --kl-divergence` reports)."""
+    same, positions, kl = 0, 0, 0.0
+    pairs = zip(
+        reference.completion_logits(prompts, completions, batch_size=1),
+        candidate.completion_logits(prompts, completions, batch_size=1),
+        strict=True,
+    )
+    for (ref_logits, targets), (cand_logits, cand_targets) in pairs:
+        if not torch.equal(targets, cand_targets):
+            raise ValueError("the two generators encode the rows differently: their tokenizers differ")
+        ref, cand = ref_logits.float().log_softmax(-1), cand_logits.float().log_softmax(-1)
+        same += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        kl += float((ref.exp() * (ref - cand)).sum())
+        positions += len(targets)
+    if positions == 0:
+        raise ValueError("agreement needs at least one completion token")
+    return {"top1_agreement": same / positions, "mean_kl": kl / positions, "positions": float(positions)}
+
+
 def evaluate_candidate(
     candidate_dir: str | Path, test_path: str | Path, cfg: EvalConfig, control: Control | None
 ) -> CandidateReport:
@@ -314,7 +341,7 @@ def evaluate_candidate(
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     test = pd.read_parquet(test_path)
     memory = PeakMemory()  # what serving needs: the model loaded, and generating at batch 1 and batch 16
-    generator = Generator(candidate_dir)
+    generator = load_generator(candidate_dir)
     speed = measure_speed(generator, prompts_of(test.head(cfg.generation.speed_prompts)), cfg.generation)
     peak = memory.mb()
     metrics, details, notes = evaluate_quality(generator, test, cfg.generation, control)

@@ -43,9 +43,9 @@ def _prompts(model_input):
 
 class TextGeneratorModel(PythonModel):
     def load_context(self, context):  # untyped: MLflow reads predict's hints as a schema
-        from llmops.generation.candidate import Generator
+        from llmops.generation.loading import load_generator
 
-        self.generator = Generator(context.artifacts["candidate"])
+        self.generator = load_generator(context.artifacts["candidate"])
 
     # A DataFrame is what MLflow hands predict after enforcing the signature, and a hint MLflow infers no schema
     # from: without a hint, MLflow prints advice to add one each time this file is loaded.

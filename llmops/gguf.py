@@ -1,0 +1,125 @@
+"""GGUF candidates: a generator converted by llama.cpp's own converter and quantized by its own quantizer.
+
+llama.cpp is the one `make install` builds from the pinned llama-cpp-python source distribution
+(scripts/build-llama-cpp.sh) under `<venv>/llama.cpp`: `llama-server`, `llama-quantize` and the shared
+libraries in `build/bin`, the converter (`convert_hf_to_gguf.py`, `gguf-py`) in `src`, llama-cpp-python's
+bindings over those libraries in `python`. `LLMOPS_LLAMA_CPP` points elsewhere.
+
+A GGUF candidate folder holds `model.gguf` beside the student's config and tokenizer (the service tokenizes
+with the same tokenizer as every other candidate) and a `candidate.json` whose recipe names the llama.cpp
+version, the converter and the quantization type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from llmops.candidate_folder import CandidateMeta, copy_without_weights
+
+GGUF_FILE = "model.gguf"
+GGUF_KINDS = {"gguf-f16": "F16", "gguf-q8_0": "Q8_0", "gguf-q4_k_m": "Q4_K_M"}
+"""Candidate kind -> llama.cpp's quantization type."""
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
+"""What llmops converts (llama.cpp's converter knows many more; these are the ones tested here)."""
+
+
+class LlamaCppMissing(RuntimeError):
+    """llama.cpp is not built where llmops looks for it."""
+
+
+def llama_cpp_dir() -> Path:
+    return Path(os.environ.get("LLMOPS_LLAMA_CPP") or Path(sys.prefix) / "llama.cpp")
+
+
+def llama_cpp_version(root: Path | None = None) -> str:
+    """The llama-cpp-python release whose vendored llama.cpp was built (its `.built` stamp)."""
+    stamp = (root or llama_cpp_dir()) / ".built"
+    if not stamp.is_file():
+        raise LlamaCppMissing(
+            f"llama.cpp is not built under {stamp.parent} (make install builds it; LLMOPS_LLAMA_CPP points elsewhere)"
+        )
+    return stamp.read_text().strip()
+
+
+def binary(name: str) -> Path:
+    """`llama-server` or `llama-quantize` of the built llama.cpp."""
+    llama_cpp_version()
+    found = llama_cpp_dir() / "build" / "bin" / name
+    if not found.is_file():
+        raise LlamaCppMissing(f"{found} is missing: rebuild llama.cpp (rm -rf {llama_cpp_dir()}; make install)")
+    return found
+
+
+def bindings() -> Any:
+    """llama-cpp-python's `llama_cpp` module over the built libraries (not the wheel's own build)."""
+    root = llama_cpp_dir()
+    llama_cpp_version(root)
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(root / "build" / "bin")
+    if str(root / "python") not in sys.path:
+        sys.path.insert(0, str(root / "python"))
+    return importlib.import_module("llama_cpp")
+
+
+def unsupported(model_dir: Path) -> str | None:
+    """Why the model in `model_dir` cannot become a GGUF candidate (None: it can)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    architecture = (config.get("architectures") or ["(none named)"])[0]
+    if architecture not in ARCHITECTURES:
+        return f"llama.cpp candidates take {', '.join(ARCHITECTURES)}; this model is a {architecture}"
+    return None
+
+
+def _run(command: list[str], what: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"{what} failed (exit {done.returncode}):\n{tail}")
+
+
+def convert(model_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
+    """The Hugging Face model in `model_dir` as a GGUF file, by llama.cpp's converter (`llmops.gguf_convert`)."""
+    src = llama_cpp_dir() / "src"
+    llama_cpp_version()
+    command = [sys.executable, "-m", "llmops.gguf_convert", str(src), str(model_dir)]
+    _run([*command, "--outfile", str(out_file), "--outtype", outtype], f"converting {model_dir} to GGUF")
+    return out_file
+
+
+def quantize(source: Path, out_file: Path, qtype: str) -> Path:
+    """`source` (a 16- or 32-bit GGUF) quantized to `qtype` by llama-quantize, on every core."""
+    threads = str(os.cpu_count() or 1)
+    _run([str(binary("llama-quantize")), str(source), str(out_file), qtype, threads], f"llama-quantize {qtype}")
+    return out_file
+
+
+def save_gguf(student_dir: Path, kind: str, out_dir: Path) -> Path:
+    """The student as a GGUF candidate folder of `kind` (`gguf-f16`, `gguf-q8_0`, `gguf-q4_k_m`)."""
+    meta = CandidateMeta.load(student_dir)
+    reason = unsupported(student_dir)
+    if reason is not None:
+        raise ValueError(f"quantize.candidates: {kind}: {reason}")
+    qtype = GGUF_KINDS[kind]
+    copy_without_weights(student_dir, out_dir)
+    with tempfile.TemporaryDirectory(prefix="llmops-gguf-") as scratch:
+        f16 = convert(student_dir, Path(scratch) / "f16.gguf")
+        if qtype == "F16":
+            shutil.move(f16, out_dir / GGUF_FILE)
+        else:
+            quantize(f16, out_dir / GGUF_FILE, qtype)
+    quantization = {
+        "runtime": "llama.cpp",
+        "llama_cpp_python": llama_cpp_version(),
+        "converter": "convert_hf_to_gguf.py (vendored), outtype f16",
+        "quant_type": qtype,
+    }
+    dataclasses.replace(meta, kind=kind, recipe={**meta.recipe, "quantization": quantization}).save(out_dir)
+    return out_dir

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds the llama.cpp that the pinned llama-cpp-python source distribution vendors, into DEST (under the
+# venv): `llama-server`, `llama-quantize` and the shared libraries (bin/), the converter
+# (src/convert_hf_to_gguf.py, src/gguf-py) and llama-cpp-python's own Python bindings over those libraries
+# (python/llama_cpp). `make install` runs it; DEST/.built names the version, and a finished build is reused
+# while the pin is unchanged.
+#   scripts/build-llama-cpp.sh VERSION DEST PYTHON
+set -euo pipefail
+version=$1 dest=$2 python=$3
+if [ -f "$dest/.built" ] && [ "$(cat "$dest/.built")" = "$version" ]; then
+  exit 0
+fi
+command -v cmake >/dev/null || { echo "llama.cpp needs cmake (apt-get install cmake)" >&2; exit 1; }
+command -v c++ >/dev/null || { echo "llama.cpp needs a C++ compiler (apt-get install g++)" >&2; exit 1; }
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$python" -m pip download --quiet --no-deps --no-binary :all: --dest "$work" "llama-cpp-python==$version"
+tar -xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
+rm -rf "$dest" && mkdir -p "$dest/python"
+mv "$work/llama_cpp_python-$version/vendor/llama.cpp" "$dest/src"
+mv "$work/llama_cpp_python-$version/llama_cpp" "$dest/python/llama_cpp"
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+started=$(date +%s)
+echo "building llama.cpp (llama-cpp-python $version) into $dest: minutes on a small machine, once per pin"
+# Native: built on the machine that runs it (AVX2 and the like); no curl (models are local files).
+cmake -S "$dest/src" -B "$dest/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >"$dest/build.log"
+cmake --build "$dest/build" --target llama llama-quantize -j "$(nproc)" >>"$dest/build.log"
+echo "  library and quantizer: $(( $(date +%s) - started )) s"
+cmake --build "$dest/build" --target llama-server -j "$(nproc)" >>"$dest/build.log"
+# Binaries and libraries are in build/bin (the binaries find the libraries there); the objects can go.
+find "$dest/build" -mindepth 1 -maxdepth 1 ! -name bin -exec rm -rf {} +
+echo "llama.cpp built in $(( $(date +%s) - started )) s"
+echo "$version" >"$dest/.built"

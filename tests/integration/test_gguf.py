@@ -1,0 +1,116 @@
+"""GGUF candidates: a tiny trained Llama (and GPT-2) converted by llama.cpp's own converter (with the packaged
+WordPiece vocabulary), quantized by its own quantizer, and run in-process by llama.cpp with the same prompts,
+token ids and decoding rules as torch.
+
+Needs the llama.cpp that `make install` builds (scripts/build-llama-cpp.sh); the tests fail, not skip, without
+it: `make test` builds it first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llmops.config import load_config
+from llmops.generation.candidate import GenerationParams, Generator
+from llmops.generation.data import prepare_data
+from llmops.generation.evaluate import agreement, prompts_of
+from llmops.generation.llamacpp import LlamaCppGenerator
+from llmops.generation.loading import load_generator
+from llmops.generation.train import fine_tune
+from llmops.gguf import GGUF_FILE, save_gguf, unsupported
+from tests.conftest import REPO
+
+LLM_TINY = REPO / "configs" / "llm-tiny.yaml"
+GPT2 = "model.random_init={model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 2, n_positions: 128}"
+
+
+def trained(tmp: Path, *overrides: str) -> tuple[Path, object]:
+    cfg = load_config(LLM_TINY, ["train.epochs=2", "data.sample=200", *overrides])
+    data = prepare_data(cfg.data, tmp / "data")
+    return fine_tune(cfg.model, cfg.train, cfg.task, data, tmp / "teacher"), data
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    return trained(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def held_out(llama: tuple[Path, object]) -> tuple[list, list[str]]:
+    import pandas as pd
+
+    test = pd.read_parquet(llama[1].split_path("test")).head(24)  # type: ignore[attr-defined]
+    return prompts_of(test), list(test["completion"])
+
+
+@pytest.fixture(scope="module")
+def q8(llama: tuple[Path, object], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_gguf(llama[0], "gguf-q8_0", tmp_path_factory.mktemp("q8") / "candidate")
+
+
+def test_a_q8_0_candidate_records_its_recipe_and_loads_on_llama_cpp(q8: Path) -> None:
+    meta = json.loads((q8 / "candidate.json").read_text())
+    assert meta["kind"] == "gguf-q8_0" and meta["task"] == "causal-lm"
+    recipe = meta["recipe"]["quantization"]
+    assert recipe["runtime"] == "llama.cpp" and recipe["quant_type"] == "Q8_0" and recipe["llama_cpp_python"]
+    assert (q8 / GGUF_FILE).stat().st_size > 0 and not list(q8.glob("*.safetensors"))
+    assert isinstance(load_generator(q8), LlamaCppGenerator)
+
+
+def test_greedy_answers_of_the_f16_gguf_are_the_torch_model_s(llama: tuple[Path, object], tmp_path: Path) -> None:
+    f16 = load_generator(save_gguf(llama[0], "gguf-f16", tmp_path / "f16"))
+    torch_model = Generator(llama[0])
+    prompts = ["write a positive tweet about coachella", "write a negative tweet about united airlines"]
+    params = GenerationParams(max_new_tokens=12, temperature=0.0)
+    ours = [g.text for g in torch_model.generate(prompts, params)]
+    assert [g.text for g in f16.generate(prompts, params)] == ours
+    assert all(ours)  # a trained model writes something
+
+
+def test_q8_0_agrees_with_its_fp32_source_and_q4_k_m_stays_close(
+    llama: tuple[Path, object], q8: Path, held_out: tuple[list, list[str]], tmp_path: Path
+) -> None:
+    prompts, completions = held_out
+    fp32 = Generator(llama[0])
+    q8_agreement = agreement(fp32, load_generator(q8), prompts, completions)
+    q4 = load_generator(save_gguf(llama[0], "gguf-q4_k_m", tmp_path / "q4"))
+    q4_agreement = agreement(fp32, q4, prompts, completions)
+    assert q8_agreement["positions"] > 100
+    assert q8_agreement["top1_agreement"] >= 0.99 and q8_agreement["mean_kl"] < 0.01, q8_agreement
+    assert q4_agreement["top1_agreement"] >= 0.8, q4_agreement  # a 64-wide model quantizes worse than a real one
+    assert q4_agreement["mean_kl"] > q8_agreement["mean_kl"]  # fewer bits, further from the source
+    nll, tokens = fp32.completion_nll(prompts, completions)
+    q8_nll, q8_tokens = load_generator(q8).completion_nll(prompts, completions)
+    assert q8_tokens == tokens and math.exp(q8_nll / tokens) == pytest.approx(math.exp(nll / tokens), rel=0.02)
+
+
+def test_a_gpt2_converts_too(tmp_path: Path) -> None:
+    teacher, _ = trained(tmp_path, GPT2, "train.epochs=1")
+    q8 = load_generator(save_gguf(teacher, "gguf-q8_0", tmp_path / "q8"))
+    answers = q8.generate(["write a positive tweet about coachella"], GenerationParams(max_new_tokens=6))
+    assert answers[0].completion_tokens >= 1
+
+
+def test_an_architecture_llama_cpp_cannot_take_is_refused_by_name(tmp_path: Path) -> None:
+    t5 = "model.random_init={model_type: t5, d_model: 64, d_ff: 128, num_layers: 2, num_heads: 2, d_kv: 32}"
+    teacher, _ = trained(tmp_path, t5, "task=seq2seq-lm", "train.epochs=1")
+    assert "T5ForConditionalGeneration" in (unsupported(teacher) or "")
+    with pytest.raises(ValueError, match="T5ForConditionalGeneration"):
+        save_gguf(teacher, "gguf-q8_0", tmp_path / "q8")
+    assert not (tmp_path / "q8").exists()  # nothing half-written
+
+
+def test_a_corrupt_or_missing_gguf_fails_the_load_with_a_clear_error(q8: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(q8, broken)
+    (broken / GGUF_FILE).write_bytes((q8 / GGUF_FILE).read_bytes()[:4096])
+    with pytest.raises(RuntimeError, match="llama.cpp could not load"):
+        load_generator(broken)
+    (broken / GGUF_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="no model file"):
+        load_generator(broken)
