@@ -297,12 +297,7 @@ class Service:
         self, request_id: str, index: int, rating: float | None, correction: str | None
     ) -> None:
         size = await asyncio.to_thread(self.log.generation_request_size, request_id)
-        if size == 0:
-            raise ApiError(
-                404, f"request_id: no generation with id '{request_id}'", type="not_found", field="request_id"
-            )
-        if index >= size:  # the answer asked about does not exist
-            raise ApiError(404, f"index: request {request_id} had {size} prompt(s)", type="not_found", field="index")
+        _check_logged(size, request_id, index, "generation", "prompt(s)")  # the answer asked about exists
         self.log.append_generation_feedback(GenerationFeedbackRow(request_id, index, rating, correction, time.time()))
 
     async def feedback(self, request_id: str, index: int, label: str) -> None:
@@ -310,12 +305,7 @@ class Service:
         if label not in labels:
             raise ApiError(422, f"label: '{label}' is not one of {labels}", type="invalid_field", field="label")
         size = await asyncio.to_thread(self.log.request_size, request_id)
-        if size == 0:
-            raise ApiError(
-                404, f"request_id: no prediction with id '{request_id}'", type="not_found", field="request_id"
-            )
-        if index >= size:  # the prediction asked about does not exist
-            raise ApiError(404, f"index: request {request_id} had {size} text(s)", type="not_found", field="index")
+        _check_logged(size, request_id, index, "prediction", "text(s)")  # the prediction asked about exists
         self.log.append_feedback(FeedbackRow(request_id, index, label, time.time()))
 
 
@@ -336,3 +326,11 @@ def _prompt_unknown_share(model: LoadedModel, prompt_ids: list[int]) -> float | 
     """None where it means nothing: a tokenizer without an unknown token, or no prompt tokens."""
     unk = model.generation.runtime.tokenizer.unk_token_id
     return None if unk is None or not prompt_ids else unknown_share(prompt_ids, unk)
+
+
+def _check_logged(size: int, request_id: str, index: int, what: str, items: str) -> None:
+    """404 unless request `request_id` was logged with more than `index` items (`size` of them)."""
+    if size == 0:
+        raise ApiError(404, f"request_id: no {what} with id '{request_id}'", type="not_found", field="request_id")
+    if index >= size:
+        raise ApiError(404, f"index: request {request_id} had {size} {items}", type="not_found", field="index")
