@@ -12,6 +12,9 @@ from pathlib import Path
 
 from llmops.ports import free_port
 
+PIDS: dict[str, int] = {}
+"""label -> process id of each server `running` started (for its memory)."""
+
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
@@ -36,6 +39,7 @@ def running(label: str, command: list[str], ready_path: str, env: dict[str, str]
     print(f"[{label}] {' '.join(command)}", flush=True)
     with (workdir / f"{label.replace(' ', '_').replace('/', '_')}.log").open("w") as log:
         proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        PIDS[label] = proc.pid
         try:
             wait_ready(f"http://127.0.0.1:{port}{ready_path}", proc)
             yield f"http://127.0.0.1:{port}"

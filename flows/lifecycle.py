@@ -161,8 +161,13 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
     data_dir = prepare_data(cfg)
     teacher = fine_tune(cfg, data_dir)
     student = distil(cfg, teacher, data_dir)
-    candidates = {"teacher": teacher}
+    candidates, skipped = {"teacher": teacher}, {}
     for kind in cfg.quantize.candidates:
+        reason = quantize.unavailable(student, kind)
+        if reason is not None:
+            skipped[kind] = reason
+            print(f"quantize.candidates: {kind} skipped: {reason}")
+            continue
         candidates[quantize.KIND_OF.get(kind, kind)] = (
             student if kind == "fp32" else quantize_student(cfg, student, kind, data_dir)
         )
@@ -186,6 +191,7 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
         "experiment_id": outcome.experiment_id,
         "summary": outcome.summary,
         "candidates": candidates,
+        "skipped": skipped,
     }
 
 

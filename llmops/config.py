@@ -21,10 +21,13 @@ PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
 Task = Literal["sequence-classification", "causal-lm", "seq2seq-lm"]
 GENERATIVE_TASKS: tuple[Task, ...] = ("causal-lm", "seq2seq-lm")
 
-QuantKind = Literal["fp32", "int8", "bnb-int8", "nf4", "onnx-fp32", "onnx-int8"]
-ALL_QUANT_KINDS: tuple[QuantKind, ...] = ("fp32", "int8", "bnb-int8", "nf4", "onnx-fp32", "onnx-int8")
+QuantKind = Literal["fp32", "int8", "bnb-int8", "nf4", "onnx-fp32", "onnx-int8", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
+CLASSIFIER_QUANT_KINDS: tuple[QuantKind, ...] = ("fp32", "int8", "bnb-int8", "nf4", "onnx-fp32", "onnx-int8")
 ONNX_KINDS: tuple[QuantKind, ...] = ("onnx-fp32", "onnx-int8")
 """Classifiers only: the student exported to ONNX and run by ONNX Runtime."""
+GGUF_QUANT_KINDS: tuple[QuantKind, ...] = ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
+"""Decoders only: the student converted and quantized by llama.cpp (`llmops.gguf`), run by llama.cpp. A decoder
+of an architecture llama.cpp does not take is skipped with a note naming it."""
 
 
 class ConfigError(ValueError):
@@ -196,7 +199,7 @@ class DistillConfig(_Strict):
 
 
 class QuantizeConfig(_Strict):
-    candidates: list[QuantKind] = Field(default_factory=lambda: list(ALL_QUANT_KINDS))
+    candidates: list[QuantKind] = Field(default_factory=lambda: list(CLASSIFIER_QUANT_KINDS))
     """Which compressed students to build and evaluate."""
     int8_per_channel: bool = True
     """Per-output-channel int8 weight scales (more accurate than one scale per tensor)."""
@@ -225,6 +228,9 @@ class GenerationEvalConfig(_Strict):
 
     perplexity_rows: int = Field(default=400, gt=0)
     """Test rows whose completions the perplexity is measured on (teacher-forced)."""
+    agreement_rows: int = Field(default=64, ge=0)
+    """A runtime candidate (GGUF) against the fp32 student it was converted from, teacher-forced on this many
+    test completions: `top1_agreement` and `mean_kl` (0: not measured)."""
     exact_match_instructions: list[str] = Field(default_factory=lambda: ["classify"])
     """Rows of these instruction kinds are answered greedily and scored by exact match and macro-F1."""
     exact_match_rows: int = Field(default=400, gt=0)
@@ -549,7 +555,10 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "causal-lm": {
         "data": {"source": PACKAGED_INSTRUCTIONS},
         "distill": {"temperature": 1.0},
-        "quantize": {"skip_modules": [], "candidates": ["fp32", "int8", "bnb-int8", "nf4"]},
+        "quantize": {
+            "skip_modules": [],
+            "candidates": ["fp32", "int8", "bnb-int8", "nf4", "gguf-q8_0", "gguf-q4_k_m"],
+        },
         # perplexity: candidate <= 1.25 x the teacher's, and <= the champion's + 0.5 on the same test rows; the
         # answers' floors (empty, off-label, truncated, repeating) with their defaults
         "gates": {
@@ -612,6 +621,9 @@ class LlmopsConfig(_Strict):
         onnx = [kind for kind in self.quantize.candidates if kind in ONNX_KINDS]
         if self.generative and onnx:
             raise ValueError(f"quantize.candidates: {onnx} are built for classifiers; a {self.task} task has none")
+        gguf = [kind for kind in self.quantize.candidates if kind in GGUF_QUANT_KINDS]
+        if not self.generative and gguf:
+            raise ValueError(f"quantize.candidates: {gguf} are built for generators; a {self.task} task has none")
         if not self.generative and self.gates.answers is not None:
             raise ValueError("gates.answers is for generative tasks: a classifier's answers are always a label")
         gated = {self.gates.metric, *self.gates.min, *self.gates.max, *self.gates.when_measured}
@@ -652,6 +664,8 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
         "size_mb",
         "params_total",
         "params_non_embedding",
+        "top1_agreement",
+        "mean_kl",
     ),
 }
 """The metrics each task's evaluation reports, by name (plus `f1_<label>` and `slice_f1_<slice>`)."""

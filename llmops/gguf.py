@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -66,7 +67,26 @@ def bindings() -> Any:
     os.environ["LLAMA_CPP_LIB_PATH"] = str(root / "build" / "bin")
     if str(root / "python") not in sys.path:
         sys.path.insert(0, str(root / "python"))
-    return importlib.import_module("llama_cpp")
+    llama_cpp = importlib.import_module("llama_cpp")
+    if _log_to_python not in _KEPT:
+        _KEPT.append(llama_cpp.llama_log_callback(_log_to_python))  # kept: the library holds only a pointer
+        llama_cpp.llama_log_set(_KEPT[-1], None)
+    return llama_cpp
+
+
+_LOG = logging.getLogger("llama.cpp")
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
+"""ggml's log levels (DEBUG 1, INFO 2, WARN 3, ERROR 4; 5 continues the last line) -> Python's. Its warnings
+(a context padded past the training length, ...) are about sizes llmops chose: INFO, not on a user's terminal.
+llama-cpp-python's own callback maps an older numbering and prints them as errors."""
+_KEPT: list[Any] = []
+_last_level = [logging.DEBUG]
+
+
+def _log_to_python(level: int, text: bytes, _: Any) -> None:
+    if level != 5:
+        _last_level[0] = _LEVELS.get(level, logging.DEBUG)
+    _LOG.log(_last_level[0], "%s", text.decode("utf-8", "replace").rstrip())
 
 
 def unsupported(model_dir: Path) -> str | None:
@@ -120,6 +140,7 @@ def save_gguf(student_dir: Path, kind: str, out_dir: Path) -> Path:
         "llama_cpp_python": llama_cpp_version(),
         "converter": "convert_hf_to_gguf.py (vendored), outtype f16",
         "quant_type": qtype,
+        "source": str(student_dir),
     }
     dataclasses.replace(meta, kind=kind, recipe={**meta.recipe, "quantization": quantization}).save(out_dir)
     return out_dir

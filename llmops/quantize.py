@@ -1,5 +1,6 @@
-"""Quantize the student: torch dynamic int8 (CPU) and bitsandbytes int8 / NF4 for every task, and for a
-classifier ONNX Runtime fp32 and int8 (`llmops.ort`).
+"""Quantize the student: torch dynamic int8 (CPU) and bitsandbytes int8 / NF4 for every task, for a
+classifier ONNX Runtime fp32 and int8 (`llmops.ort`), for a decoder llama.cpp's GGUF f16, q8_0 and q4_K_M
+(`llmops.gguf`).
 
 Each candidate is written as a folder that `llmops.classification.candidate.Classifier` (or, for a
 generator, `llmops.generation.candidate.Generator`) loads again, with its recipe in
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 from transformers import AutoTokenizer, BitsAndBytesConfig
 
-from llmops import ort
+from llmops import gguf, ort
 from llmops.candidate_folder import (
     INT8_WEIGHTS,
     CandidateMeta,
@@ -33,7 +34,7 @@ from llmops.candidate_folder import (
 from llmops.checkpoints import AUTO_CLASS
 from llmops.classification.candidate import Classifier
 from llmops.classification.evaluate import macro_f1_on, measure_throughput
-from llmops.config import ONNX_KINDS, QuantizeConfig
+from llmops.config import GGUF_QUANT_KINDS, ONNX_KINDS, QuantizeConfig
 from llmops.prepared_data import PreparedData
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,14 @@ def save_bitsandbytes(student_dir: Path, kind: str, cfg: QuantizeConfig, out_dir
     return save_hf_candidate(model, AutoTokenizer.from_pretrained(student_dir), meta, out_dir)
 
 
+def unavailable(student_dir: str | Path, kind: str) -> str | None:
+    """Why `kind` cannot be built from this student (None: it can): a runtime that does not take its
+    architecture. The lifecycle skips such a candidate with this note rather than fail the run."""
+    if kind in GGUF_QUANT_KINDS:
+        return gguf.unsupported(Path(student_dir))
+    return None
+
+
 def quantize_candidate(
     student_dir: str | Path, kind: str, cfg: QuantizeConfig, out_dir: str | Path, data_dir: str | Path | None = None
 ) -> Path:
@@ -197,6 +206,8 @@ def quantize_candidate(
         return save_bitsandbytes(student_dir, kind, cfg, out_dir)
     if kind in ONNX_KINDS:
         return save_onnx(student_dir, kind, cfg, out_dir, Path(data_dir) if data_dir is not None else None)
+    if kind in GGUF_QUANT_KINDS:
+        return gguf.save_gguf(student_dir, kind, out_dir)
     raise ValueError(f"quantize.candidates: unknown kind '{kind}'")
 
 

@@ -8,9 +8,12 @@ client went away leaves at the next step. A short request never waits for a long
 transformers ships a continuous-batching API (`generate_batch`, `transformers serve --continuous-batching`):
 it cannot serve a torch-int8 champion, ignores `min_new_tokens`, and on this project's CPU wrote 0.6x the
 tokens of this engine on the same fp32 weights at 16 concurrent requests (bench/generation_serving.py). So the
-engine is the smallest scheduler that does the job, over `llmops.generation.decode` (prefill, step, join,
-keep_rows): bounded running and waiting sets, per-sequence sampling and seeds, streaming of text as it forms.
-Decoder-only models batch; a seq2seq model answers one sequence at a time through `Generator.generate_ids`.
+engine is the smallest scheduler that does the job: bounded running and waiting sets, per-sequence sampling and
+seeds, streaming of text as it forms. The runtime holds the running sequences' state behind
+`Generator.running_batch`: torch's key/value cache (`llmops.generation.decode.Running`: prefill, join,
+keep_rows) or llama.cpp's slots (`llmops.generation.llamacpp.Slots`, its batch API, as llama-server drives it).
+Sampling, stop strings and streaming are the engine's either way, so a GGUF champion answers under the same
+rules. Decoder-only models batch; a seq2seq model answers one sequence at a time through `generate_ids`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from llmops.generation.candidate import GenerationParams, Generator
-from llmops.generation.decode import Batch, head_inputs, join, keep_rows, pick, prefill, step
+from llmops.generation.decode import pick
 
 log = logging.getLogger(__name__)
 REPLACEMENT = "\ufffd"
@@ -103,6 +105,7 @@ class GenerationEngine:
         max_waiting: int,
         continuous: bool = True,
         embeddings: bool = False,
+        max_positions: int | None = None,
         on_finish: Callable[[Sequence], None] | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ):
@@ -116,7 +119,8 @@ class GenerationEngine:
         """Called with (running, waiting) after every step, for metrics."""
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        self._batch: Batch | None = None
+        self._batch = generator.running_batch(self.max_running, embeddings, max_positions)
+        """The running sequences' state in the runtime (torch's KV cache, llama.cpp's slots), row for row."""
         self._logits: torch.Tensor | None = None
         self._wake = threading.Condition()
         self._stopping = False
@@ -185,7 +189,8 @@ class GenerationEngine:
                 log.exception("generation step failed")
                 for sequence in [*self._running]:
                     self._finish(sequence, "error", error_text=f"{type(error).__name__}: {error}")
-                self._running, self._batch, self._logits = [], None, None
+                self._batch.keep([])
+                self._running, self._logits = [], None
             if self.on_step is not None:
                 self.on_step(len(self._running), len(self._waiting))
 
@@ -214,25 +219,11 @@ class GenerationEngine:
             self._leave(gone)
 
     def _prefill(self, sequences: list[Sequence]) -> None:
-        width = max(len(s.prompt_ids) for s in sequences)
-        pad = self.generator.pad_id
-        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in sequences])
-        starts = torch.tensor([width - len(s.prompt_ids) for s in sequences])
-        mask = (torch.arange(width)[None, :] >= starts[:, None]).long()
-        device = self.generator.device
-        capture: AbstractContextManager[list[torch.Tensor]] = (
-            head_inputs(self.generator.model) if self.embeddings else nullcontext([])
-        )
-        with capture as caught:
-            logits, batch = prefill(self.generator.model, ids.to(device), mask.to(device))
-        if caught:  # (batch, 1, hidden) at the last prompt token
-            for sequence, vector in zip(sequences, caught[0][:, -1, :].float().cpu().numpy(), strict=True):
+        logits, embeddings = self._batch.admit([s.prompt_ids for s in sequences])
+        if embeddings is not None:
+            for sequence, vector in zip(sequences, embeddings, strict=True):
                 sequence.embedding = vector
-        if self._batch is None or self._logits is None:
-            self._batch, self._logits = batch, logits
-        else:
-            self._batch = join(self._batch, batch)
-            self._logits = torch.cat([self._logits, logits])
+        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
         self._running += sequences
 
     def _choose(self) -> list[int]:
@@ -260,12 +251,14 @@ class GenerationEngine:
                 sequence.first_token_at = now
             if self._advance(sequence, token):
                 leaving.append(row)
+            elif self._batch.full(row):  # the runtime's cache for it is spent: the answer ends here
+                self._finish(sequence, "length")
+                leaving.append(row)
         if leaving:
             self._leave(leaving)
         if self._running:
-            assert self._batch is not None
-            staying = torch.tensor([t for i, t in enumerate(tokens) if i not in leaving])
-            self._logits = step(self.generator.model, staying.to(self.generator.device), self._batch)
+            staying = [token for row, token in enumerate(tokens) if row not in leaving]
+            self._logits = self._batch.step(staying)
 
     def _advance(self, sequence: Sequence, token: int) -> bool:
         """Add a token, send the text it completes; True when the sequence is done."""
@@ -309,12 +302,8 @@ class GenerationEngine:
         gone = set(rows)
         staying = [i for i in range(len(self._running)) if i not in gone]
         self._running = [self._running[i] for i in staying]
-        if not staying:
-            self._batch, self._logits = None, None
-            return
-        assert self._batch is not None and self._logits is not None
-        self._batch = keep_rows(self._batch, staying)
-        self._logits = self._logits[staying]
+        self._batch.keep(staying)
+        self._logits = self._logits[staying] if staying and self._logits is not None else None
 
     def _whole(self, sequence: Sequence) -> None:
         """A seq2seq model: the whole answer in one call, sent as one event."""

@@ -17,7 +17,6 @@ from typing import Any, Protocol
 from llmops.candidate_folder import CandidateMeta
 from llmops.classification.candidate import Forward
 from llmops.generation.candidate import GenerationParams, Prompt
-from llmops.gguf import GGUF_KINDS
 from serving.engine import Sequence
 
 WARM_TEXTS = ["warming up the model", "a second, somewhat longer text to warm up the padded path"]
@@ -76,27 +75,18 @@ class WrongModelKind(Exception):
         self.name, self.task = name, task
 
 
-class NotServable(Exception):
-    """The version's runtime is one the service cannot run."""
-
-
 def load_runtime(folder: Path) -> ClassifierRuntime | GeneratorRuntime:
     """The version in `folder` loaded by the runtime its `candidate.json` names, and warmed: the first forward
     pass allocates; pay it before traffic does."""
     meta = CandidateMeta.load(folder)
-    if meta.kind in GGUF_KINDS:
-        raise NotServable(
-            f"{folder}: a {meta.kind} candidate runs on llama.cpp, which the service does not drive yet"
-            " (evaluate, register and load it with mlflow.pyfunc; serve a torch candidate)"
-        )
     if meta.task == "sequence-classification":
         from llmops.classification.candidate import Classifier
 
         classifier = Classifier(folder)
         classifier.predict_proba(WARM_TEXTS)
         return classifier
-    from llmops.generation.candidate import Generator
+    from llmops.generation.loading import load_generator
 
-    generator = Generator(folder)
+    generator = load_generator(folder)
     generator.generate(WARM_TEXTS, GenerationParams(max_new_tokens=2))
     return generator

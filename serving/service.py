@@ -121,6 +121,7 @@ class Service:
             max_waiting=self.cfg.max_waiting,
             continuous=self.cfg.continuous_batching,
             embeddings=self.cfg.log_embeddings,
+            max_positions=self.cfg.max_prompt_tokens + self.cfg.max_new_tokens,
             on_finish=self.record_generation,
             on_step=on_step,
         )

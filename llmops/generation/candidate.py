@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from llmops.candidate_folder import load_torch_model, open_candidate
 from llmops.generation.data import IGNORE, encode_example, prompt_ids, render_prompt
-from llmops.generation.decode import Decoded, decode, head_inputs, prefill
+from llmops.generation.decode import Decoded, Running, RunningBatch, decode, head_inputs, prefill
 from llmops.generation.losses import score_completions
 from llmops.generation.vocabulary import Vocabulary
 
@@ -184,6 +184,11 @@ class Generator:
                 for ids, enc, first in zip(new.ids, encoded, new.chose_end_first, strict=True)
             ]
         return results
+
+    def running_batch(self, slots: int, embeddings: bool = False, positions: int | None = None) -> RunningBatch:
+        """The serving engine's running batch over this model (`slots` sequences of at most `positions` tokens:
+        a runtime that allocates its caches up front, llama.cpp, sizes them by these; torch's grow)."""
+        return Running(self.model, self.pad_id, self.device, embeddings)
 
     @torch.inference_mode()
     def prompt_embeddings(self, prompts: Sequence[Prompt], batch_size: int = 32) -> np.ndarray:

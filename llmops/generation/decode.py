@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -197,6 +198,73 @@ def keep_rows(batch: Batch, rows: list[int]) -> Batch:
         layer.keys = layer.keys.index_select(0, index)[..., start:, :]
         layer.values = layer.values.index_select(0, index)[..., start:, :]
     return Batch(mask[:, start:], batch.cache)
+
+
+class RunningBatch(Protocol):
+    """The running sequences of the serving engine, in a runtime: rows in the order they joined."""
+
+    def __len__(self) -> int: ...
+
+    def admit(self, prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """New rows for `prompts`: their next-token logits (n, vocab) and, when kept, the prompts' embeddings."""
+        ...
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token to every row (in row order); the next logits (rows, vocab)."""
+        ...
+
+    def full(self, row: int) -> bool:
+        """Whether the row has no room for another token."""
+        ...
+
+    def keep(self, rows: list[int]) -> None:
+        """Only `rows` stay, in that order."""
+        ...
+
+
+class Running:
+    """The serving engine's running batch over a torch decoder: sequences join (one prefill for all that join at
+    once, merged into the batch by `join`), step together, and leave (`keep_rows`) at any step.
+    `llmops.generation.llamacpp.Slots` is the same over llama.cpp."""
+
+    def __init__(self, model: Any, pad_id: int, device: torch.device, embeddings: bool = False):
+        self.model, self.pad_id, self.device, self.embeddings = model, pad_id, device, embeddings
+        self._batch: Batch | None = None
+
+    def __len__(self) -> int:
+        return 0 if self._batch is None else len(self._batch)
+
+    @torch.inference_mode()
+    def admit(self, prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """New rows for `prompts`, left-padded into one prefill: their next-token logits (n, vocab) and, when
+        asked, the prompts' embeddings (n, hidden: the output layer's input at the last prompt token)."""
+        width = max(len(ids) for ids in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        starts = torch.tensor([width - len(p) for p in prompts])
+        mask = (torch.arange(width)[None, :] >= starts[:, None]).long()
+        capture: AbstractContextManager[list[torch.Tensor]] = (
+            head_inputs(self.model) if self.embeddings else nullcontext([])
+        )
+        with capture as caught:
+            logits, batch = prefill(self.model, ids.to(self.device), mask.to(self.device))
+        self._batch = batch if self._batch is None else join(self._batch, batch)
+        embeddings = caught[0][:, -1, :].float().cpu().numpy() if caught else None
+        return logits, embeddings
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token to every row (in row order); the next logits (rows, vocab)."""
+        assert self._batch is not None
+        return step(self.model, torch.tensor(tokens, device=self.device), self._batch)
+
+    def full(self, row: int) -> bool:
+        return False  # the model's own context is checked before a sequence is admitted
+
+    def keep(self, rows: list[int]) -> None:
+        """Only `rows` stay, in that order."""
+        if not rows:
+            self._batch = None
+        elif self._batch is not None:
+            self._batch = keep_rows(self._batch, rows)
 
 
 @torch.inference_mode()

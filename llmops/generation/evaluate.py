@@ -349,6 +349,14 @@ def evaluate_candidate(
     if peak is not None:
         metrics["peak_memory_mb"] = peak
     metrics["size_mb"] = weights_size_mb(candidate_dir)
+    source = generator.meta.recipe.get("quantization", {}).get("source")
+    rows = test.head(cfg.generation.agreement_rows)
+    if source and len(rows):
+        if Path(source).is_dir():
+            found = agreement(Generator(source), generator, prompts_of(rows), list(rows["completion"]))
+            metrics |= {"top1_agreement": found["top1_agreement"], "mean_kl": found["mean_kl"]}
+        else:
+            notes.append(f"agreement with the fp32 source not measured: {source} is gone")
     return CandidateReport(
         kind=generator.meta.kind,
         path=str(candidate_dir),

@@ -2,6 +2,12 @@
 `make install` builds): the same prompts, token ids and decoding rules as the torch generator, so every
 metric of the evaluation means the same; only the forward passes are llama.cpp's.
 
+The passes go through llama.cpp's batch API, the one `llama-server` schedules its slots with: one context holds
+a key/value cache for each of `slots` sequences; a `llama_batch` carries any mix of prompt tokens and next
+tokens of any of them, and one `llama_decode` runs it. `Slots` is that running batch; the serving engine drives
+it as it drives torch's (sequences join, step and leave at any step), and evaluation scores and generates
+through it.
+
 The service's tokenizer is the candidate's Hugging Face tokenizer, as for every other candidate: token ids go
 to llama.cpp as they are (the GGUF holds the same vocabulary in the same order).
 """
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,8 +28,164 @@ from llmops.generation.decode import Decoded, pick
 from llmops.gguf import GGUF_FILE, bindings
 
 MAX_CONTEXT = 2048
-"""Positions llama.cpp allocates for (its key/value cache and, for scoring, every position's logits): the
-model's own context or this, whichever is smaller."""
+"""Positions of each sequence's key/value cache: the model's own context or this, whichever is smaller."""
+BATCH_TOKENS = 512
+"""Tokens one `llama_decode` takes at most (llama.cpp's physical batch); longer prompts go in several."""
+CACHE_PAD = 256
+"""llama.cpp sizes each sequence's cache in multiples of this."""
+GENERATE_SLOTS = 8
+"""Sequences evaluation decodes together."""
+
+
+@dataclass
+class _Entry:
+    """Tokens of one sequence to feed: `seq` its cache, `start` the position of the first, `outputs` which of
+    them return logits (`last` or `all`)."""
+
+    seq: int
+    tokens: list[int]
+    start: int
+    outputs: str = "last"
+
+
+class Slots:
+    """One llama.cpp context with a key/value cache for each of `slots` sequences: the running batch.
+
+    Rows are the running sequences in the order they joined; `admit` adds rows, `step` feeds one token to every
+    row, `keep` lets the others leave (their caches are cleared for the next sequence).
+    """
+
+    def __init__(self, model: Any, slots: int, positions: int, threads: int, embeddings: bool = False):
+        llama_cpp = bindings()
+        from llama_cpp import _internals
+
+        self._llama_cpp = llama_cpp
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = slots * -(-positions // CACHE_PAD) * CACHE_PAD  # llama.cpp pads each sequence's cache
+        params.n_batch = params.n_ubatch = BATCH_TOKENS
+        params.n_seq_max = slots
+        params.n_threads = params.n_threads_batch = threads
+        params.kv_unified = False  # each sequence attends over its own cache only (llama-server with -np)
+        params.embeddings = embeddings
+        params.no_perf = True
+        self.context = _internals.LlamaContext(model=model, params=params, verbose=False)
+        self._batch = _internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
+        self.vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
+        self.width = llama_cpp.llama_model_n_embd(model.model)
+        self.positions = positions
+        self.embeddings = embeddings
+        self._free = list(range(slots))
+        self._seqs: list[int] = []
+        self._next: list[int] = []
+        """Each row's next position."""
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def _feed(self, entries: list[_Entry]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Run the entries' tokens, as few `llama_decode` calls as fit; each entry's logits (k, vocab) and, when
+        the context keeps them, the output layer's inputs (k, width) at its output tokens."""
+        logits: list[list[np.ndarray]] = [[] for _ in entries]
+        hidden: list[list[np.ndarray]] = [[] for _ in entries]
+        batch = self._batch.batch
+        # the entry of each output of the batch being filled, None for an output nobody asked for (a context that
+        # keeps embeddings returns every token's: llama.cpp marks them all)
+        pending: list[int | None] = []
+
+        def run() -> None:
+            if batch.n_tokens == 0:
+                return
+            code = self._llama_cpp.llama_decode(self.context.ctx, batch)
+            if code != 0:
+                raise RuntimeError(f"llama_decode returned {code} (its cache is full or the batch is invalid)")
+            out = np.ctypeslib.as_array(self.context.get_logits(), shape=(len(pending), self.vocab))
+            for index, entry in enumerate(pending):
+                if entry is None:
+                    continue
+                logits[entry].append(out[index].copy())
+                if self.embeddings:
+                    row = self._llama_cpp.llama_get_embeddings_ith(self.context.ctx, index)
+                    hidden[entry].append(np.ctypeslib.as_array(row, shape=(self.width,)).copy())
+            batch.n_tokens = 0
+            pending.clear()
+
+        for number, entry in enumerate(entries):
+            last = len(entry.tokens) - 1
+            for offset, token in enumerate(entry.tokens):
+                if batch.n_tokens == BATCH_TOKENS:
+                    run()
+                i = batch.n_tokens
+                batch.token[i] = token
+                batch.pos[i] = entry.start + offset
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = entry.seq
+                wanted = entry.outputs == "all" or offset == last
+                batch.logits[i] = wanted or self.embeddings
+                if wanted or self.embeddings:
+                    pending.append(number if wanted else None)
+                batch.n_tokens = i + 1
+        run()
+        empty_hidden = np.zeros((0, self.width), dtype=np.float32)
+        return [np.stack(rows) for rows in logits], [np.stack(rows) if rows else empty_hidden for rows in hidden]
+
+    def admit(self, prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """New rows for `prompts` (one prefill for all): their next-token logits (n, vocab) and, when the context
+        keeps them, the prompts' embeddings (n, width)."""
+        if len(prompts) > len(self._free):
+            raise RuntimeError(f"{len(prompts)} sequences asked for {len(self._free)} free llama.cpp slots")
+        for ids in prompts:
+            if not ids or len(ids) >= self.positions:
+                raise ValueError(f"a prompt of {len(ids)} tokens does not fit a {self.positions}-position slot")
+        seqs = [self._free.pop(0) for _ in prompts]
+        try:
+            logits, hidden = self._feed([_Entry(seq, ids, 0) for seq, ids in zip(seqs, prompts, strict=True)])
+        except Exception:
+            self._clear(seqs)
+            raise
+        self._seqs += seqs
+        self._next += [len(ids) for ids in prompts]
+        embeddings = np.concatenate(hidden) if self.embeddings else None
+        return torch.from_numpy(np.concatenate(logits)), embeddings
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token to every row (in row order); the next logits (rows, vocab)."""
+        entries = [_Entry(seq, [token], at) for seq, token, at in zip(self._seqs, tokens, self._next, strict=True)]
+        logits, _ = self._feed(entries)
+        self._next = [at + 1 for at in self._next]
+        return torch.from_numpy(np.concatenate(logits))
+
+    def full(self, row: int) -> bool:
+        """Whether the row's cache has no room for another token."""
+        return self._next[row] >= self.positions
+
+    def keep(self, rows: list[int]) -> None:
+        """Only `rows` stay, in that order; the others' caches are cleared and their slots freed."""
+        kept = set(rows)
+        self._clear([seq for row, seq in enumerate(self._seqs) if row not in kept])
+        self._seqs = [self._seqs[row] for row in rows]
+        self._next = [self._next[row] for row in rows]
+
+    def _clear(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, -1, -1)
+            self._free.append(seq)
+
+    def score(self, ids: list[int]) -> torch.Tensor:
+        """Logits at every position of one sequence (len(ids), vocab), in a free slot cleared afterwards."""
+        seq = self._free.pop(0)
+        try:
+            (logits,), _ = self._feed([_Entry(seq, ids, 0, "all")])
+        finally:
+            self._clear([seq])
+        return torch.from_numpy(logits)
+
+    def close(self) -> None:
+        self._batch.close()
+        self.context.close()
 
 
 class LlamaCppGenerator(Generator):
@@ -35,60 +198,82 @@ class LlamaCppGenerator(Generator):
         config = json.loads((self.directory / "config.json").read_text())
         self._positions = int(config.get("max_position_embeddings") or config.get("n_positions") or MAX_CONTEXT)
         llama_cpp = bindings()
+        from llama_cpp import _internals
+
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
         try:
-            model = llama_cpp.Llama(
-                model_path=str(model_file),
-                n_ctx=min(self._positions, MAX_CONTEXT),
-                n_threads=torch.get_num_threads(),
-                logits_all=True,
-                verbose=False,
-            )
+            model = _internals.LlamaModel(path_model=str(model_file), params=params, verbose=False)
         except ValueError as error:  # llama-cpp-python's words for a file llama.cpp could not load
             raise RuntimeError(f"llama.cpp could not load {model_file}: {error}") from error
+        self._own: Slots | None = None
         return model, torch.device("cpu")
 
     @property
     def context_length(self) -> int:
         return min(self._positions, MAX_CONTEXT)
 
-    def _logits(self, tokens: list[int]) -> torch.Tensor:
-        """Feed `tokens` after what the context holds; the logits at each of them (len(tokens), vocab)."""
-        start = self.model.n_tokens
-        self.model.eval(tokens)
-        return torch.from_numpy(np.array(self.model.scores[start : start + len(tokens)]))
+    def running_batch(self, slots: int, embeddings: bool = False, positions: int | None = None) -> Slots:
+        """A llama.cpp context of `slots` sequences (see `Slots`) of `positions` each (default and at most: the
+        model's context), for the serving engine."""
+        positions = min(self.context_length, positions or self.context_length)
+        return Slots(self.model, slots, positions, torch.get_num_threads(), embeddings)
+
+    def _slots(self) -> Slots:
+        """Evaluation's own context."""
+        if self._own is None:
+            self._own = self.running_batch(GENERATE_SLOTS)
+        return self._own
 
     def generate_ids(self, encoded: list[list[int]], params: GenerationParams) -> Decoded:
-        """One row at a time (llama.cpp's own batching serves; evaluation needs the answers, not the speed)."""
+        """Up to `GENERATE_SLOTS` rows decoded together, each under the same rules as torch's decoding."""
         if self.task != "causal-lm":
             raise ValueError(f"llama.cpp runs decoders; this candidate is a {self.task} model")
         generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-        barred = self.barred
-        written, chose_end_first = [], []
-        for ids in encoded:
-            self.model.reset()
-            logits = self._logits(ids)[-1:]
-            new: list[int] = []
-            for count in range(params.max_new_tokens):
+        written: list[list[int]] = [[] for _ in encoded]
+        chose_end_first = [False] * len(encoded)
+        slots, barred = self._slots(), self.barred
+        for first in range(0, len(encoded), GENERATE_SLOTS):
+            rows = list(range(first, min(first + GENERATE_SLOTS, len(encoded))))
+            logits, _ = slots.admit([encoded[row] for row in rows])
+            count = 0
+            while rows:
                 now_barred = barred.at(count, params.min_new_tokens)
-                token, own = pick(barred.forbid_always(logits), now_barred, params.temperature, params.top_p, generator)
-                if count == 0:
-                    chose_end_first.append(int(own[0]) == self.eos_id)
-                new.append(int(token[0]))
-                if new[-1] == self.eos_id or len(ids) + len(new) >= self.context_length:
-                    break
-                logits = self._logits(new[-1:])
-            written.append(new)
+                allowed = barred.forbid_always(logits)
+                tokens, own = pick(allowed, now_barred, params.temperature, params.top_p, generator)
+                staying = []
+                for index, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+                    if count == 0:
+                        chose_end_first[row] = int(own[index]) == self.eos_id
+                    written[row].append(token)
+                    done = token == self.eos_id or count + 1 == params.max_new_tokens or slots.full(index)
+                    if not done:
+                        staying.append(index)
+                slots.keep(staying)
+                rows = [rows[index] for index in staying]
+                if rows:
+                    logits = slots.step([written[row][-1] for row in rows])
+                count += 1
         return Decoded(written, chose_end_first)
 
     def prompt_embeddings(self, prompts: Sequence[Prompt], batch_size: int = 32) -> np.ndarray:
-        raise NotImplementedError("prompt embeddings of a GGUF candidate are not computed yet (serve.log_embeddings)")
+        """The output layer's input at each prompt's last token, as torch's `prompt_embeddings`."""
+        if not hasattr(self, "_embedder"):
+            self._embedder = self.running_batch(GENERATE_SLOTS, embeddings=True)
+        vectors = []
+        encoded = [self.encode(prompt) for prompt in prompts]
+        for first in range(0, len(encoded), GENERATE_SLOTS):
+            _, hidden = self._embedder.admit(encoded[first : first + GENERATE_SLOTS])
+            self._embedder.keep([])
+            assert hidden is not None
+            vectors.append(hidden)
+        return np.concatenate(vectors) if vectors else np.zeros((0, self._embedder.width), dtype=np.float32)
 
     def completion_logits(
         self, prompts: Sequence[Prompt], completions: Sequence[str], batch_size: int = 8
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for example in self.examples(prompts, completions):
             ids, labels = example["input_ids"], torch.tensor(example["labels"])
-            self.model.reset()
-            logits = self._logits(ids)
+            logits = self._slots().score(ids)
             scored = (labels[1:] != IGNORE).nonzero()[:, 0]  # position t predicts token t + 1
             yield logits[scored], labels[1:][scored]

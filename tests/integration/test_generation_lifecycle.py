@@ -67,7 +67,7 @@ def test_first_run_promotes_a_gated_generator(first: dict, client: MlflowClient)
 
 def test_the_ui_shows_every_candidate_side_by_side(first: dict, client: MlflowClient) -> None:
     runs = {r.data.tags["llmops.candidate"]: r for r in children(client, first["parent_run_id"])}
-    assert sorted(runs) == ["bnb-int8", "int8", "nf4", "student", "teacher"]
+    assert sorted(runs) == ["bnb-int8", "gguf-q4_k_m", "gguf-q8_0", "int8", "nf4", "student", "teacher"]
     for candidate in runs.values():
         assert {"perplexity", "macro_f1", "exact_match", "distinct_2", "repetition_rate"} <= set(candidate.data.metrics)
         assert {"ttft_p50_ms", "decode_tokens_per_s", "batch_tokens_per_s", "size_mb"} <= set(candidate.data.metrics)
@@ -75,6 +75,12 @@ def test_the_ui_shows_every_candidate_side_by_side(first: dict, client: MlflowCl
     assert runs["student"].data.params["recipe.loss"] == "forward_kl"
     assert runs["int8"].data.params["recipe.quantization.method"] == "torch.ao.quantization.quantize_dynamic"
     assert runs["nf4"].data.params["recipe.quantization.bnb_4bit_quant_type"] == "nf4"
+    for kind, qtype in (("gguf-q8_0", "Q8_0"), ("gguf-q4_k_m", "Q4_K_M")):  # llama.cpp's, gated like the others
+        gguf = runs[kind].data
+        assert gguf.params["recipe.quantization.quant_type"] == qtype and gguf.params["recipe.quantization.runtime"]
+        assert 0.5 <= gguf.metrics["top1_agreement"] <= 1.0 and gguf.metrics["mean_kl"] >= 0.0
+        assert gguf.tags["llmops.verdict"] in {"passed", "rejected"}
+    assert runs["gguf-q8_0"].data.metrics["mean_kl"] < runs["gguf-q4_k_m"].data.metrics["mean_kl"]
     assert "control accuracy not measured" in runs["teacher"].data.tags["llmops.notes"]
     artifacts = {a.path for a in client.list_artifacts(first["parent_run_id"])}
     assert {"model_card.md", "data_card.md", "summary.md", "decision.json", "data"} <= artifacts
@@ -119,12 +125,12 @@ def test_the_cli_answers_prompts_and_suggests_commands_for_this_run(first: dict)
 
 
 def test_the_cli_asks_as_training_did_and_answers_with_the_label_evaluation_scores(first: dict, home: Path) -> None:
-    from llmops.generation.candidate import Generator
     from llmops.generation.evaluate import closed_answers, label_of
+    from llmops.generation.loading import load_generator
 
     (data,) = [p for p in (home / "artifacts" / "data").iterdir() if p.is_dir()]
     rows = pd.read_parquet(data / "test.parquet").query("instruction == 'classify'").head(8)
-    champion = Generator(first["candidates"][first["selected"]])
+    champion = load_generator(first["candidates"][first["selected"]])
     assert champion.prompt_format == "chat"  # the packaged instructions are chats
     *_, scored = closed_answers(champion, rows)
     asked = CliRunner().invoke(app, ["predict", "--config", str(LLM_TINY), *rows["prompt"]])
@@ -217,10 +223,12 @@ def test_a_t5_model_with_on_policy_reverse_kl_learns_from_a_chat_file(workdir: P
             "model.random_init={model_type: t5, d_model: 64, d_ff: 128, num_layers: 4, num_heads: 2, d_kv: 32}",
             "distill.loss=reverse_kl",
             "distill.on_policy=0.5",
-            "quantize.candidates=[fp32, int8]",
+            "quantize.candidates=[fp32, int8, gguf-q8_0]",
         ],
     )
     assert result["task"] == "seq2seq-lm" and result["promoted"] and result["version"] == "1"
+    assert "this model is a T5ForConditionalGeneration" in result["skipped"]["gguf-q8_0"]  # a note, not a crash
+    assert "gguf-q8_0" not in result["candidates"]
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert client.get_model_version(NAME, "1").tags["llmops.task"] == "seq2seq-lm"
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")

@@ -1,5 +1,4 @@
-"""What decides, before llama.cpp runs, whether a model becomes a GGUF candidate and whether the service
-takes one."""
+"""What decides, before llama.cpp runs, whether a model becomes a GGUF candidate."""
 
 from __future__ import annotations
 
@@ -8,11 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llmops.candidate_folder import CandidateMeta
 from llmops.checkpoints import packaged_model_path
 from llmops.gguf import LlamaCppMissing, llama_cpp_version, unsupported
 from llmops.gguf_convert import tokenizer_model
-from serving.runtimes import NotServable, load_runtime
 
 
 def folder(tmp_path: Path, architecture: str) -> Path:
@@ -39,9 +36,3 @@ def test_llama_cpp_not_built_is_said_with_the_fix(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("LLMOPS_LLAMA_CPP", str(tmp_path / "nowhere"))
     with pytest.raises(LlamaCppMissing, match="make install builds it"):
         llama_cpp_version()
-
-
-def test_the_service_refuses_a_gguf_version_by_its_kind(tmp_path: Path) -> None:
-    CandidateMeta(kind="gguf-q8_0", labels=[], max_length=48, task="causal-lm").save(tmp_path)
-    with pytest.raises(NotServable, match="gguf-q8_0 candidate runs on llama.cpp"):
-        load_runtime(tmp_path)

@@ -1,0 +1,142 @@
+"""GGUF champions served by the same service as torch ones (llama.cpp's batch API under the engine): the
+OpenAI client streamed and not, Triton's generate, concurrent streams, an alias switch while streaming, a
+corrupt GGUF that leaves the old version serving, the prediction log, and `mlflow.pyfunc.load_model`.
+
+Versions of `tiny-generator` in this module's own registry: 1 and 2 are q8_0 GGUFs of two tiny random-init
+Llamas, 3 is a GGUF cut short. `tiny-sentiment` version 1 is a classifier beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from llmops.generation.candidate import GenerationParams
+from llmops.generation.loading import load_generator
+from llmops.gguf import GGUF_FILE, save_gguf
+from llmops.predlog import open_store
+from tests.http_service import openai_client
+from tests.integration.test_generation_serving import CLASSIFIER, GENERATOR, complete, serving, sse
+from tests.tiny_registry import build_tiny_generator, register_generators, register_versions, set_alias
+
+pytestmark = pytest.mark.anyio
+PROMPTS = [f"write tweet number {i} about coachella" for i in range(8)]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def build_gguf(directory: Path, seed: int) -> Path:
+    source = build_tiny_generator(directory.with_name(f"{directory.name}-torch"), seed)
+    candidate = save_gguf(source, "gguf-q8_0", directory)
+    if seed == 3:  # cut short, as an interrupted upload would be
+        (candidate / GGUF_FILE).write_bytes((candidate / GGUF_FILE).read_bytes()[:4096])
+    return candidate
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gguf-serving")
+
+
+@pytest.fixture(scope="module")
+def store(root: Path) -> str:
+    uri = register_versions(root, CLASSIFIER, seeds=[1])
+    register_generators(root, GENERATOR, seeds=[1, 2, 3], uri=uri, build=build_gguf)
+    set_alias(uri, CLASSIFIER, "champion", "1")
+    set_alias(uri, GENERATOR, "champion", "1")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def in_process_answers(store: str, root: Path) -> list[str]:
+    """Version 1's greedy answers run by llama.cpp in this process, without the service."""
+    generator = load_generator(root / "generator-1")
+    return [g.text for g in generator.generate(PROMPTS, GenerationParams(max_new_tokens=10, temperature=0.0))]
+
+
+async def test_the_openai_client_gets_llama_cpp_s_answers_streamed_and_not(
+    store: str, in_process_answers: list[str], tmp_path: Path
+) -> None:
+    async with serving(store, tmp_path) as (client, app):
+        openai = openai_client(app)
+        whole = await openai.completions.create(model=GENERATOR, prompt=PROMPTS[0], max_tokens=10, temperature=0)
+        stream = await openai.completions.create(
+            model=GENERATOR, prompt=PROMPTS[0], max_tokens=10, temperature=0, stream=True
+        )
+        pieces = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+        chat = await openai.chat.completions.create(
+            model=GENERATOR, messages=[{"role": "user", "content": "classify: great crew"}], max_tokens=4
+        )
+        triton = await client.post(
+            f"/v2/models/{GENERATOR}/generate", json={"text_input": PROMPTS[1], "parameters": {"max_tokens": 10}}
+        )
+        metrics = (await client.get("/metrics")).text
+    assert whole.choices[0].text == in_process_answers[0] and whole.system_fingerprint == f"llmops-{GENERATOR}-v1"
+    assert "".join(pieces) == whole.choices[0].text and whole.usage.completion_tokens <= 10
+    assert chat.choices[0].message.content and chat.usage.completion_tokens <= 4
+    assert triton.status_code == 200 and triton.json()["text_output"] == in_process_answers[1]
+    assert f'llmops_generated_tokens_total{{model="{GENERATOR}",version="1"}}' in metrics
+    logged = open_store(tmp_path / "predictions.db").read_generations()
+    assert len(logged) == 4 and set(logged["completion"]) >= {in_process_answers[0], in_process_answers[1]}
+    assert all(len(e) == 64 * 2 for e in logged["embedding"])  # llama.cpp's prompt embeddings, logged as torch's
+
+
+async def test_concurrent_streams_keep_their_own_text(
+    store: str, in_process_answers: list[str], tmp_path: Path
+) -> None:
+    async with serving(store, tmp_path, max_running=4) as (client, _):
+
+        async def streamed(prompt: str) -> str:
+            async with client.stream("POST", "/v1/completions", json=complete(prompt, 10, stream=True)) as response:
+                events = [e for e in await sse(response) if e != "[DONE]"]
+            return "".join(c["text"] for e in events for c in e["choices"])
+
+        together = await asyncio.gather(*(streamed(p) for p in PROMPTS))
+    assert together == in_process_answers  # 8 sequences through 4 slots: joining and leaving, no cross-talk
+
+
+async def test_an_alias_switch_while_streaming_loses_nothing_and_a_corrupt_gguf_leaves_the_old_one(
+    store: str, tmp_path: Path
+) -> None:
+    set_alias(store, GENERATOR, "champion", "1")
+    async with serving(store, tmp_path) as (client, _):
+
+        async def one(i: int) -> tuple[int, str]:
+            async with client.stream("POST", "/v1/completions", json=complete(f"tweet {i}", 12, stream=True)) as r:
+                events = [e for e in await sse(r) if e != "[DONE]"]
+            return r.status_code, events[-1]["system_fingerprint"] if events else ""
+
+        first = [asyncio.create_task(one(i)) for i in range(6)]
+        await asyncio.sleep(0.05)
+        set_alias(store, GENERATOR, "champion", "2")
+        later = []
+        for i in range(60):  # keep sending while the new version loads and swaps in
+            later.append(await one(100 + i))
+            if later[-1][1].endswith("-v2"):
+                break
+            await asyncio.sleep(0.1)
+        results = [*await asyncio.gather(*first), *later]
+        set_alias(store, GENERATOR, "champion", "3")
+        for _ in range(600):
+            ready = (await client.get("/readyz")).json()
+            if ready["reason"]:
+                break
+            await asyncio.sleep(0.05)
+        still = await client.post("/v1/completions", json=complete("still here?", 4))
+    set_alias(store, GENERATOR, "champion", "1")
+    assert all(status == 200 for status, _ in results) and later[-1][1] == f"llmops-{GENERATOR}-v2"
+    assert ready["reason"].startswith(f"{GENERATOR}: version 3 failed to load") and "llama.cpp" in ready["reason"]
+    assert still.status_code == 200 and still.json()["system_fingerprint"] == f"llmops-{GENERATOR}-v2"
+
+
+def test_a_registered_gguf_loads_through_mlflow_pyfunc(store: str, in_process_answers: list[str]) -> None:
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pyfunc.load_model(f"models:/{GENERATOR}@champion")
+    answered = model.predict(PROMPTS[:2], params={"max_new_tokens": 10, "temperature": 0.0})
+    assert list(answered["text"]) == in_process_answers[:2]
