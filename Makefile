@@ -59,6 +59,7 @@ bench-generation-serving: install  ## ours (continuous batching on/off) vs trans
 	$(PY) bench/generation_serving.py $(ARGS)
 
 bench-llm-runtimes: install  ## a 135M-shape Llama: llmops serve (torch fp32 / int8, GGUF q8_0 / q4_K_M) vs llama-server -> bench/results/llm_runtimes.{md,json}
+	bash scripts/build-llama-cpp.sh $(LLAMA_CPP_PIN) $(VENV)/llama-server $(PY) peer
 	$(PY) bench/llm_runtimes.py $(ARGS)
 
 bench-serving: install  ## our server (batching on/off) vs mlflow models serve -> bench/results/serving.{md,json}

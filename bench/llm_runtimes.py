@@ -16,7 +16,7 @@ GGUF q8_0 and GGUF q4_K_M, beside `llama-server` on the same GGUF files, one run
 4. In-process decode of each runtime at one sequence (the engine's running batch, no server), the bound on what
    serving can write at c=1; measured between the passes, the servers idle.
 5. Quality of the runtime candidates against the fp32 model they came from, on a trained tiny Llama
-   (configs/llm-tiny.yaml, 200 rows, 2 epochs): top-1 agreement, mean KL, perplexity.
+   (configs/llm-tiny.yaml, 400 rows, 8 epochs): top-1 agreement, mean KL, perplexity.
 6. Writes bench/results/llm_runtimes.json and .md, with the machine and the targets.
 
     make bench-llm-runtimes
@@ -72,6 +72,11 @@ SMOLLM2_135M = {
 KINDS = ("fp32", "int8", "gguf-q8_0", "gguf-q4_k_m")
 MAX_TOKENS = 64
 SLOT_POSITIONS = 256
+LLAMA_SERVER = Path(sys.prefix) / "llama-server" / "build" / "bin" / "llama-server"
+"""The peer, built by `make bench-llm-runtimes` with llama.cpp's default options (OpenMP on), as its users get it;
+llmops's own llama.cpp is built without OpenMP (scripts/build-llama-cpp.sh)."""
+QUALITY_TRAINING = ["data.sample=400", "train.epochs=8", "train.learning_rate=3e-3"]
+"""The trained tiny Llama the quality table compares on (random-init weights agree with anything)."""
 
 
 def build(workdir: Path) -> dict[str, Path]:
@@ -129,7 +134,7 @@ def servers(workdir: Path, folders: dict[str, Path], names: dict[str, str]) -> d
         command += ["--set", f"serve.model_cache={workdir / f'cache-{kind}'}"]
         out[f"llmops serve {kind}"] = (command, "/readyz", name)
     for kind in ("gguf-q8_0", "gguf-q4_k_m"):
-        command = [str(gguf.binary("llama-server")), "-m", str(folders[kind] / gguf.GGUF_FILE), "--host", "127.0.0.1"]
+        command = [str(LLAMA_SERVER), "-m", str(folders[kind] / gguf.GGUF_FILE), "--host", "127.0.0.1"]
         command += ["--port", "{port}", "-np", "16", "--cont-batching", "-t", cores, "-c", str(16 * SLOT_POSITIONS)]
         out[f"llama-server {kind}"] = (command, "/health", "llama-server")
     return out
@@ -164,7 +169,7 @@ async def _one(session: aiohttp.ClientSession, base: str, model: str, prompt: st
 
 async def level(base: str, model: str, texts: list[str], concurrency: int, requests: int) -> dict[str, Any]:
     """`requests` answers at `concurrency` in flight, after one warm-up request per slot."""
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)  # llama-server drops idle keep-alives
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as session:
         await asyncio.gather(*(_one(session, base, model, texts[i]) for i in range(concurrency)))
         results: list[dict] = []
@@ -220,7 +225,7 @@ def quality() -> list[dict[str, Any]]:
     from llmops.generation.data import prepare_data
     from llmops.generation.train import fine_tune
 
-    cfg = load_config(REPO / "configs" / "llm-tiny.yaml", ["train.epochs=2", "data.sample=200"])
+    cfg = load_config(REPO / "configs" / "llm-tiny.yaml", QUALITY_TRAINING)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)

@@ -1,9 +1,9 @@
 """GGUF candidates: a generator converted by llama.cpp's own converter and quantized by its own quantizer.
 
 llama.cpp is the one `make install` builds from the pinned llama-cpp-python source distribution
-(scripts/build-llama-cpp.sh) under `<venv>/llama.cpp`: `llama-server`, `llama-quantize` and the shared
-libraries in `build/bin`, the converter (`convert_hf_to_gguf.py`, `gguf-py`) in `src`, llama-cpp-python's
-bindings over those libraries in `python`. `LLMOPS_LLAMA_CPP` points elsewhere.
+(scripts/build-llama-cpp.sh) under `<venv>/llama.cpp`: `llama-quantize` and the shared libraries in
+`build/bin`, the converter (`convert_hf_to_gguf.py`, `gguf-py`) in `src`, llama-cpp-python's bindings over those
+libraries in `python`. `LLMOPS_LLAMA_CPP` points elsewhere.
 
 A GGUF candidate folder holds `model.gguf` beside the student's config and tokenizer (the service tokenizes
 with the same tokenizer as every other candidate) and a `candidate.json` whose recipe names the llama.cpp
@@ -42,17 +42,18 @@ def llama_cpp_dir() -> Path:
 
 
 def llama_cpp_version(root: Path | None = None) -> str:
-    """The llama-cpp-python release whose vendored llama.cpp was built (its `.built` stamp)."""
+    """The llama-cpp-python release whose vendored llama.cpp was built (the first word of its `.built` stamp,
+    which also names the build's options)."""
     stamp = (root or llama_cpp_dir()) / ".built"
     if not stamp.is_file():
         raise LlamaCppMissing(
             f"llama.cpp is not built under {stamp.parent} (make install builds it; LLMOPS_LLAMA_CPP points elsewhere)"
         )
-    return stamp.read_text().strip()
+    return stamp.read_text().split()[0]
 
 
 def binary(name: str) -> Path:
-    """`llama-server` or `llama-quantize` of the built llama.cpp."""
+    """A tool of the built llama.cpp (`llama-quantize`)."""
     llama_cpp_version()
     found = llama_cpp_dir() / "build" / "bin" / name
     if not found.is_file():

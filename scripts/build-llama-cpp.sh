@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
 # Builds the llama.cpp that the pinned llama-cpp-python source distribution vendors, into DEST (under the
-# venv): `llama-server`, `llama-quantize` and the shared libraries (bin/), the converter
+# venv): `llama-quantize` and the shared libraries (bin/), the converter
 # (src/convert_hf_to_gguf.py, src/gguf-py) and llama-cpp-python's own Python bindings over those libraries
-# (python/llama_cpp). `make install` runs it; DEST/.built names the version, and a finished build is reused
-# while the pin is unchanged.
-#   scripts/build-llama-cpp.sh VERSION DEST PYTHON
+# (python/llama_cpp). `make install` runs it; DEST/.built names the version and the build's options, and a
+# finished build is reused while both are unchanged.
+# With a fourth argument `peer` it builds `llama-server` alone, with llama.cpp's default options (OpenMP on), as
+# its users get it: the LLM runtimes benchmark's peer (llmops itself does not need it).
+#   scripts/build-llama-cpp.sh VERSION DEST PYTHON [peer]
 set -euo pipefail
-version=$1 dest=$2 python=$3
-if [ -f "$dest/.built" ] && [ "$(cat "$dest/.built")" = "$version" ]; then
+version=$1 dest=$2 python=$3 peer=${4:-}
+# ggml's own thread pool, not OpenMP: llmops runs llama.cpp inside a Python process whose other threads (a
+# warm-up, torch's own work) start OpenMP teams of their own; once a process manages more OpenMP threads than it
+# has cores, libgomp stops spinning at its barriers. Measured on 2 cores, a 135M Llama (q8_0) at one sequence:
+# OpenMP build 111-127 tokens/s through the engine, 63-70 after a warm-up on another thread; this build 86-111
+# either way (llmops attaches a persistent ggml pool per context, as llama-server does).
+options=(-DGGML_OPENMP=OFF)
+targets=(llama llama-quantize)
+if [ -n "$peer" ]; then
+  options=() targets=(llama-server)
+fi
+stamp="$version ${options[*]} ${targets[*]}"
+if [ -f "$dest/.built" ] && [ "$(cat "$dest/.built")" = "$stamp" ]; then
   exit 0
 fi
 command -v cmake >/dev/null || { echo "llama.cpp needs cmake (apt-get install cmake)" >&2; exit 1; }
@@ -25,11 +38,10 @@ started=$(date +%s)
 echo "building llama.cpp (llama-cpp-python $version) into $dest: minutes on a small machine, once per pin"
 # Native: built on the machine that runs it (AVX2 and the like); no curl (models are local files).
 cmake -S "$dest/src" -B "$dest/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-  -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >"$dest/build.log"
-cmake --build "$dest/build" --target llama llama-quantize -j "$(nproc)" >>"$dest/build.log"
-echo "  library and quantizer: $(( $(date +%s) - started )) s"
-cmake --build "$dest/build" --target llama-server -j "$(nproc)" >>"$dest/build.log"
+  "${options[@]}" -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  >"$dest/build.log"
+cmake --build "$dest/build" --target "${targets[@]}" -j "$(nproc)" >>"$dest/build.log"
 # Binaries and libraries are in build/bin (the binaries find the libraries there); the objects can go.
 find "$dest/build" -mindepth 1 -maxdepth 1 ! -name bin -exec rm -rf {} +
 echo "llama.cpp built in $(( $(date +%s) - started )) s"
-echo "$version" >"$dest/.built"
+echo "$stamp" >"$dest/.built"
