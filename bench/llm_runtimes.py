@@ -304,7 +304,7 @@ def main() -> None:
     names = register(uri, folders)
     texts = prompts()
     quality_rows = quality()
-    print(tabulate(quality_rows, headers="keys", tablefmt="github", floatfmt=".4f"), flush=True)
+    print(tabulate(quality_rows, headers="keys", tablefmt="github", floatfmt=".6g"), flush=True)
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     passes: list[dict[str, Any]] = []
     decode: dict[str, list[float]] = {kind: [] for kind in KINDS}
@@ -312,7 +312,9 @@ def main() -> None:
     with ExitStack() as stack:
         bases: dict[str, tuple[str, str]] = {}
         for label, (command, ready, model) in servers(workdir, folders, names).items():
-            bases[label] = (stack.enter_context(running(label, command, ready, env, workdir)), model)
+            # the peer's own libraries, wherever its build folder now lies
+            own = env | {"LD_LIBRARY_PATH": str(LLAMA_SERVER.parent)} if model == "llama-server" else env
+            bases[label] = (stack.enter_context(running(label, command, ready, own, workdir)), model)
         for repetition in range(args.repetitions):
             for concurrency, requests in zip(args.concurrency, args.requests, strict=True):
                 for label, (base, model) in bases.items():
@@ -389,7 +391,7 @@ def write_markdown(result: dict[str, Any]) -> None:
         "",
         "## Quality against the fp32 source (trained tiny Llama, 64 held-out completions, teacher-forced)",
         "",
-        tabulate(result["quality"], headers="keys", tablefmt="github", floatfmt=".4f"),
+        tabulate(result["quality"], headers="keys", tablefmt="github", floatfmt=".6g"),
         "",
         "## Targets",
         "",
