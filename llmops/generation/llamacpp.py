@@ -49,16 +49,6 @@ class _Entry:
     outputs: str = "last"
 
 
-def _common(first: list[int], second: list[int]) -> int:
-    """Length of the longest common start of two token lists."""
-    count = 0
-    for a, b in zip(first, second, strict=False):
-        if a != b:
-            break
-        count += 1
-    return count
-
-
 class Slots:
     """One llama.cpp context with a key/value cache for each of `slots` sequences: the running batch.
 
@@ -91,10 +81,6 @@ class Slots:
         self._seqs: list[int] = []
         self._next: list[int] = []
         """Each row's next position."""
-        self._held: dict[int, list[int]] = {seq: [] for seq in range(slots)}
-        """The tokens each slot's cache holds, from position 0 (a freed slot keeps its last sequence's)."""
-        self.reused_tokens = 0
-        """Prompt tokens not fed again because a slot's cache held them."""
 
     def __len__(self) -> int:
         return len(self._seqs)
@@ -151,31 +137,18 @@ class Slots:
 
     def admit(self, prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
         """New rows for `prompts` (one prefill for all): their next-token logits (n, vocab) and, when the context
-        keeps them, the prompts' embeddings (n, width).
-
-        Each prompt takes the free slot whose cache already holds the longest start of it (what the slot's last
-        sequence read and wrote) and is fed only past that start: llama-server's prompt cache. Chats that share
-        a system prompt or an instruction template, and a conversation's next turn, skip most of their prefill."""
+        keeps them, the prompts' embeddings (n, width)."""
         if len(prompts) > len(self._free):
             raise RuntimeError(f"{len(prompts)} sequences asked for {len(self._free)} free llama.cpp slots")
         for ids in prompts:
             if not ids or len(ids) >= self.positions:
                 raise ValueError(f"a prompt of {len(ids)} tokens does not fit a {self.positions}-position slot")
-        entries = []
-        for ids in prompts:
-            seq, reused = max(((seq, _common(self._held[seq], ids)) for seq in self._free), key=lambda c: c[1])
-            reused = min(reused, len(ids) - 1)  # the last prompt token is always fed: its logits are the answer's
-            self._free.remove(seq)
-            self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, reused, -1)
-            self._held[seq] = list(ids)
-            entries.append(_Entry(seq, ids[reused:], reused))
-        seqs = [entry.seq for entry in entries]
+        seqs = [self._free.pop(0) for _ in prompts]
         try:
-            logits, hidden = self._feed(entries)
+            logits, hidden = self._feed([_Entry(seq, ids, 0) for seq, ids in zip(seqs, prompts, strict=True)])
         except Exception:
             self._clear(seqs)
             raise
-        self.reused_tokens += sum(entry.start for entry in entries)
         self._seqs += seqs
         self._next += [len(ids) for ids in prompts]
         embeddings = np.concatenate(hidden) if self.embeddings else None
@@ -184,15 +157,7 @@ class Slots:
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token to every row (in row order); the next logits (rows, vocab)."""
         entries = [_Entry(seq, [token], at) for seq, token, at in zip(self._seqs, tokens, self._next, strict=True)]
-        try:
-            logits, _ = self._feed(entries)
-        except Exception:  # what the caches hold is unknown now: nothing of them is reused
-            for seq in self._seqs:
-                self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, -1, -1)
-                self._held[seq] = []
-            raise
-        for seq, token in zip(self._seqs, tokens, strict=True):
-            self._held[seq].append(token)
+        logits, _ = self._feed(entries)
         self._next = [at + 1 for at in self._next]
         return torch.from_numpy(np.concatenate(logits))
 
@@ -201,26 +166,20 @@ class Slots:
         return self._next[row] >= self.positions
 
     def keep(self, rows: list[int]) -> None:
-        """Only `rows` stay, in that order; the others' slots are freed, their caches kept for a prompt that
-        starts the same way."""
+        """Only `rows` stay, in that order; the others' caches are cleared and their slots freed."""
         kept = set(rows)
-        self._free += [seq for row, seq in enumerate(self._seqs) if row not in kept]
+        self._clear([seq for row, seq in enumerate(self._seqs) if row not in kept])
         self._seqs = [self._seqs[row] for row in rows]
         self._next = [self._next[row] for row in rows]
 
     def _clear(self, seqs: list[int]) -> None:
-        """Empty these slots' caches and free them."""
         for seq in seqs:
             self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, -1, -1)
-            self._held[seq] = []
-            if seq not in self._free:
-                self._free.append(seq)
+            self._free.append(seq)
 
     def score(self, ids: list[int]) -> torch.Tensor:
         """Logits at every position of one sequence (len(ids), vocab), in a free slot cleared afterwards."""
-        seq = self._free[0]
-        self._clear([seq])
-        self._free.remove(seq)
+        seq = self._free.pop(0)
         try:
             (logits,), _ = self._feed([_Entry(seq, ids, 0, "all")])
         finally:

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmops.candidate_folder import CandidateMeta
 from llmops.config import load_config
@@ -117,18 +116,3 @@ def test_a_corrupt_or_missing_gguf_fails_the_load_with_a_clear_error(q8: Path, t
     (broken / GGUF_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="no model file"):
         load_generator(broken)
-
-
-def test_a_prompt_that_starts_like_a_finished_one_is_fed_only_past_the_cached_start(q8: Path) -> None:
-    generator = load_generator(q8)
-    slots = generator.running_batch(2)  # type: ignore[attr-defined]
-    prompt = generator.encode("write a positive tweet about coachella")
-    fresh, _ = slots.admit([prompt])
-    slots.step([int(fresh.argmax())])
-    slots.keep([])  # the sequence ends; its slot keeps what its cache holds
-    again, _ = slots.admit([prompt])
-    assert slots.reused_tokens == len(prompt) - 1  # only the last prompt token fed again
-    assert torch.allclose(fresh, again, atol=1e-3)  # the same next-token distribution as a full prefill
-    other = generator.encode("classify the sentiment of this tweet: lost my bag")
-    slots.admit([other])  # the other slot: nothing in common with the running prompt's
-    assert slots.reused_tokens == len(prompt) - 1
