@@ -36,11 +36,10 @@ from typing import Any
 
 import aiohttp
 import mlflow
-import numpy as np
 import pandas as pd
 from machine import machine
 from mlflow import MlflowClient
-from servers import running
+from servers import closed_loop, read_stream, running
 from tabulate import tabulate
 
 from llmops import registry
@@ -133,22 +132,11 @@ async def _one(
     }
     if kind == "ours":
         body["stream_options"] = {"include_usage": True}
-    first, tokens, usage = None, 0, None
     async with session.post(f"{base}/v1/chat/completions", json=body) as response:
         if response.status != 200:
             await response.read()
             return {"error": response.status}
-        async for raw in response.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data: ") :])
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                if (choice.get("delta") or {}).get("content"):
-                    first = first or time.perf_counter()
-                    tokens += 1
+        first, tokens, usage = await read_stream(response, lambda choice: (choice.get("delta") or {}).get("content"))
     done = time.perf_counter()
     return {"ttft": (first or done) - start, "e2e": done - start, "tokens": usage if usage is not None else tokens}
 
@@ -160,31 +148,9 @@ async def _level(
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(_one(session, base, kind, chats[i], model, extra) for i in range(concurrency)))
-        results: list[dict] = []
-        counter = iter(range(requests))
-
-        async def worker() -> None:
-            for i in counter:
-                chat = chats[(i + concurrency) % len(chats)]
-                results.append(await _one(session, base, kind, chat, model, extra))
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    ok = [r for r in results if "error" not in r]
-    ttft = np.array([r["ttft"] for r in ok]) * 1000
-    e2e = np.array([r["e2e"] for r in ok]) * 1000
-    return {
-        "concurrency": concurrency,
-        "requests": len(ok),
-        "errors": len(results) - len(ok),
-        "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
-        "mean_tokens": float(np.mean([r["tokens"] for r in ok])) if ok else 0.0,
-        "ttft_p50_ms": float(np.percentile(ttft, 50)) if len(ok) else None,
-        "ttft_p99_ms": float(np.percentile(ttft, 99)) if len(ok) else None,
-        "e2e_p99_ms": float(np.percentile(e2e, 99)) if len(ok) else None,
-    }
+        return await closed_loop(
+            concurrency, requests, lambda i: _one(session, base, kind, chats[i % len(chats)], model, extra)
+        )
 
 
 def servers(workdir: Path, fp32: Path) -> dict[str, tuple[list[str], str, str, str]]:

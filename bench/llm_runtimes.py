@@ -39,12 +39,11 @@ from typing import Any
 
 import aiohttp
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 from machine import machine
 from mlflow import MlflowClient
-from servers import PIDS, running
+from servers import PIDS, closed_loop, read_stream, running
 from tabulate import tabulate
 
 from llmops import gguf, registry
@@ -147,22 +146,11 @@ async def _one(session: aiohttp.ClientSession, base: str, model: str, prompt: st
     else:
         body |= {"model": model, "min_tokens": MAX_TOKENS, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    first, chunks, usage = None, 0, None
     async with session.post(f"{base}/v1/completions", json=body) as response:
         if response.status != 200:
             await response.read()
             return {"error": response.status}
-        async for raw in response.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data: ") :])
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                if choice.get("text"):
-                    first = first or time.perf_counter()
-                    chunks += 1
+        first, chunks, usage = await read_stream(response, lambda choice: choice.get("text"))
     done = time.perf_counter()
     return {"ttft": (first or done) - start, "e2e": done - start, "tokens": usage if usage is not None else chunks}
 
@@ -171,29 +159,7 @@ async def level(base: str, model: str, texts: list[str], concurrency: int, reque
     """`requests` answers at `concurrency` in flight, after one warm-up request per slot."""
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)  # llama-server drops idle keep-alives
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as session:
-        await asyncio.gather(*(_one(session, base, model, texts[i]) for i in range(concurrency)))
-        results: list[dict] = []
-        counter = iter(range(requests))
-
-        async def worker() -> None:
-            for i in counter:
-                results.append(await _one(session, base, model, texts[(i + concurrency) % len(texts)]))
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    ok = [r for r in results if "error" not in r]
-    ttft = np.array([r["ttft"] for r in ok]) * 1000
-    e2e = np.array([r["e2e"] for r in ok]) * 1000
-    return {
-        "requests": len(ok),
-        "errors": len(results) - len(ok),
-        "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
-        "mean_tokens": float(np.mean([r["tokens"] for r in ok])) if ok else 0.0,
-        "ttft_p50_ms": float(np.percentile(ttft, 50)) if ok else math.nan,
-        "ttft_p99_ms": float(np.percentile(ttft, 99)) if ok else math.nan,
-        "e2e_p99_ms": float(np.percentile(e2e, 99)) if ok else math.nan,
-    }
+        return await closed_loop(concurrency, requests, lambda i: _one(session, base, model, texts[i % len(texts)]))
 
 
 def in_process_decode(folder: Path, prompt: str) -> float:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
 
 from llmops.ports import free_port
 
@@ -49,3 +56,55 @@ def running(label: str, command: list[str], ready_path: str, env: dict[str, str]
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+async def read_stream(
+    response: aiohttp.ClientResponse, text_of: Callable[[dict[str, Any]], str | None]
+) -> tuple[float | None, int, int | None]:
+    """An OpenAI-style stream read to its end: when its first text came (perf_counter), how many chunks carried
+    text (`text_of` a choice), and the completion tokens its usage reported (None without usage)."""
+    first, chunks, usage = None, 0, None
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[len("data: ") :])
+        if chunk.get("usage"):
+            usage = chunk["usage"]["completion_tokens"]
+        for choice in chunk.get("choices", []):
+            if text_of(choice):
+                first = first or time.perf_counter()
+                chunks += 1
+    return first, chunks, usage
+
+
+async def closed_loop(
+    concurrency: int, requests: int, one: Callable[[int], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """One warm-up request per slot (`one(0)` .. `one(c - 1)`), then `requests` more (`one(c)`, ...) with
+    `concurrency` in flight; their tokens/s, time to first token and end-to-end latency (each result: `ttft`,
+    `e2e`, `tokens`, or `error`)."""
+    await asyncio.gather(*(one(i) for i in range(concurrency)))
+    results: list[dict[str, Any]] = []
+    counter = iter(range(requests))
+
+    async def worker() -> None:
+        for i in counter:
+            results.append(await one(i + concurrency))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    ok = [r for r in results if "error" not in r]
+    ttft = np.array([r["ttft"] for r in ok]) * 1000
+    e2e = np.array([r["e2e"] for r in ok]) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": len(ok),
+        "errors": len(results) - len(ok),
+        "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "mean_tokens": float(np.mean([r["tokens"] for r in ok])) if ok else 0.0,
+        "ttft_p50_ms": float(np.percentile(ttft, 50)) if ok else math.nan,
+        "ttft_p99_ms": float(np.percentile(ttft, 99)) if ok else math.nan,
+        "e2e_p99_ms": float(np.percentile(e2e, 99)) if ok else math.nan,
+    }

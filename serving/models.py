@@ -141,8 +141,8 @@ def on_own_thread(function: Callable[..., T], *args: Any) -> T:
     with OpenMP) keep a team of OpenMP worker threads for each thread that ran a parallel region, for as long as
     that thread lives. A pooled thread would keep its team, and a process managing more OpenMP threads than it
     has cores makes every team stop spinning at its barriers: the engine's decoding then ran at half speed
-    (2 cores, a 135M Llama served as torch int8: 11 tokens/s at one stream; llama.cpp's OpenMP build 111 -> 63
-    in-process). A thread that ends takes its team with it."""
+    (2 cores, a 135M Llama served as torch int8: 11 tokens/s at one stream, 31 loaded this way; llama.cpp's
+    OpenMP build 111 -> 63 in-process). A thread that ends takes its team with it."""
     outcome: list[Any] = []
 
     def run() -> None:
