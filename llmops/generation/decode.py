@@ -203,8 +203,6 @@ def keep_rows(batch: Batch, rows: list[int]) -> Batch:
 class RunningBatch(Protocol):
     """The running sequences of the serving engine, in a runtime: rows in the order they joined."""
 
-    def __len__(self) -> int: ...
-
     def admit(self, prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
         """New rows for `prompts`: their next-token logits (n, vocab) and, when kept, the prompts' embeddings."""
         ...
@@ -230,9 +228,6 @@ class Running:
     def __init__(self, model: Any, pad_id: int, device: torch.device, embeddings: bool = False):
         self.model, self.pad_id, self.device, self.embeddings = model, pad_id, device, embeddings
         self._batch: Batch | None = None
-
-    def __len__(self) -> int:
-        return 0 if self._batch is None else len(self._batch)
 
     @torch.inference_mode()
     def admit(self, prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:

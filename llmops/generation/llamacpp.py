@@ -82,13 +82,6 @@ class Slots:
         self._next: list[int] = []
         """Each row's next position."""
 
-    def __len__(self) -> int:
-        return len(self._seqs)
-
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
     def _feed(self, entries: list[_Entry]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Run the entries' tokens, as few `llama_decode` calls as fit; each entry's logits (k, vocab) and, when
         the context keeps them, the output layer's inputs (k, width) at its output tokens."""
@@ -253,6 +246,7 @@ class LlamaCppGenerator(Generator):
         except ValueError as error:  # llama-cpp-python's words for a file llama.cpp could not load
             raise RuntimeError(f"llama.cpp could not load {model_file}: {error}") from error
         self._own: Slots | None = None
+        self._embedder: Slots | None = None
         return model, torch.device("cpu")
 
     @property
@@ -304,16 +298,16 @@ class LlamaCppGenerator(Generator):
 
     def prompt_embeddings(self, prompts: Sequence[Prompt], batch_size: int = 32) -> np.ndarray:
         """The output layer's input at each prompt's last token, as torch's `prompt_embeddings`."""
-        if not hasattr(self, "_embedder"):
+        if self._embedder is None:
             self._embedder = self.running_batch(GENERATE_SLOTS, embeddings=True)
-        vectors = []
+        embedder, vectors = self._embedder, []
         encoded = [self.encode(prompt) for prompt in prompts]
         for first in range(0, len(encoded), GENERATE_SLOTS):
-            _, hidden = self._embedder.admit(encoded[first : first + GENERATE_SLOTS])
-            self._embedder.keep([])
+            _, hidden = embedder.admit(encoded[first : first + GENERATE_SLOTS])
+            embedder.keep([])
             assert hidden is not None
             vectors.append(hidden)
-        return np.concatenate(vectors) if vectors else np.zeros((0, self._embedder.width), dtype=np.float32)
+        return np.concatenate(vectors) if vectors else np.zeros((0, embedder.width), dtype=np.float32)
 
     def completion_logits(
         self, prompts: Sequence[Prompt], completions: Sequence[str], batch_size: int = 8

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -224,6 +224,23 @@ async def wait_for_gauge(client: httpx.AsyncClient, name: str, value: int) -> No
     raise AssertionError(f"{line} never showed")
 
 
+async def switch_while_sending(
+    store: str, one: Callable[[int], Awaitable[tuple[int, str]]], in_flight: int, tries: int
+) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """Requests in flight, the champion moved to version 2, and more sent one by one until version 2 answers:
+    every (status, fingerprint), and those sent after the switch."""
+    first = [asyncio.create_task(one(i)) for i in range(in_flight)]
+    await asyncio.sleep(0.05)
+    set_alias(store, GENERATOR, "champion", "2")
+    later = []
+    for i in range(tries):  # keep sending while the new version loads and swaps in
+        later.append(await one(100 + i))
+        if later[-1][1].endswith("-v2"):
+            break
+        await asyncio.sleep(0.1)
+    return [*await asyncio.gather(*first), *later], later
+
+
 async def test_an_alias_switch_while_streaming_loses_no_request(store: str, tmp_path: Path) -> None:
     set_alias(store, GENERATOR, "champion", "1")
     async with serving(store, tmp_path) as (client, _):
@@ -232,16 +249,7 @@ async def test_an_alias_switch_while_streaming_loses_no_request(store: str, tmp_
             response = await client.post("/v1/completions", json=complete(f"tweet {i}", 12))
             return response.status_code, response.json().get("system_fingerprint", "")
 
-        first = [asyncio.create_task(one(i)) for i in range(8)]
-        await asyncio.sleep(0.05)
-        set_alias(store, GENERATOR, "champion", "2")
-        later = []
-        for i in range(40):  # keep sending while the new version loads and swaps in
-            later.append(await one(100 + i))
-            if later[-1][1].endswith("-v2"):
-                break
-            await asyncio.sleep(0.1)
-        results = [*await asyncio.gather(*first), *later]
+        results, later = await switch_while_sending(store, one, in_flight=8, tries=40)
     set_alias(store, GENERATOR, "champion", "1")
     assert all(status == 200 for status, _ in results)  # none lost, whichever version answered
     assert later[-1][1] == f"llmops-{GENERATOR}-v2"

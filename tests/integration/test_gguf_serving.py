@@ -19,7 +19,14 @@ from llmops.generation.loading import load_generator
 from llmops.gguf import GGUF_FILE, save_gguf
 from llmops.predlog import open_store
 from tests.http_service import openai_client
-from tests.integration.test_generation_serving import CLASSIFIER, GENERATOR, complete, serving, sse
+from tests.integration.test_generation_serving import (
+    CLASSIFIER,
+    GENERATOR,
+    complete,
+    serving,
+    sse,
+    switch_while_sending,
+)
 from tests.tiny_registry import build_tiny_generator, register_generators, register_versions, set_alias
 
 pytestmark = pytest.mark.anyio
@@ -112,16 +119,7 @@ async def test_an_alias_switch_while_streaming_loses_nothing_and_a_corrupt_gguf_
                 events = [e for e in await sse(r) if e != "[DONE]"]
             return r.status_code, events[-1]["system_fingerprint"] if events else ""
 
-        first = [asyncio.create_task(one(i)) for i in range(6)]
-        await asyncio.sleep(0.05)
-        set_alias(store, GENERATOR, "champion", "2")
-        later = []
-        for i in range(60):  # keep sending while the new version loads and swaps in
-            later.append(await one(100 + i))
-            if later[-1][1].endswith("-v2"):
-                break
-            await asyncio.sleep(0.1)
-        results = [*await asyncio.gather(*first), *later]
+        results, later = await switch_while_sending(store, one, in_flight=6, tries=60)
         set_alias(store, GENERATOR, "champion", "3")
         for _ in range(600):
             ready = (await client.get("/readyz")).json()
