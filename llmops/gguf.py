@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from llmops.candidate_folder import CandidateMeta, copy_without_weights
+from llmops.config import GGUF_QUANT_KINDS
 
 GGUF_FILE = "model.gguf"
-GGUF_KINDS = {"gguf-f16": "F16", "gguf-q8_0": "Q8_0", "gguf-q4_k_m": "Q4_K_M"}
-"""Candidate kind -> llama.cpp's quantization type."""
+GGUF_KINDS: dict[str, str] = dict(zip(GGUF_QUANT_KINDS, ("F16", "Q8_0", "Q4_K_M"), strict=True))
+"""Candidate kind (`llmops.config.GGUF_QUANT_KINDS`) -> llama.cpp's quantization type."""
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
 """What llmops converts (llama.cpp's converter knows many more; these are the ones tested here)."""
 
