@@ -99,10 +99,31 @@ def load_int8(directory: Path, meta: CandidateMeta) -> Any:
     return quantized
 
 
+def saved_tokenizer_class(directory: str | Path) -> type[PreTrainedTokenizerBase] | None:
+    """The tokenizer class a model folder declares (`tokenizer_config.json`), None where it declares none."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    declared_in = Path(directory) / "tokenizer_config.json"
+    declared = json.loads(declared_in.read_text()).get("tokenizer_class") if declared_in.is_file() else None
+    return tokenizer_class_from_name(declared) if declared else None
+
+
+def load_saved_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a model folder was saved with, loaded as the class it was saved as.
+
+    `AutoTokenizer` alone is not that: for some architectures (Qwen2, Phi-3 and others, transformers 5's
+    `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`) it replaces the class the folder declares with the
+    architecture's own, which re-reads a foreign vocabulary (the packaged WordPiece one under a random-init Qwen2)
+    as byte-level BPE and spells every word letter by letter. llmops's folders are written by `save_pretrained`
+    from the tokenizer the run trained with, so the declared class is the right one; a folder that declares none
+    loads as `AutoTokenizer` decides."""
+    return (saved_tokenizer_class(directory) or AutoTokenizer).from_pretrained(directory)
+
+
 def open_candidate(directory: str | Path) -> tuple[Path, CandidateMeta, PreTrainedTokenizerBase]:
     """What every task's loader reads first: the folder, its `candidate.json` and its tokenizer."""
     path = Path(directory)
-    return path, CandidateMeta.load(path), AutoTokenizer.from_pretrained(path)
+    return path, CandidateMeta.load(path), load_saved_tokenizer(path)
 
 
 def load_torch_model(directory: Path, meta: CandidateMeta) -> tuple[Any, torch.device]:

@@ -6,7 +6,9 @@ Two additions. A decoder whose tokenizer is WordPiece (the packaged MiniLM vocab
 converted with the vocabulary writer llama.cpp's converter uses for BERT (`add_tokenizer_model("bert")`, tokens
 in phantom-space form). llama.cpp reads a vocabulary independently of the architecture, so the Llama, Qwen2 or
 GPT-2 graph runs on it; the converter's own Llama writer knows only SentencePiece and BPE and would refuse it.
-And a GPT-2 config as transformers 5 writes it (no `n_ctx`) gets its `n_positions` there.
+A GPT-2 config as transformers 5 writes it (no `n_ctx`) gets its `n_positions` there. And the converter reads
+the tokenizer as the class the folder declares (`llmops.candidate_folder.saved_tokenizer_class`): its own
+`AutoTokenizer` call would read a Qwen2 folder's WordPiece vocabulary as Qwen2's byte-level BPE.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def tokenizer_model(model_dir: Path) -> str | None:
@@ -37,6 +40,17 @@ def main(argv: list[str]) -> None:
         return config
 
     ModelBase.load_hparams = staticmethod(load_hparams)  # type: ignore[method-assign]
+    from transformers import AutoTokenizer
+
+    from llmops.candidate_folder import saved_tokenizer_class
+
+    auto = AutoTokenizer.from_pretrained
+
+    def as_saved(directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+        declared = saved_tokenizer_class(directory)
+        return declared.from_pretrained(directory, *args, **kwargs) if declared else auto(directory, *args, **kwargs)
+
+    AutoTokenizer.from_pretrained = as_saved  # type: ignore[method-assign,assignment]  # the converter imports it in its calls
     if tokenizer_model(model_dir) == "WordPiece":
         from conversion import get_model_class
         from conversion.bert import BertModel

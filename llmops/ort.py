@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
+
+from llmops.candidate_folder import load_saved_tokenizer
 
 ONNX_FILE = "model.onnx"
 OUTPUTS = ["logits", "embeddings"]
@@ -61,7 +63,7 @@ class _LogitsAndEmbeddings(torch.nn.Module):
 def export(model_dir: Path, out_file: Path, opset: int) -> list[str]:
     """Export the classifier in `model_dir` to `out_file`; returns the graph's input names."""
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_saved_tokenizer(model_dir)
     if not isinstance(getattr(model, "classifier", None), torch.nn.Module):
         raise TypeError(f"{type(model).__name__} has no `classifier` head: it cannot be exported with its embeddings")
     example = tokenizer(["an example to trace", "two"], padding=True, return_tensors="pt")

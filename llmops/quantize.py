@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from transformers import AutoTokenizer, BitsAndBytesConfig
+from transformers import BitsAndBytesConfig
 
 from llmops import gguf, ort
 from llmops.candidate_folder import (
@@ -28,6 +28,7 @@ from llmops.candidate_folder import (
     CandidateMeta,
     copy_without_weights,
     is_skipped,
+    load_saved_tokenizer,
     quantize_dynamic_int8,
     save_hf_candidate,
 )
@@ -180,7 +181,7 @@ def save_bitsandbytes(student_dir: Path, kind: str, cfg: QuantizeConfig, out_dir
     model = AUTO_CLASS[meta.task].from_pretrained(student_dir, quantization_config=config, device_map=device_map)
     recipe = {"method": "bitsandbytes", **{k: v for k, v in config.to_dict().items() if not k.startswith("_")}}
     meta = dataclasses.replace(meta, kind=kind, recipe={**meta.recipe, "quantization": recipe})
-    return save_hf_candidate(model, AutoTokenizer.from_pretrained(student_dir), meta, out_dir)
+    return save_hf_candidate(model, load_saved_tokenizer(student_dir), meta, out_dir)
 
 
 def unavailable(student_dir: str | Path, kind: str) -> str | None:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
-from llmops.candidate_folder import CandidateMeta
+from llmops.candidate_folder import CandidateMeta, load_saved_tokenizer
 from llmops.checkpoints import AUTO_CLASS
 
 
@@ -154,4 +154,4 @@ def teacher_and_student(teacher_dir: str | Path, layers: list[int], ffn_keep: fl
     teacher = AUTO_CLASS[meta.task].from_pretrained(teacher_dir).eval()
     keep = resolve_ffn_keep(teacher, ffn_keep)
     student = build_student(teacher, layers, keep)
-    return TeacherAndStudent(meta, AutoTokenizer.from_pretrained(teacher_dir), teacher, student, keep)
+    return TeacherAndStudent(meta, load_saved_tokenizer(teacher_dir), teacher, student, keep)

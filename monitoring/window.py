@@ -19,8 +19,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from llmops.candidate_folder import load_saved_tokenizer
 from llmops.classification.candidate import Classifier
 from llmops.config import DataConfig, MonitorConfig
 from llmops.corpus import clean_text, tag_topic
@@ -99,7 +100,7 @@ class ReferenceCache:
         return download_candidate(champion.name, champion.version, folder / "model", self.tracking_uri)
 
     def tokenizer(self, champion: Champion) -> PreTrainedTokenizerBase:
-        return AutoTokenizer.from_pretrained(self.model_dir(champion))
+        return load_saved_tokenizer(self.model_dir(champion))
 
     def reference_data(self, champion: Champion) -> pd.DataFrame:
         """The champion's reference rows as its lineage tag names them (downloaded once per version)."""

@@ -22,12 +22,17 @@ from llmops.generation.data import prepare_data
 from llmops.generation.evaluate import agreement, prompts_of
 from llmops.generation.llamacpp import LlamaCppGenerator
 from llmops.generation.loading import load_generator
+from llmops.generation.modeling import load_tokenizer
 from llmops.generation.train import fine_tune
 from llmops.gguf import GGUF_FILE, save_gguf
 from tests.conftest import REPO
 
 LLM_TINY = REPO / "configs" / "llm-tiny.yaml"
 GPT2 = "model.random_init={model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 2, n_positions: 128}"
+QWEN2 = (
+    "model.random_init={model_type: qwen2, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+    "num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 128}"
+)
 
 
 def trained(tmp: Path, *overrides: str) -> tuple[Path, object]:
@@ -94,6 +99,20 @@ def test_a_gpt2_converts_too(tmp_path: Path) -> None:
     teacher, _ = trained(tmp_path, GPT2, "train.epochs=1", "data.sample=100")
     q8 = load_generator(save_gguf(teacher, "gguf-q8_0", tmp_path / "q8"))
     answers = q8.generate(["write a positive tweet about coachella"], GenerationParams(max_new_tokens=6))
+    assert answers[0].completion_tokens >= 1
+
+
+def test_a_qwen2_keeps_the_packaged_vocabulary_through_its_folders_and_converts(tmp_path: Path) -> None:
+    """transformers 5 loads a Qwen2 folder's tokenizer as Qwen2's own byte-level BPE whatever the folder declares:
+    the packaged WordPiece vocabulary then spells every word letter by letter (found at the 0.5B shape, where the
+    converter then failed). Every folder llmops writes reloads with the tokenizer it was trained with."""
+    teacher, _ = trained(tmp_path, QWEN2, "train.epochs=1", "data.sample=100")
+    text = "write a positive tweet about coachella"
+    packaged = load_tokenizer(load_config(LLM_TINY).model).tokenize(text)
+    assert packaged[:3] == ["write", "a", "positive"]  # word pieces, not letters
+    assert Generator(teacher).tokenizer.tokenize(text) == packaged
+    q8 = load_generator(save_gguf(teacher, "gguf-q8_0", tmp_path / "q8"))
+    answers = q8.generate([text], GenerationParams(max_new_tokens=6))
     assert answers[0].completion_tokens >= 1
 
 
