@@ -19,7 +19,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: install run run-llm test lint bench-compression bench-generation bench-generation-serving bench-llm-runtimes bench-serving bench-monitoring serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
+.PHONY: install run run-llm test lint bench-compression bench-generation bench-generation-serving bench-llm-runtimes bench-llm-lifecycle bench-serving bench-monitoring serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
 
 install: $(STAMP)
 	@bash scripts/build-llama-cpp.sh $(LLAMA_CPP_PIN) $(VENV)/llama.cpp $(PY)
@@ -61,6 +61,9 @@ bench-generation-serving: install  ## ours (continuous batching on/off) vs trans
 bench-llm-runtimes: install  ## a 135M-shape Llama: llmops serve (torch fp32 / int8, GGUF q8_0 / q4_K_M) vs llama-server -> bench/results/llm_runtimes.{md,json}
 	bash scripts/build-llama-cpp.sh $(LLAMA_CPP_PIN) $(VENV)/llama-server $(PY) peer
 	$(PY) bench/llm_runtimes.py $(ARGS)
+
+bench-llm-lifecycle: install  ## the generative lifecycle at ~10M, 135M and 0.5B: each stage's time and peak memory -> bench/results/llm_lifecycle.{md,json}
+	$(PY) bench/llm_lifecycle.py $(ARGS)
 
 bench-serving: install  ## our server (batching on/off) vs mlflow models serve -> bench/results/serving.{md,json}
 	$(PY) bench/serving.py --config $(CONFIG)

@@ -9,11 +9,13 @@ Two runs sharing a `work_dir` (two people pressing run, a scheduled run overlapp
 one volume) build a stage once: the builder holds `<key>.lock` (an OS file lock, released if its process dies);
 the other waits for it, then finds the folder complete and reuses it.
 
-A built folder records when it was built (`.built.json`): the lifecycle's MLflow runs show real durations.
+A built folder records when it was built and the process's peak resident memory while it was (`.built.json`):
+the lifecycle's MLflow runs show real durations, and bench/llm_lifecycle.py reads each stage's cost from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,6 +31,7 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
 import llmops
+from llmops.memory import PeakMemory
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,12 @@ BUILT = ".built.json"
 
 @dataclass(frozen=True)
 class Built:
-    """When a stage folder was built (seconds since the epoch)."""
+    """When a stage folder was built (seconds since the epoch), and the process's peak memory meanwhile."""
 
     started: float
     finished: float
+    peak_memory_mb: float | None = None
+    """The resident set's high-water mark while building (the GPU allocator's peak on CUDA): `llmops.memory`."""
 
     @classmethod
     def of(cls, folder: str | Path) -> Built | None:
@@ -90,12 +95,14 @@ def cached_stage(folder: Path, build: Callable[[Path], Any]) -> tuple[Path, bool
         (tmp / ".builder").write_text(f"pid {os.getpid()}\n")
         started = time.time()
         try:
-            build(tmp)
+            with PeakMemory() as memory:
+                build(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         (tmp / ".builder").unlink()
-        (tmp / BUILT).write_text(json.dumps({"started": started, "finished": time.time()}))
+        built = Built(started, time.time(), memory.peak_mb())
+        (tmp / BUILT).write_text(json.dumps(dataclasses.asdict(built)))
         tmp.rename(folder)
         return folder, False
     finally:

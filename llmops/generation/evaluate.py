@@ -14,9 +14,6 @@ Every candidate is measured by the same function on the same rows with the same 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import json
 import math
 import os
@@ -36,6 +33,7 @@ from llmops.gates import CandidateReport, Scoring
 from llmops.generation.candidate import Generation, GenerationParams, Generator, Prompt
 from llmops.generation.data import RowKinds
 from llmops.generation.loading import load_generator
+from llmops.memory import PeakMemory
 from llmops.metrics import classification_scores, exact_match, generation_scores, slice_scores
 
 SCORING = Scoring(speed="decode_tokens_per_s", latency_p50="ttft_p50_ms", latency_p95="ttft_p95_ms")
@@ -202,41 +200,6 @@ def measure_speed(generator: Generator, prompts: list[Prompt], cfg: GenerationEv
     }
 
 
-class PeakMemory:
-    """Peak memory from here on, above what the process held here: the GPU allocator's peak on CUDA, else the
-    resident-set high-water mark (Linux resets it through /proc/self/clear_refs; approximate: the C allocator
-    may reuse memory the process already held)."""
-
-    def __init__(self) -> None:
-        self.cuda = torch.cuda.is_available()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return
-        gc.collect()
-        with contextlib.suppress(OSError, AttributeError):  # freed memory back to the OS: the base is what is held
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.base = self._status("VmRSS")
-        except OSError:
-            self.base = -1
-
-    @staticmethod
-    def _status(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        raise OSError(key)
-
-    def mb(self) -> float | None:
-        if self.cuda:
-            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        if self.base < 0:
-            return None
-        return (self._status("VmHWM") - self.base) / 2**20
-
-
 def _rows(test: pd.DataFrame, kinds: list[str], limit: int) -> pd.DataFrame:
     return test[test["instruction"].isin(kinds)].head(limit)
 
@@ -340,9 +303,9 @@ def evaluate_candidate(
     """Load the generator and measure it on the Parquet test split."""
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     test = pd.read_parquet(test_path)
-    memory = PeakMemory()  # what serving needs: the model loaded, and generating at batch 1 and batch 16
-    generator = load_generator(candidate_dir)
-    speed = measure_speed(generator, prompts_of(test.head(cfg.generation.speed_prompts)), cfg.generation)
+    with PeakMemory() as memory:  # what serving needs: the model loaded, and generating at batch 1 and batch 16
+        generator = load_generator(candidate_dir)
+        speed = measure_speed(generator, prompts_of(test.head(cfg.generation.speed_prompts)), cfg.generation)
     peak = memory.mb()
     metrics, details, notes = evaluate_quality(generator, test, cfg.generation, control)
     metrics |= speed
