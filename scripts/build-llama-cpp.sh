@@ -19,6 +19,10 @@ targets=(llama llama-quantize)
 if [ -n "$peer" ]; then
   options=() targets=(llama-server)
 fi
+# Tuned to this CPU (AVX2, AVX-512 and the like) unless GGML_NATIVE=OFF (the container image's portable option).
+if [ "${GGML_NATIVE:-ON}" != ON ]; then
+  options+=(-DGGML_NATIVE="$GGML_NATIVE")
+fi
 stamp="$version ${options[*]} ${targets[*]}"
 if [ -f "$dest/.built" ] && [ "$(cat "$dest/.built")" = "$stamp" ]; then
   exit 0

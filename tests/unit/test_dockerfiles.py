@@ -57,3 +57,14 @@ def test_the_serving_image_installs_every_package_the_llmops_command_needs() -> 
     }
     assert entry_package in packages
     assert packages <= copied, f"the image installs without {sorted(packages - copied)}"
+
+
+def test_the_image_builds_the_llama_cpp_that_make_install_builds() -> None:
+    """A GGUF champion is served from the image as from `make serve`: the same script and the same pin."""
+    makefile = (REPO / "Makefile").read_text()
+    pin = re.search(r"^LLAMA_CPP_PIN\s*:?=\s*(\S+)", makefile, re.MULTILINE)
+    steps = instructions(REPO / "serving" / "Dockerfile")
+    args = dict(arg.split("=", 1) for op, arg in steps if op == "ARG" and "=" in arg)
+    assert pin is not None and args["LLAMA_CPP_PIN"] == pin.group(1)
+    runs = [arg for op, arg in steps if op == "RUN"]
+    assert any("build-llama-cpp.sh ${LLAMA_CPP_PIN} /opt/venv/llama.cpp /opt/venv/bin/python" in r for r in runs)
