@@ -40,8 +40,11 @@ class PeakMemory:
         self._seen = 0
         self._closed = False
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
+            with PeakMemory._lock:
+                self._fold_into_open()
+                torch.cuda.reset_peak_memory_stats()
+                self.base = torch.cuda.memory_allocated()
+                PeakMemory._open.append(self)
             return
         gc.collect()
         with contextlib.suppress(OSError, AttributeError):  # freed memory back to the OS: the base is what is held
@@ -60,16 +63,14 @@ class PeakMemory:
     def _fold_into_open() -> None:
         """What the open blocks have reached so far, kept before the high-water mark is reset."""
         if PeakMemory._open:
-            high = _status_bytes("VmHWM")
+            high = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _status_bytes("VmHWM")
             for block in PeakMemory._open:
                 block._seen = max(block._seen, high)
 
     def _peak_bytes(self) -> int:
         if self._closed:
             return self._seen
-        if self.cuda:
-            return torch.cuda.max_memory_allocated()
-        return max(self._seen, _status_bytes("VmHWM"))
+        return max(self._seen, torch.cuda.max_memory_allocated() if self.cuda else _status_bytes("VmHWM"))
 
     def mb(self) -> float | None:
         """The peak above what the process held at the start (None where it cannot be read)."""
