@@ -21,13 +21,30 @@ PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
 Task = Literal["sequence-classification", "causal-lm", "seq2seq-lm"]
 GENERATIVE_TASKS: tuple[Task, ...] = ("causal-lm", "seq2seq-lm")
 
-QuantKind = Literal["fp32", "int8", "bnb-int8", "nf4", "onnx-fp32", "onnx-int8", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
+QuantKind = Literal[
+    "fp32",
+    "int8",
+    "bnb-int8",
+    "nf4",
+    "onnx-fp32",
+    "onnx-int8",
+    "gguf-f16",
+    "gguf-q8_0",
+    "gguf-q4_k_m",
+    "openvino-int8",
+    "openvino-int4",
+]
 CLASSIFIER_QUANT_KINDS: tuple[QuantKind, ...] = ("fp32", "int8", "bnb-int8", "nf4", "onnx-fp32", "onnx-int8")
 ONNX_KINDS: tuple[QuantKind, ...] = ("onnx-fp32", "onnx-int8")
 """Classifiers only: the student exported to ONNX and run by ONNX Runtime."""
 GGUF_QUANT_KINDS: tuple[QuantKind, ...] = ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
 """Decoders only: the student converted and quantized by llama.cpp (`llmops.gguf`), run by llama.cpp. A decoder
 of an architecture llama.cpp does not take is skipped with a note naming it."""
+OPENVINO_KINDS: tuple[QuantKind, ...] = ("openvino-int8", "openvino-int4")
+"""Decoders only: the student exported to OpenVINO's IR, its weights compressed by NNCF (`llmops.openvino_ir`),
+run by OpenVINO. Skipped with a note, like GGUF, for an architecture the export does not take."""
+RUNTIME_KINDS: tuple[QuantKind, ...] = (*GGUF_QUANT_KINDS, *OPENVINO_KINDS)
+"""Decoder candidates another runtime runs: built for generators only."""
 
 
 class ConfigError(ValueError):
@@ -229,7 +246,7 @@ class GenerationEvalConfig(_Strict):
     perplexity_rows: int = Field(default=400, gt=0)
     """Test rows whose completions the perplexity is measured on (teacher-forced)."""
     agreement_rows: int = Field(default=64, ge=0)
-    """A runtime candidate (GGUF) against the fp32 student it was converted from, teacher-forced on this many
+    """A runtime candidate (GGUF, OpenVINO) against the fp32 student it was converted from, teacher-forced on this many
     test completions: `top1_agreement` and `mean_kl` (0: not measured)."""
     exact_match_instructions: list[str] = Field(default_factory=lambda: ["classify"])
     """Rows of these instruction kinds are answered greedily and scored by exact match and macro-F1."""
@@ -557,7 +574,16 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "distill": {"temperature": 1.0},
         "quantize": {
             "skip_modules": [],
-            "candidates": ["fp32", "int8", "bnb-int8", "nf4", "gguf-q8_0", "gguf-q4_k_m"],
+            "candidates": [
+                "fp32",
+                "int8",
+                "bnb-int8",
+                "nf4",
+                "gguf-q8_0",
+                "gguf-q4_k_m",
+                "openvino-int8",
+                "openvino-int4",
+            ],
         },
         # perplexity: candidate <= 1.25 x the teacher's, and <= the champion's + 0.5 on the same test rows; the
         # answers' floors (empty, off-label, truncated, repeating) with their defaults
@@ -621,9 +647,9 @@ class LlmopsConfig(_Strict):
         onnx = [kind for kind in self.quantize.candidates if kind in ONNX_KINDS]
         if self.generative and onnx:
             raise ValueError(f"quantize.candidates: {onnx} are built for classifiers; a {self.task} task has none")
-        gguf = [kind for kind in self.quantize.candidates if kind in GGUF_QUANT_KINDS]
-        if not self.generative and gguf:
-            raise ValueError(f"quantize.candidates: {gguf} are built for generators; a {self.task} task has none")
+        runtime = [kind for kind in self.quantize.candidates if kind in RUNTIME_KINDS]
+        if not self.generative and runtime:
+            raise ValueError(f"quantize.candidates: {runtime} are built for generators; a {self.task} task has none")
         if not self.generative and self.gates.answers is not None:
             raise ValueError("gates.answers is for generative tasks: a classifier's answers are always a label")
         gated = {self.gates.metric, *self.gates.min, *self.gates.max, *self.gates.when_measured}

@@ -1,6 +1,6 @@
 """Quantize the student: torch dynamic int8 (CPU) and bitsandbytes int8 / NF4 for every task, for a
 classifier ONNX Runtime fp32 and int8 (`llmops.ort`), for a decoder llama.cpp's GGUF f16, q8_0 and q4_K_M
-(`llmops.gguf`).
+(`llmops.gguf`), and OpenVINO int8 and int4 (`llmops.openvino_ir`).
 
 Each candidate is written as a folder that `llmops.classification.candidate.Classifier` (or, for a
 generator, `llmops.generation.candidate.Generator`) loads again, with its recipe in
@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from transformers import BitsAndBytesConfig
 
-from llmops import gguf, ort
+from llmops import gguf, openvino_ir, ort
 from llmops.candidate_folder import (
     INT8_WEIGHTS,
     CandidateMeta,
@@ -35,7 +35,7 @@ from llmops.candidate_folder import (
 from llmops.checkpoints import AUTO_CLASS
 from llmops.classification.candidate import Classifier
 from llmops.classification.evaluate import macro_f1_on, measure_throughput
-from llmops.config import GGUF_QUANT_KINDS, ONNX_KINDS, QuantizeConfig
+from llmops.config import GGUF_QUANT_KINDS, ONNX_KINDS, OPENVINO_KINDS, QuantizeConfig
 from llmops.prepared_data import PreparedData
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,8 @@ def unavailable(student_dir: str | Path, kind: str) -> str | None:
     architecture. The lifecycle skips such a candidate with this note rather than fail the run."""
     if kind in GGUF_QUANT_KINDS:
         return gguf.unsupported(Path(student_dir))
+    if kind in OPENVINO_KINDS:
+        return openvino_ir.unsupported(Path(student_dir))
     return None
 
 
@@ -209,6 +211,8 @@ def quantize_candidate(
         return save_onnx(student_dir, kind, cfg, out_dir, Path(data_dir) if data_dir is not None else None)
     if kind in GGUF_QUANT_KINDS:
         return gguf.save_gguf(student_dir, kind, out_dir)
+    if kind in OPENVINO_KINDS:
+        return openvino_ir.save_openvino(student_dir, kind, out_dir)
     raise ValueError(f"quantize.candidates: unknown kind '{kind}'")
 
 

@@ -8,7 +8,7 @@ MLflow model and serving generate through :class:`Generator`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from llmops.candidate_folder import load_torch_model, open_candidate
 from llmops.generation.data import IGNORE, encode_example, prompt_ids, render_prompt
-from llmops.generation.decode import Decoded, Running, RunningBatch, decode, head_inputs, prefill
+from llmops.generation.decode import Decoded, Running, RunningBatch, decode, head_inputs, pick, prefill
 from llmops.generation.losses import score_completions
 from llmops.generation.vocabulary import Vocabulary
 
@@ -185,6 +185,39 @@ class Generator:
             ]
         return results
 
+    def generate_running(
+        self, running: RunningBatch, encoded: list[list[int]], params: GenerationParams, slots: int
+    ) -> Decoded:
+        """`encoded` decoded through a runtime's running batch, `slots` rows at a time, under the same rules as
+        torch's `decode` (how the llama.cpp and OpenVINO candidates generate outside the serving engine)."""
+        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        written: list[list[int]] = [[] for _ in encoded]
+        chose_end_first = [False] * len(encoded)
+        barred = self.barred
+        for first in range(0, len(encoded), slots):
+            rows = list(range(first, min(first + slots, len(encoded))))
+            logits, _ = running.admit([encoded[row] for row in rows])
+            count = 0
+            while rows:
+                now_barred = barred.at(count, params.min_new_tokens)
+                tokens, own = pick(
+                    barred.forbid_always(logits), now_barred, params.temperature, params.top_p, generator
+                )
+                staying = []
+                for index, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+                    if count == 0:
+                        chose_end_first[row] = int(own[index]) == self.eos_id
+                    written[row].append(token)
+                    done = token == self.eos_id or count + 1 == params.max_new_tokens or running.full(index)
+                    if not done:
+                        staying.append(index)
+                running.keep(staying)
+                rows = [rows[index] for index in staying]
+                if rows:
+                    logits = running.step([written[row][-1] for row in rows])
+                count += 1
+        return Decoded(written, chose_end_first)
+
     def running_batch(self, slots: int, embeddings: bool = False, positions: int | None = None) -> RunningBatch:
         """The serving engine's running batch over this model (`slots` sequences of at most `positions` tokens:
         a runtime that allocates its caches up front, llama.cpp, sizes them by these; torch's grow)."""
@@ -227,6 +260,16 @@ class Generator:
             examples = self.examples(prompts[start : start + batch_size], completions[start : start + batch_size])
             scored = score_completions(self.model, self._right_padded(examples), self.task)
             yield scored.logits, scored.targets
+
+    def scored_one_at_a_time(
+        self, score: Callable[[list[int]], torch.Tensor], prompts: Sequence[Prompt], completions: Sequence[str]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`completion_logits` of a runtime that scores one sequence at a time: `score(ids)` gives the logits at
+        every position of one example."""
+        for example in self.examples(prompts, completions):
+            logits, labels = score(example["input_ids"]), torch.tensor(example["labels"])
+            scored = (labels[1:] != IGNORE).nonzero()[:, 0]  # position t predicts token t + 1
+            yield logits[scored], labels[1:][scored]
 
     def _right_padded(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(e["input_ids"]) for e in examples)

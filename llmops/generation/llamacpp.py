@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from llmops.generation.candidate import GenerationParams, Generator, Prompt
-from llmops.generation.data import IGNORE
-from llmops.generation.decode import Decoded, pick
+from llmops.generation.decode import Decoded
 from llmops.gguf import GGUF_FILE, bindings, llama_cpp_dir
 
 MAX_CONTEXT = 2048
@@ -269,32 +268,7 @@ class LlamaCppGenerator(Generator):
         """Up to `GENERATE_SLOTS` rows decoded together, each under the same rules as torch's decoding."""
         if self.task != "causal-lm":
             raise ValueError(f"llama.cpp runs decoders; this candidate is a {self.task} model")
-        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-        written: list[list[int]] = [[] for _ in encoded]
-        chose_end_first = [False] * len(encoded)
-        slots, barred = self._slots(), self.barred
-        for first in range(0, len(encoded), GENERATE_SLOTS):
-            rows = list(range(first, min(first + GENERATE_SLOTS, len(encoded))))
-            logits, _ = slots.admit([encoded[row] for row in rows])
-            count = 0
-            while rows:
-                now_barred = barred.at(count, params.min_new_tokens)
-                allowed = barred.forbid_always(logits)
-                tokens, own = pick(allowed, now_barred, params.temperature, params.top_p, generator)
-                staying = []
-                for index, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-                    if count == 0:
-                        chose_end_first[row] = int(own[index]) == self.eos_id
-                    written[row].append(token)
-                    done = token == self.eos_id or count + 1 == params.max_new_tokens or slots.full(index)
-                    if not done:
-                        staying.append(index)
-                slots.keep(staying)
-                rows = [rows[index] for index in staying]
-                if rows:
-                    logits = slots.step([written[row][-1] for row in rows])
-                count += 1
-        return Decoded(written, chose_end_first)
+        return self.generate_running(self._slots(), encoded, params, GENERATE_SLOTS)
 
     def prompt_embeddings(self, prompts: Sequence[Prompt], batch_size: int = 32) -> np.ndarray:
         """The output layer's input at each prompt's last token, as torch's `prompt_embeddings`."""
@@ -312,8 +286,4 @@ class LlamaCppGenerator(Generator):
     def completion_logits(
         self, prompts: Sequence[Prompt], completions: Sequence[str], batch_size: int = 8
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for example in self.examples(prompts, completions):
-            ids, labels = example["input_ids"], torch.tensor(example["labels"])
-            logits = self._slots().score(ids)
-            scored = (labels[1:] != IGNORE).nonzero()[:, 0]  # position t predicts token t + 1
-            yield logits[scored], labels[1:][scored]
+        return self.scored_one_at_a_time(self._slots().score, prompts, completions)

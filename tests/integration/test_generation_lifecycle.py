@@ -67,7 +67,8 @@ def test_first_run_promotes_a_gated_generator(first: dict, client: MlflowClient)
 
 def test_the_ui_shows_every_candidate_side_by_side(first: dict, client: MlflowClient) -> None:
     runs = {r.data.tags["llmops.candidate"]: r for r in children(client, first["parent_run_id"])}
-    assert sorted(runs) == ["bnb-int8", "gguf-q4_k_m", "gguf-q8_0", "int8", "nf4", "student", "teacher"]
+    runtimes = ["gguf-q4_k_m", "gguf-q8_0", "openvino-int4", "openvino-int8"]
+    assert sorted(runs) == ["bnb-int8", *runtimes, "int8", "nf4", "student", "teacher"]
     for candidate in runs.values():
         assert {"perplexity", "macro_f1", "exact_match", "distinct_2", "repetition_rate"} <= set(candidate.data.metrics)
         assert {"ttft_p50_ms", "decode_tokens_per_s", "batch_tokens_per_s", "size_mb"} <= set(candidate.data.metrics)
@@ -75,12 +76,20 @@ def test_the_ui_shows_every_candidate_side_by_side(first: dict, client: MlflowCl
     assert runs["student"].data.params["recipe.loss"] == "forward_kl"
     assert runs["int8"].data.params["recipe.quantization.method"] == "torch.ao.quantization.quantize_dynamic"
     assert runs["nf4"].data.params["recipe.quantization.bnb_4bit_quant_type"] == "nf4"
-    for kind, qtype in (("gguf-q8_0", "Q8_0"), ("gguf-q4_k_m", "Q4_K_M")):  # llama.cpp's, gated like the others
-        gguf = runs[kind].data
-        assert gguf.params["recipe.quantization.quant_type"] == qtype and gguf.params["recipe.quantization.runtime"]
-        assert 0.5 <= gguf.metrics["top1_agreement"] <= 1.0 and gguf.metrics["mean_kl"] >= 0.0
-        assert gguf.tags["llmops.verdict"] in {"passed", "rejected"}
+    quantized = {
+        "gguf-q8_0": "Q8_0",
+        "gguf-q4_k_m": "Q4_K_M",
+        "openvino-int8": "int8_asym",
+        "openvino-int4": "int4_sym",
+    }
+    for kind, scheme in quantized.items():  # llama.cpp's and OpenVINO's, gated like the others
+        runtime = runs[kind].data
+        recipe = runtime.params.get("recipe.quantization.quant_type") or runtime.params["recipe.quantization.weights"]
+        assert recipe == scheme and runtime.params["recipe.quantization.runtime"] in {"llama.cpp", "openvino"}
+        assert 0.5 <= runtime.metrics["top1_agreement"] <= 1.0 and runtime.metrics["mean_kl"] >= 0.0
+        assert runtime.tags["llmops.verdict"] in {"passed", "rejected"}
     assert runs["gguf-q8_0"].data.metrics["mean_kl"] < runs["gguf-q4_k_m"].data.metrics["mean_kl"]
+    assert runs["openvino-int8"].data.metrics["mean_kl"] < runs["openvino-int4"].data.metrics["mean_kl"]
     assert "control accuracy not measured" in runs["teacher"].data.tags["llmops.notes"]
     artifacts = {a.path for a in client.list_artifacts(first["parent_run_id"])}
     assert {"model_card.md", "data_card.md", "summary.md", "decision.json", "data"} <= artifacts
@@ -223,12 +232,13 @@ def test_a_t5_model_with_on_policy_reverse_kl_learns_from_a_chat_file(workdir: P
             "model.random_init={model_type: t5, d_model: 64, d_ff: 128, num_layers: 4, num_heads: 2, d_kv: 32}",
             "distill.loss=reverse_kl",
             "distill.on_policy=0.5",
-            "quantize.candidates=[fp32, int8, gguf-q8_0]",
+            "quantize.candidates=[fp32, int8, gguf-q8_0, openvino-int8]",
         ],
     )
     assert result["task"] == "seq2seq-lm" and result["promoted"] and result["version"] == "1"
     assert "this model is a T5ForConditionalGeneration" in result["skipped"]["gguf-q8_0"]  # a note, not a crash
-    assert "gguf-q8_0" not in result["candidates"]
+    assert "OpenVINO candidates take" in result["skipped"]["openvino-int8"]
+    assert "gguf-q8_0" not in result["candidates"] and "openvino-int8" not in result["candidates"]
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert client.get_model_version(NAME, "1").tags["llmops.task"] == "seq2seq-lm"
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")

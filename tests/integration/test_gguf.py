@@ -18,40 +18,12 @@ import pytest
 from llmops.candidate_folder import CandidateMeta
 from llmops.config import load_config
 from llmops.generation.candidate import GenerationParams, Generator
-from llmops.generation.data import prepare_data
-from llmops.generation.evaluate import agreement, prompts_of
+from llmops.generation.evaluate import agreement
 from llmops.generation.llamacpp import LlamaCppGenerator
 from llmops.generation.loading import load_generator
 from llmops.generation.modeling import load_tokenizer
-from llmops.generation.train import fine_tune
 from llmops.gguf import GGUF_FILE, save_gguf
-from tests.conftest import REPO
-
-LLM_TINY = REPO / "configs" / "llm-tiny.yaml"
-GPT2 = "model.random_init={model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 2, n_positions: 128}"
-QWEN2 = (
-    "model.random_init={model_type: qwen2, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
-    "num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 128}"
-)
-
-
-def trained(tmp: Path, *overrides: str) -> tuple[Path, object]:
-    cfg = load_config(LLM_TINY, ["train.epochs=2", "data.sample=200", *overrides])
-    data = prepare_data(cfg.data, tmp / "data")
-    return fine_tune(cfg.model, cfg.train, cfg.task, data, tmp / "teacher"), data
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    return trained(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def held_out(llama: tuple[Path, object]) -> tuple[list, list[str]]:
-    import pandas as pd
-
-    test = pd.read_parquet(llama[1].split_path("test")).head(24)  # type: ignore[attr-defined]
-    return prompts_of(test), list(test["completion"])
+from tests.integration.trained_decoders import GPT2, LLM_TINY, QWEN2, trained
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,17 @@
-"""GGUF champions served by the same service as torch ones (llama.cpp's batch API under the engine): the
-OpenAI client streamed and not, Triton's generate, concurrent streams, an alias switch while streaming, a
-corrupt GGUF that leaves the old version serving, the prediction log, and `mlflow.pyfunc.load_model`.
+"""GGUF and OpenVINO champions served by the same service as torch ones (llama.cpp's batch API, OpenVINO's
+stateful request under the engine): the OpenAI client streamed and not, Triton's generate, concurrent streams,
+an alias switch while streaming, a corrupt model file that leaves the old version serving, the prediction log,
+and `mlflow.pyfunc.load_model`. Every test runs once per runtime.
 
-Versions of `tiny-generator` in this module's own registry: 1 and 2 are q8_0 GGUFs of two tiny random-init
-Llamas, 3 is a GGUF cut short. `tiny-sentiment` version 1 is a classifier beside them.
+Versions of `tiny-generator` in each runtime's own registry: 1 and 2 are q8_0 GGUFs (or OpenVINO int8 models) of
+two tiny random-init Llamas, 3 has its model file cut short. `tiny-sentiment` version 1 is a classifier beside
+them.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -17,6 +20,7 @@ import pytest
 from llmops.generation.candidate import GenerationParams
 from llmops.generation.loading import load_generator
 from llmops.gguf import GGUF_FILE, save_gguf
+from llmops.openvino_ir import MODEL_FILE, save_openvino
 from llmops.predlog import open_store
 from tests.http_service import openai_client
 from tests.integration.test_generation_serving import (
@@ -38,23 +42,36 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def build_gguf(directory: Path, seed: int) -> Path:
-    source = build_tiny_generator(directory.with_name(f"{directory.name}-torch"), seed)
-    candidate = save_gguf(source, "gguf-q8_0", directory)
-    if seed == 3:  # cut short, as an interrupted upload would be
-        (candidate / GGUF_FILE).write_bytes((candidate / GGUF_FILE).read_bytes()[:4096])
-    return candidate
+RUNTIMES = {"gguf-q8_0": ("llama.cpp", save_gguf, GGUF_FILE), "openvino-int8": ("OpenVINO", save_openvino, MODEL_FILE)}
+
+
+def builder(kind: str) -> Callable[[Path, int], Path]:
+    _, save, model_file = RUNTIMES[kind]
+
+    def build(directory: Path, seed: int) -> Path:
+        source = build_tiny_generator(directory.with_name(f"{directory.name}-torch"), seed)
+        candidate = save(source, kind, directory)
+        if seed == 3:  # cut short, as an interrupted upload would be
+            (candidate / model_file).write_bytes((candidate / model_file).read_bytes()[:4096])
+        return candidate
+
+    return build
+
+
+@pytest.fixture(scope="module", params=list(RUNTIMES))
+def runtime(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("gguf-serving")
+def root(tmp_path_factory: pytest.TempPathFactory, runtime: str) -> Path:
+    return tmp_path_factory.mktemp(f"{runtime}-serving")
 
 
 @pytest.fixture(scope="module")
-def store(root: Path) -> str:
+def store(root: Path, runtime: str) -> str:
     uri = register_versions(root, CLASSIFIER, seeds=[1])
-    register_generators(root, GENERATOR, seeds=[1, 2, 3], uri=uri, build=build_gguf)
+    register_generators(root, GENERATOR, seeds=[1, 2, 3], uri=uri, build=builder(runtime))
     set_alias(uri, CLASSIFIER, "champion", "1")
     set_alias(uri, GENERATOR, "champion", "1")
     return uri
@@ -62,12 +79,12 @@ def store(root: Path) -> str:
 
 @pytest.fixture(scope="module")
 def in_process_answers(store: str, root: Path) -> list[str]:
-    """Version 1's greedy answers run by llama.cpp in this process, without the service."""
+    """Version 1's greedy answers run by the runtime in this process, without the service."""
     generator = load_generator(root / "generator-1")
     return [g.text for g in generator.generate(PROMPTS, GenerationParams(max_new_tokens=10, temperature=0.0))]
 
 
-async def test_the_openai_client_gets_llama_cpp_s_answers_streamed_and_not(
+async def test_the_openai_client_gets_the_runtime_s_answers_streamed_and_not(
     store: str, in_process_answers: list[str], tmp_path: Path
 ) -> None:
     async with serving(store, tmp_path) as (client, app):
@@ -91,7 +108,7 @@ async def test_the_openai_client_gets_llama_cpp_s_answers_streamed_and_not(
     assert f'llmops_generated_tokens_total{{model="{GENERATOR}",version="1"}}' in metrics
     logged = open_store(tmp_path / "predictions.db").read_generations()
     assert len(logged) == 4 and set(logged["completion"]) >= {in_process_answers[0], in_process_answers[1]}
-    assert all(len(e) == 64 * 2 for e in logged["embedding"])  # llama.cpp's prompt embeddings, logged as torch's
+    assert all(len(e) == 64 * 2 for e in logged["embedding"])  # the runtime's prompt embeddings, logged as torch's
 
 
 async def test_concurrent_streams_keep_their_own_text(
@@ -108,8 +125,8 @@ async def test_concurrent_streams_keep_their_own_text(
     assert together == in_process_answers  # 8 sequences through 4 slots: joining and leaving, no cross-talk
 
 
-async def test_an_alias_switch_while_streaming_loses_nothing_and_a_corrupt_gguf_leaves_the_old_one(
-    store: str, tmp_path: Path
+async def test_an_alias_switch_while_streaming_loses_nothing_and_a_corrupt_model_leaves_the_old_one(
+    store: str, runtime: str, tmp_path: Path
 ) -> None:
     set_alias(store, GENERATOR, "champion", "1")
     async with serving(store, tmp_path) as (client, _):
@@ -129,11 +146,13 @@ async def test_an_alias_switch_while_streaming_loses_nothing_and_a_corrupt_gguf_
         still = await client.post("/v1/completions", json=complete("still here?", 4))
     set_alias(store, GENERATOR, "champion", "1")
     assert all(status == 200 for status, _ in results) and later[-1][1] == f"llmops-{GENERATOR}-v2"
-    assert ready["reason"].startswith(f"{GENERATOR}: version 3 failed to load") and "llama.cpp" in ready["reason"]
+    assert (
+        ready["reason"].startswith(f"{GENERATOR}: version 3 failed to load") and RUNTIMES[runtime][0] in ready["reason"]
+    )
     assert still.status_code == 200 and still.json()["system_fingerprint"] == f"llmops-{GENERATOR}-v2"
 
 
-def test_a_registered_gguf_loads_through_mlflow_pyfunc(store: str, in_process_answers: list[str]) -> None:
+def test_a_registered_runtime_model_loads_through_mlflow_pyfunc(store: str, in_process_answers: list[str]) -> None:
     mlflow.set_tracking_uri(store)
     model = mlflow.pyfunc.load_model(f"models:/{GENERATOR}@champion")
     answered = model.predict(PROMPTS[:2], params={"max_new_tokens": 10, "temperature": 0.0})
