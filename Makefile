@@ -58,7 +58,7 @@ bench-generation: install  ## generative teacher vs student vs int8 vs bnb-int8 
 bench-generation-serving: install  ## ours (continuous batching on/off) vs transformers serve vs mlflow models serve -> bench/results/generation_serving.{md,json}
 	$(PY) bench/generation_serving.py $(ARGS)
 
-bench-llm-runtimes: install  ## a 135M-shape Llama: llmops serve (torch fp32 / int8, GGUF q8_0 / q4_K_M) vs llama-server -> bench/results/llm_runtimes.{md,json}
+bench-llm-runtimes: install  ## a 135M-shape Llama: llmops serve (torch fp32 / int8, GGUF q8_0 / q4_K_M, OpenVINO int8 / int4) vs llama-server -> bench/results/llm_runtimes.{md,json}
 	bash scripts/build-llama-cpp.sh $(LLAMA_CPP_PIN) $(VENV)/llama-server $(PY) peer
 	$(PY) bench/llm_runtimes.py $(ARGS)
 

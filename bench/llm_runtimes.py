@@ -1,10 +1,11 @@
 """LLM runtimes benchmark: a SmolLM2-135M-shaped Llama served by `llmops serve` as torch fp32, torch int8,
-GGUF q8_0 and GGUF q4_K_M, beside `llama-server` on the same GGUF files, one run, one machine.
+GGUF q8_0 and q4_K_M, OpenVINO int8 and int4, beside `llama-server` on the same GGUF files, one run, one
+machine.
 
 1. The model: `model.random_init` of SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 key-value heads,
    FFN 1536, tied embeddings) with the packaged tokenizer (no weights exist offline; speed and memory do not
    depend on the values), and its candidates built by `llmops.quantize.quantize_candidate` (the lifecycle's own
-   builders: torch dynamic int8, llama.cpp's converter and quantizer). Each is registered in a scratch MLflow
+   builders: torch dynamic int8, llama.cpp's converter and quantizer, llmops' OpenVINO export and NNCF). Each is registered in a scratch MLflow
    registry as its own model with a `champion` alias.
 2. Servers, all up at once, each in its own process: one `llmops serve` per candidate (so each one's resident
    memory is its own), and `llama-server` on the q8_0 and the q4_K_M file, started as its users start it
@@ -68,7 +69,10 @@ SMOLLM2_135M = {
     "max_position_embeddings": 2048,
     "tie_word_embeddings": True,
 }
-KINDS = ("fp32", "int8", "gguf-q8_0", "gguf-q4_k_m")
+GGUF_KINDS = ("gguf-q8_0", "gguf-q4_k_m")
+OPENVINO_KINDS = ("openvino-int8", "openvino-int4")
+KINDS = ("fp32", "int8", *GGUF_KINDS, *OPENVINO_KINDS)
+AGREEMENT_FLOORS = {"gguf-q8_0": 0.99, "gguf-q4_k_m": 0.95, "openvino-int8": 0.99, "openvino-int4": 0.95}
 MAX_TOKENS = 64
 SLOT_POSITIONS = 256
 LLAMA_SERVER = Path(sys.prefix) / "llama-server" / "build" / "bin" / "llama-server"
@@ -132,7 +136,7 @@ def servers(workdir: Path, folders: dict[str, Path], names: dict[str, str]) -> d
         command += ["--set", f"serve.prediction_log={workdir / f'predictions-{kind}.db'}"]
         command += ["--set", f"serve.model_cache={workdir / f'cache-{kind}'}"]
         out[f"llmops serve {kind}"] = (command, "/readyz", name)
-    for kind in ("gguf-q8_0", "gguf-q4_k_m"):
+    for kind in GGUF_KINDS:
         command = [str(LLAMA_SERVER), "-m", str(folders[kind] / gguf.GGUF_FILE), "--host", "127.0.0.1"]
         command += ["--port", "{port}", "-np", "16", "--cont-batching", "-t", cores, "-c", str(16 * SLOT_POSITIONS)]
         out[f"llama-server {kind}"] = (command, "/health", "llama-server")
@@ -187,7 +191,7 @@ def resident_mb(pid: int) -> dict[str, float]:
 
 
 def quality() -> list[dict[str, Any]]:
-    """The GGUF candidates of a trained tiny Llama against their fp32 source (agreement, KL, perplexity)."""
+    """The runtime candidates of a trained tiny Llama against their fp32 source (agreement, KL, perplexity)."""
     from llmops.generation.data import prepare_data
     from llmops.generation.train import fine_tune
 
@@ -202,7 +206,7 @@ def quality() -> list[dict[str, Any]]:
         fp32 = load_generator(source)
         nll, tokens = fp32.completion_nll(prompts_, completions)
         rows.append({"candidate": "fp32", "top1_agreement": 1.0, "mean_kl": 0.0, "perplexity": math.exp(nll / tokens)})
-        for kind in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "int8"):
+        for kind in ("gguf-f16", *GGUF_KINDS, *OPENVINO_KINDS, "int8"):
             folder = quantize_candidate(source, kind, QuantizeConfig(skip_modules=[], max_loss=None), root / kind)
             candidate = load_generator(folder)
             found = agreement(fp32, candidate, prompts_, completions)
@@ -230,9 +234,10 @@ def summarise(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def targets(rows: list[dict[str, Any]], decode: dict[str, float], quality_rows: list[dict]) -> list[dict]:
     at = {(r["server"], r["concurrency"]): r for r in rows}
     checks = []
-    best = max(("gguf-q8_0", "gguf-q4_k_m"), key=lambda k: at[(f"llmops serve {k}", 1)]["tokens_per_s"])
+    runtimes = (*GGUF_KINDS, *OPENVINO_KINDS)
+    best = max(runtimes, key=lambda k: at[(f"llmops serve {k}", 1)]["tokens_per_s"])
     for c in (1, 4, 16):
-        for kind in ("gguf-q8_0", "gguf-q4_k_m"):
+        for kind in GGUF_KINDS:
             ours, peer = at[(f"llmops serve {kind}", c)], at[(f"llama-server {kind}", c)]
             ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
             checks.append((f"c={c}, {kind}: tokens/s >= 1.0x llama-server's", f"{ratio:.2f}x", ratio >= 1.0))
@@ -250,7 +255,7 @@ def targets(rows: list[dict[str, Any]], decode: dict[str, float], quality_rows: 
     ratio = at[(f"llmops serve {best}", 1)]["tokens_per_s"] / at[("llmops serve int8", 1)]["tokens_per_s"]
     checks.append((f"c=1: best runtime ({best}) >= 4x torch int8's served tokens/s", f"{ratio:.2f}x", ratio >= 4.0))
     by_kind = {r["candidate"]: r for r in quality_rows}
-    for kind, floor in (("gguf-q8_0", 0.99), ("gguf-q4_k_m", 0.95)):
+    for kind, floor in AGREEMENT_FLOORS.items():
         value = by_kind[kind]["top1_agreement"]
         checks.append((f"{kind}: top-1 agreement with fp32 >= {floor}", f"{value:.4f}", value >= floor))
     return [{"target": t, "measured": m, "met": ok} for t, m, ok in checks]

@@ -1,9 +1,10 @@
 """Continuous batching for a generator: sequences join and leave the running batch at every decoding step.
 
-One engine per loaded model version, on one inference thread. Each loop: admit waiting sequences (one prefill
-for all of them, merged into the running batch), then one decoding step for every running sequence; a
-sequence that wrote its end token, a stop string or its last allowed token leaves at once, and one whose
-client went away leaves at the next step. A short request never waits for a long one to finish.
+One engine per loaded model version, on one inference thread. Each loop: choose every running sequence's next
+token (a sequence that wrote its end token, a stop string or its last allowed token leaves at once, one whose
+client went away at the next loop), then one pass of the runtime over those tokens and the prompts of the
+waiting sequences that join (llama.cpp runs both in one batch, as llama-server does; torch and OpenVINO step,
+then prefill). A short request never waits for a long one to finish.
 
 transformers ships a continuous-batching API (`generate_batch`, `transformers serve --continuous-batching`):
 it cannot serve a torch-int8 champion, ignores `min_new_tokens`, and on this project's CPU wrote 0.6x the
@@ -202,10 +203,9 @@ class GenerationEngine:
             for sequence in admitted:
                 self._whole(sequence)
             return
-        if admitted:
-            self._prefill(admitted)
-        if self._running:
-            self._decode_step()
+        staying = self._decode_step() if self._running else []
+        if staying or admitted:
+            self._forward(staying, admitted)
 
     def _admit(self) -> list[Sequence]:
         with self._wake:
@@ -218,13 +218,16 @@ class GenerationEngine:
         if gone:
             self._leave(gone)
 
-    def _prefill(self, sequences: list[Sequence]) -> None:
-        logits, embeddings = self._batch.admit([s.prompt_ids for s in sequences])
+    def _forward(self, tokens: list[int], joining: list[Sequence]) -> None:
+        """One pass of the runtime: the running rows' next tokens and the joining sequences' prompts together
+        (llama.cpp runs them in one batch, as llama-server's slots do); the next logits of every row."""
+        try:
+            self._logits, embeddings = self._batch.step_and_admit(tokens, [s.prompt_ids for s in joining])
+        finally:
+            self._running += joining  # a failed pass fails the joining sequences with the running ones
         if embeddings is not None:
-            for sequence, vector in zip(sequences, embeddings, strict=True):
+            for sequence, vector in zip(joining, embeddings, strict=True):
                 sequence.embedding = vector
-        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
-        self._running += sequences
 
     def _choose(self) -> list[int]:
         """Each running sequence's next token under its own sampling and the tokens barred at its length."""
@@ -242,7 +245,9 @@ class GenerationEngine:
                     sequence.chose_end_first = int(own[0]) == barred.eos_id
         return tokens.tolist()
 
-    def _decode_step(self) -> None:
+    def _decode_step(self) -> list[int]:
+        """Choose every running sequence's next token and send its text; the finished ones leave. The tokens of
+        the rows that stay, for the next pass."""
         tokens = self._choose()
         now = time.perf_counter()
         leaving = []
@@ -256,9 +261,7 @@ class GenerationEngine:
                 leaving.append(row)
         if leaving:
             self._leave(leaving)
-        if self._running:
-            staying = [token for row, token in enumerate(tokens) if row not in leaving]
-            self._logits = self._batch.step(staying)
+        return [token for row, token in enumerate(tokens) if row not in leaving]
 
     def _advance(self, sequence: Sequence, token: int) -> bool:
         """Add a token, send the text it completes; True when the sequence is done."""

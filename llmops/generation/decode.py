@@ -211,6 +211,11 @@ class RunningBatch(Protocol):
         """Feed one token to every row (in row order); the next logits (rows, vocab)."""
         ...
 
+    def step_and_admit(self, tokens: list[int], prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """`step(tokens)` and `admit(prompts)` in one pass where the runtime can (llama.cpp): the next logits of
+        every row (the running ones, then the new ones) and, when kept, the new prompts' embeddings."""
+        ...
+
     def full(self, row: int) -> bool:
         """Whether the row has no room for another token."""
         ...
@@ -218,6 +223,17 @@ class RunningBatch(Protocol):
     def keep(self, rows: list[int]) -> None:
         """Only `rows` stay, in that order."""
         ...
+
+
+def step_then_admit(
+    batch: RunningBatch, tokens: list[int], prompts: list[list[int]]
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """`RunningBatch.step_and_admit` for a runtime whose passes take one shape at a time: a step, then a prefill."""
+    logits, embeddings = [batch.step(tokens)] if tokens else [], None
+    if prompts:
+        joined, embeddings = batch.admit(prompts)
+        logits.append(joined)
+    return torch.cat(logits), embeddings
 
 
 class Running:
@@ -250,6 +266,9 @@ class Running:
         """Feed one token to every row (in row order); the next logits (rows, vocab)."""
         assert self._batch is not None
         return step(self.model, torch.tensor(tokens, device=self.device), self._batch)
+
+    def step_and_admit(self, tokens: list[int], prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+        return step_then_admit(self, tokens, prompts)
 
     def full(self, row: int) -> bool:
         return False  # the model's own context is checked before a sequence is admitted

@@ -130,28 +130,34 @@ class Slots:
     def admit(self, prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
         """New rows for `prompts` (one prefill for all): their next-token logits (n, vocab) and, when the context
         keeps them, the prompts' embeddings (n, width)."""
+        return self.step_and_admit([], prompts)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token to every row (in row order); the next logits (rows, vocab)."""
+        return self.step_and_admit(tokens, [])[0]
+
+    def step_and_admit(self, tokens: list[int], prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """One token to every row (no tokens: the rows wait) and `prompts` as new rows, in one batch (as
+        llama-server fills its slots' batch): the next logits of the rows fed, the running ones first, and the new
+        prompts' embeddings when kept."""
         if len(prompts) > len(self._free):
             raise RuntimeError(f"{len(prompts)} sequences asked for {len(self._free)} free llama.cpp slots")
         for ids in prompts:
             if not ids or len(ids) >= self.positions:
                 raise ValueError(f"a prompt of {len(ids)} tokens does not fit a {self.positions}-position slot")
         seqs = [self._free.pop(0) for _ in prompts]
+        stepping = zip(self._seqs, tokens, self._next, strict=True) if tokens else ()  # none: admit only
+        entries = [_Entry(seq, [token], at) for seq, token, at in stepping]
+        entries += [_Entry(seq, ids, 0) for seq, ids in zip(seqs, prompts, strict=True)]
         try:
-            logits, hidden = self._feed([_Entry(seq, ids, 0) for seq, ids in zip(seqs, prompts, strict=True)])
+            logits, hidden = self._feed(entries)
         except Exception:
             self._clear(seqs)
             raise
+        self._next = [at + 1 if tokens else at for at in self._next] + [len(ids) for ids in prompts]
         self._seqs += seqs
-        self._next += [len(ids) for ids in prompts]
-        embeddings = np.concatenate(hidden) if self.embeddings else None
+        embeddings = np.concatenate(hidden[len(tokens) :]) if self.embeddings and prompts else None
         return torch.from_numpy(np.concatenate(logits)), embeddings
-
-    def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feed one token to every row (in row order); the next logits (rows, vocab)."""
-        entries = [_Entry(seq, [token], at) for seq, token, at in zip(self._seqs, tokens, self._next, strict=True)]
-        logits, _ = self._feed(entries)
-        self._next = [at + 1 for at in self._next]
-        return torch.from_numpy(np.concatenate(logits))
 
     def full(self, row: int) -> bool:
         """Whether the row's cache has no room for another token."""

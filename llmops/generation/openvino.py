@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from llmops.generation.candidate import GenerationParams, Generator, Prompt
-from llmops.generation.decode import Decoded
+from llmops.generation.decode import Decoded, step_then_admit
 from llmops.openvino_ir import MODEL_FILE
 
 GENERATE_SLOTS = 16
@@ -128,6 +128,9 @@ class Running:
         ids = np.array(tokens, dtype=np.int64)[:, None]
         logits, _ = self._run(self._request, ids, self._mask, np.array([0]))
         return torch.from_numpy(logits[:, -1].copy())
+
+    def step_and_admit(self, tokens: list[int], prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+        return step_then_admit(self, tokens, prompts)
 
     def full(self, row: int) -> bool:
         return False  # the model's own context is checked before a sequence is admitted

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmops.candidate_folder import CandidateMeta
 from llmops.config import load_config
@@ -107,3 +108,22 @@ def test_a_corrupt_or_missing_gguf_fails_the_load_with_a_clear_error(q8: Path, t
     (broken / GGUF_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="no model file"):
         load_generator(broken)
+
+
+def test_running_steps_and_joining_prompts_share_one_batch_and_give_what_they_give_apart(q8: Path) -> None:
+    """The serving engine feeds llama.cpp the running sequences' next tokens and the joining prompts in one
+    `llama_decode`, as llama-server fills its slots' batch: each row gets the logits it gets on its own."""
+    runtime = load_generator(q8)
+    first, second = (runtime.encode(p) for p in ("write a positive tweet about coachella", "classify: great crew"))
+    apart = runtime.running_batch(4)
+    logits, _ = apart.admit([first])
+    token = int(logits[0].argmax())
+    stepped, (joined, _) = apart.step([token]), apart.admit([second])
+    together = runtime.running_batch(4)
+    together.admit([first])
+    both, _ = together.step_and_admit([token], [second])
+    assert both.shape[0] == 2
+    for ours, theirs in ((both[0], stepped[0]), (both[1], joined[0])):
+        assert int(ours.argmax()) == int(theirs.argmax()) and torch.allclose(ours, theirs, atol=1e-3)
+    after = together.step([int(both[0].argmax()), int(both[1].argmax())])  # both rows go on from there
+    assert torch.allclose(after, apart.step([int(stepped[0].argmax()), int(joined[0].argmax())]), atol=1e-3)
