@@ -5,8 +5,8 @@ machine.
 1. The model: `model.random_init` of SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 key-value heads,
    FFN 1536, tied embeddings) with the packaged tokenizer (no weights exist offline; speed and memory do not
    depend on the values), and its candidates built by `llmops.quantize.quantize_candidate` (the lifecycle's own
-   builders: torch dynamic int8, llama.cpp's converter and quantizer, llmops' OpenVINO export and NNCF). Each is registered in a scratch MLflow
-   registry as its own model with a `champion` alias.
+   builders: torch dynamic int8, llama.cpp's converter and quantizer, llmops' OpenVINO export and NNCF). Each
+   is registered in a scratch MLflow registry as its own model with a `champion` alias.
 2. Servers, all up at once, each in its own process: one `llmops serve` per candidate (so each one's resident
    memory is its own), and `llama-server` on the q8_0 and the q4_K_M file, started as its users start it
    (`-np 16`, continuous batching on, `-t <cores>`, 256 positions per slot: prompt and answer fit).
