@@ -140,6 +140,15 @@ def load_torch_model(directory: Path, meta: CandidateMeta) -> tuple[Any, torch.d
     return model, next(iter(model.parameters())).device
 
 
+def architecture_refusal(model_dir: Path, runtime: str, accepted: tuple[str, ...]) -> str | None:
+    """Why the model in `model_dir` cannot become a `runtime` candidate, from its config alone (None: it can)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    architecture = (config.get("architectures") or ["(none named)"])[0]
+    if architecture not in accepted:
+        return f"{runtime} candidates take {', '.join(accepted)}; this model is a {architecture}"
+    return None
+
+
 def weights_size_mb(directory: str | Path) -> float:
     """Size on disk of the weight files alone (tokenizer and config excluded)."""
     files = [p for p in Path(directory).iterdir() if p.suffix in WEIGHT_SUFFIXES]

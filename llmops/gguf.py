@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -24,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from llmops.candidate_folder import CandidateMeta, copy_without_weights
+from llmops.candidate_folder import CandidateMeta, architecture_refusal, copy_without_weights
 from llmops.config import GGUF_QUANT_KINDS
 
 GGUF_FILE = "model.gguf"
@@ -93,11 +92,7 @@ def _log_to_python(level: int, text: bytes, _: Any) -> None:
 
 def unsupported(model_dir: Path) -> str | None:
     """Why the model in `model_dir` cannot become a GGUF candidate (None: it can)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    architecture = (config.get("architectures") or ["(none named)"])[0]
-    if architecture not in ARCHITECTURES:
-        return f"llama.cpp candidates take {', '.join(ARCHITECTURES)}; this model is a {architecture}"
-    return None
+    return architecture_refusal(model_dir, "llama.cpp", ARCHITECTURES)
 
 
 def _run(command: list[str], what: str) -> None:

@@ -17,7 +17,6 @@ whose recipe names OpenVINO's and NNCF's versions and the compression.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from llmops.candidate_folder import CandidateMeta, copy_without_weights, load_torch_model
+from llmops.candidate_folder import CandidateMeta, architecture_refusal, copy_without_weights, load_torch_model
 from llmops.config import OPENVINO_KINDS
 
 MODEL_FILE = "openvino_model.xml"
@@ -37,11 +36,7 @@ GROUP_SIZE = 128
 
 def unsupported(model_dir: Path) -> str | None:
     """Why the model in `model_dir` cannot become an OpenVINO candidate (None: it can)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    architecture = (config.get("architectures") or ["(none named)"])[0]
-    if architecture not in ARCHITECTURES:
-        return f"OpenVINO candidates take {', '.join(ARCHITECTURES)}; this model is a {architecture}"
-    return None
+    return architecture_refusal(model_dir, "OpenVINO", ARCHITECTURES)
 
 
 class _Exportable(torch.nn.Module):

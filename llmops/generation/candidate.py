@@ -69,6 +69,16 @@ class Generator:
         """The model that runs the forward passes (torch here; another runtime overrides this and the passes)."""
         return load_torch_model(self.directory, self.meta)
 
+    def _model_file(self, name: str, runtime: str) -> tuple[Path, int | None]:
+        """A runtime candidate's model file (a clear error where it is missing) and the positions its config
+        gives (None: not said)."""
+        model_file = self.directory / name
+        if not model_file.is_file():
+            raise FileNotFoundError(f"{model_file}: the {runtime} candidate has no model file")
+        config = json.loads((self.directory / "config.json").read_text())
+        positions = config.get("max_position_embeddings") or config.get("n_positions")
+        return model_file, int(positions) if positions else None
+
     @property
     def prompt_format(self) -> str:
         """`chat` when training rendered its prompts with the chat template, else `plain` (prompts as written)."""

@@ -15,7 +15,6 @@ to llama.cpp as they are (the GGUF holds the same vocabulary in the same order).
 from __future__ import annotations
 
 import ctypes
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -236,11 +235,8 @@ class LlamaCppGenerator(Generator):
     """A loaded GGUF candidate (`gguf-f16`, `gguf-q8_0`, `gguf-q4_k_m`)."""
 
     def _load_model(self) -> tuple[Any, torch.device]:
-        model_file = self.directory / GGUF_FILE
-        if not model_file.is_file():
-            raise FileNotFoundError(f"{model_file}: the GGUF candidate has no model file")
-        config = json.loads((self.directory / "config.json").read_text())
-        self._positions = int(config.get("max_position_embeddings") or config.get("n_positions") or MAX_CONTEXT)
+        model_file, positions = self._model_file(GGUF_FILE, "GGUF")
+        self._positions = positions or MAX_CONTEXT
         llama_cpp = bindings()
         from llama_cpp import _internals
 

@@ -12,7 +12,6 @@ ones leave it; only a join or a leave reads and writes the cache.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -162,11 +161,7 @@ class OpenVinoGenerator(Generator):
 
         from llmops.openvino_ir import cache_shape
 
-        model_file = self.directory / MODEL_FILE
-        if not model_file.is_file():
-            raise FileNotFoundError(f"{model_file}: the OpenVINO candidate has no model file")
-        config = json.loads((self.directory / "config.json").read_text())
-        self._positions = config.get("max_position_embeddings") or config.get("n_positions")
+        model_file, self._positions = self._model_file(MODEL_FILE, "OpenVINO")
         core = ov.Core()
         try:
             model = core.read_model(model_file)
@@ -188,7 +183,7 @@ class OpenVinoGenerator(Generator):
 
     @property
     def context_length(self) -> int | None:
-        return int(self._positions) if self._positions else None
+        return self._positions
 
     def running_batch(self, slots: int, embeddings: bool = False, positions: int | None = None) -> Running:
         """The serving engine's running batch (see `Running`); its cache grows, as torch's."""

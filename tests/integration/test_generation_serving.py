@@ -255,15 +255,21 @@ async def test_an_alias_switch_while_streaming_loses_no_request(store: str, tmp_
     assert later[-1][1] == f"llmops-{GENERATOR}-v2"
 
 
+async def readiness_with_a_reason(client: Any) -> dict:
+    """`/readyz` once it gives a reason (a version failed to load), or as it stands after 30 s."""
+    for _ in range(600):
+        ready = (await client.get("/readyz")).json()
+        if ready["reason"]:
+            break
+        await asyncio.sleep(0.05)
+    return dict(ready)
+
+
 async def test_a_generator_version_that_fails_to_load_leaves_the_old_one_serving(store: str, tmp_path: Path) -> None:
     set_alias(store, GENERATOR, "champion", "1")
     async with serving(store, tmp_path) as (client, _):
         set_alias(store, GENERATOR, "champion", "3")
-        for _ in range(600):
-            ready = (await client.get("/readyz")).json()
-            if ready["reason"]:
-                break
-            await asyncio.sleep(0.05)
+        ready = await readiness_with_a_reason(client)
         answer = await client.post("/v1/completions", json=complete("still here?", 4))
         metrics = (await client.get("/metrics")).text
     set_alias(store, GENERATOR, "champion", "1")

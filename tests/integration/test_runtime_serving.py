@@ -27,6 +27,7 @@ from tests.integration.test_generation_serving import (
     CLASSIFIER,
     GENERATOR,
     complete,
+    readiness_with_a_reason,
     serving,
     sse,
     switch_while_sending,
@@ -138,11 +139,7 @@ async def test_an_alias_switch_while_streaming_loses_nothing_and_a_corrupt_model
 
         results, later = await switch_while_sending(store, one, in_flight=6, tries=60)
         set_alias(store, GENERATOR, "champion", "3")
-        for _ in range(600):
-            ready = (await client.get("/readyz")).json()
-            if ready["reason"]:
-                break
-            await asyncio.sleep(0.05)
+        ready = await readiness_with_a_reason(client)
         still = await client.post("/v1/completions", json=complete("still here?", 4))
     set_alias(store, GENERATOR, "champion", "1")
     assert all(status == 200 for status, _ in results) and later[-1][1] == f"llmops-{GENERATOR}-v2"
