@@ -66,7 +66,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "0.5B": {"shape": QWEN25_05B, "lora": {"r": 16, "alpha": 32}, "learning_rate": 2e-4},
 }
 REST = "registry, gates, Prefect"
-STAGES = ("data", "teacher", "student", "int8", "bnb-int8", "nf4", "gguf-q8_0", "gguf-q4_k_m")
+CANDIDATES = ("int8", "bnb-int8", "nf4", "gguf-q8_0", "gguf-q4_k_m", "openvino-int8", "openvino-int4")
+STAGES = ("data", "teacher", "student", *CANDIDATES)
 
 
 def config(size: str, workdir: Path) -> Path:
@@ -81,7 +82,7 @@ def config(size: str, workdir: Path) -> Path:
     if spec["lora"]:
         cfg["train"]["lora"] = spec["lora"]
     cfg["distill"] |= {"student_layers": list(range(0, layers, 3)), "learning_rate": spec["learning_rate"]}
-    cfg["quantize"] = {"candidates": ["fp32", "int8", "bnb-int8", "nf4", "gguf-q8_0", "gguf-q4_k_m"]}
+    cfg["quantize"] = {"candidates": ["fp32", *CANDIDATES]}
     cfg["registry"] = {
         "model_name": f"llm-cost-{size}",
         "tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}",
@@ -195,7 +196,8 @@ def write_markdown(result: dict[str, Any]) -> None:
         "",
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}; {result['date']}. One `llmops run` per size, in its "
         "own process, nothing else running: 200 tweets (400 instructions), one epoch, max_length 64, student = every "
-        "third layer, six candidates (fp32, torch int8, bitsandbytes int8 / nf4, GGUF q8_0 / q4_K_M), "
+        "third layer, eight candidates (fp32, torch int8, bitsandbytes int8 / nf4, GGUF q8_0 / q4_K_M, OpenVINO int8 / "
+        "int4), "
         "configs/llm-tiny.yaml's evaluation. Each cell: the stage's wall time / the process's peak resident memory "
         "while it ran (`.built.json`). One run per size: these are costs, not a comparison of systems.",
         "",
