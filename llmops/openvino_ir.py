@@ -6,7 +6,8 @@ huggingface-hub below the versions llmops runs, and pull torchvision), so the ex
 the position ids, the key/value cache of every layer and the positions whose logits are wanted, and whose
 outputs are those logits, the output layer's input there (the prompt embedding monitoring logs) and the grown
 cache. The cache stays explicit in the IR; `llmops.generation.openvino` keeps it between steps inside
-OpenVINO's own request state (the stateful form optimum-intel makes), so a step copies nothing.
+OpenVINO's own request state (the stateful form optimum-intel makes), so a step passes no cache between
+Python and OpenVINO.
 `nncf.compress_weights` then compresses every weight to int8 (asymmetric, per channel) or 4 bits (symmetric,
 groups of 128, the embeddings and output layer in int8: NNCF's defaults); activations stay float32.
 

@@ -20,7 +20,7 @@ import torch
 
 from llmops.generation.candidate import GenerationParams, Generator, Prompt
 from llmops.generation.decode import Decoded, step_then_admit
-from llmops.openvino_ir import MODEL_FILE
+from llmops.openvino_ir import INPUTS, MODEL_FILE
 
 GENERATE_SLOTS = 16
 """Sequences evaluation decodes together."""
@@ -62,7 +62,7 @@ class Running:
     """The serving engine's running batch over an OpenVINO decoder (see the module's doc)."""
 
     def __init__(self, compiled: Any, cache_shape: tuple[int, int], embeddings: bool = False):
-        self._compiled, self._heads, self._width = compiled, *cache_shape
+        self._heads, self._width = cache_shape
         self.embeddings = embeddings
         self._request = compiled.create_infer_request()
         self._prefill = compiled.create_infer_request()
@@ -167,10 +167,11 @@ class OpenVinoGenerator(Generator):
             model = core.read_model(model_file)
         except RuntimeError as error:
             raise RuntimeError(f"OpenVINO could not load {model_file}: {error}") from error
-        pairs = {p.get_any_name(): p.get_any_name().replace("past.", "present.") for p in model.inputs[4:]}
+        caches = model.inputs[len(INPUTS) :]
+        pairs = {p.get_any_name(): p.get_any_name().replace("past.", "present.") for p in caches}
         apply_make_stateful_transformation(model, pairs)
         properties = {
-            "INFERENCE_PRECISION_HINT": "f32",  # activations as the torch model computes them (bf16 where offered)
+            "INFERENCE_PRECISION_HINT": "f32",  # as torch computes; unset, the plugin takes bf16 where the CPU has it
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         }
