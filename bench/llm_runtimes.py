@@ -50,6 +50,7 @@ from tabulate import tabulate
 from llmops import gguf, registry
 from llmops.candidate_folder import CandidateMeta, save_hf_candidate
 from llmops.config import ModelConfig, QuantizeConfig, RegistryConfig, load_config
+from llmops.generation.decode import argmax_rows
 from llmops.generation.evaluate import agreement, prompts_of
 from llmops.generation.loading import load_generator
 from llmops.generation.modeling import load_base_model, load_tokenizer
@@ -177,7 +178,7 @@ def in_process_decode(folder: Path, prompt: str) -> float:
             start = time.perf_counter()
             logits, _ = batch.admit([ids])
             for _ in range(MAX_TOKENS - 1):
-                logits = batch.step(logits.argmax(-1).tolist())
+                logits = batch.step(argmax_rows(logits).tolist())  # as the engine chooses
             best = max(best, MAX_TOKENS / (time.perf_counter() - start))
             batch.keep([])
     return best

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from llmops.generation.candidate import GenerationParams, Generator
-from llmops.generation.decode import pick
+from llmops.generation.decode import argmax_rows, pick, take_rows
 
 log = logging.getLogger(__name__)
 REPLACEMENT = "\ufffd"
@@ -234,7 +234,7 @@ class GenerationEngine:
         assert self._logits is not None
         barred = self.generator.barred
         logits = barred.forbid_always(self._logits)
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax_rows(logits)
         for row, sequence in enumerate(self._running):
             params = sequence.params
             now_barred = barred.at(sequence.generated, params.min_new_tokens)
@@ -306,7 +306,7 @@ class GenerationEngine:
         staying = [i for i in range(len(self._running)) if i not in gone]
         self._running = [self._running[i] for i in staying]
         self._batch.keep(staying)
-        self._logits = self._logits[staying] if staying and self._logits is not None else None
+        self._logits = take_rows(self._logits, staying) if staying and self._logits is not None else None
 
     def _whole(self, sequence: Sequence) -> None:
         """A seq2seq model: the whole answer in one call, sent as one event."""

@@ -32,6 +32,9 @@ BATCH_TOKENS = 512
 """Tokens one `llama_decode` takes at most (llama.cpp's physical batch); longer prompts go in several."""
 CACHE_PAD = 256
 """llama.cpp sizes each sequence's cache in multiples of this."""
+SIMILAR = 0.1
+"""A free cache is reused for a prompt when their common prefix is more than this share of the prompt
+(llama-server's `--slot-prompt-similarity` default): a shared start token alone does not evict another cache."""
 GENERATE_SLOTS = 8
 """Sequences evaluation decodes together."""
 
@@ -76,9 +79,14 @@ class Slots:
         self.positions = positions
         self.embeddings = embeddings
         self._free = list(range(slots))
+        """Sequences no row uses, least recently used first."""
+        self._cached: list[list[int]] = [[] for _ in range(slots)]
+        """The tokens each sequence's cache holds, from position 0 (a free one keeps its last prompt and answer)."""
         self._seqs: list[int] = []
         self._next: list[int] = []
         """Each row's next position."""
+        self.reused = 0
+        """Prompt tokens taken from a cache rather than computed, since the context was made."""
 
     def _feed(self, entries: list[_Entry]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Run the entries' tokens, as few `llama_decode` calls as fit; each entry's logits (k, vocab) and, when
@@ -107,7 +115,10 @@ class Slots:
             batch.n_tokens = 0
             pending.clear()
 
-        for number, entry in enumerate(entries):
+        # in order of sequence: llama.cpp splits a batch over per-sequence caches into runs of consecutive
+        # sequence ids, one graph computation (one pass over the weights) per run
+        for number in sorted(range(len(entries)), key=lambda n: entries[n].seq):
+            entry = entries[number]
             last = len(entry.tokens) - 1
             for offset, token in enumerate(entry.tokens):
                 if batch.n_tokens == BATCH_TOKENS:
@@ -144,15 +155,30 @@ class Slots:
         for ids in prompts:
             if not ids or len(ids) >= self.positions:
                 raise ValueError(f"a prompt of {len(ids)} tokens does not fit a {self.positions}-position slot")
-        seqs = [self._free.pop(0) for _ in prompts]
+        seqs: list[int] = []
+        kept: list[int] = []
+        running = set(self._seqs)
+        for ids in prompts:  # one at a time: each is placed beside the running ones and those placed before it
+            seq, cached = self._reuse(ids, running)
+            seqs.append(seq)
+            kept.append(cached)
+            running.add(seq)
         stepping = zip(self._seqs, tokens, self._next, strict=True) if tokens else ()  # none: admit only
         entries = [_Entry(seq, [token], at) for seq, token, at in stepping]
-        entries += [_Entry(seq, ids, 0) for seq, ids in zip(seqs, prompts, strict=True)]
+        entries += [_Entry(seq, ids[at:], at) for seq, ids, at in zip(seqs, prompts, kept, strict=True)]
         try:
             logits, hidden = self._feed(entries)
-        except Exception:
+        except Exception:  # what the caches hold is no longer known: the running rows' are emptied too
+            for seq in self._seqs:
+                self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, -1, -1)
+                self._cached[seq] = []
             self._clear(seqs)
             raise
+        for seq, token in zip(self._seqs, tokens, strict=False):
+            self._cached[seq].append(token)
+        for seq, ids in zip(seqs, prompts, strict=True):
+            self._cached[seq] = list(ids)
+        self.reused += sum(kept)
         self._next = [at + 1 if tokens else at for at in self._next] + [len(ids) for ids in prompts]
         self._seqs += seqs
         embeddings = np.concatenate(hidden[len(tokens) :]) if self.embeddings and prompts else None
@@ -163,20 +189,51 @@ class Slots:
         return self._next[row] >= self.positions
 
     def keep(self, rows: list[int]) -> None:
-        """Only `rows` stay, in that order; the others' caches are cleared and their slots freed."""
+        """Only `rows` stay, in that order; the others' slots are freed, their caches kept for a later prompt
+        that starts the same way (`_reuse`)."""
         kept = set(rows)
-        self._clear([seq for row, seq in enumerate(self._seqs) if row not in kept])
+        self._free += [seq for row, seq in enumerate(self._seqs) if row not in kept]
         self._seqs = [self._seqs[row] for row in rows]
         self._next = [self._next[row] for row in rows]
 
+    def _reuse(self, ids: list[int], running: set[int]) -> tuple[int, int]:
+        """The free sequence for a new prompt, and how many of its tokens that sequence's cache already holds.
+
+        llama.cpp computes a batch over per-sequence caches as one pass over the weights per run of consecutive
+        sequence ids, so the first rule keeps the running sequences' ids together: a free sequence next to two
+        running ones before one next to one, before one next to none. Among those, as llama-server picks a slot:
+        the cache with the longest common prefix with the prompt (a chat's next turn, a shared system prompt,
+        the same question again) where that prefix is more than `SIMILAR` of the prompt, else the least recently
+        used. The rest of that cache is removed; the prompt's last token is always computed (its logits start the
+        answer). Only the running sequences' caches are in a step's attention (each has its own, `kv_unified`
+        off), so what a free one keeps costs nothing until it is reused."""
+
+        def rank(index: int) -> tuple[int, int, int]:
+            seq = self._free[index]
+            cached = self._cached[seq]
+            common = next((i for i, (a, b) in enumerate(zip(cached, ids, strict=False)) if a != b), None)
+            common = min(len(cached), len(ids)) if common is None else common
+            similar = common if common > SIMILAR * len(ids) else 0
+            return ((seq - 1 in running) + (seq + 1 in running), similar, -index)
+
+        best = max(range(len(self._free)), key=rank)
+        kept = min(rank(best)[1], len(ids) - 1)
+        seq = self._free.pop(best)
+        self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, kept, -1)
+        self._cached[seq] = self._cached[seq][:kept]
+        return seq, kept
+
     def _clear(self, seqs: list[int]) -> None:
+        """Empty these sequences' caches and free them."""
         for seq in seqs:
             self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, -1, -1)
+            self._cached[seq] = []
             self._free.append(seq)
 
     def score(self, ids: list[int]) -> torch.Tensor:
         """Logits at every position of one sequence (len(ids), vocab), in a free slot cleared afterwards."""
         seq = self._free.pop(0)
+        self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, -1, -1)
         try:
             (logits,), _ = self._feed([_Entry(seq, ids, 0, "all")])
         finally:

@@ -104,3 +104,42 @@ def test_running_steps_and_joining_prompts_share_one_batch_and_give_what_they_gi
         assert int(ours.argmax()) == int(theirs.argmax()) and torch.allclose(ours, theirs, atol=1e-3)
     after = together.step([int(both[0].argmax()), int(both[1].argmax())])  # both rows go on from there
     assert torch.allclose(after, apart.step([int(stepped[0].argmax()), int(joined[0].argmax())]), atol=1e-3)
+
+
+def test_a_prompt_that_starts_as_a_finished_one_reuses_its_cache_and_answers_as_it_would_afresh(q8: Path) -> None:
+    """A slot keeps its cache after its sequence leaves, as llama-server's do: the next prompt goes to the free
+    slot sharing the longest prefix with it and computes only the rest (a chat's next turn, a repeated
+    question); what it writes is what a fresh slot writes."""
+    runtime = load_generator(q8)
+    asked, again, other = (
+        runtime.encode(p)
+        for p in (
+            "write a positive tweet about coachella",
+            "write a positive tweet about the crew",
+            "classify the mood of this tweet: the crew at the festival was great fun",
+        )
+    )
+
+    def common(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+    def greedy(batch: object, ids: list[int], steps: int = 8) -> list[int]:
+        logits, _ = batch.admit([ids])  # type: ignore[attr-defined]
+        written = [int(logits[0].argmax())]
+        for _ in range(steps - 1):
+            written.append(int(batch.step(written[-1:])[0].argmax()))  # type: ignore[attr-defined]
+        batch.keep([])  # type: ignore[attr-defined]
+        return written
+
+    slots = runtime.running_batch(2)
+    first = greedy(slots, asked)
+    other_answer = greedy(slots, other)  # the other slot: a start token in common is not worth evicting for
+    assert slots.reused == 0 and common(asked, other) <= 1
+    assert greedy(slots, asked) == first  # its own slot again: all but its last token from the cache
+    reused = len(asked) - 1
+    assert slots.reused == reused
+    assert greedy(slots, again) == greedy(runtime.running_batch(2), again)  # the shared start reused, no more
+    reused += common(asked, again)
+    assert slots.reused == reused and common(asked, again) > 3
+    assert greedy(slots, other) == other_answer  # its own slot, untouched by the others
+    assert slots.reused == reused + len(other) - 1
