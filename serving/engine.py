@@ -234,16 +234,17 @@ class GenerationEngine:
         assert self._logits is not None
         barred = self.generator.barred
         logits = barred.forbid_always(self._logits)
-        tokens = argmax_rows(logits)
+        tokens = argmax_rows(logits).tolist()
         for row, sequence in enumerate(self._running):
             params = sequence.params
             now_barred = barred.at(sequence.generated, params.min_new_tokens)
-            if params.temperature > 0 or now_barred:
-                chosen, own = pick(logits[row : row + 1], now_barred, params.temperature, params.top_p, sequence.rng)
-                tokens[row] = chosen[0]
-                if sequence.generated == 0:
-                    sequence.chose_end_first = int(own[0]) == barred.eos_id
-        return tokens.tolist()
+            own = tokens[row]  # greedy, and no barred token chosen: `pick` would choose the same
+            if params.temperature > 0 or own in now_barred:
+                chosen, first = pick(logits[row : row + 1], now_barred, params.temperature, params.top_p, sequence.rng)
+                tokens[row], own = int(chosen[0]), int(first[0])
+            if sequence.generated == 0:
+                sequence.chose_end_first = own == barred.eos_id
+        return tokens
 
     def _decode_step(self) -> list[int]:
         """Choose every running sequence's next token and send its text; the finished ones leave. The tokens of
