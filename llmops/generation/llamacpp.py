@@ -15,7 +15,8 @@ to llama.cpp as they are (the GGUF holds the same vocabulary in the same order).
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,9 @@ BATCH_TOKENS = 512
 """Tokens one `llama_decode` takes at most (llama.cpp's physical batch); longer prompts go in several."""
 CACHE_PAD = 256
 """llama.cpp sizes each sequence's cache in multiples of this."""
+PROMPT_CACHE_BYTES = 1 << 30
+"""Host memory for caches saved from slots before another prompt takes them (llama-server's `--cache-ram`, whose
+default is 8 GiB); the oldest saved goes first."""
 SIMILAR = 0.1
 """A free cache is reused for a prompt when their common prefix is more than this share of the prompt
 (llama-server's `--slot-prompt-similarity` default): a shared start token alone does not evict another cache."""
@@ -57,7 +61,9 @@ class Slots:
     row, `keep` lets the others leave (their caches are cleared for the next sequence).
     """
 
-    def __init__(self, model: Any, slots: int, positions: int, threads: int, embeddings: bool = False):
+    def __init__(
+        self, model: Any, slots: int, positions: int, threads: int, embeddings: bool = False, saved_bytes: int = 0
+    ):
         llama_cpp = bindings()
         from llama_cpp import _internals
 
@@ -87,6 +93,8 @@ class Slots:
         """Each row's next position."""
         self.reused = 0
         """Prompt tokens taken from a cache rather than computed, since the context was made."""
+        self.saved = PromptCache(saved_bytes)
+        """Caches of former prompts, saved to host memory when their slot went to another prompt."""
 
     def _feed(self, entries: list[_Entry]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Run the entries' tokens, as few `llama_decode` calls as fit; each entry's logits (k, vocab) and, when
@@ -210,18 +218,33 @@ class Slots:
 
         def rank(index: int) -> tuple[int, int, int]:
             seq = self._free[index]
-            cached = self._cached[seq]
-            common = next((i for i, (a, b) in enumerate(zip(cached, ids, strict=False)) if a != b), None)
-            common = min(len(cached), len(ids)) if common is None else common
+            common = _common(self._cached[seq], ids)
             similar = common if common > SIMILAR * len(ids) else 0
             return ((seq - 1 in running) + (seq + 1 in running), similar, -index)
 
         best = max(range(len(self._free)), key=rank)
-        kept = min(rank(best)[1], len(ids) - 1)
+        common = rank(best)[1]
         seq = self._free.pop(best)
+        cached = self._cached[seq]
+        if len(cached) > common:  # what the slot holds beyond the shared start is saved, not lost
+            self.saved.put(cached, lambda: self._state(seq))
+        restored = self.saved.best(ids, better_than=max(common, SIMILAR * len(ids)))
+        if restored is not None:
+            tokens, state = restored
+            self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, -1, -1)
+            loaded = self._llama_cpp.llama_state_seq_set_data(self.context.ctx, state, len(state), seq) == len(state)
+            common, cached = (_common(tokens, ids), tokens) if loaded else (0, [])
+        kept = min(common, len(ids) - 1)
         self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, kept, -1)
-        self._cached[seq] = self._cached[seq][:kept]
+        self._cached[seq] = cached[:kept]
         return seq, kept
+
+    def _state(self, seq: int) -> ctypes.Array:
+        """A copy of one sequence's cache in host memory (llama.cpp's own serialisation of it)."""
+        size = self._llama_cpp.llama_state_seq_get_size(self.context.ctx, seq)
+        state = (ctypes.c_uint8 * size)()
+        self._llama_cpp.llama_state_seq_get_data(self.context.ctx, state, size, seq)
+        return state
 
     def _clear(self, seqs: list[int]) -> None:
         """Empty these sequences' caches and free them."""
@@ -244,6 +267,53 @@ class Slots:
         self._batch.close()
         self.context.close()
         self._pool.close()
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token sequences."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+class PromptCache:
+    """Caches of former prompts (and the answers written after them) in host memory, as llama-server keeps them
+    (`--cache-ram`): a slot's cache is saved before another prompt takes the slot, and a new prompt is started
+    from the saved one that shares the longest prefix with it, if that is longer than what a free slot holds.
+    Bounded in bytes, oldest out first."""
+
+    KEEP = 0.25
+    """A saved cache is used only where the new prompt keeps at least this share of it (llama-server's rule:
+    a long cache is not thrown away for a short common start)."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit = limit_bytes
+        self._entries: OrderedDict[tuple[int, ...], ctypes.Array] = OrderedDict()
+        self.bytes = 0
+
+    def put(self, tokens: Sequence[int], state: Callable[[], ctypes.Array]) -> None:
+        key = tuple(tokens)
+        if self.limit <= 0 or key in self._entries:
+            return
+        self._entries[key] = data = state()
+        self.bytes += len(data)
+        while self.bytes > self.limit and self._entries:
+            _, dropped = self._entries.popitem(last=False)
+            self.bytes -= len(dropped)
+
+    def best(self, ids: Sequence[int], better_than: float) -> tuple[tuple[int, ...], ctypes.Array] | None:
+        """The saved cache sharing the longest prefix with `ids`, if that prefix is longer than `better_than`
+        and keeps `KEEP` of it; it moves to the newest end."""
+        found, longest = None, better_than
+        for tokens in self._entries:
+            common = _common(tokens, ids)
+            if common > longest and common >= self.KEEP * len(tokens):
+                found, longest = tokens, common
+        if found is None:
+            return None
+        self._entries.move_to_end(found)
+        return found, self._entries[found]
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class ThreadPool:
@@ -313,14 +383,18 @@ class LlamaCppGenerator(Generator):
 
     def running_batch(self, slots: int, embeddings: bool = False, positions: int | None = None) -> Slots:
         """A llama.cpp context of `slots` sequences (see `Slots`) of `positions` each (default and at most: the
-        model's context), for the serving engine."""
+        model's context), for the serving engine; caches of former prompts are saved to host memory, up to
+        `PROMPT_CACHE_BYTES`."""
+        return self._context(slots, embeddings, positions, PROMPT_CACHE_BYTES)
+
+    def _context(self, slots: int, embeddings: bool = False, positions: int | None = None, saved: int = 0) -> Slots:
         positions = min(self.context_length, positions or self.context_length)
-        return Slots(self.model, slots, positions, torch.get_num_threads(), embeddings)
+        return Slots(self.model, slots, positions, torch.get_num_threads(), embeddings, saved)
 
     def _slots(self) -> Slots:
-        """Evaluation's own context."""
+        """Evaluation's own context (no prompt is asked twice there: nothing is saved to host memory)."""
         if self._own is None:
-            self._own = self.running_batch(GENERATE_SLOTS)
+            self._own = self._context(GENERATE_SLOTS)
         return self._own
 
     def generate_ids(self, encoded: list[list[int]], params: GenerationParams) -> Decoded:
@@ -332,7 +406,7 @@ class LlamaCppGenerator(Generator):
     def prompt_embeddings(self, prompts: Sequence[Prompt], batch_size: int = 32) -> np.ndarray:
         """The output layer's input at each prompt's last token, as torch's `prompt_embeddings`."""
         if self._embedder is None:
-            self._embedder = self.running_batch(GENERATE_SLOTS, embeddings=True)
+            self._embedder = self._context(GENERATE_SLOTS, embeddings=True)
         embedder, vectors = self._embedder, []
         encoded = [self.encode(prompt) for prompt in prompts]
         for first in range(0, len(encoded), GENERATE_SLOTS):

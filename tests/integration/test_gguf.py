@@ -143,3 +143,23 @@ def test_a_prompt_that_starts_as_a_finished_one_reuses_its_cache_and_answers_as_
     assert slots.reused == reused and common(asked, again) > 3
     assert greedy(slots, other) == other_answer  # its own slot, untouched by the others
     assert slots.reused == reused + len(other) - 1
+
+
+def test_a_cache_its_slot_gave_up_is_saved_to_host_memory_and_restored_for_the_same_prompt(q8: Path) -> None:
+    """As llama-server's `--cache-ram`: one slot, two prompts in turn; each comes back to its own saved cache."""
+    runtime = load_generator(q8)
+    asked, other = (runtime.encode(p) for p in ("write a positive tweet about coachella", "classify: the crew"))
+    fresh = runtime.running_batch(1)
+    answers = []
+    for ids in (asked, other, asked, other):
+        logits, _ = fresh.admit([ids])
+        written = [int(logits[0].argmax())]
+        for _ in range(5):
+            written.append(int(fresh.step(written[-1:])[0].argmax()))
+        fresh.keep([])
+        answers.append(written)
+    assert answers[0] == answers[2] and answers[1] == answers[3]
+    start = 1  # the start token the prompts share: the second one keeps it from the slot
+    assert asked[:start] == other[:start] and asked[start] != other[start]
+    assert fresh.reused == start + len(asked) - 1 + len(other) - 1  # the second time round, from host memory
+    assert len(fresh.saved) == 2 and fresh.saved.bytes > 0  # each cache as it was when its slot was taken
