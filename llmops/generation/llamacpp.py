@@ -112,14 +112,14 @@ class Slots:
             code = self._llama_cpp.llama_decode(self.context.ctx, batch)
             if code != 0:
                 raise RuntimeError(f"llama_decode returned {code} (its cache is full or the batch is invalid)")
-            out = np.ctypeslib.as_array(self.context.get_logits(), shape=(len(pending), self.vocab))
+            out = _floats(self.context.get_logits(), len(pending) * self.vocab).reshape(len(pending), self.vocab)
             for index, entry in enumerate(pending):
                 if entry is None:
                     continue
                 logits[entry].append(out[index].copy())
                 if self.embeddings:
                     row = self._llama_cpp.llama_get_embeddings_ith(self.context.ctx, index)
-                    hidden[entry].append(np.ctypeslib.as_array(row, shape=(self.width,)).copy())
+                    hidden[entry].append(_floats(row, self.width).copy())
             batch.n_tokens = 0
             pending.clear()
 
@@ -267,6 +267,12 @@ class Slots:
         self._batch.close()
         self.context.close()
         self._pool.close()
+
+
+def _floats(pointer: Any, count: int) -> np.ndarray:
+    """A view of `count` floats llama.cpp holds at `pointer` (numpy's `ctypeslib.as_array` costs 0.2 ms a call)."""
+    address = ctypes.cast(pointer, ctypes.c_void_p).value
+    return np.frombuffer((ctypes.c_float * count).from_address(address), dtype=np.float32)
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
