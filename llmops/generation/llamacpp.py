@@ -284,11 +284,9 @@ class PromptCache:
     """Caches of former prompts (and the answers written after them) in host memory, as llama-server keeps them
     (`--cache-ram`): a slot's cache is saved before another prompt takes the slot, and a new prompt is started
     from the saved one that shares the longest prefix with it, if that is longer than what a free slot holds.
-    Bounded in bytes, oldest out first."""
-
-    KEEP = 0.25
-    """A saved cache is used only where the new prompt keeps at least this share of it (llama-server's rule:
-    a long cache is not thrown away for a short common start)."""
+    A restored cache stays saved, so a short common start never costs a long cache (llama-server skips saved
+    caches the new prompt would keep less than a quarter of; here nothing is lost by using them). Bounded in
+    bytes, oldest out first."""
 
     def __init__(self, limit_bytes: int):
         self.limit = limit_bytes
@@ -306,12 +304,12 @@ class PromptCache:
             self.bytes -= len(dropped)
 
     def best(self, ids: Sequence[int], better_than: float) -> tuple[tuple[int, ...], ctypes.Array] | None:
-        """The saved cache sharing the longest prefix with `ids`, if that prefix is longer than `better_than`
-        and keeps `KEEP` of it; it moves to the newest end."""
+        """The saved cache sharing the longest prefix with `ids`, if that prefix is longer than `better_than`;
+        it moves to the newest end."""
         found, longest = None, better_than
         for tokens in self._entries:
             common = _common(tokens, ids)
-            if common > longest and common >= self.KEEP * len(tokens):
+            if common > longest:
                 found, longest = tokens, common
         if found is None:
             return None
