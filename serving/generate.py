@@ -128,6 +128,10 @@ def _params(
 
 async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Event]]:
     """The events of several streams as they come, each with its stream's index."""
+    if len(streams) == 1:  # the common case: no task and queue between the reader and the engine's events
+        async for event in streams[0].events():
+            yield 0, event
+        return
     queue: asyncio.Queue[tuple[int, Event | BaseException]] = asyncio.Queue()
 
     async def pump(index: int, stream: Stream) -> None:
