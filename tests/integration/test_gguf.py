@@ -163,3 +163,20 @@ def test_a_cache_its_slot_gave_up_is_saved_to_host_memory_and_restored_for_the_s
     assert asked[:start] == other[:start] and asked[start] != other[start]
     assert fresh.reused == start + len(asked) - 1 + len(other) - 1  # the second time round, from host memory
     assert len(fresh.saved) == 2 and fresh.saved.bytes > 0  # each cache as it was when its slot was taken
+
+
+def test_a_joining_sequence_takes_the_free_slot_beside_the_running_ones(q8: Path) -> None:
+    """llama.cpp computes a batch over per-sequence caches as one pass over the weights per run of consecutive
+    sequence ids: a sequence that joins fills the gap a finished one left, so the running ones stay one run."""
+    runtime = load_generator(q8)
+    slots = runtime.running_batch(8)
+    prompts = [runtime.encode(p) for p in ("great crew", "the music was loud", "coachella", "the lineup")]
+    for ids in prompts[:3]:
+        slots.admit([ids])
+    slots.keep([0, 2])  # the middle one finishes
+    logits, _ = slots.admit([prompts[3]])
+    running = sorted(slots._seqs)
+    assert running == list(range(running[0], running[0] + 3))  # one run of ids: one pass a step
+    fresh = runtime.running_batch(8)
+    alone, _ = fresh.admit([prompts[3]])
+    assert int(logits[0].argmax()) == int(alone[0].argmax())
