@@ -233,7 +233,7 @@ class Slots:
             tokens, state = restored
             self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, -1, -1)
             loaded = self._llama_cpp.llama_state_seq_set_data(self.context.ctx, state, len(state), seq) == len(state)
-            common, cached = (_common(tokens, ids), tokens) if loaded else (0, [])
+            common, cached = (_common(tokens, ids), list(tokens)) if loaded else (0, [])
         kept = min(common, len(ids) - 1)
         self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, kept, -1)
         self._cached[seq] = cached[:kept]
@@ -272,7 +272,9 @@ class Slots:
 def _floats(pointer: Any, count: int) -> np.ndarray:
     """A view of `count` floats llama.cpp holds at `pointer` (numpy's `ctypeslib.as_array` costs 0.2 ms a call)."""
     address = ctypes.cast(pointer, ctypes.c_void_p).value
-    return np.frombuffer((ctypes.c_float * count).from_address(address), dtype=np.float32)
+    if not address:
+        raise RuntimeError("llama.cpp returned no output where one was asked for")
+    return np.frombuffer(memoryview((ctypes.c_float * count).from_address(address)), dtype=np.float32)
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
