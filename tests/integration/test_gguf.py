@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +181,26 @@ def test_a_joining_sequence_takes_the_free_slot_beside_the_running_ones(q8: Path
     fresh = runtime.running_batch(8)
     alone, _ = fresh.admit([prompts[3]])
     assert int(logits[0].argmax()) == int(alone[0].argmax())
+
+
+def test_serving_s_prompt_embeddings_are_the_torch_model_s_and_logging_them_changes_no_logits(
+    llama: tuple[Path, object], tmp_path: Path
+) -> None:
+    """Serving logs each prompt's embedding (the output layer's input at its last token) from a llama.cpp context
+    that returns embeddings: a prompt joining a running step gets the logits it gets without them, and its
+    embedding is the torch model's (an f16 file: no quantization between them)."""
+    f16 = load_generator(save_gguf(llama[0], "gguf-f16", tmp_path / "f16"))
+    source = Generator(llama[0])
+    prompts = ["write a positive tweet about coachella", "classify: the crew at the festival was great fun"]
+    first, second = (f16.encode(p) for p in prompts)
+    logged, plain = f16.running_batch(4, embeddings=True), f16.running_batch(4)
+    token = int(logged.admit([first])[0][0].argmax())
+    assert token == int(plain.admit([first])[0][0].argmax())
+    both, embedding = logged.step_and_admit([token], [second])
+    assert torch.equal(both, plain.step_and_admit([token], [second])[0])
+    assert embedding is not None and embedding.shape == (1, source.model.config.hidden_size)
+    theirs = source.prompt_embeddings([prompts[1]])
+    assert np.allclose(embedding, theirs, atol=2e-2 * float(np.abs(theirs).max()))
+    assert np.allclose(
+        f16.prompt_embeddings(prompts), source.prompt_embeddings(prompts), atol=2e-2 * float(np.abs(theirs).max())
+    )
