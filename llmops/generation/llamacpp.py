@@ -58,7 +58,8 @@ class Slots:
     """One llama.cpp context with a key/value cache for each of `slots` sequences: the running batch.
 
     Rows are the running sequences in the order they joined; `admit` adds rows, `step` feeds one token to every
-    row, `keep` lets the others leave (their caches are cleared for the next sequence).
+    row, `keep` lets the others leave (their caches stay for a later prompt that starts the same way: `_reuse`).
+    `saved_bytes`: host memory for caches a slot gives up (`PromptCache`; 0 saves none).
     """
 
     def __init__(
@@ -112,14 +113,14 @@ class Slots:
             code = self._llama_cpp.llama_decode(self.context.ctx, batch)
             if code != 0:
                 raise RuntimeError(f"llama_decode returned {code} (its cache is full or the batch is invalid)")
-            out = _floats(self.context.get_logits(), len(pending) * self.vocab).reshape(len(pending), self.vocab)
+            out = np.ctypeslib.as_array(self.context.get_logits(), shape=(len(pending), self.vocab))
             for index, entry in enumerate(pending):
                 if entry is None:
                     continue
                 logits[entry].append(out[index].copy())
                 if self.embeddings:
                     row = self._llama_cpp.llama_get_embeddings_ith(self.context.ctx, index)
-                    hidden[entry].append(_floats(row, self.width).copy())
+                    hidden[entry].append(np.ctypeslib.as_array(row, shape=(self.width,)).copy())
             batch.n_tokens = 0
             pending.clear()
 
@@ -222,8 +223,9 @@ class Slots:
             similar = common if common > SIMILAR * len(ids) else 0
             return ((seq - 1 in running) + (seq + 1 in running), similar, -index)
 
-        best = max(range(len(self._free)), key=rank)
-        common = rank(best)[1]
+        ranks = [rank(index) for index in range(len(self._free))]
+        best = max(range(len(ranks)), key=ranks.__getitem__)
+        common = ranks[best][1]
         seq = self._free.pop(best)
         cached = self._cached[seq]
         if len(cached) > common:  # what the slot holds beyond the shared start is saved, not lost
@@ -267,14 +269,6 @@ class Slots:
         self._batch.close()
         self.context.close()
         self._pool.close()
-
-
-def _floats(pointer: Any, count: int) -> np.ndarray:
-    """A view of `count` floats llama.cpp holds at `pointer` (numpy's `ctypeslib.as_array` costs 0.2 ms a call)."""
-    address = ctypes.cast(pointer, ctypes.c_void_p).value
-    if not address:
-        raise RuntimeError("llama.cpp returned no output where one was asked for")
-    return np.frombuffer(memoryview((ctypes.c_float * count).from_address(address)), dtype=np.float32)
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
