@@ -412,6 +412,8 @@ class ServeConfig(_Strict):
     """Generators: `max_tokens` when a request gives none."""
     max_prompt_tokens: int = Field(default=256, gt=0)
     """Generators: longer prompts get 413."""
+    max_n: int = Field(default=8, gt=0)
+    """Generators: choices per prompt (`n`) at most; beyond it requests get 422."""
 
     @model_validator(mode="after")
     def _one_challenger_mode(self) -> ServeConfig:

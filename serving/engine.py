@@ -33,7 +33,15 @@ import numpy as np
 import torch
 
 from llmops.generation.candidate import GenerationParams, Generator
-from llmops.generation.decode import argmax_rows, pick, take_rows
+from llmops.generation.decode import (
+    TokenLogprob,
+    argmax_rows,
+    log_softmax_rows,
+    pick,
+    prompt_token_logprobs,
+    take_rows,
+    token_logprob,
+)
 
 log = logging.getLogger(__name__)
 REPLACEMENT = "\ufffd"
@@ -55,6 +63,8 @@ class Event:
     text: str
     completion_tokens: int
     finish_reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """The tokens written since the last event, with their log-probabilities (when the request asked)."""
 
 
 @dataclass
@@ -85,6 +95,11 @@ class Sequence:
     """What the caller needs back when the sequence ends, opaque to the engine (serving: `service.Origin`)."""
     embedding: np.ndarray | None = None
     """The prompt's embedding (the output layer's input at its last token), when the engine logs embeddings."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Each token the model produced (the end token included), when `params.logprobs` asks."""
+    sent_logprobs: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """Each prompt token's, the first None, when `params.prompt_logprobs` asks: set before the first event."""
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -93,6 +108,11 @@ class Sequence:
 
     def send(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def unsent_logprobs(self) -> tuple[TokenLogprob, ...]:
+        new = tuple(self.logprobs[self.sent_logprobs :])
+        self.sent_logprobs = len(self.logprobs)
+        return new
 
 
 class GenerationEngine:
@@ -221,6 +241,7 @@ class GenerationEngine:
     def _forward(self, tokens: list[int], joining: list[Sequence]) -> None:
         """One pass of the runtime: the running rows' next tokens and the joining sequences' prompts together
         (llama.cpp runs them in one batch, as llama-server's slots do); the next logits of every row."""
+        joining = [s for s in joining if self._score_prompt(s)]
         try:
             self._logits, embeddings = self._batch.step_and_admit(tokens, [s.prompt_ids for s in joining])
         finally:
@@ -229,10 +250,28 @@ class GenerationEngine:
             for sequence, vector in zip(joining, embeddings, strict=True):
                 sequence.embedding = vector
 
+    def _score_prompt(self, sequence: Sequence) -> bool:
+        """The prompt tokens' log-probabilities where the sequence asks (teacher-forced, in a pass of their own);
+        False when that pass failed (the sequence has ended with the error)."""
+        top = sequence.params.prompt_logprobs
+        if top is None:
+            return True
+        try:
+            scored = self._batch.score(sequence.prompt_ids)
+            sequence.prompt_logprobs = prompt_token_logprobs(scored, sequence.prompt_ids, top)
+        except Exception as error:
+            log.exception("scoring a prompt failed")
+            self._finish(sequence, "error", error_text=f"{type(error).__name__}: {error}")
+            return False
+        return True
+
     def _choose(self) -> list[int]:
-        """Each running sequence's next token under its own sampling and the tokens barred at its length."""
+        """Each running sequence's next token under its own sampling and the tokens barred at its length (and its
+        log-probability under the model, where the sequence asks)."""
         assert self._logits is not None
         barred = self.generator.barred
+        asking = [row for row, sequence in enumerate(self._running) if sequence.params.logprobs is not None]
+        model_logprobs = log_softmax_rows(take_rows(self._logits, asking)) if asking else None  # before barring
         logits = barred.forbid_always(self._logits)
         tokens = argmax_rows(logits).tolist()
         for row, sequence in enumerate(self._running):
@@ -244,6 +283,10 @@ class GenerationEngine:
                 tokens[row], own = int(chosen[0]), int(first[0])
             if sequence.generated == 0:
                 sequence.chose_end_first = own == barred.eos_id
+        for index, row in enumerate(asking):
+            sequence = self._running[row]
+            assert model_logprobs is not None and sequence.params.logprobs is not None
+            sequence.logprobs.append(token_logprob(model_logprobs[index], tokens[row], sequence.params.logprobs))
         return tokens
 
     def _decode_step(self) -> list[int]:
@@ -287,7 +330,7 @@ class GenerationEngine:
         hold = max((len(s) - 1 for s in params.stop), default=0)
         ready = len(text.rstrip(REPLACEMENT)) - hold
         if ready > sequence.emitted:
-            sequence.send(Event(text[sequence.emitted : ready], sequence.generated))
+            sequence.send(Event(text[sequence.emitted : ready], sequence.generated, None, sequence.unsent_logprobs()))
             sequence.emitted = ready
         return False
 
@@ -300,7 +343,7 @@ class GenerationEngine:
         sequence.emitted = len(sequence.text)
         if self.on_finish is not None and reason != "error":
             self.on_finish(sequence)  # logged before the reader hears the end: feedback may follow at once
-        sequence.send(Event(tail, sequence.generated, reason))
+        sequence.send(Event(tail, sequence.generated, reason, sequence.unsent_logprobs()))
 
     def _leave(self, rows: list[int]) -> None:
         gone = set(rows)

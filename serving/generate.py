@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from llmops.generation.candidate import GenerationParams, Prompt
+from llmops.generation.decode import TokenLogprob
 from serving.engine import EngineClosed, EngineFull, Event, Sequence
 from serving.errors import ApiError
 from serving.models import Generating, LoadedModel
@@ -34,6 +35,12 @@ class GenerationRequest:
     Capped by the answer's budget, as `max_tokens` is. 1: never an empty answer unless the caller asks for 0."""
     field: str = "prompt"
     """The request field holding the prompt, for error messages."""
+    prompt_ids: tuple[int, ...] | None = None
+    """A prompt given as token ids (then `prompt` is unused): the model reads exactly these."""
+    logprobs: int | None = None
+    """Each written token's log-probability with this many alternatives (None: none)."""
+    prompt_logprobs: int | None = None
+    """The prompt tokens' too (`echo`)."""
 
 
 @dataclass(frozen=True)
@@ -42,16 +49,20 @@ class Answer:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class Stream:
     """One request's generation as it forms: `events()` for pieces of text, `answer()` for the whole."""
 
-    def __init__(self, sequence: Sequence, model: LoadedModel, request_id: str):
+    def __init__(self, sequence: Sequence, model: LoadedModel, request_id: str, prompt_text: str):
         self.sequence = sequence
         self.model = model
         self.request_id = request_id
         self.prompt_tokens = len(sequence.prompt_ids)
+        self.prompt_text = prompt_text
+        """The prompt as the model reads it (a chat rendered, token ids decoded): what `echo` shows."""
+        self.tokenizer = model.generation.runtime.tokenizer
 
     async def events(self) -> AsyncIterator[Event]:
         """Text as it forms; the last event carries the finish reason. A reader that stops early (the client went
@@ -73,12 +84,13 @@ class Stream:
             self.sequence.cancelled = True
 
     async def answer(self) -> Answer:
-        text, last = "", None
+        text, last, logprobs = "", None, list[TokenLogprob]()
         async for event in self.events():
             text += event.text
+            logprobs += event.logprobs
             last = event
         assert last is not None and last.finish_reason is not None
-        return Answer(text, last.finish_reason, self.prompt_tokens, last.completion_tokens)
+        return Answer(text, last.finish_reason, self.prompt_tokens, last.completion_tokens, tuple(logprobs))
 
 
 def _generator_model(service: Service, name: str) -> tuple[LoadedModel, Generating]:
@@ -123,7 +135,38 @@ def _params(
         stop=request.stop,
         seed=request.seed,
         min_new_tokens=min(request.min_tokens, budget),  # capped like max_tokens, never refused
+        logprobs=request.logprobs,
+        prompt_logprobs=request.prompt_logprobs,
     )
+
+
+def _prompt(request: GenerationRequest, generator: GeneratorRuntime) -> tuple[list[int], Prompt, str]:
+    """The prompt's token ids, the prompt as the prediction log keeps it, and as `echo` shows it."""
+    tokenizer = generator.tokenizer
+    if request.prompt_ids is None:
+        text = request.prompt if isinstance(request.prompt, str) else generator.render(request.prompt)
+        return generator.encode(request.prompt, truncate=False), request.prompt, text
+    vocabulary = len(tokenizer)
+    for position, token in enumerate(request.prompt_ids):
+        if token >= vocabulary:
+            raise ApiError(
+                422,
+                f"{request.field}[{position}]: token id {token} is not in the model's vocabulary of {vocabulary}",
+                type="invalid_field",
+                field=f"{request.field}[{position}]",
+            )
+    text = tokenizer.decode(list(request.prompt_ids))
+    return list(request.prompt_ids), text, text
+
+
+def _check_logprobs(request: GenerationRequest, generator: GeneratorRuntime, name: str) -> None:
+    if (request.logprobs is not None or request.prompt_logprobs is not None) and generator.meta.task != "causal-lm":
+        raise ApiError(
+            422,
+            f"logprobs: served for decoder models; '{name}' is a {generator.meta.task} model",
+            type="invalid_field",
+            field="logprobs",
+        )
 
 
 async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Event]]:
@@ -164,9 +207,10 @@ async def generate(service: Service, request: GenerationRequest, request_id: str
     loop = asyncio.get_running_loop()
     for _ in range(3):  # a version swapped out between reading it and submitting: take the new one
         model, generation = _generator_model(service, request.model)
-        prompt_ids = generation.runtime.encode(request.prompt, truncate=False)
+        _check_logprobs(request, generation.runtime, request.model)
+        prompt_ids, logged, echoed = _prompt(request, generation.runtime)
         params = _params(service, request, len(prompt_ids), generation.runtime)
-        origin = Origin(request_id, index, request.prompt, route, model)
+        origin = Origin(request_id, index, logged, route, model)
         try:
             sequence = generation.backend.submit(prompt_ids, params, loop, origin)
         except EngineFull as error:
@@ -174,5 +218,5 @@ async def generate(service: Service, request: GenerationRequest, request_id: str
             raise ApiError(503, f"server busy: {error}", type="overloaded", headers={"Retry-After": "1"}) from None
         except EngineClosed:
             continue
-        return Stream(sequence, model, request_id)
+        return Stream(sequence, model, request_id, echoed)
     raise ApiError(503, "the model is being replaced: try again", type="not_ready", headers={"Retry-After": "1"})

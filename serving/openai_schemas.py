@@ -2,17 +2,31 @@
 `/v1/models`), in the shape the official `openai` client reads.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do (clients send fields like
-`frequency_penalty`); fields llmops cannot honour (`n` above 1, `logprobs`, `echo`) are refused with a 422
+`frequency_penalty`); fields llmops cannot honour (`best_of` above `n`, `echo` on chat) are refused with a 422
 naming them.
+
+Log-probabilities are the model's own: the log-softmax of its logits before temperature, top-p or barred tokens,
+as vLLM returns them by default and as teacher-forced scoring computes them. Completions give OpenAI's legacy
+shape (`tokens`, `token_logprobs`, `top_logprobs`: the k most likely and the chosen token, `text_offset`); chat
+gives `content` entries (`token`, `logprob`, `bytes`, `top_logprobs`). Every token the model produced has an
+entry, the end token included.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
 from serving.schemas import MAX_STOP, STRICT, Integer, NotServed, PositiveInteger, Seed, StopString, Text
+
+MAX_LOGPROBS = 20
+"""Most likely alternatives per token at most (`logprobs` on completions, `top_logprobs` on chat): OpenAI's
+limit on chat, and vLLM's default `max_logprobs`."""
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+"""A prompt already tokenized (lm-evaluation-harness sends these): the model reads exactly these ids."""
+TopK = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 StopList = Annotated[
     list[StopString],  # the validator below says how many, with a clearer message than pydantic's
@@ -36,7 +50,12 @@ class _Sampling(BaseModel):
     )
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0: greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: Integer = Field(default=1, ge=1, le=1, description="Choices per prompt: only 1 is served.")
+    n: Integer = Field(
+        default=1,
+        ge=1,
+        description="Choices per prompt, at most `serve.max_n` (8 by default); choice i of a seeded request samples "
+        "with `seed + i`.",
+    )
     stop: StopString | StopList | None = Field(default=None, description=f"Up to {MAX_STOP} strings that end the text.")
     seed: Seed | None = Field(default=None, description="Makes sampling reproducible.")
     min_tokens: Integer = Field(
@@ -63,9 +82,23 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Text | list[Text] = Field(description="A prompt, or a list of prompts (one choice each).")
-    logprobs: None = Field(default=None, description="Not served: must be absent or null.")
-    echo: NotServed = Field(default=False, description="Not served: must be absent or false.")
+    prompt: Text | list[Text] | TokenIds | list[TokenIds] = Field(
+        description="A prompt, a list of prompts, a prompt's token ids or a list of those (`n` choices each). "
+        "Token ids are read as given, with no start token added."
+    )
+    logprobs: TopK | None = Field(
+        default=None,
+        description=f"Each written token's log-probability with this many most likely alternatives (0 to "
+        f"{MAX_LOGPROBS}); `top_logprobs` holds those and the chosen token.",
+    )
+    echo: bool = Field(
+        default=False,
+        description="The prompt before the answer in `text`; with `logprobs`, the prompt tokens' log-probabilities "
+        "first (the first token's null), as lm-evaluation-harness reads them.",
+    )
+    best_of: Integer | None = Field(
+        default=None, ge=1, description="Not served beyond `n`: absent, null or equal to `n`."
+    )
 
 
 class ChatMessage(BaseModel):
@@ -78,7 +111,19 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: PositiveInteger | None = Field(default=None, description="The newer name of `max_tokens`.")
-    logprobs: NotServed | None = Field(default=None, description="Not served: must be absent, null or false.")
+    logprobs: bool | None = Field(default=None, description="Each written token's log-probability.")
+    top_logprobs: TopK | None = Field(
+        default=None,
+        description=f"With `logprobs`: this many most likely alternatives per token (0 to {MAX_LOGPROBS}).",
+    )
+    echo: NotServed = Field(default=False, description="Completions only: absent or false here.")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
 
 
 class Usage(BaseModel):
@@ -87,10 +132,22 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one entry per token in each list."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    """None for the prompt's first token (`echo`): nothing predicts it."""
+    top_logprobs: list[dict[str, float] | None]
+    """The most likely tokens at the position and the chosen one."""
+    text_offset: list[int]
+    """Where each token's text starts in the choice's `text`."""
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -115,10 +172,26 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    """The token's text as UTF-8."""
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -136,7 +209,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -44,6 +44,10 @@ class GeneratorRuntime(Protocol):
         """The prompt's token ids as the model reads them."""
         ...
 
+    def render(self, prompt: Prompt) -> str:
+        """The text the model sees before its answer (a chat rendered with the model's template)."""
+        ...
+
 
 class GenerationBackend(Protocol):
     """Schedules one generator version's sequences: their events arrive on `sequence.events` in `loop`."""

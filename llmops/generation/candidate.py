@@ -40,6 +40,10 @@ class GenerationParams:
     min_new_tokens: int = 1
     """Tokens written before the end token may end the answer: 1 by default, so an answer is never empty unless
     the caller asks for 0. Benchmarks force a fixed length with it."""
+    logprobs: int | None = None
+    """Serving: each written token's log-probability, with this many most likely alternatives (None: none)."""
+    prompt_logprobs: int | None = None
+    """Serving: each prompt token's log-probability too, with this many alternatives (None: none)."""
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,40 @@ def _numpy_ready(logits: torch.Tensor) -> bool:
     return logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (its raw logits' log-softmax: no temperature, no barred tokens),
+    and the `top` most likely tokens at that position with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax_rows(logits: torch.Tensor) -> np.ndarray:
+    """(rows, vocab) float32 log-probabilities, through numpy for the reason `argmax_rows` gives."""
+    values = logits.numpy() if _numpy_ready(logits) else logits.float().cpu().numpy()
+    shifted = values - values.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def token_logprob(logprobs: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """`token`'s entry at one position of `log_softmax_rows` (vocab,), with the `top` most likely tokens."""
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        head = np.argpartition(-logprobs, top - 1)[:top] if top < len(logprobs) else np.arange(len(logprobs))
+        head = head[np.argsort(-logprobs[head], kind="stable")]
+        best = tuple((int(i), float(logprobs[i])) for i in head)
+    return TokenLogprob(int(token), float(logprobs[token]), best)
+
+
+def prompt_token_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob | None]:
+    """Each prompt token's entry given the tokens before it, from the logits at every position (len(ids), vocab):
+    None for the first token, which nothing predicts."""
+    logprobs = log_softmax_rows(logits[: len(ids) - 1])
+    return [None, *(token_logprob(row, token, top) for row, token in zip(logprobs, ids[1:], strict=True))]
+
+
 def choose(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -244,6 +278,11 @@ class RunningBatch(Protocol):
         """Whether the row has no room for another token."""
         ...
 
+    def score(self, ids: list[int]) -> torch.Tensor:
+        """Logits at every position of one sequence (len(ids), vocab), teacher-forced, leaving the rows alone
+        (prompt logprobs)."""
+        ...
+
     def keep(self, rows: list[int]) -> None:
         """Only `rows` stay, in that order."""
         ...
@@ -296,6 +335,11 @@ class Running:
 
     def full(self, row: int) -> bool:
         return False  # the model's own context is checked before a sequence is admitted
+
+    @torch.inference_mode()
+    def score(self, ids: list[int]) -> torch.Tensor:
+        """Logits at every position of one sequence (len(ids), vocab), in a pass of its own."""
+        return self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float().cpu()
 
     def keep(self, rows: list[int]) -> None:
         """Only `rows` stay, in that order."""

@@ -256,13 +256,21 @@ class Slots:
             self._free.append(seq)
 
     def score(self, ids: list[int]) -> torch.Tensor:
-        """Logits at every position of one sequence (len(ids), vocab), in a free slot cleared afterwards."""
+        """Logits at every position of one sequence (len(ids), vocab), computed whole in the least recently used
+        free slot (what it held is saved first, as `_reuse` saves it). The slot keeps `ids` afterwards: a prompt
+        scored before it is answered (prompt logprobs) then finds its cache."""
         seq = self._free.pop(0)
+        if self._cached[seq]:
+            self.saved.put(self._cached[seq], lambda: self._state(seq))
         self._llama_cpp.llama_memory_seq_rm(self.context.memory, seq, -1, -1)
+        self._cached[seq] = []
         try:
             (logits,), _ = self._feed([_Entry(seq, ids, 0, "all")])
-        finally:
+        except Exception:
             self._clear([seq])
+            raise
+        self._cached[seq] = list(ids)
+        self._free.append(seq)
         return torch.from_numpy(logits)
 
     def close(self) -> None:

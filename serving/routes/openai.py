@@ -8,6 +8,7 @@ the client maps to its exceptions.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -18,9 +19,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from llmops.generation.decode import TokenLogprob
 from serving.deps import Authorized, JsonBody, ServiceDep
+from serving.engine import Event
 from serving.errors import ApiError
 from serving.generate import GenerationRequest, Stream, generate, merged
+from serving.logprobs import CompletionLogprobsBuilder, chat_logprobs
 from serving.openai_schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -28,9 +32,11 @@ from serving.openai_schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     ChatMessageOut,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
@@ -46,7 +52,7 @@ STREAMED: dict[int | str, dict[str, Any]] = {
 ROUTE = "openai"
 
 
-def event(payload: BaseModel | str) -> str:
+def event_of(payload: BaseModel | str) -> str:
     """One server-sent event."""
     data = payload if isinstance(payload, str) else payload.model_dump_json()
     return f"data: {data}\n\n"
@@ -58,25 +64,63 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     )
 
 
+@dataclass(frozen=True)
+class PromptIn:
+    """One prompt of a request: text or a chat (`prompt`), or token ids, and the field that holds it."""
+
+    prompt: Any
+    field: str
+    ids: tuple[int, ...] | None = None
+
+
+def _choices(service: Service, body: CompletionRequest | ChatCompletionRequest) -> int:
+    """`n`, checked against the service's limit; `best_of` is served only as `n`."""
+    if body.n > service.cfg.max_n:
+        raise ApiError(
+            422, f"n: {body.n} choices; at most {service.cfg.max_n} (serve.max_n)", type="invalid_field", field="n"
+        )
+    best_of = getattr(body, "best_of", None)
+    if best_of is not None and best_of != body.n:
+        raise ApiError(
+            422,
+            f"best_of: not served beyond n (got best_of {best_of}, n {body.n}): ask for n choices and rank them",
+            type="invalid_field",
+            field="best_of",
+        )
+    return body.n
+
+
 async def _start(
-    service: Service, body: Any, prompts: list[Any], fields: list[str], max_tokens: int | None, request_id: str
+    service: Service,
+    body: CompletionRequest | ChatCompletionRequest,
+    prompts: list[PromptIn],
+    max_tokens: int | None,
+    request_id: str,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
 ) -> list[Stream]:
-    """One stream per prompt; if any is refused, the ones already started are stopped."""
+    """`n` streams per prompt, in choice order (prompt by prompt, OpenAI's order); choice i of a seeded request
+    samples with `seed + i`. If any is refused, the ones already started are stopped."""
+    n = _choices(service, body)
     streams: list[Stream] = []
     try:
-        for index, (prompt, field) in enumerate(zip(prompts, fields, strict=True)):
-            request = GenerationRequest(
-                model=body.model,
-                prompt=prompt,
-                max_tokens=max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                stop=body.stops(),
-                seed=body.seed,
-                min_tokens=body.min_tokens,
-                field=field,
-            )
-            streams.append(await generate(service, request, request_id, ROUTE, index))
+        for prompt in prompts:
+            for choice in range(n):
+                request = GenerationRequest(
+                    model=body.model,
+                    prompt=prompt.prompt,
+                    prompt_ids=prompt.ids,
+                    max_tokens=max_tokens,
+                    temperature=body.temperature,
+                    top_p=body.top_p,
+                    stop=body.stops(),
+                    seed=None if body.seed is None else body.seed + choice,
+                    min_tokens=body.min_tokens,
+                    field=prompt.field,
+                    logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs,
+                )
+                streams.append(await generate(service, request, request_id, ROUTE, len(streams)))
     except BaseException:
         for stream in streams:
             stream.cancel()
@@ -86,7 +130,7 @@ async def _start(
 
 def error_event(error: ApiError) -> str:
     """A failure after the stream began (its status is already sent): one event in the error shape."""
-    return event(json.dumps({"error": error.message, "type": error.type}))
+    return event_of(json.dumps({"error": error.message, "type": error.type}))
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["openai"], dependencies=Authorized, responses=ERRORS)
@@ -126,6 +170,64 @@ def _wants_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
+def _completion_prompts(body: CompletionRequest, service: Service) -> list[PromptIn]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [PromptIn(prompt, "prompt")]
+    if not prompt:
+        raise ApiError(422, "prompt: give at least one prompt", type="invalid_field", field="prompt")
+    if isinstance(prompt[0], int):
+        return [PromptIn("", "prompt", tuple(prompt))]  # type: ignore[arg-type]
+    if len(prompt) > service.cfg.max_texts:
+        raise ApiError(
+            422,
+            f"prompt: {len(prompt)} prompts; at most {service.cfg.max_texts} (serve.max_texts)",
+            type="too_many_texts",
+            field="prompt",
+        )
+    if isinstance(prompt[0], str):
+        return [PromptIn(text, f"prompt[{i}]") for i, text in enumerate(prompt)]
+    return [PromptIn("", f"prompt[{i}]", tuple(ids)) for i, ids in enumerate(prompt)]  # type: ignore[arg-type]
+
+
+class _CompletionChoices:
+    """What each choice of a completion has written so far, and each piece as the response shows it: with
+    `echo`, the prompt (and its tokens' logprobs) comes before the choice's first piece."""
+
+    def __init__(self, body: CompletionRequest, streams: list[Stream]):
+        self.body, self.streams = body, streams
+        self.builders = [CompletionLogprobsBuilder(s.tokenizer) for s in streams]
+        self.started = [False] * len(streams)
+        self.tokens = [0] * len(streams)
+
+    def piece(self, index: int, event: Event) -> CompletionChoice:
+        stream, text = self.streams[index], event.text
+        self.tokens[index] = event.completion_tokens
+        parts = []
+        if not self.started[index]:
+            self.started[index] = True
+            if self.body.echo:
+                text = stream.prompt_text + text
+                if self.body.logprobs is not None:
+                    sequence = stream.sequence
+                    assert sequence.prompt_logprobs is not None
+                    parts.append(self.builders[index].piece(sequence.prompt_ids, sequence.prompt_logprobs))
+        if self.body.logprobs is not None:
+            parts.append(self.builders[index].written(event.logprobs))
+        logprobs = joined(parts) if parts else None
+        return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)
+
+
+def joined(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for part in parts:
+        out.tokens += part.tokens
+        out.token_logprobs += part.token_logprobs
+        out.top_logprobs += part.top_logprobs
+        out.text_offset += part.text_offset
+    return out
+
+
 @router.post(
     "/v1/completions",
     response_model=Completion,
@@ -134,47 +236,41 @@ def _wants_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
     responses=ERRORS | {200: STREAMED[200] | feedback_link("$response.header.X-Request-ID")[200]},
 )
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Any:
-    """Text completion of a prompt (or of each prompt of a list), whole or streamed."""
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
-        raise ApiError(422, "prompt: give at least one prompt", type="invalid_field", field="prompt")
-    if len(prompts) > service.cfg.max_texts:
-        raise ApiError(
-            422,
-            f"prompt: {len(prompts)} prompts; at most {service.cfg.max_texts} (serve.max_texts)",
-            type="too_many_texts",
-            field="prompt",
-        )
-    fields = ["prompt"] if isinstance(body.prompt, str) else [f"prompt[{i}]" for i in range(len(prompts))]
+    """Text completion of a prompt (or of each prompt of a list), whole or streamed; `n` choices each, in
+    prompt order. With `echo` and `logprobs`, the prompt tokens' log-probabilities (lm-evaluation-harness's
+    loglikelihood tasks)."""
+    prompts = _completion_prompts(body, service)
     request_id = request_id_of(request)
-    streams = await _start(service, body, prompts, fields, body.max_tokens, request_id)
+    prompt_logprobs = body.logprobs if body.echo else None
+    streams = await _start(service, body, prompts, body.max_tokens, request_id, body.logprobs, prompt_logprobs)
     header = Header.of("cmpl", request_id, body.model, streams[0])
-    prompt_tokens = sum(s.prompt_tokens for s in streams)
+    prompt_tokens = sum(s.prompt_tokens for s in streams[:: body.n])
+    shown = _CompletionChoices(body, streams)
     if not body.stream:
-        texts, tokens = [""] * len(streams), [0] * len(streams)
-        reasons: list[str | None] = [None] * len(streams)
-        async for index, piece in merged(streams):
-            texts[index] += piece.text
-            reasons[index], tokens[index] = piece.finish_reason, piece.completion_tokens
+        pieces: list[list[CompletionChoice]] = [[] for _ in streams]
+        async for index, event in merged(streams):
+            pieces[index].append(shown.piece(index, event))
         choices = [
-            CompletionChoice(index=i, text=text, finish_reason=reason)
-            for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+            CompletionChoice(
+                index=index,
+                text="".join(p.text for p in parts),
+                logprobs=joined([p.logprobs for p in parts if p.logprobs]) if body.logprobs is not None else None,
+                finish_reason=parts[-1].finish_reason,
+            )
+            for index, parts in enumerate(pieces)
         ]
-        return Completion(**header.fields(), choices=choices, usage=_usage(prompt_tokens, sum(tokens)))
+        return Completion(**header.fields(), choices=choices, usage=_usage(prompt_tokens, sum(shown.tokens)))
 
     async def chunks() -> AsyncIterator[str]:
-        tokens = [0] * len(streams)
         try:
-            async for index, piece in merged(streams):
-                tokens[index] = piece.completion_tokens
-                choice = CompletionChoice(index=index, text=piece.text, finish_reason=piece.finish_reason)
-                yield event(Completion(**header.fields(), choices=[choice]))
+            async for index, event in merged(streams):
+                yield event_of(Completion(**header.fields(), choices=[shown.piece(index, event)]))
         except ApiError as error:
             yield error_event(error)
             return
         if _wants_usage(body):
-            yield event(Completion(**header.fields(), choices=[], usage=_usage(prompt_tokens, sum(tokens))))
-        yield event("[DONE]")
+            yield event_of(Completion(**header.fields(), choices=[], usage=_usage(prompt_tokens, sum(shown.tokens))))
+        yield event_of("[DONE]")
 
     return StreamingResponse(chunks(), media_type="text/event-stream")
 
@@ -188,38 +284,53 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Any:
     """The assistant's next message in a conversation, rendered with the model's chat template; whole or
-    streamed."""
+    streamed, `n` choices."""
     chat = [message.model_dump() for message in body.messages]
     request_id = request_id_of(request)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    (stream,) = await _start(service, body, [chat], ["messages"], max_tokens, request_id)
-    header = Header.of("chatcmpl", request_id, body.model, stream)
-    if not body.stream:
-        answer = await stream.answer()
-        choice = ChatChoice(index=0, message=ChatMessageOut(content=answer.text), finish_reason=answer.finish_reason)
-        usage = _usage(answer.prompt_tokens, answer.completion_tokens)
-        return ChatCompletion(**header.fields(), choices=[choice], usage=usage)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    streams = await _start(service, body, [PromptIn(chat, "messages")], max_tokens, request_id, logprobs)
+    header = Header.of("chatcmpl", request_id, body.model, streams[0])
+    prompt_tokens = streams[0].prompt_tokens
 
-    def chunk(delta: ChatDelta, finish_reason: str | None = None) -> str:
-        choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
-        return event(ChatCompletionChunk(**header.fields(), choices=[choice]))
+    def logprobs_of(stream: Stream, entries: tuple[TokenLogprob, ...]) -> ChatLogprobs | None:
+        return chat_logprobs(stream.tokenizer, entries) if logprobs is not None else None
+
+    if not body.stream:
+        answers = await asyncio.gather(*(stream.answer() for stream in streams))
+        choices = [
+            ChatChoice(
+                index=index,
+                message=ChatMessageOut(content=answer.text),
+                logprobs=logprobs_of(streams[index], answer.logprobs),
+                finish_reason=answer.finish_reason,
+            )
+            for index, answer in enumerate(answers)
+        ]
+        usage = _usage(prompt_tokens * len(streams), sum(a.completion_tokens for a in answers))
+        return ChatCompletion(**header.fields(), choices=choices, usage=usage)
+
+    def chunk(index: int, delta: ChatDelta, finish_reason: str | None = None, lp: ChatLogprobs | None = None) -> str:
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=lp, finish_reason=finish_reason)
+        return event_of(ChatCompletionChunk(**header.fields(), choices=[choice]))
 
     async def chunks() -> AsyncIterator[str]:
-        yield chunk(ChatDelta(role="assistant", content=""))
-        completion_tokens = 0
+        for index in range(len(streams)):
+            yield chunk(index, ChatDelta(role="assistant", content=""))
+        tokens = [0] * len(streams)
         try:
-            async for piece in stream.events():
-                completion_tokens = piece.completion_tokens
-                if piece.text:
-                    yield chunk(ChatDelta(content=piece.text))
+            async for index, piece in merged(streams):
+                tokens[index] = piece.completion_tokens
+                if piece.text or piece.logprobs:
+                    yield chunk(index, ChatDelta(content=piece.text), lp=logprobs_of(streams[index], piece.logprobs))
                 if piece.finish_reason is not None:
-                    yield chunk(ChatDelta(), piece.finish_reason)
+                    yield chunk(index, ChatDelta(), piece.finish_reason)
         except ApiError as error:
             yield error_event(error)
             return
         if _wants_usage(body):
-            usage = _usage(stream.prompt_tokens, completion_tokens)
-            yield event(ChatCompletionChunk(**header.fields(), choices=[], usage=usage))
-        yield event("[DONE]")
+            usage = _usage(prompt_tokens * len(streams), sum(tokens))
+            yield event_of(ChatCompletionChunk(**header.fields(), choices=[], usage=usage))
+        yield event_of("[DONE]")
 
     return StreamingResponse(chunks(), media_type="text/event-stream")

@@ -1,0 +1,198 @@
+"""What LLM tools expect of an OpenAI-compatible server, against the served tiny Llama (ASGI transport, real
+lifespan, real MLflow registry): log-probabilities of written and echoed prompt tokens equal to the model's own
+teacher-forced scoring, streamed as whole, `n` choices, token-id prompts, and the tokenizer routes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
+from llmops.generation.candidate import GenerationParams, Generator
+from tests.http_service import in_process, openai_client
+from tests.tiny_registry import register_generators, set_alias
+
+GENERATOR = "tiny-llama"
+PROMPT = "write a tweet about the flight"
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("openai-surface")
+
+
+@pytest.fixture(scope="module")
+def store(root: Path) -> str:
+    uri = register_generators(root, GENERATOR, seeds=[5])
+    set_alias(uri, GENERATOR, "champion", "1")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def generator(root: Path, store: str) -> Generator:
+    """The registered version's folder loaded in this process: what the service serves."""
+    return Generator(root / "generator-5")
+
+
+@asynccontextmanager
+async def serving(store: str, tmp_path: Path, **serve: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    settings = {
+        "models": [GENERATOR],
+        "poll_interval_s": 0.1,
+        "model_cache": str(tmp_path / "served"),
+        "prediction_log": str(tmp_path / "predictions.db"),
+    } | serve
+    cfg = LlmopsConfig(registry=RegistryConfig(model_name=GENERATOR), serve=ServeConfig(**settings))
+    async with in_process(cfg, store) as served:
+        yield served
+
+
+def teacher_forced(generator: Generator, ids: list[int]) -> np.ndarray:
+    """log-softmax of the model's logits at every position of `ids`, in-process: what scoring computes."""
+    with torch.inference_mode():
+        logits = generator.model(input_ids=torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1).numpy()
+
+
+def greedy_ids(generator: Generator, prompt_ids: list[int], tokens: int) -> list[int]:
+    params = GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens)
+    (written,) = generator.generate_ids([prompt_ids], params).ids
+    return written
+
+
+async def test_echoed_and_written_logprobs_are_the_models_own(store: str, generator: Generator, tmp_path: Path) -> None:
+    async with serving(store, tmp_path) as (client, _):
+        prompt_ids = generator.encode(PROMPT, truncate=False)
+        body = {"model": GENERATOR, "prompt": PROMPT, "max_tokens": 5, "min_tokens": 5, "temperature": 0}
+        answer = (await client.post("/v1/completions", json=body | {"logprobs": 3, "echo": True})).json()
+        plain = (await client.post("/v1/completions", json=body)).json()
+    (choice,) = answer["choices"]
+    written = greedy_ids(generator, prompt_ids, 5)
+    ids = prompt_ids + written
+    expected = teacher_forced(generator, ids)
+    logprobs = choice["logprobs"]
+    assert choice["text"] == PROMPT + plain["choices"][0]["text"]  # echo: the prompt, then the same answer
+    assert len(logprobs["tokens"]) == len(ids) == len(logprobs["token_logprobs"]) == len(logprobs["text_offset"])
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    for position in range(1, len(ids)):  # position t's token given the tokens before it
+        value, top = logprobs["token_logprobs"][position], logprobs["top_logprobs"][position]
+        assert math.isclose(value, expected[position - 1, ids[position]], abs_tol=1e-4), position
+        best = np.sort(expected[position - 1])[::-1][:3]
+        assert len(top) in {3, 4}  # the 3 most likely and the chosen one, if it is not among them
+        assert sorted(top.values(), reverse=True)[:3] == pytest.approx(best, abs=1e-4)
+    for position in range(len(prompt_ids), len(ids)):  # greedy: each written token is the most likely one
+        assert logprobs["token_logprobs"][position] == max(logprobs["top_logprobs"][position].values())
+    assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    assert answer["usage"]["completion_tokens"] == 5 and answer["usage"]["prompt_tokens"] == len(prompt_ids)
+
+
+async def test_streamed_logprobs_are_the_whole_answers(store: str, tmp_path: Path) -> None:
+    body = {"model": GENERATOR, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 2, "echo": True}
+    async with serving(store, tmp_path) as (client, _):
+        whole = (await client.post("/v1/completions", json=body)).json()["choices"][0]
+        async with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as response:
+            chunks = [json.loads(line[6:]) async for line in response.aiter_lines() if line.startswith("data: {")]
+    pieces = [chunk["choices"][0] for chunk in chunks]
+    assert "".join(p["text"] for p in pieces) == whole["text"]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for p in pieces if p["logprobs"] for v in p["logprobs"][key]] == whole["logprobs"][key]
+
+
+async def test_chat_logprobs_through_the_openai_client(store: str, tmp_path: Path) -> None:
+    async with serving(store, tmp_path) as (_, app):
+        client = openai_client(app)
+        chat = await client.chat.completions.create(
+            model=GENERATOR,
+            messages=[{"role": "user", "content": "hello there"}],
+            max_tokens=4,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=3,
+        )
+        streamed = await client.chat.completions.create(
+            model=GENERATOR,
+            messages=[{"role": "user", "content": "hello there"}],
+            max_tokens=4,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=3,
+            stream=True,
+        )
+        streamed_entries = [
+            e async for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+        ]
+    (choice,) = chat.choices
+    entries = choice.logprobs.content
+    assert len(entries) == chat.usage.completion_tokens
+    for entry in entries:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob  # greedy
+        assert bytes(entry.bytes).decode() == entry.token
+    assert [(e.token, e.logprob) for e in streamed_entries] == [(e.token, e.logprob) for e in entries]
+
+
+async def test_n_choices_each_with_its_index_and_seed(store: str, tmp_path: Path) -> None:
+    sampled = {"model": GENERATOR, "max_tokens": 6, "temperature": 1.0, "seed": 11, "n": 3}
+    async with serving(store, tmp_path) as (client, app):
+        first = (await client.post("/v1/completions", json=sampled | {"prompt": PROMPT})).json()
+        again = (await client.post("/v1/completions", json=sampled | {"prompt": PROMPT})).json()
+        alone = (await client.post("/v1/completions", json=sampled | {"prompt": PROMPT, "n": 1, "seed": 12})).json()
+        greedy = {"model": GENERATOR, "max_tokens": 6, "temperature": 0, "n": 2}
+        two_prompts = (await client.post("/v1/completions", json=greedy | {"prompt": [PROMPT, "good morning"]})).json()
+        single = (await client.post("/v1/completions", json=greedy | {"prompt": "good morning", "n": 1})).json()
+        chat = await openai_client(app).chat.completions.create(
+            model=GENERATOR, messages=[{"role": "user", "content": "hi"}], max_tokens=4, n=2, seed=3
+        )
+    texts = [c["text"] for c in first["choices"]]
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2] and len(set(texts)) == 3
+    assert [c["text"] for c in again["choices"]] == texts  # seeded: the same choices again
+    assert alone["choices"][0]["text"] == texts[1]  # choice i samples with seed + i
+    assert [c["index"] for c in two_prompts["choices"]] == [0, 1, 2, 3]  # prompt by prompt, n each
+    assert two_prompts["choices"][2]["text"] == two_prompts["choices"][3]["text"] == single["choices"][0]["text"]
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens <= 8
+
+
+async def test_a_token_id_prompt_is_read_as_given(store: str, generator: Generator, tmp_path: Path) -> None:
+    ids = generator.encode(PROMPT, truncate=False)
+    async with serving(store, tmp_path) as (client, _):
+        body = {"model": GENERATOR, "max_tokens": 6, "temperature": 0}
+        by_text = (await client.post("/v1/completions", json=body | {"prompt": PROMPT})).json()
+        by_ids = (await client.post("/v1/completions", json=body | {"prompt": ids})).json()
+        batch = (await client.post("/v1/completions", json=body | {"prompt": [ids, ids[:3]]})).json()
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
+    assert by_ids["usage"]["prompt_tokens"] == len(ids)
+    assert batch["choices"][0]["text"] == by_text["choices"][0]["text"] and len(batch["choices"]) == 2
+
+
+BAD_CHAT = {
+    "echo": ({"echo": True}, "echo"),
+    "top-without-logprobs": ({"top_logprobs": 2}, "top_logprobs"),
+    "too-many-top": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    "too-many-choices": ({"n": 9}, "n"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHAT)
+async def test_bad_chat_combinations_are_422_naming_the_field(case: str, store: str, tmp_path: Path) -> None:
+    extra, field = BAD_CHAT[case]
+    body = {"model": GENERATOR, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2} | extra
+    async with serving(store, tmp_path) as (client, _):
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 422 and response.json()["field"] == field, response.text
