@@ -26,7 +26,7 @@ from llmops.registry import resolve_tracking_uri
 from serving import contract
 from serving.auth import load_api_keys
 from serving.errors import install_handlers
-from serving.routes import mlflow, oip, openai, ours
+from serving.routes import mlflow, oip, openai, ours, tokenize
 from serving.schemas import ErrorResponse
 from serving.service import Service
 
@@ -111,7 +111,7 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
     ).instrument(
         app, metric_namespace="", latency_lowr_buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
     ).expose(app, tags=["health"], response_class=PlainTextResponse)
-    for protocol in (ours, mlflow, oip, openai):
+    for protocol in (ours, mlflow, oip, openai, tokenize):
         app.include_router(protocol.router)
     app.add_middleware(RequestContext, max_body_bytes=cfg.serve.max_body_bytes)
     contract.install(app, service, keys_required=bool(api_keys))

@@ -3,10 +3,10 @@ the server accepts; a request it rules out, the server refuses with a 4xx.
 
 FastAPI derives the document from the request models. This module adds what only the running service knows:
 
-- the limits of `serve.*`: texts per request (`max_texts`), characters per text when over-length texts are
-  refused (`max_text_chars` with `over_length: reject`);
+- the limits of `serve.*`: texts per request (`max_texts`, prompts too), characters per text when over-length
+  texts are refused (`max_text_chars` with `over_length: reject`), choices per prompt (`max_n`);
 - which served model each route answers for, as loaded now: `infer` the classifier, `generate` and OpenAI's
-  routes the generators, and the labels feedback may give;
+  routes the generators, and the labels feedback may give; token ids below the model's vocabulary size;
 - API-key security, declared only when keys are configured (without keys, nothing asks for one);
 - the body of the Open Inference Protocol's `infer`, which its route reads itself (it also takes the binary
   tensor extension, which JSON Schema cannot describe).
@@ -42,17 +42,20 @@ class Served:
     labels: tuple[str, ...]
     generators: tuple[str, ...]
     """The loaded generators."""
+    vocabularies: tuple[int, ...]
+    """Each loaded generator's vocabulary size: token ids run below it."""
 
     @classmethod
     def now(cls, service: Service) -> Served:
         champion = service.champion.current
         classifier = champion if champion is not None and not champion.generates else None
-        generators = [n for n, w in service.models.items() if w.current is not None and w.current.generates]
+        loaded = [w.current for w in service.models.values() if w.current is not None and w.current.generates]
         return cls(
             models=tuple(service.models),
             classifier=classifier.name if classifier else None,
             labels=tuple(classifier.labels) if classifier else (),
-            generators=tuple(generators),
+            generators=tuple(model.name for model in loaded),
+            vocabularies=tuple(len(model.generation.runtime.tokenizer) for model in loaded),
         )
 
 
@@ -84,11 +87,14 @@ def document(generated: Schema, cfg: ServeConfig, served: Served, keys_required:
     if served.labels:
         _nullable(schemas["FeedbackRequest"]["properties"], "label", {"type": "string", "enum": list(served.labels)})
     for option in schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]:  # a prompt, or a list of them
-        if option.get("type") == "array":
+        if option.get("type") == "array" and option["items"].get("type") != "integer":  # not one prompt's ids
             option |= {"minItems": 1, "maxItems": cfg.max_texts}
+    for request in ("CompletionRequest", "ChatCompletionRequest"):
+        schemas[request]["properties"]["n"]["maximum"] = cfg.max_n
     if served.generators:
         for request in ("CompletionRequest", "ChatCompletionRequest"):
             schemas[request]["properties"]["model"]["enum"] = list(served.generators)
+        token_ids(schemas, served)
 
     names = {
         "/v2/models/{name}": list(served.models),
@@ -109,6 +115,46 @@ def document(generated: Schema, cfg: ServeConfig, served: Served, keys_required:
             for operation in item.values():
                 operation.pop("security", None)
     return doc
+
+
+TOKEN_IDS = {"CompletionRequest": "prompt", "DetokenizeRequest": "tokens"}
+"""The requests that take token ids, and the field holding them."""
+TOKENIZER_ROUTES = ("TokenizeText", "TokenizeChat", "DetokenizeRequest")
+"""Requests whose `model` may be left out while one generator is served."""
+
+
+def _bounded(schema: Any, below: int) -> Any:
+    """A copy of `schema` with every token id (an integer with minimum 0) under `below`."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer" and schema.get("minimum") == 0:
+            return schema | {"maximum": below - 1}
+        return {key: _bounded(value, below) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [_bounded(value, below) for value in schema]
+    return schema
+
+
+def token_ids(schemas: Schema, served: Served) -> None:
+    """Token ids run below the vocabulary of the model asked: one bound when every served generator has the same
+    vocabulary size, else one per model. The tokenizer routes name the model when several are served."""
+    for request in TOKENIZER_ROUTES:
+        model = schemas[request]["properties"]["model"]
+        model["anyOf"][0]["enum"] = list(served.generators)
+        if len(served.generators) > 1:
+            schemas[request]["properties"]["model"] = model["anyOf"][0]
+            schemas[request].setdefault("required", []).append("model")
+    for request, field in TOKEN_IDS.items():
+        properties = schemas[request]["properties"]
+        if len(set(served.vocabularies)) == 1:
+            properties[field] = _bounded(properties[field], served.vocabularies[0])
+            continue
+        schemas[request]["allOf"] = [
+            {
+                "if": {"required": ["model"], "properties": {"model": {"const": name}}},
+                "then": {"properties": {field: _bounded(properties[field], size)}},
+            }
+            for name, size in zip(served.generators, served.vocabularies, strict=True)
+        ]
 
 
 def text_schema(cfg: ServeConfig) -> Schema:

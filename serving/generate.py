@@ -93,7 +93,16 @@ class Stream:
         return Answer(text, last.finish_reason, self.prompt_tokens, last.completion_tokens, tuple(logprobs))
 
 
-def _generator_model(service: Service, name: str) -> tuple[LoadedModel, Generating]:
+def only_generator(service: Service) -> str:
+    """The name of the one generator served, for routes whose `model` may be left out (vLLM serves one model)."""
+    generators = [name for name, watcher in service.models.items() if watcher.current and watcher.current.generates]
+    if len(generators) != 1:
+        served = ", ".join(generators) or "none loaded"
+        raise ApiError(422, f"model: name the generator (serving {served})", type="invalid_field", field="model")
+    return generators[0]
+
+
+def generator_model(service: Service, name: str) -> tuple[LoadedModel, Generating]:
     watcher = service.models.get(name)
     if watcher is None:
         served = ", ".join(service.models)
@@ -206,7 +215,7 @@ async def generate(service: Service, request: GenerationRequest, request_id: str
     `index`: the prompt's position in its request (the prediction log keys answers by request id and index)."""
     loop = asyncio.get_running_loop()
     for _ in range(3):  # a version swapped out between reading it and submitting: take the new one
-        model, generation = _generator_model(service, request.model)
+        model, generation = generator_model(service, request.model)
         _check_logprobs(request, generation.runtime, request.model)
         prompt_ids, logged, echoed = _prompt(request, generation.runtime)
         params = _params(service, request, len(prompt_ids), generation.runtime)

@@ -16,17 +16,27 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
-from serving.schemas import MAX_STOP, STRICT, Integer, NotServed, PositiveInteger, Seed, StopString, Text
+from serving.schemas import (
+    MAX_STOP,
+    STRICT,
+    Integer,
+    NotServed,
+    PositiveInteger,
+    Seed,
+    StopString,
+    Text,
+    whole_number,
+)
 
 MAX_LOGPROBS = 20
 """Most likely alternatives per token at most (`logprobs` on completions, `top_logprobs` on chat): OpenAI's
 limit on chat, and vLLM's default `max_logprobs`."""
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0), BeforeValidator(whole_number)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 """A prompt already tokenized (lm-evaluation-harness sends these): the model reads exactly these ids."""
-TopK = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+TopK = Annotated[int, Field(ge=0, le=MAX_LOGPROBS), BeforeValidator(whole_number)]
 
 StopList = Annotated[
     list[StopString],  # the validator below says how many, with a clearer message than pydantic's
@@ -96,8 +106,10 @@ class CompletionRequest(_Sampling):
         description="The prompt before the answer in `text`; with `logprobs`, the prompt tokens' log-probabilities "
         "first (the first token's null), as lm-evaluation-harness reads them.",
     )
-    best_of: Integer | None = Field(
-        default=None, ge=1, description="Not served beyond `n`: absent, null or equal to `n`."
+    best_of: Literal[1] | None = Field(
+        default=None,
+        description="Not served (vLLM has dropped it too): absent, null or 1. Ask for `n` choices and rank them "
+        "by their `logprobs`.",
     )
 
 
@@ -109,6 +121,13 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = _Sampling.model_config | ConfigDict(
+        json_schema_extra={  # the validator below, in the document
+            "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+            "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: PositiveInteger | None = Field(default=None, description="The newer name of `max_tokens`.")
     logprobs: bool | None = Field(default=None, description="Each written token's log-probability.")

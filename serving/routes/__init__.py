@@ -1,6 +1,7 @@
 """The service's routes, one file per protocol over one serving core (`serving.service`):
-`ours` (health, /v1), `mlflow` (/invocations), `oip` (/v2, the Open Inference Protocol) and `openai`
-(/v1/completions, /v1/chat/completions, /v1/models)."""
+`ours` (health, /v1), `mlflow` (/invocations), `oip` (/v2, the Open Inference Protocol), `openai`
+(/v1/completions, /v1/chat/completions, /v1/models) and `tokenize` (/tokenize, /detokenize, /tokenizer_info:
+the generators' tokenizers, in vLLM's shape)."""
 
 from __future__ import annotations
 

@@ -74,18 +74,10 @@ class PromptIn:
 
 
 def _choices(service: Service, body: CompletionRequest | ChatCompletionRequest) -> int:
-    """`n`, checked against the service's limit; `best_of` is served only as `n`."""
+    """`n`, checked against the service's limit."""
     if body.n > service.cfg.max_n:
         raise ApiError(
             422, f"n: {body.n} choices; at most {service.cfg.max_n} (serve.max_n)", type="invalid_field", field="n"
-        )
-    best_of = getattr(body, "best_of", None)
-    if best_of is not None and best_of != body.n:
-        raise ApiError(
-            422,
-            f"best_of: not served beyond n (got best_of {best_of}, n {body.n}): ask for n choices and rank them",
-            type="invalid_field",
-            field="best_of",
         )
     return body.n
 

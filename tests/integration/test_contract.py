@@ -28,6 +28,11 @@ CLASSIFIER = "contract-classifier"
 GENERATOR = "contract-generator"
 KEY = "contract-key-123"
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
+FEEDBACK_404 = """
+Missing test data: 1 operation repeatedly returned 404 Not Found, preventing tests from reaching your API's core logic
+- POST /v1/feedback
+💡 Check the operations that create this data - their responses do not yield usable identifiers
+"""
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +83,11 @@ def test_the_document_is_valid_openapi_and_says_what_the_service_knows(service: 
     label = schemas["FeedbackRequest"]["properties"]["label"]["anyOf"][0]
     assert label["enum"] == LABELS
     assert schemas["CompletionRequest"]["properties"]["model"]["enum"] == [GENERATOR]
+    assert schemas["CompletionRequest"]["properties"]["n"]["maximum"] == 8  # serve.max_n
+    options = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    ids = next(o for o in options if o.get("type") == "array" and o["items"].get("type") == "integer")
+    assert ids["items"]["maximum"] == 30521  # token ids below the served vocabulary (MiniLM's 30522)
+    assert schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] == 30521
     infer = doc["paths"]["/v2/models/{name}/infer"]["post"]
     assert infer["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/InferRequest"
@@ -93,7 +103,14 @@ def test_schemathesis_finds_nothing_with_every_check(service: str, tmp_path: Pat
     run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-6000:]
-    assert "No issues found" in report, report[-3000:]
-    assert "Warnings:" not in report, report[-3000:]  # an unresolvable reference, or routes never reached
+    assert "No issues found" in report or "1 warning in" in report, report[-3000:]
+    # No warning (an unresolvable reference, routes never reached) but one: feedback on a random request id is
+    # a 404, and which ids the fuzzer reuses from earlier responses is chance. The links from an answer to
+    # feedback on it are followed in the stateful phase, every one of them.
+    warned = re.search(r"=+ WARNINGS =+\n(.*?)\n=+ SUMMARY =+", report, re.DOTALL)
+    warnings = warned.group(1) if warned else ""
+    assert not warnings or warnings.split() == FEEDBACK_404.split(), report[-3000:]
+    links = re.search(r"API Links:\s+(\d+) covered / (\d+) selected / (\d+) total", report)
+    assert links is not None and len(set(links.groups())) == 1, report[-3000:]
     selected = re.search(r"Selected: (\d+)/(\d+)\s+Tested: (\d+)", report)
     assert selected is not None and len(set(selected.groups())) == 1, report[-3000:]  # every operation tested

@@ -290,7 +290,7 @@ BAD = {
     "no-prompt": ({"model": GENERATOR}, 422, "prompt"),
     "empty-prompt-list": ({"model": GENERATOR, "prompt": []}, 422, "at least one prompt"),
     "too-many-choices": ({"model": GENERATOR, "prompt": "x", "n": 9}, 422, "at most 8 (serve.max_n)"),
-    "best-of": ({"model": GENERATOR, "prompt": "x", "n": 2, "best_of": 3}, 422, "best_of: not served beyond n"),
+    "best-of": ({"model": GENERATOR, "prompt": "x", "n": 2, "best_of": 2}, 422, "best_of"),
     "hot": ({"model": GENERATOR, "prompt": "x", "temperature": 5}, 422, "temperature"),
     "too-many-logprobs": ({"model": GENERATOR, "prompt": "x", "logprobs": 21}, 422, "logprobs"),
     "token-outside-vocabulary": ({"model": GENERATOR, "prompt": [5, 10**7]}, 422, "prompt[1]: token id 10000000"),

@@ -196,3 +196,27 @@ async def test_bad_chat_combinations_are_422_naming_the_field(case: str, store: 
     async with serving(store, tmp_path) as (client, _):
         response = await client.post("/v1/chat/completions", json=body)
     assert response.status_code == 422 and response.json()["field"] == field, response.text
+
+
+async def test_the_tokenizer_routes_answer_as_vllms(store: str, generator: Generator, tmp_path: Path) -> None:
+    tokenizer = generator.tokenizer
+    own = list(tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+    chat = [{"role": "user", "content": "hi there"}]
+    async with serving(store, tmp_path) as (client, _):
+        read = (await client.post("/tokenize", json={"prompt": PROMPT, "return_token_strs": True})).json()
+        plain = await client.post("/tokenize", json={"model": GENERATOR, "prompt": PROMPT, "add_special_tokens": False})
+        chatted = (await client.post("/tokenize", json={"messages": chat})).json()
+        back = (await client.post("/detokenize", json={"tokens": own})).json()
+        info = (await client.get("/tokenizer_info")).json()
+        both = await client.post("/tokenize", json={"prompt": PROMPT, "messages": chat})
+        outside = await client.post("/detokenize", json={"tokens": [1, 10**7]})
+        unknown = await client.post("/tokenize", json={"model": "nope", "prompt": PROMPT})
+    assert read["tokens"] == generator.encode(PROMPT, truncate=False) and read["count"] == len(read["tokens"])
+    assert read["max_model_len"] == generator.context_length and len(read["token_strs"]) == read["count"]
+    assert plain.json()["tokens"] == own
+    assert chatted["tokens"] == generator.encode(chat, truncate=False)
+    assert back["prompt"] == tokenizer.decode(own)
+    assert info["eos_token"] == tokenizer.eos_token and info["tokenizer_class"]
+    assert both.status_code == 422
+    assert outside.status_code == 422 and outside.json()["field"] == "tokens[1]"
+    assert unknown.status_code == 404
