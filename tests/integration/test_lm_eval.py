@@ -144,7 +144,9 @@ def test_the_harness_scores_the_served_champion_as_it_scores_the_checkpoint(
     which = [s["resps"] for s in served["samples"]["llmops_which_label"]]
     expected = [s["resps"] for s in local["samples"]["llmops_which_label"]]
     for answer, reference in zip(which, expected, strict=True):  # each choice's loglikelihood, not only the score
-        for (value, greedy), (reference_value, reference_greedy) in ((a[0], b[0]) for a, b in zip(answer, reference)):
+        for (value, greedy), (reference_value, reference_greedy) in (
+            (a[0], b[0]) for a, b in zip(answer, reference, strict=True)
+        ):
             assert float(value) == pytest.approx(float(reference_value), abs=1e-3)
             assert greedy == reference_greedy
     assert served["results"]["llmops_which_label"]["acc,none"] > 1 / 3  # the model learned something to score
