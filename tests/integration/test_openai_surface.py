@@ -20,7 +20,7 @@ import torch
 from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
 from llmops.generation.candidate import GenerationParams, Generator
 from tests.http_service import in_process, openai_client
-from tests.tiny_registry import register_generators, set_alias
+from tests.tiny_registry import build_tiny_generator, register_generators, set_alias
 
 GENERATOR = "tiny-llama"
 PROMPT = "write a tweet about the flight"
@@ -220,3 +220,16 @@ async def test_the_tokenizer_routes_answer_as_vllms(store: str, generator: Gener
     assert both.status_code == 422
     assert outside.status_code == 422 and outside.json()["field"] == "tokens[1]"
     assert unknown.status_code == 404
+
+
+async def test_a_seq2seq_model_refuses_logprobs_and_answers_without(tmp_path: Path) -> None:
+    uri = register_generators(
+        tmp_path / "registry", GENERATOR, seeds=[1], build=lambda d, seed: build_tiny_generator(d, seed, "seq2seq-lm")
+    )
+    set_alias(uri, GENERATOR, "champion", "1")
+    body = {"model": GENERATOR, "prompt": PROMPT, "max_tokens": 3}
+    async with serving(uri, tmp_path) as (client, _):
+        refused = await client.post("/v1/completions", json=body | {"logprobs": 1})
+        answered = await client.post("/v1/completions", json=body)
+    assert refused.status_code == 422 and refused.json()["field"] == "logprobs"
+    assert "seq2seq-lm" in refused.json()["error"] and answered.status_code == 200

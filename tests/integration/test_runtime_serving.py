@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from llmops.generation.candidate import GenerationParams
 from llmops.generation.loading import load_generator
@@ -124,6 +125,28 @@ async def test_concurrent_streams_keep_their_own_text(
 
         together = await asyncio.gather(*(streamed(p) for p in PROMPTS))
     assert together == in_process_answers  # 8 sequences through 4 slots: joining and leaving, no cross-talk
+
+
+async def test_logprobs_with_echo_are_the_runtime_s_own_scores(store: str, root: Path, tmp_path: Path) -> None:
+    """Prompt and written tokens' logprobs, four requests in one running batch, against the runtime's own
+    teacher-forced scoring of prompt and answer in this process."""
+    generator = load_generator(root / "generator-1")
+    body = {"max_tokens": 6, "min_tokens": 6, "temperature": 0, "logprobs": 2, "echo": True}
+    async with serving(store, tmp_path, max_running=4) as (client, _):
+        answers = await asyncio.gather(
+            *(client.post("/v1/completions", json=complete(prompt, 6) | body) for prompt in PROMPTS[:4])
+        )
+    for prompt, answer in zip(PROMPTS[:4], answers, strict=True):
+        logprobs = answer.json()["choices"][0]["logprobs"]
+        prompt_ids = generator.encode(prompt, truncate=False)
+        (written,) = generator.generate_ids([prompt_ids], GenerationParams(max_new_tokens=6, min_new_tokens=6)).ids
+        ids = prompt_ids + written
+        scored = torch.log_softmax(generator.running_batch(1).score(ids).float(), dim=-1)
+        expected = [None, *(float(scored[t - 1, ids[t]]) for t in range(1, len(ids)))]
+        assert logprobs["token_logprobs"][0] is None and len(logprobs["token_logprobs"]) == len(ids)
+        # the prompt is scored as in-process; written tokens come from decoding steps (other batch shapes)
+        assert logprobs["token_logprobs"][1 : len(prompt_ids)] == pytest.approx(expected[1 : len(prompt_ids)], abs=1e-4)
+        assert logprobs["token_logprobs"][len(prompt_ids) :] == pytest.approx(expected[len(prompt_ids) :], abs=2e-3)
 
 
 async def test_an_alias_switch_while_streaming_loses_nothing_and_a_corrupt_model_leaves_the_old_one(
