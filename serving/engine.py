@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 from llmops.generation.candidate import GenerationParams, Generator
+from llmops.generation.constrained import Grammars, grammars_for
 from llmops.generation.decode import (
     TokenLogprob,
     argmax_rows,
     log_softmax_rows,
+    numpy_ready,
     pick,
     prompt_token_logprobs,
     take_rows,
@@ -100,6 +102,8 @@ class Sequence:
     sent_logprobs: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
     """Each prompt token's, the first None, when `params.prompt_logprobs` asks: set before the first event."""
+    matcher: Any = None
+    """Where the answer is in its grammar (`params.grammar`): llguidance's matcher, made when the sequence joins."""
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -143,6 +147,9 @@ class GenerationEngine:
         self._batch = generator.running_batch(self.max_running, embeddings, max_positions)
         """The running sequences' state in the runtime (torch's KV cache, llama.cpp's slots), row for row."""
         self._logits: torch.Tensor | None = None
+        self._grammars: Grammars | None = None
+        self._stuck: list[int] = []
+        """Rows whose grammar allowed no token at the last choice."""
         self._wake = threading.Condition()
         self._stopping = False
         self._retiring = False
@@ -241,7 +248,7 @@ class GenerationEngine:
     def _forward(self, tokens: list[int], joining: list[Sequence]) -> None:
         """One pass of the runtime: the running rows' next tokens and the joining sequences' prompts together
         (llama.cpp runs them in one batch, as llama-server's slots do); the next logits of every row."""
-        joining = [s for s in joining if self._score_prompt(s)]
+        joining = [s for s in joining if self._score_prompt(s) and self._constrain(s)]
         try:
             self._logits, embeddings = self._batch.step_and_admit(tokens, [s.prompt_ids for s in joining])
         finally:
@@ -265,6 +272,35 @@ class GenerationEngine:
             return False
         return True
 
+    def _constrain(self, sequence: Sequence) -> bool:
+        """A matcher for a sequence with a grammar; False when that failed (the sequence has ended with the error)."""
+        if sequence.params.grammar is None:
+            return True
+        try:
+            if self._grammars is None:
+                self._grammars = grammars_for(self.generator.tokenizer)
+            sequence.matcher = self._grammars.matcher(sequence.params.grammar)
+        except Exception as error:
+            self._finish(sequence, "error", error_text=f"{type(error).__name__}: {error}")
+            return False
+        return True
+
+    def _mask(self, logits: torch.Tensor) -> list[int]:
+        """Each constrained row's logits outside what its grammar allows next at -inf, in place; the rows whose
+        grammar allows nothing more (the vocabulary cannot write what it asks)."""
+        rows = [row for row, sequence in enumerate(self._running) if sequence.matcher is not None]
+        if not rows:
+            return []
+        assert self._grammars is not None
+        allowed = self._grammars.allowed([self._running[row].matcher for row in rows], logits.shape[1])
+        values = logits.numpy() if numpy_ready(logits) else None
+        for index, row in enumerate(rows):
+            if values is not None:
+                values[row, ~allowed[index]] = -np.inf
+            else:
+                logits[row, torch.from_numpy(~allowed[index])] = float("-inf")
+        return [row for index, row in enumerate(rows) if not allowed[index].any()]
+
     def _choose(self) -> list[int]:
         """Each running sequence's next token under its own sampling and the tokens barred at its length (and its
         log-probability under the model, where the sequence asks)."""
@@ -273,10 +309,12 @@ class GenerationEngine:
         asking = [row for row, sequence in enumerate(self._running) if sequence.params.logprobs is not None]
         model_logprobs = log_softmax_rows(take_rows(self._logits, asking)) if asking else None  # before barring
         logits = barred.forbid_always(self._logits)
+        self._stuck = self._mask(logits)
         tokens = argmax_rows(logits).tolist()
         for row, sequence in enumerate(self._running):
             params = sequence.params
-            now_barred = barred.at(sequence.generated, params.min_new_tokens)
+            # a grammar decides alone what may come next, the end token included
+            now_barred = barred.at(sequence.generated, params.min_new_tokens) if sequence.matcher is None else []
             own = tokens[row]  # greedy, and no barred token chosen: `pick` would choose the same
             if params.temperature > 0 or own in now_barred:
                 chosen, first = pick(logits[row : row + 1], now_barred, params.temperature, params.top_p, sequence.rng)
@@ -298,7 +336,11 @@ class GenerationEngine:
         for row, (sequence, token) in enumerate(zip(self._running, tokens, strict=True)):
             if sequence.first_token_at is None:
                 sequence.first_token_at = now
-            if self._advance(sequence, token):
+            if row in self._stuck:
+                why = "the schema asks for text this model's vocabulary cannot write"
+                self._finish(sequence, "error", error_text=f"{why} (after {sequence.text!r})")
+                leaving.append(row)
+            elif self._advance(sequence, token):
                 leaving.append(row)
             elif self._batch.full(row):  # the runtime's cache for it is spent: the answer ends here
                 self._finish(sequence, "length")
@@ -315,6 +357,8 @@ class GenerationEngine:
             self._finish(sequence, "stop")
             return True
         sequence.written.append(token)
+        if sequence.matcher is not None:
+            return self._advance_constrained(sequence, token)
         text = generator.text_of(sequence.written)
         hits = [text.index(s) for s in params.stop if s and s in text]
         if hits:
@@ -331,6 +375,26 @@ class GenerationEngine:
         ready = len(text.rstrip(REPLACEMENT)) - hold
         if ready > sequence.emitted:
             sequence.send(Event(text[sequence.emitted : ready], sequence.generated, None, sequence.unsent_logprobs()))
+            sequence.emitted = ready
+        return False
+
+    def _advance_constrained(self, sequence: Sequence, token: int) -> bool:
+        """`_advance` for an answer under a grammar: it ends when the grammar is complete; no stop strings."""
+        assert self._grammars is not None
+        if not sequence.matcher.consume_token(token):
+            self._finish(sequence, "error", error_text=f"the grammar refused a token: {sequence.matcher.get_error()}")
+            return True
+        sequence.text = self._grammars.text(sequence.written)
+        if sequence.matcher.is_stopped():
+            self._finish(sequence, "stop")
+            return True
+        if sequence.generated >= sequence.params.max_new_tokens:
+            self._finish(sequence, "length")
+            return True
+        ready = len(sequence.text.rstrip(REPLACEMENT))
+        if ready > sequence.emitted:
+            new = sequence.text[sequence.emitted : ready]
+            sequence.send(Event(new, sequence.generated, None, sequence.unsent_logprobs()))
             sequence.emitted = ready
         return False
 

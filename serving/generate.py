@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from llmops.generation.candidate import GenerationParams, Prompt
+from llmops.generation.constrained import GrammarError, grammars_for
 from llmops.generation.decode import TokenLogprob
 from serving.engine import EngineClosed, EngineFull, Event, Sequence
 from serving.errors import ApiError
@@ -41,6 +42,8 @@ class GenerationRequest:
     """Each written token's log-probability with this many alternatives (None: none)."""
     prompt_logprobs: int | None = None
     """The prompt tokens' too (`echo`)."""
+    grammar: str | None = None
+    """The answer keeps to this grammar (structured output: `llmops.generation.constrained`)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,7 @@ def _params(
         min_new_tokens=min(request.min_tokens, budget),  # capped like max_tokens, never refused
         logprobs=request.logprobs,
         prompt_logprobs=request.prompt_logprobs,
+        grammar=request.grammar,
     )
 
 
@@ -168,14 +172,39 @@ def _prompt(request: GenerationRequest, generator: GeneratorRuntime) -> tuple[li
     return list(request.prompt_ids), text, text
 
 
-def _check_logprobs(request: GenerationRequest, generator: GeneratorRuntime, name: str) -> None:
-    if (request.logprobs is not None or request.prompt_logprobs is not None) and generator.meta.task != "causal-lm":
+def _check_decoder_only(request: GenerationRequest, generator: GeneratorRuntime, name: str) -> None:
+    """Logprobs and structured output are the serving engine's, which decodes decoder models step by step; a
+    seq2seq model answers whole (transformers' `generate`)."""
+    task = generator.meta.task
+    if task == "causal-lm":
+        return
+    asked = [
+        field
+        for field, value in (
+            ("logprobs", request.logprobs if request.prompt_logprobs is None else request.prompt_logprobs),
+            ("response_format", request.grammar),
+        )
+        if value is not None
+    ]
+    if asked:
+        message = f"{asked[0]}: served for decoder models; '{name}' is a {task} model"
+        raise ApiError(422, message, type="invalid_field", field=asked[0])
+
+
+async def _check_grammar(grammar: str | None, generator: GeneratorRuntime) -> None:
+    """The grammar against the model's vocabulary (the engine's check, made once per grammar and vocabulary)."""
+    if grammar is None:
+        return
+    grammars = await asyncio.to_thread(grammars_for, generator.tokenizer)
+    try:
+        grammars.check(grammar)
+    except GrammarError as error:
         raise ApiError(
             422,
-            f"logprobs: served for decoder models; '{name}' is a {generator.meta.task} model",
+            f"response_format: the grammar engine cannot use this schema with the model's vocabulary: {error}",
             type="invalid_field",
-            field="logprobs",
-        )
+            field="response_format",
+        ) from None
 
 
 async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Event]]:
@@ -216,7 +245,8 @@ async def generate(service: Service, request: GenerationRequest, request_id: str
     loop = asyncio.get_running_loop()
     for _ in range(3):  # a version swapped out between reading it and submitting: take the new one
         model, generation = generator_model(service, request.model)
-        _check_logprobs(request, generation.runtime, request.model)
+        _check_decoder_only(request, generation.runtime, request.model)
+        await _check_grammar(request.grammar, generation.runtime)
         prompt_ids, logged, echoed = _prompt(request, generation.runtime)
         params = _params(service, request, len(prompt_ids), generation.runtime)
         origin = Origin(request_id, index, logged, route, model)

@@ -14,7 +14,7 @@ entry, the end token included.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
@@ -42,6 +42,39 @@ StopList = Annotated[
     list[StopString],  # the validator below says how many, with a clearer message than pydantic's
     WithJsonSchema({"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}),
 ]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = STRICT | ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(default="answer", description="The schema's name (OpenAI's clients send one).")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(
+        alias="schema", description="A JSON Schema: every answer is a JSON document it admits."
+    )
+    strict: bool | None = Field(default=None, description="Answers always keep to the schema, strict or not.")
+
+
+class TextFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
 
 
 class StreamOptions(BaseModel):
@@ -77,6 +110,11 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="`json_object` or `json_schema`: decoding keeps every answer a JSON document (of the schema); "
+        "an answer cut by `max_tokens` ends with `finish_reason: length`. Not with `stop`.",
+    )
 
     @field_validator("stop")
     @classmethod

@@ -44,6 +44,8 @@ class GenerationParams:
     """Serving: each written token's log-probability, with this many most likely alternatives (None: none)."""
     prompt_logprobs: int | None = None
     """Serving: each prompt token's log-probability too, with this many alternatives (None: none)."""
+    grammar: str | None = None
+    """Serving: the answer keeps to this grammar (`llmops.generation.constrained`) and ends where it is complete."""
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class Barred:
 
     def forbid_always(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` (batch, vocab) with `never` at -inf, in place (through numpy on the CPU: see `argmax_rows`)."""
-        if self.never and _numpy_ready(logits):
+        if self.never and numpy_ready(logits):
             logits.numpy()[:, list(self.never)] = -np.inf
         elif self.never:
             logits[:, list(self.never)] = float("-inf")
@@ -55,19 +55,20 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     a runtime with threads of its own. Serving llama.cpp's q8_0 135M Llama at 16 sequences on 2 cores, torch's
     idle team took 14% of a core, and ggml's threads, each waiting on the other at every barrier, lost a third
     of their speed (345 -> 461 tokens/s in-process)."""
-    if _numpy_ready(logits):
+    if numpy_ready(logits):
         return torch.from_numpy(logits.numpy().argmax(axis=-1))
     return logits.argmax(dim=-1)
 
 
 def take_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """`logits[rows]`, through numpy on the CPU for the reason `argmax_rows` gives."""
-    if _numpy_ready(logits):
+    if numpy_ready(logits):
         return torch.from_numpy(logits.numpy()[rows])
     return logits[rows]
 
 
-def _numpy_ready(logits: torch.Tensor) -> bool:
+def numpy_ready(logits: torch.Tensor) -> bool:
+    """Whether `logits` can be read and written through numpy without a copy."""
     return logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad
 
 
@@ -83,7 +84,7 @@ class TokenLogprob:
 
 def log_softmax_rows(logits: torch.Tensor) -> np.ndarray:
     """(rows, vocab) float32 log-probabilities, through numpy for the reason `argmax_rows` gives."""
-    values = logits.numpy() if _numpy_ready(logits) else logits.float().cpu().numpy()
+    values = logits.numpy() if numpy_ready(logits) else logits.float().cpu().numpy()
     shifted = values - values.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 

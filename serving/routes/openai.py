@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import jsonschema
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from llmops.generation.constrained import JSON_OBJECT, GrammarError, json_schema_grammar
 from llmops.generation.decode import TokenLogprob
 from serving.deps import Authorized, JsonBody, ServiceDep
 from serving.engine import Event
@@ -82,6 +84,31 @@ def _choices(service: Service, body: CompletionRequest | ChatCompletionRequest) 
     return body.n
 
 
+def _grammar(body: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """The grammar of the request's `response_format` (None: free text); 422 for a schema that is not JSON Schema
+    or that the grammar engine cannot compile, and for stop strings beside it."""
+    answer_format = body.response_format
+    if answer_format is None or answer_format.type == "text":
+        return None
+    if body.stop is not None:
+        message = "stop: a structured answer ends where its schema does; give stop strings or response_format"
+        raise ApiError(422, message, type="invalid_field", field="stop")
+    field = "response_format"
+    schema = JSON_OBJECT
+    if answer_format.type == "json_schema":
+        field, schema = "response_format.json_schema.schema", answer_format.json_schema.json_schema
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as error:
+            message = f"{field}: not a JSON Schema: {error.message}"
+            raise ApiError(422, message, type="invalid_field", field=field) from None
+    try:
+        return json_schema_grammar(schema)
+    except GrammarError as error:
+        message = f"{field}: the grammar engine cannot compile this schema: {error}"
+        raise ApiError(422, message, type="invalid_field", field=field) from None
+
+
 async def _start(
     service: Service,
     body: CompletionRequest | ChatCompletionRequest,
@@ -94,6 +121,7 @@ async def _start(
     """`n` streams per prompt, in choice order (prompt by prompt, OpenAI's order); choice i of a seeded request
     samples with `seed + i`. If any is refused, the ones already started are stopped."""
     n = _choices(service, body)
+    grammar = _grammar(body)
     streams: list[Stream] = []
     try:
         for prompt in prompts:
@@ -111,6 +139,7 @@ async def _start(
                     field=prompt.field,
                     logprobs=logprobs,
                     prompt_logprobs=prompt_logprobs,
+                    grammar=grammar,
                 )
                 streams.append(await generate(service, request, request_id, ROUTE, len(streams)))
     except BaseException:

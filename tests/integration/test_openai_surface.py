@@ -5,17 +5,21 @@ teacher-forced scoring, streamed as whole, `n` choices, token-id prompts, and th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+import jsonschema
 import numpy as np
+import pydantic
 import pytest
 import torch
+from openai import LengthFinishReasonError
 
 from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
 from llmops.generation.candidate import GenerationParams, Generator
@@ -222,7 +226,7 @@ async def test_the_tokenizer_routes_answer_as_vllms(store: str, generator: Gener
     assert unknown.status_code == 404
 
 
-async def test_a_seq2seq_model_refuses_logprobs_and_answers_without(tmp_path: Path) -> None:
+async def test_a_seq2seq_model_refuses_logprobs_and_structured_output_and_answers_without(tmp_path: Path) -> None:
     uri = register_generators(
         tmp_path / "registry", GENERATOR, seeds=[1], build=lambda d, seed: build_tiny_generator(d, seed, "seq2seq-lm")
     )
@@ -231,5 +235,98 @@ async def test_a_seq2seq_model_refuses_logprobs_and_answers_without(tmp_path: Pa
     async with serving(uri, tmp_path) as (client, _):
         refused = await client.post("/v1/completions", json=body | {"logprobs": 1})
         answered = await client.post("/v1/completions", json=body)
+        structured = await client.post("/v1/completions", json=body | {"response_format": {"type": "json_object"}})
     assert refused.status_code == 422 and refused.json()["field"] == "logprobs"
     assert "seq2seq-lm" in refused.json()["error"] and answered.status_code == 200
+    assert structured.status_code == 422 and structured.json()["field"] == "response_format"
+
+
+TWEET = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"enum": ["negative", "neutral", "positive"]},
+        "topic": {"type": "string", "maxLength": 12},
+        "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2},
+    },
+    "required": ["sentiment", "topic", "stars", "tags"],
+    "additionalProperties": False,
+}
+
+
+def structured(schema: dict[str, Any] = TWEET) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "tweet", "schema": schema}}
+
+
+async def test_every_structured_answer_validates_beside_free_ones_in_one_batch(store: str, tmp_path: Path) -> None:
+    """A random-init model: the constraint alone must make each answer valid. Sampled, seeded, 12 constrained
+    and 4 free sequences in the running batch together."""
+    chat = [{"role": "user", "content": "rate this tweet"}]
+    async with serving(store, tmp_path, max_running=16) as (client, _):
+
+        async def ask(seed: int, constrained: bool) -> dict[str, Any]:
+            body = {"model": GENERATOR, "messages": chat, "max_tokens": 96, "temperature": 1.0, "seed": seed}
+            body |= {"response_format": structured()} if constrained else {}
+            return (await client.post("/v1/chat/completions", json=body)).json()
+
+        answers = await asyncio.gather(*(ask(seed, seed % 4 != 0) for seed in range(16)))
+    for seed, answer in enumerate(answers):
+        (choice,) = answer["choices"]
+        if seed % 4 == 0:
+            continue  # a free answer: noise
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), TWEET)
+    assert len({a["choices"][0]["message"]["content"] for a in answers}) > 8  # sampled, not one answer repeated
+
+
+async def test_the_openai_client_parses_into_a_pydantic_model(store: str, tmp_path: Path) -> None:
+    class Rating(pydantic.BaseModel):
+        sentiment: Literal["negative", "neutral", "positive"]
+        stars: int = pydantic.Field(ge=1, le=5)
+
+    chat = [{"role": "user", "content": "rate this tweet"}]
+    async with serving(store, tmp_path) as (client, app):
+        openai = openai_client(app)
+        parsed = await openai.chat.completions.parse(
+            model=GENERATOR, messages=chat, response_format=Rating, max_tokens=40, temperature=0
+        )
+        with pytest.raises(LengthFinishReasonError):  # cut by max_tokens: the client is told
+            await openai.chat.completions.parse(model=GENERATOR, messages=chat, response_format=Rating, max_tokens=2)
+        body = {"model": GENERATOR, "messages": chat, "max_tokens": 40, "temperature": 0}
+        whole = (await client.post("/v1/chat/completions", json=body | {"response_format": structured()})).json()
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body | {"response_format": structured(), "stream": True}
+        ) as response:
+            chunks = [json.loads(line[6:]) async for line in response.aiter_lines() if line.startswith("data: {")]
+        completion = await client.post(
+            "/v1/completions",
+            json={"model": GENERATOR, "prompt": PROMPT, "max_tokens": 40, "response_format": {"type": "json_object"}},
+        )
+    assert isinstance(parsed.choices[0].message.parsed, Rating)
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == whole["choices"][0]["message"]["content"]
+    (choice,) = completion.json()["choices"]
+    assert choice["text"].startswith("{")
+    if choice["finish_reason"] == "stop":
+        assert isinstance(json.loads(choice["text"]), dict)
+
+
+BAD_FORMATS = {
+    "not-json-schema": ({"response_format": structured({"type": "nope"})}, "response_format.json_schema.schema"),
+    "uncompilable": (
+        {"response_format": structured({"$ref": "#/$defs/missing"})},
+        "response_format.json_schema.schema",
+    ),
+    "with-stop": ({"response_format": {"type": "json_object"}, "stop": ["}"]}, "stop"),
+    "unknown-type": ({"response_format": {"type": "yaml"}}, "response_format"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FORMATS)
+async def test_a_bad_response_format_is_422_naming_the_field(case: str, store: str, tmp_path: Path) -> None:
+    extra, field = BAD_FORMATS[case]
+    body = {"model": GENERATOR, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4} | extra
+    async with serving(store, tmp_path) as (client, _):
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"].startswith(field), response.text
