@@ -137,11 +137,12 @@ def download_candidate(name: str, version: str, dst: str | Path, tracking_uri: s
 
     `tracking_uri` names the store explicitly (serving); otherwise the one `setup_tracking` set.
     """
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            f"models:/{name}/{version}", dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
-        )
+    # the version's own artifact location, asked of the named store: a `models:/` URI would be resolved by MLflow
+    # against the process's current registry, which is another store when a process has touched two
+    source = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
+        name, version
     )
+    local = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(dst), tracking_uri=tracking_uri))
     found = next(local.rglob(META_FILE), None)
     if found is None:
         raise RegistryError(f"model {name} version {version} holds no llmops candidate ({META_FILE} missing)")

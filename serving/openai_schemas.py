@@ -44,13 +44,26 @@ StopList = Annotated[
 ]
 
 
+_TYPES = ["array", "boolean", "integer", "null", "number", "object", "string"]
+_SCHEMA_TYPE = {
+    "anyOf": [
+        {"enum": _TYPES},
+        {"type": "array", "items": {"enum": _TYPES}, "minItems": 1, "uniqueItems": True},
+    ]
+}
+"""What JSON Schema's metaschema says of `type`; the rest of a schema is checked against it by the route."""
+
+
 class JsonSchemaFormat(BaseModel):
     model_config = STRICT | ConfigDict(extra="ignore", populate_by_name=True)
 
     name: str = Field(default="answer", description="The schema's name (OpenAI's clients send one).")
     description: str | None = None
     json_schema: dict[str, Any] = Field(
-        alias="schema", description="A JSON Schema: every answer is a JSON document it admits."
+        alias="schema",
+        description="A JSON Schema (2020-12; the document states its `type` only): every answer is a JSON document "
+        "it admits.",
+        json_schema_extra={"properties": {"type": _SCHEMA_TYPE}},
     )
     strict: bool | None = Field(default=None, description="Answers always keep to the schema, strict or not.")
 
@@ -84,8 +97,27 @@ class StreamOptions(BaseModel):
     """Send one more chunk before `[DONE]` with the request's token counts."""
 
 
+NO_STOP_WITH_FORMAT = {  # the route's rule, in the document: a structured answer ends where its schema does
+    "if": {
+        "required": ["response_format"],
+        "properties": {
+            "response_format": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"enum": ["json_object", "json_schema"]}},
+            }
+        },
+    },
+    "then": {"properties": {"stop": {"type": "null"}}},
+}
+TOP_NEEDS_LOGPROBS = {  # the validator of `top_logprobs`, in the document
+    "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+    "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+}
+
+
 class _Sampling(BaseModel):
-    model_config = STRICT | ConfigDict(extra="ignore")
+    model_config = STRICT | ConfigDict(extra="ignore", json_schema_extra={"allOf": [NO_STOP_WITH_FORMAT]})
 
     model: str = Field(description="A served generator, as `GET /v1/models` lists it (`tweet-generator`).")
     max_tokens: PositiveInteger | None = Field(
@@ -160,10 +192,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     model_config = _Sampling.model_config | ConfigDict(
-        json_schema_extra={  # the validator below, in the document
-            "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
-            "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
-        }
+        json_schema_extra={"allOf": [NO_STOP_WITH_FORMAT, TOP_NEEDS_LOGPROBS]}
     )
 
     messages: list[ChatMessage] = Field(min_length=1)

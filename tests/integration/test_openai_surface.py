@@ -227,12 +227,12 @@ async def test_the_tokenizer_routes_answer_as_vllms(store: str, generator: Gener
 
 
 async def test_a_seq2seq_model_refuses_logprobs_and_structured_output_and_answers_without(tmp_path: Path) -> None:
-    uri = register_generators(
-        tmp_path / "registry", GENERATOR, seeds=[1], build=lambda d, seed: build_tiny_generator(d, seed, "seq2seq-lm")
-    )
-    set_alias(uri, GENERATOR, "champion", "1")
-    body = {"model": GENERATOR, "prompt": PROMPT, "max_tokens": 3}
-    async with serving(uri, tmp_path) as (client, _):
+    t5 = "tiny-t5"
+    build = lambda d, seed: build_tiny_generator(d, seed, "seq2seq-lm")  # noqa: E731
+    uri = register_generators(tmp_path / "registry", t5, seeds=[1], build=build)
+    set_alias(uri, t5, "champion", "1")
+    body = {"model": t5, "prompt": PROMPT, "max_tokens": 3}
+    async with serving(uri, tmp_path, models=[t5]) as (client, _):
         refused = await client.post("/v1/completions", json=body | {"logprobs": 1})
         answered = await client.post("/v1/completions", json=body)
         structured = await client.post("/v1/completions", json=body | {"response_format": {"type": "json_object"}})
@@ -271,6 +271,7 @@ async def test_every_structured_answer_validates_beside_free_ones_in_one_batch(s
 
         answers = await asyncio.gather(*(ask(seed, seed % 4 != 0) for seed in range(16)))
     for seed, answer in enumerate(answers):
+        assert "choices" in answer, answer
         (choice,) = answer["choices"]
         if seed % 4 == 0:
             continue  # a free answer: noise
