@@ -18,7 +18,17 @@
 3. Generated tokens/s (from the answers' token counts), time to first token p50 / p99, end-to-end p99.
 4. Writes bench/results/generation_serving.json and .md, with the machine and the targets.
 
+With `--surface`, what LLM tools ask of the server instead, on `llmops serve` alone (bench/results/
+openai_surface.json and .md):
+- structured output: the same chats with and without a JSON schema (`response_format`), c=16, greedy, up to
+  MAX_TOKENS new tokens, three interleaved repetitions; tokens/s and how many structured answers parse and
+  validate;
+- lm-evaluation-harness on the test split's sentiment questions (a multiple-choice task scored from echoed prompt
+  logprobs, a generation task by exact match): `local-completions` against the served fp32 student, and the
+  harness's in-process Hugging Face backend on the same checkpoint.
+
     make bench-generation-serving
+    .venv/bin/python bench/generation_serving.py --surface --workdir DIR
 """
 
 from __future__ import annotations
@@ -35,8 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import mlflow
+import numpy as np
 import pandas as pd
+import yaml
 from machine import machine
 from mlflow import MlflowClient
 from servers import closed_loop, read_stream, running
@@ -218,12 +231,231 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+RATING = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"enum": ["negative", "neutral", "positive"]},
+        "topic": {"type": "string", "maxLength": 24},
+        "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+    },
+    "required": ["sentiment", "topic", "confidence"],
+    "additionalProperties": False,
+}
+"""The structured answers' schema: bounded, so a complete answer fits MAX_TOKENS."""
+SURFACE_REPEATS = 3
+STRUCTURED_COLUMNS = ["answers", "tokens/s", "tokens/answer", "TTFT p99 ms", "e2e p99 ms", "valid"]
+LABELS = ["negative", "neutral", "positive"]
+
+
+async def _chat(session: aiohttp.ClientSession, base: str, model: str, chat: list, extra: dict) -> dict:
+    """One streamed chat answer: ttft, e2e, tokens and its text and finish reason."""
+    body = {"model": model, "messages": chat, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    body |= {"stream_options": {"include_usage": True}, **extra}
+    start = time.perf_counter()
+    first, text, finish, tokens = None, "", None, 0
+    async with session.post(f"{base}/v1/chat/completions", json=body) as response:
+        if response.status != 200:
+            return {"error": response.status}
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
+            for choice in chunk["choices"]:
+                piece = choice["delta"].get("content")
+                if piece:
+                    first, text = first or time.perf_counter(), text + piece
+                finish = choice.get("finish_reason") or finish
+    done = time.perf_counter()
+    return {"ttft": (first or done) - start, "e2e": done - start, "tokens": tokens, "text": text, "finish": finish}
+
+
+def _valid(answer: dict) -> bool:
+    try:
+        jsonschema.validate(json.loads(answer["text"]), RATING)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return answer["finish"] == "stop"
+
+
+async def _structured_level(base: str, chats: list, structured: bool, requests: int) -> dict[str, Any]:
+    extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "rating", "schema": RATING}}}
+    answers: list[dict] = []
+
+    async def one(session: aiohttp.ClientSession, i: int) -> dict:
+        answer = await _chat(session, base, NAME, chats[i % len(chats)], extra if structured else {})
+        answers.append(answer)
+        return answer
+
+    connector = aiohttp.TCPConnector(limit=16)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        row = await closed_loop(16, requests, lambda i: one(session, i))
+    measured = answers[16:]  # after the warm-up
+    row["valid"] = sum(_valid(a) for a in measured) if structured else None
+    row["answers"] = len(measured)
+    return row
+
+
+def _lm_eval_tasks(directory: Path, chats: list, labels: list[str], tokenizer: Any) -> list[str]:
+    """Two tasks on a JSONL of the test split's sentiment questions, rendered as the model reads them."""
+    from llmops.generation.data import render_prompt
+
+    rows = [
+        {"prompt": render_prompt(tokenizer, "", chat), "choices": LABELS, "answer": LABELS.index(label)}
+        for chat, label in zip(chats, labels, strict=True)
+    ]
+    questions = directory / "questions.jsonl"
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    files = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(questions)}}, "test_split": "test"}
+    mean = {"aggregation": "mean", "higher_is_better": True}
+    tasks = {
+        "llmops_which_label": {
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{prompt}}",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{answer}}",
+            "target_delimiter": "",
+            "metric_list": [{"metric": "acc", **mean}],
+        },
+        "llmops_write_label": {
+            "output_type": "generate_until",
+            "doc_to_text": "{{prompt}}",
+            "doc_to_target": "{{choices[answer]}}",
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4, "do_sample": False, "temperature": 0.0},
+            "metric_list": [{"metric": "exact_match", **mean}],
+        },
+    }
+    for name, task in tasks.items():
+        (directory / f"{name}.yaml").write_text(yaml.safe_dump(files | {"task": name} | task))
+    return list(tasks)
+
+
+def _harness(tasks: list[str], directory: Path, model: str, model_args: dict[str, Any]) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    start = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=tasks, task_manager=TaskManager(include_path=str(directory))
+    )
+    assert results is not None
+    scores = {t: results["results"][t] for t in tasks}
+    return {
+        "accuracy": scores["llmops_which_label"]["acc,none"],
+        "exact_match": float(scores["llmops_write_label"]["exact_match,none"]),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def surface(workdir: Path, uri: str, chats: list, fp32: Path, env: dict[str, str], requests: int) -> None:
+    """Structured output and lm-evaluation-harness against `llmops serve` (see the module's doc)."""
+    from transformers import AutoTokenizer
+
+    command, ready, _, _ = servers(workdir, fp32)["llmops (continuous batching)"]
+    command = [part.replace(f"serve.models=[{NAME}]", f"serve.models=[{NAME},{FP32}]") for part in command]
+    test = pd.read_parquet(next((workdir / "t").rglob("*.parquet")))
+    classify = test[test["instruction"] == "classify"]
+    questions = [
+        json.loads(m) if m else [{"role": "user", "content": p}]
+        for m, p in zip(classify["messages"], classify["prompt"], strict=True)
+    ]
+    rows: list[dict[str, Any]] = []
+    with running("llmops surface", command, ready, env, workdir) as base:
+        for repeat in range(SURFACE_REPEATS):
+            for structured in (False, True):  # interleaved: the machine's drift falls on both alike
+                row = asyncio.run(_structured_level(base, chats, structured, requests))
+                row |= {"mode": "json schema" if structured else "free text", "repeat": repeat}
+                print(f"[{row['mode']}] {row['tokens_per_s']:.0f} tok/s, valid {row['valid']}", flush=True)
+                rows.append(row)
+        directory = workdir / "lm-eval-tasks"
+        directory.mkdir(exist_ok=True)
+        tasks = _lm_eval_tasks(directory, questions, list(classify["completion"]), AutoTokenizer.from_pretrained(fp32))
+        served = _harness(
+            tasks, directory, "local-completions",
+            {"base_url": f"{base}/v1/completions", "model": FP32, "num_concurrent": 4, "max_retries": 1},
+        )  # fmt: skip
+    local = _harness(
+        tasks, directory, "hf", {"pretrained": str(fp32), "dtype": "float32", "device": "cpu", "add_bos_token": False}
+    )
+    write_surface(rows, served, local, len(questions))
+
+
+def _median(rows: list[dict[str, Any]], mode: str, key: str) -> tuple[float, float, float]:
+    values = [r[key] for r in rows if r["mode"] == mode]
+    return float(np.median(values)), min(values), max(values)
+
+
+def _check(target: str, measured: str, met: bool) -> dict[str, Any]:
+    return {"target": target, "measured": measured, "met": met}
+
+
+def write_surface(rows: list[dict[str, Any]], served: dict, local: dict, questions: int) -> None:
+    m = machine()
+    free, schema = _median(rows, "free text", "tokens_per_s"), _median(rows, "json schema", "tokens_per_s")
+    valid = sum(r["valid"] for r in rows if r["mode"] == "json schema")
+    answered = sum(r["answers"] for r in rows if r["mode"] == "json schema")
+    table = [
+        [mode, f"{t[0]:.0f} ({t[1]:.0f}-{t[2]:.0f})", f"{_median(rows, mode, 'mean_tokens')[0]:.1f}",
+         f"{_median(rows, mode, 'ttft_p99_ms')[0]:.0f}", f"{_median(rows, mode, 'e2e_p99_ms')[0]:.0f}",
+         f"{valid}/{answered}" if mode == "json schema" else "-"]
+        for mode, t in (("free text", free), ("json schema", schema))
+    ]  # fmt: skip
+    harness = [
+        [label, f"{r['accuracy']:.4f}", f"{r['exact_match']:.4f}", f"{r['seconds']:.0f}"]
+        for label, r in (("llmops serve (local-completions)", served), ("Hugging Face in-process (hf)", local))
+    ]
+    ratio = schema[0] / free[0]
+    gap = abs(served["accuracy"] - local["accuracy"]) * 100
+    same_match = f"{served['exact_match']:.4f} vs {local['exact_match']:.4f}"
+    checks = [
+        _check("c=16: tokens/s with a JSON schema >= 0.85x without", f"{ratio:.2f}x", ratio >= 0.85),
+        _check("every structured answer valid", f"{valid}/{answered}", valid == answered),
+        _check("lm-eval multiple choice: served within 0.5 point of in-process", f"{gap:.2f} points", gap <= 0.5),
+        _check("lm-eval generation: same exact match", same_match, served["exact_match"] == local["exact_match"]),
+    ]
+    result = {"machine": m, "date": time.strftime("%Y-%m-%d"), "schema": RATING, "rows": rows, "served": served,
+              "in_process": local, "questions": questions, "targets": checks}  # fmt: skip
+    (RESULTS / "openai_surface.json").write_text(json.dumps(result, indent=2))
+    md = [
+        "# What LLM tools ask of the server: structured output and lm-evaluation-harness",
+        "",
+        f"`llmops serve` on the LLM quickstart's champion (`{NAME}`) and its fp32 student (`{FP32}`). {m['cpu']}, "
+        f"{m['cores']} cores, torch {m['torch']}. Date: {result['date']}. Server and load generator on one machine.",
+        "",
+        f"Structured output: the held-out test chats, greedy, up to {MAX_TOKENS} new tokens, closed loop at c=16, "
+        f"with and without `response_format` (schema below), {SURFACE_REPEATS} interleaved repetitions: median "
+        "(min-max). An answer is valid when it parses, validates against the schema and ended by itself.",
+        "",
+        tabulate(table, headers=STRUCTURED_COLUMNS, tablefmt="github"),
+        "",
+        "```json",
+        json.dumps(RATING),
+        "```",
+        "",
+        f"lm-evaluation-harness ({questions} sentiment questions of the test split, as JSONL tasks: which label, "
+        "scored from echoed prompt logprobs; write the label, exact match), the served fp32 student against the "
+        "harness's in-process Hugging Face backend on the same checkpoint (`add_bos_token=False`: the remote "
+        "tokenizer adds no special tokens):",
+        "",
+        tabulate(harness, headers=["backend", "accuracy (choice)", "exact match (writing)", "s"], tablefmt="github"),
+        "",
+        "## Targets",
+        "",
+        tabulate(checks, headers="keys", tablefmt="github"),
+        "",
+    ]  # fmt: skip
+    (RESULTS / "openai_surface.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, help="a folder with mlflow.db and artifacts/ of an LLM quickstart")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=32, help="requests per level (at least the concurrency)")
     parser.add_argument("--only", nargs="*", help="server labels to run (default: all)")
+    parser.add_argument("--surface", action="store_true", help="structured output and lm-eval instead")
     args = parser.parse_args()
     workdir = prepare(args.workdir).resolve()
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -232,6 +464,9 @@ def main() -> None:
     register_fp32(uri, fp32)
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow models serve execs `uvicorn`
+    if args.surface:
+        surface(workdir, uri, chats, fp32, env, max(args.requests, 48))
+        return
     rows = []
     for label, (command, ready, kind, model) in servers(workdir, fp32).items():
         if args.only and label not in args.only:
