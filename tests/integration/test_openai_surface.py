@@ -121,23 +121,10 @@ async def test_streamed_logprobs_are_the_whole_answers(store: str, tmp_path: Pat
 async def test_chat_logprobs_through_the_openai_client(store: str, tmp_path: Path) -> None:
     async with serving(store, tmp_path) as (_, app):
         client = openai_client(app)
-        chat = await client.chat.completions.create(
-            model=GENERATOR,
-            messages=[{"role": "user", "content": "hello there"}],
-            max_tokens=4,
-            temperature=0,
-            logprobs=True,
-            top_logprobs=3,
-        )
-        streamed = await client.chat.completions.create(
-            model=GENERATOR,
-            messages=[{"role": "user", "content": "hello there"}],
-            max_tokens=4,
-            temperature=0,
-            logprobs=True,
-            top_logprobs=3,
-            stream=True,
-        )
+        asked: dict[str, Any] = {"model": GENERATOR, "max_tokens": 4, "temperature": 0, "logprobs": True}
+        asked |= {"messages": [{"role": "user", "content": "hello there"}], "top_logprobs": 3}
+        chat = await client.chat.completions.create(**asked)
+        streamed = await client.chat.completions.create(**asked, stream=True)
         streamed_entries = [
             e async for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
         ]
