@@ -285,21 +285,27 @@ class GenerationEngine:
             return False
         return True
 
-    def _mask(self, logits: torch.Tensor) -> list[int]:
-        """Each constrained row's logits outside what its grammar allows next at -inf, in place; the rows whose
-        grammar allows nothing more (the vocabulary cannot write what it asks)."""
+    def _allowed(self, width: int) -> dict[int, np.ndarray]:
+        """For each constrained row, the token ids its grammar allows next."""
         rows = [row for row, sequence in enumerate(self._running) if sequence.matcher is not None]
         if not rows:
-            return []
+            return {}
         assert self._grammars is not None
-        allowed = self._grammars.allowed([self._running[row].matcher for row in rows], logits.shape[1])
-        values = logits.numpy() if numpy_ready(logits) else None
-        for index, row in enumerate(rows):
-            if values is not None:
-                values[row, ~allowed[index]] = -np.inf
-            else:
-                logits[row, torch.from_numpy(~allowed[index])] = float("-inf")
-        return [row for index, row in enumerate(rows) if not allowed[index].any()]
+        allowed = self._grammars.allowed([self._running[row].matcher for row in rows], width)
+        return dict(zip(rows, allowed, strict=True))
+
+    @staticmethod
+    def _constrained(logits: torch.Tensor, row: int, ids: np.ndarray, sequence: Sequence) -> int:
+        """A constrained row's next token among `ids`, under its sampling: greedy reads only those logits."""
+        params = sequence.params
+        if params.temperature <= 0:
+            values = logits[row].numpy() if numpy_ready(logits) else logits[row].float().cpu().numpy()
+            return int(ids[int(np.argmax(values[ids]))])
+        index = torch.from_numpy(ids).to(logits.device)
+        masked = torch.full_like(logits[row : row + 1], float("-inf"))
+        masked[0, index] = logits[row, index]
+        chosen, _ = pick(masked, [], params.temperature, params.top_p, sequence.rng)
+        return int(chosen[0])
 
     def _choose(self) -> list[int]:
         """Each running sequence's next token under its own sampling and the tokens barred at its length (and its
@@ -309,12 +315,15 @@ class GenerationEngine:
         asking = [row for row, sequence in enumerate(self._running) if sequence.params.logprobs is not None]
         model_logprobs = log_softmax_rows(take_rows(self._logits, asking)) if asking else None  # before barring
         logits = barred.forbid_always(self._logits)
-        self._stuck = self._mask(logits)
+        allowed = self._allowed(logits.shape[1])
+        self._stuck = [row for row, ids in allowed.items() if not len(ids)]
         tokens = argmax_rows(logits).tolist()
         for row, sequence in enumerate(self._running):
             params = sequence.params
-            # a grammar decides alone what may come next, the end token included
-            now_barred = barred.at(sequence.generated, params.min_new_tokens) if sequence.matcher is None else []
+            if row in allowed:  # its grammar decides alone what may come next, the end token included
+                tokens[row] = self._constrained(logits, row, allowed[row], sequence) if len(allowed[row]) else 0
+                continue
+            now_barred = barred.at(sequence.generated, params.min_new_tokens)
             own = tokens[row]  # greedy, and no barred token chosen: `pick` would choose the same
             if params.temperature > 0 or own in now_barred:
                 chosen, first = pick(logits[row : row + 1], now_barred, params.temperature, params.top_p, sequence.rng)

@@ -45,7 +45,7 @@ StopList = Annotated[
 
 
 _TYPES = ["array", "boolean", "integer", "null", "number", "object", "string"]
-_SCHEMA_TYPE = {
+_SCHEMA_TYPE: Any = {
     "anyOf": [
         {"enum": _TYPES},
         {"type": "array", "items": {"enum": _TYPES}, "minItems": 1, "uniqueItems": True},
@@ -97,7 +97,7 @@ class StreamOptions(BaseModel):
     """Send one more chunk before `[DONE]` with the request's token counts."""
 
 
-NO_STOP_WITH_FORMAT = {  # the route's rule, in the document: a structured answer ends where its schema does
+NO_STOP_WITH_FORMAT: Any = {  # the route's rule, in the document: a structured answer ends where its schema does
     "if": {
         "required": ["response_format"],
         "properties": {
@@ -110,7 +110,7 @@ NO_STOP_WITH_FORMAT = {  # the route's rule, in the document: a structured answe
     },
     "then": {"properties": {"stop": {"type": "null"}}},
 }
-TOP_NEEDS_LOGPROBS = {  # the validator of `top_logprobs`, in the document
+TOP_NEEDS_LOGPROBS: Any = {  # the validator of `top_logprobs`, in the document
     "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
     "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
 }

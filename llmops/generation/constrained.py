@@ -40,9 +40,9 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
         grammar = str(llguidance.LLMatcher.grammar_from_json_schema(schema))
     except (ValueError, TypeError) as error:
         raise GrammarError(str(error)) from None
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error and not error.startswith("WARNING"):
-        raise GrammarError(error)
+    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    if problem and not problem.startswith("WARNING"):
+        raise GrammarError(problem)
     return grammar
 
 
@@ -104,18 +104,16 @@ class Grammars:
             raise GrammarError(matcher.get_error())
         return matcher
 
-    def allowed(self, matchers: list[Any], width: int) -> np.ndarray:
-        """(rows, width) booleans: the tokens each matcher allows next (`width`: logits per row; a model's output
-        layer may have more entries than its tokenizer has tokens)."""
+    def allowed(self, matchers: list[Any], width: int) -> list[np.ndarray]:
+        """The token ids each matcher allows next, below `width` (logits per row: a model's output layer may have
+        more entries than its tokenizer has tokens). A grammar allows few tokens at most steps: choosing among
+        these costs less than masking whole rows."""
         import llguidance.numpy
 
         bits = llguidance.numpy.allocate_token_bitmask(len(matchers), self.tokenizer.vocab_size)
         llguidance.numpy.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bits)
-        unpacked = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little").astype(bool)
-        allowed = np.zeros((len(matchers), width), dtype=bool)
-        shared = min(width, unpacked.shape[1])
-        allowed[:, :shared] = unpacked[:, :shared]
-        return allowed
+        count = min(width, bits.shape[1] * 32)
+        return [np.flatnonzero(np.unpackbits(row.view(np.uint8), count=count, bitorder="little")) for row in bits]
 
     def text(self, ids: list[int]) -> str:
         """The answer's text: the bytes its tokens spell, as the grammar read them."""
