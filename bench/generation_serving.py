@@ -243,6 +243,7 @@ RATING = {
 }
 """The structured answers' schema: bounded, so a complete answer fits MAX_TOKENS."""
 SURFACE_REPEATS = 3
+SURFACE_MODES = ("free text", "json schema", "free text, same length")
 STRUCTURED_COLUMNS = ["answers", "tokens/s", "tokens/answer", "TTFT p99 ms", "e2e p99 ms", "valid"]
 LABELS = ["negative", "neutral", "positive"]
 
@@ -250,7 +251,7 @@ LABELS = ["negative", "neutral", "positive"]
 async def _chat(session: aiohttp.ClientSession, base: str, model: str, chat: list, extra: dict) -> dict:
     """One streamed chat answer: ttft, e2e, tokens and its text and finish reason."""
     body = {"model": model, "messages": chat, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
-    body |= {"stream_options": {"include_usage": True}, **extra}
+    body |= {"stream_options": {"include_usage": True}} | extra
     start = time.perf_counter()
     first, text, finish, tokens = None, "", None, 0
     async with session.post(f"{base}/v1/chat/completions", json=body) as response:
@@ -279,12 +280,18 @@ def _valid(answer: dict) -> bool:
     return answer["finish"] == "stop"
 
 
-async def _structured_level(base: str, chats: list, structured: bool, requests: int) -> dict[str, Any]:
-    extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "rating", "schema": RATING}}}
+async def _structured_level(base: str, chats: list, mode: str, requests: int, length: int = 0) -> dict[str, Any]:
+    """c=16 closed loop in one of three modes: `json schema`, `free text`, or `free text, same length` (every
+    answer exactly `length` tokens: the structured answers' mean, so the two modes do the same work)."""
+    extra: dict[str, Any] = {}
+    if mode == "json schema":
+        extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "rating", "schema": RATING}}}
+    elif mode == "free text, same length":
+        extra = {"min_tokens": length, "max_tokens": length}
     answers: list[dict] = []
 
     async def one(session: aiohttp.ClientSession, i: int) -> dict:
-        answer = await _chat(session, base, NAME, chats[i % len(chats)], extra if structured else {})
+        answer = await _chat(session, base, NAME, chats[i % len(chats)], extra)
         answers.append(answer)
         return answer
 
@@ -292,7 +299,7 @@ async def _structured_level(base: str, chats: list, structured: bool, requests: 
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         row = await closed_loop(16, requests, lambda i: one(session, i))
     measured = answers[16:]  # after the warm-up
-    row["valid"] = sum(_valid(a) for a in measured) if structured else None
+    row["valid"] = sum(_valid(a) for a in measured) if mode == "json schema" else None
     row["answers"] = len(measured)
     return row
 
@@ -353,7 +360,6 @@ def surface(workdir: Path, uri: str, chats: list, fp32: Path, env: dict[str, str
     from transformers import AutoTokenizer
 
     command, ready, _, _ = servers(workdir, fp32)["llmops (continuous batching)"]
-    command = [part.replace(f"serve.models=[{NAME}]", f"serve.models=[{NAME},{FP32}]") for part in command]
     test = pd.read_parquet(next((workdir / "t").rglob("*.parquet")))
     classify = test[test["instruction"] == "classify"]
     questions = [
@@ -362,15 +368,21 @@ def surface(workdir: Path, uri: str, chats: list, fp32: Path, env: dict[str, str
     ]
     rows: list[dict[str, Any]] = []
     with running("llmops surface", command, ready, env, workdir) as base:
+        length = 0
         for repeat in range(SURFACE_REPEATS):
-            for structured in (False, True):  # interleaved: the machine's drift falls on both alike
-                row = asyncio.run(_structured_level(base, chats, structured, requests))
-                row |= {"mode": "json schema" if structured else "free text", "repeat": repeat}
-                print(f"[{row['mode']}] {row['tokens_per_s']:.0f} tok/s, valid {row['valid']}", flush=True)
+            for mode in SURFACE_MODES:  # interleaved: the machine's drift falls on every mode alike
+                row = asyncio.run(_structured_level(base, chats, mode, requests, length))
+                row |= {"mode": mode, "repeat": repeat}
+                if mode == "json schema" and not length:  # the first structured pass sets the length
+                    length = round(row["mean_tokens"])
+                print(f"[{mode}] {row['tokens_per_s']:.0f} tok/s, valid {row['valid']}", flush=True)
                 rows.append(row)
-        directory = workdir / "lm-eval-tasks"
-        directory.mkdir(exist_ok=True)
-        tasks = _lm_eval_tasks(directory, questions, list(classify["completion"]), AutoTokenizer.from_pretrained(fp32))
+    directory = workdir / "lm-eval-tasks"
+    directory.mkdir(exist_ok=True)
+    tasks = _lm_eval_tasks(directory, questions, list(classify["completion"]), AutoTokenizer.from_pretrained(fp32))
+    # the fp32 student alone: lm-eval asks `/tokenizer_info` and `/tokenize` without a model name
+    alone = [part.replace(f"serve.models=[{NAME}]", f"serve.models=[{FP32}]") for part in command]
+    with running("llmops lm-eval", alone, ready, env, workdir) as base:
         served = _harness(
             tasks, directory, "local-completions",
             {"base_url": f"{base}/v1/completions", "model": FP32, "num_concurrent": 4, "max_retries": 1},
@@ -393,23 +405,25 @@ def _check(target: str, measured: str, met: bool) -> dict[str, Any]:
 def write_surface(rows: list[dict[str, Any]], served: dict, local: dict, questions: int) -> None:
     m = machine()
     free, schema = _median(rows, "free text", "tokens_per_s"), _median(rows, "json schema", "tokens_per_s")
+    same = _median(rows, "free text, same length", "tokens_per_s")
     valid = sum(r["valid"] for r in rows if r["mode"] == "json schema")
     answered = sum(r["answers"] for r in rows if r["mode"] == "json schema")
     table = [
         [mode, f"{t[0]:.0f} ({t[1]:.0f}-{t[2]:.0f})", f"{_median(rows, mode, 'mean_tokens')[0]:.1f}",
          f"{_median(rows, mode, 'ttft_p99_ms')[0]:.0f}", f"{_median(rows, mode, 'e2e_p99_ms')[0]:.0f}",
          f"{valid}/{answered}" if mode == "json schema" else "-"]
-        for mode, t in (("free text", free), ("json schema", schema))
+        for mode, t in (("free text", free), ("json schema", schema), ("free text, same length", same))
     ]  # fmt: skip
     harness = [
         [label, f"{r['accuracy']:.4f}", f"{r['exact_match']:.4f}", f"{r['seconds']:.0f}"]
         for label, r in (("llmops serve (local-completions)", served), ("Hugging Face in-process (hf)", local))
     ]
-    ratio = schema[0] / free[0]
+    ratio, same_work = schema[0] / free[0], schema[0] / same[0]
     gap = abs(served["accuracy"] - local["accuracy"]) * 100
     same_match = f"{served['exact_match']:.4f} vs {local['exact_match']:.4f}"
     checks = [
         _check("c=16: tokens/s with a JSON schema >= 0.85x without", f"{ratio:.2f}x", ratio >= 0.85),
+        _check("... and >= 0.85x free answers of the same length", f"{same_work:.2f}x", same_work >= 0.85),
         _check("every structured answer valid", f"{valid}/{answered}", valid == answered),
         _check("lm-eval multiple choice: served within 0.5 point of in-process", f"{gap:.2f} points", gap <= 0.5),
         _check("lm-eval generation: same exact match", same_match, served["exact_match"] == local["exact_match"]),
@@ -424,8 +438,10 @@ def write_surface(rows: list[dict[str, Any]], served: dict, local: dict, questio
         f"{m['cores']} cores, torch {m['torch']}. Date: {result['date']}. Server and load generator on one machine.",
         "",
         f"Structured output: the held-out test chats, greedy, up to {MAX_TOKENS} new tokens, closed loop at c=16, "
-        f"with and without `response_format` (schema below), {SURFACE_REPEATS} interleaved repetitions: median "
-        "(min-max). An answer is valid when it parses, validates against the schema and ended by itself.",
+        f"with and without `response_format` (schema below), and free answers held to the structured answers' "
+        f"mean length (`min_tokens` = `max_tokens`: the same work per answer), {SURFACE_REPEATS} interleaved "
+        "repetitions: median (min-max). An answer is valid when it parses, validates against the schema and ended "
+        "by itself.",
         "",
         tabulate(table, headers=STRUCTURED_COLUMNS, tablefmt="github"),
         "",

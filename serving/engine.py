@@ -285,19 +285,23 @@ class GenerationEngine:
             return False
         return True
 
-    def _allowed(self, width: int) -> dict[int, np.ndarray]:
-        """For each constrained row, the token ids its grammar allows next."""
+    def _masks(self) -> dict[int, np.ndarray]:
+        """For each constrained row, the bitmask of the tokens its grammar allows next."""
         rows = [row for row, sequence in enumerate(self._running) if sequence.matcher is not None]
         if not rows:
             return {}
         assert self._grammars is not None
-        allowed = self._grammars.allowed([self._running[row].matcher for row in rows], width)
-        return dict(zip(rows, allowed, strict=True))
+        masks = self._grammars.masks([self._running[row].matcher for row in rows])
+        return dict(zip(rows, masks, strict=True))
 
-    @staticmethod
-    def _constrained(logits: torch.Tensor, row: int, ids: np.ndarray, sequence: Sequence) -> int:
-        """A constrained row's next token among `ids`, under its sampling: greedy reads only those logits."""
+    def _constrained(self, logits: torch.Tensor, row: int, mask: np.ndarray, best: int, sequence: Sequence) -> int:
+        """A constrained row's next token under its sampling, among the tokens `mask` allows. Greedy: the row's
+        own first choice (`best`) when allowed, as it mostly is inside a string, else the best allowed one."""
+        assert self._grammars is not None
         params = sequence.params
+        if params.temperature <= 0 and self._grammars.allows(mask, best):
+            return best
+        ids = self._grammars.ids(mask, logits.shape[1])
         if params.temperature <= 0:
             values = logits[row].numpy() if numpy_ready(logits) else logits[row].float().cpu().numpy()
             return int(ids[int(np.argmax(values[ids]))])
@@ -315,13 +319,14 @@ class GenerationEngine:
         asking = [row for row, sequence in enumerate(self._running) if sequence.params.logprobs is not None]
         model_logprobs = log_softmax_rows(take_rows(self._logits, asking)) if asking else None  # before barring
         logits = barred.forbid_always(self._logits)
-        allowed = self._allowed(logits.shape[1])
-        self._stuck = [row for row, ids in allowed.items() if not len(ids)]
+        masks = self._masks()
+        self._stuck = [row for row, mask in masks.items() if not mask.any()]
         tokens = argmax_rows(logits).tolist()
         for row, sequence in enumerate(self._running):
             params = sequence.params
-            if row in allowed:  # its grammar decides alone what may come next, the end token included
-                tokens[row] = self._constrained(logits, row, allowed[row], sequence) if len(allowed[row]) else 0
+            if row in masks:  # its grammar decides alone what may come next, the end token included
+                if row not in self._stuck:
+                    tokens[row] = self._constrained(logits, row, masks[row], tokens[row], sequence)
                 continue
             now_barred = barred.at(sequence.generated, params.min_new_tokens)
             own = tokens[row]  # greedy, and no barred token chosen: `pick` would choose the same

@@ -82,7 +82,8 @@ class Grammars:
             self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_WordPieces.of(tokenizer)))
         else:
             self.tokenizer = llguidance.hf.from_tokenizer(tokenizer)
-        self._executor = llguidance.LLExecutor()
+        self._executor = llguidance.LLExecutor(num_threads=1)  # a mask takes well under a millisecond: threads
+        # of its own would only compete with the model's for the cores
         self._checked: set[str] = set()
 
     def check(self, grammar: str) -> None:
@@ -104,16 +105,25 @@ class Grammars:
             raise GrammarError(matcher.get_error())
         return matcher
 
-    def allowed(self, matchers: list[Any], width: int) -> list[np.ndarray]:
-        """The token ids each matcher allows next, below `width` (logits per row: a model's output layer may have
-        more entries than its tokenizer has tokens). A grammar allows few tokens at most steps: choosing among
-        these costs less than masking whole rows."""
+    def masks(self, matchers: list[Any]) -> np.ndarray:
+        """(rows, words) int32: bit t of row r says whether matcher r allows token t next."""
         import llguidance.numpy
 
         bits = llguidance.numpy.allocate_token_bitmask(len(matchers), self.tokenizer.vocab_size)
         llguidance.numpy.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bits)
-        count = min(width, bits.shape[1] * 32)
-        return [np.flatnonzero(np.unpackbits(row.view(np.uint8), count=count, bitorder="little")) for row in bits]
+        return bits
+
+    @staticmethod
+    def allows(mask: np.ndarray, token: int) -> bool:
+        """Whether one row of `masks` allows `token`."""
+        word = token >> 5
+        return word < len(mask) and bool((int(mask[word]) >> (token & 31)) & 1)
+
+    @staticmethod
+    def ids(mask: np.ndarray, width: int) -> np.ndarray:
+        """The token ids one row of `masks` allows, below `width` (logits per row: a model's output layer may
+        have more entries than its tokenizer has tokens)."""
+        return np.flatnonzero(np.unpackbits(mask.view(np.uint8), count=min(width, len(mask) * 32), bitorder="little"))
 
     def text(self, ids: list[int]) -> str:
         """The answer's text: the bytes its tokens spell, as the grammar read them."""

@@ -9,6 +9,7 @@ the client maps to its exceptions.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -93,15 +94,22 @@ def _grammar(body: CompletionRequest | ChatCompletionRequest) -> str | None:
     if body.stop is not None:
         message = "stop: a structured answer ends where its schema does; give stop strings or response_format"
         raise ApiError(422, message, type="invalid_field", field="stop")
-    field = "response_format"
-    schema = JSON_OBJECT
-    if answer_format.type == "json_schema":
-        field, schema = "response_format.json_schema.schema", answer_format.json_schema.json_schema
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as error:
-            message = f"{field}: not a JSON Schema: {error.message}"
-            raise ApiError(422, message, type="invalid_field", field=field) from None
+    if answer_format.type == "json_object":
+        return _compiled(json.dumps(JSON_OBJECT), "response_format")
+    schema = json.dumps(answer_format.json_schema.json_schema)  # property order is the answer's order
+    return _compiled(schema, "response_format.json_schema.schema")
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(schema_text: str, field: str) -> str:
+    """A schema checked against its metaschema and compiled, once per schema (checking and compiling cost more
+    than a few decoding steps: clients send the same schema again and again)."""
+    schema = json.loads(schema_text)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as error:
+        message = f"{field}: not a JSON Schema: {error.message}"
+        raise ApiError(422, message, type="invalid_field", field=field) from None
     try:
         return json_schema_grammar(schema)
     except GrammarError as error:
