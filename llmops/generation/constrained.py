@@ -82,8 +82,6 @@ class Grammars:
             self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_WordPieces.of(tokenizer)))
         else:
             self.tokenizer = llguidance.hf.from_tokenizer(tokenizer)
-        self._executor = llguidance.LLExecutor(num_threads=1)  # a mask takes well under a millisecond: threads
-        # of its own would only compete with the model's for the cores
         self._checked: set[str] = set()
 
     def check(self, grammar: str) -> None:
@@ -110,7 +108,8 @@ class Grammars:
         import llguidance.numpy
 
         bits = llguidance.numpy.allocate_token_bitmask(len(matchers), self.tokenizer.vocab_size)
-        llguidance.numpy.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bits)
+        for row, matcher in enumerate(matchers):  # on the calling thread: no hand-off to a pool per step
+            llguidance.numpy.fill_next_token_bitmask(matcher, bits, row)
         return bits
 
     @staticmethod
