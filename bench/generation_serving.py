@@ -280,18 +280,25 @@ def _valid(answer: dict) -> bool:
     return answer["finish"] == "stop"
 
 
-async def _structured_level(base: str, chats: list, mode: str, requests: int, length: int = 0) -> dict[str, Any]:
-    """c=16 closed loop in one of three modes: `json schema`, `free text`, or `free text, same length` (every
-    answer exactly `length` tokens: the structured answers' mean, so the two modes do the same work)."""
+async def _structured_level(
+    base: str, chats: list, mode: str, requests: int, lengths: dict[int, int]
+) -> dict[str, Any]:
+    """c=16 closed loop in one of three modes: `json schema`, `free text`, or `free text, same length`: each
+    chat's answer held to exactly the length of its structured answer (`lengths`, by chat), so both modes do the
+    same work in the same mix (answers of one length would join and leave the batch in lockstep, a cheaper
+    schedule than the structured answers' staggered one). `json schema` fills `lengths`."""
     extra: dict[str, Any] = {}
     if mode == "json schema":
         extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "rating", "schema": RATING}}}
-    elif mode == "free text, same length":
-        extra = {"min_tokens": length, "max_tokens": length}
     answers: list[dict] = []
 
     async def one(session: aiohttp.ClientSession, i: int) -> dict:
-        answer = await _chat(session, base, NAME, chats[i % len(chats)], extra)
+        chat = i % len(chats)
+        length = lengths.get(chat, MAX_TOKENS // 2)
+        held = {"min_tokens": length, "max_tokens": length} if mode == "free text, same length" else {}
+        answer = await _chat(session, base, NAME, chats[chat], extra | held)
+        if mode == "json schema" and "error" not in answer:
+            lengths[chat] = answer["tokens"]
         answers.append(answer)
         return answer
 
@@ -368,13 +375,11 @@ def surface(workdir: Path, uri: str, chats: list, fp32: Path, env: dict[str, str
     ]
     rows: list[dict[str, Any]] = []
     with running("llmops surface", command, ready, env, workdir) as base:
-        length = 0
+        lengths: dict[int, int] = {}
         for repeat in range(SURFACE_REPEATS):
             for mode in SURFACE_MODES:  # interleaved: the machine's drift falls on every mode alike
-                row = asyncio.run(_structured_level(base, chats, mode, requests, length))
+                row = asyncio.run(_structured_level(base, chats, mode, requests, lengths))
                 row |= {"mode": mode, "repeat": repeat}
-                if mode == "json schema" and not length:  # the first structured pass sets the length
-                    length = round(row["mean_tokens"])
                 print(f"[{mode}] {row['tokens_per_s']:.0f} tok/s, valid {row['valid']}", flush=True)
                 rows.append(row)
     directory = workdir / "lm-eval-tasks"
@@ -438,10 +443,10 @@ def write_surface(rows: list[dict[str, Any]], served: dict, local: dict, questio
         f"{m['cores']} cores, torch {m['torch']}. Date: {result['date']}. Server and load generator on one machine.",
         "",
         f"Structured output: the held-out test chats, greedy, up to {MAX_TOKENS} new tokens, closed loop at c=16, "
-        f"with and without `response_format` (schema below), and free answers held to the structured answers' "
-        f"mean length (`min_tokens` = `max_tokens`: the same work per answer), {SURFACE_REPEATS} interleaved "
-        "repetitions: median (min-max). An answer is valid when it parses, validates against the schema and ended "
-        "by itself.",
+        f"with and without `response_format` (schema below), and free answers each held to the length of the same "
+        f"chat's structured answer (`min_tokens` = `max_tokens`: the same work in the same mix), {SURFACE_REPEATS} "
+        "interleaved repetitions: median (min-max). An answer is valid when it parses, validates against the schema "
+        "and ended by itself.",
         "",
         tabulate(table, headers=STRUCTURED_COLUMNS, tablefmt="github"),
         "",
