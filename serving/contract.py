@@ -148,13 +148,13 @@ def token_ids(schemas: Schema, served: Served) -> None:
         if len(set(served.vocabularies)) == 1:
             properties[field] = _bounded(properties[field], served.vocabularies[0])
             continue
-        schemas[request]["allOf"] = [
+        schemas[request].setdefault("allOf", []).extend(  # beside the request's own rules
             {
                 "if": {"required": ["model"], "properties": {"model": {"const": name}}},
                 "then": {"properties": {field: _bounded(properties[field], size)}},
             }
             for name, size in zip(served.generators, served.vocabularies, strict=True)
-        ]
+        )
 
 
 def text_schema(cfg: ServeConfig) -> Schema:

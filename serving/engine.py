@@ -148,8 +148,6 @@ class GenerationEngine:
         """The running sequences' state in the runtime (torch's KV cache, llama.cpp's slots), row for row."""
         self._logits: torch.Tensor | None = None
         self._grammars: Grammars | None = None
-        self._stuck: list[int] = []
-        """Rows whose grammar allowed no token at the last choice."""
         self._wake = threading.Condition()
         self._stopping = False
         self._retiring = False
@@ -311,21 +309,21 @@ class GenerationEngine:
         chosen, _ = pick(masked, [], params.temperature, params.top_p, sequence.rng)
         return int(chosen[0])
 
-    def _choose(self) -> list[int]:
+    def _choose(self) -> tuple[list[int], list[int]]:
         """Each running sequence's next token under its own sampling and the tokens barred at its length (and its
-        log-probability under the model, where the sequence asks)."""
+        log-probability under the model, where the sequence asks); and the rows whose grammar allows no token."""
         assert self._logits is not None
         barred = self.generator.barred
         asking = [row for row, sequence in enumerate(self._running) if sequence.params.logprobs is not None]
         model_logprobs = log_softmax_rows(take_rows(self._logits, asking)) if asking else None  # before barring
         logits = barred.forbid_always(self._logits)
         masks = self._masks()
-        self._stuck = [row for row, mask in masks.items() if not mask.any()]
+        stuck = [row for row, mask in masks.items() if not mask.any()]
         tokens = argmax_rows(logits).tolist()
         for row, sequence in enumerate(self._running):
             params = sequence.params
             if row in masks:  # its grammar decides alone what may come next, the end token included
-                if row not in self._stuck:
+                if row not in stuck:
                     tokens[row] = self._constrained(logits, row, masks[row], tokens[row], sequence)
                 continue
             now_barred = barred.at(sequence.generated, params.min_new_tokens)
@@ -339,18 +337,18 @@ class GenerationEngine:
             sequence = self._running[row]
             assert model_logprobs is not None and sequence.params.logprobs is not None
             sequence.logprobs.append(token_logprob(model_logprobs[index], tokens[row], sequence.params.logprobs))
-        return tokens
+        return tokens, stuck
 
     def _decode_step(self) -> list[int]:
         """Choose every running sequence's next token and send its text; the finished ones leave. The tokens of
         the rows that stay, for the next pass."""
-        tokens = self._choose()
+        tokens, stuck = self._choose()
         now = time.perf_counter()
         leaving = []
         for row, (sequence, token) in enumerate(zip(self._running, tokens, strict=True)):
             if sequence.first_token_at is None:
                 sequence.first_token_at = now
-            if row in self._stuck:
+            if row in stuck:
                 why = "the schema asks for text this model's vocabulary cannot write"
                 self._finish(sequence, "error", error_text=f"{why} (after {sequence.text!r})")
                 leaving.append(row)

@@ -9,11 +9,12 @@ sequences it has before it stops when a newer version swaps in.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from llmops.generation.candidate import GenerationParams, Prompt
-from llmops.generation.constrained import GrammarError, grammars_for
+from llmops.generation.constrained import GrammarError, built_grammars, grammars_for
 from llmops.generation.decode import TokenLogprob
 from serving.engine import EngineClosed, EngineFull, Event, Sequence
 from serving.errors import ApiError
@@ -159,17 +160,18 @@ def _prompt(request: GenerationRequest, generator: GeneratorRuntime) -> tuple[li
     if request.prompt_ids is None:
         text = request.prompt if isinstance(request.prompt, str) else generator.render(request.prompt)
         return generator.encode(request.prompt, truncate=False), request.prompt, text
-    vocabulary = len(tokenizer)
-    for position, token in enumerate(request.prompt_ids):
-        if token >= vocabulary:
-            raise ApiError(
-                422,
-                f"{request.field}[{position}]: token id {token} is not in the model's vocabulary of {vocabulary}",
-                type="invalid_field",
-                field=f"{request.field}[{position}]",
-            )
+    check_token_ids(request.prompt_ids, tokenizer, request.field)
     text = tokenizer.decode(list(request.prompt_ids))
     return list(request.prompt_ids), text, text
+
+
+def check_token_ids(ids: Iterable[int], tokenizer: Any, field: str) -> None:
+    """422 naming the position of the first id outside the model's vocabulary."""
+    vocabulary = len(tokenizer)
+    for position, token in enumerate(ids):
+        if token >= vocabulary:
+            message = f"{field}[{position}]: token id {token} is not in the model's vocabulary of {vocabulary}"
+            raise ApiError(422, message, type="invalid_field", field=f"{field}[{position}]")
 
 
 def _check_decoder_only(request: GenerationRequest, generator: GeneratorRuntime, name: str) -> None:
@@ -178,24 +180,23 @@ def _check_decoder_only(request: GenerationRequest, generator: GeneratorRuntime,
     task = generator.meta.task
     if task == "causal-lm":
         return
-    asked = [
-        field
-        for field, value in (
-            ("logprobs", request.logprobs if request.prompt_logprobs is None else request.prompt_logprobs),
-            ("response_format", request.grammar),
-        )
-        if value is not None
-    ]
-    if asked:
-        message = f"{asked[0]}: served for decoder models; '{name}' is a {task} model"
-        raise ApiError(422, message, type="invalid_field", field=asked[0])
+    for field, asked in (
+        ("logprobs", request.logprobs is not None or request.prompt_logprobs is not None),
+        ("response_format", request.grammar is not None),
+    ):
+        if asked:
+            message = f"{field}: served for decoder models; '{name}' is a {task} model"
+            raise ApiError(422, message, type="invalid_field", field=field)
 
 
 async def _check_grammar(grammar: str | None, generator: GeneratorRuntime) -> None:
     """The grammar against the model's vocabulary (the engine's check, made once per grammar and vocabulary)."""
     if grammar is None:
         return
-    grammars = await asyncio.to_thread(grammars_for, generator.tokenizer)
+    tokenizer = generator.tokenizer
+    grammars = built_grammars(tokenizer)
+    if grammars is None:  # built once, in about a second: not on the event loop
+        grammars = await asyncio.to_thread(grammars_for, tokenizer)
     try:
         grammars.check(grammar)
     except GrammarError as error:

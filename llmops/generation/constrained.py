@@ -2,8 +2,8 @@
 
 The grammar engine is llguidance (the one llama.cpp, vLLM and SGLang use): a JSON Schema compiles to a grammar,
 and for each sequence a matcher gives, at every step, the tokens that keep the text inside the grammar (a bit per
-token). The serving engine masks each constrained row's logits with its own matcher, so constrained and free
-sequences share the running batch. When the grammar is complete, the answer ends.
+token). The serving engine chooses each constrained row's next token among those its own matcher allows, so
+constrained and free sequences share the running batch. When the grammar is complete, the answer ends.
 
 Vocabularies: byte-level BPE and SentencePiece ones (GPT-2, Llama, Qwen) go to llguidance as the fast tokenizer
 describes them, and an answer's text is exactly the bytes its tokens spell. A WordPiece vocabulary (BERT, the
@@ -139,3 +139,9 @@ def grammars_for(tokenizer: Any) -> Grammars:
         if tokenizer not in _BUILT:
             _BUILT[tokenizer] = Grammars(tokenizer)
         return _BUILT[tokenizer]
+
+
+def built_grammars(tokenizer: Any) -> Grammars | None:
+    """The `Grammars` of a tokenizer if built already (`grammars_for` builds it: about a second for a large
+    vocabulary, so callers on an event loop build it on a thread of its own)."""
+    return _BUILT.get(tokenizer)

@@ -16,8 +16,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.deps import Authorized, JsonBody, ServiceDep
-from serving.errors import ApiError
-from serving.generate import generator_model, only_generator
+from serving.generate import check_token_ids, generator_model, only_generator
 from serving.openai_schemas import ChatMessage, TokenId
 from serving.routes import ERRORS
 from serving.runtimes import GeneratorRuntime
@@ -110,11 +109,7 @@ async def tokenize(body: TokenizeRequest, service: ServiceDep) -> TokenizeRespon
 async def detokenize(body: DetokenizeRequest, service: ServiceDep) -> DetokenizeResponse:
     """Token ids back to text (special tokens as written)."""
     tokenizer = _runtime(service, body.model).tokenizer
-    vocabulary = len(tokenizer)
-    for position, token in enumerate(body.tokens):
-        if token >= vocabulary:
-            message = f"tokens[{position}]: token id {token} is not in the model's vocabulary of {vocabulary}"
-            raise ApiError(422, message, type="invalid_field", field=f"tokens[{position}]")
+    check_token_ids(body.tokens, tokenizer, "tokens")
     return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
 
 
