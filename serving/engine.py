@@ -26,8 +26,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from llmops.generation.decode import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 REPLACEMENT = "\ufffd"
 """What a tokenizer decodes an incomplete UTF-8 character to."""
 
@@ -148,6 +150,10 @@ class GenerationEngine:
         """The running sequences' state in the runtime (torch's KV cache, llama.cpp's slots), row for row."""
         self._logits: torch.Tensor | None = None
         self._grammars: Grammars | None = None
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        """Work for the inference thread between two steps (attaching a LoRA adapter), with its outcome."""
+        self._released: set[str] = set()
+        """Adapters no new sequence will ask for: detached once no sequence uses them."""
         self._wake = threading.Condition()
         self._stopping = False
         self._retiring = False
@@ -197,18 +203,45 @@ class GenerationEngine:
             self._retiring = True
             self._wake.notify()
 
+    def call(self, function: Callable[[], T]) -> T:
+        """`function()` on the inference thread between two steps, where no pass is under way (blocking): how a
+        LoRA adapter is attached to the running model. Raises what it raises, or `EngineClosed`."""
+        outcome: Future[T] = Future()
+        with self._wake:
+            if self.closed or self._retiring:
+                raise EngineClosed("this version's engine has stopped")
+            self._calls.append((function, outcome))
+            self._wake.notify()
+        return outcome.result()
+
+    def release_adapter(self, key: str) -> None:
+        """No new sequence asks for adapter `key` (its version was replaced): detach it once none uses it."""
+        with self._wake:
+            self._released.add(key)
+            self._wake.notify()
+
     # --- the inference thread --------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._running and not self._stopping:
+                while not (self._waiting or self._running or self._stopping or self._calls or self._released):
                     if self._retiring:
                         self.closed = True
                         return
                     self._wake.wait()
                 if self._stopping:
+                    self._end_calls()
                     return
+                calls = [self._calls.popleft() for _ in range(len(self._calls))]
+            for function, outcome in calls:
+                try:
+                    outcome.set_result(function())
+                except BaseException as error:  # the caller's to handle
+                    outcome.set_exception(error)
+            self._detach_released()
+            if not (self._waiting or self._running):
+                continue
             try:
                 self._iterate()
             except Exception as error:  # a failed step fails its sequences, never the thread
@@ -219,6 +252,21 @@ class GenerationEngine:
                 self._running, self._logits = [], None
             if self.on_step is not None:
                 self.on_step(len(self._running), len(self._waiting))
+
+    def _end_calls(self) -> None:
+        while self._calls:
+            self._calls.popleft()[1].set_exception(EngineClosed("this version's engine has stopped"))
+
+    def _detach_released(self) -> None:
+        adapters = self.generator.adapters
+        if not self._released or adapters is None:
+            return
+        with self._wake:
+            used = {s.params.adapter for s in (*self._running, *self._waiting)}
+            gone = self._released - used
+            self._released -= gone
+        for key in gone:
+            adapters.detach(key)
 
     @torch.inference_mode()
     def _iterate(self) -> None:
@@ -248,7 +296,8 @@ class GenerationEngine:
         (llama.cpp runs them in one batch, as llama-server's slots do); the next logits of every row."""
         joining = [s for s in joining if self._score_prompt(s) and self._constrain(s)]
         try:
-            self._logits, embeddings = self._batch.step_and_admit(tokens, [s.prompt_ids for s in joining])
+            prompts, adapters = [s.prompt_ids for s in joining], [s.params.adapter for s in joining]
+            self._logits, embeddings = self._batch.step_and_admit(tokens, prompts, adapters)
         finally:
             self._running += joining  # a failed pass fails the joining sequences with the running ones
         if embeddings is not None:
@@ -262,7 +311,7 @@ class GenerationEngine:
         if top is None:
             return True
         try:
-            scored = self._batch.score(sequence.prompt_ids)
+            scored = self._batch.score(sequence.prompt_ids, sequence.params.adapter)
             sequence.prompt_logprobs = prompt_token_logprobs(scored, sequence.prompt_ids, top)
         except Exception as error:
             log.exception("scoring a prompt failed")

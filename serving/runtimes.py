@@ -11,14 +11,16 @@ one of them and `load_runtime` picks it from the candidate's `candidate.json`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from llmops.candidate_folder import CandidateMeta
 from llmops.classification.candidate import Forward
 from llmops.generation.candidate import GenerationParams, Prompt
 from serving.engine import Sequence
 
+T = TypeVar("T")
 WARM_TEXTS = ["warming up the model", "a second, somewhat longer text to warm up the padded path"]
 
 
@@ -64,6 +66,14 @@ class GenerationBackend(Protocol):
 
     def retire(self) -> None:
         """A newer version serves now: finish what is running, take nothing new."""
+        ...
+
+    def call(self, function: Callable[[], T]) -> T:
+        """`function()` where no pass is under way (attaching a LoRA adapter to the running model)."""
+        ...
+
+    def release_adapter(self, key: str) -> None:
+        """No new sequence asks for adapter `key`: detach it once none uses it."""
         ...
 
     def stop(self) -> None:

@@ -90,6 +90,7 @@ class Service:
                 self.cfg.poll_interval_s,
                 self.cfg.retry_failed_after_s,
                 self._engine,
+                lambda name: self.models.get(name),
             )
 
         self.models = {name: watcher(name, self.cfg.alias) for name in cfg.served_models}

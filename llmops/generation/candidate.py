@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from llmops.candidate_folder import load_torch_model, open_candidate
+from llmops.generation.adapters import Adapters
 from llmops.generation.data import IGNORE, encode_example, prompt_ids, render_prompt
 from llmops.generation.decode import Decoded, Running, RunningBatch, decode, head_inputs, pick, prefill
 from llmops.generation.losses import score_completions
@@ -46,6 +47,8 @@ class GenerationParams:
     """Serving: each prompt token's log-probability too, with this many alternatives (None: none)."""
     grammar: str | None = None
     """Serving: the answer keeps to this grammar (`llmops.generation.constrained`) and ends where it is complete."""
+    adapter: str | None = None
+    """Serving: the LoRA adapter this sequence's rows run with (a key attached to the runtime's `adapters`)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class Generator:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.vocabulary = Vocabulary(self.tokenizer)
         self.barred = self.vocabulary.barred
+        self.adapters = Adapters(self.model) if isinstance(self.model, torch.nn.Module) else None
+        """LoRA adapters served over this model, row by row (a torch model; None: this runtime runs none)."""
 
     def _load_model(self) -> tuple[Any, torch.device]:
         """The model that runs the forward passes (torch here; another runtime overrides this and the passes)."""
@@ -237,7 +242,7 @@ class Generator:
     def running_batch(self, slots: int, embeddings: bool = False, positions: int | None = None) -> RunningBatch:
         """The serving engine's running batch over this model (`slots` sequences of at most `positions` tokens:
         a runtime that allocates its caches up front, llama.cpp, sizes them by these; torch's grow)."""
-        return Running(self.model, self.pad_id, self.device, embeddings)
+        return Running(self.model, self.pad_id, self.device, embeddings, self.adapters)
 
     @torch.inference_mode()
     def prompt_embeddings(self, prompts: Sequence[Prompt], batch_size: int = 32) -> np.ndarray:

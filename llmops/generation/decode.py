@@ -11,7 +11,7 @@ position ids. Seq2seq models keep `generate()`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from transformers import DynamicCache
+
+from llmops.generation.adapters import AdapterError, Adapters
 
 GREEDY_BELOW = 1e-6
 
@@ -270,16 +272,19 @@ class RunningBatch(Protocol):
         """Feed one token to every row (in row order); the next logits (rows, vocab)."""
         ...
 
-    def step_and_admit(self, tokens: list[int], prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+    def step_and_admit(
+        self, tokens: list[int], prompts: list[list[int]], adapters: list[str | None] | None = None
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
         """`step(tokens)` and `admit(prompts)` in one pass where the runtime can (llama.cpp): the next logits of
-        every row (the running ones, then the new ones) and, when kept, the new prompts' embeddings."""
+        every row (the running ones, then the new ones) and, when kept, the new prompts' embeddings. `adapters`
+        names each new row's LoRA adapter (`llmops.generation.adapters`; None: the base alone)."""
         ...
 
     def full(self, row: int) -> bool:
         """Whether the row has no room for another token."""
         ...
 
-    def score(self, ids: list[int]) -> torch.Tensor:
+    def score(self, ids: list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits at every position of one sequence (len(ids), vocab), teacher-forced, leaving the rows alone
         (prompt logprobs)."""
         ...
@@ -290,29 +295,49 @@ class RunningBatch(Protocol):
 
 
 def step_then_admit(
-    batch: RunningBatch, tokens: list[int], prompts: list[list[int]]
+    batch: Any, tokens: list[int], prompts: list[list[int]], adapters: list[str | None] | None = None
 ) -> tuple[torch.Tensor, np.ndarray | None]:
     """`RunningBatch.step_and_admit` for a runtime whose passes take one shape at a time: a step, then a prefill."""
     logits, embeddings = [batch.step(tokens)] if tokens else [], None
     if prompts:
-        joined, embeddings = batch.admit(prompts)
+        joined, embeddings = batch.admit(prompts, adapters)
         logits.append(joined)
     return torch.cat(logits), embeddings
 
 
+def no_adapters(adapters: Sequence[str | None] | None, runtime: str) -> None:
+    """A runtime that runs no LoRA adapters refuses rows that ask for one."""
+    if adapters and any(adapters):
+        raise AdapterError(f"the {runtime} runtime runs no LoRA adapters (they are served over a torch base)")
+
+
 class Running:
     """The serving engine's running batch over a torch decoder: sequences join (one prefill for all that join at
-    once, merged into the batch by `join`), step together, and leave (`keep_rows`) at any step.
-    `llmops.generation.llamacpp.Slots` is the same over llama.cpp."""
+    once, merged into the batch by `join`), step together, and leave (`keep_rows`) at any step; each row with its
+    own LoRA adapter or none (`adapters`). `llmops.generation.llamacpp.Slots` is the same over llama.cpp."""
 
-    def __init__(self, model: Any, pad_id: int, device: torch.device, embeddings: bool = False):
+    def __init__(
+        self, model: Any, pad_id: int, device: torch.device, embeddings: bool = False, adapters: Adapters | None = None
+    ):
         self.model, self.pad_id, self.device, self.embeddings = model, pad_id, device, embeddings
+        self.adapters = adapters
         self._batch: Batch | None = None
+        self._keys: list[str | None] = []
+        """Each row's adapter."""
+
+    def _routed(self, keys: list[str | None]) -> AbstractContextManager[None]:
+        if self.adapters is None:
+            no_adapters(keys, "this")
+            return nullcontext()
+        return self.adapters.routed(keys)
 
     @torch.inference_mode()
-    def admit(self, prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+    def admit(
+        self, prompts: list[list[int]], adapters: list[str | None] | None = None
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
         """New rows for `prompts`, left-padded into one prefill: their next-token logits (n, vocab) and, when
         asked, the prompts' embeddings (n, hidden: the output layer's input at the last prompt token)."""
+        keys: list[str | None] = list(adapters) if adapters else [None] * len(prompts)
         width = max(len(ids) for ids in prompts)
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
         starts = torch.tensor([width - len(p) for p in prompts])
@@ -320,30 +345,36 @@ class Running:
         capture: AbstractContextManager[list[torch.Tensor]] = (
             head_inputs(self.model) if self.embeddings else nullcontext([])
         )
-        with capture as caught:
+        with capture as caught, self._routed(keys):
             logits, batch = prefill(self.model, ids.to(self.device), mask.to(self.device))
         self._batch = batch if self._batch is None else join(self._batch, batch)
+        self._keys += keys
         embeddings = caught[0][:, -1, :].float().cpu().numpy() if caught else None
         return logits, embeddings
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token to every row (in row order); the next logits (rows, vocab)."""
         assert self._batch is not None
-        return step(self.model, torch.tensor(tokens, device=self.device), self._batch)
+        with self._routed(self._keys):
+            return step(self.model, torch.tensor(tokens, device=self.device), self._batch)
 
-    def step_and_admit(self, tokens: list[int], prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
-        return step_then_admit(self, tokens, prompts)
+    def step_and_admit(
+        self, tokens: list[int], prompts: list[list[int]], adapters: list[str | None] | None = None
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        return step_then_admit(self, tokens, prompts, adapters)
 
     def full(self, row: int) -> bool:
         return False  # the model's own context is checked before a sequence is admitted
 
     @torch.inference_mode()
-    def score(self, ids: list[int]) -> torch.Tensor:
+    def score(self, ids: list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits at every position of one sequence (len(ids), vocab), in a pass of its own."""
-        return self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float().cpu()
+        with self._routed([adapter]):
+            return self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float().cpu()
 
     def keep(self, rows: list[int]) -> None:
         """Only `rows` stay, in that order."""
+        self._keys = [self._keys[row] for row in rows]
         if not rows:
             self._batch = None
         elif self._batch is not None:

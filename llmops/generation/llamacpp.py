@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from llmops.generation.candidate import GenerationParams, Generator, Prompt
-from llmops.generation.decode import Decoded
+from llmops.generation.decode import Decoded, no_adapters
 from llmops.gguf import GGUF_FILE, bindings, llama_cpp_dir
 
 MAX_CONTEXT = 2048
@@ -155,10 +155,13 @@ class Slots:
         """Feed one token to every row (in row order); the next logits (rows, vocab)."""
         return self.step_and_admit(tokens, [])[0]
 
-    def step_and_admit(self, tokens: list[int], prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+    def step_and_admit(
+        self, tokens: list[int], prompts: list[list[int]], adapters: list[str | None] | None = None
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
         """One token to every row (no tokens: the rows wait) and `prompts` as new rows, in one batch (as
         llama-server fills its slots' batch): the next logits of the rows fed, the running ones first, and the new
         prompts' embeddings when kept."""
+        no_adapters(adapters, "llama.cpp")
         if len(prompts) > len(self._free):
             raise RuntimeError(f"{len(prompts)} sequences asked for {len(self._free)} free llama.cpp slots")
         for ids in prompts:
@@ -255,10 +258,11 @@ class Slots:
             self._cached[seq] = []
             self._free.append(seq)
 
-    def score(self, ids: list[int]) -> torch.Tensor:
+    def score(self, ids: list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits at every position of one sequence (len(ids), vocab), computed whole in the least recently used
         free slot (what it held is saved first, as `_reuse` saves it). The slot keeps `ids` afterwards: a prompt
         scored before it is answered (prompt logprobs) then finds its cache."""
+        no_adapters([adapter], "llama.cpp")
         seq = self._free.pop(0)
         if self._cached[seq]:
             self.saved.put(self._cached[seq], lambda: self._state(seq))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from llmops.generation.candidate import GenerationParams, Generator, Prompt
-from llmops.generation.decode import Decoded, step_then_admit
+from llmops.generation.decode import Decoded, no_adapters, step_then_admit
 from llmops.openvino_ir import INPUTS, MODEL_FILE
 
 GENERATE_SLOTS = 16
@@ -107,9 +107,12 @@ class Running:
         logits, hidden = self._run(self._prefill, ids, mask, np.array([width - 1]) if index is None else index)
         return logits, hidden, _Cache(mask, self._read(self._prefill))
 
-    def admit(self, prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+    def admit(
+        self, prompts: list[list[int]], adapters: list[str | None] | None = None
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
         """New rows for `prompts` (one prefill for all): their next-token logits (n, vocab) and, when asked, the
         prompts' embeddings (n, hidden)."""
+        no_adapters(adapters, "OpenVINO")
         logits, hidden, joining = self.prefill(prompts)
         cache = joining if self._mask is None else self._cache().join(joining)
         self._write(self._request, cache.states)
@@ -128,8 +131,10 @@ class Running:
         logits, _ = self._run(self._request, ids, self._mask, np.array([0]))
         return torch.from_numpy(logits[:, -1].copy())
 
-    def step_and_admit(self, tokens: list[int], prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
-        return step_then_admit(self, tokens, prompts)
+    def step_and_admit(
+        self, tokens: list[int], prompts: list[list[int]], adapters: list[str | None] | None = None
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        return step_then_admit(self, tokens, prompts, adapters)
 
     def full(self, row: int) -> bool:
         return False  # the model's own context is checked before a sequence is admitted
@@ -146,8 +151,9 @@ class Running:
         self._write(self._request, cache.states)
         self._mask = cache.mask
 
-    def score(self, ids: list[int]) -> torch.Tensor:
+    def score(self, ids: list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits at every position of one sequence (len(ids), vocab)."""
+        no_adapters([adapter], "OpenVINO")
         logits, _, _ = self.prefill([ids], np.arange(len(ids)))
         return torch.from_numpy(logits[0].copy())
 

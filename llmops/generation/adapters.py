@@ -1,0 +1,224 @@
+"""Several LoRA adapters over one copy of a base model, each row of a batch with its own (or none).
+
+A run with `train.lora.adapter_of` keeps its adapter unmerged: the candidate folder holds peft's
+`adapter_config.json` and `adapter_model.safetensors` beside the tokenizer, and `candidate.json`'s recipe names
+the registered base version it was trained on (`adapter_of`). Serving attaches such a version to the base's
+running model instead of loading a second copy of it.
+
+How a batch mixes adapters (S-LoRA's and punica's idea, in plain torch): every adapted layer of the base is
+wrapped once; it keeps, for each attached adapter, a slot in two stacked tensors, A (slots, r, in) and B*scale
+(slots, out, r), slot 0 all zeros (rows that ask for no adapter). Before a forward pass the running batch names
+each row's adapter (`Adapters.routed`); the layer adds `x @ A[slot].T @ B[slot].T` to the base's output, a
+gathered batched matmul per layer whatever the mix (one adapter for the whole batch: a plain matmul, no gather).
+Ranks may differ (the smaller ones are padded with zeros). Attaching or detaching rebuilds the stacks; the
+engine does it between two steps, so a pass never sees half an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "modules_to_save": "modules trained in full (modules_to_save)",
+    "alpha_pattern": "per-module alpha (alpha_pattern)",
+    "trainable_token_indices": "trained token embeddings",
+    "layer_replication": "layer replication",
+    "use_qalora": "QA-LoRA",
+}
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot run over this base: the message says which part does not fit."""
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """The registered base version an adapter was trained on."""
+
+    model: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"'{self.model}' version {self.version}"
+
+
+def adapter_of(recipe: dict[str, Any]) -> BaseRef | None:
+    """The base a candidate is an adapter of (its recipe's `adapter_of`); None for a whole model."""
+    base = recipe.get("adapter_of")
+    return None if not base else BaseRef(str(base["model"]), str(base["version"]))
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One adapter's factors by module name (relative to the base model): A (r, in) and B*scale (out, r)."""
+
+    key: str
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def load(cls, folder: str | Path, key: str) -> LoraWeights:
+        """peft's saved adapter (`save_pretrained` of a `PeftModel`); an `AdapterError` for what it cannot run."""
+        folder = Path(folder)
+        config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+        if not config_file.is_file() or not weights_file.is_file():
+            raise AdapterError(f"{folder}: no LoRA adapter here ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} expected)")
+        config = json.loads(config_file.read_text())
+        if config.get("peft_type", "LORA") != "LORA":
+            raise AdapterError(f"{folder}: a {config['peft_type']} adapter; only LoRA adapters are served")
+        used = [what for option, what in UNSUPPORTED.items() if config.get(option)]
+        if config.get("bias", "none") != "none" or config.get("lora_bias"):
+            used.append("trained biases")
+        if used:
+            raise AdapterError(f"{folder}: the adapter uses {', '.join(used)}, which llmops does not serve")
+        alpha = float(config["lora_alpha"])
+        tensors = load_file(weights_file)
+        factors = {}
+        for name, a in tensors.items():
+            if not name.endswith(".lora_A.weight"):
+                continue
+            module = name.removesuffix(".lora_A.weight").removeprefix(PEFT_PREFIX)
+            b = tensors.get(name.replace(".lora_A.", ".lora_B."))
+            if b is None or a.dim() != 2:
+                raise AdapterError(f"{folder}: {name} is not the A factor of a LoRA pair over a linear layer")
+            rank = a.shape[0]
+            scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+            factors[module] = (a.float(), b.float() * scale)
+        if not factors:
+            raise AdapterError(f"{folder}: {ADAPTER_WEIGHTS} holds no LoRA factors")
+        return cls(key, factors)
+
+
+def _in_out(module: torch.nn.Module) -> tuple[int, int] | None:
+    """A linear layer's input and output widths (torch Linear, its dynamic-int8 form, GPT-2's Conv1D)."""
+    widths: Any = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+    if type(module).__name__ == "Conv1D":
+        widths = (getattr(module, "nx", None), getattr(module, "nf", None))
+    return (int(widths[0]), int(widths[1])) if None not in widths else None
+
+
+class _Adapted(torch.nn.Module):
+    """A base layer plus, per row, its adapter's low-rank update (see the module docstring)."""
+
+    def __init__(self, base: torch.nn.Module, bank: Adapters):
+        super().__init__()
+        self.base = base
+        self.bank = [bank]  # in a list: not a submodule
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        route = self.bank[0].route
+        if route is None or self.a is None or self.b is None:
+            return y
+        if isinstance(route, int):
+            return y + (x @ self.a[route].T) @ self.b[route].T
+        a, b = self.a.index_select(0, route), self.b.index_select(0, route)
+        flat = x if x.dim() == 3 else x.unsqueeze(1)
+        update = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+        return y + update.view_as(y)
+
+
+class Adapters:
+    """The adapters attached to one base model, and which rows of the next forward pass use which."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.route: int | torch.Tensor | None = None
+        """For the pass under way: None (no adapter), a slot (every row), or each row's slot."""
+        self._slots: list[str | None] = [None]
+        self._weights: dict[str, LoraWeights] = {}
+        self._layers: dict[str, _Adapted] = {}
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self._weights)
+
+    def check(self, weights: LoraWeights) -> None:
+        """An `AdapterError` unless every factor fits a linear layer of this base."""
+        modules = dict(self.model.named_modules())
+        for name, (a, b) in weights.factors.items():
+            layer = self._layers.get(name)
+            module = layer.base if layer is not None else modules.get(name)
+            if module is None:
+                raise AdapterError(f"adapter {weights.key}: the base has no layer '{name}' (another architecture?)")
+            shape = _in_out(module)
+            if shape is None:
+                raise AdapterError(f"adapter {weights.key}: '{name}' is a {type(module).__name__}, not a linear layer")
+            if (a.shape[1], b.shape[0]) != shape:
+                raise AdapterError(
+                    f"adapter {weights.key}: '{name}' maps {a.shape[1]} -> {b.shape[0]} features, the base's layer "
+                    f"{shape[0]} -> {shape[1]} (an adapter of another base)"
+                )
+
+    def attach(self, weights: LoraWeights) -> None:
+        """Make `weights` routable under its key (between passes)."""
+        self.check(weights)
+        for name in weights.factors:
+            if name not in self._layers:
+                parent, _, child = name.rpartition(".")
+                owner = self.model.get_submodule(parent) if parent else self.model
+                layer = _Adapted(getattr(owner, child), self)
+                setattr(owner, child, layer)
+                self._layers[name] = layer
+        if weights.key not in self._weights:
+            free = [slot for slot, key in enumerate(self._slots) if slot and key is None]
+            if free:
+                self._slots[free[0]] = weights.key
+            else:
+                self._slots.append(weights.key)
+        self._weights[weights.key] = weights
+        self._rebuild()
+
+    def detach(self, key: str) -> None:
+        """Drop an adapter no row uses any more (between passes)."""
+        if self._weights.pop(key, None) is not None:
+            self._slots[self._slots.index(key)] = None
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        rank = max((a.shape[0] for w in self._weights.values() for a, _ in w.factors.values()), default=0)
+        for name, layer in self._layers.items():
+            width_in, width_out = _in_out(layer.base)  # type: ignore[misc]
+            a = torch.zeros(len(self._slots), rank, width_in)
+            b = torch.zeros(len(self._slots), width_out, rank)
+            for slot, key in enumerate(self._slots):
+                pair = self._weights[key].factors.get(name) if key is not None else None
+                if pair is not None:
+                    a[slot, : pair[0].shape[0]] = pair[0]
+                    b[slot, :, : pair[1].shape[1]] = pair[1]
+            layer.a, layer.b = (a, b) if any(self._slots[1:]) else (None, None)
+
+    def routing(self, keys: Sequence[str | None]) -> int | torch.Tensor | None:
+        """The route for rows asking for `keys` (None: the base alone)."""
+        if not any(keys):
+            return None
+        unknown = {key for key in keys if key is not None and key not in self._weights}
+        if unknown:
+            raise AdapterError(f"adapter {sorted(unknown)[0]} is not attached")
+        slots = [self._slots.index(key) if key is not None else 0 for key in keys]
+        if len(set(slots)) == 1:
+            return slots[0]
+        return torch.tensor(slots, dtype=torch.long)
+
+    @contextmanager
+    def routed(self, keys: Sequence[str | None] | None) -> Iterator[None]:
+        """Forward passes inside the block give each row its adapter (`keys` in row order; None: no adapter)."""
+        self.route = self.routing(keys) if keys else None
+        try:
+            yield
+        finally:
+            self.route = None
