@@ -66,6 +66,11 @@ def current_champion(cfg: LlmopsConfig) -> str | None:
 
 
 @io_task
+def adapter_base(cfg: LlmopsConfig) -> LlmopsConfig:
+    return release.adapter_base(cfg)
+
+
+@io_task
 def evaluation_context(cfg: LlmopsConfig) -> dict[str, Any]:
     return tasks.for_config(cfg).eval_context(cfg)
 
@@ -152,17 +157,21 @@ def evaluate_all(
 
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Data -> teacher -> student -> quantized candidates -> evaluation -> gates -> registry."""
+    """Data -> teacher -> student -> quantized candidates -> evaluation -> gates -> registry (an adapter run:
+    data -> adapter over its registered base -> evaluation -> gates -> registry)."""
     started_at = time.time()
     cfg = load_config(config, overrides)
     champion_at_start = current_champion(cfg)
     preflight(cfg)
+    cfg = adapter_base(cfg)
     context = evaluation_context(cfg)
     data_dir = prepare_data(cfg)
     teacher = fine_tune(cfg, data_dir)
-    student = distil(cfg, teacher, data_dir)
     candidates, skipped = {"teacher": teacher}, {}
-    for kind in cfg.quantize.candidates:
+    # an adapter (`train.lora.adapter_of`) is released as trained: it runs over its base, not a smaller student
+    kinds = [] if cfg.train.lora is not None and cfg.train.lora.adapter_of else cfg.quantize.candidates
+    student = distil(cfg, teacher, data_dir) if kinds else teacher
+    for kind in kinds:
         reason = quantize.unavailable(student, kind)
         if reason is not None:
             skipped[kind] = reason

@@ -135,7 +135,8 @@ class ModelConfig(_Strict):
 
 
 class LoraConfig(_Strict):
-    """LoRA adapters (peft) instead of full fine-tuning; merged into the base for release."""
+    """LoRA adapters (peft) instead of full fine-tuning; merged into the base for release, or released as an adapter of
+    a registered base (`adapter_of`)."""
 
     r: int = Field(default=16, gt=0)
     alpha: int = Field(default=32, gt=0)
@@ -144,6 +145,18 @@ class LoraConfig(_Strict):
     """Module names to adapt. Default: peft's choice for the architecture (attention query and value)."""
     qlora: bool = False
     """QLoRA: the frozen base in 4-bit NF4 (bitsandbytes) under the adapters. Needs a CUDA GPU."""
+    adapter_of: str | None = None
+    """Keep the adapter unmerged and register it as its own model (`registry.model_name`), an adapter of a registered
+    generator: `name` (its `champion`), `name@alias` or `name/version`. The base's weights are that version's (a
+    float torch candidate: `teacher` or `fp32`; `model.name_or_path` is not used); `llmops serve` runs the adapter
+    over that same version, in the base's batch (`serve.models` names both). null: merged into the base."""
+
+    @field_validator("adapter_of")
+    @classmethod
+    def _names_a_registered_model(cls, spec: str | None) -> str | None:
+        if spec is not None and not re.fullmatch(r"[^@/\s]+(@[^@/\s]+|/\d+)?", spec):
+            raise ValueError(f"train.lora.adapter_of must be `name`, `name@alias` or `name/version`, got {spec!r}")
+        return spec
 
 
 class TrainConfig(_Strict):
@@ -646,6 +659,19 @@ class LlmopsConfig(_Strict):
             raise ValueError("distill.transfer_rows is for classification; a generative task has no transfer set")
         if not self.generative and self.train.lora is not None and self.train.lora.qlora:
             raise ValueError("train.lora.qlora is for generative tasks")
+        adapter_of = self.train.lora.adapter_of if self.train.lora is not None else None
+        if adapter_of is not None:
+            if self.task != "causal-lm":
+                raise ValueError(f"train.lora.adapter_of: adapters are served over causal-lm bases, not {self.task}")
+            if self.train.lora.qlora:  # type: ignore[union-attr]
+                raise ValueError(
+                    "train.lora.adapter_of: an adapter trains over the base's own weights, not under QLoRA"
+                )
+            if adapter_of.split("@")[0].split("/")[0] == self.registry.model_name:
+                raise ValueError(
+                    f"train.lora.adapter_of: the adapter is registered as its own model; registry.model_name must "
+                    f"name it, not its base '{self.registry.model_name}'"
+                )
         onnx = [kind for kind in self.quantize.candidates if kind in ONNX_KINDS]
         if self.generative and onnx:
             raise ValueError(f"quantize.candidates: {onnx} are built for classifiers; a {self.task} task has none")

@@ -115,6 +115,9 @@ def _version_tags(
     }
     if report.notes or verdict.notes:
         tags["notes"] = report.notes + verdict.notes
+    base = report.recipe.get("adapter_of")
+    if base:  # the MLflow UI shows what the adapter runs over; serving reads it from candidate.json
+        tags["adapter_of"] = f"{base['model']}/{base['version']}"
     if "macro_f1" in report.metrics:  # monitoring compares live quality with it
         tags["test_macro_f1"] = f"{report.metrics['macro_f1']:.6f}"
     return tags
@@ -382,6 +385,23 @@ def current_champion(cfg: LlmopsConfig) -> str | None:
     """The champion's version when the flow starts: promotion later is compare-and-set against it."""
     client = registry.setup_tracking(cfg.registry)
     return registry.alias_version(client, cfg.registry.model_name, registry.CHAMPION)
+
+
+def adapter_base(cfg: LlmopsConfig) -> LlmopsConfig:
+    """An adapter run (`train.lora.adapter_of`) with its base resolved: `adapter_of` names the exact version and
+    `model.name_or_path` that version's candidate folder (downloaded once under `work_dir/bases`). Other runs are
+    returned as they are."""
+    lora = cfg.train.lora
+    if lora is None or lora.adapter_of is None:
+        return cfg
+    from llmops.generation.adapters import resolve_base
+
+    registry.setup_tracking(cfg.registry)
+    uri = registry.resolve_tracking_uri(cfg.registry)
+    ref, folder = resolve_base(lora.adapter_of, uri, Path(cfg.work_dir).resolve() / "bases")
+    train = cfg.train.model_copy(update={"lora": lora.model_copy(update={"adapter_of": f"{ref.model}/{ref.version}"})})
+    model = cfg.model.model_copy(update={"name_or_path": str(folder), "random_init": None})
+    return cfg.model_copy(update={"model": model, "train": train})
 
 
 def score_champion(

@@ -310,6 +310,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llmops"
+    root: str | None = None
+    """vLLM's extension: the registered version serving, `name/version`."""
+    parent: str | None = None
+    """vLLM's extension: a LoRA adapter's base, `name/version` (null: a whole model)."""
 
 
 class ModelList(BaseModel):

@@ -163,6 +163,8 @@ class ServedModel(BaseModel):
     version: str | None = None
     """The version serving now (null: none loaded yet)."""
     task: str | None = None
+    adapter_of: str | None = None
+    """A LoRA adapter: the base version it runs over, `name/version`."""
     reason: str | None = None
     """Why none is loaded, or the last reload failure while the old version keeps serving."""
 

@@ -33,13 +33,16 @@ def wait_until_ready(base: str, failure: Callable[[], str | None] = lambda: None
 
 
 @asynccontextmanager
-async def in_process(cfg: LlmopsConfig, tracking_uri: str) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    """The service of `cfg` in this process, once ready: an HTTP client on it, and the app."""
+async def in_process(
+    cfg: LlmopsConfig, tracking_uri: str, ready: bool = True
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """The service of `cfg` in this process, once ready (`ready`; else once every model's first load is over):
+    an HTTP client on it, and the app."""
     app = create_app(cfg, tracking_uri=tracking_uri)
     async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://serving", timeout=60) as client:
-            for _ in range(600):
+            for _ in range(600 if ready else 0):
                 if (await client.get("/readyz")).status_code == 200:
                     break
                 await asyncio.sleep(0.05)

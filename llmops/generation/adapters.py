@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -139,6 +141,8 @@ class Adapters:
         self.model = model
         self.route: int | torch.Tensor | None = None
         """For the pass under way: None (no adapter), a slot (every row), or each row's slot."""
+        self._resting: int | None = None
+        """The route outside `routed` blocks: None, or the slot of the adapter this model always runs (`fix`)."""
         self._slots: list[str | None] = [None]
         self._weights: dict[str, LoraWeights] = {}
         self._layers: dict[str, _Adapted] = {}
@@ -205,11 +209,11 @@ class Adapters:
     def routing(self, keys: Sequence[str | None]) -> int | torch.Tensor | None:
         """The route for rows asking for `keys` (None: the base alone)."""
         if not any(keys):
-            return None
+            return self._resting
         unknown = {key for key in keys if key is not None and key not in self._weights}
         if unknown:
             raise AdapterError(f"adapter {sorted(unknown)[0]} is not attached")
-        slots = [self._slots.index(key) if key is not None else 0 for key in keys]
+        slots = [self._slots.index(key) if key is not None else self._resting or 0 for key in keys]
         if len(set(slots)) == 1:
             return slots[0]
         return torch.tensor(slots, dtype=torch.long)
@@ -217,8 +221,91 @@ class Adapters:
     @contextmanager
     def routed(self, keys: Sequence[str | None] | None) -> Iterator[None]:
         """Forward passes inside the block give each row its adapter (`keys` in row order; None: no adapter)."""
-        self.route = self.routing(keys) if keys else None
+        self.route = self.routing(keys) if keys else self._resting
         try:
             yield
         finally:
-            self.route = None
+            self.route = self._resting
+
+    def fix(self, weights: LoraWeights) -> None:
+        """Attach `weights` and run every pass with them (an adapter candidate loaded on its own)."""
+        self.attach(weights)
+        self._resting = self.route = self._slots.index(weights.key)
+
+
+def parse_base(spec: str) -> tuple[str, str | None, str | None]:
+    """`train.lora.adapter_of` as (model, alias, version): `name` is its champion."""
+    if "/" in spec:
+        model, version = spec.split("/")
+        return model, None, version
+    model, _, alias = spec.partition("@")
+    return model, alias or "champion", None
+
+
+def resolve_base(spec: str, tracking_uri: str, cache: Path) -> tuple[BaseRef, Path]:
+    """The registered version `spec` names, and its candidate folder (downloaded once into `cache`). A base that
+    is missing, or not a float torch candidate, is a `ConfigError` naming what was found."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from llmops.candidate_folder import CandidateMeta
+    from llmops.config import ConfigError
+    from llmops.registry import alias_version, download_candidate
+
+    model, alias, version = parse_base(spec)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        version = version or alias_version(client, model, alias or "champion")
+        if version is not None:
+            client.get_model_version(model, version)
+    except MlflowException:
+        version = None
+    if version is None:
+        raise ConfigError(f"train.lora.adapter_of: the registry ({tracking_uri}) has no model version '{spec}'")
+    ref = BaseRef(model, version)
+    folder = cache / model / version
+    if not (folder / "candidate.json").is_file():
+        partial = cache / model / f".{version}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        found = download_candidate(model, version, partial, tracking_uri=tracking_uri)
+        shutil.rmtree(folder, ignore_errors=True)
+        found.rename(folder)
+        shutil.rmtree(partial, ignore_errors=True)
+    meta = CandidateMeta.load(folder)
+    if adapter_of(meta.recipe) is not None or meta.task != "causal-lm" or not (folder / "model.safetensors").is_file():
+        what = "an adapter itself" if adapter_of(meta.recipe) else f"a {meta.task} {meta.kind} candidate"
+        raise ConfigError(
+            f"train.lora.adapter_of: {ref} is {what}; an adapter trains over a float torch causal-lm candidate "
+            "(`teacher` or `fp32`)"
+        )
+    return ref, folder
+
+
+def base_folder(directory: Path, meta: Any, ref: BaseRef) -> Path:
+    """Where an adapter candidate's base is: the folder it was trained from when it is still there, else its
+    registered version, downloaded from the current MLflow registry into `~/.cache/llmops/bases`."""
+    local = meta.recipe.get("base")
+    if local and (Path(local) / "candidate.json").is_file():
+        return Path(local)
+    import mlflow
+
+    cache = Path(os.environ.get("LLMOPS_BASE_CACHE", Path.home() / ".cache" / "llmops" / "bases"))
+    return resolve_base(f"{ref.model}/{ref.version}", mlflow.get_tracking_uri(), cache)[1]
+
+
+def load_with_adapter(directory: str | Path) -> Any:
+    """An adapter candidate loaded on its own: its base's generator running every pass with the adapter, and the
+    adapter's own `candidate.json` (evaluation, the MLflow model)."""
+    from llmops.candidate_folder import CandidateMeta
+    from llmops.generation.loading import load_generator
+
+    directory = Path(directory)
+    meta = CandidateMeta.load(directory)
+    ref = adapter_of(meta.recipe)
+    assert ref is not None
+    generator = load_generator(base_folder(directory, meta, ref))
+    if generator.adapters is None:
+        raise AdapterError(f"{directory}: its base {ref} runs in a runtime without LoRA adapters")
+    generator.adapters.fix(LoraWeights.load(directory, str(directory)))
+    generator.directory, generator.meta = directory, meta
+    return generator

@@ -1,7 +1,8 @@
 """Fine-tune a generator (the teacher): supervised fine-tuning with the loss on completion tokens only.
 
-Full fine-tuning, or LoRA adapters (`train.lora`, peft) merged into the base for release; QLoRA (a 4-bit NF4
-base) on a GPU. The best checkpoint by validation loss is kept. bf16/fp16 on a GPU, all cores on CPU, and
+Full fine-tuning, or LoRA adapters (`train.lora`, peft) merged into the base for release or released alone as an
+adapter of a registered base version (`train.lora.adapter_of`); QLoRA (a 4-bit NF4 base) on a GPU. The best
+checkpoint by validation loss is kept. bf16/fp16 on a GPU, all cores on CPU, and
 `train.processes` data-parallel as for classifiers (`llmops.launcher.run_fine_tune` launches it).
 """
 
@@ -56,6 +57,15 @@ def _merge_lora(model: Any, cfg: LoraConfig, model_cfg: ModelConfig, task: str, 
     return peft.PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
+def _base_ref(spec: str) -> dict[str, str]:
+    """The base version an adapter is trained on, as its recipe records it (`adapter_of`, resolved by the flow to
+    `name/version`)."""
+    model, _, version = spec.partition("/")
+    if not version:
+        raise ValueError(f"train.lora.adapter_of={spec!r}: fine-tuning needs the base's version (`name/version`)")
+    return {"model": model, "version": version}
+
+
 def fine_tune(
     model_cfg: ModelConfig, train_cfg: TrainConfig, task: str, data: PreparedData, out_dir: str | Path
 ) -> Path:
@@ -88,9 +98,12 @@ def fine_tune(
         fine_tuning="full" if lora is None else ("qlora" if lora.qlora else "lora"),
         loss_per=train_cfg.loss_per,
         **({"lora": lora.model_dump(mode="json")} if lora is not None else {}),
+        **({"adapter_of": _base_ref(lora.adapter_of)} if lora is not None and lora.adapter_of else {}),
     )
 
     def release(trained: Any) -> PreTrainedModel:
-        return trained if lora is None else _merge_lora(trained, lora, model_cfg, task, tokenizer, out_dir)
+        if lora is None or lora.adapter_of is not None:
+            return trained  # a PeftModel saves its adapter alone
+        return _merge_lora(trained, lora, model_cfg, task, tokenizer, out_dir)
 
     return train_to_candidate(trainer, out_dir, meta, best_metric="loss", release=release)

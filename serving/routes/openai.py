@@ -164,11 +164,17 @@ def error_event(error: ApiError) -> str:
 
 @router.get("/v1/models", response_model=ModelList, tags=["openai"], dependencies=Authorized, responses=ERRORS)
 async def list_models(service: ServiceDep) -> ModelList:
-    """Every served model that has a version loaded (classifiers too: `/v1/predict` answers those)."""
+    """Every served model that has a version loaded (classifiers too: `/v1/predict` answers those); a LoRA
+    adapter names its base as `parent`."""
     cards = [
-        ModelCard(id=name, created=int(watcher.current.loaded_at))
+        ModelCard(
+            id=name,
+            created=int(model.loaded_at),
+            root=f"{name}/{model.version}",
+            parent=f"{model.base.name}/{model.base.version}" if model.base else None,
+        )
         for name, watcher in service.models.items()
-        if watcher.current is not None
+        if (model := watcher.current) is not None
     ]
     return ModelList(data=cards)
 

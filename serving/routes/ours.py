@@ -45,6 +45,7 @@ async def readyz(service: ServiceDep) -> JSONResponse:
             alias=watcher.alias,
             version=watcher.current.version if watcher.current else None,
             task=watcher.current.task if watcher.current else None,
+            adapter_of=f"{base.name}/{base.version}" if watcher.current and (base := watcher.current.base) else None,
             reason=watcher.status,
         )
         for name, watcher in service.models.items()
