@@ -27,8 +27,12 @@ openai_surface.json and .md):
   logprobs, a generation task by exact match): `local-completions` against the served fp32 student, and the
   harness's in-process Hugging Face backend on the same checkpoint.
 
+With `--adapters`, four LoRA adapters of the fp32 student in one batch against the same adapters merged into four
+models (bench/lora_adapters.py; bench/results/lora_adapters.json and .md).
+
     make bench-generation-serving
     .venv/bin/python bench/generation_serving.py --surface --workdir DIR
+    .venv/bin/python bench/generation_serving.py --adapters --workdir DIR
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from typing import Any
 
 import aiohttp
 import jsonschema
+import lora_adapters
 import mlflow
 import numpy as np
 import pandas as pd
@@ -477,6 +482,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per level (at least the concurrency)")
     parser.add_argument("--only", nargs="*", help="server labels to run (default: all)")
     parser.add_argument("--surface", action="store_true", help="structured output and lm-eval instead")
+    parser.add_argument("--adapters", action="store_true", help="four LoRA adapters in one batch instead")
     args = parser.parse_args()
     workdir = prepare(args.workdir).resolve()
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -487,6 +493,10 @@ def main() -> None:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow models serve execs `uvicorn`
     if args.surface:
         surface(workdir, uri, chats, fp32, env, max(args.requests, 48))
+        return
+    if args.adapters:
+        command = servers(workdir, fp32)["llmops (continuous batching)"][0]
+        lora_adapters.measure(workdir, uri, FP32, fp32, chats, command, env, max(args.requests, 48))
         return
     rows = []
     for label, (command, ready, kind, model) in servers(workdir, fp32).items():
