@@ -133,7 +133,8 @@ def measure(
         for label, (served, _) in setups.items():
             models = f"serve.models=[{', '.join(served)}]"
             argv = [models if part.startswith("serve.models=") else part for part in command]
-            argv += ["--set", f"serve.model_cache={workdir / 'bench-cache'}"]
+            log = workdir / f"bench-predictions-{label.replace(' ', '-')}.db"  # one writer per SQLite file
+            argv += ["--set", f"serve.prediction_log={log}"]
             bases[label] = stack.enter_context(running(label, argv, "/readyz", env, workdir))
             memory[label] = resident_mb(PIDS[label])
         for repeat in range(REPEATS):

@@ -294,7 +294,7 @@ class GenerationEngine:
     def _forward(self, tokens: list[int], joining: list[Sequence]) -> None:
         """One pass of the runtime: the running rows' next tokens and the joining sequences' prompts together
         (llama.cpp runs them in one batch, as llama-server's slots do); the next logits of every row."""
-        joining = [s for s in joining if self._score_prompt(s) and self._constrain(s)]
+        joining = [s for s in joining if self._attached(s) and self._score_prompt(s) and self._constrain(s)]
         try:
             prompts, adapters = [s.prompt_ids for s in joining], [s.params.adapter for s in joining]
             self._logits, embeddings = self._batch.step_and_admit(tokens, prompts, adapters)
@@ -303,6 +303,14 @@ class GenerationEngine:
         if embeddings is not None:
             for sequence, vector in zip(joining, embeddings, strict=True):
                 sequence.embedding = vector
+
+    def _attached(self, sequence: Sequence) -> bool:
+        """False for a sequence whose adapter was detached before it joined (it has ended, asked to try again)."""
+        adapters, key = self.generator.adapters, sequence.params.adapter
+        if key is None or (adapters is not None and key in adapters.keys):
+            return True
+        self._finish(sequence, "error", error_text=f"adapter {key} is no longer served here: try again")
+        return False
 
     def _score_prompt(self, sequence: Sequence) -> bool:
         """The prompt tokens' log-probabilities where the sequence asks (teacher-forced, in a pass of their own);

@@ -33,6 +33,7 @@ from llmops.candidate_folder import CandidateMeta
 from llmops.generation.adapters import AdapterError, BaseRef, LoraWeights, adapter_of
 from llmops.generation.candidate import GenerationParams
 from llmops.registry import TAG, alias_version, download_candidate
+from serving.engine import EngineClosed
 from serving.metrics import ServingMetrics
 from serving.runtimes import (
     ClassifierRuntime,
@@ -121,6 +122,12 @@ def fetch_version(tracking_uri: str, name: str, version: str, cache: Path) -> Pa
     return next(final.rglob("candidate.json")).parent
 
 
+_LOADING = threading.Lock()
+"""One version loads at a time in a process: transformers' `from_pretrained` builds a model on the meta device
+under a context that is not thread-safe, so two watchers loading at once (four models served) failed with
+"Tensor on device meta is not on the expected device cpu"."""
+
+
 class WaitingForBase(Exception):
     """An adapter's base is served here but its first load is not over: try again in a moment."""
 
@@ -154,7 +161,8 @@ def load_version(
         base = _running_base(name, version, base_ref, bases)
         adapter, on_base = attach_adapter(base, folder, meta, f"{name}/{version}")
         return LoadedModel(name, version, alias, adapter, tags, metrics, time.time(), on_base, base)  # type: ignore[arg-type]
-    runtime = load_runtime(folder)
+    with _LOADING:
+        runtime = load_runtime(folder)
     generative = runtime.meta.task != "sequence-classification"
     backend = engine_factory(runtime, name, version) if generative and engine_factory else None  # type: ignore[arg-type]
     return LoadedModel(name, version, alias, runtime, tags, metrics, time.time(), backend)
@@ -211,10 +219,13 @@ class AdapterBackend:
 
     def __init__(self, engine: GenerationBackend, key: str):
         self.engine, self.key = engine, key
+        self.retired = False
 
     def submit(
         self, prompt_ids: list[int], params: GenerationParams, loop: asyncio.AbstractEventLoop, context: Any = None
     ) -> Any:
+        if self.retired:  # the route takes the adapter's new version
+            raise EngineClosed(f"adapter {self.key} was replaced")
         return self.engine.submit(prompt_ids, replace(params, adapter=self.key), loop, context)
 
     def call(self, function: Callable[[], T]) -> T:
@@ -225,6 +236,7 @@ class AdapterBackend:
 
     def retire(self) -> None:
         """A newer version of the adapter serves now: the base detaches this one when its sequences are done."""
+        self.retired = True
         self.engine.release_adapter(self.key)
 
     def stop(self) -> None:

@@ -176,3 +176,28 @@ def build_eager_ender(directory: Path, seed: int = 0) -> Path:
     model = prefer_ending(load_base_model(cfg, "causal-lm", tokenizer), tokenizer)
     meta = CandidateMeta("student", LABELS, max_length=64, task="causal-lm", recipe={"prompt_format": "chat"})
     return save_hf_candidate(model, tokenizer, meta, directory)
+
+
+def register_adapter(uri: str, name: str, base_dir: Path, base: str, base_version: str, folder: Path, seed: int) -> str:
+    """A peft LoRA adapter with random factors over the torch model in `base_dir`, saved as an adapter candidate of
+    `base` version `base_version` (`train.lora.adapter_of`'s layout) and registered as a new version of `name`."""
+    import peft
+
+    from llmops.generation.candidate import Generator
+
+    generator = Generator(base_dir)
+    model = peft.get_peft_model(generator.model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if "lora_" in parameter_name:
+                parameter.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    generator.tokenizer.save_pretrained(folder)
+    recipe = {"adapter_of": {"model": base, "version": base_version}, "base": str(base_dir), "prompt_format": "plain"}
+    CandidateMeta("teacher", [], max_length=64, recipe=recipe, task="causal-lm").save(folder)
+    artifacts = str(folder.parent / "mlartifacts")
+    registry.setup_tracking(RegistryConfig(tracking_uri=uri, experiment="adapters", artifact_location=artifacts))
+    with mlflow.start_run(run_name=f"{name}-{seed}"):
+        model_uri = registry.log_generator_model(folder, ["write a positive tweet about coachella"])
+        return registry.register(name, model_uri, {"task": "causal-lm", "candidate": "teacher"})

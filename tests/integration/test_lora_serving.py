@@ -14,20 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import mlflow
-import peft
 import pytest
-import torch
 from mlflow import MlflowClient
 
 import flows.lifecycle as lifecycle_flow
 from llmops import registry
-from llmops.candidate_folder import CandidateMeta
 from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
-from llmops.generation.candidate import Generator
 from tests.conftest import REPO
 from tests.http_service import in_process, openai_client
-from tests.tiny_registry import register_generators, set_alias
+from tests.tiny_registry import register_adapter, register_generators, set_alias
 
 BASE = "tiny-base"
 FORMAL, CASUAL, STRAY = "tweet-formal", "tweet-casual", "tweet-stray"
@@ -63,24 +58,10 @@ def store(home: Path) -> str:
     return uri
 
 
-def register_adapter(home: Path, uri: str, name: str, base_version: str, seed: int) -> str:
-    """A peft adapter with random factors over base `base_version`, registered as a new version of `name`."""
+def adapter_of_base(home: Path, uri: str, name: str, base_version: str, seed: int) -> str:
+    """A new version of `name`: an adapter with random factors over base version `base_version`."""
     base_dir = home / f"generator-{4 + int(base_version)}"
-    folder = home / f"{name}-{seed}"
-    model = peft.get_peft_model(Generator(base_dir).model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for parameter_name, parameter in model.named_parameters():
-            if "lora_" in parameter_name:
-                parameter.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    Generator(base_dir).tokenizer.save_pretrained(folder)
-    recipe = {"adapter_of": {"model": BASE, "version": base_version}, "base": str(base_dir), "prompt_format": "plain"}
-    CandidateMeta("teacher", [], max_length=64, recipe=recipe, task="causal-lm").save(folder)
-    registry.setup_tracking(RegistryConfig(tracking_uri=uri, experiment="adapters", artifact_location="mlartifacts"))
-    with mlflow.start_run(run_name=f"{name}-{seed}"):
-        model_uri = registry.log_generator_model(folder, [PROMPTS[0]])
-        return registry.register(name, model_uri, {"task": "causal-lm", "candidate": "teacher"})
+    return register_adapter(uri, name, base_dir, BASE, base_version, home / f"{name}-{seed}", seed)
 
 
 @asynccontextmanager
@@ -97,8 +78,8 @@ async def serving(
         yield served
 
 
-async def complete(client: httpx.AsyncClient, model: str, prompt: str, tokens: int = 12) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "logprobs": 0}
+async def complete(client: httpx.AsyncClient, model: str, prompt: str, tokens: int = 12, **extra: Any) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "logprobs": 0} | extra
     response = await client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]
@@ -139,9 +120,10 @@ async def test_two_adapters_in_one_batch_each_write_what_they_write_alone(store:
 
 
 async def test_an_adapters_alias_moves_without_cutting_a_stream(store: str, home: Path, tmp_path: Path) -> None:
-    version = register_adapter(home, store, FORMAL, "1", seed=11)
+    version = adapter_of_base(home, store, FORMAL, "1", seed=11)
     async with serving(store, tmp_path, [BASE, FORMAL]) as (client, app):
         before = await complete(client, FORMAL, PROMPTS[0])
+        whole = await complete(client, FORMAL, PROMPTS[0], tokens=60, min_tokens=60)
         stream = await openai_client(app).completions.create(
             model=FORMAL, prompt=PROMPTS[0], max_tokens=60, temperature=0, stream=True, extra_body={"min_tokens": 60}
         )
@@ -151,7 +133,7 @@ async def test_an_adapters_alias_moves_without_cutting_a_stream(store: str, home
             finish = chunk.choices[0].finish_reason or finish
             if len(text) > 5 and finish is None:
                 set_alias(store, FORMAL, "champion", version)
-        assert finish == "length"
+        assert finish == "length" and text == whole["text"]  # the version it began with wrote all of it
         for _ in range(100):
             ready = {m["name"]: m for m in (await client.get("/readyz")).json()["models"]}
             if ready[FORMAL]["version"] == version:
@@ -164,7 +146,7 @@ async def test_an_adapters_alias_moves_without_cutting_a_stream(store: str, home
 
 
 async def test_an_adapter_of_another_base_version_is_refused(store: str, home: Path, tmp_path: Path) -> None:
-    register_adapter(home, store, STRAY, "2", seed=12)
+    adapter_of_base(home, store, STRAY, "2", seed=12)
     set_alias(store, STRAY, "champion", "1")
     async with serving(store, tmp_path, [BASE, STRAY, FORMAL], ready=False) as (client, _):
         ready = {m["name"]: m for m in (await client.get("/readyz")).json()["models"]}

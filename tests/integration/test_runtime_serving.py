@@ -18,12 +18,13 @@ import mlflow
 import pytest
 import torch
 
+from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
 from llmops.generation.candidate import GenerationParams
 from llmops.generation.loading import load_generator
 from llmops.gguf import GGUF_FILE, save_gguf
 from llmops.openvino_ir import MODEL_FILE, save_openvino
 from llmops.predlog import open_store
-from tests.http_service import openai_client
+from tests.http_service import in_process, openai_client
 from tests.integration.test_generation_serving import (
     CLASSIFIER,
     GENERATOR,
@@ -33,7 +34,13 @@ from tests.integration.test_generation_serving import (
     sse,
     switch_while_sending,
 )
-from tests.tiny_registry import build_tiny_generator, register_generators, register_versions, set_alias
+from tests.tiny_registry import (
+    build_tiny_generator,
+    register_adapter,
+    register_generators,
+    register_versions,
+    set_alias,
+)
 
 pytestmark = pytest.mark.anyio
 PROMPTS = [f"write tweet number {i} about coachella" for i in range(8)]
@@ -170,6 +177,25 @@ async def test_an_alias_switch_while_streaming_loses_nothing_and_a_corrupt_model
         ready["reason"].startswith(f"{GENERATOR}: version 3 failed to load") and RUNTIMES[runtime][0] in ready["reason"]
     )
     assert still.status_code == 200 and still.json()["system_fingerprint"] == f"llmops-{GENERATOR}-v2"
+
+
+async def test_a_lora_adapter_over_this_runtime_is_refused_saying_why(
+    store: str, root: Path, runtime: str, tmp_path: Path
+) -> None:
+    """Adapters run over a torch base: one registered over this runtime's version is refused at load, the base
+    serves on."""
+    register_adapter(store, "tiny-adapter", root / "generator-1-torch", GENERATOR, "1", root / "adapter", seed=1)
+    set_alias(store, "tiny-adapter", "champion", "1")
+    serve = ServeConfig(
+        models=[GENERATOR, "tiny-adapter"], poll_interval_s=0.1, model_cache=str(tmp_path / "served"),
+        prediction_log=str(tmp_path / "predictions.db"),
+    )  # fmt: skip
+    cfg = LlmopsConfig(registry=RegistryConfig(model_name=GENERATOR), serve=serve)
+    async with in_process(cfg, store, ready=False) as (client, _):
+        models = {m["name"]: m for m in (await client.get("/readyz")).json()["models"]}
+        assert models["tiny-adapter"]["version"] is None
+        assert f"is a {runtime} candidate, whose runtime runs no LoRA adapters" in models["tiny-adapter"]["reason"]
+        assert (await client.post("/v1/completions", json=complete("hi", 2))).status_code == 200
 
 
 def test_a_registered_runtime_model_loads_through_mlflow_pyfunc(store: str, in_process_answers: list[str]) -> None:

@@ -3,6 +3,8 @@ different adapters share one pass, and an adapter that does not fit the base is 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from llmops.generation.adapters import AdapterError, LoraWeights
 from llmops.generation.candidate import GenerationParams, Generator
 from llmops.generation.decode import Running
+from serving.engine import GenerationEngine, Sequence
 from tests.tiny_registry import build_tiny_generator
 
 
@@ -139,3 +142,51 @@ def test_an_adapter_llmops_cannot_run_is_refused_when_read(setup, tmp_path: Path
         LoraWeights.load(copy, "dora")
     with pytest.raises(AdapterError, match="no LoRA adapter here"):
         LoraWeights.load(tmp_path, "none")
+
+
+async def _read(sequence: Sequence) -> tuple[str, str | None]:
+    text = ""
+    while True:
+        event = await sequence.events.get()
+        text += event.text
+        if event.finish_reason is not None:
+            return text, event.finish_reason
+
+
+def test_an_adapter_released_while_its_sequences_run_finishes_them_then_is_detached(setup) -> None:
+    """An adapter's alias moved: what it is writing ends as it would have, then its slot is freed; a sequence
+    that still asks for it is told to try again (the others in the batch run on)."""
+    base, first, second = setup
+    generator = Generator(base)
+    adapters = generator.adapters
+    assert adapters is not None
+    engine = GenerationEngine(generator, max_running=4, max_waiting=8)
+    engine.call(lambda: adapters.attach(LoraWeights.load(first, "a")))
+    engine.call(lambda: adapters.attach(LoraWeights.load(second, "b")))
+    prompt = generator.encode("write a tweet about the rain")
+    long = GenerationParams(max_new_tokens=40, min_new_tokens=40, adapter="a")
+
+    async def run() -> tuple[tuple[str, str | None], ...]:
+        loop = asyncio.get_running_loop()
+        alone = await _read(engine.submit(prompt, long, loop))
+        running = [
+            engine.submit(prompt, long, loop),
+            engine.submit(prompt, dataclasses.replace(long, adapter="b"), loop),
+        ]
+        engine.release_adapter("a")  # both still waiting or running: "a" stays until they end
+        finished = await asyncio.gather(*map(_read, running))
+        for _ in range(100):
+            if "a" not in adapters.keys:
+                break
+            await asyncio.sleep(0.01)
+        late = await _read(engine.submit(prompt, long, loop))
+        return alone, *finished, late
+
+    try:
+        alone, again, other, late = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert again == alone and again[1] == "length"
+    assert other[1] == "length" and other[0] != alone[0]
+    assert adapters.keys == {"b"}
+    assert late == ("adapter a is no longer served here: try again", "error")
