@@ -169,9 +169,9 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
     teacher = fine_tune(cfg, data_dir)
     candidates, skipped = {"teacher": teacher}, {}
     # an adapter (`train.lora.adapter_of`) is released as trained: it runs over its base, not a smaller student
-    kinds = [] if cfg.train.lora is not None and cfg.train.lora.adapter_of else cfg.quantize.candidates
-    student = distil(cfg, teacher, data_dir) if kinds else teacher
-    for kind in kinds:
+    adapter = cfg.train.lora is not None and cfg.train.lora.adapter_of is not None
+    student = teacher if adapter else distil(cfg, teacher, data_dir)
+    for kind in [] if adapter else cfg.quantize.candidates:
         reason = quantize.unavailable(student, kind)
         if reason is not None:
             skipped[kind] = reason

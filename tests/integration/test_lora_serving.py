@@ -19,7 +19,8 @@ from mlflow import MlflowClient
 
 import flows.lifecycle as lifecycle_flow
 from llmops import registry
-from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
+from llmops.config import ConfigError, LlmopsConfig, RegistryConfig, ServeConfig
+from llmops.generation.adapters import resolve_base
 from tests.conftest import REPO
 from tests.http_service import in_process, openai_client
 from tests.tiny_registry import register_adapter, register_generators, set_alias
@@ -171,3 +172,12 @@ def test_the_adapter_candidate_evaluates_with_its_base(store: str, home: Path) -
     }
     assert (folder / "adapter_model.safetensors").stat().st_size < 200_000  # the adapter alone, not the base
     assert client.get_model_version(FORMAL, "1").tags["llmops.candidate"] == "teacher"
+
+
+def test_a_base_that_is_missing_or_cannot_be_trained_over_is_refused_before_training(store: str, home: Path) -> None:
+    with pytest.raises(ConfigError, match=f"the registry .* has no model version '{BASE}/9'"):
+        resolve_base(f"{BASE}/9", store, home / "bases")
+    with pytest.raises(ConfigError, match=f"'{FORMAL}' version 1 is an adapter itself"):
+        resolve_base(FORMAL, store, home / "bases")
+    ref, folder = resolve_base(f"{BASE}@champion", store, home / "bases")
+    assert (ref.model, ref.version) == (BASE, "1") and (folder / "model.safetensors").is_file()

@@ -92,3 +92,25 @@ def test_environment_variables_override_the_file_and_set_wins(monkeypatch: pytes
     monkeypatch.setenv("LLMOPS__SERVE__PREDICTON_LOG", "typo")
     with pytest.raises(ConfigError, match="serve.predicton_log: unknown key"):
         load_config(None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["train.lora={adapter_of: tweet-generator@}"], "must be `name`, `name@alias` or `name/version`"),
+        (["task=seq2seq-lm", "train.lora={adapter_of: base}"], "adapters are served over causal-lm bases"),
+        (["task=causal-lm", "train.lora={adapter_of: base, qlora: true}"], "not under QLoRA"),
+        (["task=causal-lm", "train.lora={adapter_of: tweet-generator/2}"], "registry.model_name must name it"),
+    ],
+)
+def test_adapter_contradictions_are_named(overrides: list[str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, overrides)
+
+
+def test_adapter_of_takes_a_name_an_alias_or_a_version() -> None:
+    for spec in ["tweet-generator", "tweet-generator@challenger", "tweet-generator/3"]:
+        cfg = load_config(
+            None, ["task=causal-lm", "registry.model_name=tweet-formal", f"train.lora={{adapter_of: {spec}}}"]
+        )
+        assert cfg.train.lora is not None and cfg.train.lora.adapter_of == spec
