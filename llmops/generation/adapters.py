@@ -291,21 +291,3 @@ def base_folder(directory: Path, meta: Any, ref: BaseRef) -> Path:
 
     cache = Path(os.environ.get("LLMOPS_BASE_CACHE", Path.home() / ".cache" / "llmops" / "bases"))
     return resolve_base(f"{ref.model}/{ref.version}", mlflow.get_tracking_uri(), cache)[1]
-
-
-def load_with_adapter(directory: str | Path) -> Any:
-    """An adapter candidate loaded on its own: its base's generator running every pass with the adapter, and the
-    adapter's own `candidate.json` (evaluation, the MLflow model)."""
-    from llmops.candidate_folder import CandidateMeta
-    from llmops.generation.loading import load_generator
-
-    directory = Path(directory)
-    meta = CandidateMeta.load(directory)
-    ref = adapter_of(meta.recipe)
-    assert ref is not None
-    generator = load_generator(base_folder(directory, meta, ref))
-    if generator.adapters is None:
-        raise AdapterError(f"{directory}: its base {ref} runs in a runtime without LoRA adapters")
-    generator.adapters.fix(LoraWeights.load(directory, str(directory)))
-    generator.directory, generator.meta = directory, meta
-    return generator
