@@ -111,7 +111,7 @@ async def test_health_model_info_and_docs(champion_1: str, workdir: Path) -> Non
     assert ready["model"] == {"name": NAME, "version": "1", "alias": "champion"}
     served = {m["name"]: m for m in ready["models"]}  # the default serve.models: the generator is not registered
     assert served[NAME] == {"name": NAME, "alias": "champion", "version": "1", "task": "sequence-classification",
-                            "reason": None}  # fmt: skip
+                            "adapter_of": None, "reason": None}  # fmt: skip
     assert served["tweet-generator"]["version"] is None and "no 'champion' alias" in served["tweet-generator"]["reason"]
     assert info["champion"]["version"] == "1" and info["champion"]["labels"] == LABELS
     assert info["champion"]["tags"]["llmops.seed"] == "1"
