@@ -39,7 +39,6 @@ from llmops.generation.decode import (
     TokenLogprob,
     argmax_rows,
     log_softmax_rows,
-    numpy_ready,
     pick,
     prompt_token_logprobs,
     take_rows,
@@ -357,21 +356,22 @@ class GenerationEngine:
         masks = self._grammars.masks([self._running[row].matcher for row in rows])
         return dict(zip(rows, masks, strict=True))
 
-    def _constrained(self, logits: torch.Tensor, row: int, mask: np.ndarray, best: int, sequence: Sequence) -> int:
-        """A constrained row's next token under its sampling, among the tokens `mask` allows. Greedy: the row's
-        own first choice (`best`) when allowed, as it mostly is inside a string, else the best allowed one."""
+    def _best_allowed(self, logits: torch.Tensor, rows: list[int], masks: dict[int, np.ndarray]) -> list[int]:
+        """For each of `rows`, the token with the highest logit among those its mask allows."""
         assert self._grammars is not None
-        params = sequence.params
-        if params.temperature <= 0 and self._grammars.allows(mask, best):
-            return best
+        allowed = self._grammars.allowed(np.stack([masks[row] for row in rows]), logits.shape[1])
+        chosen = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        chosen = chosen.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
+        return argmax_rows(chosen).tolist()
+
+    def _sampled(self, logits: torch.Tensor, row: int, mask: np.ndarray, sequence: Sequence) -> int:
+        """A sampled constrained row's next token under its temperature and top-p, among those `mask` allows."""
+        assert self._grammars is not None
         ids = self._grammars.ids(mask, logits.shape[1])
-        if params.temperature <= 0:
-            values = logits[row].numpy() if numpy_ready(logits) else logits[row].float().cpu().numpy()
-            return int(ids[int(np.argmax(values[ids]))])
         index = torch.from_numpy(ids).to(logits.device)
         masked = torch.full_like(logits[row : row + 1], float("-inf"))
         masked[0, index] = logits[row, index]
-        chosen, _ = pick(masked, [], params.temperature, params.top_p, sequence.rng)
+        chosen, _ = pick(masked, [], sequence.params.temperature, sequence.params.top_p, sequence.rng)
         return int(chosen[0])
 
     def _choose(self) -> tuple[list[int], list[int]]:
@@ -385,11 +385,15 @@ class GenerationEngine:
         tokens = argmax_rows(logits).tolist()
         masks = self._masks(tokens)
         stuck = [row for row, mask in masks.items() if not mask.any()]
+        refused = [row for row in masks if row not in stuck and self._running[row].params.temperature <= 0]
+        if refused:  # greedy rows whose first choice the grammar refused: the best allowed, in one masked argmax
+            for row, token in zip(refused, self._best_allowed(logits, refused, masks), strict=True):
+                tokens[row] = token
         for row, sequence in enumerate(self._running):
             params = sequence.params
             if sequence.matcher is not None:  # its grammar decides alone what may come next, the end token included
-                if row in masks and row not in stuck:
-                    tokens[row] = self._constrained(logits, row, masks[row], tokens[row], sequence)
+                if row in masks and row not in stuck and row not in refused:
+                    tokens[row] = self._sampled(logits, row, masks[row], sequence)
                 continue
             now_barred = barred.at(sequence.generated, params.min_new_tokens)
             own = tokens[row]  # greedy, and no barred token chosen: `pick` would choose the same

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,10 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     return grammar
 
 
+ENCODED_TEXTS = 4096
+"""Tokenized texts a WordPiece vocabulary keeps for llguidance."""
+
+
 @dataclass
 class _WordPieces:
     """A WordPiece vocabulary as llguidance's `TokenizerWrapper` reads it: each token's bytes and a tokenizer."""
@@ -65,8 +69,16 @@ class _WordPieces:
             tokens.append(text.encode())
         return cls(tokenizer, tokenizer.eos_token_id, tokenizer.bos_token_id, tokens, sorted(specials))
 
+    encoded: dict[str, list[int]] = field(default_factory=dict)
+    """Texts llguidance asked to tokenize (it asks for the same forced pieces, `{"name": `, at every mask)."""
+
     def __call__(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = self.encoded.get(text)
+        if ids is None:
+            if len(self.encoded) >= ENCODED_TEXTS:
+                self.encoded.clear()
+            ids = self.encoded[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(ids)
 
 
 BUILT_GRAMMARS = 64
@@ -126,10 +138,12 @@ class Grammars:
         return bits
 
     @staticmethod
-    def allows(mask: np.ndarray, token: int) -> bool:
-        """Whether one row of `masks` allows `token`."""
-        word = token >> 5
-        return word < len(mask) and bool((int(mask[word]) >> (token & 31)) & 1)
+    def allowed(masks: np.ndarray, width: int) -> np.ndarray:
+        """(rows, width) bool: the tokens each row of `masks` allows (False past the tokenizer's vocabulary)."""
+        bits = np.unpackbits(masks.view(np.uint8), axis=1, count=min(width, masks.shape[1] * 32), bitorder="little")
+        if bits.shape[1] < width:
+            bits = np.pad(bits, ((0, 0), (0, width - bits.shape[1])))
+        return bits.view(bool)
 
     @staticmethod
     def ids(mask: np.ndarray, width: int) -> np.ndarray:
