@@ -57,7 +57,7 @@ import pandas as pd
 import yaml
 from machine import machine
 from mlflow import MlflowClient
-from servers import closed_loop, read_stream, running
+from servers import closed_loop, running, streamed_chat
 from tabulate import tabulate
 
 from llmops import registry
@@ -150,13 +150,7 @@ async def _one(
     }
     if kind == "ours":
         body["stream_options"] = {"include_usage": True}
-    async with session.post(f"{base}/v1/chat/completions", json=body) as response:
-        if response.status != 200:
-            await response.read()
-            return {"error": response.status}
-        first, tokens, usage = await read_stream(response, lambda choice: (choice.get("delta") or {}).get("content"))
-    done = time.perf_counter()
-    return {"ttft": (first or done) - start, "e2e": done - start, "tokens": usage if usage is not None else tokens}
+    return await streamed_chat(session, base, body)
 
 
 async def _level(

@@ -29,7 +29,7 @@ import peft
 import torch
 from machine import machine
 from mlflow import MlflowClient
-from servers import PIDS, closed_loop, read_stream, running
+from servers import PIDS, closed_loop, running, streamed_chat
 from tabulate import tabulate
 
 from llmops import registry
@@ -90,14 +90,7 @@ def build(workdir: Path, uri: str, base_name: str, fp32: Path) -> None:
 async def _one(session: aiohttp.ClientSession, base: str, model: str, chat: list) -> dict:
     body = {"model": model, "messages": chat, "max_tokens": TOKENS, "min_tokens": TOKENS, "temperature": 0}
     body |= {"stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    async with session.post(f"{base}/v1/chat/completions", json=body) as response:
-        if response.status != 200:
-            await response.read()
-            return {"error": response.status}
-        first, tokens, usage = await read_stream(response, lambda choice: (choice.get("delta") or {}).get("content"))
-    done = time.perf_counter()
-    return {"ttft": (first or done) - start, "e2e": done - start, "tokens": usage if usage is not None else tokens}
+    return await streamed_chat(session, base, body)
 
 
 async def _level(base: str, models: list[str], chats: list, requests: int) -> dict[str, Any]:

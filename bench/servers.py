@@ -78,6 +78,19 @@ async def read_stream(
     return first, chunks, usage
 
 
+async def streamed_chat(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One streamed `/v1/chat/completions` answer: time to first token, end to end, and its completion tokens
+    (from its usage when the server gives one, else its chunks with text), or its error status."""
+    start = time.perf_counter()
+    async with session.post(f"{base}/v1/chat/completions", json=body) as response:
+        if response.status != 200:
+            await response.read()
+            return {"error": response.status}
+        first, tokens, usage = await read_stream(response, lambda choice: (choice.get("delta") or {}).get("content"))
+    done = time.perf_counter()
+    return {"ttft": (first or done) - start, "e2e": done - start, "tokens": usage if usage is not None else tokens}
+
+
 async def closed_loop(
     concurrency: int, requests: int, one: Callable[[int], Awaitable[dict[str, Any]]]
 ) -> dict[str, Any]:

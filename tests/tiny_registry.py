@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -178,6 +179,20 @@ def build_eager_ender(directory: Path, seed: int = 0) -> Path:
     return save_hf_candidate(model, tokenizer, meta, directory)
 
 
+def random_lora(model: Any, config: Any, seed: int) -> Any:
+    """`model` under peft LoRA adapters of `config` whose factors are all random (peft starts B at zero: such an
+    adapter would change nothing)."""
+    import peft
+
+    adapted = peft.get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.3)
+    return adapted
+
+
 def register_adapter(uri: str, name: str, base_dir: Path, base: str, base_version: str, folder: Path, seed: int) -> str:
     """A peft LoRA adapter with random factors over the torch model in `base_dir`, saved as an adapter candidate of
     `base` version `base_version` (`train.lora.adapter_of`'s layout) and registered as a new version of `name`."""
@@ -186,13 +201,9 @@ def register_adapter(uri: str, name: str, base_dir: Path, base: str, base_versio
     from llmops.generation.candidate import Generator
 
     generator = Generator(base_dir)
-    model = peft.get_peft_model(generator.model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for parameter_name, parameter in model.named_parameters():
-            if "lora_" in parameter_name:
-                parameter.normal_(0, 0.3)
-    model.save_pretrained(folder)
+    random_lora(generator.model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed).save_pretrained(
+        folder
+    )
     generator.tokenizer.save_pretrained(folder)
     recipe = {"adapter_of": {"model": base, "version": base_version}, "base": str(base_dir), "prompt_format": "plain"}
     CandidateMeta("teacher", [], max_length=64, recipe=recipe, task="causal-lm").save(folder)

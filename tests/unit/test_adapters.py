@@ -16,20 +16,13 @@ from llmops.generation.adapters import AdapterError, LoraWeights
 from llmops.generation.candidate import GenerationParams, Generator
 from llmops.generation.decode import Running
 from serving.engine import GenerationEngine, Sequence
-from tests.tiny_registry import build_tiny_generator
+from tests.tiny_registry import build_tiny_generator, random_lora
 
 
 def save_adapter(base_dir: Path, out: Path, seed: int, r: int, targets: list[str], rslora: bool = False) -> Path:
     """A peft LoRA adapter over the base with random (non-zero) factors, saved as peft saves it."""
-    base = Generator(base_dir).model
     config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, use_rslora=rslora, lora_dropout=0.0)
-    model = peft.get_peft_model(base, config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.normal_(0, 0.3)
-    model.save_pretrained(out)
+    random_lora(Generator(base_dir).model, config, seed).save_pretrained(out)
     return out
 
 
