@@ -8,21 +8,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import openai
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 import flows.lifecycle as lifecycle_flow
 from llmops import registry
 from llmops.config import ConfigError, LlmopsConfig, RegistryConfig, ServeConfig
 from llmops.generation.adapters import resolve_base
+from llmops.ports import free_port
 from tests.conftest import REPO
-from tests.http_service import in_process, openai_client
+from tests.http_service import in_process, openai_client, wait_until_ready
 from tests.tiny_registry import register_adapter, register_generators, set_alias
 
 BASE = "tiny-base"
@@ -118,6 +126,43 @@ async def test_two_adapters_in_one_batch_each_write_what_they_write_alone(store:
         if prompt == PROMPTS[0]
     }
     assert len({round(value, 3) for value in first.values()}) == 3, f"the adapters change nothing: {first}"
+
+
+def test_the_real_server_batches_two_adapters_for_the_openai_client(store: str, home: Path, tmp_path: Path) -> None:
+    """`llmops serve` as a process on a loopback port, the official client over HTTP: answers for the base and
+    both adapters sent at once are the ones each gets alone."""
+    config = tmp_path / "serve.yaml"
+    serve = {"models": [BASE, FORMAL, CASUAL], "model_cache": str(tmp_path / "served"), "threads": 1}
+    config.write_text(yaml.safe_dump({"registry": {"model_name": BASE}, "serve": serve}))
+    port = free_port()
+    cli = [sys.executable, "-c", "from cli.main import main; main()", "serve", "--config", str(config)]
+    proc = subprocess.Popen(
+        [*cli, "--port", str(port)], cwd=tmp_path, env=os.environ | {"MLFLOW_TRACKING_URI": store},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(base, lambda: None if proc.poll() is None else (proc.stdout.read() if proc.stdout else "exit"))
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        assert {m.id: m.parent for m in client.models.list().data}[CASUAL] == f"{BASE}/1"
+        asks = [(model, prompt) for prompt in PROMPTS for model in (BASE, FORMAL, CASUAL)]
+
+        def answer(ask: tuple[str, str]) -> tuple[str, list[float]]:
+            choice = client.completions.create(
+                model=ask[0], prompt=ask[1], max_tokens=12, temperature=0, logprobs=0
+            ).choices[0]
+            return choice.text, list(choice.logprobs.token_logprobs)
+
+        alone = [answer(ask) for ask in asks]
+        with ThreadPoolExecutor(len(asks)) as pool:
+            together = list(pool.map(answer, asks))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    for (text, logprobs), (batched_text, batched_logprobs) in zip(alone, together, strict=True):
+        assert batched_text == text and batched_logprobs == pytest.approx(logprobs, abs=1e-4)
+    assert len({tuple(np.round(lp[:3], 3)) for (model, prompt), (_, lp) in zip(asks, alone, strict=True)
+                if prompt == PROMPTS[0]}) == 3  # fmt: skip
 
 
 async def test_an_adapters_alias_moves_without_cutting_a_stream(store: str, home: Path, tmp_path: Path) -> None:
