@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -147,6 +148,29 @@ def download_candidate(name: str, version: str, dst: str | Path, tracking_uri: s
     if found is None:
         raise RegistryError(f"model {name} version {version} holds no llmops candidate ({META_FILE} missing)")
     return found.parent
+
+
+def fetch_version(tracking_uri: str, name: str, version: str, cache: Path) -> Path:
+    """The candidate folder of `name` version `version`, downloaded once into `cache/<name>/<version>`.
+
+    A registered version never changes, so a finished folder is reused; the download
+    goes to a temporary folder renamed at the end, so a crash leaves nothing half-written.
+    Each process downloads into its own temporary folder: several workers may fetch the
+    same version at once, and the first rename wins.
+    """
+    final = cache / name / version
+    if not final.is_dir():
+        tmp = cache / name / f".{version}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        download_candidate(name, version, tmp, tracking_uri=tracking_uri)
+        try:
+            tmp.rename(final)
+        except OSError:  # another worker finished first: its folder holds the same version
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    return next(final.rglob("candidate.json")).parent
 
 
 def git_commit() -> str:

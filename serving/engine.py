@@ -258,14 +258,15 @@ class GenerationEngine:
 
     def _detach_released(self) -> None:
         adapters = self.generator.adapters
-        if not self._released or adapters is None:
+        if not self._released:
             return
         with self._wake:
             used = {s.params.adapter for s in (*self._running, *self._waiting)}
             gone = self._released - used
             self._released -= gone
-        for key in gone:
-            adapters.detach(key)
+        if adapters is not None:
+            for key in gone:
+                adapters.detach(key)
 
     @torch.inference_mode()
     def _iterate(self) -> None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from llmops.candidate_folder import CandidateMeta
 from llmops.generation.adapters import AdapterError, BaseRef, LoraWeights, adapter_of
 from llmops.generation.candidate import GenerationParams
-from llmops.registry import TAG, alias_version, download_candidate
+from llmops.registry import TAG, alias_version, fetch_version
 from serving.engine import EngineClosed
 from serving.metrics import ServingMetrics
 from serving.runtimes import (
@@ -97,29 +95,6 @@ class LoadedModel:
     @property
     def labels(self) -> list[str]:
         return self.classifier.labels
-
-
-def fetch_version(tracking_uri: str, name: str, version: str, cache: Path) -> Path:
-    """The candidate folder of `name` version `version`, downloaded once into `cache/<name>/<version>`.
-
-    A registered version never changes, so a finished folder is reused; the download
-    goes to a temporary folder renamed at the end, so a crash leaves nothing half-written.
-    Each process downloads into its own temporary folder: several workers may fetch the
-    same version at once, and the first rename wins.
-    """
-    final = cache / name / version
-    if not final.is_dir():
-        tmp = cache / name / f".{version}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        download_candidate(name, version, tmp, tracking_uri=tracking_uri)
-        try:
-            tmp.rename(final)
-        except OSError:  # another worker finished first: its folder holds the same version
-            if not final.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    return next(final.rglob("candidate.json")).parent
 
 
 _LOADING = threading.Lock()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -266,7 +265,7 @@ def resolve_base(spec: str, tracking_uri: str, cache: Path) -> tuple[BaseRef, Pa
 
     from llmops.candidate_folder import CandidateMeta
     from llmops.config import ConfigError
-    from llmops.registry import alias_version, download_candidate
+    from llmops.registry import alias_version, fetch_version
 
     model, alias, version = parse_base(spec)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -279,14 +278,7 @@ def resolve_base(spec: str, tracking_uri: str, cache: Path) -> tuple[BaseRef, Pa
     if version is None:
         raise ConfigError(f"train.lora.adapter_of: the registry ({tracking_uri}) has no model version '{spec}'")
     ref = BaseRef(model, version)
-    folder = cache / model / version
-    if not (folder / "candidate.json").is_file():
-        partial = cache / model / f".{version}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        found = download_candidate(model, version, partial, tracking_uri=tracking_uri)
-        shutil.rmtree(folder, ignore_errors=True)
-        found.rename(folder)
-        shutil.rmtree(partial, ignore_errors=True)
+    folder = fetch_version(tracking_uri, model, version, cache)
     meta = CandidateMeta.load(folder)
     if adapter_of(meta.recipe) is not None or meta.task != "causal-lm" or not (folder / "model.safetensors").is_file():
         what = "an adapter itself" if adapter_of(meta.recipe) else f"a {meta.task} {meta.kind} candidate"

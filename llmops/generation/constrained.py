@@ -59,6 +59,8 @@ class _WordPieces:
     bos_token_id: int | None
     tokens: list[bytes]
     special_token_ids: list[int]
+    encoded: dict[str, list[int]] = field(default_factory=dict)
+    """Texts llguidance asked to tokenize (it asks for the same forced pieces, `{"name": `, at every mask)."""
 
     @classmethod
     def of(cls, tokenizer: Any) -> _WordPieces:
@@ -68,9 +70,6 @@ class _WordPieces:
             text = "" if index in specials else token.removeprefix(CONTINUATION)
             tokens.append(text.encode())
         return cls(tokenizer, tokenizer.eos_token_id, tokenizer.bos_token_id, tokens, sorted(specials))
-
-    encoded: dict[str, list[int]] = field(default_factory=dict)
-    """Texts llguidance asked to tokenize (it asks for the same forced pieces, `{"name": `, at every mask)."""
 
     def __call__(self, text: str) -> list[int]:
         ids = self.encoded.get(text)

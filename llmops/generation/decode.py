@@ -264,8 +264,11 @@ def keep_rows(batch: Batch, rows: list[int]) -> Batch:
 class RunningBatch(Protocol):
     """The running sequences of the serving engine, in a runtime: rows in the order they joined."""
 
-    def admit(self, prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
-        """New rows for `prompts`: their next-token logits (n, vocab) and, when kept, the prompts' embeddings."""
+    def admit(
+        self, prompts: list[list[int]], adapters: list[str | None] | None = None
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """New rows for `prompts` (each with the LoRA adapter `adapters` names, or none): their next-token logits
+        (n, vocab) and, when kept, the prompts' embeddings."""
         ...
 
     def step(self, tokens: list[int]) -> torch.Tensor:
@@ -295,7 +298,7 @@ class RunningBatch(Protocol):
 
 
 def step_then_admit(
-    batch: Any, tokens: list[int], prompts: list[list[int]], adapters: list[str | None] | None = None
+    batch: RunningBatch, tokens: list[int], prompts: list[list[int]], adapters: list[str | None] | None = None
 ) -> tuple[torch.Tensor, np.ndarray | None]:
     """`RunningBatch.step_and_admit` for a runtime whose passes take one shape at a time: a step, then a prefill."""
     logits, embeddings = [batch.step(tokens)] if tokens else [], None
@@ -320,16 +323,10 @@ class Running:
         self, model: Any, pad_id: int, device: torch.device, embeddings: bool = False, adapters: Adapters | None = None
     ):
         self.model, self.pad_id, self.device, self.embeddings = model, pad_id, device, embeddings
-        self.adapters = adapters
+        self.adapters = adapters if adapters is not None else Adapters(model)
         self._batch: Batch | None = None
         self._keys: list[str | None] = []
         """Each row's adapter."""
-
-    def _routed(self, keys: list[str | None]) -> AbstractContextManager[None]:
-        if self.adapters is None:
-            no_adapters(keys, "this")
-            return nullcontext()
-        return self.adapters.routed(keys)
 
     @torch.inference_mode()
     def admit(
@@ -345,7 +342,7 @@ class Running:
         capture: AbstractContextManager[list[torch.Tensor]] = (
             head_inputs(self.model) if self.embeddings else nullcontext([])
         )
-        with capture as caught, self._routed(keys):
+        with capture as caught, self.adapters.routed(keys):
             logits, batch = prefill(self.model, ids.to(self.device), mask.to(self.device))
         self._batch = batch if self._batch is None else join(self._batch, batch)
         self._keys += keys
@@ -355,7 +352,7 @@ class Running:
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token to every row (in row order); the next logits (rows, vocab)."""
         assert self._batch is not None
-        with self._routed(self._keys):
+        with self.adapters.routed(self._keys):
             return step(self.model, torch.tensor(tokens, device=self.device), self._batch)
 
     def step_and_admit(
@@ -369,7 +366,7 @@ class Running:
     @torch.inference_mode()
     def score(self, ids: list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits at every position of one sequence (len(ids), vocab), in a pass of its own."""
-        with self._routed([adapter]):
+        with self.adapters.routed([adapter]):
             return self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float().cpu()
 
     def keep(self, rows: list[int]) -> None:

@@ -146,10 +146,12 @@ class Slots:
         empty_hidden = np.zeros((0, self.width), dtype=np.float32)
         return [np.stack(rows) for rows in logits], [np.stack(rows) if rows else empty_hidden for rows in hidden]
 
-    def admit(self, prompts: list[list[int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+    def admit(
+        self, prompts: list[list[int]], adapters: list[str | None] | None = None
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
         """New rows for `prompts` (one prefill for all): their next-token logits (n, vocab) and, when the context
         keeps them, the prompts' embeddings (n, width)."""
-        return self.step_and_admit([], prompts)
+        return self.step_and_admit([], prompts, adapters)
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token to every row (in row order); the next logits (rows, vocab)."""

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Trainer, set_seed
 
 from llmops.config import LoraConfig, ModelConfig, TrainConfig
+from llmops.generation.adapters import parse_base
 from llmops.generation.data import IGNORE, prompt_format, tokenize_split
 from llmops.generation.losses import completion_loss, score_completions
 from llmops.generation.modeling import add_lora, load_base_model, load_tokenizer, qlora_config
@@ -60,8 +61,8 @@ def _merge_lora(model: Any, cfg: LoraConfig, model_cfg: ModelConfig, task: str, 
 def _base_ref(spec: str) -> dict[str, str]:
     """The base version an adapter is trained on, as its recipe records it (`adapter_of`, resolved by the flow to
     `name/version`)."""
-    model, _, version = spec.partition("/")
-    if not version:
+    model, _, version = parse_base(spec)
+    if version is None:
         raise ValueError(f"train.lora.adapter_of={spec!r}: fine-tuning needs the base's version (`name/version`)")
     return {"model": model, "version": version}
 

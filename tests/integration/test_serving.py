@@ -469,7 +469,7 @@ def test_workers_fetching_the_same_version_at_once_all_get_it(tmp_path: Path, st
     """Several server workers download a new version at the same moment; none may break another's download."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from serving.models import fetch_version
+    from llmops.registry import fetch_version
 
     with ProcessPoolExecutor(3) as pool:
         futures = [pool.submit(fetch_version, store, NAME, "1", tmp_path / "cache") for _ in range(3)]
