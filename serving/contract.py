@@ -36,7 +36,7 @@ class Served:
     """What the routes answer for right now."""
 
     models: tuple[str, ...]
-    """Every model of `serve.models`."""
+    """The models of `serve.models` the registry has (one it has not is a 404, not a name to offer)."""
     classifier: str | None
     """The model `/v1/predict`, `/invocations` and `infer` score with, once loaded."""
     labels: tuple[str, ...]
@@ -51,7 +51,7 @@ class Served:
         classifier = champion if champion is not None and not champion.generates else None
         loaded = [w.current for w in service.models.values() if w.current is not None and w.current.generates]
         return cls(
-            models=tuple(service.models),
+            models=tuple(name for name, watcher in service.models.items() if watcher.current or not watcher.absent),
             classifier=classifier.name if classifier else None,
             labels=tuple(classifier.labels) if classifier else (),
             generators=tuple(model.name for model in loaded),

@@ -98,12 +98,18 @@ class Stream:
 
 
 def only_generator(service: Service) -> str:
-    """The name of the one generator served, for routes whose `model` may be left out (vLLM serves one model)."""
+    """The name of the one generator served, for routes whose `model` may be left out (vLLM serves one model): a
+    422 when several are, a 503 while a served model is still loading, a 404 when none is a generator."""
     generators = [name for name, watcher in service.models.items() if watcher.current and watcher.current.generates]
-    if len(generators) != 1:
-        served = ", ".join(generators) or "none loaded"
+    if len(generators) == 1:
+        return generators[0]
+    if generators:
+        served = ", ".join(generators)
         raise ApiError(422, f"model: name the generator (serving {served})", type="invalid_field", field="model")
-    return generators[0]
+    loading = [watcher for watcher in service.models.values() if watcher.current is None and not watcher.absent]
+    if loading:
+        service.loaded(loading[0], field="model")  # the 503 of a model still loading (it may be a generator)
+    raise ApiError(404, "no generator is served here: serve.models names none the registry has", type="not_found")
 
 
 def generator_model(service: Service, name: str) -> tuple[LoadedModel, Generating]:
@@ -111,7 +117,7 @@ def generator_model(service: Service, name: str) -> tuple[LoadedModel, Generatin
     if watcher is None:
         served = ", ".join(service.models)
         raise ApiError(404, f"model '{name}' is not served here (serving {served})", type="not_found", field="model")
-    model = service.loaded(watcher)
+    model = service.loaded(watcher, field="model")
     try:
         return model, model.generation
     except WrongModelKind as error:

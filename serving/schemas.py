@@ -26,9 +26,15 @@ PositiveInteger = Annotated[int, Field(ge=1), BeforeValidator(whole_number)]
 """(The bound before the validator: after it, pydantic's document would say `ge` where JSON Schema says `minimum`.)"""
 NotServed = Annotated[Literal[False], BeforeValidator(_exactly_a_boolean)]
 """A feature llmops does not serve: absent or false."""
-NOT_BLANK = r"\S"
+WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
+"""What `str.strip` removes: Python's whitespace (none lies above U+3000), the ASCII separators U+001C-U+001F
+and U+0085 included."""
+NOT_BLANK = "[^" + "".join(f"\\u{ord(c):04x}" for c in WHITESPACE) + "]"
+"""One character that is not whitespace, the characters spelled out: `\\S` means three things in Python, in
+JSON Schema's ECMAScript and in pydantic's Rust regex (U+001D is whitespace to one of them alone), and the
+document and the service must draw one line (`serving.deps.check_texts` strips with Python)."""
 Text = Annotated[str, Field(min_length=1, pattern=NOT_BLANK)]
-"""Something other than whitespace, in Python's sense (models using it set `regex_engine="python-re"`)."""
+"""Something other than whitespace (`NOT_BLANK`)."""
 STRICT = ConfigDict(strict=True, regex_engine="python-re")
 MAX_STOP = 4
 """Stop strings per request at most (OpenAI's limit; the generate extension takes the same)."""
@@ -138,9 +144,12 @@ class LoadedModelInfo(BaseModel):
     name: str
     version: str
     alias: str
+    task: str
+    """sequence-classification, causal-lm or seq2seq-lm."""
     labels: list[str]
+    """A classifier's labels (none for a generator)."""
     kind: str
-    """Candidate kind: teacher, student, int8, bnb-int8, nf4."""
+    """Candidate kind: teacher, student, int8, bnb-int8, nf4, gguf-q8_0, openvino-int8, ..."""
     loaded_at: float
     tags: dict[str, str]
     metrics: dict[str, float]
@@ -251,6 +260,8 @@ class V2ReadyResponse(BaseModel):
 class ModelReadyResponse(BaseModel):
     name: str
     ready: bool
+    reason: str | None = None
+    """While not ready: what it waits for (the load in progress, or why the last one failed)."""
 
 
 class RequestInput(BaseModel):

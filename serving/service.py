@@ -199,8 +199,10 @@ class Service:
         watchers = self.models.values()
         return any(w.current for w in watchers) and all(w.current is not None or w.absent for w in watchers)
 
-    def loaded(self, watcher: ModelWatcher) -> LoadedModel:
-        """The version `watcher` serves now, or a 503 with Retry-After while none is loaded."""
+    def loaded(self, watcher: ModelWatcher, field: str | None = None) -> LoadedModel:
+        """The version `watcher` serves now; a 404 when the registry has none (`require_registered`), or a 503
+        with Retry-After while one is loading."""
+        self.require_registered(watcher, field)
         if watcher.current is None:
             raise ApiError(
                 503,
@@ -210,13 +212,29 @@ class Service:
             )
         return watcher.current
 
+    @staticmethod
+    def require_registered(watcher: ModelWatcher, field: str | None = None) -> None:
+        """A 404 naming how to register a served model the registry has no version of: not a 503, which a client
+        would retry forever (`field`: the request field that named the model)."""
+        if watcher.current is None and watcher.absent:
+            raise ApiError(
+                404,
+                f"model '{watcher.name}' is in serve.models, but the registry has no '{watcher.alias}' version of "
+                f"it: register one with `llmops run` (registry.model_name: {watcher.name}; `make run-llm` registers "
+                "tweet-generator), or leave it out of serve.models",
+                type="not_registered",
+                field=field,
+            )
+
     def require_model(self) -> LoadedModel:
-        """The classifier routes' model, loaded, or a 503 (not loaded yet) or 400 (it generates text)."""
+        """The classifier routes' model, loaded, or a 503 (not loaded yet) or 404 (the service has generators
+        alone: a classifier route has nothing to answer for, as OpenAI answers a model its route does not serve)."""
         model = self.loaded(self.champion)
         if model.generates:
             raise ApiError(
-                400,
-                f"'{model.name}' is a {model.task} model: use /v1/completions or /v1/chat/completions",
+                404,
+                f"no classifier is served here ('{model.name}' is a {model.task} model): use /v1/completions or "
+                "/v1/chat/completions",
                 type="wrong_model_kind",
             )
         return model

@@ -55,7 +55,7 @@ def _served(service: Service, name: str) -> ModelWatcher:
 
 def _classifier(service: Service, name: str) -> LoadedModel:
     """`infer` scores with the classifier routes' model: a 404 for a generator (it has `generate` instead)."""
-    model = service.loaded(_served(service, name))
+    model = service.loaded(_served(service, name), field="name")
     if model.generates:
         raise ApiError(
             404, f"model '{name}' is a {model.task} model: use /v2/models/{name}/generate", type="wrong_model_kind",
@@ -81,15 +81,29 @@ async def v2_live() -> LiveResponse:
     return LiveResponse(live=True)
 
 
-@router.get("/v2/health/ready", response_model=V2ReadyResponse, tags=["v2"])
+@router.get(
+    "/v2/health/ready", response_model=V2ReadyResponse, tags=["v2"], responses={503: {"model": V2ReadyResponse}}
+)
 async def v2_ready(service: ServiceDep) -> JSONResponse:
+    """200 once every served model the registry has is loaded; 503 (`ready: false`) before."""
     return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
 
 
-@router.get("/v2/models/{name}/ready", response_model=ModelReadyResponse, tags=["v2"], responses=ERRORS)
+@router.get(
+    "/v2/models/{name}/ready",
+    response_model=ModelReadyResponse,
+    tags=["v2"],
+    responses=ERRORS | {503: {"model": ModelReadyResponse}},
+)
 async def v2_model_ready(name: str, service: ServiceDep) -> JSONResponse:
-    ready = _served(service, name).current is not None
-    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+    """200 when a version of the model serves; 503 (`ready: false`, with what it waits for) while one loads; 404
+    when the registry has none."""
+    watcher = _served(service, name)
+    if watcher.current is None:
+        service.require_registered(watcher, field="name")
+        body = ModelReadyResponse(name=name, ready=False, reason=watcher.status)
+        return JSONResponse(body.model_dump(), status_code=503)
+    return JSONResponse(ModelReadyResponse(name=name, ready=True).model_dump(exclude_none=True))
 
 
 @router.get(
@@ -97,7 +111,7 @@ async def v2_model_ready(name: str, service: ServiceDep) -> JSONResponse:
 )
 async def v2_model_metadata(name: str, service: ServiceDep) -> ModelMetadataResponse:
     """A classifier's tensors for `infer`; a generator's for `generate`."""
-    model = service.loaded(_served(service, name))
+    model = service.loaded(_served(service, name), field="name")
     if not model.generates:
         inputs = [TensorMetadata(name=V2_INPUT, datatype="BYTES", shape=[-1])]
         outputs = [

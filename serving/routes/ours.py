@@ -99,8 +99,9 @@ def _model_info(model: LoadedModel | None) -> LoadedModelInfo | None:
         name=model.name,
         version=model.version,
         alias=model.alias,
-        labels=model.labels,
-        kind=model.classifier.meta.kind,
+        task=model.task,
+        labels=[] if model.generates else model.labels,
+        kind=model.runtime.meta.kind,
         loaded_at=model.loaded_at,
         tags=model.tags,
         metrics=model.metrics,
@@ -109,7 +110,8 @@ def _model_info(model: LoadedModel | None) -> LoadedModelInfo | None:
 
 @router.get("/v1/model", response_model=ModelResponse, tags=["v1"], dependencies=Authorized, responses=ERRORS)
 async def model_info(service: ServiceDep) -> ModelResponse:
-    """Which version serves, with its metrics and tags (and the challenger's, when shadow or canary is on)."""
+    """Which version the classifier routes use, with its metrics and tags (and the challenger's, when shadow or
+    canary is on); in a service of generators alone, the first generator's."""
     challenger = service.challenger.current if service.challenger else None
     return ModelResponse(
         champion=_model_info(service.champion.current),

@@ -407,7 +407,9 @@ async def test_not_ready_without_a_champion(store: str, workdir: Path) -> None:
         answer = await client.post("/v1/predict", json={"texts": ["hello"]})
         health = await client.get("/healthz")
     assert ready.status_code == 503 and "has no 'champion' alias" in ready.json()["reason"]
-    assert answer.status_code == 503 and answer.headers["retry-after"]
+    # Not "temporarily unavailable": a client would retry a 503 forever. The answer says how to register it.
+    assert (answer.status_code, answer.json()["type"]) == (404, "not_registered")
+    assert "retry-after" not in answer.headers and "llmops run" in answer.json()["error"]
     assert health.status_code == 200
 
 
