@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cli import keys
 from llmops.checkpoints import ModelLoadError
 from llmops.config import ConfigError, load_config
 from llmops.prepared_data import DataError
@@ -239,6 +240,10 @@ def down(home: StackHome = ".stack") -> None:
 
     stopped = stack_down(Path(home))
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+app.add_typer(keys.app, name="keys")
+app.command()(keys.usage)
 
 
 def main() -> None:

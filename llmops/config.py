@@ -403,6 +403,11 @@ class ServeConfig(_Strict):
     """Environment variable holding comma-separated API keys. No keys anywhere: no auth."""
     api_keys_file: str | None = None
     """File with one API key per line (added to those from the environment)."""
+    gateway_store: str | None = "gateway.db"
+    """Named, scoped keys with limits and usage (`llmops keys`): a SQLite file shared by the workers on one host
+    (used once `llmops keys create` made it), or a PostgreSQL URL shared by replicas. None: not used."""
+    key_refresh_s: float = Field(default=2.0, gt=0)
+    """A worker reads a stored key again after this long: a revoked key is refused within it."""
     prediction_log: str = "predictions.db"
     """Where every prediction and feedback label goes: a .db file (SQLite) or a folder (Parquet files)."""
     flush_interval_s: float = Field(default=1.0, gt=0)

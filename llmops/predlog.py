@@ -55,6 +55,9 @@ class PredictionRow:
     """The model's embedding of the text (float16 bytes, see :func:`encode_embedding`), for embedding drift."""
     unk_share: float | None = None
     """Share of the text's tokens unknown to the model's tokenizer."""
+    key_name: str | None = None
+    """The name of the API key that asked (`environment` for an environment key; None without keys), never the
+    key."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ class GenerationRow:
     """The model's hidden state at the prompt's last token (float16), for embedding drift of the prompts."""
     unk_share: float | None = None
     """Share of the prompt's tokens unknown to the model's tokenizer."""
+    key_name: str | None = None
+    """The name of the API key that asked, never the key."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,14 @@ COLUMNS = {
 }
 
 
+def _add_columns(db: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    """Columns of a newer log added to a log written before they existed (at the end, as the rows' fields)."""
+    present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for column, kind in columns.items():
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
 class SqliteStore:
     def __init__(self, path: Path):
         self.path = path
@@ -144,12 +157,9 @@ class SqliteStore:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS predictions (request_id TEXT, idx INTEGER, ts REAL, text TEXT,"
                 " label TEXT, score REAL, probabilities TEXT, model_name TEXT, model_version TEXT, route TEXT,"
-                " latency_ms REAL, embedding BLOB, unk_share REAL)"
+                " latency_ms REAL, embedding BLOB, unk_share REAL, key_name TEXT)"
             )
-            columns = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
-            for column, kind in (("embedding", "BLOB"), ("unk_share", "REAL")):  # logs from before these existed
-                if column not in columns:
-                    db.execute(f"ALTER TABLE predictions ADD COLUMN {column} {kind}")
+            _add_columns(db, "predictions", {"embedding": "BLOB", "unk_share": "REAL", "key_name": "TEXT"})
             db.execute("CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
             db.execute("CREATE TABLE IF NOT EXISTS feedback (request_id TEXT, idx INTEGER, label TEXT, ts REAL)")
@@ -157,8 +167,9 @@ class SqliteStore:
                 "CREATE TABLE IF NOT EXISTS generations (request_id TEXT, idx INTEGER, ts REAL, model_name TEXT,"
                 " model_version TEXT, route TEXT, prompt TEXT, messages TEXT, completion TEXT, prompt_tokens INTEGER,"
                 " completion_tokens INTEGER, finish_reason TEXT, ttft_ms REAL, latency_ms REAL, embedding BLOB,"
-                " unk_share REAL)"
+                " unk_share REAL, key_name TEXT)"
             )
+            _add_columns(db, "generations", {"key_name": "TEXT"})
             db.execute("CREATE INDEX IF NOT EXISTS generations_request ON generations (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS generations_ts ON generations (ts)")
             db.execute(

@@ -24,7 +24,6 @@ import llmops
 from llmops.config import LlmopsConfig
 from llmops.registry import resolve_tracking_uri
 from serving import contract
-from serving.auth import load_api_keys
 from serving.errors import install_handlers
 from serving.routes import mlflow, oip, openai, ours, tokenize
 from serving.schemas import ErrorResponse
@@ -82,7 +81,6 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
     """The service for `cfg`, following `cfg.registry.model_name`@`cfg.serve.alias` in the given store."""
 
     uri = tracking_uri or resolve_tracking_uri(cfg.registry)
-    api_keys = load_api_keys(cfg.serve)
     service = Service(cfg, uri)
 
     @asynccontextmanager
@@ -104,7 +102,6 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
         generate_unique_id_function=lambda route: route.name,  # operationIds a client generator reads: `predict`
     )
     app.state.service = service
-    app.state.api_keys = api_keys
     install_handlers(app)
     Instrumentator(
         registry=service.metrics.registry, excluded_handlers=["/metrics"], should_group_status_codes=False
@@ -114,7 +111,7 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
     for protocol in (ours, mlflow, oip, openai, tokenize):
         app.include_router(protocol.router)
     app.add_middleware(RequestContext, max_body_bytes=cfg.serve.max_body_bytes)
-    contract.install(app, service, keys_required=bool(api_keys))
+    contract.install(app, service, keys_required=service.gate.required)
     return app
 
 

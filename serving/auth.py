@@ -1,16 +1,49 @@
-"""Optional API keys: from an environment variable (comma-separated) and/or a file (one per line).
+"""Who may call what: API keys from the environment and a file (unscoped: they unlock everything), and the
+named, scoped, limited keys of the gateway store (`llmops.gateway`, managed with `llmops keys`).
 
-No key configured anywhere means no authentication. Keys are compared in constant
-time and never logged; health, readiness and metrics stay open.
+No key anywhere means no authentication. Keys are compared in constant time (environment keys) or by their
+SHA-256 (stored keys) and never logged; a key's name stands for it in metrics and usage. Each worker reads a
+stored key again after `serve.key_refresh_s`, so a revoked key is refused within that many seconds, everywhere.
+Usage is added to the store from a background thread, in batches, so no request waits on that write.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
+import threading
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmops.config import ConfigError, ServeConfig
+from llmops.gateway import ApiKey, GatewayStore, Refusal, Usage
+from serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent the request: a stored key, or one of the environment's (name None, may do anything)."""
+
+    key: ApiKey | None = None
+
+    @property
+    def name(self) -> str:
+        return self.key.name if self.key else "environment"
+
+    def may_call(self, group: str) -> bool:
+        return self.key is None or self.key.may_call(group)
+
+    def may_use(self, model: str) -> bool:
+        return self.key is None or self.key.may_use(model)
+
+
+CALLER: ContextVar[Caller | None] = ContextVar("llmops_caller", default=None)
+"""The caller of the request being answered (set by the route's key check; None without keys)."""
 
 
 def load_api_keys(cfg: ServeConfig) -> frozenset[str]:
@@ -30,3 +63,97 @@ def key_is_valid(given: str | None, keys: frozenset[str]) -> bool:
     # Compare against every key, so the time taken says nothing about which one nearly matched.
     matches = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
     return any(matches)
+
+
+def open_gateway_store(cfg: ServeConfig) -> GatewayStore | None:
+    """The store of `serve.gateway_store`: a database URL, or a SQLite file once `llmops keys create` made it."""
+    location = cfg.gateway_store
+    if location is None or ("://" not in location and not Path(location).is_file()):
+        return None
+    return GatewayStore(location)
+
+
+class Gate:
+    def __init__(self, cfg: ServeConfig, metrics: ServingMetrics):
+        self.env_keys = load_api_keys(cfg)
+        self.store = open_gateway_store(cfg)
+        self.metrics = metrics
+        self.refresh_s = cfg.key_refresh_s
+        self._known: dict[str, tuple[float, ApiKey | None]] = {}
+        self._pending: list[Usage] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="key-usage", daemon=True)
+
+    @property
+    def store_is_remote(self) -> bool:
+        """A database server: its round trips are taken off the event loop."""
+        return self.store is not None and self.store.dialect != "sqlite"
+
+    @property
+    def required(self) -> bool:
+        """Keys are asked for: some are configured in the environment, or a gateway store is in use."""
+        return bool(self.env_keys) or self.store is not None
+
+    def authenticate(self, given: str | None) -> Caller | None:
+        """The caller `given` identifies, or None (no key, an unknown one, a revoked one)."""
+        if given is None:
+            return None
+        if key_is_valid(given, self.env_keys):
+            return Caller()
+        if self.store is None:
+            return None
+        now = time.monotonic()
+        known = self._known.get(given)
+        if known is None or now - known[0] > self.refresh_s:
+            known = (now, self.store.find(given))
+            if len(self._known) > 10_000:  # random secrets sent by a scanner do not fill the memory
+                self._known.clear()
+            self._known[given] = known
+        return Caller(known[1]) if known[1] is not None else None
+
+    def admit(self, caller: Caller) -> Refusal | None:
+        """None, or the limit of the caller's key that refuses this request now."""
+        if caller.key is None or self.store is None:
+            return None
+        refusal = self.store.admit(caller.key)
+        if refusal is not None:
+            self.metrics.limited.labels(caller.name, refusal.limit).inc()
+        return refusal
+
+    def record(self, caller: Caller | None, model: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """What one request used: Prometheus at once, the store (stored keys) from the background thread."""
+        name = caller.name if caller else "none"
+        self.metrics.key_requests.labels(name, model).inc()
+        if prompt_tokens or completion_tokens:
+            self.metrics.key_tokens.labels(name, model, "prompt").inc(prompt_tokens)
+            self.metrics.key_tokens.labels(name, model, "completion").inc(completion_tokens)
+        if caller is not None and caller.key is not None and self.store is not None:
+            with self._lock:
+                self._pending.append(Usage(caller.name, model, prompt_tokens, completion_tokens))
+
+    def start(self) -> None:
+        if self.store is not None:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        self._flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending or self.store is None:
+            return
+        try:
+            self.store.record(pending)
+        except Exception:  # the store is away: keep the counts for the next try
+            log.exception("could not add usage to the gateway store; retrying")
+            with self._lock:
+                self._pending[:0] = pending

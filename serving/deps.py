@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from llmops.config import ServeConfig
-from serving.auth import key_is_valid
+from serving.auth import CALLER, Gate
 from serving.errors import ApiError
 from serving.service import Service
 
@@ -26,22 +27,39 @@ _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`")
 
 
-async def require_api_key(
-    request: Request,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-    api_key: Annotated[str | None, Security(_api_key_header)],
-) -> None:
-    keys: frozenset[str] = request.app.state.api_keys
-    if not keys:
-        return
-    given = api_key if api_key is not None else (bearer.credentials if bearer else None)
-    if not key_is_valid(given, keys):
-        raise ApiError(
-            401,
-            "missing or invalid API key (send `Authorization: Bearer <key>` or `X-API-Key: <key>`)",
-            type="unauthorized",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+def require_key(group: str) -> Any:
+    """The dependency of a route of `group`: with keys configured, the caller's key must exist, may call
+    `group`, and be within its limits (401, 403, 429 with Retry-After); the caller is then `CALLER`."""
+
+    async def key_of_the_caller(
+        request: Request,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+        api_key: Annotated[str | None, Security(_api_key_header)],
+    ) -> None:
+        gate: Gate = request.app.state.service.gate
+        if not gate.required:
+            return
+        caller = gate.authenticate(api_key if api_key is not None else (bearer.credentials if bearer else None))
+        if caller is None:
+            raise ApiError(
+                401,
+                "missing or invalid API key (send `Authorization: Bearer <key>` or `X-API-Key: <key>`)",
+                type="unauthorized",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not caller.may_call(group):
+            raise ApiError(403, f"key '{caller.name}' may not call {group} routes", type="forbidden")
+        refusal = await asyncio.to_thread(gate.admit, caller) if gate.store_is_remote else gate.admit(caller)
+        if refusal is not None:
+            raise ApiError(
+                429,
+                f"key '{caller.name}' is over its limit of {refusal.message}: retry in {refusal.retry_after_s} s",
+                type=f"rate_limited:{refusal.limit}",
+                headers={"Retry-After": str(refusal.retry_after_s)},
+            )
+        CALLER.set(caller)
+
+    return key_of_the_caller
 
 
 async def require_json(request: Request) -> None:
@@ -85,5 +103,7 @@ def check_texts(texts: list[Any], field: str, cfg: ServeConfig) -> list[str]:
     return out
 
 
-Authorized = [Depends(require_api_key)]
-JsonBody = [Depends(require_api_key), Depends(require_json)]
+Inference = [Depends(require_key("inference"))]
+InferenceJson = [*Inference, Depends(require_json)]
+FeedbackJson = [Depends(require_key("feedback")), Depends(require_json)]
+Monitoring = [Depends(require_key("monitoring"))]

@@ -16,6 +16,7 @@ from typing import Any
 from llmops.generation.candidate import GenerationParams, Prompt
 from llmops.generation.constrained import GrammarError, built_grammars, grammars_for
 from llmops.generation.decode import TokenLogprob
+from serving.auth import CALLER
 from serving.engine import EngineClosed, EngineFull, Event, Sequence
 from serving.errors import ApiError
 from serving.models import Generating, LoadedModel
@@ -256,7 +257,7 @@ async def generate(service: Service, request: GenerationRequest, request_id: str
         await _check_grammar(request.grammar, generation.runtime)
         prompt_ids, logged, echoed = _prompt(request, generation.runtime)
         params = _params(service, request, len(prompt_ids), generation.runtime)
-        origin = Origin(request_id, index, logged, route, model)
+        origin = Origin(request_id, index, logged, route, model, CALLER.get())
         try:
             sequence = generation.backend.submit(prompt_ids, params, loop, origin)
         except EngineFull as error:

@@ -48,6 +48,13 @@ class ServingMetrics:
             "llmops_predictions", "Texts scored, by which model answered and the label", ["route", "label"], registry=r
         )
         self.rejected = Counter("llmops_rejected_requests", "Requests refused before scoring", ["reason"], registry=r)
+        self.key_requests = Counter(
+            "llmops_key_requests", "Requests answered, by API key name and model", ["key", "model"], registry=r
+        )
+        self.key_tokens = Counter(
+            "llmops_key_tokens", "Tokens by API key name, model and kind", ["key", "model", "kind"], registry=r
+        )
+        self.limited = Counter("llmops_limited_requests", "Requests over a key's limit", ["key", "limit"], registry=r)
         self.log_pending = Gauge(
             "llmops_prediction_log_pending", "Rows buffered, not yet written", registry=r, multiprocess_mode="livesum"
         )

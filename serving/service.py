@@ -35,6 +35,7 @@ from llmops.predlog import (
     probabilities_json,
 )
 from llmops.registry import CHALLENGER
+from serving.auth import CALLER, Caller, Gate
 from serving.batcher import MicroBatcher, QueueFull
 from serving.engine import GenerationEngine, Sequence
 from serving.errors import ApiError
@@ -54,6 +55,8 @@ class Origin:
     prompt: Prompt
     route: str
     model: LoadedModel
+    caller: Caller | None = None
+    """Who asked (None without keys): usage and limits are counted against it."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Service:
         self.model_name = cfg.registry.model_name
         """The classifier routes' model when it is served (else the first served classifier)."""
         self.metrics = ServingMetrics()
+        self.gate = Gate(self.cfg, self.metrics)
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         cache = Path(self.cfg.model_cache)
 
@@ -156,9 +160,11 @@ class Service:
                 latency_ms=(finished - sequence.submitted) * 1000,
                 embedding=None if embedding is None else encode_embedding(embedding),
                 unk_share=_prompt_unknown_share(model, sequence.prompt_ids),
+                key_name=origin.caller.name if origin.caller else None,
             )
         )
         _observe(self.metrics, sequence, model)
+        self.gate.record(origin.caller, model.name, len(sequence.prompt_ids), sequence.generated)
 
     @property
     def champion(self) -> ModelWatcher:
@@ -171,6 +177,7 @@ class Service:
 
     async def start(self) -> None:
         self.log.start()
+        self.gate.start()
         self.batcher.start()
         watchers = [*self.models.values(), *([self.challenger] if self.challenger else [])]
         self._watchers = [asyncio.create_task(w.run()) for w in watchers]
@@ -192,6 +199,7 @@ class Service:
             if watcher.current is not None and watcher.current.backend is not None:
                 await asyncio.to_thread(watcher.current.backend.stop)
         self.log.close()
+        await asyncio.to_thread(self.gate.stop)
 
     @property
     def ready(self) -> bool:
@@ -201,7 +209,12 @@ class Service:
 
     def loaded(self, watcher: ModelWatcher, field: str | None = None) -> LoadedModel:
         """The version `watcher` serves now; a 404 when the registry has none (`require_registered`), or a 503
-        with Retry-After while one is loading."""
+        with Retry-After while one is loading; a 403 when the caller's key may not use it."""
+        caller = CALLER.get()
+        if caller is not None and not caller.may_use(watcher.name):
+            raise ApiError(
+                403, f"key '{caller.name}' may not use model '{watcher.name}'", type="forbidden", field=field
+            )
         self.require_registered(watcher, field)
         if watcher.current is None:
             raise ApiError(
@@ -262,6 +275,7 @@ class Service:
             raise ApiError(503, f"server busy: {error}", type="overloaded", headers={"Retry-After": "1"}) from None
         scored = Scored(model, outputs)
         self._record(request_id, texts, scored, route, (time.perf_counter() - start) * 1000)
+        self.gate.record(CALLER.get(), model.name)
         if self.cfg.shadow:
             shadow = self.challenger.current if self.challenger else None
             if shadow is not None and shadow.version != model.version:
@@ -281,6 +295,7 @@ class Service:
 
     def _record(self, request_id: str, texts: list[str], scored: Scored, route: str, latency_ms: float) -> None:
         now = time.time()
+        caller = CALLER.get()
         labels = scored.labels()
         model = scored.model
         outputs = scored.outputs
@@ -301,6 +316,7 @@ class Service:
                 latency_ms=latency_ms,
                 embedding=embedding,
                 unk_share=unk,
+                key_name=caller.name if caller else None,
             )
             for i, (text, label, row, embedding, unk) in enumerate(
                 zip(texts, labels, scored.probs, embeddings, unknown, strict=True)

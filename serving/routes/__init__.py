@@ -12,7 +12,7 @@ from fastapi import Request
 from serving.schemas import ErrorResponse
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 411, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 411, 413, 415, 422, 429, 503)
 }
 """The error responses every route documents (one shape: `ErrorResponse`)."""
 

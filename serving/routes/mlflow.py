@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
 import llmops
-from serving.deps import JsonBody, ServiceDep, check_texts
+from serving.deps import InferenceJson, ServiceDep, check_texts
 from serving.errors import ApiError
 from serving.routes import ERRORS, request_id_of
 from serving.schemas import InvocationsRequest, InvocationsResponse
@@ -72,7 +72,7 @@ def invocation_texts(body: InvocationsRequest) -> tuple[list[Any], str]:
 
 
 @router.post(
-    "/invocations", response_model=InvocationsResponse, tags=["mlflow"], dependencies=JsonBody, responses=ERRORS
+    "/invocations", response_model=InvocationsResponse, tags=["mlflow"], dependencies=InferenceJson, responses=ERRORS
 )
 async def invocations(body: InvocationsRequest, request: Request, service: ServiceDep) -> InvocationsResponse:
     """MLflow's scoring protocol, answered like `mlflow models serve` answers for this model."""

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 import llmops
-from serving.deps import Authorized, JsonBody, ServiceDep, check_texts
+from serving.deps import Inference, InferenceJson, ServiceDep, check_texts
 from serving.errors import ApiError, field_path
 from serving.generate import GenerationRequest, generate
 from serving.models import LoadedModel, ModelWatcher
@@ -107,7 +107,7 @@ async def v2_model_ready(name: str, service: ServiceDep) -> JSONResponse:
 
 
 @router.get(
-    "/v2/models/{name}", response_model=ModelMetadataResponse, tags=["v2"], dependencies=Authorized, responses=ERRORS
+    "/v2/models/{name}", response_model=ModelMetadataResponse, tags=["v2"], dependencies=Inference, responses=ERRORS
 )
 async def v2_model_metadata(name: str, service: ServiceDep) -> ModelMetadataResponse:
     """A classifier's tensors for `infer`; a generator's for `generate`."""
@@ -185,7 +185,7 @@ def _texts_of(data: list[Any], field: str) -> list[Any]:
     "/v2/models/{name}/infer",
     response_model=InferResponse,
     tags=["v2"],
-    dependencies=Authorized,
+    dependencies=Inference,
     responses=ERRORS,
     openapi_extra={
         # The route reads its body itself (JSON or binary tensors); serving/contract.py writes the JSON schema.
@@ -256,7 +256,7 @@ def _generation_request(name: str, body: GenerateRequest) -> GenerationRequest:
     "/v2/models/{name}/generate",
     response_model=GenerateResponse,
     tags=["v2"],
-    dependencies=JsonBody,
+    dependencies=InferenceJson,
     responses=ERRORS,
 )
 async def v2_generate(name: str, body: GenerateRequest, request: Request, service: ServiceDep) -> GenerateResponse:
@@ -276,7 +276,7 @@ async def v2_generate(name: str, body: GenerateRequest, request: Request, servic
 @router.post(
     "/v2/models/{name}/generate_stream",
     tags=["v2"],
-    dependencies=JsonBody,
+    dependencies=InferenceJson,
     responses=ERRORS | STREAMED,
 )
 async def v2_generate_stream(

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from llmops.generation.constrained import JSON_OBJECT, GrammarError, json_schema_grammar
 from llmops.generation.decode import TokenLogprob
-from serving.deps import Authorized, JsonBody, ServiceDep
+from serving.deps import Inference, InferenceJson, ServiceDep
 from serving.engine import Event
 from serving.errors import ApiError
 from serving.generate import GenerationRequest, Stream, generate, merged
@@ -162,7 +162,7 @@ def error_event(error: ApiError) -> str:
     return event_of(json.dumps({"error": error.message, "type": error.type}))
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["openai"], dependencies=Authorized, responses=ERRORS)
+@router.get("/v1/models", response_model=ModelList, tags=["openai"], dependencies=Inference, responses=ERRORS)
 async def list_models(service: ServiceDep) -> ModelList:
     """Every served model that has a version loaded (classifiers too: `/v1/predict` answers those); a LoRA
     adapter names its base as `parent`."""
@@ -267,7 +267,7 @@ def joined(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
     "/v1/completions",
     response_model=Completion,
     tags=["openai"],
-    dependencies=JsonBody,
+    dependencies=InferenceJson,
     responses=ERRORS | {200: STREAMED[200] | feedback_link("$response.header.X-Request-ID")[200]},
 )
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Any:
@@ -314,7 +314,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     "/v1/chat/completions",
     response_model=ChatCompletion,
     tags=["openai"],
-    dependencies=JsonBody,
+    dependencies=InferenceJson,
     responses=ERRORS | STREAMED,
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Any:

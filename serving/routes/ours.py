@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from serving.deps import Authorized, JsonBody, ServiceDep, check_texts
+from serving.deps import FeedbackJson, InferenceJson, Monitoring, ServiceDep, check_texts
 from serving.models import LoadedModel
 from serving.routes import ERRORS, feedback_link, request_id_of
 from serving.schemas import (
@@ -69,7 +69,7 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     "/v1/predict",
     response_model=PredictResponse,
     tags=["v1"],
-    dependencies=JsonBody,
+    dependencies=InferenceJson,
     responses=ERRORS | feedback_link("$response.body#/request_id"),
 )
 async def predict(body: PredictRequest, request: Request, service: ServiceDep) -> PredictResponse:
@@ -108,7 +108,7 @@ def _model_info(model: LoadedModel | None) -> LoadedModelInfo | None:
     )
 
 
-@router.get("/v1/model", response_model=ModelResponse, tags=["v1"], dependencies=Authorized, responses=ERRORS)
+@router.get("/v1/model", response_model=ModelResponse, tags=["v1"], dependencies=Monitoring, responses=ERRORS)
 async def model_info(service: ServiceDep) -> ModelResponse:
     """Which version the classifier routes use, with its metrics and tags (and the challenger's, when shadow or
     canary is on); in a service of generators alone, the first generator's."""
@@ -125,7 +125,7 @@ async def model_info(service: ServiceDep) -> ModelResponse:
     response_model=FeedbackResponse,
     status_code=202,
     tags=["v1"],
-    dependencies=JsonBody,
+    dependencies=FeedbackJson,
     responses=ERRORS,
 )
 async def feedback(body: FeedbackRequest, service: ServiceDep) -> FeedbackResponse:

@@ -20,6 +20,7 @@ import uvicorn
 from openapi_spec_validator import validate
 
 from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
+from llmops.gateway import GatewayStore
 from llmops.ports import free_port
 from serving.app import create_app
 from serving.schemas import WHITESPACE
@@ -85,17 +86,24 @@ def start(uri: str, models: list[str], model_name: str) -> tuple[str, Callable[[
     return base, stop
 
 
-@pytest.fixture(params=["keys-off", "keys-on"])
-def keys(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture(params=["keys-off", "keys-on", "scoped-keys"])
+def keys(request: pytest.FixtureRequest, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The key the fuzzer sends: none, an environment key (unscoped), or a stored key that may do what the
+    fuzzer does (inference, feedback, monitoring; `serve.gateway_store` in the working folder)."""
+    monkeypatch.delenv("LLMOPS_API_KEYS", raising=False)
     if request.param == "keys-on":
         monkeypatch.setenv("LLMOPS_API_KEYS", KEY)
-    else:
-        monkeypatch.delenv("LLMOPS_API_KEYS", raising=False)
-    return request.param
+        return KEY
+    if request.param == "scoped-keys":
+        secret, _ = GatewayStore(workdir / "gateway.db").create(
+            "fuzzer", groups=["inference", "feedback", "monitoring"]
+        )
+        return secret
+    return None
 
 
 @pytest.fixture
-def service(store: str, workdir: Path, keys: str) -> Iterator[str]:
+def service(store: str, workdir: Path, keys: str | None) -> Iterator[str]:
     """Every model loaded; yields the base URL."""
     base, stop = start(store, *SETUPS["all"])
     yield base
@@ -130,11 +138,11 @@ def test_the_document_is_valid_openapi_and_says_what_the_service_knows(service: 
 
 @pytest.mark.parametrize("setup", SETUPS)
 def test_schemathesis_finds_nothing_with_every_check(
-    setup: str, store: str, workdir: Path, keys: str, tmp_path: Path
+    setup: str, store: str, workdir: Path, keys: str | None, tmp_path: Path
 ) -> None:
     service, stop = start(store, *SETUPS[setup])
     try:
-        report = schemathesis(service, tmp_path)
+        report = schemathesis(service, tmp_path, keys)
     finally:
         stop()
     # No warning (an unresolvable reference, routes never reached) but one: operations that answer 404 whatever
@@ -152,12 +160,13 @@ def test_schemathesis_finds_nothing_with_every_check(
     assert selected is not None and len(set(selected.groups())) == 1, report[-3000:]  # every operation tested
 
 
-def schemathesis(service: str, workdir: Path) -> str:
-    """schemathesis' report of `--checks all` against the running service (its keys from the document)."""
+def schemathesis(service: str, workdir: Path, key: str | None) -> str:
+    """schemathesis' report of `--checks all` against the running service, sending `key`."""
     command = [str(SCHEMATHESIS), "run", f"{service}/openapi.json", "--checks", "all"]
     command += ["--max-examples", "15", "--seed", "20261124", "--workers", "1", "--no-color"]
-    if "securitySchemes" in httpx.get(f"{service}/openapi.json").json()["components"]:
-        command += ["--header", f"Authorization: Bearer {KEY}"]
+    assert ("securitySchemes" in httpx.get(f"{service}/openapi.json").json()["components"]) == (key is not None)
+    if key is not None:
+        command += ["--header", f"Authorization: Bearer {key}"]
     run = subprocess.run(command, capture_output=True, text=True, cwd=workdir, timeout=600)
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-6000:]

@@ -1,0 +1,90 @@
+"""The gateway store on a real SQLite file: keys kept hashed, refusals with the limit and when it lifts, windows
+that turn over, and the errors `llmops keys` shows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from llmops.gateway import GatewayError, GatewayStore, Usage, period_start
+
+NOON = datetime(2026, 12, 31, 12, 0, 0, tzinfo=UTC).timestamp()
+
+
+def test_the_secret_is_shown_once_and_never_stored(tmp_path: Path) -> None:
+    store = GatewayStore(tmp_path / "gateway.db")
+    secret, key = store.create("team-a", models=["tweet-generator"], groups=["inference", "feedback"])
+    assert secret.startswith("llmops-") and len(secret) > 30 and key.hint == secret[:11]
+    raw = b"".join(path.read_bytes() for path in tmp_path.iterdir())
+    assert secret.encode() not in raw and secret[11:].encode() not in raw
+    found = store.find(secret)
+    assert found is not None and found.models == ("tweet-generator",) and found.may_call("feedback")
+    assert not found.may_call("admin") and not found.may_use("tweet-sentiment")
+    assert store.find(secret + "x") is None
+    store.revoke("team-a")
+    assert store.find(secret) is None and store.list_keys()[0].revoked is not None
+
+
+def test_a_request_over_a_limit_is_refused_and_not_counted_until_its_window_ends(tmp_path: Path) -> None:
+    store = GatewayStore(tmp_path / "gateway.db")
+    _, key = store.create("bursty", rpm=2)
+    assert [store.admit(key, NOON + i) for i in range(2)] == [None, None]
+    refused = store.admit(key, NOON + 2.5)
+    assert refused is not None and refused.limit == "requests_per_minute" and refused.retry_after_s == 58
+    assert store.admit(key, NOON + 59) is not None  # refused requests took nothing, the window is still full
+    assert store.admit(key, NOON + 60) is None  # a new minute
+
+
+def test_tokens_per_minute_and_the_budget_count_what_was_recorded(tmp_path: Path) -> None:
+    store = GatewayStore(tmp_path / "gateway.db")
+    _, wordy = store.create("wordy", tpm=100)
+    _, frugal = store.create("frugal", budget=1000, period="month")
+    store.record([Usage("wordy", "m", 60, 40), Usage("frugal", "m", 600, 0)], NOON)
+    assert store.admit(wordy, NOON + 1).limit == "tokens_per_minute"  # type: ignore[union-attr]
+    assert store.admit(wordy, NOON + 60) is None
+    assert store.admit(frugal, NOON) is None  # 600 of 1000
+    store.record([Usage("frugal", "m", 300, 200)], NOON + 1)
+    over = store.admit(frugal, NOON + 2)
+    assert over is not None and over.limit == "token_budget"
+    assert over.retry_after_s == 12 * 3600 + 1 - 2  # until the month ends, at midnight UTC
+    assert store.admit(frugal, NOON + 12 * 3600) is None  # January: a new budget
+    rows = store.usage()
+    assert sum(r["requests"] for r in rows if r["key_name"] == "frugal") == 2
+
+
+def test_periods_are_utc_calendar_days_and_months() -> None:
+    assert period_start("day", NOON) == ("2026-12-31", datetime(2027, 1, 1, tzinfo=UTC).timestamp())
+    assert period_start("month", NOON)[0] == "2026-12-01"
+    feb = datetime(2027, 2, 28, 23, 0, tzinfo=UTC).timestamp()
+    assert period_start("month", feb) == ("2027-02-01", datetime(2027, 3, 1, tzinfo=UTC).timestamp())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"groups": ["inference", "billing"]}, "groups: billing; choose from inference, feedback, monitoring, admin"),
+        ({"groups": []}, "groups: none given"),
+        ({"period": "week"}, "period: 'week'; day or month"),
+        ({"rpm": 0}, "rpm: 0; a limit is a positive number"),
+        ({"name": " "}, "a key needs a name"),
+        ({"name": "taken"}, "a key named 'taken' exists"),
+    ],
+)
+def test_a_key_that_cannot_be_made_says_why(tmp_path: Path, change: dict, message: str) -> None:
+    store = GatewayStore(tmp_path / "gateway.db")
+    store.create("taken")
+    with pytest.raises(GatewayError, match=message.replace("(", r"\(")):
+        store.create(**({"name": "new"} | change))
+    assert [k.name for k in store.list_keys()] == ["taken"]
+
+
+def test_revoking_an_unknown_or_revoked_key_says_so(tmp_path: Path) -> None:
+    store = GatewayStore(tmp_path / "gateway.db")
+    store.create("once")
+    with pytest.raises(GatewayError, match="no key named 'nobody'"):
+        store.revoke("nobody")
+    store.revoke("once")
+    with pytest.raises(GatewayError, match="already revoked"):
+        store.revoke("once")
