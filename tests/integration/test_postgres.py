@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from llmops import registry
 from llmops.config import load_config
+from llmops.gateway import GatewayStore, Usage
 from llmops.ports import free_port
 from serving.metrics import ServingMetrics
 from serving.models import ModelWatcher
@@ -125,3 +126,23 @@ def test_register_gate_promote_rollback_and_serving_lookup_on_postgres(
     )  # fmt: skip
     watcher.check()
     assert watcher.served_version == "1" and watcher.current is not None
+
+
+def test_two_replicas_count_one_total_in_the_gateway_store_on_postgres(postgres: str) -> None:
+    """Two replicas' stores on one PostgreSQL database: keys made by one are found by the other, requests and
+    tokens add up across them, and a revocation by one is seen by the other."""
+    first, second = GatewayStore(postgres), GatewayStore(postgres)
+    secret, _ = first.create("shared-app", rpm=3, tpm=50)
+    key = second.find(secret)
+    assert key is not None and key.rpm == 3
+    now = (time.time() // 60) * 60 + 1  # the start of a minute: the three requests share one window
+    assert [store.admit(key, now) for store in (first, second, first)] == [None, None, None]
+    refused = second.admit(key, now + 1)
+    assert refused is not None and refused.limit == "requests_per_minute"
+    first.record([Usage("shared-app", "m", 30, 25)], now + 2)
+    second.record([Usage("shared-app", "m", 1, 1)], now + 2)
+    assert [(r["requests"], r["prompt_tokens"], r["completion_tokens"]) for r in first.usage()] == [(2, 31, 26)]
+    over = first.admit(key, now + 61)
+    assert over is None  # a new minute: the 57 tokens were the last minute's
+    first.revoke("shared-app")
+    assert second.find(secret) is None
