@@ -362,6 +362,25 @@ class RegistryConfig(_Strict):
     """Artifact root for a new experiment on the embedded default store."""
 
 
+GuardMode = Literal["redact", "block", "allow"]
+
+
+class GuardRule(_Strict):
+    prompts: GuardMode = "redact"
+    """What a prompt (or a text to classify) holding personal data or a credential gets: redacted in the
+    prediction log (the model still reads it), refused with a 400 naming the kind (`block`), or kept (`allow`)."""
+    answers: Literal["redact", "allow"] = "redact"
+    """What an answer holding one gets in the prediction log (the caller receives it as written)."""
+
+
+class GuardsConfig(GuardRule):
+    models: dict[str, GuardRule] = {}
+    """Per served model, in place of the rules above: `{tweet-generator: {prompts: block}}`."""
+
+    def rule(self, model: str) -> GuardRule:
+        return self.models.get(model, self)
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -406,6 +425,9 @@ class ServeConfig(_Strict):
     gateway_store: str | None = "gateway.db"
     """Named, scoped keys with limits and usage (`llmops keys`): a SQLite file shared by the workers on one host
     (used once `llmops keys create` made it), or a PostgreSQL URL shared by replicas. None: not used."""
+    guards: GuardsConfig = GuardsConfig()
+    """Personal data and credentials (e-mails, phone numbers, card numbers, IBANs, keys) in what the models read
+    and write: redacted in the prediction log by default (`llmops.guards`)."""
     key_refresh_s: float = Field(default=2.0, gt=0)
     """A worker reads a stored key again after this long: a revoked key is refused within it."""
     prediction_log: str = "predictions.db"

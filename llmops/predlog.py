@@ -21,7 +21,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -332,9 +332,13 @@ def open_store(path: str | Path) -> PredictionStore:
 class PredictionLogWriter:
     """Buffers rows in memory and writes them from a background thread, in batches."""
 
-    def __init__(self, store: PredictionStore, flush_interval_s: float = 1.0):
+    def __init__(
+        self, store: PredictionStore, flush_interval_s: float = 1.0, scrub: Callable[[Any], Any] | None = None
+    ):
         self.store = store
         self.flush_interval_s = flush_interval_s
+        self.scrub = scrub
+        """Applied to every row before it is written, on the writer's thread (serving's PII redaction)."""
         self._lock = threading.Lock()
         self._predictions: list[PredictionRow] = []
         self._feedback: list[FeedbackRow] = []
@@ -400,6 +404,10 @@ class PredictionLogWriter:
         if not (predictions or feedback or generations or generation_feedback):
             return
         try:
+            if self.scrub is not None:  # the rows kept for a retry are the scrubbed ones
+                predictions = [self.scrub(r) for r in predictions]
+                generations = [self.scrub(r) for r in generations]
+                generation_feedback = [self.scrub(r) for r in generation_feedback]
             self.store.write(predictions, feedback, generations, generation_feedback)
         except Exception:
             # Keep the rows for the next flush rather than lose them; the failure shows in /metrics.

@@ -256,6 +256,9 @@ async def generate(service: Service, request: GenerationRequest, request_id: str
         _check_decoder_only(request, generation.runtime, request.model)
         await _check_grammar(request.grammar, generation.runtime)
         prompt_ids, logged, echoed = _prompt(request, generation.runtime)
+        if service.guards.blocks(model.name):
+            texts = [logged] if isinstance(logged, str) else [m["content"] for m in logged]
+            await asyncio.to_thread(service.guards.check_prompts, model.name, [t for t in texts if isinstance(t, str)])
         params = _params(service, request, len(prompt_ids), generation.runtime)
         origin = Origin(request_id, index, logged, route, model, CALLER.get())
         try:

@@ -54,6 +54,17 @@ class ServingMetrics:
         self.key_tokens = Counter(
             "llmops_key_tokens", "Tokens by API key name, model and kind", ["key", "model", "kind"], registry=r
         )
+        self.guard_texts = Counter(
+            "llmops_guard_texts", "Texts checked for personal data and credentials", ["model", "direction"], registry=r
+        )
+        self.guard_flagged = Counter(
+            "llmops_guard_flagged_texts", "Texts holding personal data or a credential", ["model", "direction"],
+            registry=r,
+        )  # fmt: skip
+        self.guard_findings = Counter(
+            "llmops_guard_findings", "Personal data and credentials found, by kind", ["model", "direction", "entity"],
+            registry=r,
+        )  # fmt: skip
         self.limited = Counter("llmops_limited_requests", "Requests over a key's limit", ["key", "limit"], registry=r)
         self.log_pending = Gauge(
             "llmops_prediction_log_pending", "Rows buffered, not yet written", registry=r, multiprocess_mode="livesum"

@@ -39,6 +39,7 @@ from serving.auth import CALLER, Caller, Gate
 from serving.batcher import MicroBatcher, QueueFull
 from serving.engine import GenerationEngine, Sequence
 from serving.errors import ApiError
+from serving.guards import Guards
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel, ModelWatcher
 
@@ -109,7 +110,12 @@ class Service:
             max_queue=self.cfg.max_queue,
             embeddings=self.cfg.log_embeddings,
         )
-        self.log = PredictionLogWriter(open_store(self.cfg.prediction_log), self.cfg.flush_interval_s)
+        self.guards = Guards(self.cfg.guards, self.metrics)
+        self.log = PredictionLogWriter(
+            open_store(self.cfg.prediction_log),
+            self.cfg.flush_interval_s,
+            scrub=self.guards.scrub if self.guards.needed else None,
+        )
         self._watchers: list[asyncio.Task[None]] = []
         self._shadows: set[asyncio.Task[None]] = set()
 
@@ -176,6 +182,7 @@ class Service:
         return loaded[0] if loaded else next(iter(self.models.values()))
 
     async def start(self) -> None:
+        self.guards.start()
         self.log.start()
         self.gate.start()
         self.batcher.start()
@@ -267,6 +274,8 @@ class Service:
     async def score(self, texts: list[str], request_id: str) -> Scored:
         """Score texts with the champion (or the canary), log them, and start shadow scoring if on."""
         model, route = self._route()
+        if self.guards.blocks(model.name):
+            await asyncio.to_thread(self.guards.check_prompts, model.name, texts)
         start = time.perf_counter()
         try:
             outputs = await self.batcher.predict(model, texts)

@@ -1,0 +1,106 @@
+"""`serve.guards` applied: prompts with personal data or credentials refused where a model blocks them, and every
+row of the prediction log redacted before it reaches the disk (on the log writer's thread, off the request path).
+
+The finding is `llmops.guards.Guard`'s. Its libraries take seconds to import, so it is built on a thread of its
+own when the service starts; a request that must check a prompt before then waits for it. Counts per model and
+direction go to Prometheus: texts checked, texts flagged, findings by kind (the flag rate monitoring reads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from typing import Any
+
+from llmops.config import GuardsConfig
+from llmops.guards import Guard
+from llmops.predlog import GenerationFeedbackRow, GenerationRow, PredictionRow
+from serving.errors import ApiError
+from serving.metrics import ServingMetrics
+
+
+class Guards:
+    def __init__(self, cfg: GuardsConfig, metrics: ServingMetrics):
+        self.cfg = cfg
+        self.metrics = metrics
+        self._guard: Guard | None = None
+        self._ready = threading.Event()
+        self.needed = (
+            cfg.prompts != "allow"
+            or cfg.answers != "allow"
+            or any(r.prompts != "allow" or r.answers != "allow" for r in cfg.models.values())
+        )
+
+    def start(self) -> None:
+        if self.needed:
+            threading.Thread(target=self._build, name="guards", daemon=True).start()
+
+    def _build(self) -> None:
+        self._guard = Guard().warm()
+        self._ready.set()
+
+    @property
+    def guard(self) -> Guard:
+        self._ready.wait()
+        assert self._guard is not None
+        return self._guard
+
+    def _checked(self, model: str, direction: str, text: str) -> list[Any]:
+        findings = self.guard.find(text)
+        self.metrics.guard_texts.labels(model, direction).inc()
+        if findings:
+            self.metrics.guard_flagged.labels(model, direction).inc()
+            for finding in findings:
+                self.metrics.guard_findings.labels(model, direction, finding.entity).inc()
+        return findings
+
+    def blocks(self, model: str) -> bool:
+        """`model` refuses prompts holding personal data or credentials (check them with `check_prompts`)."""
+        return self.cfg.rule(model).prompts == "block"
+
+    def check_prompts(self, model: str, texts: list[str]) -> None:
+        """A 400 naming the kinds found (never the values) when `model` blocks prompts that hold any (blocking:
+        run it off the event loop)."""
+        if not self.blocks(model):
+            return
+        kinds = sorted({f.entity for text in texts for f in self._checked(model, "prompts", text)})
+        if kinds:
+            raise ApiError(
+                400,
+                f"the request holds {', '.join(kinds)}: '{model}' refuses personal data and credentials "
+                "(serve.guards); remove them and send it again",
+                type="sensitive_data",
+            )
+
+    def _redacted(self, model: str, direction: str, text: str) -> str:
+        if not text or getattr(self.cfg.rule(model), direction) != "redact":
+            return text
+        findings = self._checked(model, direction, text)
+        return self.guard.redact(text, findings) if findings else text
+
+    def _redacted_chat(self, model: str, messages: str) -> str:
+        if not messages:
+            return messages
+        chat = json.loads(messages)
+        for message in chat:
+            if isinstance(message.get("content"), str):
+                direction = "answers" if message.get("role") == "assistant" else "prompts"
+                message["content"] = self._redacted(model, direction, message["content"])
+        return json.dumps(chat)
+
+    def scrub(self, row: Any) -> Any:
+        """The prediction-log row with what its model's rules redact replaced by `<KIND>`."""
+        if isinstance(row, PredictionRow):
+            return dataclasses.replace(row, text=self._redacted(row.model_name, "prompts", row.text))
+        if isinstance(row, GenerationRow):
+            return dataclasses.replace(
+                row,
+                prompt=self._redacted(row.model_name, "prompts", row.prompt),
+                messages=self._redacted_chat(row.model_name, row.messages),
+                completion=self._redacted(row.model_name, "answers", row.completion),
+            )
+        if isinstance(row, GenerationFeedbackRow) and row.correction:
+            # a correction is an answer a person wrote; feedback rows do not name the model: the default rules
+            return dataclasses.replace(row, correction=self._redacted("", "answers", row.correction))
+        return row

@@ -1,0 +1,39 @@
+"""The PII and secret guards, offline: each kind found and redacted by its name, what tweets hold left alone, and
+the shipped evaluation set's recall and precision."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.guards import evaluate, load
+from llmops.guards import Guard
+
+
+@pytest.fixture(scope="module")
+def guard() -> Guard:
+    return Guard().warm()
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("mail jane.doe@example.com today", "mail <EMAIL_ADDRESS> today"),
+        ("call +44 7400 123456 or (415) 555-2671", "call <PHONE_NUMBER> or <PHONE_NUMBER>"),
+        ("card 4111 1111 1111 1111 exp 04/29", "card <CREDIT_CARD> exp 04/29"),
+        ("iban DE89 3704 0044 0532 0130 00 thanks", "iban <IBAN_CODE> thanks"),
+        ("key AKIAIOSFODNN7EXAMPLE and -----BEGIN RSA PRIVATE KEY-----", "key <CREDENTIAL> and <CREDENTIAL>"),
+        ("@united flight 1234 #coachella2015 https://t.co/abc $1,299.99", None),  # nothing to redact
+        ("card 4111 1111 1111 1112 is not Luhn-valid", None),
+    ],
+)
+def test_each_kind_is_redacted_by_its_name_and_tweets_are_left_alone(
+    guard: Guard, text: str, redacted: str | None
+) -> None:
+    assert guard.redact(text) == (text if redacted is None else redacted)
+
+
+def test_the_shipped_evaluation_set_meets_recall_and_precision(guard: Guard) -> None:
+    result = evaluate(guard, load(), repeats=0)
+    assert result["rows"] == 800
+    assert result["recall_all"] >= 0.95 and result["precision_all"] >= 0.95, result
+    assert min(result["recall"].values()) >= 0.9, result["recall"]
