@@ -13,6 +13,7 @@ Writes bench/results/serving.json and serving.md, with the machine and the targe
 - served throughput (batching on, c=32) >= 0.8x the model-only offline throughput.
 
     make bench-serving     # needs a champion: make run first
+    .venv/bin/python bench/serving.py --gateway --duration-s 10   # keys, limits, guards on vs off: gateway.md
 """
 
 from __future__ import annotations
@@ -71,7 +72,12 @@ def offline_throughput(candidate: Path, texts: list[str], batch_size: int, repea
 
 
 async def _load(
-    url: str, bodies: list[bytes] | None, concurrency: int, warmup_s: float, duration_s: float
+    url: str,
+    bodies: list[bytes] | None,
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    key: str | None = None,
 ) -> dict[str, Any]:
     """Closed loop: `concurrency` workers each POST a body (GET the URL where `bodies` is None) and wait for the
     answer, from `warmup_s` for `duration_s`."""
@@ -82,7 +88,7 @@ async def _load(
     start = loop.time()
     measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
     connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def worker() -> None:
@@ -230,6 +236,85 @@ def targets(rows: list[dict[str, Any]], offline: float) -> list[dict[str, Any]]:
     ]
 
 
+GATEWAY_OFF = ["--set", "serve.gateway_store=null", "--set", "serve.guards={prompts: allow, answers: allow}"]
+"""No key asked, nothing checked: the service as it was before the gateway."""
+
+
+def gateway(args: argparse.Namespace, ours: list[str], texts: list[str], offline: float, env: dict, work: Path) -> dict:
+    """Keys, limits and guards all on against all off, on the classifier champion: three rounds, the two servers
+    taking turns in each (c=1, c=32, and HTTP alone on the bare server for the bound)."""
+    from llmops.gateway import GatewayStore
+
+    store = work / "gateway.db"
+    key, _ = GatewayStore(store).create("bench", rpm=10**9, tpm=10**9, budget=10**15, period="month")
+    modes = {
+        "all off": [*ours, *GATEWAY_OFF],
+        # a scoped key with limits counted in the store on every request; guards redact the prediction log
+        "keys, limits, guards on": [*ours, "--set", f"serve.gateway_store={store}"],
+    }
+    v1 = [json.dumps({"texts": [t]}).encode() for t in texts]
+    rows = []
+    for round_ in range(1, 4):
+        for label, command in modes.items():
+            sent = key if label != "all off" else None
+            with running(label, command, "/readyz", env, work) as base:
+                for concurrency in (1, 32):
+                    row = asyncio.run(
+                        _load(f"{base}/v1/predict", v1, concurrency, args.warmup_s, args.duration_s, sent)
+                    )
+                    rows.append(row | {"server": label, "round": round_})
+                    print(f"[{label}, round {round_}] c={concurrency}: {row['throughput']:.0f} req/s, "
+                          f"p50 {row['p50_ms']:.1f} ms, errors {row['errors']}", flush=True)  # fmt: skip
+                if sent is None:
+                    row = asyncio.run(_load(f"{base}/healthz", None, 32, args.warmup_s, args.duration_s))
+                    rows.append(row | {"server": FLOOR, "round": round_})
+    return {"rows": rows, "offline_throughput": offline}
+
+
+def gateway_markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+
+    def runs(server: str, concurrency: int, field: str) -> list[float]:
+        return [r[field] for r in rows if r["server"] == server and r["concurrency"] == concurrency]
+
+    def cell(values: list[float], digits: int = 0) -> str:
+        return f"{np.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    on, off = "keys, limits, guards on", "all off"
+    table = [
+        [server, c, cell(runs(server, c, "throughput")), cell(runs(server, c, "p50_ms"), 2),
+         cell(runs(server, c, "p99_ms"), 1), sum(runs(server, c, "errors"))]
+        for server in (off, on) for c in (1, 32)
+    ] + [[FLOOR, 32, cell(runs(FLOOR, 32, "throughput")), cell(runs(FLOOR, 32, "p50_ms"), 2), "", 0]]  # fmt: skip
+    ratio = float(np.median(runs(on, 32, "throughput")) / np.median(runs(off, 32, "throughput")))
+    p50_cost = float(np.median(runs(on, 1, "p50_ms")) - np.median(runs(off, 1, "p50_ms")))
+    offline = result["offline_throughput"]
+    bound = 1 / (1 / offline + 1 / float(np.median(runs(FLOOR, 32, "throughput"))))
+    served = float(np.median(runs(on, 32, "throughput"))) / bound
+    checks = [
+        ["all on >= 0.9x all off, throughput at c=32", f"{ratio:.2f}x", ratio >= 0.9],
+        ["all on p50 at c=1 <= all off's + 1 ms", f"{p50_cost:+.2f} ms", p50_cost <= 1.0],
+        ["all on at c=32 >= 0.8x the bound 1 / (1/model-only + 1/HTTP alone)", f"{served:.2f}x of {bound:.0f}",
+         served >= 0.8],
+    ]  # fmt: skip
+    result["targets"] = [{"target": t, "measured": m, "met": bool(ok)} for t, m, ok in checks]
+    m = result["machine"]
+    return f"""# Gateway overhead
+
+Champion `{result["model"]}` version {result["version"]} ({result["kind"]}), `/v1/predict`, one tweet per request,
+closed loop, {result["duration_s"]:.0f} s per level after {result["warmup_s"]:.0f} s warm-up; server and load
+generator share the machine ({m["cpu"]}, {m["cores"]} cores, torch {m["torch"]}); {result["date"]}. Three rounds,
+the two servers taking turns in each; median (min-max) of the three. *All on*: every request sends a stored key
+(scoped, with per-minute and monthly limits counted in `gateway.db` on every request) and the prediction log is
+redacted (`serve.guards` default). *All off*: no key asked, guards `allow`. Tracing is not built yet: it is not
+in *all on*. Model-only offline throughput: {offline:.0f} texts/s.
+
+{tabulate(table, headers=["server", "c", "texts/s", "p50 ms", "p99 ms", "errors"], tablefmt="github")}
+
+{tabulate(checks, headers=["target", "measured", "met"], tablefmt="github")}
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml")
@@ -239,6 +324,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
     parser.add_argument("--set", action="append", default=[], help="serve.<key>=value for our server (both modes)")
+    parser.add_argument("--gateway", action="store_true", help="keys, limits and guards on vs off (gateway.md)")
     args = parser.parse_args()
 
     cfg = load_config(args.config)
@@ -273,6 +359,17 @@ def main() -> None:
             "off": ("llmops (batching off)", [*ours, "--set", "serve.batching=false"], "/readyz", v1),
             "peer": ("mlflow models serve", peer_cmd, "/ping", invocations),
         }
+        if args.gateway:
+            result = gateway(args, ours, texts, offline, env, work) | {
+                "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "model": name, "version": version,
+                "kind": kind, "warmup_s": args.warmup_s, "duration_s": args.duration_s,
+            }  # fmt: skip
+            text = gateway_markdown(result)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / "gateway.json").write_text(json.dumps(result, indent=2))
+            (RESULTS / "gateway.md").write_text(text)
+            print(text)
+            return
         rows = []
         for key in args.servers:
             label, command, ready, protocol = runs[key]

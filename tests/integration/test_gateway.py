@@ -133,7 +133,7 @@ async def test_a_revoked_key_is_refused_within_seconds_without_a_restart(registr
     assert before.status_code == 200
     assert revoked.exit_code == 0 and "revoked" in revoked.output
     assert after.status_code == 401
-    assert time.monotonic() - start < 0.3 + 1.0  # serve.key_refresh_s, and the time of a request or two
+    assert time.monotonic() - start < 3  # serve.key_refresh_s (0.3 s here), and a loaded machine's slack
 
 
 async def test_usage_is_what_was_sent_by_key_and_model(registry: str, workdir: Path) -> None:

@@ -88,3 +88,22 @@ def test_revoking_an_unknown_or_revoked_key_says_so(tmp_path: Path) -> None:
     store.revoke("once")
     with pytest.raises(GatewayError, match="already revoked"):
         store.revoke("once")
+
+
+def test_the_cli_prints_the_secret_once_and_says_what_is_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(Path(__file__).parents[2] / "configs/quickstart.yaml")]
+    run = CliRunner().invoke
+    missing = run(app, ["keys", "list", *config])
+    created = run(app, ["keys", "create", "team-a", "--models", "tweet-generator", "--rpm", "5", *config])
+    again = run(app, ["keys", "create", "team-a", *config])
+    listed = run(app, ["keys", "list", *config])
+    assert missing.exit_code == 2 and "no gateway store at gateway.db" in missing.output
+    assert created.exit_code == 0 and created.stdout.startswith("llmops-")
+    secret = created.stdout.split()[0]
+    assert again.exit_code == 2 and "a key named 'team-a' exists" in again.output
+    assert "team-a" in listed.output and "tweet-generator" in listed.output and secret not in listed.output
