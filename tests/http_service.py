@@ -4,9 +4,13 @@ process (ASGI transport, real lifespan) with the official `openai` client in fro
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +18,7 @@ import openai
 from asgi_lifespan import LifespanManager
 
 from llmops.config import LlmopsConfig
+from llmops.ports import free_port
 from serving.app import create_app
 
 
@@ -30,6 +35,30 @@ def wait_until_ready(base: str, failure: Callable[[], str | None] = lambda: None
             pass
         assert time.monotonic() < deadline, f"server not ready in {timeout:.0f} s"
         time.sleep(0.2)
+
+
+def serve_process(workdir: Path, config: Path, tracking_uri: str) -> tuple[str, int, subprocess.Popen]:
+    """The real `llmops serve --config config` on a free loopback port, run in `workdir`, once ready: its base URL,
+    port and process (the caller stops it)."""
+    port = free_port()
+    cli = [sys.executable, "-c", "from cli.main import main; main()"]
+    proc = subprocess.Popen(
+        [*cli, "serve", "--config", str(config), "--port", str(port)],
+        cwd=workdir,
+        env=os.environ | {"MLFLOW_TRACKING_URI": tracking_uri},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def exited() -> str | None:
+        if proc.poll() is None:
+            return None
+        return proc.stdout.read() if proc.stdout else "server exited"
+
+    wait_until_ready(base, exited)
+    return base, port, proc
 
 
 @asynccontextmanager

@@ -212,3 +212,12 @@ def register_adapter(uri: str, name: str, base_dir: Path, base: str, base_versio
     with mlflow.start_run(run_name=f"{name}-{seed}"):
         model_uri = registry.log_generator_model(folder, ["write a positive tweet about coachella"])
         return registry.register(name, model_uri, {"task": "causal-lm", "candidate": "teacher"})
+
+
+def register_pair(root: Path, classifier: str, generator: str, seed: int) -> str:
+    """A classifier and a generator, one version each, both `champion`, in one store under `root`; its URI."""
+    uri = register_versions(root, classifier, seeds=[seed])
+    register_generators(root, generator, seeds=[seed], uri=uri)
+    set_alias(uri, classifier, "champion", "1")
+    set_alias(uri, generator, "champion", "1")
+    return uri

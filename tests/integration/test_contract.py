@@ -136,7 +136,11 @@ def test_the_document_is_valid_openapi_and_says_what_the_service_knows(service: 
     assert infer["parameters"][0]["schema"]["enum"] == [CLASSIFIER]
 
 
-@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize(
+    ("setup", "keys"),
+    [(setup, keys) for setup in SETUPS for keys in ("keys-off", "scoped-keys")] + [("all", "keys-on")],
+    indirect=["keys"],
+)  # every setup with keys off and with a scoped key; the environment's unscoped key with every model
 def test_schemathesis_finds_nothing_with_every_check(
     setup: str, store: str, workdir: Path, keys: str | None, tmp_path: Path
 ) -> None:

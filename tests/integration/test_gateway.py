@@ -4,9 +4,6 @@ revocation without a restart, and usage by key and model, through the service ov
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +17,9 @@ from typer.testing import CliRunner
 from cli.main import app as cli
 from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
 from llmops.gateway import GatewayStore
-from llmops.ports import free_port
 from llmops.predlog import open_store
-from tests.http_service import in_process, wait_until_ready
-from tests.tiny_registry import register_generators, register_versions, set_alias
+from tests.http_service import in_process, serve_process
+from tests.tiny_registry import register_pair
 
 CLASSIFIER, GENERATOR = "gw-classifier", "gw-generator"
 ENV_KEY = "an-environment-key-123"
@@ -44,11 +40,7 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("gateway-registry")
-    uri = register_versions(root, CLASSIFIER, seeds=[3])
-    register_generators(root, GENERATOR, seeds=[3], uri=uri)
-    set_alias(uri, CLASSIFIER, "champion", "1")
-    set_alias(uri, GENERATOR, "champion", "1")
-    return uri
+    return register_pair(root, CLASSIFIER, GENERATOR, seed=3)
 
 
 def serve_config(gateway: Path, **serve: Any) -> LlmopsConfig:
@@ -191,19 +183,7 @@ def two_workers(registry: str, workdir: Path, limited: dict[str, str]) -> Iterat
         "default_max_tokens": 8,
     }
     config.write_text(yaml.safe_dump({"registry": {"model_name": CLASSIFIER}, "serve": serve}))
-    port = free_port()
-    cli_main = [sys.executable, "-c", "from cli.main import main; main()"]
-    env = os.environ | {"MLFLOW_TRACKING_URI": registry}
-    proc = subprocess.Popen(
-        [*cli_main, "serve", "--config", str(config), "--port", str(port)],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    wait_until_ready(base, lambda: None if proc.poll() is None else (proc.stdout.read() if proc.stdout else "exited"))
+    base, _, proc = serve_process(workdir, config, registry)
     yield base
     proc.terminate()
     proc.wait(timeout=60)

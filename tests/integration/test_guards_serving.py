@@ -15,7 +15,7 @@ from llmops.predlog import GenerationRow, open_store
 from serving.guards import Guards
 from serving.metrics import ServingMetrics
 from tests.http_service import in_process
-from tests.tiny_registry import register_generators, register_versions, set_alias
+from tests.tiny_registry import register_pair
 
 CLASSIFIER, GENERATOR = "pii-classifier", "pii-generator"
 EMAIL, CARD, PHONE, IBAN, KEY = (
@@ -36,11 +36,7 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("guards-registry")
-    uri = register_versions(root, CLASSIFIER, seeds=[4])
-    register_generators(root, GENERATOR, seeds=[4], uri=uri)
-    set_alias(uri, CLASSIFIER, "champion", "1")
-    set_alias(uri, GENERATOR, "champion", "1")
-    return uri
+    return register_pair(root, CLASSIFIER, GENERATOR, seed=4)
 
 
 def config(log: Path, guards: GuardsConfig | None = None) -> LlmopsConfig:

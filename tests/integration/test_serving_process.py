@@ -4,10 +4,8 @@ and the official `openai` client."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from llmops.ports import free_port
 from llmops.predlog import open_store
-from tests.http_service import wait_until_ready
+from tests.http_service import serve_process
 from tests.tiny_registry import LABELS, register_generators, register_versions, set_alias
 
 NAME = "tiny-process"
@@ -36,25 +33,7 @@ def server(workdir: Path) -> Iterator[tuple[str, int, subprocess.Popen]]:
     # Two workers: each loads the models and batches on its own; /metrics adds them up.
     serve = {"flush_interval_s": 60, "workers": 2, "threads": 1, "models": [NAME, GENERATOR]}
     config.write_text(yaml.safe_dump({"registry": {"model_name": NAME}, "serve": serve}))
-    port = free_port()
-    env = os.environ | {"MLFLOW_TRACKING_URI": store}
-    cli = [sys.executable, "-c", "from cli.main import main; main()"]
-    proc = subprocess.Popen(
-        [*cli, "serve", "--config", str(config), "--port", str(port)],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def exited() -> str | None:
-        if proc.poll() is None:
-            return None
-        return proc.stdout.read() if proc.stdout else "server exited"
-
-    wait_until_ready(base, exited)
+    base, port, proc = serve_process(workdir, config, store)
     yield base, port, proc
     if proc.poll() is None:
         proc.kill()
