@@ -19,14 +19,13 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from llmops.config import ConfigError
 
@@ -68,6 +67,29 @@ USAGE = sa.Table(
     sa.Column("requests", sa.BigInteger, nullable=False),
     sa.Column("prompt_tokens", sa.BigInteger, nullable=False),
     sa.Column("completion_tokens", sa.BigInteger, nullable=False),
+)
+
+
+# The statements of every request, as SQL both SQLite (3.35+) and PostgreSQL run: an upsert counted and read in one
+# round trip. Written out rather than built with SQLAlchemy's expression language, which cost 0.7 ms a request
+# here (0.09 ms so).
+_COUNT_REQUEST = sa.text(
+    "INSERT INTO key_minutes (key_name, minute, requests, tokens) VALUES (:key, :minute, 1, 0) "
+    "ON CONFLICT (key_name, minute) DO UPDATE SET requests = key_minutes.requests + 1 RETURNING requests, tokens"
+)
+_SPENT = sa.text(
+    "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM key_usage WHERE key_name = :key AND day >= :day"
+)
+_ADD_USAGE = sa.text(
+    "INSERT INTO key_usage (key_name, model, day, requests, prompt_tokens, completion_tokens) "
+    "VALUES (:key, :model, :day, :requests, :prompt, :completion) ON CONFLICT (key_name, model, day) DO UPDATE SET "
+    "requests = key_usage.requests + excluded.requests, "
+    "prompt_tokens = key_usage.prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = key_usage.completion_tokens + excluded.completion_tokens"
+)
+_ADD_TOKENS = sa.text(
+    "INSERT INTO key_minutes (key_name, minute, requests, tokens) VALUES (:key, :minute, 0, :tokens) "
+    "ON CONFLICT (key_name, minute) DO UPDATE SET tokens = key_minutes.tokens + excluded.tokens"
 )
 
 
@@ -163,14 +185,6 @@ class GatewayStore:
 
         _meta.create_all(self.engine)
 
-    def _upsert(self, table: sa.Table, keys: Sequence[str], values: dict[str, Any], add: Sequence[str]) -> Any:
-        """INSERT the row, or add `add` columns' values to the row already there (both dialects do this in one
-        statement)."""
-        insert = (sqlite if self.dialect == "sqlite" else postgresql).insert(table).values(**values)
-        return insert.on_conflict_do_update(
-            index_elements=list(keys), set_={c: table.c[c] + insert.excluded[c] for c in add}
-        )
-
     # --- keys -------------------------------------------------------------------------------------------------
 
     def create(
@@ -257,13 +271,7 @@ class GatewayStore:
         now = time.time() if now is None else now
         minute = _minute(now)
         with self.engine.connect() as db:
-            counted = self._upsert(
-                WINDOWS,
-                ("key_name", "minute"),
-                {"key_name": key.name, "minute": minute, "requests": 1, "tokens": 0},
-                ("requests",),
-            ).returning(WINDOWS.c.requests, WINDOWS.c.tokens)
-            requests, tokens = db.execute(counted).one()
+            requests, tokens = db.execute(_COUNT_REQUEST, {"key": key.name, "minute": minute}).one()
             refusal = self._over(db, key, requests, tokens, now)
             if refusal is None:
                 db.commit()
@@ -280,8 +288,7 @@ class GatewayStore:
         if key.budget is None:
             return None
         first, ends = period_start(key.period, now)
-        spent = sa.func.coalesce(sa.func.sum(USAGE.c.prompt_tokens + USAGE.c.completion_tokens), 0)
-        used = db.execute(sa.select(spent).where(USAGE.c.key_name == key.name, USAGE.c.day >= first)).scalar_one()
+        used = db.execute(_SPENT, {"key": key.name, "day": first}).scalar_one()
         if used >= key.budget:
             return Refusal("token_budget", f"{key.budget} tokens a {key.period}", int(ends - now) + 1)
         return None
@@ -290,34 +297,20 @@ class GatewayStore:
         """Add what requests used: to each key's usage by model and day, and its tokens to the minute's window."""
         now = time.time() if now is None else now
         day, minute = _day(now), _minute(now)
+        rows = [
+            {"key": u.key_name, "model": u.model, "day": day, "minute": minute, "requests": u.requests,
+             "prompt": u.prompt_tokens, "completion": u.completion_tokens,
+             "tokens": u.prompt_tokens + u.completion_tokens}
+            for u in used
+        ]  # fmt: skip
+        if not rows:
+            return
         with self.engine.begin() as db:
             db.execute(WINDOWS.delete().where(WINDOWS.c.minute < minute - 10))  # finished windows count nothing
-            for u in used:
-                tokens = u.prompt_tokens + u.completion_tokens
-                db.execute(
-                    self._upsert(
-                        USAGE,
-                        ("key_name", "model", "day"),
-                        {
-                            "key_name": u.key_name,
-                            "model": u.model,
-                            "day": day,
-                            "requests": u.requests,
-                            "prompt_tokens": u.prompt_tokens,
-                            "completion_tokens": u.completion_tokens,
-                        },
-                        ("requests", "prompt_tokens", "completion_tokens"),
-                    )
-                )
-                if tokens:
-                    db.execute(
-                        self._upsert(
-                            WINDOWS,
-                            ("key_name", "minute"),
-                            {"key_name": u.key_name, "minute": minute, "requests": 0, "tokens": tokens},
-                            ("tokens",),
-                        )
-                    )
+            db.execute(_ADD_USAGE, rows)
+            spent = [row for row in rows if row["tokens"]]
+            if spent:
+                db.execute(_ADD_TOKENS, spent)
 
     def usage(self, since_day: str | None = None) -> list[dict[str, Any]]:
         """Requests and tokens by key, model and day (oldest first), from `since_day` (YYYY-MM-DD) on."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
 from typing import Any
 
@@ -18,6 +19,8 @@ from llmops.guards import Guard
 from llmops.predlog import GenerationFeedbackRow, GenerationRow, PredictionRow
 from serving.errors import ApiError
 from serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
 
 
 class Guards:
@@ -37,13 +40,23 @@ class Guards:
             threading.Thread(target=self._build, name="guards", daemon=True).start()
 
     def _build(self) -> None:
-        self._guard = Guard().warm()
-        self._ready.set()
+        try:
+            self._guard = Guard().warm()
+        except Exception:  # rows wait in the log writer (nothing unredacted is written) and the error says why
+            log.exception("the PII guards could not be built: the prediction log holds its rows until they are")
+        finally:
+            self._ready.set()
+
+    def wait(self) -> None:
+        """Until the guard is built (at once when no rule needs one)."""
+        if self.needed:
+            self._ready.wait()
 
     @property
     def guard(self) -> Guard:
         self._ready.wait()
-        assert self._guard is not None
+        if self._guard is None:
+            raise RuntimeError("the PII guards failed to build (see the log)")
         return self._guard
 
     def _checked(self, model: str, direction: str, text: str) -> list[Any]:

@@ -191,8 +191,9 @@ class Service:
         # Take no connection before the first load attempts are over (at most `startup_wait_s`): the workers of
         # one server share its port, so a worker still loading would answer 503 to requests a loaded one can serve.
         try:
-            checked = (w.checked.wait() for w in self.models.values())
-            await asyncio.wait_for(asyncio.gather(*checked), self.cfg.startup_wait_s)
+            checked = [w.checked.wait() for w in self.models.values()]
+            guards = asyncio.to_thread(self.guards.wait)  # the first request must not pay for their import
+            await asyncio.wait_for(asyncio.gather(*checked, guards), self.cfg.startup_wait_s)
         except TimeoutError:
             log.warning("no model loaded after %.0f s; serving starts and reports not ready", self.cfg.startup_wait_s)
 
