@@ -10,9 +10,6 @@ tasks ask it the test split's sentiment questions, rendered as it was trained to
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +19,7 @@ import pytest
 import yaml
 
 from llmops.generation.candidate import Generator
-from llmops.ports import free_port
-from tests.http_service import wait_until_ready
+from tests.http_service import serve_process
 from tests.integration.trained_decoders import trained
 from tests.tiny_registry import register_generators, set_alias
 
@@ -85,22 +81,7 @@ def server(champion: tuple[Path, str, pd.DataFrame], tmp_path_factory: pytest.Te
     workdir = tmp_path_factory.mktemp("lm-eval-serve")
     config = workdir / "serve.yaml"
     config.write_text(yaml.safe_dump({"registry": {"model_name": NAME}, "serve": {"models": [NAME]}}))
-    port = free_port()
-    cli = [sys.executable, "-c", "from cli.main import main; main()"]
-    proc = subprocess.Popen(
-        [*cli, "serve", "--config", str(config), "--port", str(port)],
-        cwd=workdir,
-        env=os.environ | {"MLFLOW_TRACKING_URI": uri},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def exited() -> str | None:
-        return None if proc.poll() is None else (proc.stdout.read() if proc.stdout else "server exited")
-
-    wait_until_ready(base, exited)
+    base, _, proc = serve_process(workdir, config, uri)
     yield base
     proc.terminate()
     proc.wait(timeout=30)
