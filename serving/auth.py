@@ -9,20 +9,24 @@ Usage is added to the store from a background thread, in batches, so no request 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from llmops.config import ConfigError, ServeConfig
 from llmops.gateway import ApiKey, GatewayStore, Refusal, Usage
 from serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,12 @@ class Gate:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="key-usage", daemon=True)
 
-    @property
-    def store_is_remote(self) -> bool:
-        """A database server: its round trips are taken off the event loop."""
-        return self.store is not None and self.store.dialect != "sqlite"
+    async def off_loop(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` on a thread where the store is a database server (its round trips would hold the event
+        loop); inline on SQLite, where a thread hop costs more than the statement."""
+        if self.store is not None and self.store.dialect != "sqlite":
+            return await asyncio.to_thread(call, *args)
+        return call(*args)
 
     @property
     def required(self) -> bool:

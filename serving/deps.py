@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
@@ -39,7 +38,8 @@ def require_key(group: str) -> Any:
         gate: Gate = request.app.state.service.gate
         if not gate.required:
             return
-        caller = gate.authenticate(api_key if api_key is not None else (bearer.credentials if bearer else None))
+        given = api_key if api_key is not None else (bearer.credentials if bearer else None)
+        caller = await gate.off_loop(gate.authenticate, given)
         if caller is None:
             raise ApiError(
                 401,
@@ -49,7 +49,7 @@ def require_key(group: str) -> Any:
             )
         if not caller.may_call(group):
             raise ApiError(403, f"key '{caller.name}' may not call {group} routes", type="forbidden")
-        refusal = await asyncio.to_thread(gate.admit, caller) if gate.store_is_remote else gate.admit(caller)
+        refusal = await gate.off_loop(gate.admit, caller)
         if refusal is not None:
             raise ApiError(
                 429,
