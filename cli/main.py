@@ -159,10 +159,12 @@ def serve(
 
     from serving.app import CONFIG_ENV, OVERRIDES_ENV
     from serving.auth import load_api_keys
+    from serving.tracing import exporter_from_environment
 
     try:
         cfg = load_config(config, overrides)
         load_api_keys(cfg.serve)  # a bad key file fails here, once, not in every worker
+        exporter_from_environment(os.environ)  # and OTEL_* settings it cannot honour
     except BAD_INPUT as error:
         _fail(error)
         return

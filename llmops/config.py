@@ -430,6 +430,10 @@ class ServeConfig(_Strict):
     and write: redacted in the prediction log by default (`llmops.guards`)."""
     key_refresh_s: float = Field(default=2.0, gt=0)
     """A worker reads a stored key again after this long: a revoked key is refused within it."""
+    mlflow_traces: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Generators: the share of generations also written as MLflow traces, to the experiment of the run that
+    trained the served version (its Traces view): prompt and answer redacted as the prediction log is, tokens,
+    latency, the key's name. 0: none. OpenTelemetry spans of every request are set by the OTEL_* variables."""
     prediction_log: str = "predictions.db"
     """Where every prediction and feedback label goes: a .db file (SQLite) or a folder (Parquet files)."""
     flush_interval_s: float = Field(default=1.0, gt=0)

@@ -28,33 +28,59 @@ from serving.errors import install_handlers
 from serving.routes import mlflow, oip, openai, ours, tokenize
 from serving.schemas import ErrorResponse
 from serving.service import Service
+from serving.tracing import Tracing
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = tuple[tuple[bytes, bytes], ...]
 
 
 # --- the app ---------------------------------------------------------------------------------------
 
 
 class RequestContext:
-    """A request id on every request and response (`X-Request-ID`); bodies over the limit refused before reading."""
+    """A request id on every request and response (`X-Request-ID`); bodies over the limit refused before reading;
+    the request's span, with its `traceparent` on the response, when tracing is on (`serving.tracing`)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], max_body_bytes: int):
+    def __init__(self, app: Callable[..., Awaitable[None]], max_body_bytes: int, tracing: Tracing):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.tracing = tracing
 
-    async def __call__(
-        self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        if self.tracing.on:
+            await self._traced(scope, receive, send, request_id)
+            return
+        await self._handle(scope, receive, send, request_id, ((b"x-request-id", request_id.encode()),))
 
+    async def _traced(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        span, token = self.tracing.start_request(scope["method"], scope["path"], scope["headers"])
+        span.set_attribute("llmops.request_id", request_id)
+        status: list[int] = []
+
+        async def send_traced(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        extra = ((b"x-request-id", request_id.encode()), (b"traceparent", self.tracing.traceparent(span)))
+        try:
+            await self._handle(scope, receive, send_traced, request_id, extra)
+        finally:
+            route = scope.get("route")
+            self.tracing.end_request(span, token, getattr(route, "path", None), status[0] if status else None)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str, extra: Headers) -> None:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         headers = dict(scope["headers"])
@@ -110,7 +136,7 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
     ).expose(app, tags=["health"], response_class=PlainTextResponse)
     for protocol in (ours, mlflow, oip, openai, tokenize):
         app.include_router(protocol.router)
-    app.add_middleware(RequestContext, max_body_bytes=cfg.serve.max_body_bytes)
+    app.add_middleware(RequestContext, max_body_bytes=cfg.serve.max_body_bytes, tracing=service.tracing)
     contract.install(app, service, keys_required=service.gate.required)
     return app
 

@@ -16,11 +16,12 @@ import asyncio
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmops.classification.candidate import Forward
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel
+from serving.tracing import Tracing
 
 
 class QueueFull(RuntimeError):
@@ -32,6 +33,9 @@ class _Job:
     model: LoadedModel
     texts: list[str]
     future: asyncio.Future[Forward]
+    queued_at: float = field(default_factory=time.perf_counter)
+    ran: tuple[float, float, int] | None = None
+    """When its batch's forward pass started and ended, and the batch's size in texts (for its spans)."""
 
 
 class MicroBatcher:
@@ -44,8 +48,10 @@ class MicroBatcher:
         max_wait_ms: float,
         max_queue: int,
         embeddings: bool = False,
+        tracing: Tracing | None = None,
     ):
         self.metrics = metrics
+        self.tracing = tracing or Tracing(None)
         self.enabled = enabled
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
@@ -86,13 +92,19 @@ class MicroBatcher:
         self.metrics.queue_depth.set(self._waiting)
         try:
             if not self.enabled:
-                return await self._infer(model, texts)
+                return await self._infer(model, texts, alone=True)
             if self._idle() and not self._jobs and len(texts) <= self.max_batch_size:
                 return await self._infer_alone(model, texts)
             future: asyncio.Future[Forward] = asyncio.get_running_loop().create_future()
-            self._jobs.append(_Job(model, texts, future))
+            job = _Job(model, texts, future)
+            self._jobs.append(job)
             self._arrived.set()
-            return await future
+            out = await future
+            if self.tracing.on and job.ran is not None:
+                started, ended, size = job.ran
+                self.tracing.record("queue", job.queued_at, started)
+                self.tracing.record("batch", started, ended, attributes={"llmops.batch.texts": size})
+            return out
         finally:
             self._waiting -= len(texts)
             self.metrics.queue_depth.set(self._waiting)
@@ -105,19 +117,22 @@ class MicroBatcher:
         does); requests that arrive meanwhile queue and go together once it is done."""
         self._alone += 1
         try:
-            return await self._infer(model, texts)
+            return await self._infer(model, texts, alone=True)
         finally:
             self._alone -= 1
             if self._jobs or self._forming:  # else nobody waits: waking the batcher would only cost the loop a turn
                 self._arrived.set()
 
-    async def _infer(self, model: LoadedModel, texts: list[str]) -> Forward:
+    async def _infer(self, model: LoadedModel, texts: list[str], alone: bool = False) -> Forward:
         self.metrics.batch_size.observe(len(texts))
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         forward = model.classifier.forward
         out = await loop.run_in_executor(self._executor, forward, texts, len(texts), self.embeddings)
-        self.metrics.inference_seconds.observe(time.perf_counter() - start)
+        end = time.perf_counter()
+        self.metrics.inference_seconds.observe(end - start)
+        if alone:  # the pass is this request's own: its span (a batch's are written by each of its requests)
+            self.tracing.record("batch", start, end, attributes={"llmops.batch.texts": len(texts)})
         return out
 
     async def _next_batch(self) -> list[_Job]:
@@ -170,6 +185,7 @@ class MicroBatcher:
 
     async def _complete(self, jobs: list[_Job]) -> None:
         texts = [text for job in jobs for text in job.texts]
+        started = time.perf_counter()
         try:
             outputs = await self._infer(jobs[0].model, texts)
         except Exception as error:
@@ -177,8 +193,10 @@ class MicroBatcher:
                 if not job.future.done():
                     job.future.set_exception(error)
             return
+        ran = (started, time.perf_counter(), len(texts))
         start = 0
         for job in jobs:
+            job.ran = ran
             if not job.future.done():
                 job.future.set_result(outputs.rows(slice(start, start + len(job.texts))))
             start += len(job.texts)

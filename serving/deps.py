@@ -8,7 +8,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from llmops.config import ServeConfig
-from serving.auth import CALLER, Gate
+from serving.auth import CALLER
 from serving.errors import ApiError
 from serving.service import Service
 
@@ -35,11 +35,13 @@ def require_key(group: str) -> Any:
         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
         api_key: Annotated[str | None, Security(_api_key_header)],
     ) -> None:
-        gate: Gate = request.app.state.service.gate
+        service: Service = request.app.state.service
+        gate = service.gate
         if not gate.required:
             return
         given = api_key if api_key is not None else (bearer.credentials if bearer else None)
-        caller = await gate.off_loop(gate.authenticate, given)
+        with service.tracing.span("auth"):
+            caller = await gate.off_loop(gate.authenticate, given)
         if caller is None:
             raise ApiError(
                 401,
@@ -49,7 +51,8 @@ def require_key(group: str) -> Any:
             )
         if not caller.may_call(group):
             raise ApiError(403, f"key '{caller.name}' may not call {group} routes", type="forbidden")
-        refusal = await gate.off_loop(gate.admit, caller)
+        with service.tracing.span("limits", **{"llmops.key": caller.name}):
+            refusal = await gate.off_loop(gate.admit, caller)
         if refusal is not None:
             raise ApiError(
                 429,

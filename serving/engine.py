@@ -89,6 +89,8 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""
     submitted: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None
+    """When it left the queue for the running batch (its prompt's pass follows)."""
     first_token_at: float | None = None
     finished_at: float | None = None
     rng: torch.Generator | None = None
@@ -284,6 +286,9 @@ class GenerationEngine:
         with self._wake:
             room = self.max_running - len(self._running)
             admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        now = time.perf_counter()
+        for sequence in admitted:
+            sequence.admitted_at = now
         return [s for s in admitted if not s.cancelled]
 
     def _drop_cancelled(self) -> None:

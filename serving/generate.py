@@ -258,9 +258,12 @@ async def generate(service: Service, request: GenerationRequest, request_id: str
         prompt_ids, logged, echoed = _prompt(request, generation.runtime)
         if service.guards.blocks(model.name):
             texts = [logged] if isinstance(logged, str) else [m["content"] for m in logged]
-            await asyncio.to_thread(service.guards.check_prompts, model.name, [t for t in texts if isinstance(t, str)])
+            with service.tracing.span("guards"):
+                await asyncio.to_thread(
+                    service.guards.check_prompts, model.name, [t for t in texts if isinstance(t, str)]
+                )
         params = _params(service, request, len(prompt_ids), generation.runtime)
-        origin = Origin(request_id, index, logged, route, model, CALLER.get())
+        origin = Origin(request_id, index, logged, route, model, CALLER.get(), service.tracing.current())
         try:
             sequence = generation.backend.submit(prompt_ids, params, loop, origin)
         except EngineFull as error:

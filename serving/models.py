@@ -57,6 +57,16 @@ class Generating:
 
 
 @dataclass(frozen=True)
+class Source:
+    """Where a registered version came from in the tracking store."""
+
+    experiment_id: str
+    run_id: str
+    model_id: str | None
+    """Its MLflow 3 logged model, when it has one."""
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     name: str
     version: str
@@ -69,6 +79,8 @@ class LoadedModel:
     """Generators: what schedules this version's sequences."""
     base: LoadedModel | None = None
     """A LoRA adapter: the base version it runs over."""
+    source: Source | None = None
+    """The run that trained it: where its MLflow traces go."""
 
     @property
     def task(self) -> str:
@@ -125,22 +137,25 @@ def load_version(
     to its base's running model instead."""
     folder = fetch_version(tracking_uri, name, version, cache)
     mv = client.get_model_version(name, version)
+    metrics, source = {}, None
     try:
-        metrics = dict(client.get_run(mv.run_id).data.metrics) if mv.run_id else {}
+        if mv.run_id:
+            run = client.get_run(mv.run_id)
+            metrics, source = dict(run.data.metrics), Source(run.info.experiment_id, mv.run_id, mv.model_id)
     except MlflowException:
-        metrics = {}
+        pass
     tags = {k: v for k, v in mv.tags.items() if k.startswith(TAG)}
     meta = CandidateMeta.load(folder)
     base_ref = adapter_of(meta.recipe)
     if base_ref is not None:
         base = _running_base(name, version, base_ref, bases)
         adapter, on_base = attach_adapter(base, folder, meta, f"{name}/{version}")
-        return LoadedModel(name, version, alias, adapter, tags, metrics, time.time(), on_base, base)  # type: ignore[arg-type]
+        return LoadedModel(name, version, alias, adapter, tags, metrics, time.time(), on_base, base, source)  # type: ignore[arg-type]
     with _LOADING:
         runtime = load_runtime(folder)
     generative = runtime.meta.task != "sequence-classification"
     backend = engine_factory(runtime, name, version) if generative and engine_factory else None  # type: ignore[arg-type]
-    return LoadedModel(name, version, alias, runtime, tags, metrics, time.time(), backend)
+    return LoadedModel(name, version, alias, runtime, tags, metrics, time.time(), backend, source=source)
 
 
 def _running_base(name: str, version: str, ref: BaseRef, bases: BaseLookup | None) -> LoadedModel:

@@ -42,6 +42,7 @@ from serving.errors import ApiError
 from serving.guards import Guards
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel, ModelWatcher
+from serving.tracing import MlflowTraces, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class Origin:
     model: LoadedModel
     caller: Caller | None = None
     """Who asked (None without keys): usage and limits are counted against it."""
+    trace: Any = None
+    """The request's trace context (tracing on): the parent of the engine's spans."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Service:
         self.model_name = cfg.registry.model_name
         """The classifier routes' model when it is served (else the first served classifier)."""
         self.metrics = ServingMetrics()
+        self.tracing = Tracing.from_environment()
         self.gate = Gate(self.cfg, self.metrics)
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         cache = Path(self.cfg.model_cache)
@@ -109,13 +113,12 @@ class Service:
             max_wait_ms=self.cfg.max_wait_ms,
             max_queue=self.cfg.max_queue,
             embeddings=self.cfg.log_embeddings,
+            tracing=self.tracing,
         )
         self.guards = Guards(self.cfg.guards, self.metrics)
-        self.log = PredictionLogWriter(
-            open_store(self.cfg.prediction_log),
-            self.cfg.flush_interval_s,
-            scrub=self.guards.scrub if self.guards.needed else None,
-        )
+        scrub = self.guards.scrub if self.guards.needed else None
+        self.log = PredictionLogWriter(open_store(self.cfg.prediction_log), self.cfg.flush_interval_s, scrub=scrub)
+        self.mlflow_traces = MlflowTraces(self.cfg.mlflow_traces, tracking_uri, scrub)
         self._watchers: list[asyncio.Task[None]] = []
         self._shadows: set[asyncio.Task[None]] = set()
 
@@ -147,28 +150,38 @@ class Service:
             users = [m["content"] for m in prompt if m["role"] == "user"]
             text, messages = (users[-1] if users else prompt[-1]["content"]), json.dumps(list(prompt))
         finished = sequence.finished_at or time.perf_counter()
+        first = sequence.first_token_at or finished
         embedding = sequence.embedding
-        self.log.append_generation(
-            GenerationRow(
-                request_id=origin.request_id,
-                idx=origin.idx,
-                ts=time.time(),
-                model_name=model.name,
-                model_version=model.version,
-                route=origin.route,
-                prompt=text,
-                messages=messages,
-                completion=sequence.text,
-                prompt_tokens=len(sequence.prompt_ids),
-                completion_tokens=sequence.generated,
-                finish_reason=sequence.finish_reason or "unknown",
-                ttft_ms=((sequence.first_token_at or finished) - sequence.submitted) * 1000,
-                latency_ms=(finished - sequence.submitted) * 1000,
-                embedding=None if embedding is None else encode_embedding(embedding),
-                unk_share=_prompt_unknown_share(model, sequence.prompt_ids),
-                key_name=origin.caller.name if origin.caller else None,
-            )
+        tracing = self.tracing
+        if tracing.on:
+            admitted = sequence.admitted_at or sequence.submitted
+            tracing.record("queue", sequence.submitted, admitted, origin.trace)
+            prompt_tokens, answer_tokens = len(sequence.prompt_ids), sequence.generated
+            tracing.record("prefill", admitted, first, origin.trace, {"llmops.prompt_tokens": prompt_tokens})
+            tracing.record("decode", first, finished, origin.trace, {"llmops.completion_tokens": answer_tokens})
+        row = GenerationRow(
+            request_id=origin.request_id,
+            idx=origin.idx,
+            ts=time.time(),
+            model_name=model.name,
+            model_version=model.version,
+            route=origin.route,
+            prompt=text,
+            messages=messages,
+            completion=sequence.text,
+            prompt_tokens=len(sequence.prompt_ids),
+            completion_tokens=sequence.generated,
+            finish_reason=sequence.finish_reason or "unknown",
+            ttft_ms=(first - sequence.submitted) * 1000,
+            latency_ms=(finished - sequence.submitted) * 1000,
+            embedding=None if embedding is None else encode_embedding(embedding),
+            unk_share=_prompt_unknown_share(model, sequence.prompt_ids),
+            key_name=origin.caller.name if origin.caller else None,
         )
+        logging_at = time.perf_counter()
+        self.log.append_generation(row)
+        tracing.record("log", logging_at, time.perf_counter(), origin.trace)
+        self.mlflow_traces.offer(row, model.source, origin.trace)
         _observe(self.metrics, sequence, model)
         self.gate.record(origin.caller, model.name, len(sequence.prompt_ids), sequence.generated)
 
@@ -183,6 +196,7 @@ class Service:
 
     async def start(self) -> None:
         self.guards.start()
+        self.mlflow_traces.start()
         self.log.start()
         self.gate.start()
         self.batcher.start()
@@ -208,6 +222,8 @@ class Service:
                 await asyncio.to_thread(watcher.current.backend.stop)
         self.log.close()
         await asyncio.to_thread(self.gate.stop)
+        await asyncio.to_thread(self.mlflow_traces.stop)
+        await asyncio.to_thread(self.tracing.shutdown)
 
     @property
     def ready(self) -> bool:
@@ -276,7 +292,8 @@ class Service:
         """Score texts with the champion (or the canary), log them, and start shadow scoring if on."""
         model, route = self._route()
         if self.guards.blocks(model.name):
-            await asyncio.to_thread(self.guards.check_prompts, model.name, texts)
+            with self.tracing.span("guards"):
+                await asyncio.to_thread(self.guards.check_prompts, model.name, texts)
         start = time.perf_counter()
         try:
             outputs = await self.batcher.predict(model, texts)
@@ -284,7 +301,8 @@ class Service:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(503, f"server busy: {error}", type="overloaded", headers={"Retry-After": "1"}) from None
         scored = Scored(model, outputs)
-        self._record(request_id, texts, scored, route, (time.perf_counter() - start) * 1000)
+        with self.tracing.span("log"):
+            self._record(request_id, texts, scored, route, (time.perf_counter() - start) * 1000)
         self.gate.record(CALLER.get(), model.name)
         if self.cfg.shadow:
             shadow = self.challenger.current if self.challenger else None

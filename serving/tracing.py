@@ -1,0 +1,272 @@
+"""Request traces: OpenTelemetry spans for every request, and MLflow traces for a share of the generations.
+
+OpenTelemetry is on when the standard settings name an exporter: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+`OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP over HTTP with protobuf: a collector's port 4318, or an MLflow server's
+`/v1/traces`), or `OTEL_TRACES_EXPORTER=otlp|console`; `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`
+turn it off. The SDK reads the rest of the standard settings itself: `OTEL_SERVICE_NAME` (default
+`llmops-serving`), `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`, `_COMPRESSION`,
+`OTEL_TRACES_SAMPLER` and `_ARG`, `OTEL_BSP_*`. Off, a request pays for nothing but one attribute read.
+
+Each request is a SERVER span named after its route (`POST /v1/predict`), the child of the caller's W3C
+`traceparent` when one is sent; the response's `traceparent` names it. Its children, where the request has them:
+`auth` (the key), `limits` (the key's limits), `guards` (prompts a model refuses with personal data), `queue`
+(waiting for the model), `batch` (a classifier's forward pass, with the batch's size), `prefill` and `decode`
+(a generator's: its prompt, then its answer token by token), `log` (the prediction-log row). The engine's spans
+are written when the sequence ends, with the times it recorded, from the engine's thread: no request waits for
+them.
+
+MLflow traces (`serve.mlflow_traces`, a share of the generations) go to the experiment of the run that trained
+the served version, so its Traces view (the GenAI page) shows served requests: the prompt and the answer
+(redacted as the prediction log is), tokens, time to first token and latency, the model version and the key's
+name. They are written from a thread of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+import llmops
+from llmops.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_NO_SPAN = contextlib.nullcontext()
+_MLFLOW_SETUP = threading.Lock()
+_MLFLOW_EXPORTS_TO: list[str | None] = [None]
+"""The store MLflow's tracer provider was last set up for, in this process."""
+
+
+def exporter_from_environment(env: Mapping[str, str]) -> SpanExporter | None:
+    """The exporter the OTEL_* settings ask for, or None (tracing off)."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    chosen = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if chosen == "none" or (not chosen and not endpoint):
+        return None
+    if chosen == "console":
+        return ConsoleSpanExporter()
+    if chosen not in ("", "otlp"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER={chosen!r}: llmops exports traces with 'otlp' or 'console'")
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    if protocol not in ("", "http/protobuf"):
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: llmops sends OTLP over HTTP with protobuf "
+            "(http/protobuf: a collector's port 4318); gRPC is not installed"
+        )
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()  # endpoint, headers, timeout and compression from the OTEL_* settings
+
+
+class Tracing:
+    """The service's OpenTelemetry tracer (`on` False: every call here is a no-op)."""
+
+    def __init__(self, exporter: SpanExporter | None):
+        self.on = exporter is not None
+        self._provider: TracerProvider | None = None
+        self._tracer: trace.Tracer = trace.NoOpTracer()
+        # perf_counter readings (what the batcher and the engine record) to the epoch nanoseconds spans take
+        self._epoch_offset_ns = time.time_ns() - time.perf_counter_ns()
+        if exporter is not None:
+            resource = Resource.create({"service.version": llmops.__version__})
+            if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+                resource = resource.merge(Resource({SERVICE_NAME: "llmops-serving"}))
+            self._provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
+            self._provider.add_span_processor(BatchSpanProcessor(exporter))
+            self._tracer = self._provider.get_tracer("llmops.serving", llmops.__version__)
+
+    @classmethod
+    def from_environment(cls) -> Tracing:
+        return cls(exporter_from_environment(os.environ))
+
+    def shutdown(self) -> None:
+        """Export what is buffered, then stop."""
+        if self._provider is not None:
+            self._provider.shutdown()
+
+    # --- the request's span --------------------------------------------------------------------------------
+
+    def start_request(self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]) -> tuple[Span, object]:
+        """The request's SERVER span, current until `end_request` (the parent: the caller's `traceparent`)."""
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in (b"traceparent", b"tracestate")}
+        parent = _PROPAGATOR.extract(carrier)
+        span = self._tracer.start_span(
+            method,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": path},
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        return span, token
+
+    @staticmethod
+    def traceparent(span: Span) -> bytes:
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
+        return carrier.get("traceparent", "").encode()
+
+    @staticmethod
+    def end_request(span: Span, token: object, route: str | None, status: int | None) -> None:
+        method = span.attributes.get("http.request.method", "") if hasattr(span, "attributes") else ""
+        if route is not None:
+            span.update_name(f"{method} {route}")
+            span.set_attribute("http.route", route)
+        if status is not None:
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+        span.end()
+        otel_context.detach(token)  # type: ignore[arg-type]
+
+    # --- its children --------------------------------------------------------------------------------------
+
+    def span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
+        """A child of the current span around a block (nothing when tracing is off)."""
+        if not self.on:
+            return _NO_SPAN
+        return self._tracer.start_as_current_span(name, attributes=attributes or None)
+
+    def current(self) -> otel_context.Context | None:
+        """The current context, to parent spans written later on another thread (None when off)."""
+        return otel_context.get_current() if self.on else None
+
+    def record(
+        self,
+        name: str,
+        start: float,
+        end: float,
+        parent: otel_context.Context | None = None,
+        attributes: dict[str, Any] | None = None,
+    ) -> None:
+        """A span already over, from two `time.perf_counter()` readings (the child of `parent`, else of the
+        current span)."""
+        if not self.on:
+            return
+        span = self._tracer.start_span(name, context=parent, start_time=self._ns(start), attributes=attributes)
+        span.end(end_time=self._ns(end))
+
+    def _ns(self, perf_s: float) -> int:
+        return int(perf_s * 1e9) + self._epoch_offset_ns
+
+
+class MlflowTraces:
+    """A share of the generations as MLflow traces, written from a thread of their own (`serve.mlflow_traces`)."""
+
+    def __init__(self, share: float, tracking_uri: str, scrub: Any = None, max_pending: int = 1000):
+        self.share = share
+        self.tracking_uri = tracking_uri
+        self.scrub = scrub
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+
+    def start(self) -> None:
+        if self.share > 0:
+            # MLflow would send its traces to the OTEL_* endpoint instead of its store once one is set: these stay
+            # in MLflow (set MLFLOW_ENABLE_OTLP_EXPORTER=true to send them there too)
+            os.environ.setdefault("MLFLOW_ENABLE_OTLP_EXPORTER", "false")
+            self._thread = threading.Thread(target=self._run, name="mlflow-traces", daemon=True)
+            self._thread.start()
+
+    def offer(self, row: Any, source: Any, parent: otel_context.Context | None = None) -> None:
+        """Trace this generation (its prediction-log row; `source`: the version's `serving.models.Source`) with
+        probability `share`; dropped when the writer is `max_pending` behind, so a slow store never holds the
+        engine back. `parent`: the request's OpenTelemetry context, whose trace id the MLflow trace is tagged
+        with."""
+        if self._thread is None or source is None or random.random() >= self.share:
+            return
+        tags = {}
+        if parent is not None:
+            tags["otel.trace_id"] = format(trace.get_current_span(parent).get_span_context().trace_id, "032x")
+        try:
+            self._queue.put_nowait((row, source, tags))
+        except queue.Full:
+            self.dropped += 1
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+            import mlflow
+
+            mlflow.flush_trace_async_logging()
+
+    def _run(self) -> None:
+        import mlflow
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        while (item := self._queue.get()) is not None:
+            row, source, tags = item
+            try:
+                with _MLFLOW_SETUP, _use_tracking_uri(self.tracking_uri):
+                    if _MLFLOW_EXPORTS_TO[0] != self.tracking_uri:
+                        # MLflow's tracer binds its store when it is set up: set it up again for this one (a
+                        # process may serve from several stores in turn: tests do), leaving the global URI as it was
+                        mlflow.flush_trace_async_logging()
+                        mlflow.tracing.reset()
+                        _MLFLOW_EXPORTS_TO[0] = self.tracking_uri
+                    self._write(row, source, tags)
+            except Exception:
+                log.exception("could not write an MLflow trace of request %s", getattr(row, "request_id", "?"))
+
+    def _write(self, row: Any, source: Any, tags: dict[str, str]) -> None:
+        """One generation as a trace of one LLM span, with the times the service measured."""
+        import mlflow
+        from mlflow.entities import SpanType
+        from mlflow.tracing.constant import SpanAttributeKey, TraceMetadataKey
+
+        if self.scrub is not None:
+            row = self.scrub(row)
+        end_ns = int(row.ts * 1e9)
+        start_ns = end_ns - int(row.latency_ms * 1e6)
+        metadata = {TraceMetadataKey.TRACE_USER: row.key_name or "none"}
+        metadata[TraceMetadataKey.SOURCE_RUN] = source.run_id
+        if source.model_id:
+            metadata[TraceMetadataKey.MODEL_ID] = source.model_id  # listed on the logged model's page too
+        inputs: dict[str, Any] = {"prompt": row.prompt}
+        if row.messages:
+            inputs = {"messages": json.loads(row.messages)}  # a chat: the Traces view shows it as one
+        span = mlflow.start_span_no_context(
+            f"{row.route} {row.model_name}",
+            span_type=SpanType.LLM,
+            inputs=inputs,
+            attributes={
+                "model": row.model_name,
+                "model_version": row.model_version,
+                "ttft_ms": round(row.ttft_ms, 3),
+                "finish_reason": row.finish_reason,
+                "request_id": row.request_id,
+            },
+            tags={"llmops.request_id": row.request_id, **tags},
+            metadata=metadata,
+            experiment_id=source.experiment_id,
+            start_time_ns=start_ns,
+        )
+        span.set_attribute(
+            SpanAttributeKey.CHAT_USAGE,
+            {
+                "input_tokens": row.prompt_tokens,
+                "output_tokens": row.completion_tokens,
+                "total_tokens": row.prompt_tokens + row.completion_tokens,
+            },
+        )
+        span.end(outputs={"text": row.completion, "finish_reason": row.finish_reason}, end_time_ns=end_ns)
