@@ -489,6 +489,12 @@ class RetrainPolicy(_Strict):
     """Window macro-F1 (from feedback labels) below the champion's test macro-F1 by more than this triggers alone."""
     max_bias_gap: float | None = Field(default=None, gt=0)
     """A gap between slices over this ceiling triggers alone."""
+    max_flagged_share: float | None = Field(default=None, gt=0, le=1)
+    """The share of the window's texts in which the guards found personal data or credentials (`serve.guards`)
+    over this ceiling triggers alone."""
+    max_flagged_rise: float | None = Field(default=None, gt=0, le=1)
+    """That share rising by more than this over its mean in the earlier windows (the last `of_last`) triggers
+    alone: the traffic now carries data it did not."""
 
     @model_validator(mode="after")
     def _k_of_m(self) -> RetrainPolicy:

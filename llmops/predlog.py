@@ -58,6 +58,9 @@ class PredictionRow:
     key_name: str | None = None
     """The name of the API key that asked (`environment` for an environment key; None without keys), never the
     key."""
+    flagged: str | None = None
+    """What the guards found in the text, redacted: its kinds, comma-separated (`EMAIL_ADDRESS,PHONE_NUMBER`); ""
+    nothing; None: not checked (`serve.guards` allows it)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class GenerationRow:
     """Share of the prompt's tokens unknown to the model's tokenizer."""
     key_name: str | None = None
     """The name of the API key that asked, never the key."""
+    flagged: str | None = None
+    """What the guards found in the prompt or the answer, redacted: kinds, comma-separated; "" nothing; None: not
+    checked."""
 
 
 @dataclass(frozen=True)
@@ -157,9 +163,10 @@ class SqliteStore:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS predictions (request_id TEXT, idx INTEGER, ts REAL, text TEXT,"
                 " label TEXT, score REAL, probabilities TEXT, model_name TEXT, model_version TEXT, route TEXT,"
-                " latency_ms REAL, embedding BLOB, unk_share REAL, key_name TEXT)"
+                " latency_ms REAL, embedding BLOB, unk_share REAL, key_name TEXT, flagged TEXT)"
             )
-            _add_columns(db, "predictions", {"embedding": "BLOB", "unk_share": "REAL", "key_name": "TEXT"})
+            added = {"embedding": "BLOB", "unk_share": "REAL", "key_name": "TEXT", "flagged": "TEXT"}
+            _add_columns(db, "predictions", added)
             db.execute("CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
             db.execute("CREATE TABLE IF NOT EXISTS feedback (request_id TEXT, idx INTEGER, label TEXT, ts REAL)")
@@ -167,9 +174,9 @@ class SqliteStore:
                 "CREATE TABLE IF NOT EXISTS generations (request_id TEXT, idx INTEGER, ts REAL, model_name TEXT,"
                 " model_version TEXT, route TEXT, prompt TEXT, messages TEXT, completion TEXT, prompt_tokens INTEGER,"
                 " completion_tokens INTEGER, finish_reason TEXT, ttft_ms REAL, latency_ms REAL, embedding BLOB,"
-                " unk_share REAL, key_name TEXT)"
+                " unk_share REAL, key_name TEXT, flagged TEXT)"
             )
-            _add_columns(db, "generations", {"key_name": "TEXT"})
+            _add_columns(db, "generations", {"key_name": "TEXT", "flagged": "TEXT"})
             db.execute("CREATE INDEX IF NOT EXISTS generations_request ON generations (request_id)")
             db.execute("CREATE INDEX IF NOT EXISTS generations_ts ON generations (ts)")
             db.execute(

@@ -24,6 +24,8 @@ class WindowResult:
     """Champion test macro-F1 minus the window's macro-F1 on feedback labels (None: no labels)."""
     bias_gap: float | None = None
     """Largest gap between slices (None: not computable)."""
+    flagged_share: float | None = None
+    """Share of the window's checked texts the guards found personal data or credentials in (None: none checked)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class PastDecision:
     drift: bool | None
     """None for a window that got no verdict (too small): it does not count towards K of M."""
     retrain: bool
+    flagged_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,27 @@ def _triggers(window: WindowResult, history: list[PastDecision], policy: Retrain
     gap, max_gap = window.bias_gap, policy.max_bias_gap
     if gap is not None and max_gap is not None and gap > max_gap:
         triggers.append(f"slice gap {gap:.3f} (ceiling {max_gap})")
+    triggers += _flagged_triggers(window, history, policy)
     return triggers, drift_note
+
+
+def _flagged_triggers(window: WindowResult, history: list[PastDecision], policy: RetrainPolicy) -> list[str]:
+    share = window.flagged_share
+    if share is None:
+        return []
+    found = []
+    if policy.max_flagged_share is not None and share > policy.max_flagged_share:
+        found.append(f"personal data in {share:.1%} of the texts (ceiling {policy.max_flagged_share:.1%})")
+    earlier = [h.flagged_share for h in sorted(history, key=lambda h: h.at) if h.flagged_share is not None]
+    earlier = earlier[-policy.of_last :]
+    if policy.max_flagged_rise is not None and earlier:
+        before = sum(earlier) / len(earlier)
+        if share - before > policy.max_flagged_rise:
+            found.append(
+                f"personal data rose to {share:.1%} of the texts from {before:.1%} in the last {len(earlier)}"
+                f" windows (rise ceiling {policy.max_flagged_rise:.1%})"
+            )
+    return found
 
 
 def decide_retraining(window: WindowResult, history: list[PastDecision], policy: RetrainPolicy) -> RetrainDecision:

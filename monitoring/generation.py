@@ -103,6 +103,7 @@ def load_window(
     logged = store.read_generations(spec.last_n, spec.since, model_name=champion.name)
     logged = logged[logged["model_version"].astype(str) == champion.version].reset_index(drop=True)
     frame = logged[["request_id", "idx", "ts", "prompt", "messages", "completion", "finish_reason"]].copy()
+    frame["flagged"] = logged.get("flagged")  # what the guards found
     feedback = store.read_generation_feedback()
     if len(feedback):
         latest = feedback.drop_duplicates(["request_id", "idx"], keep="last")[

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
 
 from llmops import registry
@@ -29,7 +31,7 @@ from llmops.config import LlmopsConfig
 from monitoring import workspace
 from monitoring.decision import PastDecision, RetrainDecision, WindowResult, decide_retraining
 from monitoring.report import MonitoringReport
-from monitoring.summary import FeedbackQuality, Generations, LabelQuality, PassSummary, WindowFacts
+from monitoring.summary import FeedbackQuality, Flagged, Generations, LabelQuality, PassSummary, WindowFacts
 from monitoring.window import Champion, Side, WindowSpec, find_champion
 
 KIND = "monitor"
@@ -57,6 +59,21 @@ class MonitorOutcome:
     run_id: str
 
 
+FLAGGED_METRIC = "guard_flagged_share"
+
+
+def flagged_facts(frame: pd.DataFrame) -> Flagged | None:
+    """What the guards found in the window's texts, from the log's `flagged` (None: no text was checked)."""
+    if "flagged" not in frame:
+        return None
+    checked = frame["flagged"].dropna().astype(str)
+    if checked.empty:
+        return None
+    kinds = Counter(kind for found in checked for kind in found.split(",") if kind)
+    flagged = int((checked != "").sum())
+    return Flagged(len(checked), flagged, round(flagged / len(checked), 6), dict(sorted(kinds.items())))
+
+
 def monitoring_experiment(cfg: LlmopsConfig) -> str:
     return f"{cfg.registry.experiment}-monitoring"
 
@@ -76,6 +93,7 @@ def past_decisions(client: MlflowClient, experiment: str, model: str) -> list[Pa
             float(run.data.tags["llmops.window_end"]),
             drift.get(run.data.tags.get("llmops.drift", "")),
             run.data.tags.get("llmops.verdict") == "retrain",
+            run.data.metrics.get(FLAGGED_METRIC),
         )
         for run in runs
         if "llmops.window_end" in run.data.tags
@@ -172,6 +190,9 @@ def run_pass(
     if rows >= cfg.monitor.retrain.min_window:
         report, result = part.report(window, champion, spec, summary, folder, at)
         summary = report.summary
+    flagged = flagged_facts(window.frame)
+    if flagged is not None:
+        summary, result = replace(summary, guards=flagged), replace(result, flagged_share=flagged.share)
     history = past_decisions(client, monitoring_experiment(cfg), champion.name)
     decision = decide_retraining(result, history, cfg.monitor.retrain)
     summary = summary.decided(datetime.fromtimestamp(at).isoformat(timespec="seconds"), decision)
@@ -179,7 +200,7 @@ def run_pass(
     if decision.retrain:
         request, retraining = part.retraining(window, decision, folder)
         summary = replace(summary, retraining=retraining)
-    metrics = part.metrics(summary)
+    metrics = part.metrics(summary) | ({FLAGGED_METRIC: flagged.share} if flagged is not None else {})
     return conclude(cfg, client, champion, report, summary, decision, request, metrics, launcher, folder, at)
 
 
@@ -226,6 +247,7 @@ def record_workspace(
         "macro_f1": quality.macro_f1 if isinstance(quality, LabelQuality) else None,
         "rate_gap": gaps["rate_gap"].value if "rate_gap" in gaps else None,
         "f1_gap": gaps["f1_gap"].value if "f1_gap" in gaps else None,
+        "flagged_share": summary.guards.share if summary.guards is not None else None,
     }
     if summary.generative:
         window = summary.generations.window if summary.generations is not None else None
@@ -261,6 +283,12 @@ def verdict_lines(outcome: MonitorOutcome) -> str:
         lines.append(
             f"quality: macro-F1 {quality.macro_f1:.3f} on {quality.labelled} feedback labels"
             f" (champion test {quality.champion_test_macro_f1})"
+        )
+    if s.guards is not None:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in s.guards.kinds.items()) or "nothing found"
+        lines.append(
+            f"guards: personal data or credentials in {s.guards.flagged} of {s.guards.checked} checked texts"
+            f" ({s.guards.share:.1%}; {kinds})"
         )
     for name, gap in (s.bias.gaps() if s.bias is not None else {}).items():
         over = " OVER ceiling" if gap.over else ""

@@ -149,6 +149,18 @@ class Bias:
 
 
 @dataclass(frozen=True)
+class Flagged:
+    """What the serving guards found in the window's texts (the prediction log's `flagged`)."""
+
+    checked: int
+    """Texts the guards checked (a model whose rules allow everything has none checked)."""
+    flagged: int
+    share: float
+    kinds: dict[str, int]
+    """Texts per kind found (`EMAIL_ADDRESS`: 12)."""
+
+
+@dataclass(frozen=True)
 class PassSummary:
     model: str
     champion_version: str
@@ -161,6 +173,8 @@ class PassSummary:
     generations: Generations | None = None
     quality: LabelQuality | FeedbackQuality | None = None
     bias: Bias | None = None
+    guards: Flagged | None = None
+    """None: no text in the window was checked."""
     created: str | None = None
     decision: RetrainDecision | None = None
     retraining: dict[str, Any] | None = field(default=None)
@@ -184,6 +198,8 @@ class PassSummary:
                 facts["generations"] = asdict(self.generations)
             facts["quality"] = _quality_json(self.quality)
             facts["bias"] = None if self.bias is None else self.bias.to_json()
+        if self.guards is not None:
+            facts["guards"] = asdict(self.guards)
         if self.created is not None:
             facts["created"] = self.created
         if self.decision is not None:

@@ -175,6 +175,7 @@ def load_window(
             "prediction": logged["label"].astype(str),
             "confidence": logged["score"].astype("float64"),
             "model_version": logged["model_version"].astype(str),
+            "flagged": logged.get("flagged"),  # what the guards found (logs since 0.3)
         }
     )
     frame["topic"] = tag_topic(frame["text"], data_cfg.topics) if len(frame) else pd.Series(dtype="object")

@@ -86,32 +86,45 @@ class Guards:
                 type="sensitive_data",
             )
 
-    def _redacted(self, model: str, direction: str, text: str) -> str:
+    def _redacted(self, model: str, direction: str, text: str, found: set[str] | None = None) -> str:
+        """`text` with what `model`'s rule for `direction` redacts replaced; the kinds found added to `found`."""
         if not text or getattr(self.cfg.rule(model), direction) != "redact":
             return text
         findings = self._checked(model, direction, text)
+        if found is not None:
+            found.update(f.entity for f in findings)
         return self.guard.redact(text, findings) if findings else text
 
-    def _redacted_chat(self, model: str, messages: str) -> str:
+    def _redacted_chat(self, model: str, messages: str, found: set[str]) -> str:
         if not messages:
             return messages
         chat = json.loads(messages)
         for message in chat:
             if isinstance(message.get("content"), str):
                 direction = "answers" if message.get("role") == "assistant" else "prompts"
-                message["content"] = self._redacted(model, direction, message["content"])
+                message["content"] = self._redacted(model, direction, message["content"], found)
         return json.dumps(chat)
 
+    def _checks(self, model: str, *directions: str) -> bool:
+        rule = self.cfg.rule(model)
+        return any(getattr(rule, direction) == "redact" for direction in directions)
+
     def scrub(self, row: Any) -> Any:
-        """The prediction-log row with what its model's rules redact replaced by `<KIND>`."""
+        """The prediction-log row with what its model's rules redact replaced by `<KIND>`, and the kinds found in
+        its `flagged` (the share monitoring reports)."""
+        found: set[str] = set()
         if isinstance(row, PredictionRow):
-            return dataclasses.replace(row, text=self._redacted(row.model_name, "prompts", row.text))
+            text = self._redacted(row.model_name, "prompts", row.text, found)
+            flagged = ",".join(sorted(found)) if self._checks(row.model_name, "prompts") else None
+            return dataclasses.replace(row, text=text, flagged=flagged)
         if isinstance(row, GenerationRow):
+            model = row.model_name
             return dataclasses.replace(
                 row,
-                prompt=self._redacted(row.model_name, "prompts", row.prompt),
-                messages=self._redacted_chat(row.model_name, row.messages),
-                completion=self._redacted(row.model_name, "answers", row.completion),
+                prompt=self._redacted(model, "prompts", row.prompt, found),
+                messages=self._redacted_chat(model, row.messages, found),
+                completion=self._redacted(model, "answers", row.completion, found),
+                flagged=",".join(sorted(found)) if self._checks(model, "prompts", "answers") else None,
             )
         if isinstance(row, GenerationFeedbackRow) and row.correction:
             # a correction is an answer a person wrote; feedback rows do not name the model: the default rules

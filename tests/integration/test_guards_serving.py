@@ -90,6 +90,9 @@ async def test_the_prediction_log_holds_no_raw_value_on_disk(registry: str, work
     prompts = sorted(store.read_generations()["prompt"])
     assert prompts == ["my number is <PHONE_NUMBER>", "wire to <IBAN_CODE>, key <CREDENTIAL>"]
     assert "<IBAN_CODE>" in store.read_generations()["messages"].str.cat()
+    # what was found is kept as kinds, for monitoring's flag share
+    assert store.read_predictions()["flagged"].tolist() == ["CREDIT_CARD,EMAIL_ADDRESS"]
+    assert sorted(store.read_generations()["flagged"]) == ["CREDENTIAL,IBAN_CODE", "PHONE_NUMBER"]
     flagged = f'llmops_guard_flagged_texts_total{{direction="prompts",model="{CLASSIFIER}"}} 1.0'
     assert flagged in metrics
     assert (
@@ -130,3 +133,6 @@ def test_answers_and_chat_turns_are_redacted_by_their_own_rule() -> None:
     assert lenient.prompt == "mail <EMAIL_ADDRESS>" and lenient.completion == f"sure: {EMAIL}"
     assert PHONE in lenient.messages  # an assistant turn is an answer: allowed for this model
     assert strict.completion == "sure: <EMAIL_ADDRESS>" and PHONE not in strict.messages
+    assert lenient.flagged == "EMAIL_ADDRESS" and strict.flagged == "EMAIL_ADDRESS,PHONE_NUMBER"
+    unchecked = Guards(GuardsConfig(prompts="allow", answers="allow"), ServingMetrics())
+    assert unchecked.scrub(GenerationRow(**row)).flagged is None  # not checked: not counted as clean

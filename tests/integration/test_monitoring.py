@@ -64,10 +64,11 @@ def setup(workdir: Path, corpus: dict[str, pd.DataFrame]) -> tuple[LlmopsConfig,
 
 
 def serve_traffic(
-    cfg: LlmopsConfig, classifier: Classifier, rows: pd.DataFrame, at: float, feedback: bool = True
+    cfg: LlmopsConfig, classifier: Classifier, rows: pd.DataFrame, at: float, feedback: bool = True, scrub=None
 ) -> None:
-    """Score rows as serving does and log them (and their true labels as feedback) at time `at`."""
-    writer = PredictionLogWriter(open_store(cfg.serve.prediction_log))
+    """Score rows as serving does and log them (and their true labels as feedback) at time `at` (`scrub`: serving's
+    guards)."""
+    writer = PredictionLogWriter(open_store(cfg.serve.prediction_log), scrub=scrub)
     texts = rows["text"].tolist()
     probs, embeddings, unknown = classifier.forward(texts)
     assert embeddings is not None
@@ -130,6 +131,41 @@ def test_no_drift_window_holds_and_writes_parseable_reports(setup, corpus) -> No
     workspace = Workspace(cfg.monitor.workspace)
     project = workspace.search_project(NAME)[0]
     assert len(workspace.list_runs(project.id)) == 3  # drift, quality, decision
+
+
+def test_personal_data_in_the_traffic_is_reported_and_over_its_ceiling_triggers(setup, corpus) -> None:
+    from monitoring.monitor import verdict_lines
+    from serving.guards import Guards
+    from serving.metrics import ServingMetrics
+
+    cfg, classifier = setup
+    cfg = cfg.model_copy(
+        update={"monitor": cfg.monitor.model_copy(update={"retrain": cfg.monitor.retrain.model_copy(
+            update={"max_flagged_share": 0.2})})}
+    )  # fmt: skip
+    guards = Guards(cfg.serve.guards, ServingMetrics())
+    guards.start()
+    rows = corpus["same"].head(300).copy()
+    pasted = rows.index[::3]  # every third tweet now carries an e-mail address, and a few a phone number too
+    rows.loc[pasted, "text"] = rows.loc[pasted, "text"] + " write to dana.k@example.org"
+    rows.loc[pasted[:10], "text"] = rows.loc[pasted[:10], "text"] + " or call +44 20 7946 0958"
+    now = time.time()
+    serve_traffic(cfg, classifier, rows, now, scrub=guards.scrub)
+    outcome = run_monitor(cfg, str(TINY_CONFIG), [], launcher=Recorder(), now=now)
+
+    summary = json.loads((outcome.report_dir / "summary.json").read_text())
+    assert summary["guards"] == {
+        "checked": 300,
+        "flagged": 100,
+        "share": round(100 / 300, 6),
+        "kinds": {"EMAIL_ADDRESS": 100, "PHONE_NUMBER": 10},
+    }
+    assert outcome.decision.verdict == "retrain"
+    assert "personal data in 33.3% of the texts (ceiling 20.0%)" in outcome.decision.reason
+    assert "guards: personal data or credentials in 100 of 300 checked texts" in verdict_lines(outcome)
+    assert mlflow.get_run(outcome.run_id).data.metrics["guard_flagged_share"] == round(100 / 300, 6)
+    logged = open_store(cfg.serve.prediction_log).read_predictions()
+    assert not logged["text"].str.contains("dana.k@example.org").any()  # the log itself holds none of it
 
 
 def test_shifted_traffic_triggers_one_retraining_under_the_cooldown(setup, corpus) -> None:

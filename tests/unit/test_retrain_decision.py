@@ -9,17 +9,33 @@ from monitoring.decision import PastDecision, WindowResult, decide_retraining
 
 H = 3600.0
 POLICY = RetrainPolicy(
-    min_window=100, drift_windows=2, of_last=3, cooldown_hours=6, max_per_day=2, max_quality_drop=0.05, max_bias_gap=0.3
+    min_window=100,
+    drift_windows=2,
+    of_last=3,
+    cooldown_hours=6,
+    max_per_day=2,
+    max_quality_drop=0.05,
+    max_bias_gap=0.3,
+    max_flagged_share=0.1,
+    max_flagged_rise=0.05,
 )
 NOW = 1_000 * H
 
 
-def window(drift: bool = False, rows: int = 500, quality_drop: float | None = None, bias_gap: float | None = None):
-    return WindowResult(at=NOW, rows=rows, drift=drift, quality_drop=quality_drop, bias_gap=bias_gap)
+def window(
+    drift: bool = False,
+    rows: int = 500,
+    quality_drop: float | None = None,
+    bias_gap: float | None = None,
+    flagged: float | None = None,
+):
+    return WindowResult(
+        at=NOW, rows=rows, drift=drift, quality_drop=quality_drop, bias_gap=bias_gap, flagged_share=flagged
+    )
 
 
-def past(hours_ago: float, drift: bool | None, retrain: bool = False) -> PastDecision:
-    return PastDecision(at=NOW - hours_ago * H, drift=drift, retrain=retrain)
+def past(hours_ago: float, drift: bool | None, retrain: bool = False, flagged: float | None = None) -> PastDecision:
+    return PastDecision(at=NOW - hours_ago * H, drift=drift, retrain=retrain, flagged_share=flagged)
 
 
 CASES = [
@@ -44,6 +60,23 @@ CASES = [
     ("small quality drop", window(quality_drop=0.02), [], "hold", "no trigger"),
     ("bias gap alone", window(bias_gap=0.4), [], "retrain", "slice gap 0.400"),
     ("quality drop in cooldown", window(quality_drop=0.2), [past(1, False, retrain=True)], "hold", "cooldown"),
+    ("personal data over its ceiling", window(flagged=0.12), [], "retrain", "personal data in 12.0% of the texts"),
+    ("personal data under its ceiling", window(flagged=0.04), [], "hold", "no trigger"),
+    (
+        "personal data rising",
+        window(flagged=0.09),
+        [past(1, False, flagged=0.01), past(2, False, flagged=0.03)],
+        "retrain",
+        "rose to 9.0% of the texts from 2.0% in the last 2 windows",
+    ),
+    (
+        "personal data steady",
+        window(flagged=0.09),
+        [past(1, False, flagged=0.08), past(2, False, flagged=0.07)],
+        "hold",
+        "no trigger",
+    ),
+    ("no text checked", window(), [past(1, False, flagged=0.0)], "hold", "no trigger"),
 ]
 
 
