@@ -6,11 +6,13 @@ import asyncio
 import json
 import math
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +123,33 @@ async def closed_loop(
         "ttft_p99_ms": float(np.percentile(ttft, 99)) if ok else math.nan,
         "e2e_p99_ms": float(np.percentile(e2e, 99)) if ok else math.nan,
     }
+
+
+class _OtlpSink(BaseHTTPRequestHandler):
+    spans = 0
+
+    def do_POST(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        request = ExportTraceServiceRequest.FromString(body)
+        _OtlpSink.spans += sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def otlp_sink() -> Iterator[tuple[str, type[_OtlpSink]]]:
+    """An OTLP/HTTP trace receiver on a free loopback port that decodes and counts the spans it is sent, then
+    drops them (what a collector's receiver does before its pipeline): its `/v1/traces` URL and its counter."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
+    threading.Thread(target=server.serve_forever, name="otlp-sink", daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1/traces", _OtlpSink
+    finally:
+        server.shutdown()

@@ -13,7 +13,7 @@ Writes bench/results/serving.json and serving.md, with the machine and the targe
 - served throughput (batching on, c=32) >= 0.8x the model-only offline throughput.
 
     make bench-serving     # needs a champion: make run first
-    .venv/bin/python bench/serving.py --gateway --duration-s 10   # keys, limits, guards on vs off: gateway.md
+    .venv/bin/python bench/serving.py --gateway --duration-s 10   # keys, limits, guards, traces on vs off: gateway.md
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from machine import machine
 from mlflow import MlflowClient
-from servers import running
+from servers import otlp_sink, running
 from tabulate import tabulate
 
 from llmops.classification.candidate import Classifier
@@ -240,35 +240,42 @@ GATEWAY_OFF = ["--set", "serve.gateway_store=null", "--set", "serve.guards={prom
 """No key asked, nothing checked: the service as it was before the gateway."""
 
 
+ON, EVERY = "all on", "all on, every request traced"
+TRACES_SAMPLED = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+"""All on traces one request in ten (OpenTelemetry's ratio sampler, the usual production setting); a caller's
+sampled `traceparent` is always followed."""
+
+
 def gateway(args: argparse.Namespace, ours: list[str], texts: list[str], offline: float, env: dict, work: Path) -> dict:
-    """Keys, limits and guards all on against all off, on the classifier champion: three rounds, the two servers
-    taking turns in each (c=1, c=32, and HTTP alone on the bare server for the bound)."""
+    """Keys, limits, guards and traces all on against all off, on the classifier champion: three rounds, the
+    servers taking turns in each (c=1, c=32, and HTTP alone on the bare server for the bound)."""
     from llmops.gateway import GatewayStore
 
     store = work / "gateway.db"
     key, _ = GatewayStore(store).create("bench", rpm=10**9, tpm=10**9, budget=10**15, period="month")
-    modes = {
-        "all off": [*ours, *GATEWAY_OFF],
-        # a scoped key with limits counted in the store on every request; guards redact the prediction log
-        "keys, limits, guards on": [*ours, "--set", f"serve.gateway_store={store}"],
-    }
-    v1 = [json.dumps({"texts": [t]}).encode() for t in texts]
+    # a scoped key with limits counted in the store; guards redact the prediction log; spans go over OTLP
+    on = [*ours, "--set", f"serve.gateway_store={store}"]
     rows = []
-    for round_ in range(1, 4):
-        for label, command in modes.items():
-            sent = key if label != "all off" else None
-            with running(label, command, "/readyz", env, work) as base:
-                for concurrency in (1, 32):
-                    row = asyncio.run(
-                        _load(f"{base}/v1/predict", v1, concurrency, args.warmup_s, args.duration_s, sent)
-                    )
-                    rows.append(row | {"server": label, "round": round_})
-                    print(f"[{label}, round {round_}] c={concurrency}: {row['throughput']:.0f} req/s, "
-                          f"p50 {row['p50_ms']:.1f} ms, errors {row['errors']}", flush=True)  # fmt: skip
-                if sent is None:
-                    row = asyncio.run(_load(f"{base}/healthz", None, 32, args.warmup_s, args.duration_s))
-                    rows.append(row | {"server": FLOOR, "round": round_})
-    return {"rows": rows, "offline_throughput": offline}
+    with otlp_sink() as (endpoint, sink):
+        traced = env | {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint}
+        modes = {"all off": ([*ours, *GATEWAY_OFF], env), ON: (on, traced | TRACES_SAMPLED), EVERY: (on, traced)}
+        v1 = [json.dumps({"texts": [t]}).encode() for t in texts]
+        for round_ in range(1, 4):
+            for label, (command, server_env) in modes.items():
+                sent = key if label != "all off" else None
+                with running(label, command, "/readyz", server_env, work) as base:
+                    for concurrency in (1, 32):
+                        row = asyncio.run(
+                            _load(f"{base}/v1/predict", v1, concurrency, args.warmup_s, args.duration_s, sent)
+                        )
+                        rows.append(row | {"server": label, "round": round_})
+                        print(f"[{label}, round {round_}] c={concurrency}: {row['throughput']:.0f} req/s, "
+                              f"p50 {row['p50_ms']:.1f} ms, errors {row['errors']}", flush=True)  # fmt: skip
+                    if sent is None:
+                        row = asyncio.run(_load(f"{base}/healthz", None, 32, args.warmup_s, args.duration_s))
+                        rows.append(row | {"server": FLOOR, "round": round_})
+        spans = sink.spans
+    return {"rows": rows, "offline_throughput": offline, "spans_received": spans}
 
 
 def gateway_markdown(result: dict[str, Any]) -> str:
@@ -280,19 +287,23 @@ def gateway_markdown(result: dict[str, Any]) -> str:
     def cell(values: list[float], digits: int = 0) -> str:
         return f"{np.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
-    on, off = "keys, limits, guards on", "all off"
+    off = "all off"
     table = [
         [server, c, cell(runs(server, c, "throughput")), cell(runs(server, c, "p50_ms"), 2),
          cell(runs(server, c, "p99_ms"), 1), sum(runs(server, c, "errors"))]
-        for server in (off, on) for c in (1, 32)
+        for server in (off, ON, EVERY) for c in (1, 32)
     ] + [[FLOOR, 32, cell(runs(FLOOR, 32, "throughput")), cell(runs(FLOOR, 32, "p50_ms"), 2), "", 0]]  # fmt: skip
-    ratio = float(np.median(runs(on, 32, "throughput")) / np.median(runs(off, 32, "throughput")))
-    p50_cost = float(np.median(runs(on, 1, "p50_ms")) - np.median(runs(off, 1, "p50_ms")))
+
+    def ratio(server: str) -> float:
+        return float(np.median(runs(server, 32, "throughput")) / np.median(runs(off, 32, "throughput")))
+
+    p50_cost = float(np.median(runs(ON, 1, "p50_ms")) - np.median(runs(off, 1, "p50_ms")))
     offline = result["offline_throughput"]
     bound = 1 / (1 / offline + 1 / float(np.median(runs(FLOOR, 32, "throughput"))))
-    served = float(np.median(runs(on, 32, "throughput"))) / bound
+    served = float(np.median(runs(ON, 32, "throughput"))) / bound
+    served_off = float(np.median(runs(off, 32, "throughput"))) / bound
     checks = [
-        ["all on >= 0.9x all off, throughput at c=32", f"{ratio:.2f}x", ratio >= 0.9],
+        ["all on >= 0.9x all off, throughput at c=32", f"{ratio(ON):.2f}x", ratio(ON) >= 0.9],
         ["all on p50 at c=1 <= all off's + 1 ms", f"{p50_cost:+.2f} ms", p50_cost <= 1.0],
         ["all on at c=32 >= 0.8x the bound 1 / (1/model-only + 1/HTTP alone)", f"{served:.2f}x of {bound:.0f}",
          served >= 0.8],
@@ -304,14 +315,19 @@ def gateway_markdown(result: dict[str, Any]) -> str:
 Champion `{result["model"]}` version {result["version"]} ({result["kind"]}), `/v1/predict`, one tweet per request,
 closed loop, {result["duration_s"]:.0f} s per level after {result["warmup_s"]:.0f} s warm-up; server and load
 generator share the machine ({m["cpu"]}, {m["cores"]} cores, torch {m["torch"]}); {result["date"]}. Three rounds,
-the two servers taking turns in each; median (min-max) of the three. *All on*: every request sends a stored key
-(scoped, with per-minute and monthly limits counted in `gateway.db` on every request) and the prediction log is
-redacted (`serve.guards` default). *All off*: no key asked, guards `allow`. Tracing is not built yet: it is not
-in *all on*. Model-only offline throughput: {offline:.0f} texts/s.
+the servers taking turns in each; median (min-max) of the three. *All on*: every request sends a stored key
+(scoped, with per-minute, per-minute-token and monthly limits, taken from `gateway.db` in leases), the prediction
+log is redacted (`serve.guards` default), and requests are traced with OpenTelemetry, exported over OTLP/HTTP to a
+receiver on this machine that decodes them ({result["spans_received"]} spans received), one request in ten
+sampled (`OTEL_TRACES_SAMPLER=parentbased_traceidratio`, `OTEL_TRACES_SAMPLER_ARG=0.1`). *Every request traced*:
+the same with the SDK's default sampler. *All off*: no key asked, guards `allow`, no tracing. Model-only offline
+throughput: {offline:.0f} texts/s.
 
 {tabulate(table, headers=["server", "c", "texts/s", "p50 ms", "p99 ms", "errors"], tablefmt="github")}
 
 {tabulate(checks, headers=["target", "measured", "met"], tablefmt="github")}
+
+Every request traced: {ratio(EVERY):.2f}x all off at c=32. All off itself reaches {served_off:.2f}x of the bound.
 """
 
 
@@ -324,7 +340,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
     parser.add_argument("--set", action="append", default=[], help="serve.<key>=value for our server (both modes)")
-    parser.add_argument("--gateway", action="store_true", help="keys, limits and guards on vs off (gateway.md)")
+    parser.add_argument("--gateway", action="store_true", help="keys, limits, guards, traces on vs off (gateway.md)")
     args = parser.parse_args()
 
     cfg = load_config(args.config)

@@ -71,6 +71,10 @@ def _detect_secrets_patterns() -> list[re.Pattern[str]]:
     return patterns + [re.compile(p) for p in EXTRA_CREDENTIALS]
 
 
+EMAIL_HINT = re.compile(r"[^\s@]@\w+(?:-+\w+)*\.\w")
+"""What every match of Presidio's e-mail pattern holds (a mention, `@name`, does not): the texts it is run on."""
+
+
 class Guard:
     """Finds and redacts personal data and credentials in text. Thread-safe; build one per process."""
 
@@ -96,7 +100,7 @@ class Guard:
         cards.patterns.append(Pattern("mastercard 2-series", MASTERCARD_2_SERIES, 0.3))
         # Each with what a text must hold for it to find anything: most texts skip the phone matcher, the cost.
         return [
-            (OfflineEmail(), lambda text, digits: "@" in text),
+            (OfflineEmail(), lambda text, digits: "@" in text and EMAIL_HINT.search(text) is not None),
             (PhoneRecognizer(supported_regions=PHONE_REGIONS), lambda text, digits: digits >= 7),
             (cards, lambda text, digits: digits >= 12),
             (IbanRecognizer(), lambda text, digits: digits >= 8),

@@ -140,8 +140,8 @@ class Tracing:
     # --- its children --------------------------------------------------------------------------------------
 
     def span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
-        """A child of the current span around a block (nothing when tracing is off)."""
-        if not self.on:
+        """A child of the current span around a block (nothing when tracing is off, or the request is not sampled)."""
+        if not self.on or not trace.get_current_span().is_recording():
             return _NO_SPAN
         return self._tracer.start_as_current_span(name, attributes=attributes or None)
 
@@ -158,8 +158,8 @@ class Tracing:
         attributes: dict[str, Any] | None = None,
     ) -> None:
         """A span already over, from two `time.perf_counter()` readings (the child of `parent`, else of the
-        current span)."""
-        if not self.on:
+        current span; nothing where that one is not sampled)."""
+        if not self.on or not trace.get_current_span(parent).is_recording():
             return
         span = self._tracer.start_span(name, context=parent, start_time=self._ns(start), attributes=attributes)
         span.end(end_time=self._ns(end))

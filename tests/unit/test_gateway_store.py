@@ -3,12 +3,14 @@ that turn over, and the errors `llmops keys` shows."""
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from llmops.gateway import GatewayError, GatewayStore, Usage, period_start
+from llmops.config import ServeConfig
+from llmops.gateway import GatewayError, GatewayStore, Lease, Refusal, Usage, period_start
 
 NOON = datetime(2026, 12, 31, 12, 0, 0, tzinfo=UTC).timestamp()
 
@@ -107,3 +109,39 @@ def test_the_cli_prints_the_secret_once_and_says_what_is_wrong(tmp_path: Path, m
     secret = created.stdout.split()[0]
     assert again.exit_code == 2 and "a key named 'team-a' exists" in again.output
     assert "team-a" in listed.output and "tweet-generator" in listed.output and secret not in listed.output
+
+
+def test_a_lease_takes_what_the_minute_has_room_for_and_nothing_once_it_is_full(tmp_path: Path) -> None:
+    store = GatewayStore(str(tmp_path / "gateway.db"))
+    _, key = store.create("bulk", rpm=25)
+    first = store.lease(key, 20, NOON)
+    second = store.lease(key, 20, NOON + 1)
+    assert isinstance(first, Lease) and isinstance(second, Lease)
+    assert (first.granted, second.granted) == (20, 5)  # the other 15 went back
+    refused = store.lease(key, 20, NOON + 2)
+    assert isinstance(refused, Refusal) and refused.limit == "requests_per_minute"
+    assert store.lease(key, 20, NOON + 60).granted == 20  # type: ignore[union-attr]
+
+
+def test_a_worker_admits_from_its_lease_and_stops_at_its_own_tokens_before_the_store_knows(tmp_path: Path) -> None:
+    from serving.auth import Caller, Gate, lease_size
+    from serving.metrics import ServingMetrics
+
+    path = tmp_path / "gateway.db"
+    store = GatewayStore(str(path))
+    _, fast = store.create("fast", rpm=1000)
+    _, wordy = store.create("wordy", tpm=100)
+    gate = Gate(ServeConfig(gateway_store=str(path)), ServingMetrics())
+    assert lease_size(fast) == 10 and lease_size(wordy) == 10
+    assert all(gate.admit(Caller(fast)) is None for _ in range(10))
+
+    def counted(name: str) -> int:
+        with sqlite3.connect(path) as db:
+            return db.execute("SELECT SUM(requests) FROM key_minutes WHERE key_name = ?", (name,)).fetchone()[0]
+
+    assert counted("fast") == 10  # ten requests, one round trip
+    assert gate.admit(Caller(fast)) is None and counted("fast") == 20
+    assert gate.admit(Caller(wordy)) is None
+    gate.record(Caller(wordy), "m", prompt_tokens=60, completion_tokens=50)  # not yet in the store
+    refusal = gate.admit(Caller(wordy))
+    assert refusal is not None and refusal.limit == "tokens_per_minute"
