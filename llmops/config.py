@@ -435,7 +435,8 @@ class ServeConfig(_Strict):
     trained the served version (its Traces view): prompt and answer redacted as the prediction log is, tokens,
     latency, the key's name. 0: none. OpenTelemetry spans of every request are set by the OTEL_* variables."""
     prediction_log: str = "predictions.db"
-    """Where every prediction and feedback label goes: a .db file (SQLite) or a folder (Parquet files)."""
+    """Where every prediction and feedback label goes: a .db file (SQLite), a database URL (PostgreSQL:
+    `postgresql+psycopg2://user@host/db`, one log for every replica) or a folder (Parquet files)."""
     flush_interval_s: float = Field(default=1.0, gt=0)
     """The prediction log is written at least this often; a crash loses at most this much."""
     log_embeddings: bool = True

@@ -1,9 +1,11 @@
 """The prediction log: every served prediction and generation, and every feedback on them, for monitoring.
 
 Serving writes it, monitoring reads it; this module is the contract between them.
-Two stores behind one interface, chosen by the path:
+Three stores behind one interface, chosen by the path:
 - `predictions.db` (any `.db` / `.sqlite` path): one SQLite file in WAL mode, so a
   monitor can read while the server writes;
+- a database URL (`postgresql+psycopg2://...`): the same tables in a database server, one log for every
+  replica, read by monitoring wherever it runs;
 - any other path: a folder of Parquet files, `predictions/part-*.parquet`,
   `feedback/part-*.parquet`, `generations/...` and `generation_feedback/...`, one file
   per flush (easy to ship to object storage).
@@ -21,6 +23,7 @@ import os
 import sqlite3
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
@@ -328,10 +332,107 @@ class ParquetStore:
         return frame.sort_values("ts", kind="stable").reset_index(drop=True)
 
 
-PredictionStore = SqliteStore | ParquetStore
+def _database_tables(metadata: sa.MetaData) -> dict[str, sa.Table]:
+    """The log's four tables, as the SQLite file has them, for a database server."""
+    kinds: dict[Any, Any] = {str: sa.Text, int: sa.Integer, float: sa.Float(precision=53), bytes: sa.LargeBinary}
+    tables = {}
+    for table, row in zip(TABLES, (PredictionRow, FeedbackRow, GenerationRow, GenerationFeedbackRow), strict=True):
+        hints = typing.get_type_hints(row)
+        columns = [sa.Column(name, kinds[_base(hints[name])]) for name in COLUMNS[table]]
+        tables[table] = sa.Table(table, metadata, *columns)
+    sa.Index("predictions_request", tables["predictions"].c.request_id)
+    sa.Index("predictions_ts", tables["predictions"].c.ts)
+    sa.Index("generations_request", tables["generations"].c.request_id)
+    sa.Index("generations_ts", tables["generations"].c.ts)
+    return tables
+
+
+def _base(hint: Any) -> type:
+    """`str` of `str | None`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+class DatabaseStore:
+    """The log in a database server (`serve.prediction_log: postgresql://...`): every replica writes to one log and
+    monitoring reads it wherever it runs. The tables are the SQLite file's."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = sa.create_engine(url, pool_pre_ping=True)
+        self.metadata = sa.MetaData()
+        self.tables = _database_tables(self.metadata)
+        self.metadata.create_all(self.engine)
+
+    def write(self, predictions: list[PredictionRow], feedback: list[FeedbackRow], *more: list[Any]) -> None:
+        """Every buffered row in one transaction; `more`: generation rows, then generation feedback rows."""
+        batches: list[list[Any]] = [predictions, feedback, *more]
+        with self.engine.begin() as db:
+            for table, rows in zip(TABLES, batches, strict=False):
+                if rows:
+                    db.execute(self.tables[table].insert(), [asdict(r) for r in rows])
+
+    def _size(self, table: str, request_id: str) -> int:
+        t = self.tables[table]
+        query = sa.select(sa.func.count(sa.distinct(t.c.idx))).where(t.c.request_id == request_id)
+        with self.engine.connect() as db:
+            return int(db.execute(query).scalar_one())
+
+    def request_size(self, request_id: str) -> int:
+        """How many texts the request had (0: no such request)."""
+        return self._size("predictions", request_id)
+
+    def generation_request_size(self, request_id: str) -> int:
+        """How many prompts a generation request had (0: no such request)."""
+        return self._size("generations", request_id)
+
+    def _last(self, table: str, last_n: int | None, since: float | None, **equal: str | None) -> pd.DataFrame:
+        t = self.tables[table]
+        query = sa.select(t)
+        if since is not None:
+            query = query.where(t.c.ts >= since)
+        for column, value in equal.items():
+            if value is not None:
+                query = query.where(t.c[column] == value)
+        query = query.order_by(t.c.ts.desc(), t.c.request_id.desc(), t.c.idx.desc()).limit(last_n)
+        with self.engine.connect() as db:
+            frame = pd.read_sql_query(query, db)
+        return frame.iloc[::-1].reset_index(drop=True)
+
+    def read_predictions(
+        self,
+        last_n: int | None = None,
+        since: float | None = None,
+        route: str | None = None,
+        model_version: str | None = None,
+    ) -> pd.DataFrame:
+        """The last `last_n` predictions at or after `since`, of one route and model version if given, oldest first."""
+        return self._last("predictions", last_n, since, route=route, model_version=model_version)
+
+    def read_generations(
+        self, last_n: int | None = None, since: float | None = None, model_name: str | None = None
+    ) -> pd.DataFrame:
+        """The last `last_n` generations at or after `since`, of one model if given, oldest first."""
+        return self._last("generations", last_n, since, model_name=model_name)
+
+    def _all(self, table: str) -> pd.DataFrame:
+        with self.engine.connect() as db:
+            return pd.read_sql_query(sa.select(self.tables[table]).order_by(self.tables[table].c.ts), db)
+
+    def read_feedback(self) -> pd.DataFrame:
+        return self._all("feedback")
+
+    def read_generation_feedback(self) -> pd.DataFrame:
+        return self._all("generation_feedback")
+
+
+PredictionStore = SqliteStore | ParquetStore | DatabaseStore
 
 
 def open_store(path: str | Path) -> PredictionStore:
+    """The log at `path`: a database URL (`postgresql://...`), a `.db` file (SQLite) or a folder (Parquet)."""
+    if isinstance(path, str) and "://" in path:
+        return DatabaseStore(path)
     path = Path(path)
     return SqliteStore(path) if path.suffix in (".db", ".sqlite", ".sqlite3") else ParquetStore(path)
 

@@ -3,6 +3,7 @@ store is a PostgreSQL server started here from its binaries (initdb into a tempo
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import glob
 import os
@@ -146,3 +147,66 @@ def test_two_replicas_count_one_total_in_the_gateway_store_on_postgres(postgres:
     assert over is None  # a new minute: the 57 tokens were the last minute's
     first.revoke("shared-app")
     assert second.find(secret) is None
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_prediction_log_on_postgres_holds_no_raw_value_and_reads_back_as_monitoring_does(
+    postgres: str, tmp_path: Path
+) -> None:
+    import sqlalchemy as sa
+
+    from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
+    from llmops.predlog import open_store
+    from tests.http_service import in_process
+    from tests.tiny_registry import register_versions, set_alias
+
+    server = sa.create_engine(postgres, isolation_level="AUTOCOMMIT")
+    with server.connect() as db:
+        db.execute(sa.text("CREATE DATABASE predictions"))
+        data_directory = Path(db.execute(sa.text("SHOW data_directory")).scalar_one())
+    log_url = postgres.rsplit("/", 1)[0] + "/predictions"
+    uri = register_versions(tmp_path, "pg-logged", seeds=[1])
+    set_alias(uri, "pg-logged", "champion", "1")
+    email, card = "dana.k@example.org", "4111 1111 1111 1111"
+    cfg = LlmopsConfig(
+        registry=RegistryConfig(model_name="pg-logged"),
+        serve=ServeConfig(
+            models=["pg-logged"],
+            model_cache=str(tmp_path / "served"),
+            prediction_log=log_url,
+            flush_interval_s=0.2,
+            gateway_store=None,
+        ),
+    )
+    async with in_process(cfg, uri) as (client, _):
+        answered = await client.post("/v1/predict", json={"texts": [f"refund to {card} or mail {email}", "fine"]})
+        assert answered.status_code == 200
+        await asyncio.sleep(0.6)  # written: the feedback finds its request in the database, not in the buffer
+        feedback = {"request_id": answered.json()["request_id"], "index": 1, "label": "neutral"}
+        assert (await client.post("/v1/feedback", json=feedback)).status_code == 202
+        unknown = {"request_id": "no-such-request", "index": 0, "label": "neutral"}
+        assert (await client.post("/v1/feedback", json=unknown)).status_code == 404
+    store = open_store(log_url)
+    logged = store.read_predictions()
+    assert logged["text"].tolist() == ["refund to <CREDIT_CARD> or mail <EMAIL_ADDRESS>", "fine"]
+    assert logged["flagged"].tolist() == ["CREDIT_CARD,EMAIL_ADDRESS", ""]
+    assert store.read_feedback()["label"].tolist() == ["neutral"]
+    assert store.read_predictions(last_n=1)["text"].tolist() == ["fine"]
+    with server.connect() as db:
+        db.execute(sa.text("CHECKPOINT"))  # the rows in the table files too, not only in the write-ahead log
+    raw = b"".join(_bytes(p) for p in data_directory.rglob("*"))
+    assert b"refund to <CREDIT_CARD>" in raw  # the rows are on disk here ...
+    assert email.encode() not in raw and card.encode() not in raw  # ... and the values are not
+
+
+def _bytes(path: Path) -> bytes:
+    """A file of the running server's data directory (b"" for a folder, or a file gone meanwhile)."""
+    try:
+        return path.read_bytes() if path.is_file() else b""
+    except OSError:
+        return b""
