@@ -40,6 +40,10 @@ Headers = tuple[tuple[bytes, bytes], ...]
 # --- the app ---------------------------------------------------------------------------------------
 
 
+UNTRACED = frozenset({"/healthz", "/readyz", "/ping", "/v2/health/live", "/v2/health/ready", "/metrics"})
+"""What probes and scrapers call every few seconds: no trace of them."""
+
+
 class RequestContext:
     """A request id on every request and response (`X-Request-ID`); bodies over the limit refused before reading;
     the request's span, with its `traceparent` on the response, when tracing is on (`serving.tracing`)."""
@@ -55,7 +59,7 @@ class RequestContext:
             return
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        if self.tracing.on:
+        if self.tracing.on and scope["path"] not in UNTRACED:
             await self._traced(scope, receive, send, request_id)
             return
         await self._handle(scope, receive, send, request_id, ((b"x-request-id", request_id.encode()),))

@@ -242,9 +242,13 @@ class MlflowTraces:
         metadata[TraceMetadataKey.SOURCE_RUN] = source.run_id
         if source.model_id:
             metadata[TraceMetadataKey.MODEL_ID] = source.model_id  # listed on the logged model's page too
-        inputs: dict[str, Any] = {"prompt": row.prompt}
+        # OpenAI's request and answer shapes, which the Traces view renders (a chat as its turns)
+        choice: dict[str, Any] = {"index": 0, "text": row.completion, "finish_reason": row.finish_reason}
+        inputs: dict[str, Any] = {"model": row.model_name, "prompt": row.prompt}
         if row.messages:
-            inputs = {"messages": json.loads(row.messages)}  # a chat: the Traces view shows it as one
+            inputs = {"model": row.model_name, "messages": json.loads(row.messages)}
+            choice = {"index": 0, "message": {"role": "assistant", "content": row.completion},
+                      "finish_reason": row.finish_reason}  # fmt: skip
         span = mlflow.start_span_no_context(
             f"{row.route} {row.model_name}",
             span_type=SpanType.LLM,
@@ -269,4 +273,4 @@ class MlflowTraces:
                 "total_tokens": row.prompt_tokens + row.completion_tokens,
             },
         )
-        span.end(outputs={"text": row.completion, "finish_reason": row.finish_reason}, end_time_ns=end_ns)
+        span.end(outputs={"model": row.model_name, "choices": [choice]}, end_time_ns=end_ns)

@@ -122,6 +122,8 @@ async def test_spans_reach_a_real_otlp_receiver_under_the_callers_parent_and_gen
         generation_trace = generated.headers["traceparent"].split("-")[1]
         assert generation_trace != CALLER_TRACE
         request_id = generated.headers["x-request-id"]
+        probed = await http.get("/readyz", headers=headers)
+        assert probed.status_code == 200 and "traceparent" not in probed.headers  # probes are not traced
         answer = generated.json()["choices"][0]["text"]
 
     # the classification: the caller's span is the parent of the request's, which is the parent of the rest
@@ -158,8 +160,8 @@ async def test_spans_reach_a_real_otlp_receiver_under_the_callers_parent_and_gen
         time.sleep(0.3)
     (trace,) = found
     root = trace.data.spans[0]
-    assert root.inputs == {"prompt": "reply to <EMAIL_ADDRESS>"}  # never the address itself
-    assert root.outputs == {"text": answer, "finish_reason": "length"}
+    assert root.inputs == {"model": GENERATOR, "prompt": "reply to <EMAIL_ADDRESS>"}  # never the address itself
+    assert root.outputs["choices"] == [{"index": 0, "text": answer, "finish_reason": "length"}]
     assert root.attributes["mlflow.chat.tokenUsage"]["output_tokens"] == 6
     assert trace.info.tags["otel.trace_id"] == generation_trace
     assert trace.info.trace_metadata["mlflow.trace.user"] == "ops-team"
