@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,36 @@ def serve_process(workdir: Path, config: Path, tracking_uri: str) -> tuple[str, 
 
     wait_until_ready(base, exited)
     return base, port, proc
+
+
+@contextmanager
+def mlflow_server(backend_store_uri: str, root: Path) -> Iterator[str]:
+    """A real `mlflow server` on `backend_store_uri` (its artifacts and log under `root`), once it answers: its
+    URL. Stopped at the end."""
+    port = free_port()
+    with (root / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert server.poll() is None and time.monotonic() < deadline, (
+                    f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}"
+                )
+                time.sleep(0.5)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 @asynccontextmanager

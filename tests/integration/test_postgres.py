@@ -9,12 +9,11 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from mlflow import MlflowClient
 
@@ -25,6 +24,7 @@ from llmops.ports import free_port
 from serving.metrics import ServingMetrics
 from serving.models import ModelWatcher
 from tests.conftest import TINY_CONFIG
+from tests.http_service import mlflow_server
 from tests.tiny_registry import build_tiny_candidate
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -70,31 +70,9 @@ def postgres() -> str:
 
 
 @pytest.fixture(scope="module")
-def tracking_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", postgres,
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            pytest.fail(f"mlflow server on PostgreSQL did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+def tracking_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with mlflow_server(postgres, tmp_path_factory.mktemp("mlflow")) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def test_register_gate_promote_rollback_and_serving_lookup_on_postgres(

@@ -9,21 +9,17 @@ so every request is authenticated and counted.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from mlflow import MlflowClient
 
 from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
 from llmops.gateway import GatewayStore
-from llmops.ports import free_port
-from tests.http_service import in_process
+from tests.http_service import in_process, mlflow_server
 from tests.tiny_registry import register_pair
 
 CLASSIFIER, GENERATOR = "traced-sentiment", "traced-generator"
@@ -43,29 +39,8 @@ def receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     """A real MLflow server over a store holding the two champions: its URL, and the store's URI."""
     root = tmp_path_factory.mktemp("tracing")
     uri = register_pair(root, CLASSIFIER, GENERATOR, seed=5)
-    port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri,
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+    with mlflow_server(uri, root) as url:
         yield url, uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def spans_of(client: MlflowClient, trace_id: str, timeout: float = 30) -> list[Any]:
