@@ -369,8 +369,10 @@ class GuardRule(_Strict):
     prompts: GuardMode = "redact"
     """What a prompt (or a text to classify) holding personal data or a credential gets: redacted in the
     prediction log (the model still reads it), refused with a 400 naming the kind (`block`), or kept (`allow`)."""
-    answers: Literal["redact", "allow"] = "redact"
-    """What an answer holding one gets in the prediction log (the caller receives it as written)."""
+    answers: GuardMode = "redact"
+    """What an answer holding one gets: redacted in the prediction log (the caller receives it as written), kept
+    from the caller (`block`: a 400 naming the kind, or an error event in a stream; a stream then sends the answer
+    once it is whole and checked, and the log holds it redacted), or kept (`allow`)."""
 
 
 class GuardsConfig(GuardRule):

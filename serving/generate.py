@@ -9,7 +9,8 @@ sequences it has before it stops when a newer version swaps in.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+import functools
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,18 @@ class Answer:
 class Stream:
     """One request's generation as it forms: `events()` for pieces of text, `answer()` for the whole."""
 
-    def __init__(self, sequence: Sequence, model: LoadedModel, request_id: str, prompt_text: str):
+    def __init__(
+        self,
+        sequence: Sequence,
+        model: LoadedModel,
+        request_id: str,
+        prompt_text: str,
+        check: Callable[[str], None] | None = None,
+    ):
         self.sequence = sequence
+        self.check = check
+        """Raises on an answer the caller may not have (`serve.guards` blocks answers): the answer is then held
+        until it is whole and checked."""
         self.model = model
         self.request_id = request_id
         self.prompt_tokens = len(sequence.prompt_ids)
@@ -71,17 +82,31 @@ class Stream:
 
     async def events(self) -> AsyncIterator[Event]:
         """Text as it forms; the last event carries the finish reason. A reader that stops early (the client went
-        away) frees the sequence's slot at the next step."""
+        away) frees the sequence's slot at the next step. An answer to check comes whole, as one event, once
+        checked."""
         try:
-            while True:
-                event = await self.sequence.events.get()
-                if event.finish_reason == "error":
-                    raise ApiError(500, f"generation failed: {event.text}", type="generation_error")
+            if self.check is None:
+                while (event := await self._next()).finish_reason is None:
+                    yield event
                 yield event
+                return
+            text, logprobs = "", list[TokenLogprob]()
+            while True:
+                event = await self._next()
+                text += event.text
+                logprobs += event.logprobs
                 if event.finish_reason is not None:
-                    return
+                    break
+            await asyncio.to_thread(self.check, text)
+            yield Event(text, event.completion_tokens, event.finish_reason, tuple(logprobs))
         finally:
             self.cancel()
+
+    async def _next(self) -> Event:
+        event = await self.sequence.events.get()
+        if event.finish_reason == "error":
+            raise ApiError(500, f"generation failed: {event.text}", type="generation_error")
+        return event
 
     def cancel(self) -> None:
         """The reader is gone: the sequence leaves at the next step (nothing happens once it has finished)."""
@@ -271,5 +296,8 @@ async def generate(service: Service, request: GenerationRequest, request_id: str
             raise ApiError(503, f"server busy: {error}", type="overloaded", headers={"Retry-After": "1"}) from None
         except EngineClosed:
             continue
-        return Stream(sequence, model, request_id, echoed)
+        check = None
+        if service.guards.blocks(model.name, "answers"):
+            check = functools.partial(service.guards.check_answer, model.name)
+        return Stream(sequence, model, request_id, echoed, check)
     raise ApiError(503, "the model is being replaced: try again", type="not_ready", headers={"Retry-After": "1"})

@@ -68,9 +68,10 @@ class Guards:
                 self.metrics.guard_findings.labels(model, direction, finding.entity).inc()
         return findings
 
-    def blocks(self, model: str) -> bool:
-        """`model` refuses prompts holding personal data or credentials (check them with `check_prompts`)."""
-        return self.cfg.rule(model).prompts == "block"
+    def blocks(self, model: str, direction: str = "prompts") -> bool:
+        """`model` refuses prompts (or answers) holding personal data or credentials (`check_prompts`,
+        `check_answer`)."""
+        return getattr(self.cfg.rule(model), direction) == "block"
 
     def check_prompts(self, model: str, texts: list[str]) -> None:
         """A 400 naming the kinds found (never the values) when `model` blocks prompts that hold any (blocking:
@@ -86,9 +87,22 @@ class Guards:
                 type="sensitive_data",
             )
 
+    def check_answer(self, model: str, text: str) -> None:
+        """A 400 naming the kinds found when `model` blocks answers that hold any (blocking: off the event loop)."""
+        kinds = (
+            sorted({f.entity for f in self._checked(model, "answers", text)}) if self.blocks(model, "answers") else []
+        )
+        if kinds:
+            raise ApiError(
+                400,
+                f"the answer held {', '.join(kinds)}: '{model}' does not give out personal data and credentials "
+                "(serve.guards); ask again without asking for them",
+                type="sensitive_data",
+            )
+
     def _redacted(self, model: str, direction: str, text: str, found: set[str] | None = None) -> str:
         """`text` with what `model`'s rule for `direction` redacts replaced; the kinds found added to `found`."""
-        if not text or getattr(self.cfg.rule(model), direction) != "redact":
+        if not text or getattr(self.cfg.rule(model), direction) == "allow":  # a blocked answer is logged redacted
             return text
         findings = self._checked(model, direction, text)
         if found is not None:
@@ -107,7 +121,7 @@ class Guards:
 
     def _checks(self, model: str, *directions: str) -> bool:
         rule = self.cfg.rule(model)
-        return any(getattr(rule, direction) == "redact" for direction in directions)
+        return any(getattr(rule, direction) != "allow" for direction in directions)
 
     def scrub(self, row: Any) -> Any:
         """The prediction-log row with what its model's rules redact replaced by `<KIND>`, and the kinds found in

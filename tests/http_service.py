@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import openai
+import uvicorn
 from asgi_lifespan import LifespanManager
 
 from llmops.config import LlmopsConfig
@@ -59,6 +61,23 @@ def serve_process(workdir: Path, config: Path, tracking_uri: str) -> tuple[str, 
 
     wait_until_ready(base, exited)
     return base, port, proc
+
+
+@contextmanager
+def served_in_thread(app: Any) -> Iterator[str]:
+    """`app` on a free loopback port, served by uvicorn on a thread of this process, once ready: its base URL.
+    Real HTTP: a client that hangs up is seen as gone (the in-process transport reads every answer whole)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(base)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 @contextmanager

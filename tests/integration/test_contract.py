@@ -9,22 +9,19 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import jsonschema
 import pytest
-import uvicorn
 from openapi_spec_validator import validate
 
 from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
 from llmops.gateway import GatewayStore
-from llmops.ports import free_port
 from serving.app import create_app
 from serving.schemas import WHITESPACE
-from tests.http_service import in_process, wait_until_ready
+from tests.http_service import in_process, served_in_thread
 from tests.tiny_registry import LABELS, register_generators, register_versions, set_alias
 
 CLASSIFIER = "contract-classifier"
@@ -72,18 +69,9 @@ def start(uri: str, models: list[str], model_name: str) -> tuple[str, Callable[[
     """The app on a free loopback port, served in this process by uvicorn; its base URL and how to stop it."""
     serve = ServeConfig(models=models, max_texts=8, max_new_tokens=8, default_max_tokens=8, flush_interval_s=60)
     app = create_app(LlmopsConfig(registry=RegistryConfig(model_name=model_name), serve=serve), tracking_uri=uri)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    wait_until_ready(base)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=60)
-
-    return base, stop
+    served = served_in_thread(app)
+    base = served.__enter__()
+    return base, lambda: served.__exit__(None, None, None)
 
 
 @pytest.fixture(params=["keys-off", "keys-on", "scoped-keys"])

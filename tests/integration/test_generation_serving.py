@@ -21,7 +21,8 @@ import openai
 import pytest
 
 from llmops.config import LlmopsConfig, RegistryConfig, ServeConfig
-from tests.http_service import in_process, openai_client
+from serving.app import create_app
+from tests.http_service import in_process, openai_client, served_in_thread
 from tests.tiny_registry import register_generators, register_versions, set_alias
 
 GENERATOR, CLASSIFIER = "tiny-generator", "tiny-sentiment"
@@ -189,16 +190,27 @@ async def test_many_streams_at_once_keep_their_own_text_and_counts(v1: str, tmp_
 
 
 async def test_a_client_that_goes_away_frees_its_slot(v1: str, tmp_path: Path) -> None:
-    async with serving(v1, tmp_path, max_running=1, max_new_tokens=4000) as (client, _):
-        endless = complete("write forever", 4000, stream=True)
-        async with client.stream("POST", "/v1/completions", json=endless) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    break  # one chunk, then the client hangs up
-        answered = await asyncio.wait_for(client.post("/v1/completions", json=complete("hi", 3)), timeout=30)
-        assert answered.status_code == 200
-        metrics = (await client.get("/metrics")).text
-        assert f'llmops_running_sequences{{model="{GENERATOR}",version="1"}} 0.0' in metrics
+    serve = ServeConfig(
+        models=[CLASSIFIER, GENERATOR],
+        max_running=1,
+        max_new_tokens=4000,
+        model_cache=str(tmp_path / "served"),
+        prediction_log=str(tmp_path / "predictions.db"),
+    )
+    cfg = LlmopsConfig(registry=RegistryConfig(model_name=CLASSIFIER), serve=serve)
+    # over real HTTP: the in-process transport reads an answer whole, so no client could hang up mid-stream there
+    with served_in_thread(create_app(cfg, tracking_uri=v1)) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            endless = complete("write forever", 4000, stream=True)
+            async with client.stream("POST", "/v1/completions", json=endless) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # one chunk, then the client hangs up
+            # the one slot is free long before 4000 tokens could be written (about 25 s on these cores)
+            answered = await asyncio.wait_for(client.post("/v1/completions", json=complete("hi", 3)), timeout=10)
+            assert answered.status_code == 200
+            metrics = (await client.get("/metrics")).text
+            assert f'llmops_running_sequences{{model="{GENERATOR}",version="1"}} 0.0' in metrics
 
 
 async def test_over_the_limit_is_refused_at_once_with_retry_after(v1: str, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ Prometheus."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ async def metrics_once_written(client: Any) -> str:
     """/metrics once the log writer has checked the rows (it counts findings as it redacts, every 0.2 s)."""
     for _ in range(200):
         metrics = (await client.get("/metrics")).text
-        if metrics.count("llmops_guard_texts_total{") >= 2:  # the classifier's texts and the generator's
+        checked = [f'llmops_guard_texts_total{{direction="prompts",model="{m}"}}' for m in (CLASSIFIER, GENERATOR)]
+        if all(line in metrics for line in checked):  # the classifier's texts and the generator's
             return metrics
         await asyncio.sleep(0.1)
     return metrics
@@ -136,3 +138,33 @@ def test_answers_and_chat_turns_are_redacted_by_their_own_rule() -> None:
     assert lenient.flagged == "EMAIL_ADDRESS" and strict.flagged == "EMAIL_ADDRESS,PHONE_NUMBER"
     unchecked = Guards(GuardsConfig(prompts="allow", answers="allow"), ServingMetrics())
     assert unchecked.scrub(GenerationRow(**row)).flagged is None  # not checked: not counted as clean
+
+
+async def test_a_model_that_blocks_answers_keeps_them_from_the_caller_and_logs_them_redacted(
+    registry: str, workdir: Path
+) -> None:
+    guards = GuardsConfig(models={GENERATOR: GuardRule(answers="block")})
+    cfg = config(workdir / "predictions.db", guards)
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"max_new_tokens": 64})})
+    contact = {"type": "object", "properties": {"contact": {"const": EMAIL}}, "required": ["contact"],
+               "additionalProperties": False}  # fmt: skip
+    schema = {"type": "json_schema", "json_schema": {"name": "contact", "schema": contact}}
+    asked = {"model": GENERATOR, "messages": [{"role": "user", "content": "who do I write to?"}], "max_tokens": 64,
+             "response_format": schema}  # fmt: skip
+    async with in_process(cfg, registry) as (client, _):
+        whole = await client.post("/v1/chat/completions", json=asked)
+        streamed = await client.post("/v1/chat/completions", json=asked | {"stream": True})
+        clean = await client.post(
+            "/v1/chat/completions",
+            json={"model": GENERATOR, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True},
+        )
+    assert (whole.status_code, whole.json()["type"]) == (400, "sensitive_data")
+    assert "EMAIL_ADDRESS" in whole.json()["error"] and EMAIL not in whole.text
+    assert streamed.status_code == 200 and '"type": "sensitive_data"' in streamed.text  # an error event
+    assert EMAIL not in streamed.text and "example.com" not in streamed.text  # held back: not a piece of it sent
+    chunks = [json.loads(line[6:]) for line in clean.text.splitlines() if line.startswith("data: {")]
+    pieces = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert clean.status_code == 200 and len(pieces) == 1  # a clean answer comes whole, once checked
+    logged = open_store(workdir / "predictions.db").read_generations()
+    blocked = logged[logged["flagged"] == "EMAIL_ADDRESS"]
+    assert len(blocked) == 2 and all("<EMAIL_ADDRESS>" in c for c in blocked["completion"])  # logged, redacted
