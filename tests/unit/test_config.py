@@ -76,7 +76,7 @@ def test_tracking_setup_does_not_leak_into_the_environment(tmp_path: Path, monke
         (["serve.over_length=drop"], "serve.over_length"),
         (["serve.canary_share=1.5"], "serve.canary_share"),
         (["serve.guards.prompts=redcat"], "serve.guards.prompts"),
-        (["serve.guards.answers=block"], "serve.guards.answers"),
+        (["serve.guards.answers=hide"], "serve.guards.answers"),
         (["serve.guards.models={tweet-generator: {prompt: block}}"], "serve.guards.models.tweet-generator.prompt"),
         (["serve.key_refresh_s=0"], "serve.key_refresh_s"),
     ],
