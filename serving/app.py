@@ -65,8 +65,8 @@ class RequestContext:
         await self._handle(scope, receive, send, request_id, ((b"x-request-id", request_id.encode()),))
 
     async def _traced(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
-        span, token = self.tracing.start_request(scope["method"], scope["path"], scope["headers"])
-        span.set_attribute("llmops.request_id", request_id)
+        method = scope["method"]
+        span, token = self.tracing.start_request(method, scope["path"], scope["headers"], request_id)
         status: list[int] = []
 
         async def send_traced(message: Message) -> None:
@@ -79,7 +79,7 @@ class RequestContext:
             await self._handle(scope, receive, send_traced, request_id, extra)
         finally:
             route = scope.get("route")
-            self.tracing.end_request(span, token, getattr(route, "path", None), status[0] if status else None)
+            self.tracing.end_request(span, token, method, getattr(route, "path", None), status[0] if status else None)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str, extra: Headers) -> None:
         async def send_with_id(message: Message) -> None:

@@ -76,9 +76,7 @@ class Guards:
     def check_prompts(self, model: str, texts: list[str]) -> None:
         """A 400 naming the kinds found (never the values) when `model` blocks prompts that hold any (blocking:
         run it off the event loop)."""
-        if not self.blocks(model):
-            return
-        kinds = sorted({f.entity for text in texts for f in self._checked(model, "prompts", text)})
+        kinds = self._blocked_kinds(model, "prompts", texts)
         if kinds:
             raise ApiError(
                 400,
@@ -89,9 +87,7 @@ class Guards:
 
     def check_answer(self, model: str, text: str) -> None:
         """A 400 naming the kinds found when `model` blocks answers that hold any (blocking: off the event loop)."""
-        kinds = (
-            sorted({f.entity for f in self._checked(model, "answers", text)}) if self.blocks(model, "answers") else []
-        )
+        kinds = self._blocked_kinds(model, "answers", [text])
         if kinds:
             raise ApiError(
                 400,
@@ -99,6 +95,12 @@ class Guards:
                 "(serve.guards); ask again without asking for them",
                 type="sensitive_data",
             )
+
+    def _blocked_kinds(self, model: str, direction: str, texts: list[str]) -> list[str]:
+        """The kinds found in `texts` where `model` blocks `direction`, sorted (none where it does not)."""
+        if not self.blocks(model, direction):
+            return []
+        return sorted({f.entity for text in texts for f in self._checked(model, direction, text)})
 
     def _redacted(self, model: str, direction: str, text: str, found: set[str] | None = None) -> str:
         """`text` with what `model`'s rule for `direction` redacts replaced; the kinds found added to `found`."""

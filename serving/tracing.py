@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -105,7 +106,9 @@ class Tracing:
 
     # --- the request's span --------------------------------------------------------------------------------
 
-    def start_request(self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]) -> tuple[Span, object]:
+    def start_request(
+        self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]], request_id: str
+    ) -> tuple[Span, object]:
         """The request's SERVER span, current until `end_request` (the parent: the caller's `traceparent`)."""
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in (b"traceparent", b"tracestate")}
         parent = _PROPAGATOR.extract(carrier)
@@ -113,7 +116,7 @@ class Tracing:
             method,
             context=parent,
             kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "url.path": path},
+            attributes={"http.request.method": method, "url.path": path, "llmops.request_id": request_id},
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token
@@ -125,8 +128,7 @@ class Tracing:
         return carrier.get("traceparent", "").encode()
 
     @staticmethod
-    def end_request(span: Span, token: object, route: str | None, status: int | None) -> None:
-        method = span.attributes.get("http.request.method", "") if hasattr(span, "attributes") else ""
+    def end_request(span: Span, token: object, method: str, route: str | None, status: int | None) -> None:
         if route is not None:
             span.update_name(f"{method} {route}")
             span.set_attribute("http.route", route)
@@ -176,8 +178,8 @@ class MlflowTraces:
         self.tracking_uri = tracking_uri
         self.scrub = scrub
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._warned = -math.inf
         self._thread: threading.Thread | None = None
-        self.dropped = 0
 
     def start(self) -> None:
         if self.share > 0:
@@ -199,8 +201,11 @@ class MlflowTraces:
             tags["otel.trace_id"] = format(trace.get_current_span(parent).get_span_context().trace_id, "032x")
         try:
             self._queue.put_nowait((row, source, tags))
-        except queue.Full:
-            self.dropped += 1
+        except queue.Full:  # said once a minute at most: the store is that far behind
+            if time.monotonic() - self._warned > 60:
+                self._warned = time.monotonic()
+                log.warning("MLflow traces are %d behind: generations are not traced until they catch up",
+                            self._queue.maxsize)  # fmt: skip
 
     def stop(self) -> None:
         if self._thread is not None:
