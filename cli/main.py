@@ -144,6 +144,62 @@ def _answer(model: Any, prompts: list[str], max_new_tokens: int, temperature: fl
         typer.echo(f"> {prompt}\n{row.text}\n  ({row.completion_tokens} tokens, {ended}{scored})")
 
 
+@app.command("batch-predict")
+def batch_predict(
+    model: Annotated[str, typer.Option(help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
+    input: Annotated[str, typer.Option("--input", "-i", help="CSV, JSONL or Parquet file to score.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder: predictions/, rejects/, manifest.json.")],
+    config: ConfigOption = "configs/quickstart.yaml",
+    overrides: SetOption = None,
+    column: Annotated[str | None, typer.Option(help="Column to score (default: text; prompt or messages).")] = None,
+    keep: Annotated[list[str] | None, typer.Option(help="Input column copied into the predictions.")] = None,
+    block_rows: Annotated[int, typer.Option(help="Rows per block: the unit of work and of resumption.")] = 10_000,
+    max_chars: Annotated[int, typer.Option(help="Classifiers: longer texts are rejects.")] = 2000,
+    max_new_tokens: Annotated[int, typer.Option(help="Generators: tokens to write at most.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Generators: 0 is greedy.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Generators: sampling seed.")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Score on this Ray cluster (default: $RAY_ADDRESS; none: in this process).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Ray: actors at most, each loading the model once.")] = 2,
+    threads_per_worker: Annotated[int, typer.Option(help="Ray: CPUs (torch threads) per actor.")] = 1,
+) -> None:
+    """Score a dataset of any size with a registered model, block by block; run again to resume."""
+    from pathlib import Path
+
+    from llmops.batch import BatchError, BatchJob, run_batch
+    from llmops.registry import resolve_tracking_uri
+
+    try:
+        cfg = load_config(config, overrides)
+        job = BatchJob(
+            model=model,
+            input=Path(input),
+            output=Path(output),
+            column=column,
+            keep=tuple(keep or ()),
+            block_rows=block_rows,
+            max_chars=max_chars,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+        )
+        address = ray_address or os.environ.get("RAY_ADDRESS") or None
+        summary = run_batch(job, resolve_tracking_uri(cfg.registry), address, workers, threads_per_worker)
+    except (*BAD_INPUT, BatchError) as error:
+        _fail(error)
+        return
+    resumed = f", {summary.resumed_blocks} of them from an earlier run" if summary.resumed_blocks else ""
+    nodes = ", ".join(f"{node} ({n})" for node, n in sorted(summary.nodes.items()))
+    typer.echo(
+        f"{summary.model} version {summary.version}: {summary.scored} rows scored, {summary.rejected} rejected, "
+        f"in {summary.blocks} blocks{resumed}.\n"
+        + (f"  blocks scored on: {nodes}\n" if nodes else "")
+        + f"  predictions: {summary.predictions}/   (pandas.read_parquet)\n"
+        f"  rejects:     {summary.rejects}/   (row_id, reason)"
+    )
+
+
 @app.command()
 def serve(
     config: ConfigOption = "configs/quickstart.yaml",

@@ -76,9 +76,9 @@ class LocalStack:
         return make("down", f"ARGS=--home={self.home}")
 
     def run_deployment(
-        self, name: str, *overrides: str, config: Path = TINY_CONFIG
+        self, name: str, *overrides: str, config: Path = TINY_CONFIG, **more: object
     ) -> subprocess.CompletedProcess[str]:
-        params = json.dumps({"config": str(config), "overrides": [*self.overrides, *overrides]})
+        params = json.dumps({"config": str(config), "overrides": [*self.overrides, *overrides], **more})
         return subprocess.run(
             [str(BIN / "prefect"), "deployment", "run", name, "--params", params, "--watch"],
             cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600, check=False,
@@ -121,7 +121,7 @@ def test_up_starts_every_service_and_prints_its_url(stack: LocalStack) -> None:
     workers = httpx.post(stack.url("prefect", "/api/work_pools/llmops/workers/filter"), json={}).json()
     assert workers, "no worker on the llmops pool"
     deployments = httpx.post(stack.url("prefect", "/api/deployments/filter"), json={}).json()
-    assert {d["name"] for d in deployments} == {"quickstart", "full", "retrain", "llm", "scheduled"}
+    assert {d["name"] for d in deployments} == {"quickstart", "full", "retrain", "llm", "scheduled", "score"}
     scheduled = next(d for d in deployments if d["name"] == "scheduled")
     assert scheduled["schedules"][0]["schedule"]["cron"] == "0 * * * *"
     assert {p.stem for p in (stack.home / "pids").glob("*.pid")} == {
@@ -141,13 +141,32 @@ def test_deployment_run_trains_promotes_and_serving_follows(stack: LocalStack) -
     assert ready["model"]["version"] == "1"
 
 
+def test_the_batch_deployment_scores_a_file_with_the_champion(stack: LocalStack) -> None:
+    texts = pd.DataFrame({"text": ["great flight @united", "lost my bag again", " "] * 100})
+    texts.to_parquet(stack.home / "to-score.parquet")
+    run = stack.run_deployment(
+        "batch/score",
+        model="models:/tweet-sentiment@champion",
+        input=str(stack.home / "to-score.parquet"),
+        output=str(stack.home / "scored"),
+        block_rows=64,
+    )
+    assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    predictions = pd.read_parquet(stack.home / "scored" / "predictions")
+    rejects = pd.read_parquet(stack.home / "scored" / "rejects")
+    assert len(predictions) == 200 and set(predictions.model_version) == {"1"}  # the champion the registry named
+    assert sorted(rejects.row_id) == list(range(2, 300, 3)) and set(rejects.reason) == {"empty text"}
+    assert predictions.groupby(predictions.row_id % 3).label.nunique().max() == 1  # a text gets one label
+
+
 def test_the_prefect_cli_a_user_types_works_unpatched(stack: LocalStack) -> None:
     def prefect(*args: str) -> subprocess.CompletedProcess[str]:
         env = stack.env | {"COLUMNS": "250"}  # wide enough that rich tables do not cut names
         return subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=300, check=False)  # fmt: skip
 
-    names = ["lifecycle/quickstart", "lifecycle/full", "lifecycle/retrain", "lifecycle/llm", "monitor/scheduled"]
+    names = ["lifecycle/quickstart", "lifecycle/full", "lifecycle/retrain", "lifecycle/llm", "monitor/scheduled",
+             "batch/score"]  # fmt: skip
     deployed = prefect("--no-prompt", "deploy", "--all")  # again: stock Prefect, no patch (make up ran it first)
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     assert all(f"'{name}'" in deployed.stdout for name in names), deployed.stdout[-3000:]
