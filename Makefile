@@ -19,7 +19,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: install run run-llm test lint bench-compression bench-generation bench-generation-serving bench-llm-runtimes bench-llm-lifecycle bench-serving bench-monitoring serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
+.PHONY: install run run-llm test lint bench-compression bench-generation bench-generation-serving bench-llm-runtimes bench-llm-lifecycle bench-serving bench-monitoring bench-scale serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
 
 install: $(STAMP)
 	@bash scripts/build-llama-cpp.sh $(LLAMA_CPP_PIN) $(VENV)/llama.cpp $(PY)
@@ -70,6 +70,9 @@ bench-serving: install  ## our server (batching on/off) vs mlflow models serve -
 
 bench-monitoring: install  ## report time for a 5k window vs 5k reference, next to scoring time -> bench/results/monitoring.md
 	$(PY) bench/monitoring.py --config $(CONFIG)
+
+bench-scale: install  ## batch inference of 200k tweets: in-process, Ray 1 and 2 workers -> bench/results/scale.md
+	$(PY) bench/scale.py --config $(CONFIG)
 
 monitor: install  ## one monitoring pass over predictions.db: report under reports/, decision, retraining if decided
 	$(VENV)/bin/llmops monitor --config $(CONFIG)

@@ -383,6 +383,20 @@ class GuardsConfig(GuardRule):
         return self.models.get(model, self)
 
 
+class BatchesConfig(_Strict):
+    """OpenAI's Batch API (`/v1/files`, `/v1/batches`): batches of chat or completion requests answered in the
+    background by the served generators, interleaved with live traffic."""
+
+    dir: str = "batches"
+    """Uploaded files, batch state, output and error files: shared by the workers (a shared path for replicas)."""
+    concurrency: int = Field(default=8, gt=0)
+    """Requests of one batch in flight at once (each joins the engine's running batch like a live request)."""
+    max_file_bytes: int = Field(default=104_857_600, gt=0)
+    """An uploaded file's size at most (it is exempt from `max_body_bytes`)."""
+    max_requests: int = Field(default=50_000, gt=0)
+    """Requests in one batch at most."""
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -430,6 +444,7 @@ class ServeConfig(_Strict):
     guards: GuardsConfig = GuardsConfig()
     """Personal data and credentials (e-mails, phone numbers, card numbers, IBANs, keys) in what the models read
     and write: redacted in the prediction log by default (`llmops.guards`)."""
+    batches: BatchesConfig = BatchesConfig()
     key_refresh_s: float = Field(default=2.0, gt=0)
     """A worker reads a stored key again after this long: a revoked key is refused within it."""
     mlflow_traces: float = Field(default=0.1, ge=0.0, le=1.0)

@@ -25,7 +25,7 @@ from llmops.config import LlmopsConfig
 from llmops.registry import resolve_tracking_uri
 from serving import contract
 from serving.errors import install_handlers
-from serving.routes import mlflow, oip, openai, ours, tokenize
+from serving.routes import batches, mlflow, oip, openai, ours, tokenize
 from serving.schemas import ErrorResponse
 from serving.service import Service
 from serving.tracing import Tracing
@@ -48,10 +48,18 @@ class RequestContext:
     """A request id on every request and response (`X-Request-ID`); bodies over the limit refused before reading;
     the request's span, with its `traceparent` on the response, when tracing is on (`serving.tracing`)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], max_body_bytes: int, tracing: Tracing):
+    def __init__(
+        self,
+        app: Callable[..., Awaitable[None]],
+        max_body_bytes: int,
+        tracing: Tracing,
+        larger: dict[str, tuple[int, str]] | None = None,
+    ):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.tracing = tracing
+        self.larger = larger or {}
+        """Paths that take larger bodies: their limit, and the setting that says it (`/v1/files`)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,10 +101,15 @@ class RequestContext:
         if scope["method"] in ("POST", "PUT", "PATCH"):
             if length is None and headers.get(b"transfer-encoding", b"").lower() == b"chunked":
                 refusal = (411, "send a Content-Length (chunked request bodies are not accepted)", "length_required")
-            elif length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            elif (
+                length is not None
+                and length.isdigit()
+                and int(length)
+                > (limit := self.larger.get(scope["path"], (self.max_body_bytes, "serve.max_body_bytes")))[0]
+            ):
                 refusal = (
                     413,
-                    f"request body of {int(length)} bytes; at most {self.max_body_bytes} (serve.max_body_bytes)",
+                    f"request body of {int(length)} bytes; at most {limit[0]} ({limit[1]})",
                     "body_too_large",
                 )
         if refusal is not None:
@@ -138,9 +151,10 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
     ).instrument(
         app, metric_namespace="", latency_lowr_buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
     ).expose(app, tags=["health"], response_class=PlainTextResponse)
-    for protocol in (ours, mlflow, oip, openai, tokenize):
+    for protocol in (ours, mlflow, oip, openai, batches, tokenize):
         app.include_router(protocol.router)
-    app.add_middleware(RequestContext, max_body_bytes=cfg.serve.max_body_bytes, tracing=service.tracing)
+    files = {"/v1/files": (cfg.serve.batches.max_file_bytes, "serve.batches.max_file_bytes")}
+    app.add_middleware(RequestContext, max_body_bytes=cfg.serve.max_body_bytes, tracing=service.tracing, larger=files)
     contract.install(app, service, keys_required=service.gate.required)
     return app
 

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from serving.schemas import ErrorResponse
 
@@ -74,7 +75,18 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
-    return error_response(request, error.status_code, str(error.detail), "http_error", headers=error.headers)
+    headers = error.headers
+    if error.status_code == 405:
+        # Starlette names the methods of the first route on the path; a path may have several (GET and POST
+        # /v1/batches): `Allow` lists them all
+        allowed = {
+            method
+            for route in request.app.routes
+            if isinstance(route, Route) and route.path_regex.match(request.url.path)
+            for method in route.methods or ()
+        }
+        headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
+    return error_response(request, error.status_code, str(error.detail), "http_error", headers=headers)
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:

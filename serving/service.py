@@ -37,6 +37,7 @@ from llmops.predlog import (
 from llmops.registry import CHALLENGER
 from serving.auth import CALLER, Caller, Gate
 from serving.batcher import MicroBatcher, QueueFull
+from serving.batches import BatchRunner, BatchStore
 from serving.engine import GenerationEngine, Sequence
 from serving.errors import ApiError
 from serving.guards import Guards
@@ -119,6 +120,9 @@ class Service:
         scrub = self.guards.scrub if self.guards.needed else None
         self.log = PredictionLogWriter(open_store(self.cfg.prediction_log), self.cfg.flush_interval_s, scrub=scrub)
         self.mlflow_traces = MlflowTraces(self.cfg.mlflow_traces, tracking_uri, scrub)
+        self.batches = BatchStore(self.cfg.batches.dir)
+        """OpenAI's Batch API: uploaded files and batches (`serving.batches`), run by `batch_runner`."""
+        self.batch_runner = BatchRunner(self.batches, self.cfg.batches.concurrency, self.cfg.batches.max_requests)
         self._watchers: list[asyncio.Task[None]] = []
         self._shadows: set[asyncio.Task[None]] = set()
 
@@ -195,6 +199,7 @@ class Service:
         return loaded[0] if loaded else next(iter(self.models.values()))
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.batches.fail_orphans)  # batches this host ran when a worker stopped
         self.guards.start()
         self.mlflow_traces.start()
         self.log.start()
@@ -213,6 +218,7 @@ class Service:
 
     async def stop(self) -> None:
         """Stop polling, finish shadow scoring and generations, then write every buffered prediction."""
+        await self.batch_runner.stop()  # before the models: a batch's requests in flight end first
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, *self._shadows, return_exceptions=True)
