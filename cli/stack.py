@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from llmops.config import LlmopsConfig
+from llmops.ports import process_alive
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -66,14 +67,6 @@ def _port_free(port: int) -> bool:
             return False
     return True
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -136,7 +129,7 @@ def _run(command: list[str], env: dict[str, str], home: Path, what: str) -> None
 def up(home: Path, ports: Ports, cfg: LlmopsConfig, config_path: str, overrides: list[str]) -> Stack:
     """Start the whole stack or nothing. Raises StackError with the reason."""
     home = home.resolve()
-    running = {name: pid for name, pid in _pids(home).items() if _alive(pid)}
+    running = {name: pid for name, pid in _pids(home).items() if process_alive(pid)}
     if running:
         raise StackError(f"a stack is already up from {home} ({', '.join(running)}): `make down` first")
     taken = [f"{port} ({name})" for name, port in vars(ports).items() if not _port_free(port)]
@@ -200,14 +193,14 @@ def down(home: Path) -> list[str]:
     home = home.resolve()
     stopped = []
     for name, pid in reversed(list(_pids(home).items())):
-        if _alive(pid):
+        if process_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)  # each service leads its own session: its children go too
             deadline = time.time() + 30
-            while _alive(pid) and time.time() < deadline:
+            while process_alive(pid) and time.time() < deadline:
                 _reap(pid)
                 time.sleep(0.2)
-            if _alive(pid):
+            if process_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
             stopped.append(name)

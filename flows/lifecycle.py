@@ -11,7 +11,10 @@ config reuses every folder and registers nothing new.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,23 @@ from prefect.cache_policies import NO_CACHE
 from llmops import quantize, release, tasks
 from llmops.cache import cached_stage, stage_key
 from llmops.checkpoints import ModelLoadError
-from llmops.config import ConfigError, LlmopsConfig, load_config
+from llmops.config import ConfigError, LlmopsConfig, RayStage, load_config
 from llmops.gates import CandidateReport
 from llmops.prepared_data import DataError
 
 BAD_INPUT = (ConfigError, DataError, ModelLoadError)
+RAY_CWD = "LLMOPS_RAY_CWD"
+"""The flow's working directory, given to its Ray job: every node runs the stages from there."""
+RAY_ENV = ("HF_", "MLFLOW_", "TRANSFORMERS_", "TOKENIZERS_", "LLMOPS_", "PYTHONWARNINGS")
+"""Settings of the flow's environment its stages on the cluster see too (offline hub, tracking URI, ...)."""
+
+if (_cwd := os.environ.get(RAY_CWD)) is not None:  # this process is a Ray worker of a lifecycle on a cluster
+    if not Path(_cwd).is_dir():
+        raise RuntimeError(
+            f"{_cwd} is not visible on {socket.gethostname()}: on a Ray cluster, the lifecycle's working directory "
+            "(its work_dir, data and registry) must be on storage every node sees at the same path (docs/scale.md)"
+        )
+    os.chdir(_cwd)
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
@@ -133,10 +148,54 @@ def candidate_key(candidate_dir: str) -> str:
     return Path(candidate_dir).parent.name
 
 
+def ray_address(cfg: LlmopsConfig) -> str | None:
+    """The Ray cluster the stages run on: `ray.address`, else `RAY_ADDRESS`; None: this process."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _on_ray() -> bool:
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return context is not None and type(context.task_runner).__name__ == "RayTaskRunner"
+
+
+def _stage_run(cfg: LlmopsConfig, stage: str, task: Any, *args: Any) -> Callable[[], Any]:
+    """Start `task(*args)`: here, or on the Ray cluster with what `ray.stages[stage]` asks of a node; returns
+    how to wait for its result."""
+    if not _on_ray():
+        result = task(*args)
+        return lambda: result
+    from prefect_ray.context import remote_options
+
+    wanted = cfg.ray.stages.get(stage) or RayStage()  # type: ignore[call-overload]
+    options: dict[str, Any] = {"num_cpus": wanted.num_cpus, "num_gpus": wanted.num_gpus}
+    if wanted.memory_gb is not None:
+        options["memory"] = int(wanted.memory_gb * 2**30)
+    with remote_options(**options):
+        future = task.submit(*args)
+    return future.result
+
+
+def _on_cluster(address: str, config: str, overrides: list[str]) -> dict[str, Any]:
+    """The lifecycle as a subflow whose stages run on the Ray cluster at `address` (prefect-ray)."""
+    from prefect_ray import RayTaskRunner
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(RAY_ENV)} | {RAY_CWD: os.getcwd()}
+    runner = RayTaskRunner(address=address, init_kwargs={"runtime_env": {"env_vars": env}})
+    on_ray = lifecycle.with_options(name="lifecycle-on-ray", task_runner=runner)  # type: ignore[arg-type]
+    return on_ray(config, overrides)
+
+
 def evaluate_all(
     cfg: LlmopsConfig, candidates: dict[str, str], data_dir: str, context: dict[str, Any]
 ) -> dict[str, str]:
-    """Report paths by candidate kind: one after the other, or at once on a Dask cluster (`eval.parallel`)."""
+    """Report paths by candidate kind: one after the other, at once on the Ray cluster the lifecycle runs on,
+    or at once on a Dask cluster (`eval.parallel`)."""
+    if _on_ray():
+        started = {kind: _stage_run(cfg, "evaluate", evaluate_candidate, cfg, path, data_dir, context)
+                   for kind, path in candidates.items()}  # fmt: skip
+        return {kind: wait() for kind, wait in started.items()}
     if cfg.eval.parallel == "none":
         # Sequential by default: candidates timed side by side must not share the cores.
         return {kind: evaluate_candidate(cfg, path, data_dir, context) for kind, path in candidates.items()}
@@ -161,25 +220,32 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
     data -> adapter over its registered base -> evaluation -> gates -> registry)."""
     started_at = time.time()
     cfg = load_config(config, overrides)
+    address = ray_address(cfg)
+    if address is not None and not _on_ray():
+        return _on_cluster(address, config, overrides or [])
     champion_at_start = current_champion(cfg)
     preflight(cfg)
     cfg = adapter_base(cfg)
     context = evaluation_context(cfg)
-    data_dir = prepare_data(cfg)
-    teacher = fine_tune(cfg, data_dir)
+    data_dir = _stage_run(cfg, "data", prepare_data, cfg)()
+    teacher = _stage_run(cfg, "fine_tune", fine_tune, cfg, data_dir)()
     candidates, skipped = {"teacher": teacher}, {}
     # an adapter (`train.lora.adapter_of`) is released as trained: it runs over its base, not a smaller student
     adapter = cfg.train.lora is not None and cfg.train.lora.adapter_of is not None
-    student = teacher if adapter else distil(cfg, teacher, data_dir)
+    student = teacher if adapter else _stage_run(cfg, "distil", distil, cfg, teacher, data_dir)()
+    quantized: dict[str, Callable[[], Any]] = {}  # at once on a cluster, one after the other here
     for kind in [] if adapter else cfg.quantize.candidates:
         reason = quantize.unavailable(student, kind)
         if reason is not None:
             skipped[kind] = reason
             print(f"quantize.candidates: {kind} skipped: {reason}")
             continue
-        candidates[quantize.KIND_OF.get(kind, kind)] = (
-            student if kind == "fp32" else quantize_student(cfg, student, kind, data_dir)
+        quantized[quantize.KIND_OF.get(kind, kind)] = (
+            (lambda: student)
+            if kind == "fp32"
+            else _stage_run(cfg, "quantize", quantize_student, cfg, student, kind, data_dir)
         )
+    candidates |= {kind: wait() for kind, wait in quantized.items()}
     reports = evaluate_all(cfg, candidates, data_dir, context)
     keys = {kind: candidate_key(path) for kind, path in candidates.items()}
     known = {keys[k]: CandidateReport.load(p).metrics.get(cfg.gates.metric) for k, p in reports.items()}

@@ -34,6 +34,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmops.ports import node_address
+
 FORMATS = {
     ".csv": "csv",
     ".jsonl": "jsonl",
@@ -271,7 +273,7 @@ class BlockScorer:
         out = pd.concat([accepted[["row_id", *self.job.keep]], predictions], axis=1)
         out.insert(1, "model_version", self.version)
         out.insert(2, "input_fingerprint", self.fingerprint)
-        node = _node()
+        node = node_address()  # also in the files' metadata: which node scored the block
         stamp = {b"llmops.node": node.encode(), b"llmops.model_version": self.version.encode()}
         for kind, table in (("rejects", rejects), ("predictions", out)):
             arrow = pa.Table.from_pandas(table, preserve_index=False)
@@ -335,19 +337,6 @@ def _as_text(value: Any) -> str | None:
     if value is None or (isinstance(value, float) and value != value):
         return None
     return value if isinstance(value, str) else json.dumps(value, default=str)
-
-
-def _node() -> str:
-    """Where a block was scored: the Ray node's address, or this host's name (also in each part's metadata,
-    `llmops.node`)."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return str(ray.util.get_node_ip_address())
-    except ImportError:  # pragma: no cover - ray is part of the stack
-        pass
-    return socket.gethostname()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -504,7 +493,8 @@ def _totals(output: Path, blocks: int) -> tuple[int, int, int]:
 def _score_on_ray(
     ref: ModelRef, job: BatchJob, text_column: str, pending: list[int], address: str, workers: int, threads: int
 ) -> Iterator[dict[str, Any]]:
-    """The pending blocks through a Ray Data actor pool of 1 to `workers` actors; results as blocks finish.
+    """The pending blocks through a Ray Data actor pool of `workers` actors (down to 1 while nodes are lost);
+    results as blocks finish.
 
     Ray Data restarts an actor that dies (its node gone, say) and retries its task on another: a block scored
     twice rewrites the same files."""
@@ -520,7 +510,7 @@ def _score_on_ray(
         BlockScorer,
         fn_constructor_kwargs={"ref": ref, "job": job, "text_column": text_column, "threads": threads},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers),
         num_cpus=threads,
     )
     seen: set[int] = set()

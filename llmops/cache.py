@@ -32,6 +32,7 @@ from pydantic import BaseModel
 
 import llmops
 from llmops.memory import PeakMemory
+from llmops.ports import node_address
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class Built:
     finished: float
     peak_memory_mb: float | None = None
     """The resident set's high-water mark while building (the GPU allocator's peak on CUDA): `llmops.memory`."""
+    host: str | None = None
+    """Where: the Ray node's address on a cluster, else the host's name."""
 
     @classmethod
     def of(cls, folder: str | Path) -> Built | None:
@@ -101,7 +104,7 @@ def cached_stage(folder: Path, build: Callable[[Path], Any]) -> tuple[Path, bool
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         (tmp / ".builder").unlink()
-        built = Built(started, time.time(), memory.peak_mb())
+        built = Built(started, time.time(), memory.peak_mb(), node_address())
         (tmp / BUILT).write_text(json.dumps(dataclasses.asdict(built)))
         tmp.rename(folder)
         return folder, False

@@ -671,6 +671,27 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 TASK_DEFAULTS["seq2seq-lm"] = TASK_DEFAULTS["causal-lm"]
 
 
+RAY_STAGES = ("data", "fine_tune", "distil", "quantize", "evaluate")
+"""The lifecycle's stages that run on a Ray cluster (registry reads and writes stay with the flow)."""
+
+
+class RayStage(_Strict):
+    num_cpus: float = Field(default=1, gt=0)
+    num_gpus: float = Field(default=0, ge=0)
+    memory_gb: float | None = Field(default=None, gt=0)
+    """Memory the stage reserves on its node (Ray's `memory`): none by default."""
+
+
+class RayConfig(_Strict):
+    """The lifecycle on a Ray cluster (docs/scale.md). Without an address, nothing changes and Ray is not
+    imported."""
+
+    address: str | None = None
+    """The cluster (`host:6379`, `auto`, `ray://host:10001`); None: `RAY_ADDRESS` if set, else this process."""
+    stages: dict[Literal["data", "fine_tune", "distil", "quantize", "evaluate"], RayStage] = {}
+    """What each stage asks of its node: `{fine_tune: {num_cpus: 4, num_gpus: 1}}`; 1 CPU by default."""
+
+
 class LlmopsConfig(_Strict):
     task: Task = "sequence-classification"
     """`causal-lm` (GPT-2, Llama, Qwen style) and `seq2seq-lm` (T5 style) generate text."""
@@ -686,6 +707,7 @@ class LlmopsConfig(_Strict):
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
+    ray: RayConfig = RayConfig()
 
     @property
     def generative(self) -> bool:

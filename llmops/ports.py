@@ -1,8 +1,11 @@
-"""Loopback ports: one that nobody listens on now, for a server or a launcher rendezvous to take."""
+"""This host's ports and processes: a loopback port nobody listens on, for a server or a launcher rendezvous to
+take; whether a process still runs."""
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 
 
 def free_port() -> int:
@@ -10,3 +13,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def node_address() -> str:
+    """Where this process runs: its Ray node's address inside a Ray cluster's worker or driver, else the host's
+    name (Ray is not imported for it)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return str(ray.util.get_node_ip_address())
+    return socket.gethostname()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (one of another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

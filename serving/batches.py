@@ -34,6 +34,8 @@ from typing import Any
 
 import httpx
 
+from llmops.ports import process_alive
+
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -124,7 +126,12 @@ class BatchStore:
         failed = []
         for batch in self.batches():
             host, _, pid = str(batch.get("owner_process", "")).partition(":")
-            if batch["status"] in RUNNING and host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            if (
+                batch["status"] in RUNNING
+                and host == socket.gethostname()
+                and pid.isdigit()
+                and not process_alive(int(pid))
+            ):
                 self.save(stopped(batch))
                 failed.append(batch["id"])
         return failed
@@ -148,14 +155,6 @@ def stopped(batch: dict[str, Any]) -> dict[str, Any]:
 def _newest_first(item: dict[str, Any]) -> tuple[int, str]:
     return (-int(item["created_at"]), item["id"])
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

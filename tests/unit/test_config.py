@@ -118,3 +118,13 @@ def test_adapter_of_takes_a_name_an_alias_or_a_version() -> None:
             None, ["task=causal-lm", "registry.model_name=tweet-formal", f"train.lora={{adapter_of: {spec}}}"]
         )
         assert cfg.train.lora is not None and cfg.train.lora.adapter_of == spec
+
+
+def test_ray_stages_name_a_stage_and_what_a_node_gives() -> None:
+    cfg = load_config(None, ["ray.address=10.0.0.1:6379", "ray.stages={fine_tune: {num_cpus: 4, num_gpus: 1}}"])
+    assert cfg.ray.address == "10.0.0.1:6379" and cfg.ray.stages["fine_tune"].num_gpus == 1
+    with pytest.raises(ConfigError, match="ray.stages.train"):
+        load_config(None, ["ray.stages={train: {num_cpus: 2}}"])
+    with pytest.raises(ConfigError, match="ray.stages.evaluate.num_cpus"):
+        load_config(None, ["ray.stages={evaluate: {num_cpus: 0}}"])
+    assert load_config(None).ray.address is None  # no address: nothing runs on Ray

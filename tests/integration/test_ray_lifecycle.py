@@ -1,0 +1,86 @@
+"""The lifecycle on a real two-host Ray cluster (`ray.address`): its stages run as Prefect tasks on the cluster
+through prefect-ray, on both hosts, and the run ends as a local one does, with a gated champion. The worker node is
+a network namespace of its own (tests/ray_cluster.py); the Prefect server listens where both hosts reach it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmops.cache import Built
+from llmops.ports import free_port
+from tests.conftest import TINY_CONFIG
+from tests.ray_cluster import node_logs, ray_cluster
+
+BIN = Path(sys.executable).parent
+
+
+@contextmanager
+def prefect_server(host: str, home: Path) -> Iterator[str]:
+    """A real Prefect server on `host` (SQLite under `home`); its API URL."""
+    port = free_port()
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with (home / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", host, "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        api = f"http://{host}:{port}/api"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert server.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+            yield api
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_lifecycle_runs_its_stages_on_both_hosts_and_promotes(tmp_path: Path) -> None:
+    (tmp_path / "prefect").mkdir()
+    with ray_cluster(workers=1, cpus=1) as cluster, prefect_server(cluster.head.address, tmp_path / "prefect") as api:
+        env = cluster.env | {"PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect")}
+        env.pop("RAY_ADDRESS")  # the config key says where, this time
+        run = subprocess.run(
+            [str(BIN / "llmops"), "run", "--config", str(TINY_CONFIG), "--set", f"ray.address={cluster.address}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False,
+        )  # fmt: skip
+        logs = node_logs(cluster)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:] + logs
+    assert "promoted to champion" in run.stdout
+    built = {
+        folder.relative_to(tmp_path / "artifacts").as_posix(): Built.of(folder)
+        for folder in (tmp_path / "artifacts").glob("*/*")
+        if folder.is_dir() and Built.of(folder) is not None
+    }
+    hosts = {path.split("/")[0]: set() for path in built}
+    for path, record in built.items():
+        hosts[path.split("/")[0]].add(record.host)  # type: ignore[union-attr]
+    both = {cluster.head.address, cluster.workers[0].address}
+    assert set().union(*hosts.values()) == both, hosts  # the stages ran on both hosts, nowhere else
+    assert {"data", "teacher", "student", "eval"} <= set(hosts), hosts
+
+
+def test_without_an_address_ray_is_not_even_imported() -> None:
+    probe = (
+        "import sys, flows.lifecycle, flows.batch, cli.main, serving.app, llmops.batch; "
+        "print(sorted(m for m in ('ray', 'prefect_ray') if m in sys.modules))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
