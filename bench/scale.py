@@ -37,6 +37,7 @@ sys.path.append(str(Path(__file__).resolve().parent))
 from machine import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
 TARGET = 1.8
 SETUPS = ("in-process", "ray-1-worker", "ray-2-workers")
 
@@ -74,12 +75,39 @@ def one(setup: str, data: Path, out: Path, model: str, uri: str, address: str, b
     return {"setup": setup, "seconds": seconds, "rows": summary.rows, "rows_per_s": summary.rows / seconds}
 
 
+def lifecycle_runs(repeats: int, address: str) -> list[dict[str, Any]]:
+    """The tiny lifecycle (configs/tiny.yaml), cold (a fresh folder: data, training, registry), run locally and
+    with its stages on the Ray head at `address`, interleaved."""
+    runs = []
+    home = Path(tempfile.mkdtemp(prefix="bench-scale-prefect-"))
+    for repeat in range(repeats):
+        for setup in ("local", "ray"):
+            folder = Path(tempfile.mkdtemp(prefix=f"bench-scale-{setup}-"))
+            env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFECT_API_URL")}
+            env |= {"PREFECT_HOME": str(home)} | ({"RAY_ADDRESS": address} if setup == "ray" else {})
+            start = time.perf_counter()
+            done = subprocess.run(
+                [str(Path(sys.executable).with_name("llmops")), "run", "--config", str(REPO / "configs" / "tiny.yaml")],
+                cwd=folder, env=env, capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            assert done.returncode == 0 and "promoted to champion" in done.stdout, (
+                done.stdout[-3000:] + done.stderr[-3000:]
+            )
+            runs.append({"setup": setup, "seconds": seconds, "repeat": repeat})
+            print(json.dumps(runs[-1]), flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block-rows", type=int, default=10_000)
+    parser.add_argument("--lifecycle", action="store_true", help="the tiny lifecycle, local against on Ray, instead")
     args = parser.parse_args()
     cfg = load_config(args.config)
     uri = resolve_tracking_uri(cfg.registry)
@@ -87,10 +115,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     data = work / "tweets.parquet"
-    tweets(cfg, args.rows, data)
     address, head = start_head(os.cpu_count() or 2, temp)
     runs: list[dict[str, Any]] = []
     try:
+        if args.lifecycle:
+            write_lifecycle(lifecycle_runs(args.repeats, address))
+            return
+        tweets(cfg, args.rows, data)
         for repeat in range(args.repeats):
             for setup in SETUPS:  # interleaved: each repetition runs every setup once
                 result = one(setup, data, work / setup, model, uri, address, args.block_rows) | {"repeat": repeat}
@@ -123,7 +154,8 @@ def write(runs: list[dict[str, Any]], args: argparse.Namespace, model: str) -> N
     host = machine()
     table = tabulate(rows, ["setup", "seconds (median)", "rows/s (median)", "rows/s (spread)"], tablefmt="github")
     md = (
-        f"# Scale benchmark: batch inference\n\n{args.rows:,} tweets, {model}, blocks of {args.block_rows:,} rows, "
+        f"# Scale benchmark\n\n## Batch inference\n\n{args.rows:,} tweets, {model}, "
+        f"blocks of {args.block_rows:,} rows, "
         f"{args.repeats} interleaved repetitions; each job timed end to end (staging, model loads, scoring, "
         f"writing).\n\n{table}\n\n"
         f"Ray 2 workers / 1 worker: **{speedup:.2f}x** (median of rows/s; per repetition "
@@ -131,11 +163,38 @@ def write(runs: list[dict[str, Any]], args: argparse.Namespace, model: str) -> N
         f"Ray 2 workers / in-process: {medians['ray-2-workers'] / medians['in-process']:.2f}x.\n\n"
         f"Machine: {host['cpu']}, {host['cores']} cores, torch {host['torch']}.\n"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.md").write_text(md)
-    (RESULTS / "scale.json").write_text(
-        json.dumps({"runs": runs, "speedup_2_vs_1": speedup, "target": TARGET, "machine": host}, indent=2)
+    save("batch", md, {"runs": runs, "speedup_2_vs_1": speedup, "target": TARGET, "machine": host})
+
+
+def write_lifecycle(runs: list[dict[str, Any]]) -> None:
+    frame = pd.DataFrame(runs)
+    median = {s: statistics.median(frame[frame.setup == s].seconds) for s in ("local", "ray")}
+    spread = {s: frame[frame.setup == s].seconds for s in ("local", "ray")}
+    rows = [[s, f"{median[s]:.1f}", f"{spread[s].min():.1f} - {spread[s].max():.1f}"] for s in ("local", "ray")]
+    host = machine()
+    table = tabulate(rows, ["tiny lifecycle", "seconds (median)", "spread"], tablefmt="github")
+    overhead = median["ray"] - median["local"]
+    md = (
+        f"## The lifecycle on Ray against local\n\n`llmops run --config configs/tiny.yaml`, cold (a fresh folder "
+        f"each time), {frame.repeat.nunique()} interleaved repetitions; on Ray: its stages as tasks on a local "
+        f"one-node Ray head of {host['cores']} CPUs (`RAY_ADDRESS`).\n\n{table}\n\n"
+        f"The cluster path costs **{overhead:+.1f} s** ({median['ray'] / median['local']:.2f}x) on the tiny "
+        f"lifecycle: each stage starts in a Ray worker process that imports torch, transformers and Prefect "
+        f"again, and reports to the Prefect API from there.\n\nMachine: {host['cpu']}, {host['cores']} cores, "
+        f"torch {host['torch']}.\n"
     )
+    save("lifecycle", md, {"runs": runs, "overhead_s": overhead, "machine": host})
+
+
+def save(section: str, md: str, data: dict[str, Any]) -> None:
+    """One section of bench/results/scale.{md,json}; the other sections are kept."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "scale.json"
+    sections = json.loads(path.read_text()) if path.is_file() else {}
+    sections[section] = data | {"md": md}
+    path.write_text(json.dumps(sections, indent=2))
+    order = [s for s in ("batch", "lifecycle") if s in sections]
+    (RESULTS / "scale.md").write_text("\n".join(sections[s]["md"] for s in order))
     print(md)
 
 
