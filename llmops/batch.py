@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -137,7 +138,15 @@ def _record_batches(path: Path, fmt: str, text_columns: tuple[str, ...]) -> Iter
         yield from csv.open_csv(path, convert_options=csv.ConvertOptions(column_types=types))
     else:
         for chunk in pd.read_json(path, lines=True, chunksize=65_536, dtype=False):
+            for column in text_columns:  # a chat (a list) kept as JSON text: a column may mix it with strings
+                if column in chunk:
+                    chunk[column] = chunk[column].map(_json_unless_text)
             yield pa.RecordBatch.from_pandas(chunk, preserve_index=False)
+
+
+def _json_unless_text(value: Any) -> Any:
+    missing = value is None or (isinstance(value, float) and value != value)
+    return value if missing or isinstance(value, str) else json.dumps(value)
 
 
 def stage_blocks(path: Path, fmt: str, text_columns: tuple[str, ...], block_rows: int, into: Path) -> int:
@@ -286,19 +295,33 @@ class BlockScorer:
         """Why a row cannot be scored, or None."""
         if value is None or (isinstance(value, float) and value != value):
             return "missing text"
-        if self.generative and not isinstance(value, str):
-            return None  # a chat (a list of messages): checked by its token count below
-        text = str(value)
-        if not text.strip() or not any(c.isprintable() and not c.isspace() for c in text):
+        prompt: Any = str(value)
+        if self.generative and (not isinstance(value, str) or self.text_column == "messages"):
+            try:  # a chat: a list of {role, content} messages
+                prompt = self._prompt(value)
+                self.model.render(prompt)
+            except (TypeError, ValueError, KeyError, AttributeError) as error:
+                return f"not a chat (a list of {{role, content}} messages): {error}"
+        elif not prompt.strip() or not any(c.isprintable() and not c.isspace() for c in prompt):
             return "empty text"
-        if not self.generative and len(text) > self.job.max_chars:
-            return f"too long: {len(text)} characters, at most {self.job.max_chars} (--max-chars)"
+        if not self.generative and len(prompt) > self.job.max_chars:
+            return f"too long: {len(prompt)} characters, at most {self.job.max_chars} (--max-chars)"
         if self.generative:
-            tokens = len(self.model.encode(text, truncate=False))
+            tokens = len(self.model.encode(prompt, truncate=False))
             context = self.model.context_length
             if context is not None and tokens + 1 > context:
                 return f"too long: {tokens} prompt tokens leave no room in the model's {context} positions"
         return None
+
+    def _prompt(self, value: Any) -> Any:
+        """A generator's prompt: text, or a chat (from a `messages` column, JSON text when read from JSONL)."""
+        if isinstance(value, str) and self.text_column == "messages":
+            value = json.loads(value)
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list | tuple | np.ndarray):
+            raise TypeError(f"{type(value).__name__}, not a list")
+        return [dict(m) for m in value]
 
     def predict(self, values: list[Any]) -> pd.DataFrame:
         if not self.generative:
@@ -313,7 +336,7 @@ class BlockScorer:
     def _generate(self, values: list[Any]) -> pd.DataFrame:
         from llmops.generation.candidate import GenerationParams
 
-        prompts = [v if isinstance(v, str) else [dict(m) for m in v] for v in values]
+        prompts = [self._prompt(v) for v in values]
         order = sorted(range(len(prompts)), key=lambda i: len(self.model.encode(prompts[i])))  # less padding
         params = GenerationParams(
             max_new_tokens=self.job.max_new_tokens, temperature=self.job.temperature, seed=self.job.seed

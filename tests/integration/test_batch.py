@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -88,10 +89,10 @@ def test_a_classifier_scores_a_csv_and_refuses_what_it_cannot_score(store: str, 
     # the same texts through the registered model give the same labels
     import mlflow
 
-    mlflow.set_registry_uri(store)
+    source = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version_download_uri(CLASSIFIER, "1")
     sample = predictions.head(20)
     texts = frame.loc[sample.row_id, "text"].tolist()
-    expected = mlflow.pyfunc.load_model(f"models:/{CLASSIFIER}/1").predict(texts)
+    expected = mlflow.pyfunc.load_model(source).predict(texts)  # not through the process-wide registry
     assert list(expected.label) == list(sample.label)
 
 
@@ -132,6 +133,13 @@ def test_a_generator_answers_jsonl_prompts_and_chats_and_refuses_a_prompt_withou
         {"prompt": "word " * 200},  # past the model's 96 positions
         {"prompt": "   "},
     ]
+    chats = [
+        {"messages": [{"role": "user", "content": "write a positive tweet about coachella"}]},
+        {"messages": [{"role": "user", "content": "word " * 200}]},
+        {"messages": "not a chat"},
+    ]
+    with (tmp_path / "chats.jsonl").open("w") as out:
+        out.writelines(json.dumps(c) + "\n" for c in chats)
     with (tmp_path / "in.jsonl").open("w") as out:
         out.writelines(json.dumps(r) + "\n" for r in rows)
     result = runner.invoke(
@@ -162,6 +170,16 @@ def test_a_generator_answers_jsonl_prompts_and_chats_and_refuses_a_prompt_withou
     reasons = rejects.set_index("row_id").reason
     assert reasons[2].startswith("too long:") and "96 positions" in reasons[2]
     assert reasons[3] == "empty text"
+
+    chatted = run_batch(
+        BatchJob(f"models:/{GENERATOR}/1", tmp_path / "chats.jsonl", tmp_path / "chats", max_new_tokens=4),
+        store,
+        progress=False,
+    )
+    answers, refused = read(tmp_path / "chats")
+    assert (chatted.scored, chatted.rejected) == (1, 2) and list(answers.row_id) == [0]
+    why = refused.set_index("row_id").reason
+    assert "96 positions" in why[1] and why[2].startswith("not a chat")
 
 
 def test_what_cannot_run_is_named_before_anything_is_written(store: str, tmp_path: Path) -> None:
