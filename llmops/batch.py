@@ -145,8 +145,12 @@ def _record_batches(path: Path, fmt: str, text_columns: tuple[str, ...]) -> Iter
 
 
 def _json_unless_text(value: Any) -> Any:
-    missing = value is None or (isinstance(value, float) and value != value)
-    return value if missing or isinstance(value, str) else json.dumps(value)
+    return value if _missing(value) or isinstance(value, str) else json.dumps(value)
+
+
+def _missing(value: Any) -> bool:
+    """An empty cell: None, or NaN as pandas reads one."""
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def stage_blocks(path: Path, fmt: str, text_columns: tuple[str, ...], block_rows: int, into: Path) -> int:
@@ -293,7 +297,7 @@ class BlockScorer:
 
     def refusal(self, value: Any) -> str | None:
         """Why a row cannot be scored, or None."""
-        if value is None or (isinstance(value, float) and value != value):
+        if _missing(value):
             return "missing text"
         prompt: Any = str(value)
         if self.generative and (not isinstance(value, str) or self.text_column == "messages"):
@@ -357,7 +361,7 @@ class BlockScorer:
 
 
 def _as_text(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and value != value):
+    if _missing(value):
         return None
     return value if isinstance(value, str) else json.dumps(value, default=str)
 

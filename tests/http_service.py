@@ -81,33 +81,61 @@ def served_in_thread(app: Any) -> Iterator[str]:
 
 
 @contextmanager
-def mlflow_server(backend_store_uri: str, root: Path) -> Iterator[str]:
-    """A real `mlflow server` on `backend_store_uri` (its artifacts and log under `root`), once it answers: its
-    URL. Stopped at the end."""
-    port = free_port()
-    with (root / "server.log").open("w") as log:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
+def server_process(
+    command: list[str], log_path: Path, health: str, env: dict[str, str] | None = None
+) -> Iterator[None]:
+    """`command` started (its output in `log_path`) and waited for until `health` answers 200; stopped at the end."""
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 180
             while True:
                 try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    if httpx.get(health, timeout=2).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
                 assert server.poll() is None and time.monotonic() < deadline, (
-                    f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}"
+                    f"{Path(command[0]).name} did not start:\n{log_path.read_text()[-3000:]}"
                 )
                 time.sleep(0.5)
-            yield url
+            yield
         finally:
             server.terminate()
             server.wait(timeout=30)
+
+
+@contextmanager
+def mlflow_server(backend_store_uri: str, root: Path) -> Iterator[str]:
+    """A real `mlflow server` on `backend_store_uri` (its artifacts and log under `root`), once it answers: its
+    URL. Stopped at the end."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with server_process(command, root / "server.log", f"{url}/health"):
+        yield url
+
+
+@contextmanager
+def prefect_server(host: str, home: Path) -> Iterator[str]:
+    """A real Prefect server listening on `host` (SQLite under `home`), once it answers: its API URL."""
+    port = free_port()
+    api = f"http://{host}:{port}/api"
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host, "--port", str(port)]
+    with server_process(command, home / "server.log", f"{api}/health", env):
+        yield api
 
 
 @asynccontextmanager

@@ -7,47 +7,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
 from llmops.cache import Built
-from llmops.ports import free_port
 from tests.conftest import TINY_CONFIG
+from tests.http_service import prefect_server
 from tests.ray_cluster import node_logs, ray_cluster
 
 BIN = Path(sys.executable).parent
-
-
-@contextmanager
-def prefect_server(host: str, home: Path) -> Iterator[str]:
-    """A real Prefect server on `host` (SQLite under `home`); its API URL."""
-    port = free_port()
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    with (home / "server.log").open("w") as log:
-        server = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", host, "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-        api = f"http://{host}:{port}/api"
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert server.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
-                time.sleep(0.5)
-            yield api
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
 
 
 @pytest.mark.slow
