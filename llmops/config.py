@@ -604,6 +604,11 @@ class MonitorConfig(_Strict):
     """... and/or those of the last T hours (both set: the last N within T hours)."""
     reference_rows: int = Field(default=5000, gt=0)
     """Reference rows compared at most (a fixed sample of the champion's reference data)."""
+    sample_rows: int | None = Field(default=50_000, gt=0)
+    """A window with more rows is read in chunks and compared through a uniform random sample of this many (seeded):
+    the pass's memory stays bounded and its time grows linearly with the window. Rows with feedback are all kept
+    for quality and a retraining. The report states the sample, its margin against the whole window and the
+    smallest change in a share it detects. null: every row in memory, whatever the window's size."""
     embedding_components: int = Field(default=5, gt=0)
     """Embeddings are compared on this many principal components (fit on the reference)."""
     text_drift_rows: int | None = Field(default=2000, gt=0)

@@ -24,13 +24,16 @@ import sqlite3
 import threading
 import time
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
@@ -150,6 +153,45 @@ COLUMNS = {
 }
 
 
+CHUNK_ROWS = 20_000
+"""Rows a window is read in at a time (`scan`): what a monitoring pass over a large window holds beside its
+sample."""
+
+
+class _Windows:
+    """What every store reads the same way: a window is its `scan`, gathered and put in time order."""
+
+    def scan(
+        self,
+        table: str,
+        last_n: int | None = None,
+        since: float | None = None,
+        chunk_rows: int = CHUNK_ROWS,
+        **equal: str | None,
+    ) -> Iterator[pd.DataFrame]:
+        raise NotImplementedError
+
+    def _window(self, table: str, last_n: int | None, since: float | None, **equal: str | None) -> pd.DataFrame:
+        frame = pd.concat(list(self.scan(table, last_n, since, CHUNK_ROWS, **equal)), ignore_index=True)
+        return frame.sort_values(["ts", "request_id", "idx"], kind="stable").reset_index(drop=True)
+
+    def read_predictions(
+        self,
+        last_n: int | None = None,
+        since: float | None = None,
+        route: str | None = None,
+        model_version: str | None = None,
+    ) -> pd.DataFrame:
+        """The last `last_n` predictions at or after `since`, of one route and model version if given, oldest first."""
+        return self._window("predictions", last_n, since, route=route, model_version=model_version)
+
+    def read_generations(
+        self, last_n: int | None = None, since: float | None = None, model_name: str | None = None
+    ) -> pd.DataFrame:
+        """The last `last_n` generations at or after `since`, of one model if given, oldest first."""
+        return self._window("generations", last_n, since, model_name=model_name)
+
+
 def _add_columns(db: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
     """Columns of a newer log added to a log written before they existed (at the end, as the rows' fields)."""
     present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
@@ -158,7 +200,7 @@ def _add_columns(db: sqlite3.Connection, table: str, columns: dict[str, str]) ->
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
-class SqliteStore:
+class SqliteStore(_Windows):
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,26 +248,28 @@ class SqliteStore:
             query = "SELECT COUNT(DISTINCT idx) FROM predictions WHERE request_id = ?"
             return int(db.execute(query, (request_id,)).fetchone()[0])
 
-    def read_predictions(
+    def scan(
         self,
+        table: str,
         last_n: int | None = None,
         since: float | None = None,
-        route: str | None = None,
-        model_version: str | None = None,
-    ) -> pd.DataFrame:
-        """The last `last_n` predictions at or after `since`, of one route and model version if given, oldest first."""
-        conditions = {"ts >= ?": since, "route = ?": route, "model_version = ?": model_version}
-        where = [(clause, value) for clause, value in conditions.items() if value is not None]
-        query = "SELECT * FROM predictions"
+        chunk_rows: int = CHUNK_ROWS,
+        **equal: str | None,
+    ) -> Iterator[pd.DataFrame]:
+        """The window's rows of `table` (the last `last_n` at or after `since`, each `column=value` of `equal` that
+        is not None), newest first, `chunk_rows` at a time: the cursor streams, memory holds one chunk."""
+        _check_window(table, equal)
+        conditions = [("ts >= ?", since), *((f"{column} = ?", value) for column, value in equal.items())]
+        where = [(clause, value) for clause, value in conditions if value is not None]
+        query = f"SELECT * FROM {table}"
         if where:
             query += " WHERE " + " AND ".join(clause for clause, _ in where)
         params: list[object] = [value for _, value in where]
-        query += " ORDER BY ts DESC, request_id DESC, idx DESC"  # newest first for LIMIT; reversed below
+        query += " ORDER BY ts DESC, request_id DESC, idx DESC"
         if last_n is not None:
             query, params = query + " LIMIT ?", [*params, last_n]
-        with self._connect() as db:
-            frame = pd.read_sql_query(query, db, params=params)
-        return frame.iloc[::-1].reset_index(drop=True)
+        with closing(self._connect()) as db:
+            yield from pd.read_sql_query(query, db, params=params, chunksize=chunk_rows)
 
     def read_feedback(self) -> pd.DataFrame:
         with self._connect() as db:
@@ -237,29 +281,27 @@ class SqliteStore:
             query = "SELECT COUNT(DISTINCT idx) FROM generations WHERE request_id = ?"
             return int(db.execute(query, (request_id,)).fetchone()[0])
 
-    def read_generations(
-        self, last_n: int | None = None, since: float | None = None, model_name: str | None = None
-    ) -> pd.DataFrame:
-        """The last `last_n` generations at or after `since`, of one model if given, oldest first."""
-        conditions = {"ts >= ?": since, "model_name = ?": model_name}
-        where = [(clause, value) for clause, value in conditions.items() if value is not None]
-        query = "SELECT * FROM generations"
-        if where:
-            query += " WHERE " + " AND ".join(clause for clause, _ in where)
-        params: list[object] = [value for _, value in where]
-        query += " ORDER BY ts DESC, request_id DESC, idx DESC"
-        if last_n is not None:
-            query, params = query + " LIMIT ?", [*params, last_n]
-        with self._connect() as db:
-            frame = pd.read_sql_query(query, db, params=params)
-        return frame.iloc[::-1].reset_index(drop=True)
-
     def read_generation_feedback(self) -> pd.DataFrame:
         with self._connect() as db:
             return pd.read_sql_query("SELECT * FROM generation_feedback ORDER BY ts", db)
 
 
-class ParquetStore:
+def _check_window(table: str, equal: dict[str, str | None]) -> None:
+    unknown = set(equal) - set(COLUMNS.get(table, ()))
+    if table not in ("predictions", "generations") or unknown:
+        raise ValueError(f"no window of {table!r} by {sorted(unknown)}: predictions or generations, by their columns")
+
+
+def _matches(frame: pd.DataFrame, since: float | None, equal: dict[str, str]) -> pd.Series:
+    mask = pd.Series(True, index=frame.index)
+    if since is not None:
+        mask &= frame["ts"] >= since
+    for column, value in equal.items():
+        mask &= frame[column].astype(str) == value
+    return mask
+
+
+class ParquetStore(_Windows):
     def __init__(self, path: Path):
         self.path = path
         for part in TABLES:
@@ -289,24 +331,54 @@ class ParquetStore:
         frame = self._read("predictions", PREDICTION_COLUMNS)
         return int(frame.loc[frame["request_id"] == request_id, "idx"].nunique())
 
-    def read_predictions(
+    def scan(
         self,
+        table: str,
         last_n: int | None = None,
         since: float | None = None,
-        route: str | None = None,
-        model_version: str | None = None,
-    ) -> pd.DataFrame:
-        """The last `last_n` predictions at or after `since`, of one route and model version if given, oldest first."""
-        frame = self._read("predictions", PREDICTION_COLUMNS).sort_values(["ts", "request_id", "idx"], kind="stable")
-        if since is not None:
-            frame = frame[frame["ts"] >= since]
-        if route is not None:
-            frame = frame[frame["route"] == route]
-        if model_version is not None:
-            frame = frame[frame["model_version"].astype(str) == model_version]
+        chunk_rows: int = CHUNK_ROWS,
+        **equal: str | None,
+    ) -> Iterator[pd.DataFrame]:
+        """The window's rows of `table` as `SqliteStore.scan` reads them, file by file, `chunk_rows` at a time. With
+        `last_n`, a first pass reads the matching rows' `ts` alone (8 bytes a row) to find the window's oldest
+        instant; rows at that very instant are ordered by request and position, as the database orders them."""
+        _check_window(table, equal)
+        given = {column: value for column, value in equal.items() if value is not None}
+        files = sorted((self.path / table).glob("part-*.parquet"))
+        cutoff, tied_wanted = None, 0
         if last_n is not None:
-            frame = frame.tail(last_n)
-        return frame.reset_index(drop=True)
+            stamps = [self._matching_ts(f, since, given) for f in files]
+            found = np.concatenate(stamps) if stamps else np.empty(0)
+            if len(found) > last_n:
+                cutoff = float(np.partition(found, len(found) - last_n)[len(found) - last_n])
+                tied_wanted = last_n - int((found > cutoff).sum())
+        tied, yielded = [], False
+        for file in files:
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=chunk_rows):
+                frame = batch.to_pandas().reindex(columns=COLUMNS[table])
+                frame = frame[_matches(frame, since, given)]
+                if cutoff is not None:
+                    tied.append(frame[frame["ts"] == cutoff])
+                    frame = frame[frame["ts"] > cutoff]
+                if len(frame):
+                    yielded = True
+                    yield frame.reset_index(drop=True)
+        if tied_wanted:
+            rows = pd.concat(tied, ignore_index=True).sort_values(["request_id", "idx"], kind="stable")
+            yielded = True
+            yield rows.tail(tied_wanted).reset_index(drop=True)
+        if not yielded:
+            yield pd.DataFrame(columns=COLUMNS[table])
+
+    @staticmethod
+    def _matching_ts(file: Path, since: float | None, equal: dict[str, str]) -> np.ndarray:
+        table = pq.read_table(file, columns=["ts", *equal])
+        mask = pc.greater_equal(table["ts"], since) if since is not None else None
+        for column, value in equal.items():
+            same = pc.equal(pc.cast(table[column], "string"), value)
+            mask = same if mask is None else pc.and_(mask, same)
+        stamps = table["ts"] if mask is None else table["ts"].filter(mask)
+        return stamps.to_numpy().astype("float64")
 
     def read_feedback(self) -> pd.DataFrame:
         return self._read("feedback", FEEDBACK_COLUMNS).sort_values("ts", kind="stable").reset_index(drop=True)
@@ -314,18 +386,6 @@ class ParquetStore:
     def generation_request_size(self, request_id: str) -> int:
         frame = self._read("generations", GENERATION_COLUMNS)
         return int(frame.loc[frame["request_id"] == request_id, "idx"].nunique())
-
-    def read_generations(
-        self, last_n: int | None = None, since: float | None = None, model_name: str | None = None
-    ) -> pd.DataFrame:
-        frame = self._read("generations", GENERATION_COLUMNS).sort_values(["ts", "request_id", "idx"], kind="stable")
-        if since is not None:
-            frame = frame[frame["ts"] >= since]
-        if model_name is not None:
-            frame = frame[frame["model_name"] == model_name]
-        if last_n is not None:
-            frame = frame.tail(last_n)
-        return frame.reset_index(drop=True)
 
     def read_generation_feedback(self) -> pd.DataFrame:
         frame = self._read("generation_feedback", GENERATION_FEEDBACK_COLUMNS)
@@ -353,7 +413,7 @@ def _base(hint: Any) -> type:
     return args[0] if args else hint
 
 
-class DatabaseStore:
+class DatabaseStore(_Windows):
     """The log in a database server (`serve.prediction_log: postgresql://...`): every replica writes to one log and
     monitoring reads it wherever it runs. The tables are the SQLite file's."""
 
@@ -386,7 +446,16 @@ class DatabaseStore:
         """How many prompts a generation request had (0: no such request)."""
         return self._size("generations", request_id)
 
-    def _last(self, table: str, last_n: int | None, since: float | None, **equal: str | None) -> pd.DataFrame:
+    def scan(
+        self,
+        table: str,
+        last_n: int | None = None,
+        since: float | None = None,
+        chunk_rows: int = CHUNK_ROWS,
+        **equal: str | None,
+    ) -> Iterator[pd.DataFrame]:
+        """The window's rows of `table` as `SqliteStore.scan` reads them; a server-side cursor streams them."""
+        _check_window(table, equal)
         t = self.tables[table]
         query = sa.select(t)
         if since is not None:
@@ -395,25 +464,8 @@ class DatabaseStore:
             if value is not None:
                 query = query.where(t.c[column] == value)
         query = query.order_by(t.c.ts.desc(), t.c.request_id.desc(), t.c.idx.desc()).limit(last_n)
-        with self.engine.connect() as db:
-            frame = pd.read_sql_query(query, db)
-        return frame.iloc[::-1].reset_index(drop=True)
-
-    def read_predictions(
-        self,
-        last_n: int | None = None,
-        since: float | None = None,
-        route: str | None = None,
-        model_version: str | None = None,
-    ) -> pd.DataFrame:
-        """The last `last_n` predictions at or after `since`, of one route and model version if given, oldest first."""
-        return self._last("predictions", last_n, since, route=route, model_version=model_version)
-
-    def read_generations(
-        self, last_n: int | None = None, since: float | None = None, model_name: str | None = None
-    ) -> pd.DataFrame:
-        """The last `last_n` generations at or after `since`, of one model if given, oldest first."""
-        return self._last("generations", last_n, since, model_name=model_name)
+        with self.engine.connect().execution_options(stream_results=True, max_row_buffer=chunk_rows) as db:
+            yield from pd.read_sql_query(query, db, chunksize=chunk_rows)
 
     def _all(self, table: str) -> pd.DataFrame:
         with self.engine.connect() as db:

@@ -52,7 +52,8 @@ class ClassifierMonitor:
 
     def load_window(self, spec: WindowSpec, champion: Champion) -> Side:
         store = open_store(self.cfg.serve.prediction_log)
-        return load_window(store, spec, champion, self.cache.tokenizer(champion), self.cfg.data)
+        tokenizer = self.cache.tokenizer(champion)
+        return load_window(store, spec, champion, tokenizer, self.cfg.data, self.cfg.monitor.sample_rows)
 
     def report(
         self, window: Side, champion: Champion, spec: WindowSpec, summary: PassSummary, folder: Path, at: float
@@ -63,7 +64,7 @@ class ClassifierMonitor:
         report.drift.save_html(str(folder / "report.html"))
         if report.quality is not None:
             report.quality.save_html(str(folder / "quality.html"))
-        return report, _window_result(report, len(window.frame), at)
+        return report, _window_result(report, window.size, at)
 
     def retraining(
         self, window: Side, decision: RetrainDecision, folder: Path
@@ -71,7 +72,7 @@ class ClassifierMonitor:
         extra = _extra_rows(window, folder)
         overrides = [*self.overrides, *([f"data.extra_rows={extra}"] if extra else [])]
         config = self.cfg.monitor.retrain_config or self.config_path
-        labelled = int(window.frame["feedback_label"].notna().sum())
+        labelled = len(labelled_rows(window))
         request = RetrainRequest(config, overrides, extra, decision.reason)
         return request, {"config": request.config, "extra_rows": extra, "labelled_rows": labelled}
 

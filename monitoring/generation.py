@@ -42,6 +42,7 @@ from monitoring.report import (
     column_signal,
     drift_results,
     principal_components,
+    sample_facts,
 )
 from monitoring.summary import (
     Bias,
@@ -54,7 +55,7 @@ from monitoring.summary import (
     Shares,
     plain,
 )
-from monitoring.window import Champion, ReferenceCache, Side, WindowSpec, describe
+from monitoring.window import Champion, ReferenceCache, Side, WindowSpec, describe, read_window
 
 PROMPT_DESCRIPTORS = ("length", "words", "url_share", "mention_share", "has_unknown")
 GENERATION_DESCRIPTORS = ("g_length", "g_words", "g_repetition", "g_empty", "g_truncated", "g_has_unknown")
@@ -99,19 +100,23 @@ def _side(frame: pd.DataFrame, embeddings: np.ndarray | None, prompt_unknown: np
 def load_window(
     store: PredictionStore, spec: WindowSpec, champion: Champion, cfg: LlmopsConfig, tokenizer: Any
 ) -> Side:
-    """The champion's logged generations in the window, with their latest feedback joined."""
-    logged = store.read_generations(spec.last_n, spec.since, model_name=champion.name)
-    logged = logged[logged["model_version"].astype(str) == champion.version].reset_index(drop=True)
-    frame = logged[["request_id", "idx", "ts", "prompt", "messages", "completion", "finish_reason"]].copy()
+    """The champion's logged generations in the window, with their latest feedback joined; a uniform sample of
+    `monitor.sample_rows` of them when the window holds more (every one with feedback kept aside)."""
+    feedback = store.read_generation_feedback()[["request_id", "idx", "rating", "correction"]]
+    read = read_window(
+        store,
+        "generations",
+        spec,
+        feedback,
+        lambda chunk: chunk["rating"].notna() | chunk["correction"].notna(),
+        cfg.monitor.sample_rows,
+        model_name=champion.name,
+        model_version=champion.version,
+    )
+    logged = read.logged
+    columns = ["request_id", "idx", "ts", "prompt", "messages", "completion", "finish_reason", "rating", "correction"]
+    frame = logged[columns].copy()
     frame["flagged"] = logged.get("flagged")  # what the guards found
-    feedback = store.read_generation_feedback()
-    if len(feedback):
-        latest = feedback.drop_duplicates(["request_id", "idx"], keep="last")[
-            ["request_id", "idx", "rating", "correction"]
-        ]
-        frame = frame.merge(latest, on=["request_id", "idx"], how="left")
-    else:
-        frame["rating"], frame["correction"] = np.nan, None
     known = logged["unk_share"] if "unk_share" in logged else pd.Series([None] * len(logged))
     prompt_unknown = (
         known.to_numpy(dtype="float64")
@@ -119,7 +124,8 @@ def load_window(
         else unknown_shares(tokenizer, frame["prompt"].tolist())
     )
     embeddings = decode_embeddings(logged["embedding"]) if len(logged) else None
-    return _side(frame, embeddings, prompt_unknown, cfg, tokenizer)
+    side = _side(frame, embeddings, prompt_unknown, cfg, tokenizer)
+    return replace(side, rows=read.rows, with_feedback=read.with_feedback) if read.sampled else side
 
 
 class GenerationReferenceCache(ReferenceCache):
@@ -269,7 +275,7 @@ def bias_by_topic(frame: pd.DataFrame, min_rows: int, ceiling: float | None) -> 
 
 def training_rows(window: Side, good_rating: float) -> pd.DataFrame:
     """Generative training rows from feedback: a correction replaces the answer; a well-rated answer stays."""
-    frame = window.frame
+    frame = window.frame if window.with_feedback is None else window.with_feedback
     corrected = frame[frame["correction"].notna() & (frame["correction"].astype(str).str.strip() != "")]
     liked = frame[frame["correction"].isna() & (frame["rating"].astype(float) >= good_rating)]
     rows = pd.concat([corrected.assign(completion=corrected["correction"]), liked], ignore_index=True)[
@@ -326,7 +332,8 @@ class GenerationMonitor:
         metadata = {"model": champion.name, "champion_version": champion.version, "window": spec.describe()}
         snapshot, drift_summary = drift(reference, window, cfg, metadata)
         now_shares, ref_shares = shares(window.frame), shares(reference.frame)
-        ratings = window.frame["rating"].astype(float).dropna()
+        with_feedback = window.frame if window.with_feedback is None else window.with_feedback
+        ratings = with_feedback["rating"].astype(float).dropna()
         quality_drop = None
         now_accuracy, ref_accuracy = now_shares.control_accuracy, ref_shares.control_accuracy
         if now_accuracy is not None and ref_accuracy is not None and now_shares.judged >= cfg.monitor.min_labelled:
@@ -334,6 +341,7 @@ class GenerationMonitor:
         bias = bias_by_topic(window.frame, cfg.monitor.bias.min_slice_rows, cfg.monitor.retrain.max_bias_gap)
         summary = replace(
             summary,
+            window=replace(summary.window, sample=sample_facts(window, len(reference.frame))),
             reference=ReferenceFacts(champion.reference_uri, len(reference.frame)),
             drift=drift_summary,
             generations=Generations(now_shares, ref_shares, control_note),
@@ -341,14 +349,14 @@ class GenerationMonitor:
                 drop=quality_drop,
                 ratings=len(ratings),
                 mean_rating=None if ratings.empty else round(float(ratings.mean()), 6),
-                corrections=int(window.frame["correction"].notna().sum()),
+                corrections=int(with_feedback["correction"].notna().sum()),
             ),
             bias=bias,
         )
         report = MonitoringReport(snapshot, None, summary)
         snapshot.save_html(str(folder / "report.html"))
         bias_gap = bias.control_gap.value if bias.control_gap else None
-        rows = len(window.frame)
+        rows = window.size
         return report, WindowResult(at, rows, drift=report.drift_detected, quality_drop=quality_drop, bias_gap=bias_gap)
 
     def retraining(

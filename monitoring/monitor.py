@@ -183,7 +183,7 @@ def run_pass(
     champion = find_champion(client, model_name)
     spec = WindowSpec.from_config(cfg.monitor, at)
     window = part.load_window(spec, champion)
-    rows = len(window.frame)
+    rows = window.size
     folder = report_dir(cfg.monitor.reports_dir, at)
     summary = PassSummary(champion.name, champion.version, WindowFacts(spec.describe(), rows), task=part.task)
     report, result = None, WindowResult(at, rows, drift=False)
@@ -268,6 +268,13 @@ def verdict_lines(outcome: MonitorOutcome) -> str:
     s = outcome.summary
     rows = f"{s.window.rows} {'generations' if s.generative else 'predictions'}"
     lines = [f"{s.model} v{s.champion_version}: window {s.window.spec}, {rows}"]
+    sample = s.window.sample
+    if sample is not None:
+        lines.append(
+            f"compared through a uniform sample of {sample.rows:,} of its {sample.of:,} rows: a share in it is within"
+            f" ±{sample.share_margin:.2%} of the window's (95%); against {sample.reference_rows:,} reference rows a"
+            f" change of {sample.detectable_share_change:.2%} in a share is found with power 0.8 (two-sided, 0.05)"
+        )
     if s.drift is None:
         lines.append("drift: not computed (window below monitor.retrain.min_window)")
     else:

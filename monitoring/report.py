@@ -22,11 +22,12 @@ from evidently.metrics import DriftedColumnsCount, ValueDrift
 from evidently.presets import ClassificationQuality, ClassificationQualityByLabel
 from sklearn.decomposition import PCA
 from sklearn.metrics import accuracy_score, f1_score
+from statsmodels.stats.power import NormalIndPower
 
 from llmops.config import DataConfig, MonitorConfig
 from monitoring.bias import BiasResult, slice_bias, slice_masks
-from monitoring.summary import Drift, LabelQuality, PassSummary, ReferenceFacts, WindowFacts, plain
-from monitoring.window import DESCRIPTORS, NUMERIC_DESCRIPTORS, Champion, Side
+from monitoring.summary import Drift, LabelQuality, PassSummary, ReferenceFacts, SampleFacts, WindowFacts, plain
+from monitoring.window import DESCRIPTORS, NUMERIC_DESCRIPTORS, Champion, Side, window_labelled
 
 EMBEDDING_SHARE = 0.5
 """The embedding has drifted when at least this share of its principal components has."""
@@ -112,6 +113,29 @@ def detectable_auc(n_reference: int, n_current: int) -> float:
     return 0.5 + 1.645 * float(np.sqrt((n_reference + n_current + 1) / (12 * n_reference * n_current)))
 
 
+def detectable_share_change(n_reference: int, n_current: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest change in a share (a label's, a category's; around one half, where it is hardest to see) that
+    a two-sided test at `alpha` finds with `power` between samples of these sizes (Cohen's h for two proportions,
+    statsmodels' power solver)."""
+    h = NormalIndPower().solve_power(nobs1=n_current, ratio=n_reference / n_current, alpha=alpha, power=power)
+    return float(np.sin(np.arcsin(np.sqrt(0.5)) + h / 2) ** 2 - 0.5)
+
+
+def sample_facts(window: Side, reference_rows: int) -> SampleFacts | None:
+    """What a sampled window's report can and cannot see (None: the window was read whole)."""
+    if not window.sampled or not len(window.frame):
+        return None
+    n, total = len(window.frame), window.size
+    margin = 1.96 * np.sqrt(0.25 / n * (total - n) / max(total - 1, 1))  # worst case, finite population
+    return SampleFacts(
+        rows=n,
+        of=total,
+        share_margin=round(float(margin), 6),
+        detectable_share_change=round(detectable_share_change(reference_rows, n), 6),
+        reference_rows=reference_rows,
+    )
+
+
 def drift_report(
     reference: Side, current: Side, cfg: MonitorConfig, metadata: dict[str, Any]
 ) -> tuple[Snapshot, Drift]:
@@ -167,7 +191,7 @@ def quality(
     current: Side, reference: Side, champion: Champion, cfg: MonitorConfig, metadata: dict[str, Any]
 ) -> tuple[Snapshot | None, LabelQuality | None]:
     """Accuracy, macro-F1 and per-class F1 on the window's feedback labels, against the champion's test macro-F1."""
-    labelled = current.frame[current.frame["feedback_label"].notna()]
+    labelled = window_labelled(current)
     if len(labelled) < cfg.min_labelled:
         return None, None
     y, p = labelled["feedback_label"].astype(str), labelled["prediction"].astype(str)
@@ -227,10 +251,11 @@ def build_report(
         champion_version=champion.version,
         window=WindowFacts(
             spec=window,
-            rows=len(current.frame),
-            labelled=int(current.frame["feedback_label"].notna().sum()),
+            rows=current.size,
+            labelled=len(window_labelled(current)),
             first_ts=float(ts.min()) if len(ts) else None,
             last_ts=float(ts.max()) if len(ts) else None,
+            sample=sample_facts(current, len(reference.frame)),
         ),
         reference=ReferenceFacts(champion.reference_uri, len(reference.frame)),
         drift=drift,

@@ -16,6 +16,22 @@ from monitoring.decision import RetrainDecision
 
 
 @dataclass(frozen=True)
+class SampleFacts:
+    """A window over `monitor.sample_rows` is compared through a uniform sample of it: its size and power."""
+
+    rows: int
+    """Rows in the sample (drift, bias and the descriptors are measured on them)."""
+    of: int
+    """Rows in the window."""
+    share_margin: float
+    """95% margin of any share in the sample against the same share in the whole window (worst case, 0.5)."""
+    detectable_share_change: float
+    """The smallest change in a share, sample against reference, found with power 0.8 by a two-sided test at
+    0.05 (around 0.5, where it is hardest to see)."""
+    reference_rows: int
+
+
+@dataclass(frozen=True)
 class WindowFacts:
     spec: str
     """The window as `WindowSpec.describe` writes it."""
@@ -24,11 +40,15 @@ class WindowFacts:
     """The classifier's: rows with a feedback label (None: the task does not count them)."""
     first_ts: float | None = None
     last_ts: float | None = None
+    sample: SampleFacts | None = None
+    """A window over `monitor.sample_rows` is compared through a sample (None: every row)."""
 
     def to_json(self) -> dict[str, Any]:
         facts: dict[str, Any] = {"spec": self.spec, "rows": self.rows}
         if self.labelled is not None:
             facts |= {"labelled": self.labelled, "first_ts": self.first_ts, "last_ts": self.last_ts}
+        if self.sample is not None:
+            facts["sample"] = asdict(self.sample)
         return facts
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from llmops.classification.candidate import Classifier
 from llmops.config import DataConfig, MonitorConfig
 from llmops.corpus import clean_text, tag_topic
 from llmops.metrics.text import unknown_shares
-from llmops.predlog import PredictionStore, decode_embeddings
+from llmops.predlog import CHUNK_ROWS, PredictionStore, decode_embeddings
 from llmops.registry import TAG, alias_version, download_candidate
 
 NUMERIC_DESCRIPTORS = ("length", "words", "url_share", "mention_share")
@@ -55,6 +56,19 @@ class Side:
 
     frame: pd.DataFrame
     embeddings: np.ndarray | None
+    rows: int | None = None
+    """The window's rows when `frame` is a uniform sample of them (`monitor.sample_rows`); None: every row."""
+    with_feedback: pd.DataFrame | None = None
+    """With a sample: every row of the window that has feedback (quality and a retraining read them all)."""
+
+    @property
+    def size(self) -> int:
+        """The rows the side stands for (the window's, sampled or not)."""
+        return len(self.frame) if self.rows is None else self.rows
+
+    @property
+    def sampled(self) -> bool:
+        return self.rows is not None
 
 
 def find_champion(client: MlflowClient, name: str, alias: str = "champion") -> Champion:
@@ -156,15 +170,107 @@ class WindowSpec:
         return " ".join(parts) or "every prediction"
 
 
+class UniformSample:
+    """A uniform sample of at most `rows` rows of a stream of chunks, in one pass: each row draws a seeded random
+    key and the `rows` smallest keys are kept (bottom-k sampling: every subset of that size is equally likely).
+    Memory holds the sample and one chunk; time grows linearly with the rows seen."""
+
+    def __init__(self, rows: int, seed: int = 0):
+        self.rows = rows
+        self.seen = 0
+        self._rng = np.random.default_rng(seed)
+        self._kept: pd.DataFrame | None = None
+
+    def add(self, chunk: pd.DataFrame) -> None:
+        self.seen += len(chunk)
+        chunk = chunk.assign(_key=self._rng.random(len(chunk)))
+        if self._kept is not None and len(self._kept) == self.rows:
+            chunk = chunk[chunk["_key"] < self._kept["_key"].max()]  # once full, most rows lose at once
+        kept = chunk if self._kept is None else pd.concat([self._kept, chunk], ignore_index=True)
+        self._kept = kept.nsmallest(self.rows, "_key") if len(kept) > self.rows else kept
+
+    def frame(self, columns: list[str]) -> pd.DataFrame:
+        """The sample in time order (`columns` when nothing was seen)."""
+        if self._kept is None:
+            return pd.DataFrame(columns=columns)
+        kept = self._kept.drop(columns="_key")
+        return kept.sort_values(["ts", "request_id", "idx"], kind="stable").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class WindowRows:
+    logged: pd.DataFrame
+    """The window's logged rows with their feedback joined: every row, or a uniform sample of them."""
+    rows: int
+    """The rows in the window."""
+    with_feedback: pd.DataFrame
+    """Every row of the window that has feedback, sampled or not."""
+
+    @property
+    def sampled(self) -> bool:
+        return len(self.logged) < self.rows
+
+
+def read_window(
+    store: PredictionStore,
+    table: str,
+    spec: WindowSpec,
+    feedback: pd.DataFrame,
+    has_feedback: Callable[[pd.DataFrame], pd.Series],
+    sample_rows: int | None,
+    seed: int = 0,
+    **equal: str,
+) -> WindowRows:
+    """The window read in chunks, each joined with `feedback` (keyed by request_id and idx, latest per row):
+    kept whole up to `sample_rows` rows (None: any size), a uniform sample of that many beyond. The rows with
+    feedback (`has_feedback`) are kept whole: they are what quality and a retraining are made of."""
+    feedback = feedback.drop_duplicates(["request_id", "idx"], keep="last")
+    feedback = feedback.astype({"request_id": str, "idx": "int64"})
+    sample = UniformSample(sample_rows, seed) if sample_rows is not None else None
+    whole: list[pd.DataFrame] = []
+    with_feedback: list[pd.DataFrame] = []
+    for chunk in store.scan(table, spec.last_n, spec.since, CHUNK_ROWS, **equal):
+        chunk = chunk.astype({"request_id": str, "idx": "int64"}).merge(feedback, on=["request_id", "idx"], how="left")
+        with_feedback.append(chunk[has_feedback(chunk)])
+        if sample is not None:
+            sample.add(chunk)
+        else:
+            whole.append(chunk)
+    columns = list(with_feedback[0].columns) if with_feedback else []
+    if sample is not None:
+        logged, rows = sample.frame(columns), sample.seen
+    else:
+        logged = pd.concat(whole, ignore_index=True) if whole else pd.DataFrame(columns=columns)
+        logged, rows = (
+            logged.sort_values(["ts", "request_id", "idx"], kind="stable").reset_index(drop=True),
+            len(logged),
+        )
+    labelled = pd.concat(with_feedback, ignore_index=True) if with_feedback else pd.DataFrame(columns=columns)
+    return WindowRows(logged, rows, labelled.sort_values("ts", kind="stable").reset_index(drop=True))
+
+
 def load_window(
     store: PredictionStore,
     spec: WindowSpec,
     champion: Champion,
     tokenizer: PreTrainedTokenizerBase,
     data_cfg: DataConfig,
+    sample_rows: int | None = None,
 ) -> Side:
-    """The champion's logged predictions in the window, cleaned and described, with feedback labels joined."""
-    logged = store.read_predictions(spec.last_n, spec.since, route="champion", model_version=champion.version)
+    """The champion's logged predictions in the window, cleaned and described, with feedback labels joined; a
+    uniform sample of `sample_rows` of them when the window holds more."""
+    feedback = store.read_feedback()[["request_id", "idx", "label"]].rename(columns={"label": "feedback_label"})
+    read = read_window(
+        store,
+        "predictions",
+        spec,
+        feedback,
+        lambda chunk: chunk["feedback_label"].notna(),
+        sample_rows,
+        route="champion",
+        model_version=champion.version,
+    )
+    logged = read.logged
     texts = pd.Series([clean_text(str(t), data_cfg.url_token) for t in logged["text"]], dtype="object")
     frame = pd.DataFrame(
         {
@@ -176,16 +282,10 @@ def load_window(
             "confidence": logged["score"].astype("float64"),
             "model_version": logged["model_version"].astype(str),
             "flagged": logged.get("flagged"),  # what the guards found (logs since 0.3)
+            "feedback_label": logged["feedback_label"].astype("object"),
         }
     )
     frame["topic"] = tag_topic(frame["text"], data_cfg.topics) if len(frame) else pd.Series(dtype="object")
-    feedback = store.read_feedback()
-    if len(feedback):
-        latest = feedback.drop_duplicates(["request_id", "idx"], keep="last")[["request_id", "idx", "label"]]
-        latest = latest.astype({"request_id": str, "idx": "int64"}).rename(columns={"label": "feedback_label"})
-        frame = frame.merge(latest, on=["request_id", "idx"], how="left")
-    else:
-        frame["feedback_label"] = pd.Series([None] * len(frame), dtype="object")
     logged_unknown = logged["unk_share"] if "unk_share" in logged else pd.Series([None] * len(logged))
     unknown = (
         logged_unknown.to_numpy(dtype="float64")
@@ -194,10 +294,28 @@ def load_window(
     )
     frame = frame.join(describe(frame["text"], unknown, data_cfg.url_token)) if len(frame) else frame
     embeddings = decode_embeddings(logged["embedding"]) if "embedding" in logged and len(logged) else None
-    return Side(frame, embeddings)
+    if not read.sampled:
+        return Side(frame, embeddings)
+    labelled = read.with_feedback
+    with_feedback = pd.DataFrame(
+        {
+            "text": [clean_text(str(t), data_cfg.url_token) for t in labelled["text"]],
+            "prediction": labelled["label"].astype(str),
+            "feedback_label": labelled["feedback_label"].astype(str),
+        }
+    )
+    return Side(frame, embeddings, read.rows, with_feedback)
 
 
 def labelled_rows(window: Side) -> pd.DataFrame:
-    """Window rows with a feedback label, as training rows (`text`, `label`) for a retraining."""
-    rows = window.frame[window.frame["feedback_label"].notna()]
+    """Window rows with a feedback label, as training rows (`text`, `label`) for a retraining: every one of the
+    window's, sampled or not."""
+    rows = window_labelled(window)
     return pd.DataFrame({"text": rows["text"], "label": rows["feedback_label"]}).reset_index(drop=True)
+
+
+def window_labelled(window: Side) -> pd.DataFrame:
+    """The window's rows with a feedback label (`text`, `prediction`, `feedback_label`, ...)."""
+    if window.with_feedback is not None:
+        return window.with_feedback
+    return window.frame[window.frame["feedback_label"].notna()]

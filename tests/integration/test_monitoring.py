@@ -194,6 +194,37 @@ def test_shifted_traffic_triggers_one_retraining_under_the_cooldown(setup, corpu
     assert sorted(runs["tags.llmops.verdict"]) == ["hold", "hold", "hold", "retrain"]
 
 
+def test_a_window_over_the_sample_size_is_read_in_chunks_sampled_and_says_so(setup, corpus, monkeypatch) -> None:
+    from monitoring.monitor import verdict_lines
+
+    cfg, classifier = setup
+    update = {"window_size": 600, "sample_rows": 150}
+    cfg = cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update=update)})
+    monkeypatch.setattr("monitoring.window.CHUNK_ROWS", 64)  # the window comes in ten chunks
+    recorder = Recorder()
+    start = time.time()
+    verdicts = []
+    for hour in range(2):
+        at = start + hour * HOUR
+        rows = corpus["shifted"].iloc[hour * 600 : (hour + 1) * 600]
+        serve_traffic(cfg, classifier, rows.iloc[:300], at)  # half the window has feedback labels
+        serve_traffic(cfg, classifier, rows.iloc[300:], at, feedback=False)
+        outcome = run_monitor(cfg, str(TINY_CONFIG), [], launcher=recorder, now=at)
+        assert outcome.summary.drift.detected, outcome.summary.drift  # a quarter of the window still shows it
+        verdicts.append(outcome.decision.verdict)
+
+    assert verdicts == ["hold", "retrain"]
+    window = json.loads((outcome.report_dir / "summary.json").read_text())["window"]
+    assert window["rows"] == 600 and window["labelled"] == 300  # every feedback label, not the sample's
+    sample = window["sample"]
+    assert (sample["rows"], sample["of"], sample["reference_rows"]) == (150, 600, 600)
+    assert sample["share_margin"] == pytest.approx(1.96 * (0.25 / 150 * 450 / 599) ** 0.5, abs=1e-6)
+    assert 0.05 < sample["detectable_share_change"] < 0.2
+    assert outcome.summary.quality.labelled == 300
+    assert "compared through a uniform sample of 150 of its 600 rows" in verdict_lines(outcome)
+    assert len(pd.read_parquet(recorder.requests[0].extra_rows)) == 300  # the retraining gets them all
+
+
 def test_a_single_noisy_window_does_not_trigger(setup, corpus) -> None:
     cfg, classifier = setup
     recorder = Recorder()

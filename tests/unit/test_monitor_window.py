@@ -35,3 +35,29 @@ def test_descriptors_count_words_urls_mentions_and_unknown_tokens() -> None:
 def test_monitor_config_errors_are_named(overrides: list[str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load_config(None, overrides)
+
+
+def test_a_sample_of_a_stream_is_uniform_exact_in_size_and_never_holds_more() -> None:
+    from monitoring.window import UniformSample
+
+    rows, k = 1000, 100
+    stream = pd.DataFrame({"ts": np.arange(rows, dtype=float), "request_id": "r", "idx": np.arange(rows)})
+    picked = np.zeros(rows)
+    for seed in range(200):
+        sample = UniformSample(k, seed)
+        for start in range(0, rows, 37):  # chunks that do not divide the sample
+            sample.add(stream.iloc[start : start + 37])
+            assert sample._kept is not None and len(sample._kept) <= k
+        frame = sample.frame(list(stream.columns))
+        assert len(frame) == k and frame["idx"].is_unique and frame["ts"].is_monotonic_increasing
+        assert list(frame.columns) == list(stream.columns) and sample.seen == rows
+        picked[frame["idx"].to_numpy()] += 1
+    # Every row is equally likely (k / rows = 0.1 a draw): the early, middle and late rows alike.
+    thirds = [part.mean() / 200 for part in np.array_split(picked, 3)]
+    assert thirds == pytest.approx([0.1, 0.1, 0.1], abs=0.01)
+
+
+def test_a_sample_of_nothing_has_the_columns() -> None:
+    from monitoring.window import UniformSample
+
+    assert list(UniformSample(5).frame(["ts", "text"]).columns) == ["ts", "text"]

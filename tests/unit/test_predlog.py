@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from llmops.predlog import FeedbackRow, PredictionLogWriter, PredictionRow, open_store, probabilities_json
@@ -98,3 +99,28 @@ def test_a_log_from_before_embeddings_gains_the_columns(tmp_path: Path) -> None:
     store.write([row("new", 2.0)], [])
     frame = store.read_predictions()
     assert frame["request_id"].tolist() == ["old", "new"] and frame["embedding"].isna().all()
+
+
+@pytest.mark.parametrize("last_n", [None, 7, 40])
+def test_a_window_is_read_in_bounded_chunks_with_the_rows_a_whole_read_gives(location: Path, last_n: int) -> None:
+    store = open_store(location)
+    for flush in range(5):  # several files for the Parquet log; instants shared across them (ties at the cutoff)
+        store.write([row(f"r{flush}-{i}", float(i % 6), idx=flush) for i in range(6)], [])
+    store.write([PredictionRow("s", 0, 9.0, "t", "x", 0.5, "{}", "m", "3", "shadow", 1.0)], [])
+    chunks = list(store.scan("predictions", last_n, None, 4, route="champion"))
+    assert all(len(chunk) <= 4 for chunk in chunks)
+    scanned = pd.concat(chunks).sort_values(["ts", "request_id", "idx"]).reset_index(drop=True)
+    whole = store.read_predictions(last_n, route="champion")
+    assert scanned[["request_id", "idx", "ts"]].equals(whole[["request_id", "idx", "ts"]])
+    assert len(whole) == min(last_n or 30, 30)  # the shadow row is not the champion's
+    # The last n are the newest, ties broken by request and position as the database breaks them.
+    every = store.read_predictions(route="champion")
+    assert whole["request_id"].tolist() == every["request_id"].tolist()[-len(whole) :]
+
+
+def test_a_window_of_an_unknown_table_or_column_is_refused(location: Path) -> None:
+    store = open_store(location)
+    with pytest.raises(ValueError, match="no window of 'feedback'"):
+        next(store.scan("feedback"))
+    with pytest.raises(ValueError, match="colour"):
+        next(store.scan("predictions", colour="red"))
