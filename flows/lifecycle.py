@@ -170,6 +170,9 @@ def _stage_run(cfg: LlmopsConfig, stage: str, task: Any, *args: Any) -> Callable
 
     wanted = cfg.ray.stages.get(stage) or RayStage()  # type: ignore[call-overload]
     options: dict[str, Any] = {"num_cpus": wanted.num_cpus, "num_gpus": wanted.num_gpus}
+    if stage == "fine_tune" and cfg.train.processes > 1:
+        # The task only waits for its Ray Train workers, each of which asks for what ray.stages.fine_tune says.
+        options, wanted = {"num_cpus": 0, "num_gpus": 0}, RayStage()
     if wanted.memory_gb is not None:
         options["memory"] = int(wanted.memory_gb * 2**30)
     with remote_options(**options):

@@ -174,8 +174,9 @@ class TrainConfig(_Strict):
     """Seeds the new head's initialisation, data order and dropout (fine-tuning and distillation)."""
     processes: int = Field(default=1, ge=1)
     """Data-parallel fine-tuning processes. Above 1, fine-tuning runs under `accelerate launch --multi_gpu`:
-    one process per GPU (NCCL), or CPU processes over gloo on a machine without one. `batch_size` is per
-    process, so the effective batch is `processes * batch_size`."""
+    one process per GPU (NCCL), or CPU processes over gloo on a machine without one; on a Ray cluster (the
+    lifecycle's stages on Ray), as that many Ray Train workers on any nodes (`ray.stages.fine_tune` each).
+    `batch_size` is per process, so the effective batch is `processes * batch_size`."""
     launch_args: list[str] = Field(default_factory=list)
     """Extra `accelerate launch` arguments when `processes > 1`, e.g. `["--gpu_ids", "0,1"]`."""
     lora: LoraConfig | None = None

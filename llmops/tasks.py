@@ -63,7 +63,7 @@ def _classifier_fine_tune(cfg: LlmopsConfig, data_dir: str, out: Path) -> Path:
     from llmops.classification.train import fine_tune
     from llmops.launcher import run_fine_tune
 
-    return run_fine_tune(fine_tune, cfg.model, cfg.train, cfg.task, data_dir, out)
+    return run_fine_tune(fine_tune, cfg.model, cfg.train, cfg.task, data_dir, out, cfg.ray.stages.get("fine_tune"))
 
 
 def _classifier_distil(cfg: LlmopsConfig, teacher_dir: str, data_dir: str, out: Path) -> Path:
@@ -149,7 +149,7 @@ def _generator_fine_tune(cfg: LlmopsConfig, data_dir: str, out: Path) -> Path:
     from llmops.generation.train import fine_tune
     from llmops.launcher import run_fine_tune
 
-    return run_fine_tune(fine_tune, cfg.model, cfg.train, cfg.task, data_dir, out)
+    return run_fine_tune(fine_tune, cfg.model, cfg.train, cfg.task, data_dir, out, cfg.ray.stages.get("fine_tune"))
 
 
 def _generator_distil(cfg: LlmopsConfig, teacher_dir: str, data_dir: str, out: Path) -> Path:

@@ -73,14 +73,16 @@ def _namespaces_work() -> bool:
         return False
 
 
-def _start(args: list[str], log: Path, namespace: str | None) -> subprocess.Popen:
+def _start(args: list[str], log: Path, namespace: str | None, interface: str) -> subprocess.Popen:
+    """A node's `ray start`; `interface`: the one its address is on, where gloo (DDP on CPUs) must listen too (the
+    machine's name resolves to loopback here, which the other hosts cannot reach)."""
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
     with log.open("wb") as out:
         return subprocess.Popen(
             [*prefix, RAY, "start", "--block", "--disable-usage-stats", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=ENV,
+            env=ENV | {"GLOO_SOCKET_IFNAME": interface},
             start_new_session=True,
         )
 
@@ -133,6 +135,7 @@ def ray_cluster(workers: int = 1, cpus: int = 1) -> Iterator[Cluster]:
                 ],
                 temp / "head.log",
                 None,
+                f"llb{port}" if hosts == "namespaces" else "lo",
             ),
         )
         nodes.append(head)
@@ -152,7 +155,7 @@ def ray_cluster(workers: int = 1, cpus: int = 1) -> Iterator[Cluster]:
                 _run("ip", "netns", "exec", namespace, "ip", "addr", "add", f"{ip}/24", "dev", far)
                 _run("ip", "netns", "exec", namespace, "ip", "link", "set", far, "up")
                 _run("ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up")
-                own = [f"--node-ip-address={ip}"]
+                own, interface = [f"--node-ip-address={ip}"], far
             else:
                 ip = "127.0.0.1"
                 base = port + 100 * (i + 1)
@@ -163,12 +166,14 @@ def ray_cluster(workers: int = 1, cpus: int = 1) -> Iterator[Cluster]:
                     f"--min-worker-port={base + 10}",
                     f"--max-worker-port={base + 60}",
                 ]
+                interface = "lo"
             node = Node(
                 ip,
                 _start(
                     [f"--address={address}", f"--num-cpus={cpus}", f"--temp-dir={temp}", *own],
                     temp / f"worker-{i}.log",
                     namespace,
+                    interface,
                 ),
                 namespace,
             )

@@ -1,9 +1,11 @@
 """The lifecycle on a real two-host Ray cluster (`ray.address`): its stages run as Prefect tasks on the cluster
-through prefect-ray, on both hosts, and the run ends as a local one does, with a gated champion. The worker node is
+through prefect-ray, on both hosts, fine-tuning as two Ray Train workers of one DDP group, one on each host, and
+the run ends as a local one does, with a gated champion. The worker node is
 a network namespace of its own (tests/ray_cluster.py); the Prefect server listens where both hosts reach it."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,12 +23,15 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.slow
 def test_the_lifecycle_runs_its_stages_on_both_hosts_and_promotes(tmp_path: Path) -> None:
+    from llmops.launcher import WORKERS_FILE
+
     (tmp_path / "prefect").mkdir()
     with ray_cluster(workers=1, cpus=1) as cluster, prefect_server(cluster.head.address, tmp_path / "prefect") as api:
         env = cluster.env | {"PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect")}
         env.pop("RAY_ADDRESS")  # the config key says where, this time
         run = subprocess.run(
-            [str(BIN / "llmops"), "run", "--config", str(TINY_CONFIG), "--set", f"ray.address={cluster.address}"],
+            [str(BIN / "llmops"), "run", "--config", str(TINY_CONFIG), "--set", f"ray.address={cluster.address}",
+             "--set", "train.processes=2"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False,
         )  # fmt: skip
         logs = node_logs(cluster)
@@ -43,6 +48,12 @@ def test_the_lifecycle_runs_its_stages_on_both_hosts_and_promotes(tmp_path: Path
     both = {cluster.head.address, cluster.workers[0].address}
     assert set().union(*hosts.values()) == both, hosts  # the stages ran on both hosts, nowhere else
     assert {"data", "teacher", "student", "eval"} <= set(hosts), hosts
+    # Fine-tuning ran as two DDP workers, one on each host (1 CPU each), and wrote the one candidate folder.
+    (teacher,) = (tmp_path / "artifacts" / "teacher").glob("*/model")
+    workers = json.loads((teacher.parent / WORKERS_FILE).read_text())
+    assert [(w["rank"], w["world_size"]) for w in workers] == [(0, 2), (1, 2)]
+    assert {w["node"] for w in workers} == both
+    assert (teacher / "candidate.json").is_file() and not (teacher.parent / "ray-train").exists()
 
 
 def test_without_an_address_ray_is_not_even_imported() -> None:
