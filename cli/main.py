@@ -206,6 +206,15 @@ def serve(
     overrides: SetOption = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default: serve.host).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: serve.port).")] = None,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="As Ray Serve replicas on a Ray cluster (RAY_ADDRESS or --ray-address), autoscaled "
+            "between serve.min_replicas and serve.max_replicas.",
+        ),
+    ] = False,
+    ray_address: Annotated[str | None, typer.Option(help="The Ray cluster for --ray (default: RAY_ADDRESS).")] = None,
 ) -> None:
     """Serve the registry's champion over HTTP (/v1/predict, /invocations, /v2, /metrics, /docs)."""
     import json
@@ -223,6 +232,12 @@ def serve(
         exporter_from_environment(os.environ)  # and OTEL_* settings it cannot honour
     except BAD_INPUT as error:
         _fail(error)
+        return
+    if ray:
+        from serving import ray_serve
+
+        ray_serve.run(cfg, config, overrides or [], host or cfg.serve.host, cfg.serve.port if port is None else port,
+                      ray_address)  # fmt: skip
         return
     # Workers are separate processes: they rebuild the app from the same config, passed by environment.
     os.environ[CONFIG_ENV] = str(config)

@@ -26,13 +26,12 @@ from llmops.cache import cached_stage, stage_key
 from llmops.checkpoints import ModelLoadError
 from llmops.config import ConfigError, LlmopsConfig, RayStage, load_config
 from llmops.gates import CandidateReport
+from llmops.ports import cluster_env
 from llmops.prepared_data import DataError
 
 BAD_INPUT = (ConfigError, DataError, ModelLoadError)
 RAY_CWD = "LLMOPS_RAY_CWD"
 """The flow's working directory, given to its Ray job: every node runs the stages from there."""
-RAY_ENV = ("HF_", "MLFLOW_", "TRANSFORMERS_", "TOKENIZERS_", "LLMOPS_", "PYTHONWARNINGS")
-"""Settings of the flow's environment its stages on the cluster see too (offline hub, tracking URI, ...)."""
 
 if (_cwd := os.environ.get(RAY_CWD)) is not None:  # this process is a Ray worker of a lifecycle on a cluster
     if not Path(_cwd).is_dir():
@@ -184,7 +183,7 @@ def _on_cluster(address: str, config: str, overrides: list[str]) -> dict[str, An
     """The lifecycle as a subflow whose stages run on the Ray cluster at `address` (prefect-ray)."""
     from prefect_ray import RayTaskRunner
 
-    env = {k: v for k, v in os.environ.items() if k.startswith(RAY_ENV)} | {RAY_CWD: os.getcwd()}
+    env = cluster_env() | {RAY_CWD: os.getcwd()}
     runner = RayTaskRunner(address=address, init_kwargs={"runtime_env": {"env_vars": env}})
     on_ray = lifecycle.with_options(name="lifecycle-on-ray", task_runner=runner)  # type: ignore[arg-type]
     return on_ray(config, overrides)

@@ -398,6 +398,22 @@ class BatchesConfig(_Strict):
     """Requests in one batch at most."""
 
 
+class RayServeConfig(_Strict):
+    """`llmops serve --ray`: the service as Ray Serve replicas (docs/scale.md)."""
+
+    target_ongoing_requests: float = Field(default=8, gt=0)
+    """Requests in flight per replica the autoscaler aims at: above it, more replicas (up to `max_replicas`)."""
+    replica_cpus: float = Field(default=1, gt=0)
+    """CPUs a replica asks of its node (with `serve.threads` its torch threads)."""
+    replica_gpus: float = Field(default=0, ge=0)
+    max_ongoing_requests: int = Field(default=256, gt=0)
+    """Requests a replica takes at once (its batcher forms batches of them); more wait in Ray Serve's router."""
+    upscale_delay_s: float = Field(default=10, ge=0)
+    downscale_delay_s: float = Field(default=120, ge=0)
+    retries: int = Field(default=3, ge=0)
+    """A request whose replica dies before it answers is sent to another, this many times at most."""
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -448,6 +464,17 @@ class ServeConfig(_Strict):
     batches: BatchesConfig = BatchesConfig()
     key_refresh_s: float = Field(default=2.0, gt=0)
     """A worker reads a stored key again after this long: a revoked key is refused within it."""
+    min_replicas: int = Field(default=1, ge=1)
+    """`llmops serve --ray`: replicas at least; the autoscaler adds up to `max_replicas` under load."""
+    max_replicas: int = Field(default=1, ge=1)
+    ray: RayServeConfig = RayServeConfig()
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"serve.max_replicas ({self.max_replicas}) below serve.min_replicas ({self.min_replicas})")
+        return self
+
     mlflow_traces: float = Field(default=0.1, ge=0.0, le=1.0)
     """Generators: the share of generations also written as MLflow traces, to the experiment of the run that
     trained the served version (its Traces view): prompt and answer redacted as the prediction log is, tokens,

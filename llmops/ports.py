@@ -24,6 +24,15 @@ def node_address() -> str:
     return socket.gethostname()
 
 
+CLUSTER_ENV = ("HF_", "MLFLOW_", "TRANSFORMERS_", "TOKENIZERS_", "LLMOPS_", "PYTHONWARNINGS")
+"""Settings of this process's environment that its Ray job's workers get too (offline hub, tracking URI, ...)."""
+
+
+def cluster_env() -> dict[str, str]:
+    """This process's settings a Ray job started from it passes to its workers (`runtime_env.env_vars`)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(CLUSTER_ENV)}
+
+
 def process_alive(pid: int) -> bool:
     """Whether process `pid` of this host still runs (one of another user's counts as running)."""
     try:

@@ -65,8 +65,9 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        request_id = state.get("request_id") or uuid.uuid4().hex  # set before: the id Ray Serve's proxy answers with
+        state["request_id"] = request_id
         if self.tracing.on and scope["path"] not in UNTRACED:
             await self._traced(scope, receive, send, request_id)
             return

@@ -82,11 +82,11 @@ def served_in_thread(app: Any) -> Iterator[str]:
 
 @contextmanager
 def server_process(
-    command: list[str], log_path: Path, health: str, env: dict[str, str] | None = None
+    command: list[str], log_path: Path, health: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> Iterator[None]:
     """`command` started (its output in `log_path`) and waited for until `health` answers 200; stopped at the end."""
     with log_path.open("w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
             deadline = time.monotonic() + 180
             while True:

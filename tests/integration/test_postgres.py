@@ -4,12 +4,6 @@ store is a PostgreSQL server started here from its binaries (initdb into a tempo
 from __future__ import annotations
 
 import asyncio
-import getpass
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,53 +14,21 @@ from mlflow import MlflowClient
 from llmops import registry
 from llmops.config import load_config
 from llmops.gateway import GatewayStore, Usage
-from llmops.ports import free_port
 from serving.metrics import ServingMetrics
 from serving.models import ModelWatcher
 from tests.conftest import TINY_CONFIG
 from tests.http_service import mlflow_server
+from tests.postgres import postgres_server
 from tests.tiny_registry import build_tiny_candidate
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 NAME = "tweet-sentiment"
 
 
-def postgres_bin() -> Path | None:
-    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
-    return Path(found).resolve().parent if found else None  # the folder that also holds pg_ctl and createdb
-
-
 @pytest.fixture(scope="module")
-def postgres() -> str:
-    """A PostgreSQL server on a free loopback port; its URL. initdb refuses root: as root, it runs as `postgres`."""
-    binaries = postgres_bin()
-    if binaries is None:
-        pytest.skip("PostgreSQL server binaries (initdb) not installed: apt-get install postgresql")
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        if subprocess.run(["id", "postgres"], capture_output=True, check=False).returncode != 0:
-            pytest.skip("running as root and there is no `postgres` user to run the server as")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    # Not under pytest's folder: the server's user must be able to reach it.
-    root = Path(tempfile.mkdtemp(prefix="llmops-postgres-"))
-    data = root / "data"
-    if as_user:
-        shutil.chown(root, "postgres")
-    port = free_port()
-    user = "postgres" if as_user else getpass.getuser()
-    subprocess.run([*as_user, str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", user], check=True,
-                   capture_output=True)  # fmt: skip
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"),
-                    "-w", "start"], check=True, capture_output=True)  # fmt: skip
-    try:
-        subprocess.run([*as_user, str(binaries / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", user,
-                        "mlflow"], check=True, capture_output=True)  # fmt: skip
-        yield f"postgresql+psycopg2://{user}@127.0.0.1:{port}/mlflow"  # MLflow 3.17 assumes psycopg 3 otherwise
-    finally:
-        subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], check=False,
-                       capture_output=True)  # fmt: skip
-        shutil.rmtree(root, ignore_errors=True)
+def postgres() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
