@@ -71,7 +71,7 @@ bench-serving: install  ## our server (batching on/off) vs mlflow models serve -
 bench-monitoring: install  ## report time for a 5k window vs 5k reference, next to scoring time -> bench/results/monitoring.md
 	$(PY) bench/monitoring.py --config $(CONFIG)
 
-bench-scale: install  ## batch inference of 200k tweets: in-process, Ray 1 and 2 workers -> bench/results/scale.md
+bench-scale: install  ## batch inference in-process and on Ray (then --lifecycle, --serve, --monitor sections) -> bench/results/scale.md
 	$(PY) bench/scale.py --config $(CONFIG)
 
 monitor: install  ## one monitoring pass over predictions.db: report under reports/, decision, retraining if decided

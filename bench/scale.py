@@ -1,5 +1,6 @@
 """Scale benchmark, batch inference: the classifier champion scores 200,000 tweets with `llmops.batch`.
-(`--lifecycle`: the tiny lifecycle local against on Ray; `--monitor`: monitoring passes over 10k, 100k and 1M
+(`--lifecycle`: the tiny lifecycle local against on Ray; `--serve`: Ray Serve with 1 and 2 replicas against
+`llmops serve` with 2 workers at c=32; `--monitor`: monitoring passes over 10k, 100k and 1M
 logged predictions, sampled and whole.)
 
 Side by side, on one machine, three interleaved repetitions (the machine drifts; medians judged, spread shown):
@@ -15,6 +16,7 @@ actor), scoring, writing the parts. Target: 2 workers >= 1.8x 1 worker. Writes b
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -40,6 +42,7 @@ from llmops.registry import resolve_tracking_uri
 
 sys.path.append(str(Path(__file__).resolve().parent))
 from machine import machine
+from servers import running, timed_load
 
 HERE = str(Path(__file__).resolve().parent)
 sys.path[:] = [p for p in sys.path if p != HERE]  # bench/monitoring.py must not shadow the `monitoring` package
@@ -201,6 +204,73 @@ def write_monitor(runs: list[dict[str, Any]], built: dict[str, Any], sample: int
     save("monitor", md, {"runs": runs, "log": built, "sample_rows": sample, "machine": host})
 
 
+SERVE_SETUPS = {
+    "ray-serve-1-replica": ["--ray", "--set", "serve.min_replicas=1", "--set", "serve.max_replicas=1"],
+    "ray-serve-2-replicas": ["--ray", "--set", "serve.min_replicas=2", "--set", "serve.max_replicas=2"],
+    "llmops-serve-2-workers": ["--set", "serve.workers=2"],
+}
+SERVE_TARGET = 1.7
+SERVE_FLOOR = "ray-serve-path-alone (GET /healthz)"
+
+
+def serve_runs(config: str, repeats: int, address: str, duration_s: float) -> list[dict[str, Any]]:
+    """Each setup serving the champion with one torch thread a replica or worker, `c` = 32 one-tweet requests in
+    flight for `duration_s` after a warm-up; setups interleaved, `repeats` times."""
+    cfg = load_config(config)
+    raw = read_source(cfg.data)[cfg.data.text_column].dropna().astype(str).sample(2000, random_state=0)
+    bodies = [json.dumps({"texts": [text]}).encode() for text in raw]
+    env = os.environ | {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
+    work = Path(os.getcwd())  # the registry and the prediction log the config names
+    runs = []
+    for repeat in range(repeats):
+        for setup, extra in SERVE_SETUPS.items():
+            command = [str(Path(sys.executable).with_name("llmops")), "serve", "--config", config, "--port", "{port}",
+                       "--set", "serve.threads=1", *extra]  # fmt: skip
+            with running(setup, command, "/readyz", env, work) as base:
+                row = asyncio.run(timed_load(f"{base}/v1/predict", bodies, 32, 5.0, duration_s))
+                runs.append(row | {"setup": setup, "repeat": repeat})
+                print(json.dumps(runs[-1]), flush=True)
+                if setup == "ray-serve-2-replicas":  # the path alone: a health check, no model
+                    row = asyncio.run(timed_load(f"{base}/healthz", None, 32, 5.0, duration_s))
+                    runs.append(row | {"setup": SERVE_FLOOR, "repeat": repeat})
+                    print(json.dumps(runs[-1]), flush=True)
+    return runs
+
+
+def write_serve(runs: list[dict[str, Any]], duration_s: float) -> None:
+    frame = pd.DataFrame(runs)
+    rows, medians = [], {}
+    for setup in [*SERVE_SETUPS, SERVE_FLOOR]:
+        mine = frame[frame.setup == setup]
+        medians[setup] = (statistics.median(mine.throughput), statistics.median(mine.p99_ms))
+        rows.append([setup, f"{medians[setup][0]:.0f}", f"{mine.throughput.min():.0f} - {mine.throughput.max():.0f}",
+                     f"{medians[setup][1]:.0f}", f"{mine.p99_ms.min():.0f} - {mine.p99_ms.max():.0f}",
+                     int(mine.errors.sum())])  # fmt: skip
+    table = tabulate(rows, ["setup (c=32)", "req/s (median)", "spread", "p99 ms (median)", "spread", "errors"],
+                     tablefmt="github")  # fmt: skip
+    one, two, workers = (medians[s] for s in SERVE_SETUPS)
+    floor = medians[SERVE_FLOOR][0]
+    speedup = two[0] / one[0]
+    verdict = "met" if speedup >= SERVE_TARGET and two[1] <= one[1] else "missed"
+    host = machine()
+    md = (
+        f"## Serving on Ray Serve\n\nThe quickstart's classifier champion behind `llmops serve --ray` on a local Ray "
+        f"head of {host['cores']} CPUs (replicas of 1 CPU and `serve.threads: 1` each), and behind `llmops serve` "
+        f"with 2 uvicorn workers of one thread each; a closed loop of 32 one-tweet requests in flight, "
+        f"{duration_s:.0f} s after 5 s of warm-up, {frame.repeat.nunique()} interleaved repetitions.\n\n{table}\n\n"
+        f"Ray Serve 2 replicas / 1 replica: **{speedup:.2f}x** throughput (target {SERVE_TARGET}x, p99 no worse): "
+        f"{verdict}. 2 replicas against `llmops serve` with 2 workers: {two[0] / workers[0]:.2f}x throughput, p99 "
+        f"{two[1]:.0f} against {workers[1]:.0f} ms. The bound: Ray Serve's path alone (its proxy, the front, a "
+        f"replica answering a health check with no model) carries {floor:.0f} req/s on this machine, "
+        f"{floor / one[0]:.2f}x what one replica with the model does: {SERVE_TARGET}x one replica is "
+        f"{'out of' if floor < SERVE_TARGET * one[0] else 'within'} this machine's reach. The proxy, the front, the "
+        f"controller, the raylet and the load generator share the 2 cores with the replicas.\n\n"
+        f"Machine: {host['cpu']}, {host['cores']} cores, torch "
+        f"{host['torch']}.\n"
+    )
+    save("serve", md, {"runs": runs, "speedup_2_vs_1": speedup, "target": SERVE_TARGET, "machine": host})
+
+
 def lifecycle_runs(repeats: int, address: str) -> list[dict[str, Any]]:
     """The tiny lifecycle (configs/tiny.yaml), cold (a fresh folder: data, training, registry), run locally and
     with its stages on the Ray head at `address`, interleaved."""
@@ -234,6 +304,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block-rows", type=int, default=10_000)
     parser.add_argument("--lifecycle", action="store_true", help="the tiny lifecycle, local against on Ray, instead")
+    parser.add_argument("--serve", action="store_true", help="Ray Serve 1 and 2 replicas, llmops serve 2 workers")
+    parser.add_argument("--duration-s", type=float, default=20.0, help="--serve: measured seconds per setup")
     parser.add_argument("--monitor", action="store_true", help="monitoring passes over 10k, 100k and 1M rows, instead")
     parser.add_argument("--sample-rows", type=int, default=50_000, help="monitor.sample_rows of the sampled passes")
     parser.add_argument("--monitor-pass", nargs=4, metavar=("LOG", "ROWS", "SAMPLE", "FOLDER"), help=argparse.SUPPRESS)
@@ -256,6 +328,9 @@ def main() -> None:
     try:
         if args.lifecycle:
             write_lifecycle(lifecycle_runs(args.repeats, address))
+            return
+        if args.serve:
+            write_serve(serve_runs(args.config, args.repeats, address, args.duration_s), args.duration_s)
             return
         tweets(cfg, args.rows, data)
         for repeat in range(args.repeats):
@@ -329,7 +404,7 @@ def save(section: str, md: str, data: dict[str, Any]) -> None:
     sections = json.loads(path.read_text()) if path.is_file() else {}
     sections[section] = data | {"md": md}
     path.write_text(json.dumps(sections, indent=2))
-    order = [s for s in ("batch", "lifecycle", "monitor") if s in sections]
+    order = [s for s in ("batch", "lifecycle", "serve", "monitor") if s in sections]
     (RESULTS / "scale.md").write_text("\n".join(sections[s]["md"] for s in order))
     print(md)
 

@@ -93,6 +93,58 @@ async def streamed_chat(session: aiohttp.ClientSession, base: str, body: dict[st
     return {"ttft": (first or done) - start, "e2e": done - start, "tokens": usage if usage is not None else tokens}
 
 
+async def timed_load(
+    url: str,
+    bodies: list[bytes] | None,
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    key: str | None = None,
+) -> dict[str, Any]:
+    """Closed loop: `concurrency` workers each POST a body (GET the URL where `bodies` is None) and wait for the
+    answer, from `warmup_s` for `duration_s`."""
+    latencies: list[float] = []
+    errors = 0
+    counter = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal errors, counter
+            while (now := loop.time()) < stop_at:
+                request = (
+                    session.get(url)
+                    if bodies is None
+                    else session.post(url, data=bodies[counter % len(bodies)], headers=headers)
+                )
+                counter += 1
+                async with request as response:
+                    await response.read()
+                    ok = response.status == 200
+                done = loop.time()
+                if now >= measure_from:
+                    if ok:
+                        latencies.append(done - now)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    lat = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "throughput": len(latencies) / duration_s,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+    }
+
+
 async def closed_loop(
     concurrency: int, requests: int, one: Callable[[int], Awaitable[dict[str, Any]]]
 ) -> dict[str, Any]:

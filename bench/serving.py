@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import mlflow
 import numpy as np
 import pandas as pd
 from machine import machine
 from mlflow import MlflowClient
-from servers import otlp_sink, running
+from servers import otlp_sink, running, timed_load
 from tabulate import tabulate
 
 from llmops.classification.candidate import Classifier
@@ -71,58 +70,6 @@ def offline_throughput(candidate: Path, texts: list[str], batch_size: int, repea
     return float(np.median(rates))
 
 
-async def _load(
-    url: str,
-    bodies: list[bytes] | None,
-    concurrency: int,
-    warmup_s: float,
-    duration_s: float,
-    key: str | None = None,
-) -> dict[str, Any]:
-    """Closed loop: `concurrency` workers each POST a body (GET the URL where `bodies` is None) and wait for the
-    answer, from `warmup_s` for `duration_s`."""
-    latencies: list[float] = []
-    errors = 0
-    counter = 0
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            nonlocal errors, counter
-            while (now := loop.time()) < stop_at:
-                request = (
-                    session.get(url)
-                    if bodies is None
-                    else session.post(url, data=bodies[counter % len(bodies)], headers=headers)
-                )
-                counter += 1
-                async with request as response:
-                    await response.read()
-                    ok = response.status == 200
-                done = loop.time()
-                if now >= measure_from:
-                    if ok:
-                        latencies.append(done - now)
-                    else:
-                        errors += 1
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    lat = np.array(latencies) * 1000
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "errors": errors,
-        "throughput": len(latencies) / duration_s,
-        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-        "p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
-        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
-    }
-
-
 def measure_server(
     label: str,
     command: list[str],
@@ -138,12 +85,14 @@ def measure_server(
         bodies = [json.dumps(make_body(t)).encode() for t in texts]
         rows = []
         for concurrency in args.concurrency:
-            row = asyncio.run(_load(f"{base}{path}", bodies, concurrency, args.warmup_s, args.duration_s))
+            row = asyncio.run(timed_load(f"{base}{path}", bodies, concurrency, args.warmup_s, args.duration_s))
             row["server"] = label
             print(f"[{label}] c={concurrency}: {row['throughput']:.0f} req/s, p99 {row['p99_ms']:.1f} ms", flush=True)
             rows.append(row)
         if label == FLOOR_OF:
-            row = asyncio.run(_load(f"{base}/healthz", None, max(args.concurrency), args.warmup_s, args.duration_s))
+            row = asyncio.run(
+                timed_load(f"{base}/healthz", None, max(args.concurrency), args.warmup_s, args.duration_s)
+            )
             row["server"] = FLOOR
             print(f"[{FLOOR}] c={row['concurrency']}: {row['throughput']:.0f} req/s", flush=True)
             rows.append(row)
@@ -266,13 +215,13 @@ def gateway(args: argparse.Namespace, ours: list[str], texts: list[str], offline
                 with running(label, command, "/readyz", server_env, work) as base:
                     for concurrency in (1, 32):
                         row = asyncio.run(
-                            _load(f"{base}/v1/predict", v1, concurrency, args.warmup_s, args.duration_s, sent)
+                            timed_load(f"{base}/v1/predict", v1, concurrency, args.warmup_s, args.duration_s, sent)
                         )
                         rows.append(row | {"server": label, "round": round_})
                         print(f"[{label}, round {round_}] c={concurrency}: {row['throughput']:.0f} req/s, "
                               f"p50 {row['p50_ms']:.1f} ms, errors {row['errors']}", flush=True)  # fmt: skip
                     if sent is None:
-                        row = asyncio.run(_load(f"{base}/healthz", None, 32, args.warmup_s, args.duration_s))
+                        row = asyncio.run(timed_load(f"{base}/healthz", None, 32, args.warmup_s, args.duration_s))
                         rows.append(row | {"server": FLOOR, "round": round_})
         spans = sink.spans
     return {"rows": rows, "offline_throughput": offline, "spans_received": spans}

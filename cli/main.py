@@ -236,6 +236,10 @@ def serve(
     if ray:
         from serving import ray_serve
 
+        if not (ray_address or os.environ.get("RAY_ADDRESS")):
+            _fail(ConfigError("--ray needs a Ray cluster: --ray-address HOST:PORT or RAY_ADDRESS (`ray start --head` "
+                              "starts one here; `auto` finds one on this machine)"))  # fmt: skip
+            return
         ray_serve.run(cfg, config, overrides or [], host or cfg.serve.host, cfg.serve.port if port is None else port,
                       ray_address)  # fmt: skip
         return

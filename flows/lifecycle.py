@@ -152,6 +152,11 @@ def ray_address(cfg: LlmopsConfig) -> str | None:
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def on_ray() -> bool:
+    """Whether this flow runs with prefect-ray's task runner (its tasks go to the cluster)."""
+    return _on_ray()
+
+
 def _on_ray() -> bool:
     from prefect.context import FlowRunContext
 
@@ -181,12 +186,17 @@ def _stage_run(cfg: LlmopsConfig, stage: str, task: Any, *args: Any) -> Callable
 
 def _on_cluster(address: str, config: str, overrides: list[str]) -> dict[str, Any]:
     """The lifecycle as a subflow whose stages run on the Ray cluster at `address` (prefect-ray)."""
+    on_ray = lifecycle.with_options(name="lifecycle-on-ray", task_runner=ray_task_runner(address))
+    return on_ray(config, overrides)
+
+
+def ray_task_runner(address: str) -> Any:
+    """prefect-ray's task runner on the cluster at `address`: its workers run from this working directory, with
+    this process's settings (`llmops.ports.cluster_env`)."""
     from prefect_ray import RayTaskRunner
 
     env = cluster_env() | {RAY_CWD: os.getcwd()}
-    runner = RayTaskRunner(address=address, init_kwargs={"runtime_env": {"env_vars": env}})
-    on_ray = lifecycle.with_options(name="lifecycle-on-ray", task_runner=runner)  # type: ignore[arg-type]
-    return on_ray(config, overrides)
+    return RayTaskRunner(address=address, init_kwargs={"runtime_env": {"env_vars": env}})
 
 
 def evaluate_all(

@@ -6,18 +6,25 @@ A retraining goes through Prefect (`run_deployment` of `monitor.retrain_deployme
 not waited for) when a Prefect API is configured, or runs the lifecycle flow
 in-process on the embedded default. Either way the new candidate meets the same
 gates as any other: the monitor never promotes.
+
+With a Ray address (`ray.address`, `RAY_ADDRESS`) the flow runs as `monitor-on-ray`: each model's pass is a
+Prefect task on the cluster (prefect-ray, `ray.stages.monitor`'s resources), all at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from flows.lifecycle import lifecycle
-from llmops.config import LlmopsConfig, load_config
+from flows.lifecycle import lifecycle, on_ray, ray_address, ray_task_runner
+from llmops.config import LlmopsConfig, RayStage, load_config
+from llmops.ports import node_address
 from monitoring.classification import run_monitor
 from monitoring.monitor import RetrainRequest, verdict_lines
 from monitoring.window import MonitorError
@@ -58,29 +65,53 @@ def launcher(cfg: LlmopsConfig) -> Any:
 def monitor(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> dict[str, Any]:
     """Window vs the champion's reference: report, decision (recorded), retraining if decided; for the config's
     model, and for every served generator beside it (`serve.models`)."""
-    from monitoring.generation import run_generation_monitor, served_generators
+    from monitoring.generation import served_generators
 
     cfg = load_config(config, overrides)
-    if cfg.generative:
-        outcome = run_generation_monitor(cfg, cfg.registry.model_name, launcher=launcher(cfg))
+    address = ray_address(cfg)
+    if address is not None and not on_ray():
+        on_cluster = monitor.with_options(name="monitor-on-ray", task_runner=ray_task_runner(address))
+        return on_cluster(config, overrides)
+    if on_ray():  # every model's pass at once, each a task on the cluster
+        wanted = cfg.ray.stages.get("monitor") or RayStage()
+        options: dict[str, Any] = {"num_cpus": wanted.num_cpus, "num_gpus": wanted.num_gpus}
+        if wanted.memory_gb is not None:
+            options["memory"] = int(wanted.memory_gb * 2**30)
+        from prefect_ray.context import remote_options
+
+        with remote_options(**options):
+            own = monitor_pass.submit(config, overrides or [], None)
+            started = {name: monitor_pass.submit(config, overrides or [], name) for name in served_generators(cfg)}
+        result = own.result()
+        waits: dict[str, Callable[[], dict[str, Any]]] = {name: f.result for name, f in started.items()}
     else:
-        outcome = run_monitor(cfg, config, overrides or [], launcher=launcher(cfg))
-    get_run_logger().info("report written to %s", outcome.report_dir)
-    print(verdict_lines(outcome))
-    result = {**outcome.summary.to_json(), "report_dir": str(outcome.report_dir), "run_id": outcome.run_id}
+        result = monitor_pass.fn(config, overrides or [], None)
+        waits = {name: partial(monitor_pass.fn, config, overrides or [], name) for name in served_generators(cfg)}
     others: dict[str, Any] = {}
-    for name in served_generators(cfg):
+    for name, wait in waits.items():
         try:  # one generator that cannot be monitored loses neither the classifier's pass nor the others'
-            other = run_generation_monitor(cfg, name, launcher=launcher(cfg))
+            others[name] = wait()
         except MonitorError as error:
             get_run_logger().error("%s: not monitored: %s", name, error)
             others[name] = {"error": str(error)}
-            continue
-        print(verdict_lines(other))
-        others[name] = {**other.summary.to_json(), "report_dir": str(other.report_dir), "run_id": other.run_id}
     if others:
         result["generators"] = others
     return result
+
+
+@task(name="monitor-pass", cache_policy=NO_CACHE, log_prints=True)
+def monitor_pass(config: str, overrides: list[str], model: str | None) -> dict[str, Any]:
+    """One model's pass (None: the config's own model); its summary, where its report is, and the node it ran on."""
+    from monitoring.generation import run_generation_monitor
+
+    cfg = load_config(config, overrides)
+    if model is not None or cfg.generative:
+        outcome = run_generation_monitor(cfg, model or cfg.registry.model_name, launcher=launcher(cfg))
+    else:
+        outcome = run_monitor(cfg, config, overrides, launcher=launcher(cfg))
+    print(verdict_lines(outcome))
+    summary = outcome.summary.to_json()
+    return summary | {"report_dir": str(outcome.report_dir), "run_id": outcome.run_id, "node": node_address()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -721,8 +721,9 @@ class RayConfig(_Strict):
 
     address: str | None = None
     """The cluster (`host:6379`, `auto`, `ray://host:10001`); None: `RAY_ADDRESS` if set, else this process."""
-    stages: dict[Literal["data", "fine_tune", "distil", "quantize", "evaluate"], RayStage] = {}
-    """What each stage asks of its node: `{fine_tune: {num_cpus: 4, num_gpus: 1}}`; 1 CPU by default."""
+    stages: dict[Literal["data", "fine_tune", "distil", "quantize", "evaluate", "monitor"], RayStage] = {}
+    """What each stage asks of its node: `{fine_tune: {num_cpus: 4, num_gpus: 1}}`; 1 CPU by default. `fine_tune`
+    with `train.processes` above 1: what each Ray Train worker asks. `monitor`: each model's monitoring pass."""
 
 
 class LlmopsConfig(_Strict):

@@ -43,7 +43,7 @@ launched processes import it by name."""
 
 
 class TrainLaunchError(RuntimeError):
-    """The data-parallel fine-tuning under `accelerate launch` failed; the message ends with its output."""
+    """The data-parallel fine-tuning (under `accelerate launch` or on Ray Train) failed; the message says why."""
 
 
 def run_fine_tune(

@@ -28,6 +28,7 @@ from mlflow import MlflowClient
 
 from llmops import registry
 from llmops.config import LlmopsConfig
+from llmops.ports import node_address
 from monitoring import workspace
 from monitoring.decision import PastDecision, RetrainDecision, WindowResult, decide_retraining
 from monitoring.report import MonitoringReport
@@ -129,6 +130,7 @@ def record_mlflow(
         "llmops.drift": "none" if decision.verdict == "no-verdict" or drift is None else str(drift.detected).lower(),
         "llmops.window_end": repr(at),
         "llmops.window": summary.window.spec,
+        "llmops.host": node_address(),  # the Ray node that ran the pass, on a cluster
     }
     experiment_id = registry.ensure_experiment(cfg.registry, monitoring_experiment(cfg))
     name = f"monitor-v{champion.version}-{folder.name}"

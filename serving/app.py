@@ -44,6 +44,10 @@ UNTRACED = frozenset({"/healthz", "/readyz", "/ping", "/v2/health/live", "/v2/he
 """What probes and scrapers call every few seconds: no trace of them."""
 
 
+REQUEST_ID_SCOPE = "llmops.request_id"
+"""The ASGI scope key under which a caller running the app itself gives the request its id."""
+
+
 class RequestContext:
     """A request id on every request and response (`X-Request-ID`); bodies over the limit refused before reading;
     the request's span, with its `traceparent` on the response, when tracing is on (`serving.tracing`)."""
@@ -65,9 +69,9 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state = scope.setdefault("state", {})
-        request_id = state.get("request_id") or uuid.uuid4().hex  # set before: the id Ray Serve's proxy answers with
-        state["request_id"] = request_id
+        # A caller that runs the app itself may name the request (Ray Serve's front: the id its proxy answers with).
+        request_id = scope.get(REQUEST_ID_SCOPE) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
         if self.tracing.on and scope["path"] not in UNTRACED:
             await self._traced(scope, receive, send, request_id)
             return

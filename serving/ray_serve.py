@@ -80,7 +80,30 @@ class Replica:
         await self._start()
 
     async def handle(self, request: Forwarded) -> AsyncIterator[tuple[str, Any]]:
-        """("start", (status, headers)) then ("body", bytes) for each chunk the app sends."""
+        """A streamed answer: ("start", (status, headers)) then ("body", bytes) for each chunk the app sends."""
+        async for message in self._asgi(request):
+            if message["type"] == "http.response.start":
+                yield "start", (message["status"], self._headers(message))
+            elif message["type"] == "http.response.body" and message.get("body"):
+                yield "body", message["body"]
+
+    async def whole(self, request: Forwarded) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """A whole answer: status, headers, body (one reply: cheaper than a stream of them)."""
+        status, headers, chunks = 500, [], []
+        async for message in self._asgi(request):
+            if message["type"] == "http.response.start":
+                status, headers = message["status"], self._headers(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+        return status, headers, b"".join(chunks)
+
+    def _headers(self, start: MutableMapping[str, Any]) -> list[tuple[bytes, bytes]]:
+        return [*start.get("headers", []), (REPLICA_HEADER.encode(), self.name.encode())]
+
+    async def _asgi(self, request: Forwarded) -> AsyncIterator[MutableMapping[str, Any]]:
+        """The app's ASGI messages for `request`, as it sends them."""
+        from serving.app import REQUEST_ID_SCOPE
+
         await self._start()
         messages: asyncio.Queue[MutableMapping[str, Any] | None] = asyncio.Queue()
         done = asyncio.Event()
@@ -97,7 +120,7 @@ class Replica:
             "headers": request.headers,
             "client": request.client,
             "server": (node_address(), 0),
-            "state": {"request_id": request.request_id} if request.request_id else {},
+            REQUEST_ID_SCOPE: request.request_id,
         }
         sent = False
 
@@ -116,16 +139,33 @@ class Replica:
         call.add_done_callback(lambda _: messages.put_nowait(None))
         try:
             while (message := await messages.get()) is not None:
-                if message["type"] == "http.response.start":
-                    headers = [*message.get("headers", []), (REPLICA_HEADER.encode(), self.name.encode())]
-                    yield "start", (message["status"], headers)
-                elif message["type"] == "http.response.body" and message.get("body"):
-                    yield "body", message["body"]
+                yield message
             call.result()  # an error the app did not answer
         finally:
             done.set()
             if not call.done():
                 call.cancel()
+
+
+def _streamed(body: bytes) -> bool:
+    """Whether the request asks for a streamed answer (`"stream": true` in its JSON body)."""
+    if b'"stream"' not in body:
+        return False
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("stream") is True
+
+
+def _answer_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The replica's headers but its request id: Ray Serve's proxy adds the same one."""
+    return [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
+
+
+def _unavailable(attempt: int, error: Exception) -> JSONResponse:
+    message = f"no replica answered after {attempt + 1} tries: {type(error).__name__}"
+    return JSONResponse({"error": message, "type": "replica_unavailable"}, status_code=503)
 
 
 front = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # every path is the replicas'
@@ -136,7 +176,8 @@ class Front:
     """The ingress: each request to a replica, and to another when its replica dies before answering."""
 
     def __init__(self, replica: DeploymentHandle, retries: int):
-        self.replica = replica.options(method_name="handle", stream=True)
+        self.streamed = replica.options(method_name="handle", stream=True)
+        self.whole = replica.options(method_name="whole")
         self.retries = retries
 
     @front.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
@@ -150,14 +191,15 @@ class Front:
             (request.client.host, request.client.port) if request.client else None,
             request.headers.get("x-request-id"),  # the proxy's: it adds it to the answer too
         )
+        if not _streamed(forwarded.body):
+            return await self._whole(forwarded)
         for attempt in range(self.retries + 1):
-            answer = cast(DeploymentResponseGenerator, self.replica.remote(forwarded))
+            answer = cast(DeploymentResponseGenerator, self.streamed.remote(forwarded))
             try:
                 kind, (status, headers) = await answer.__anext__()
             except REPLICA_GONE as error:
                 if attempt == self.retries:
-                    message = f"no replica answered after {attempt + 1} tries: {type(error).__name__}"
-                    return JSONResponse({"error": message, "type": "replica_unavailable"}, status_code=503)
+                    return _unavailable(attempt, error)
                 continue
             assert kind == "start"
             break
@@ -170,8 +212,21 @@ class Front:
                 return  # the replica died mid-answer: the answer ends here (docs/scale.md)
 
         response = StreamingResponse(body(), status_code=status)
-        response.raw_headers = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
+        response.raw_headers = _answer_headers(headers)
         return response
+
+    async def _whole(self, forwarded: Forwarded) -> Response:
+        for attempt in range(self.retries + 1):
+            try:
+                status, headers, content = await self.whole.remote(forwarded)
+            except REPLICA_GONE as error:
+                if attempt == self.retries:
+                    return _unavailable(attempt, error)
+                continue
+            response = Response(content, status_code=status)
+            response.raw_headers = _answer_headers(headers)
+            return response
+        raise AssertionError("unreachable")
 
 
 def application(cfg: LlmopsConfig, config: str | None, overrides: list[str]) -> Any:
@@ -196,10 +251,12 @@ def application(cfg: LlmopsConfig, config: str | None, overrides: list[str]) -> 
         }
     else:
         replica_options["num_replicas"] = serving.min_replicas
-    replica: Any = serve.deployment(Replica, name="Replica", **replica_options)
+    quiet = {"enable_access_log": False}  # a log line per request costs more than the request here
+    replica: Any = serve.deployment(Replica, name="Replica", logging_config=quiet, **replica_options)
     ingress: Any = serve.deployment(
         Front,
         name="Front",
+        logging_config=quiet,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=max(1024, ray_cfg.max_ongoing_requests * serving.max_replicas),
     )
@@ -208,11 +265,12 @@ def application(cfg: LlmopsConfig, config: str | None, overrides: list[str]) -> 
 
 
 def run(cfg: LlmopsConfig, config: str | None, overrides: list[str], host: str, port: int, address: str | None) -> None:
-    """Deploy on the Ray cluster at `address` (else `RAY_ADDRESS`) and keep it deployed until this process is
-    stopped (Ctrl-C, SIGTERM), which deletes the application."""
+    """Deploy on the Ray cluster at `address` (else `RAY_ADDRESS`, which must be set) and keep it deployed until
+    this process is stopped (Ctrl-C, SIGTERM), which deletes the application, and Serve itself when no other
+    application uses it. Serve already running on the cluster keeps its own host and port."""
     import ray
 
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", runtime_env={"env_vars": cluster_env()},
+    ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env={"env_vars": cluster_env()},
              log_to_driver=False)  # fmt: skip
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(cfg, config, overrides), name=APP_NAME, route_prefix="/")
@@ -223,4 +281,6 @@ def run(cfg: LlmopsConfig, config: str | None, overrides: list[str], host: str, 
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     serve.delete(APP_NAME)
+    if not serve.status().applications:  # Serve was ours alone: its proxies (and their port) go with it
+        serve.shutdown()
     print(json.dumps({"deleted": APP_NAME}), flush=True)

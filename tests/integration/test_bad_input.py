@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -136,3 +137,20 @@ def test_bad_generative_input_stops_with_a_named_error(case: str, workdir: Path)
     assert not (workdir / "artifacts" / "teacher").exists()  # stopped before training
     if (workdir / "mlflow.db").exists():
         assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").search_registered_models() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "--ray needs a Ray cluster: --ray-address HOST:PORT or RAY_ADDRESS"),
+        (["--set", "serve.min_replicas=3", "--set", "serve.max_replicas=2"], "serve.max_replicas (2) below"),
+    ],
+)
+def test_serving_on_ray_without_a_cluster_or_with_replicas_upside_down_is_named(
+    args: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--ray", "--config", str(TINY_CONFIG), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # nothing was started

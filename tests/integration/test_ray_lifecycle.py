@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from llmops.cache import Built
 from tests.conftest import TINY_CONFIG
@@ -34,6 +35,11 @@ def test_the_lifecycle_runs_its_stages_on_both_hosts_and_promotes(tmp_path: Path
              "--set", "train.processes=2"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False,
         )  # fmt: skip
+        # The monitor's pass runs as a task on the cluster too (the window is empty: no verdict, but a pass).
+        monitored = subprocess.run(
+            [str(BIN / "llmops"), "monitor", "--config", str(TINY_CONFIG), "--set", f"ray.address={cluster.address}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
         logs = node_logs(cluster)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:] + logs
     assert "promoted to champion" in run.stdout
@@ -54,6 +60,12 @@ def test_the_lifecycle_runs_its_stages_on_both_hosts_and_promotes(tmp_path: Path
     assert [(w["rank"], w["world_size"]) for w in workers] == [(0, 2), (1, 2)]
     assert {w["node"] for w in workers} == both
     assert (teacher / "candidate.json").is_file() and not (teacher.parent / "ray-train").exists()
+    assert monitored.returncode == 0, monitored.stdout[-3000:] + monitored.stderr[-3000:]
+    (monitor_run,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()],
+        filter_string="tags.`llmops.kind` = 'monitor'",
+    )
+    assert monitor_run.data.tags["llmops.host"] in both  # a Ray worker's node, not this process's host name
 
 
 def test_without_an_address_ray_is_not_even_imported() -> None:
