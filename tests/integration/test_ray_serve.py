@@ -5,6 +5,7 @@ PostgreSQL prediction log (a real server on the hosts' network)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from tests.conftest import TINY_CONFIG
 from tests.http_service import server_process
 from tests.postgres import postgres_server
 from tests.ray_cluster import node_logs, ray_cluster
-from tests.tiny_registry import register_versions, set_alias
+from tests.tiny_registry import register_generators, register_versions, set_alias
 
 BIN = Path(sys.executable).parent
 NAME = "served"
@@ -84,3 +85,27 @@ def test_replicas_scale_to_both_hosts_lose_no_request_to_a_killed_one_and_log_to
         for host in (cluster.head.address, cluster.workers[0].address):
             mine = {a[3] for a in answers if a[2].startswith(host + "/") and a[0] < killed_at - 3}
             assert mine and mine & logged, host
+
+
+@pytest.mark.slow
+def test_a_streamed_chat_streams_through_the_front_as_it_is_generated(tmp_path: Path) -> None:
+    uri = register_generators(tmp_path, "gen", [1])
+    set_alias(uri, "gen", "champion", "1")
+    with ray_cluster(workers=0, cpus=2) as cluster:
+        base = f"http://{cluster.head.address}:{free_port()}"
+        settings = [f"registry.tracking_uri={uri}", "registry.model_name=gen", "serve.models=[gen]",
+                    "serve.gateway_store=null", "serve.threads=1"]  # fmt: skip
+        command = [str(BIN / "llmops"), "serve", "--ray", "--config", str(TINY_CONFIG),
+                   "--host", cluster.head.address, "--port", base.rsplit(":", 1)[1],
+                   *[arg for setting in settings for arg in ("--set", setting)]]  # fmt: skip
+        chat = [{"role": "user", "content": "a tweet"}]
+        body = {"model": "gen", "messages": chat, "max_tokens": 12, "stream": True, "temperature": 0}
+        with server_process(command, tmp_path / "serve.log", f"{base}/readyz", cluster.env, cwd=tmp_path):
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as response:
+                assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+                assert response.headers["x-llmops-replica"].startswith(cluster.head.address + "/")
+                events = [line for line in response.iter_lines() if line.startswith("data: ")]
+            whole = httpx.post(f"{base}/v1/chat/completions", json=body | {"stream": False}, timeout=60).json()
+    assert events[-1] == "data: [DONE]" and len(events) > 3  # one event per token or so, not one blob
+    streamed = "".join(json.loads(event[6:])["choices"][0]["delta"].get("content") or "" for event in events[:-1])
+    assert streamed == whole["choices"][0]["message"]["content"]  # greedy: the same answer, streamed or whole
