@@ -154,10 +154,6 @@ def ray_address(cfg: LlmopsConfig) -> str | None:
 
 def on_ray() -> bool:
     """Whether this flow runs with prefect-ray's task runner (its tasks go to the cluster)."""
-    return _on_ray()
-
-
-def _on_ray() -> bool:
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
@@ -167,21 +163,26 @@ def _on_ray() -> bool:
 def _stage_run(cfg: LlmopsConfig, stage: str, task: Any, *args: Any) -> Callable[[], Any]:
     """Start `task(*args)`: here, or on the Ray cluster with what `ray.stages[stage]` asks of a node; returns
     how to wait for its result."""
-    if not _on_ray():
+    if not on_ray():
         result = task(*args)
         return lambda: result
     from prefect_ray.context import remote_options
 
-    wanted = cfg.ray.stages.get(stage) or RayStage()  # type: ignore[call-overload]
-    options: dict[str, Any] = {"num_cpus": wanted.num_cpus, "num_gpus": wanted.num_gpus}
-    if stage == "fine_tune" and cfg.train.processes > 1:
-        # The task only waits for its Ray Train workers, each of which asks for what ray.stages.fine_tune says.
-        options, wanted = {"num_cpus": 0, "num_gpus": 0}, RayStage()
-    if wanted.memory_gb is not None:
-        options["memory"] = int(wanted.memory_gb * 2**30)
-    with remote_options(**options):
+    with remote_options(**ray_options(cfg, stage)):
         future = task.submit(*args)
     return future.result
+
+
+def ray_options(cfg: LlmopsConfig, stage: str) -> dict[str, Any]:
+    """What a stage's task asks of its node (`ray.stages[stage]`, 1 CPU by default), as Ray's remote options."""
+    if stage == "fine_tune" and cfg.train.processes > 1:
+        # The task only waits for its Ray Train workers, each of which asks for what ray.stages.fine_tune says.
+        return {"num_cpus": 0, "num_gpus": 0}
+    wanted = cfg.ray.stages.get(stage) or RayStage()  # type: ignore[call-overload]
+    options: dict[str, Any] = {"num_cpus": wanted.num_cpus, "num_gpus": wanted.num_gpus}
+    if wanted.memory_gb is not None:
+        options["memory"] = int(wanted.memory_gb * 2**30)
+    return options
 
 
 def _on_cluster(address: str, config: str, overrides: list[str]) -> dict[str, Any]:
@@ -204,7 +205,7 @@ def evaluate_all(
 ) -> dict[str, str]:
     """Report paths by candidate kind: one after the other, at once on the Ray cluster the lifecycle runs on,
     or at once on a Dask cluster (`eval.parallel`)."""
-    if _on_ray():
+    if on_ray():
         started = {kind: _stage_run(cfg, "evaluate", evaluate_candidate, cfg, path, data_dir, context)
                    for kind, path in candidates.items()}  # fmt: skip
         return {kind: wait() for kind, wait in started.items()}
@@ -233,7 +234,7 @@ def lifecycle(config: str = "configs/quickstart.yaml", overrides: list[str] | No
     started_at = time.time()
     cfg = load_config(config, overrides)
     address = ray_address(cfg)
-    if address is not None and not _on_ray():
+    if address is not None and not on_ray():
         return _on_cluster(address, config, overrides or [])
     champion_at_start = current_champion(cfg)
     preflight(cfg)

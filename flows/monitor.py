@@ -22,8 +22,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.lifecycle import lifecycle, on_ray, ray_address, ray_task_runner
-from llmops.config import LlmopsConfig, RayStage, load_config
+from flows.lifecycle import lifecycle, on_ray, ray_address, ray_options, ray_task_runner
+from llmops.config import LlmopsConfig, load_config
 from llmops.ports import node_address
 from monitoring.classification import run_monitor
 from monitoring.monitor import RetrainRequest, verdict_lines
@@ -73,13 +73,9 @@ def monitor(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) ->
         on_cluster = monitor.with_options(name="monitor-on-ray", task_runner=ray_task_runner(address))
         return on_cluster(config, overrides)
     if on_ray():  # every model's pass at once, each a task on the cluster
-        wanted = cfg.ray.stages.get("monitor") or RayStage()
-        options: dict[str, Any] = {"num_cpus": wanted.num_cpus, "num_gpus": wanted.num_gpus}
-        if wanted.memory_gb is not None:
-            options["memory"] = int(wanted.memory_gb * 2**30)
         from prefect_ray.context import remote_options
 
-        with remote_options(**options):
+        with remote_options(**ray_options(cfg, "monitor")):
             own = monitor_pass.submit(config, overrides or [], None)
             started = {name: monitor_pass.submit(config, overrides or [], name) for name in served_generators(cfg)}
         result = own.result()

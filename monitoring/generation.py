@@ -275,13 +275,18 @@ def bias_by_topic(frame: pd.DataFrame, min_rows: int, ceiling: float | None) -> 
 
 def training_rows(window: Side, good_rating: float) -> pd.DataFrame:
     """Generative training rows from feedback: a correction replaces the answer; a well-rated answer stays."""
-    frame = window.frame if window.with_feedback is None else window.with_feedback
+    frame = _with_feedback(window)
     corrected = frame[frame["correction"].notna() & (frame["correction"].astype(str).str.strip() != "")]
     liked = frame[frame["correction"].isna() & (frame["rating"].astype(float) >= good_rating)]
     rows = pd.concat([corrected.assign(completion=corrected["correction"]), liked], ignore_index=True)[
         ["prompt", "messages", "completion"]
     ]
     return rows.reset_index(drop=True)
+
+
+def _with_feedback(window: Side) -> pd.DataFrame:
+    """The rows that may carry feedback: every row of the window, or of a sampled one, those set aside with it."""
+    return window.frame if window.with_feedback is None else window.with_feedback
 
 
 def served_generators(cfg: LlmopsConfig) -> list[str]:
@@ -332,7 +337,7 @@ class GenerationMonitor:
         metadata = {"model": champion.name, "champion_version": champion.version, "window": spec.describe()}
         snapshot, drift_summary = drift(reference, window, cfg, metadata)
         now_shares, ref_shares = shares(window.frame), shares(reference.frame)
-        with_feedback = window.frame if window.with_feedback is None else window.with_feedback
+        with_feedback = _with_feedback(window)
         ratings = with_feedback["rating"].astype(float).dropna()
         quality_drop = None
         now_accuracy, ref_accuracy = now_shares.control_accuracy, ref_shares.control_accuracy
