@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from llmops.cache import cached_stage, stage_key
 from llmops.checkpoints import ModelLoadError
 from llmops.config import ConfigError, LlmopsConfig, RayStage, load_config
 from llmops.gates import CandidateReport
-from llmops.ports import cluster_env
+from llmops.ports import cluster_env, node_address
 from llmops.prepared_data import DataError
 
 BAD_INPUT = (ConfigError, DataError, ModelLoadError)
@@ -36,7 +35,7 @@ RAY_CWD = "LLMOPS_RAY_CWD"
 if (_cwd := os.environ.get(RAY_CWD)) is not None:  # this process is a Ray worker of a lifecycle on a cluster
     if not Path(_cwd).is_dir():
         raise RuntimeError(
-            f"{_cwd} is not visible on {socket.gethostname()}: on a Ray cluster, the lifecycle's working directory "
+            f"{_cwd} is not visible on {node_address()}: on a Ray cluster, the lifecycle's working directory "
             "(its work_dir, data and registry) must be on storage every node sees at the same path (docs/scale.md)"
         )
     os.chdir(_cwd)
@@ -192,19 +191,21 @@ def _on_cluster(address: str, config: str, overrides: list[str]) -> dict[str, An
 
 
 def ray_task_runner(address: str) -> Any:
-    """prefect-ray's task runner on the cluster at `address`: its workers run from this working directory, with
-    this process's settings (`llmops.ports.cluster_env`)."""
+    """prefect-ray's task runner on the cluster at `address` (`local`: a Ray instance of this machine's cores,
+    started for the flow and stopped after it): its workers run from this working directory, with this process's
+    settings (`llmops.ports.cluster_env`)."""
     from prefect_ray import RayTaskRunner
 
     env = cluster_env() | {RAY_CWD: os.getcwd()}
-    return RayTaskRunner(address=address, init_kwargs={"runtime_env": {"env_vars": env}})
+    local = {"include_dashboard": False, "log_to_driver": False} if address == "local" else {}
+    return RayTaskRunner(address=address, init_kwargs={"runtime_env": {"env_vars": env}} | local)
 
 
 def evaluate_all(
     cfg: LlmopsConfig, candidates: dict[str, str], data_dir: str, context: dict[str, Any]
 ) -> dict[str, str]:
-    """Report paths by candidate kind: one after the other, at once on the Ray cluster the lifecycle runs on,
-    or at once on a Dask cluster (`eval.parallel`)."""
+    """Report paths by candidate kind: one after the other, or at once on Ray (`eval.parallel: ray`): on the
+    cluster the lifecycle runs on, else on a Ray instance started here for the evaluation."""
     if on_ray():
         started = {kind: _stage_run(cfg, "evaluate", evaluate_candidate, cfg, path, data_dir, context)
                    for kind, path in candidates.items()}  # fmt: skip
@@ -212,19 +213,12 @@ def evaluate_all(
     if cfg.eval.parallel == "none":
         # Sequential by default: candidates timed side by side must not share the cores.
         return {kind: evaluate_candidate(cfg, path, data_dir, context) for kind, path in candidates.items()}
-    from prefect_dask import DaskTaskRunner
 
-    if cfg.eval.dask_address:
-        runner = DaskTaskRunner(address=cfg.eval.dask_address)
-    else:
-        runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.eval.dask_workers, "threads_per_worker": 1})
+    @flow(name="evaluate-candidates", task_runner=ray_task_runner("local"))
+    def on_local_ray() -> dict[str, str]:
+        return evaluate_all(cfg, candidates, data_dir, context)  # on_ray() now: each candidate a task
 
-    @flow(name="evaluate-candidates", task_runner=runner)  # type: ignore[arg-type]  # a TaskRunner of Dask futures
-    def on_dask() -> dict[str, str]:
-        futures = {kind: evaluate_candidate.submit(cfg, path, data_dir, context) for kind, path in candidates.items()}
-        return {kind: future.result() for kind, future in futures.items()}
-
-    return on_dask()
+    return on_local_ray()
 
 
 @flow(name="lifecycle", log_prints=True)

@@ -294,15 +294,30 @@ class EvalConfig(_Strict):
     """Torch threads for every timing (the same for all candidates). Default: all cores."""
     min_slice_size: int = Field(default=30, gt=0)
     """Slices with fewer test rows are reported but not gated (too noisy)."""
-    parallel: Literal["none", "dask"] = "none"
-    """dask: evaluate the candidates at once on a Dask cluster (Prefect's DaskTaskRunner). Their latency and
-    throughput are then measured side by side on shared cores unless each Dask worker has its own machine."""
-    dask_address: str | None = None
-    """Scheduler of an existing Dask cluster (tcp://host:8786). Default: a local cluster for this run."""
-    dask_workers: int = Field(default=2, gt=0)
-    """Workers of the local cluster (one thread each)."""
+    parallel: Literal["none", "ray"] = "none"
+    """ray: evaluate the candidates at once on Ray, each asking what `ray.stages.evaluate` says: on the lifecycle's
+    cluster when it runs on one (there they always are), else on a Ray instance started on this machine for the
+    evaluation. Their latency and throughput are then measured side by side on shared cores unless each has a
+    node of its own. (The Dask path this replaced is retired: docs/scale.md.)"""
     generation: GenerationEvalConfig = GenerationEvalConfig()
     """Generative tasks only."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dask_retired(cls, tree: Any) -> Any:
+        if isinstance(tree, dict):
+            if tree.get("parallel") == "dask":
+                raise ValueError(
+                    "eval.parallel: dask is retired; `ray` evaluates the candidates at once (on a Ray instance "
+                    "started on this machine, or the lifecycle's cluster): docs/scale.md"
+                )
+            retired = sorted(key for key in tree if key in {"dask_address", "dask_workers"})
+            if retired:
+                raise ValueError(
+                    f"eval.{retired[0]}: the Dask path is retired; with eval.parallel: ray the candidates are "
+                    "evaluated on the cluster at ray.address (or RAY_ADDRESS), else on a Ray instance on this machine"
+                )
+        return tree
 
 
 class AnswerGates(_Strict):

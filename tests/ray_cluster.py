@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -73,13 +74,21 @@ def _namespaces_work() -> bool:
         return False
 
 
-def _start(args: list[str], log: Path, namespace: str | None, interface: str) -> subprocess.Popen:
+def _start(
+    args: list[str], log: Path, namespace: str | None, interface: str, hidden: tuple[Path, ...] = ()
+) -> subprocess.Popen:
     """A node's `ray start`; `interface`: the one its address is on, where gloo (DDP on CPUs) must listen too (the
-    machine's name resolves to loopback here, which the other hosts cannot reach)."""
+    machine's name resolves to loopback here, which the other hosts cannot reach). `hidden`: folders this node
+    does not see (a mount namespace of its own, an empty tmpfs over each), as a machine without the shared disk."""
+    command = [RAY, "start", "--block", "--disable-usage-stats", *args]
+    if hidden:
+        mounts = " && ".join(f"mount -t tmpfs hidden {shlex.quote(str(folder))}" for folder in hidden)
+        script = f"{mounts} && exec {shlex.join(command)}"
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
     with log.open("wb") as out:
         return subprocess.Popen(
-            [*prefix, RAY, "start", "--block", "--disable-usage-stats", *args],
+            [*prefix, *command],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=ENV | {"GLOO_SOCKET_IFNAME": interface},
@@ -105,12 +114,15 @@ def _wait_for_nodes(address: str, count: int, timeout: float = 120) -> None:
 
 
 @contextmanager
-def ray_cluster(workers: int = 1, cpus: int = 1) -> Iterator[Cluster]:
-    """A head and `workers` worker nodes of `cpus` CPUs each, torn down on exit."""
+def ray_cluster(workers: int = 1, cpus: int = 1, hidden: tuple[Path, ...] = ()) -> Iterator[Cluster]:
+    """A head and `workers` worker nodes of `cpus` CPUs each, torn down on exit; the worker nodes do not see the
+    `hidden` folders (hosts of their own only: `hosts` is then `namespaces`, or the cluster is not started)."""
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths live under it
     port = random.randint(20000, 29999)
     namespaces, links, nodes = [], [], []
     hosts = "namespaces" if _namespaces_work() else "loopback"
+    if hidden and hosts != "namespaces":
+        raise RuntimeError("hiding folders from a node needs hosts of their own (root and iproute2)")
     subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 250)}"
     try:
         if hosts == "namespaces":
@@ -174,6 +186,7 @@ def ray_cluster(workers: int = 1, cpus: int = 1) -> Iterator[Cluster]:
                     temp / f"worker-{i}.log",
                     namespace,
                     interface,
+                    hidden,
                 ),
                 namespace,
             )

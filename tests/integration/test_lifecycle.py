@@ -7,6 +7,7 @@ and a champion that moves while a flow evaluates.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import mlflow
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 import flows.lifecycle as lifecycle_flow
 from cli.main import app
 from llmops import registry
+from llmops.cache import Built
 from tests.conftest import TINY_CONFIG
 
 NAME = "tweet-sentiment"
@@ -210,13 +212,17 @@ def test_champion_moved_during_evaluation_is_not_overwritten(
     assert aliases(client)["challenger"] == result["version"]  # it passed its gates; only promotion was refused
 
 
-def test_candidates_evaluate_in_parallel_on_a_local_dask_cluster(workdir: Path) -> None:
-    result = lifecycle_flow.lifecycle(
-        str(TINY_CONFIG), ["eval.parallel=dask", "eval.dask_workers=2", "quantize.candidates=[fp32, int8]"]
-    )
+def test_candidates_evaluate_at_once_on_a_ray_instance_of_this_machine(workdir: Path) -> None:
+    result = lifecycle_flow.lifecycle(str(TINY_CONFIG), ["eval.parallel=ray", "quantize.candidates=[fp32, int8]"])
     assert result["promoted"] and set(result["candidates"]) == {"teacher", "student", "int8"}
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     parent = client.get_run(result["parent_run_id"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["llmops.candidate"] for r in children) == ["int8", "student", "teacher"]
     assert all("macro_f1" in r.data.metrics for r in children)
+    # at once: on this machine's two cores, two evaluations ran side by side
+    spans = sorted((b.started, b.finished) for b in map(Built.of, (workdir / "artifacts" / "eval").glob("*")) if b)
+    assert len(spans) == 3 and any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
+    import ray
+
+    assert not ray.is_initialized()  # the instance started for the evaluation is stopped after it

@@ -68,6 +68,31 @@ def test_the_lifecycle_runs_its_stages_on_both_hosts_and_promotes(tmp_path: Path
     assert monitor_run.data.tags["llmops.host"] in both  # a Ray worker's node, not this process's host name
 
 
+@pytest.mark.slow
+def test_a_node_without_the_shared_folder_fails_the_run_saying_so(tmp_path: Path) -> None:
+    # The worker host does not see the lifecycle's folder (as a machine without the shared disk): whichever stage
+    # lands there first (a stage's task, or a Ray Train worker of the fine-tuning, which needs both hosts), the run
+    # fails naming the folder and the node, and nothing is built there in a folder of its own.
+    shared, work = tmp_path / "shared", tmp_path / "shared" / "work"
+    work.mkdir(parents=True)
+    (tmp_path / "prefect").mkdir()
+    with (
+        ray_cluster(workers=1, cpus=1, hidden=(shared,)) as cluster,
+        prefect_server(cluster.head.address, tmp_path / "prefect") as api,
+    ):
+        env = cluster.env | {"PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect")}
+        run = subprocess.run(
+            [str(BIN / "llmops"), "run", "--config", str(TINY_CONFIG), "--set", "train.processes=2"],
+            cwd=work, env=env, capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        logs = node_logs(cluster)
+    said = run.stdout + run.stderr
+    assert run.returncode != 0, said[-4000:] + logs
+    assert f"{work} is not visible on {cluster.workers[0].address}" in said, said[-4000:] + logs
+    assert "must be on storage every node sees at the same path" in said
+    assert not list((work / "artifacts").glob("teacher/*/model"))  # no candidate came of it
+
+
 def test_without_an_address_ray_is_not_even_imported() -> None:
     probe = (
         "import sys, flows.lifecycle, flows.batch, cli.main, serving.app, llmops.batch; "

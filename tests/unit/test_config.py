@@ -23,6 +23,13 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_the_retired_dask_path_names_its_replacement() -> None:
+    with pytest.raises(ConfigError, match=r"eval.parallel: dask is retired; `ray` evaluates the candidates"):
+        load_config(None, ["eval.parallel=dask"])
+    with pytest.raises(ConfigError, match=r"eval.dask_workers: the Dask path is retired; with eval.parallel: ray"):
+        load_config(None, ["eval.dask_workers=2"])
+
+
 def test_wrong_type_is_named() -> None:
     with pytest.raises(ConfigError, match=r"train\.batch_size"):
         load_config(None, ["train.batch_size=lots"])
