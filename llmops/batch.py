@@ -537,7 +537,11 @@ def _score_on_ray(
         BlockScorer,
         fn_constructor_kwargs={"ref": ref, "job": job, "text_column": text_column, "threads": threads},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers),
+        # one block per actor at a time: a block is read by the actor itself (nothing to prefetch), and one queued
+        # behind a busy actor would wait there while another actor sits idle at the end of the job
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=workers, initial_size=workers, max_tasks_in_flight_per_actor=1
+        ),
         num_cpus=threads,
     )
     seen: set[int] = set()

@@ -411,6 +411,10 @@ class BatchesConfig(_Strict):
     """An uploaded file's size at most (it is exempt from `max_body_bytes`)."""
     max_requests: int = Field(default=50_000, gt=0)
     """Requests in one batch at most."""
+    completion_window_s: float = Field(default=86_400, gt=0)
+    """A batch not finished this long after it was created expires, as OpenAI's do after their `completion_window`
+    (24h): no more of its requests are sent, those not answered go to its error file as `batch_expired`, and what
+    it answered stays in its output file."""
 
 
 class RayServeConfig(_Strict):

@@ -13,7 +13,9 @@ Files and batches live under `serve.batches.dir` as JSON and JSONL, written whol
 every worker of the service reads the same state, the worker that accepted a batch runs it, and its progress
 (`request_counts`) is saved at least every second. A batch whose worker stopped before it finished is marked
 `failed` when a worker of this host starts again (what it answered is kept in its output file); it is never run
-twice.
+twice. A batch still running at its `expires_at` (`serve.batches.completion_window_s` after it was created, 24h
+as OpenAI's) sends no more lines: the lines in flight are answered, the rest go to the error file as
+`batch_expired`, and it ends `expired`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +221,21 @@ def read_requests(path: Path, endpoint: str, max_requests: int) -> list[dict[str
 class _Progress:
     completed: int = 0
     failed: int = 0
+    answered: set[str] = field(default_factory=set)
+    """custom_ids with a line in the output or error file."""
+    expired: bool = False
+    """The batch reached its expires_at: its unsent requests are in the error file as `batch_expired`."""
+
+
+def expired_line(custom_id: str) -> dict[str, Any]:
+    """The error file's line for a request the batch did not send before it expired (OpenAI's shape)."""
+    message = "This request could not be executed before the completion window expired."
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": "batch_expired", "message": message},
+    }
 
 
 class BatchRunner:
@@ -292,20 +309,28 @@ class BatchRunner:
                         line, ok = await self._send(client, item, headers)
                         async with lock:
                             (out if ok else err).write(json.dumps(line) + "\n")
+                            progress.answered.add(item["custom_id"])
                             if ok:
                                 progress.completed += 1
                             else:
                                 progress.failed += 1
 
                     saver = asyncio.create_task(self._save_progress(batch, progress))
+                    expired = lambda: time.time() >= batch["expires_at"]  # noqa: E731
                     try:
-                        stop = lambda: self._cancel_requested(batch["id"])  # noqa: E731
+                        stop = lambda: self._cancel_requested(batch["id"]) or expired()  # noqa: E731
                         await _bounded(requests, answer, self.concurrency, stop)
                     finally:
                         saver.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await saver
-        finally:  # finished, cancelled, or the service stopping: what was answered is published either way
+                    if expired() and len(progress.answered) < len(requests) and not self._cancel_requested(batch["id"]):
+                        for item in requests:
+                            if item["custom_id"] not in progress.answered:
+                                err.write(json.dumps(expired_line(item["custom_id"])) + "\n")
+                                progress.failed += 1
+                        progress.expired = True
+        finally:  # finished, cancelled, expired, or the service stopping: what was answered is published either way
             self._finish(batch["id"], len(requests), progress, out_path, err_path)
 
     def _finish(self, batch_id: str, total: int, progress: _Progress, out_path: Path, err_path: Path) -> None:
@@ -325,6 +350,8 @@ class BatchRunner:
         done = progress.completed + progress.failed
         if cancelled:
             batch |= {"status": "cancelled", "cancelled_at": now}
+        elif progress.expired:
+            batch |= {"status": "expired", "expired_at": now}
         elif done == total:
             batch |= {"status": "completed", "completed_at": now}
         else:

@@ -11,6 +11,7 @@ scopes and limits.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -105,7 +106,7 @@ async def create_batch(body: BatchCreateRequest, request: Request, service: Serv
         "completion_window": body.completion_window,
         "status": "validating",
         "created_at": now,
-        "expires_at": now + 24 * 3600,
+        "expires_at": now + math.ceil(service.cfg.batches.completion_window_s),
         "request_counts": {"total": 0, "completed": 0, "failed": 0},
         "metadata": body.metadata,
         "owner": _owner(),

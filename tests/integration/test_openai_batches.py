@@ -148,6 +148,28 @@ async def test_a_cancelled_batch_sends_no_more_and_keeps_what_was_answered(store
     assert 2 <= done.request_counts.completed == len(answered) < 300
 
 
+async def test_a_batch_past_its_window_expires_keeping_what_it_answered(store: str, tmp_path: Path) -> None:
+    requests = [chat(f"e{i}", "write a tweet", max_tokens=24) for i in range(300)]
+    batches = {"dir": str(tmp_path / "b"), "concurrency": 1, "completion_window_s": 2}
+    async with in_process(config(tmp_path, batches=batches), store) as (_, app):
+        client = openai_client(app)
+        upload = await client.files.create(file=("many.jsonl", jsonl(requests)), purpose="batch")
+        created = await client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = await finished(client, created.id)
+        answered = await lines_of(client, done.output_file_id)
+        unanswered = await lines_of(client, done.error_file_id)
+    assert created.expires_at == created.created_at + 2
+    assert done.status == "expired" and done.expired_at >= done.expires_at
+    assert 0 < done.request_counts.completed == len(answered) < 300
+    # every request once: answered, or in the error file as expired, never sent
+    assert sorted(answered | unanswered) == sorted(r["custom_id"] for r in requests)
+    assert done.request_counts.failed == len(unanswered) == 300 - len(answered)
+    assert {line["error"]["code"] for line in unanswered.values()} == {"batch_expired"}
+    assert all(line["response"] is None for line in unanswered.values())
+
+
 async def test_keys_see_only_their_own_files_and_batches(
     store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
