@@ -436,7 +436,7 @@ def write(runs: list[dict[str, Any]], args: argparse.Namespace, model: str) -> N
                            tablefmt="github")  # fmt: skip
     md = (
         f"# Scale benchmark\n\n## Batch inference\n\n{args.rows:,} tweets, {model}, "
-        f"blocks of {args.block_rows:,} rows, "
+        f"blocks of {args.block_rows:,} rows (on Ray, one in flight per actor), "
         f"{args.repeats} interleaved repetitions; each job timed end to end (staging, model loads, scoring, "
         f"writing)."
         + (
