@@ -102,8 +102,6 @@ def score_alone(folder: Path, data: Path, rows: int) -> None:
     rows/s, the model loaded and warmed up first."""
     import torch
 
-    from llmops.classification.candidate import Classifier
-
     torch.set_num_threads(1)
     texts = pd.read_parquet(data).text.head(rows).tolist()
     classifier = Classifier(folder)
