@@ -27,11 +27,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 from tabulate import tabulate
 
 from llmops import registry
@@ -81,20 +83,78 @@ def start_head(cpus: int, temp: Path) -> tuple[str, subprocess.Popen]:
     return f"127.0.0.1:{port}", head
 
 
-def one(setup: str, data: Path, out: Path, model: str, uri: str, address: str, block_rows: int) -> dict[str, Any]:
+class CpuSeconds:
+    """The CPU seconds spent while a job runs, by whom: the Ray workers (the actor processes), this process (the
+    driver: Ray Data's executor, the job's loop, this sampler), Ray's other processes (the head's tree: GCS,
+    raylet, agents, Ray Data's helper actors), and the rest of the machine; the cores left idle. Each process is
+    read once a second, and once more at the end."""
+
+    WORKER = "ray::MapWorker"
+
+    def __init__(self, head: int):
+        self.head, self.me = psutil.Process(head), os.getpid()
+        self.seen: dict[int, tuple[str, float]] = {}  # pid -> (whose, CPU seconds at the last read)
+        self.stop = threading.Event()
+
+    def _read(self) -> dict[int, tuple[str, float]]:
+        found = {}
+        for process in [psutil.Process(self.me), *self.head.children(recursive=True)]:
+            try:
+                whose = ("driver" if process.pid == self.me else
+                         "workers" if process.name().startswith(self.WORKER) else "ray")  # fmt: skip
+                times = process.cpu_times()
+                found[process.pid] = (whose, times.user + times.system)
+            except psutil.Error:  # gone between listing and reading
+                pass
+        return found
+
+    def __enter__(self) -> CpuSeconds:
+        self.start, self.busy = self._read(), self._busy()
+        self.wall = time.perf_counter()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(1.0):
+            self.seen |= self._read()
+
+    @staticmethod
+    def _busy() -> float:
+        times = psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.seen |= self._read()
+        wall, busy = time.perf_counter() - self.wall, self._busy() - self.busy
+        used = {"workers": 0.0, "driver": 0.0, "ray": 0.0}
+        for pid, (whose, cpu) in self.seen.items():
+            used[whose] += cpu - self.start.get(pid, (whose, 0.0))[1]
+        self.result = {f"cpu_{k}_s": v for k, v in used.items()} | {
+            "cpu_rest_s": max(busy - sum(used.values()), 0.0),
+            "cpu_idle_s": max((os.cpu_count() or 1) * wall - busy, 0.0),
+        }
+
+
+def one(
+    setup: str, data: Path, out: Path, model: str, uri: str, address: str, block_rows: int, head: int
+) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     job = BatchJob(model, data, out, block_rows=block_rows)
     start = time.perf_counter()
     prepare(job, resolve_model(model, uri), generative=False)  # staging, timed apart; run_batch finds it done
     staged = time.perf_counter() - start
-    if setup == "in-process":
-        summary = run_batch(job, uri, progress=False)
-    else:
-        workers = 1 if setup == "ray-1-worker" else 2
-        summary = run_batch(job, uri, address, workers=workers, threads_per_worker=1, progress=False)
+    with CpuSeconds(head) as cpu:
+        if setup == "in-process":
+            summary = run_batch(job, uri, progress=False)
+        else:
+            workers = 1 if setup == "ray-1-worker" else 2
+            summary = run_batch(job, uri, address, workers=workers, threads_per_worker=1, progress=False)
     seconds = time.perf_counter() - start
     return {"setup": setup, "seconds": seconds, "staging_s": staged, "rows": summary.rows,
-            "rows_per_s": summary.rows / seconds}  # fmt: skip
+            "rows_per_s": summary.rows / seconds} | cpu.result  # fmt: skip
 
 
 def score_alone(folder: Path, data: Path, rows: int) -> None:
@@ -108,7 +168,7 @@ def score_alone(folder: Path, data: Path, rows: int) -> None:
     classifier.predict_proba(texts[:64])
     start = time.perf_counter()
     classifier.predict_proba(texts, batch_size=BatchJob.batch_size)
-    print(json.dumps({"rows_per_s": rows / (time.perf_counter() - start)}))
+    print(json.dumps({"rows_per_s": len(texts) / (time.perf_counter() - start)}))  # fewer than `rows` in a small run
 
 
 def alone(setup: str, folder: Path, data: Path) -> dict[str, Any]:
@@ -379,7 +439,8 @@ def main() -> None:
                 if setup in ALONE:
                     result = alone(setup, folder, data) | {"repeat": repeat}
                 else:
-                    result = one(setup, data, work / setup, model, uri, address, args.block_rows) | {"repeat": repeat}
+                    result = one(setup, data, work / setup, model, uri, address, args.block_rows, head.pid)
+                    result |= {"repeat": repeat}
                 print(json.dumps(result), flush=True)
                 runs.append(result)
     finally:
@@ -420,6 +481,34 @@ def write(runs: list[dict[str, Any]], args: argparse.Namespace, model: str) -> N
     bound, ideal = t1 / (rest + scoring / s2), t1 / (rest + scoring / 2)
     # the issue's size, where the fixed part weighs less: the same measurements, the scoring scaled with the rows
     at_issue_size = (rest + ISSUE_ROWS / r1) / (rest + ISSUE_ROWS / r1 / s2)
+    # What Ray itself takes while the 2 workers score: the driver (Ray Data's executor) and Ray's other processes
+    # run on the same 2 cores, which leaves the workers 2 - taken of them; their scoring gains s2 * (2 - taken) / 2.
+    frame["job_s"] = frame.seconds - frame.staging_s
+    ray2 = frame[frame.setup == "ray-2-workers"]
+    taken = statistics.median((ray2.cpu_driver_s + ray2.cpu_ray_s) / ray2.job_s)
+    s2_ray = s2 * (2 - taken) / 2
+    bound_ray = t1 / (rest + scoring / s2_ray)
+    at_issue_size_ray = (rest + ISSUE_ROWS / r1) / (rest + ISSUE_ROWS / r1 / s2_ray)
+    cpu_rows = []
+    for setup in SETUPS:
+        mine = frame[frame.setup == setup]
+        cells = [statistics.median(mine[f"cpu_{k}_s"]) for k in ("workers", "driver", "ray", "rest", "idle")]
+        share = statistics.median((mine.cpu_driver_s + mine.cpu_ray_s) / mine.job_s)
+        cpu_rows.append([setup, f"{statistics.median(mine.job_s):.1f}", *(f"{c:.1f}" for c in cells),
+                         "(the driver scores)" if setup == "in-process" else f"{share:.2f}"])  # fmt: skip
+    cpu_table = tabulate(
+        cpu_rows, ["setup", "job s (no staging)", "workers CPU s", "driver CPU s", "Ray's other processes CPU s",
+                   "rest of machine CPU s", "idle core-s", "cores taken by driver + Ray"],
+        tablefmt="github",
+    )  # fmt: skip
+    reach = (
+        "met"
+        if speedup >= TARGET
+        else "missed, and out of reach of Ray Data on this machine: with what Ray itself takes on the same 2 cores, "
+        "the bound is below the target"
+        if max(bound_ray, at_issue_size_ray) < TARGET
+        else "missed, though within the bound"
+    )
     alone_rows = [
         [s, f"{statistics.median(frame[frame.setup == s].rows_per_s):,.0f}",
          f"{frame[frame.setup == s].rows_per_s.min():,.0f} - {frame[frame.setup == s].rows_per_s.max():,.0f}"]
@@ -460,10 +549,24 @@ def write(runs: list[dict[str, Any]], args: argparse.Namespace, model: str) -> N
         f"scoring taken as growing with the rows, the rest as fixed) bound it at **{at_issue_size:.2f}x**"
         f"{'' if at_issue_size >= TARGET else ': the 1.8x target is out of this machine’s reach at either size'}"
         ".\n\n"
+        f"**What Ray itself takes.** That bound gives the workers both cores. They do not have them: during each "
+        f"job (staging apart) every process was read once a second: the Ray workers (the actors), the driver (this "
+        f"process: Ray Data's streaming executor, which polls its tasks ten times a second, and the job's loop), "
+        f"Ray's other processes (the head's tree: GCS, raylet, agents, and Ray Data's helper actors, which the "
+        f"executor calls each round), the rest of the machine, and the idle cores (medians):\n\n{cpu_table}\n\n"
+        f"While the 2 workers score, the driver and Ray's other processes take **{taken:.2f}** of the 2 cores "
+        f"(median), which leaves the workers {2 - taken:.2f}: their scoring can gain at most {s2:.2f} x "
+        f"{2 - taken:.2f} / 2 = {s2_ray:.2f}x, and with the same fixed part the bound for 2 workers / 1 worker is "
+        f"**{bound_ray:.2f}x** here (**{at_issue_size_ray:.2f}x** at {ISSUE_ROWS:,} tweets). "
+        f"The measured {speedup:.2f}x is {speedup / bound_ray:.2f} of it; target {TARGET}x: {reach}. "
+        f"(With 1 worker, Ray's share fits in the idle core.) On a cluster, the driver and the head run beside the "
+        f"workers on cores of their own, and this share does not come out of the workers'.\n\n"
         f"Machine: {host['cpu']}, {host['cores']} cores, torch {host['torch']}.\n"
     )
     save("batch", md, {"runs": runs, "speedup_2_vs_1": speedup, "target": TARGET, "bound": bound,
-                       "bound_at_issue_size": at_issue_size, "two_processes_vs_one": s2, "machine": host})  # fmt: skip
+                       "bound_at_issue_size": at_issue_size, "two_processes_vs_one": s2, "cores_taken_by_ray": taken,
+                       "bound_with_ray": bound_ray, "bound_with_ray_at_issue_size": at_issue_size_ray,
+                       "machine": host})  # fmt: skip
 
 
 def write_lifecycle(runs: list[dict[str, Any]]) -> None:
