@@ -10,7 +10,9 @@ Side by side, on one machine, three interleaved repetitions (the machine drifts;
 Each job is timed end to end as a user waits for it: reading and staging the input, loading the model (once per
 actor), scoring, writing the parts. Target: 2 workers >= 1.8x 1 worker. Interleaved with them, the bound: the
 champion's scoring alone (no Ray, no files) in one process of one thread, and in two such processes at once; with
-the 1-worker job's time, Amdahl's law gives the most 2 workers could gain here. Writes
+the 1-worker job's time, Amdahl's law gives the most 2 workers could gain here. During every job, the CPU seconds
+of each process (the actors, the driver, Ray's other processes, the rest) are read once a second: the share of
+the cores Ray itself takes, which the workers cannot have, tightens that bound. Writes
 bench/results/scale.{md,json}.
 
     make bench-scale      # needs a classifier champion: make run first
@@ -109,8 +111,8 @@ class CpuSeconds:
         return found
 
     def __enter__(self) -> CpuSeconds:
-        self.start, self.busy = self._read(), self._busy()
-        self.wall = time.perf_counter()
+        self.start, self.busy_at_start = self._read(), self._busy()
+        self.started = time.perf_counter()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
@@ -128,7 +130,7 @@ class CpuSeconds:
         self.stop.set()
         self.thread.join()
         self.seen |= self._read()
-        wall, busy = time.perf_counter() - self.wall, self._busy() - self.busy
+        wall, busy = time.perf_counter() - self.started, self._busy() - self.busy_at_start
         used = {"workers": 0.0, "driver": 0.0, "ray": 0.0}
         for pid, (whose, cpu) in self.seen.items():
             used[whose] += cpu - self.start.get(pid, (whose, 0.0))[1]
