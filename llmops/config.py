@@ -185,6 +185,11 @@ class TrainConfig(_Strict):
     """Generative tasks: the completion loss is a mean over all completion tokens of a batch (`token`, the usual
     choice), or over examples, each example's tokens averaged first (`example`): then a one-word answer weighs as
     much as a 40-token one, which mixed instruction sets need (the distillation's terms follow it too)."""
+    freeze_embeddings: bool = False
+    """Generative tasks: keep the word embeddings as the base has them, and with them the output layer where the two
+    are tied (the packaged decoder, GPT-2, most small LMs). The vocabulary projection's weight gradient and optimizer
+    state are skipped: a quarter of a MiniLM decoder's training step. Distillation follows (the student's are the
+    teacher's). No effect under LoRA (the base is frozen there)."""
 
 
 DistillLoss = Literal["forward_kl", "reverse_kl", "jsd"]

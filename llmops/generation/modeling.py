@@ -112,6 +112,12 @@ def load_base_model(
     return model
 
 
+def freeze_embeddings(model: PreTrainedModel) -> None:
+    """Keep the word embeddings as they are, and the output layer where it is tied to them: no gradient, no
+    optimizer state (`train.freeze_embeddings`)."""
+    model.get_input_embeddings().weight.requires_grad_(False)
+
+
 def qlora_config() -> Any:
     """The 4-bit NF4 base of QLoRA (Dettmers et al. 2023): double quantization, bf16 compute."""
     from transformers import BitsAndBytesConfig

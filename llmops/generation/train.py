@@ -18,7 +18,7 @@ from llmops.config import LoraConfig, ModelConfig, TrainConfig
 from llmops.generation.adapters import parse_base
 from llmops.generation.data import IGNORE, prompt_format, tokenize_split
 from llmops.generation.losses import completion_loss, score_completions
-from llmops.generation.modeling import add_lora, load_base_model, load_tokenizer, qlora_config
+from llmops.generation.modeling import add_lora, freeze_embeddings, load_base_model, load_tokenizer, qlora_config
 from llmops.prepared_data import PreparedData
 from llmops.training import fine_tune_arguments, fine_tune_inputs, teacher_meta, train_to_candidate, use_all_cores
 
@@ -79,6 +79,8 @@ def fine_tune(
     model = load_base_model(model_cfg, task, tokenizer, qlora_config() if lora and lora.qlora else None)
     if lora is not None:
         model = add_lora(model, lora, task)
+    elif train_cfg.freeze_embeddings:
+        freeze_embeddings(model)
     # Not grouped by length: it saved a fifth of the time, but batches of one length are batches of one kind of
     # row, and the quickstart teacher lost 0.028 macro-F1 and 0.037 control accuracy (3,000 unseen tweets).
     args = fine_tune_arguments(out_dir, train_cfg, data, best_metric="loss", greater_is_better=False)
@@ -98,6 +100,7 @@ def fine_tune(
         prompt_format=prompt_format(data),
         fine_tuning="full" if lora is None else ("qlora" if lora.qlora else "lora"),
         loss_per=train_cfg.loss_per,
+        freeze_embeddings=train_cfg.freeze_embeddings and lora is None,
         **({"lora": lora.model_dump(mode="json")} if lora is not None else {}),
         **({"adapter_of": _base_ref(lora.adapter_of)} if lora is not None and lora.adapter_of else {}),
     )

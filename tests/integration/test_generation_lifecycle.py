@@ -14,12 +14,18 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
+from transformers import AutoModelForCausalLM, set_seed
 from typer.testing import CliRunner
 
 import flows.lifecycle as lifecycle_flow
 from cli.main import app
+from llmops.config import load_config
+from llmops.generation.distill import distil
+from llmops.generation.modeling import load_base_model, load_tokenizer
 from tests.conftest import REPO
+from tests.integration.trained_decoders import trained
 from tests.tiny_registry import register_versions
 
 LLM_TINY = REPO / "configs" / "llm-tiny.yaml"
@@ -245,3 +251,21 @@ def test_a_t5_model_with_on_policy_reverse_kl_learns_from_a_chat_file(workdir: P
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     out = model.predict([{"messages": [{"role": "user", "content": "add 3 and 4"}]}], params={"max_new_tokens": 3})
     assert len(out) == 1 and out["completion_tokens"].iloc[0] <= 3
+
+
+def test_frozen_embeddings_stay_the_bases_while_the_rest_learns(tmp_path: Path) -> None:
+    teacher_dir, data = trained(tmp_path, "train.freeze_embeddings=true")
+    cfg = load_config(LLM_TINY, ["train.freeze_embeddings=true"])
+    set_seed(cfg.train.seed)  # the base exactly as fine-tuning built it
+    base = load_base_model(cfg.model, cfg.task, load_tokenizer(cfg.model))
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    assert torch.equal(teacher.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    assert not torch.equal(teacher.lm_head.weight, base.lm_head.weight)  # untied here: the output layer learned
+    assert not torch.equal(teacher.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    assert json.loads((teacher_dir / "candidate.json").read_text())["recipe"]["freeze_embeddings"] is True
+
+    student_dir = distil(cfg.distill, teacher_dir, data, tmp_path / "student", frozen_embeddings=True)
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    assert torch.equal(student.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    assert not torch.equal(student.lm_head.weight, teacher.lm_head.weight)
+    assert json.loads((student_dir / "candidate.json").read_text())["recipe"]["freeze_embeddings"] is True
