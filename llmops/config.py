@@ -188,8 +188,8 @@ class TrainConfig(_Strict):
     freeze_embeddings: bool = False
     """Generative tasks: keep the word embeddings as the base has them, and with them the output layer where the two
     are tied (the packaged decoder, GPT-2, most small LMs). The vocabulary projection's weight gradient and optimizer
-    state are skipped: a quarter of a MiniLM decoder's training step. Distillation follows (the student's are the
-    teacher's). No effect under LoRA (the base is frozen there)."""
+    state are skipped: a quarter of a MiniLM decoder's training step. No effect under LoRA (the base is frozen
+    there). Distillation has its own (`distill.freeze_embeddings`)."""
 
 
 DistillLoss = Literal["forward_kl", "reverse_kl", "jsd"]
@@ -215,6 +215,10 @@ class DistillConfig(_Strict):
     on_policy: float = Field(default=0.0, ge=0.0, le=1.0)
     """Generative tasks: share of batches whose completions the student writes itself (GKD's lambda); the teacher
     scores those tokens. 0: the dataset's completions only."""
+    freeze_embeddings: bool = False
+    """Generative tasks: the student keeps the teacher's word embeddings, and the output layer tied to them: it
+    learns to match the teacher's distribution through the teacher's own output layer, and skips that layer's
+    weight gradient and optimizer state (half of a 3-layer MiniLM student's step)."""
     hidden_weight: float = Field(default=0.0, ge=0.0)
     """Weight of the hidden-state (cosine) loss; > 0 runs the teacher on every batch."""
     epochs: float = Field(default=3.0, gt=0)

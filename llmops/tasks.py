@@ -155,8 +155,7 @@ def _generator_fine_tune(cfg: LlmopsConfig, data_dir: str, out: Path) -> Path:
 def _generator_distil(cfg: LlmopsConfig, teacher_dir: str, data_dir: str, out: Path) -> Path:
     from llmops.generation import distill
 
-    data = PreparedData.load(data_dir)
-    return distill.distil(cfg.distill, teacher_dir, data, out, cfg.train.loss_per, cfg.train.freeze_embeddings)
+    return distill.distil(cfg.distill, teacher_dir, PreparedData.load(data_dir), out, cfg.train.loss_per)
 
 
 def _control_context(cfg: LlmopsConfig) -> dict[str, Any]:

@@ -123,17 +123,16 @@ def distil(
     data: PreparedData,
     out_dir: str | Path,
     loss_per: str = "token",
-    frozen_embeddings: bool = False,
 ) -> Path:
-    """Distil the generator at `teacher_dir`; returns the student candidate folder. `loss_per` and
-    `frozen_embeddings` follow the teacher's training (`train.loss_per`, `train.freeze_embeddings`)."""
+    """Distil the generator at `teacher_dir`; returns the student candidate folder. `loss_per` follows the teacher's
+    training (`train.loss_per`)."""
     use_all_cores()
     set_seed(0)
     out_dir = Path(out_dir)
     pair = teacher_and_student(teacher_dir, cfg.student_layers, cfg.ffn_keep)
     meta, tokenizer, teacher, student = pair.meta, pair.tokenizer, pair.teacher, pair.student
     task = meta.task
-    if frozen_embeddings:
+    if cfg.freeze_embeddings:
         freeze_embeddings(student)
     train_rows = pq.read_metadata(data.split_path("train")).num_rows
     args = distil_arguments(out_dir, cfg, train_rows, best_metric="loss", greater_is_better=False)
@@ -170,7 +169,7 @@ def distil(
             "temperature": cfg.temperature,
             "on_policy": cfg.on_policy,
             "loss_per": loss_per,
-            "freeze_embeddings": frozen_embeddings,
+            "freeze_embeddings": cfg.freeze_embeddings,
         },
     )
     return train_to_candidate(trainer, out_dir, student_meta, best_metric="loss")

@@ -253,9 +253,9 @@ def test_a_t5_model_with_on_policy_reverse_kl_learns_from_a_chat_file(workdir: P
     assert len(out) == 1 and out["completion_tokens"].iloc[0] <= 3
 
 
-def test_frozen_embeddings_stay_the_bases_while_the_rest_learns(tmp_path: Path) -> None:
+def test_frozen_embeddings_stay_the_bases_or_the_teachers_while_the_rest_learns(tmp_path: Path) -> None:
     teacher_dir, data = trained(tmp_path, "train.freeze_embeddings=true")
-    cfg = load_config(LLM_TINY, ["train.freeze_embeddings=true"])
+    cfg = load_config(LLM_TINY, ["train.freeze_embeddings=true", "distill.freeze_embeddings=true"])
     set_seed(cfg.train.seed)  # the base exactly as fine-tuning built it
     base = load_base_model(cfg.model, cfg.task, load_tokenizer(cfg.model))
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
@@ -264,7 +264,7 @@ def test_frozen_embeddings_stay_the_bases_while_the_rest_learns(tmp_path: Path) 
     assert not torch.equal(teacher.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
     assert json.loads((teacher_dir / "candidate.json").read_text())["recipe"]["freeze_embeddings"] is True
 
-    student_dir = distil(cfg.distill, teacher_dir, data, tmp_path / "student", frozen_embeddings=True)
+    student_dir = distil(cfg.distill, teacher_dir, data, tmp_path / "student")
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     assert torch.equal(student.get_input_embeddings().weight, base.get_input_embeddings().weight)
     assert not torch.equal(student.lm_head.weight, teacher.lm_head.weight)
