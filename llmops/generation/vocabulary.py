@@ -19,6 +19,7 @@ the text of k + 1: streamed text equals whole text.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -133,6 +134,20 @@ def join_wordpieces(tokens: list[str]) -> str:
     return "".join(parts)
 
 
+def _is_punctuation(char: str) -> bool:
+    """BERT's punctuation: every ASCII symbol, and Unicode's punctuation classes."""
+    return (33 <= ord(char) <= 47 or 58 <= ord(char) <= 64 or 91 <= ord(char) <= 96 or 123 <= ord(char) <= 126) or (
+        unicodedata.category(char).startswith("P")
+    )
+
+
+def _unreachable(token: str) -> bool:
+    """Whether WordPiece never makes `token` from text: its pre-tokenizer splits every punctuation mark off as a
+    word of its own, so no piece longer than one character holds one."""
+    body = token[len(CONTINUATION) :] if token.startswith(CONTINUATION) else token
+    return len(body) > 1 and any(_is_punctuation(c) for c in body)
+
+
 def is_wordpiece(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer's decoder is WordPiece's (BERT and its family)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -144,7 +159,9 @@ class Vocabulary:
     """A generator's tokenizer seen from decoding: the text of token ids, and the tokens an answer may not use.
 
     - `never`: special tokens other than the end token (padding, start, unknown, mask): they carry no text, and
-      an answer made of them reads as empty.
+      an answer made of them reads as empty; and WordPiece tokens its tokenizer never makes from text (BERT's
+      `[unused0]` to `[unused993]`): a model that writes one has a row no training moved, and a reader sees
+      `[unused80]`.
     - `not_first`: tokens an answer may not start with: WordPiece continuation pieces (`##2015` would be glued to
       the prompt) and tokens whose text is only whitespace. The end token is barred at the start separately, by
       the minimum length (an empty answer is allowed only when the caller asks for `min_tokens: 0`).
@@ -155,8 +172,13 @@ class Vocabulary:
         self.eos_id: int = tokenizer.eos_token_id
         self.wordpiece = is_wordpiece(tokenizer)
         specials = set(tokenizer.all_special_ids)
-        self.never = sorted(specials - {self.eos_id})
+        self.never = sorted((specials - {self.eos_id}) | self._unwritten(specials))
         self.not_first = sorted(self._not_first(specials))
+
+    def _unwritten(self, specials: set[int]) -> set[int]:
+        if not self.wordpiece:
+            return set()
+        return {i for token, i in self.tokenizer.get_vocab().items() if i not in specials and _unreachable(token)}
 
     def _not_first(self, specials: set[int]) -> set[int]:
         vocab = {index: token for token, index in self.tokenizer.get_vocab().items() if index not in specials}

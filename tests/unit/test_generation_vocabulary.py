@@ -112,6 +112,16 @@ def test_the_packaged_vocabulary_bars_specials_always_and_pieces_at_the_start(pa
     assert tokenizer.convert_tokens_to_ids("united") not in packaged.not_first
 
 
+def test_the_packaged_vocabulary_never_writes_a_token_no_text_makes(packaged: Vocabulary) -> None:
+    tokenizer = packaged.tokenizer
+    placeholders = {i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"\[unused\d+\]", t)}
+    assert len(placeholders) > 900 and placeholders <= set(packaged.never)
+    tweets = pd.read_csv(packaged_corpus_path(), encoding="latin-1")["text"].head(3000).map(clean_text)
+    written = {i for ids in tokenizer(list(tweets), add_special_tokens=False)["input_ids"] for i in ids}
+    assert not written & set(packaged.never)  # nothing barred that text makes: "##ing", "@", "'" stay writable
+    assert len(written) > 5000
+
+
 @pytest.fixture(scope="module")
 def byte_level() -> Vocabulary:
     """A byte-level BPE tokenizer (GPT-2's kind), trained here on a few lines."""
