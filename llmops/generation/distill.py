@@ -118,11 +118,7 @@ class TokenDistillationTrainer(Trainer):
 
 
 def distil(
-    cfg: DistillConfig,
-    teacher_dir: str | Path,
-    data: PreparedData,
-    out_dir: str | Path,
-    loss_per: str = "token",
+    cfg: DistillConfig, teacher_dir: str | Path, data: PreparedData, out_dir: str | Path, loss_per: str = "token"
 ) -> Path:
     """Distil the generator at `teacher_dir`; returns the student candidate folder. `loss_per` follows the teacher's
     training (`train.loss_per`)."""

@@ -114,7 +114,7 @@ def load_base_model(
 
 def freeze_embeddings(model: PreTrainedModel) -> None:
     """Keep the word embeddings as they are, and the output layer where it is tied to them: no gradient, no
-    optimizer state (`train.freeze_embeddings`)."""
+    optimizer state (`train.freeze_embeddings`, `distill.freeze_embeddings`)."""
     model.get_input_embeddings().weight.requires_grad_(False)
 
 

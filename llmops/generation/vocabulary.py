@@ -19,7 +19,6 @@ the text of k + 1: streamed text equals whole text.
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -134,20 +133,6 @@ def join_wordpieces(tokens: list[str]) -> str:
     return "".join(parts)
 
 
-def _is_punctuation(char: str) -> bool:
-    """BERT's punctuation: every ASCII symbol, and Unicode's punctuation classes."""
-    return (33 <= ord(char) <= 47 or 58 <= ord(char) <= 64 or 91 <= ord(char) <= 96 or 123 <= ord(char) <= 126) or (
-        unicodedata.category(char).startswith("P")
-    )
-
-
-def _unreachable(token: str) -> bool:
-    """Whether WordPiece never makes `token` from text: its pre-tokenizer splits every punctuation mark off as a
-    word of its own, so no piece longer than one character holds one."""
-    body = token[len(CONTINUATION) :] if token.startswith(CONTINUATION) else token
-    return len(body) > 1 and any(_is_punctuation(c) for c in body)
-
-
 def is_wordpiece(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer's decoder is WordPiece's (BERT and its family)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -172,16 +157,20 @@ class Vocabulary:
         self.eos_id: int = tokenizer.eos_token_id
         self.wordpiece = is_wordpiece(tokenizer)
         specials = set(tokenizer.all_special_ids)
-        self.never = sorted((specials - {self.eos_id}) | self._unwritten(specials))
-        self.not_first = sorted(self._not_first(specials))
+        vocab = {index: token for token, index in tokenizer.get_vocab().items() if index not in specials}
+        self.never = sorted((specials - {self.eos_id}) | self._unwritten(vocab))
+        self.not_first = sorted(self._not_first(vocab))
 
-    def _unwritten(self, specials: set[int]) -> set[int]:
-        if not self.wordpiece:
+    def _unwritten(self, vocab: dict[int, str]) -> set[int]:
+        """WordPiece tokens the tokenizer's own pre-tokenizer would split (BERT's splits every punctuation mark off
+        as a word of its own): no text becomes them."""
+        pre = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+        if not self.wordpiece or pre is None:
             return set()
-        return {i for token, i in self.tokenizer.get_vocab().items() if i not in specials and _unreachable(token)}
+        bodies = {i: token.removeprefix(CONTINUATION) for i, token in vocab.items()}
+        return {i for i, body in bodies.items() if not body.isalnum() and len(pre.pre_tokenize_str(body)) > 1}
 
-    def _not_first(self, specials: set[int]) -> set[int]:
-        vocab = {index: token for token, index in self.tokenizer.get_vocab().items() if index not in specials}
+    def _not_first(self, vocab: dict[int, str]) -> set[int]:
         if self.wordpiece:
             return {i for i, token in vocab.items() if token.startswith(CONTINUATION) and len(token) > 2}
         ids = sorted(vocab)  # one batched decode: a 150k vocabulary decoded token by token takes seconds
