@@ -105,9 +105,23 @@ def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict]
         champion = result["selected"] or "teacher"
         judge = tasks.control_judge(cfg, context)
         tweets = sample_tweets(directory / result["candidates"][champion], data_dir / "test.parquet", cfg, judge)
+        bound = real_control(judge, data_dir / "test.parquet")
     finally:
         os.chdir(cwd)
-    return result, rows, tweets
+    return result, rows, tweets, bound
+
+
+def real_control(judge: Control | None, test: Path) -> float | None:
+    """Control accuracy of the data itself: the share of the test split's real tweets (the `write` rows'
+    completions) the judge labels with their row's target. What a generator that writes like the data scores:
+    the bound of the control target."""
+    from llmops.generation.evaluate import said_labels
+
+    if judge is None:
+        return None
+    rows = pd.read_parquet(test).query("instruction == 'write'").head(CONTROL_SAMPLES)
+    said = said_labels(judge.classifier, rows["completion"].tolist())
+    return float((pd.Series(said, index=rows.index) == rows["target"]).mean())
 
 
 CONTROL_SAMPLES = 300
@@ -263,7 +277,7 @@ def main() -> None:
             timed_cli_run(config, directory, "rerun")
         times = json.loads((directory / TIMES).read_text())
         cold_s, rerun_s = times["cold"], times["rerun"]
-        result, rows, tweets = measure(config, directory)
+        result, rows, tweets, bound = measure(config, directory)
     finally:
         if not (args.keep or args.reuse):
             shutil.rmtree(directory, ignore_errors=True)
@@ -276,6 +290,7 @@ def main() -> None:
         "champion": champion,
         "candidates": rows,
         "targets": targets(rows, champion, cold_s, rerun_s),
+        "control_accuracy_of_real_tweets": bound,
         "samples": tweets,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -303,6 +318,16 @@ def main() -> None:
         "",
         tabulate(report["targets"], headers="keys", tablefmt="github"),
         "",
+        *(
+            [
+                f"The bound of the control target: the judge labels {bound:.3f} of the test split's "
+                f"{CONTROL_SAMPLES} real tweets with the sentiment their row asks for (what a generator that "
+                "writes like the data would score).",
+                "",
+            ]
+            if bound is not None
+            else []
+        ),
         f"## What the champion writes ({champion})",
         "",
         f"The first {SAMPLES} `write` prompts of the test split, sampled as evaluation samples them (temperature, "
