@@ -67,9 +67,12 @@ TIMES = "times.json"
 
 SAMPLES = 20
 """The champion's tweets printed in the results, sampled as evaluation samples (its temperature, top-p, seed)."""
+CONTROL_SAMPLES = 300
+"""`write` prompts sampled and judged for control accuracy when re-measuring: every one of the quickstart's test
+split (the lifecycle's own evaluation samples 96, a standard error of about 0.05; on 300, about 0.028)."""
 
 
-def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict]]:
+def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict], float | None]:
     """The flow's result (from its cache), every candidate re-measured, and the champion's sample tweets."""
     import os
 
@@ -124,9 +127,6 @@ def real_control(judge: Control | None, test: Path) -> float | None:
     return float((pd.Series(said, index=rows.index) == rows["target"]).mean())
 
 
-CONTROL_SAMPLES = 300
-"""`write` prompts sampled and judged for control accuracy when re-measuring: every one of the quickstart's test
-split (the lifecycle's own evaluation samples 96, a standard error of about 0.05; on 300, about 0.028)."""
 UNSEEN = 3000
 """Classify prompts of tweets `data.sample` left out, scored for every candidate: on the 300 classify rows of the
 test split a macro-F1's standard error is about 0.027, on 3,000 about 0.009."""
