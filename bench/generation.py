@@ -73,7 +73,8 @@ split (the lifecycle's own evaluation samples 96, a standard error of about 0.05
 
 
 def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict], float | None]:
-    """The flow's result (from its cache), every candidate re-measured, and the champion's sample tweets."""
+    """The flow's result (from its cache), every candidate re-measured, the champion's sample tweets, and the
+    control target's bound (`real_control`)."""
     import os
 
     from flows.lifecycle import lifecycle
