@@ -105,18 +105,19 @@ def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict]
         rows = []
         unseen = unseen_classify_rows(cfg)
         judge = tasks.control_judge(cfg, context)
+        asked = pd.read_parquet(data_dir / "test.parquet").query("instruction == 'write'").head(CONTROL_SAMPLES)
         for path in result["candidates"].values():
             report = task.evaluate(cfg, str(directory / path), str(data_dir), context)
             scored = {"macro_f1_unseen": unseen_macro_f1(directory / path, unseen)}
             if "control_accuracy" in report.metrics:
-                draws = [report.metrics["control_accuracy"], *more_control(directory / path, data_dir, cfg, judge)]
+                draws = [report.metrics["control_accuracy"], *more_control(directory / path, asked, cfg, judge)]
                 scored |= {"control_accuracy": float(np.mean(draws)), "control_draws": draws}
             rows.append(
                 {"kind": report.kind, "params": report.params, "notes": report.notes, **report.metrics, **scored}
             )
         champion = result["selected"] or "teacher"
         tweets = sample_tweets(directory / result["candidates"][champion], data_dir / "test.parquet", cfg, judge)
-        bound = real_control(judge, data_dir / "test.parquet")
+        bound = real_control(judge, asked)
     finally:
         os.chdir(cwd)
     return result, rows, tweets, bound
@@ -125,38 +126,35 @@ def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict]
 def _control(r: dict) -> str:
     if "control_accuracy" not in r:
         return "-"
-    draws = r.get("control_draws") or [r["control_accuracy"]]
-    return f"{r['control_accuracy']:.3f} ({min(draws):.3f}-{max(draws):.3f})"
+    return f"{r['control_accuracy']:.3f} ({min(r['control_draws']):.3f}-{max(r['control_draws']):.3f})"
 
 
-def more_control(candidate: Path, data_dir: Path, cfg: LlmopsConfig, judge: Control | None) -> list[float]:
+def more_control(candidate: Path, asked: pd.DataFrame, cfg: LlmopsConfig, judge: Control | None) -> list[float]:
     """Control accuracy of the samplings after evaluation's own (`CONTROL_DRAWS`: the seeds after its seed), on
-    the prompts it samples."""
+    the `write` rows it samples (`asked`)."""
     from llmops.generation.evaluate import open_generations
     from llmops.generation.loading import load_generator
 
     generator = load_generator(candidate)
-    rows = pd.read_parquet(data_dir / "test.parquet").query("instruction == 'write'").head(CONTROL_SAMPLES)
     sampling = cfg.eval.generation
     return [
-        open_generations(generator, rows, sampling.model_copy(update={"seed": sampling.seed + draw}), judge)[0][
+        open_generations(generator, asked, sampling.model_copy(update={"seed": sampling.seed + draw}), judge)[0][
             "control_accuracy"
         ]
         for draw in range(1, CONTROL_DRAWS)
     ]
 
 
-def real_control(judge: Control | None, test: Path) -> float | None:
-    """Control accuracy of the data itself: the share of the test split's real tweets (the `write` rows'
-    completions) the judge labels with their row's target. What a generator that writes like the data scores:
-    the bound of the control target."""
+def real_control(judge: Control | None, asked: pd.DataFrame) -> float | None:
+    """Control accuracy of the data itself: the share of the real tweets of the `write` rows evaluation samples
+    (`asked`: their completions) the judge labels with their row's target. What a generator that writes like the
+    data scores: the bound of the control target."""
     from llmops.generation.evaluate import said_labels
 
     if judge is None:
         return None
-    rows = pd.read_parquet(test).query("instruction == 'write'").head(CONTROL_SAMPLES)
-    said = said_labels(judge.classifier, rows["completion"].tolist())
-    return float((pd.Series(said, index=rows.index) == rows["target"]).mean())
+    said = said_labels(judge.classifier, asked["completion"].tolist())
+    return float((pd.Series(said, index=asked.index) == asked["target"]).mean())
 
 
 UNSEEN = 3000
