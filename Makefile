@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONFIG ?= configs/quickstart.yaml
 LLM_CONFIG ?= configs/llm-quickstart.yaml
+# pytest-xdist workers for `make test`; 0 (the default) runs the suite in pytest's own process. Two finish it in about
+# three quarters of the time on two cores, but not yet reliably: docs/testing.md says what still collides
+TEST_WORKERS ?= 0
 STAMP := $(VENV)/.installed
 # llama-cpp-python's source distribution: the llama.cpp it vendors is built once per pin (scripts/build-llama-cpp.sh)
 LLAMA_CPP_PIN := 0.3.36
@@ -43,7 +46,7 @@ test: install  ## lint, types, and the whole suite except GPU tests
 	$(VENV)/bin/ruff format --check llmops flows serving monitoring cli tests bench
 	$(VENV)/bin/mypy llmops flows serving monitoring cli
 	$(VENV)/bin/lint-imports  # the layers of docs/architecture.md: no circles, no upward imports
-	$(PY) -m pytest -m "not gpu" tests
+	$(PY) -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile tests  # a test file stays on one worker
 
 lint: install
 	$(VENV)/bin/ruff check --fix llmops flows serving monitoring cli tests bench

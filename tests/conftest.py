@@ -58,6 +58,29 @@ def prefect_server():
         yield
 
 
+MLFLOW_PROCESS_STATE = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+"""What MLflow writes into os.environ when a store or experiment is set, for subprocesses to inherit."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def mlflow_state_stays_in_its_module() -> Iterator[None]:
+    """A module's tests may point MLflow at their store and build on it; the next module starts from none of it,
+    whichever modules ran before it in this process (pytest-xdist gives each worker its own share of them)."""
+    saved = {var: os.environ.get(var) for var in MLFLOW_PROCESS_STATE}
+    yield
+    import mlflow
+    from mlflow.tracking import fluent
+
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None is MLflow's own "unset"
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    fluent._active_experiment_id = None
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+
+
 @pytest.fixture(scope="module")
 def home(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One working directory for a test module's tests that build on each other (a lifecycle run, its store)."""
