@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 CONFIG ?= configs/quickstart.yaml
 LLM_CONFIG ?= configs/llm-quickstart.yaml
 # pytest-xdist workers for `make test`; 0 (the default) runs the suite in pytest's own process. Two finish it in about
-# three quarters of the time on two cores, but not yet reliably: docs/testing.md says what still collides
+# three quarters of the time on two cores, but not yet reliably: docs/testing.md says which test still fails
 TEST_WORKERS ?= 0
 STAMP := $(VENV)/.installed
 # llama-cpp-python's source distribution: the llama.cpp it vendors is built once per pin (scripts/build-llama-cpp.sh)
