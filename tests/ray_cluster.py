@@ -143,6 +143,10 @@ def ray_cluster(workers: int = 1, cpus: int = 1, hidden: tuple[Path, ...] = ()) 
                     f"--port={port}",
                     f"--num-cpus={cpus}",
                     "--include-dashboard=false",
+                    # not Ray's fixed defaults (10001, 8265, 52365): two test clusters at once (pytest workers)
+                    f"--ray-client-server-port={port + 1}",
+                    f"--dashboard-port={port + 2}",
+                    f"--dashboard-agent-listen-port={port + 3}",
                     f"--temp-dir={temp}",
                 ],
                 temp / "head.log",
@@ -175,6 +179,7 @@ def ray_cluster(workers: int = 1, cpus: int = 1, hidden: tuple[Path, ...] = ()) 
                     f"--node-ip-address={ip}",
                     f"--node-manager-port={base}",
                     f"--object-manager-port={base + 1}",
+                    f"--dashboard-agent-listen-port={base + 2}",
                     f"--min-worker-port={base + 10}",
                     f"--max-worker-port={base + 60}",
                 ]

@@ -30,11 +30,12 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def result(home: Path, prefect_server: None) -> dict:
-    return lifecycle_flow.lifecycle(str(TINY_CONFIG), ["quantize.candidates=[onnx-int8]"])
+    # Not the teacher, so the ONNX candidate is chosen however fast the teacher measures beside other work.
+    return lifecycle_flow.lifecycle(str(TINY_CONFIG), ["quantize.candidates=[onnx-int8]", "gates.allow_teacher=false"])
 
 
 def test_the_onnx_candidate_is_built_evaluated_and_registered_with_its_recipe(result: dict, home: Path) -> None:
-    assert result["promoted"] and result["selected"] == "onnx-int8"  # the fastest that passed its gates
+    assert result["promoted"] and result["selected"] == "onnx-int8"  # the one candidate allowed
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     version = client.get_model_version(NAME, result["version"])
     assert version.tags["llmops.candidate"] == "onnx-int8"
