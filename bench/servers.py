@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -179,29 +180,54 @@ async def closed_loop(
 
 class _OtlpSink(BaseHTTPRequestHandler):
     spans = 0
+    lock = threading.Lock()
 
     def do_POST(self) -> None:
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
         body = self.rfile.read(int(self.headers.get("content-length", 0)))
         request = ExportTraceServiceRequest.FromString(body)
-        _OtlpSink.spans += sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
+        with _OtlpSink.lock:
+            _OtlpSink.spans += sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
+        self._answer("application/x-protobuf", b"")
+
+    def do_GET(self) -> None:
+        """The spans received so far."""
+        self._answer("text/plain", str(_OtlpSink.spans).encode())
+
+    def _answer(self, content_type: str, body: bytes) -> None:
         self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *args: Any) -> None:
         pass
 
 
 @contextmanager
-def otlp_sink() -> Iterator[tuple[str, type[_OtlpSink]]]:
+def otlp_sink() -> Iterator[tuple[str, Callable[[], int]]]:
     """An OTLP/HTTP trace receiver on a free loopback port that decodes and counts the spans it is sent, then
-    drops them (what a collector's receiver does before its pipeline): its `/v1/traces` URL and its counter."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
-    threading.Thread(target=server.serve_forever, name="otlp-sink", daemon=True).start()
+    drops them (what a collector's receiver does before its pipeline): its `/v1/traces` URL and a function that
+    reads its count. It is a process of its own, as a collector is: decoding spans on a thread of the load
+    generator's process would slow the load (they share its GIL), which would be charged to the traced server."""
+    sink = subprocess.Popen([sys.executable, __file__, "otlp-sink"], stdout=subprocess.PIPE, text=True)
     try:
-        yield f"http://127.0.0.1:{server.server_port}/v1/traces", _OtlpSink
+        assert sink.stdout is not None
+        base = f"http://127.0.0.1:{int(sink.stdout.readline())}"
+
+        def spans() -> int:
+            with urllib.request.urlopen(base, timeout=10) as response:
+                return int(response.read())
+
+        yield f"{base}/v1/traces", spans
     finally:
-        server.shutdown()
+        sink.terminate()
+        sink.wait(timeout=30)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["otlp-sink"]:
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
+    print(receiver.server_port, flush=True)
+    receiver.serve_forever()

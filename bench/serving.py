@@ -223,7 +223,7 @@ def gateway(args: argparse.Namespace, ours: list[str], texts: list[str], offline
                     if sent is None:
                         row = asyncio.run(timed_load(f"{base}/healthz", None, 32, args.warmup_s, args.duration_s))
                         rows.append(row | {"server": FLOOR, "round": round_})
-        spans = sink.spans
+        spans = sink()
     return {"rows": rows, "offline_throughput": offline, "spans_received": spans}
 
 

@@ -27,6 +27,11 @@ RAY = str(Path(sys.executable).with_name("ray"))
 ENV = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
+_RANDOM = random.SystemRandom()
+"""Ports and subnets: not from `random`'s shared generator, which training seeds, so two pytest workers that
+trained would draw the same port (and bridge name) for their clusters."""
+
+
 @dataclass
 class Node:
     address: str
@@ -118,12 +123,12 @@ def ray_cluster(workers: int = 1, cpus: int = 1, hidden: tuple[Path, ...] = ()) 
     """A head and `workers` worker nodes of `cpus` CPUs each, torn down on exit; the worker nodes do not see the
     `hidden` folders (hosts of their own only: `hosts` is then `namespaces`, or the cluster is not started)."""
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths live under it
-    port = random.randint(20000, 29999)
+    port = _RANDOM.randint(20000, 29999)
     namespaces, links, nodes = [], [], []
     hosts = "namespaces" if _namespaces_work() else "loopback"
     if hidden and hosts != "namespaces":
         raise RuntimeError("hiding folders from a node needs hosts of their own (root and iproute2)")
-    subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 250)}"
+    subnet = f"10.{_RANDOM.randint(100, 250)}.{_RANDOM.randint(0, 250)}"
     try:
         if hosts == "namespaces":
             head_ip = f"{subnet}.1"
