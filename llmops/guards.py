@@ -67,8 +67,21 @@ def _detect_secrets_patterns() -> list[re.Pattern[str]]:
                 and detector.__module__ == module.__name__
                 and name not in skipped
             ):
-                patterns += list(detector().denylist)
+                patterns += [_cheaper(pattern) for pattern in detector().denylist]
     return patterns + [re.compile(p) for p in EXTRA_CREDENTIALS]
+
+
+WORD_START = r"(?:(?<=\W)|(?<=^))"
+"""How five of detect-secrets' keyword patterns open (IBM Cloud, Cloudant, IBM COS, SoftLayer)."""
+
+
+def _cheaper(pattern: re.Pattern[str]) -> re.Pattern[str]:
+    r"""`pattern`, opening with `(?<!\w)` where it opens with `WORD_START`: the same places (no word character
+    before; `^` is the text's start, the patterns not being MULTILINE), found in about two thirds of the time (a
+    look-behind alternation first keeps `re` from skipping ahead; these five were a third of the guards' cost)."""
+    if not pattern.pattern.startswith(WORD_START) or pattern.flags & re.MULTILINE:
+        return pattern
+    return re.compile(r"(?<!\w)" + pattern.pattern[len(WORD_START) :], pattern.flags)
 
 
 EMAIL_HINT = re.compile(r"[^\s@]@\w+(?:-+\w+)*\.\w")

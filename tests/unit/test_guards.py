@@ -37,3 +37,24 @@ def test_the_shipped_evaluation_set_meets_recall_and_precision(guard: Guard) -> 
     assert result["rows"] == 800
     assert result["recall_all"] >= 0.95 and result["precision_all"] >= 0.95, result
     assert min(result["recall"].values()) >= 0.9, result["recall"]
+
+
+def test_the_keyword_patterns_opened_more_cheaply_find_what_detect_secrets_finds() -> None:
+    import re
+
+    from detect_secrets.plugins.ibm_cloud_iam import IbmCloudIamDetector
+
+    from llmops.guards import WORD_START, _detect_secrets_patterns
+
+    ours = [p for p in _detect_secrets_patterns() if p.pattern.startswith(r"(?<!\w)")]
+    originals = [re.compile(WORD_START + p.pattern[len(r"(?<!\w)") :], p.flags) for p in ours]
+    assert len(ours) == 5 and not any(p.pattern.startswith(WORD_START) for p in _detect_secrets_patterns())
+    assert {p.pattern for p in originals} >= {p.pattern for p in IbmCloudIamDetector().denylist}  # as shipped
+    key, hexes = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGH", "0123456789abcdef" * 4
+    texts = [row["text"] for row in load()] + [
+        f"ibm_cloud_api_key: '{key}'", f"x=1\ncloudant_password = '{key[:24]}'", f"mycloudant_password='{key[:24]}'",
+        f"(sl_api_key={hexes})", f'"cos_secret_access_key": "{hexes[:48]}"',
+    ]  # fmt: skip
+    found = [[m.span() for p in ours for m in p.finditer(t)] for t in texts]
+    assert found == [[m.span() for p in originals for m in p.finditer(t)] for t in texts]
+    assert [bool(spans) for spans in found[-5:]] == [True, True, False, True, True]  # a word before: not a key name
