@@ -5,8 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONFIG ?= configs/quickstart.yaml
 LLM_CONFIG ?= configs/llm-quickstart.yaml
-# pytest-xdist workers for `make test` (a test file stays on one worker): two finish the suite in about three quarters
-# of one's time on two cores (docs/testing.md); 0 runs it in pytest's own process
+# pytest-xdist workers for `make test` (a test file stays on one worker): two take a tenth to a quarter off one's time
+# on two cores (docs/testing.md); 0 runs the suite in pytest's own process
 TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 # llama-cpp-python's source distribution: the llama.cpp it vendors is built once per pin (scripts/build-llama-cpp.sh)
