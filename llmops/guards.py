@@ -73,15 +73,17 @@ def _detect_secrets_patterns() -> list[re.Pattern[str]]:
 
 WORD_START = r"(?:(?<=\W)|(?<=^))"
 """How five of detect-secrets' keyword patterns open (IBM Cloud, Cloudant, IBM COS, SoftLayer)."""
+NO_WORD_BEFORE = r"(?<!\w)"
+"""How they open here (`_cheaper`)."""
 
 
 def _cheaper(pattern: re.Pattern[str]) -> re.Pattern[str]:
-    r"""`pattern`, opening with `(?<!\w)` where it opens with `WORD_START`: the same places (no word character
+    """`pattern`, opening with `NO_WORD_BEFORE` where it opens with `WORD_START`: the same places (no word character
     before; `^` is the text's start, the patterns not being MULTILINE), found in about two thirds of the time (a
     look-behind alternation first keeps `re` from skipping ahead; these five were a third of the guards' cost)."""
     if not pattern.pattern.startswith(WORD_START) or pattern.flags & re.MULTILINE:
         return pattern
-    return re.compile(r"(?<!\w)" + pattern.pattern[len(WORD_START) :], pattern.flags)
+    return re.compile(NO_WORD_BEFORE + pattern.pattern[len(WORD_START) :], pattern.flags)
 
 
 EMAIL_HINT = re.compile(r"[^\s@]@\w+(?:-+\w+)*\.\w")
