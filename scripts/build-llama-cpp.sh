@@ -23,6 +23,14 @@ fi
 if [ "${GGML_NATIVE:-ON}" != ON ]; then
   options+=(-DGGML_NATIVE="$GGML_NATIVE")
 fi
+# Without ggml's AMX kernels, on every x86 CPU: on Intel Xeons that have AMX (Sapphire Rapids and later) the
+# pinned llama.cpp's first matrix product stops the process with a general protection fault at `ldtilecfg`
+# (measured on this project's Xeon VMs, llama-server alike; upstream llama.cpp#20824, #26954: the tile
+# configuration is optimised away, and worker threads lack the kernel's AMX permission). AVX-512 stays on.
+if [ "$(uname -m)" = x86_64 ] && echo 'int main(void){return 0;}' | c++ -x c++ -mno-amx-tile - -o /dev/null 2>/dev/null; then
+  no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  options+=("-DCMAKE_C_FLAGS=$no_amx" "-DCMAKE_CXX_FLAGS=$no_amx")
+fi
 stamp="$version ${options[*]} ${targets[*]}"
 if [ -f "$dest/.built" ] && [ "$(cat "$dest/.built")" = "$stamp" ]; then
   exit 0
