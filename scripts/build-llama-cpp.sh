@@ -5,7 +5,7 @@
 # (python/llama_cpp). `make install` runs it; DEST/.built names the version and the build's options, and a
 # finished build is reused while both are unchanged.
 # With a fourth argument `peer` it builds `llama-server` alone, with llama.cpp's default options (OpenMP on), as
-# its users get it: the LLM runtimes benchmark's peer (llmops itself does not need it).
+# its users get it (AMX aside, below): the LLM runtimes benchmark's peer (llmops itself does not need it).
 #   scripts/build-llama-cpp.sh VERSION DEST PYTHON [peer]
 set -euo pipefail
 version=$1 dest=$2 python=$3 peer=${4:-}
