@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from llm_runtimes import SMOLLM2_135M
+from llm_runtimes import QWEN25_05B, SMOLLM2_135M
 from machine import machine
 from safetensors import safe_open
 from tabulate import tabulate
@@ -47,17 +47,6 @@ LLAMA_10M = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 2048,
-    "tie_word_embeddings": True,
-}
-QWEN25_05B = {
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-    "rope_theta": 1000000.0,
     "tie_word_embeddings": True,
 }
 SIZES: dict[str, dict[str, Any]] = {

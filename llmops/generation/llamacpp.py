@@ -144,7 +144,7 @@ class Slots:
                 batch.n_tokens = i + 1
         run()
         empty_hidden = np.zeros((0, self.width), dtype=np.float32)
-        return [np.stack(rows) for rows in logits], [np.stack(rows) if rows else empty_hidden for rows in hidden]
+        return [_rows(rows) for rows in logits], [_rows(rows) if rows else empty_hidden for rows in hidden]
 
     def admit(
         self, prompts: list[list[int]], adapters: list[str | None] | None = None
@@ -196,7 +196,7 @@ class Slots:
         self._next = [at + 1 if tokens else at for at in self._next] + [len(ids) for ids in prompts]
         self._seqs += seqs
         embeddings = np.concatenate(hidden[len(tokens) :]) if self.embeddings and prompts else None
-        return torch.from_numpy(np.concatenate(logits)), embeddings
+        return torch.from_numpy(_rows(logits)), embeddings
 
     def full(self, row: int) -> bool:
         """Whether the row's cache has no room for another token."""
@@ -283,6 +283,13 @@ class Slots:
         self._batch.close()
         self.context.close()
         self._pool.close()
+
+
+def _rows(arrays: list[np.ndarray]) -> np.ndarray:
+    """Arrays of rows as one: the one itself when there is one (one sequence's step copies nothing more)."""
+    if len(arrays) == 1:
+        return arrays[0] if arrays[0].ndim == 2 else arrays[0][None]
+    return np.stack(arrays) if arrays[0].ndim == 1 else np.concatenate(arrays)
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:

@@ -160,6 +160,8 @@ class Vocabulary:
         vocab = {index: token for token, index in tokenizer.get_vocab().items() if index not in specials}
         self.never = sorted((specials - {self.eos_id}) | self._unwritten(vocab))
         self.not_first = sorted(self._not_first(vocab))
+        self._hidden = frozenset(self.never) | {self.eos_id}
+        """Tokens `text` leaves out (the serving engine asks for the text of an answer at every token)."""
 
     def _unwritten(self, vocab: dict[int, str]) -> set[int]:
         """WordPiece tokens the tokenizer's own pre-tokenizer would split (BERT's splits every punctuation mark off
@@ -186,6 +188,5 @@ class Vocabulary:
         if not self.wordpiece:
             text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             return str(text).strip()
-        special = set(self.never) | {self.eos_id}
-        tokens = self.tokenizer.convert_ids_to_tokens([i for i in ids if i not in special])
+        tokens = self.tokenizer.convert_ids_to_tokens([i for i in ids if i not in self._hidden])
         return join_wordpieces(list(tokens)).strip()
