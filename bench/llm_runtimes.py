@@ -85,7 +85,7 @@ QWEN25_05B = {
 }
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "135m": ("SmolLM2-135M shape", SMOLLM2_135M),
-    "0.5b": ("Qwen2.5-0.5B shape (vocabulary 30,522: 0.36B parameters)", QWEN25_05B),
+    "0.5b": ("Qwen2.5-0.5B shape (0.36B parameters with this vocabulary)", QWEN25_05B),
 }
 """`--shape`: what the model is called in the results, and its config."""
 GGUF_KINDS = ("gguf-q8_0", "gguf-q4_k_m")
@@ -384,7 +384,7 @@ def write_markdown(result: dict[str, Any], stem: str) -> None:
         tablefmt="github",
     )  # fmt: skip
     md = [
-        "# LLM runtimes benchmark",
+        "# LLM runtimes benchmark" + ("" if result.get("shape", "135m") == "135m" else f" ({result['shape']} shape)"),
         "",
         f"Model: {result['model']}. llama.cpp from llama-cpp-python {result['llama_cpp_python']}. Prompts from the "
         f"packaged instructions' held-out rows, `/v1/completions` streamed, greedy, exactly {result['max_tokens']} "
