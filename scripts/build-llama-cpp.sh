@@ -57,3 +57,10 @@ cmake --build "$dest/build" --target "${targets[@]}" -j "$(nproc)" >>"$dest/buil
 find "$dest/build" -mindepth 1 -maxdepth 1 ! -name bin -exec rm -rf {} +
 echo "llama.cpp built in $(( $(date +%s) - started )) s"
 echo "$stamp" >"$dest/.built"
+# A tiny Llama decoded through the new build (scripts/check-llama-cpp.py): a build that crashes on this CPU fails
+# here, and is built again by the next run, not reused. The container image copies this script alone: no check.
+check="$(dirname "$0")/check-llama-cpp.py"
+if [ -z "$peer" ] && [ -f "$check" ] && ! LLMOPS_LLAMA_CPP="$(cd "$dest" && pwd)" "$python" "$check"; then
+  rm -f "$dest/.built"
+  exit 1
+fi

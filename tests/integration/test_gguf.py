@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +26,11 @@ from llmops.generation.evaluate import agreement
 from llmops.generation.llamacpp import LlamaCppGenerator
 from llmops.generation.loading import load_generator
 from llmops.generation.modeling import load_tokenizer
-from llmops.gguf import GGUF_FILE, save_gguf
+from llmops.gguf import GGUF_FILE, llama_cpp_dir, save_gguf
 from tests.integration.trained_decoders import GPT2, LLM_TINY, QWEN2, trained
+
+CHECK = Path(__file__).resolve().parents[2] / "scripts" / "check-llama-cpp.py"
+"""The build's check: a tiny Llama decoded through a llama.cpp just built (scripts/build-llama-cpp.sh runs it)."""
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +211,21 @@ def test_serving_s_prompt_embeddings_are_the_torch_model_s_and_logging_them_chan
     assert np.allclose(
         f16.prompt_embeddings(prompts), source.prompt_embeddings(prompts), atol=2e-2 * float(np.abs(theirs).max())
     )
+
+
+def test_the_build_check_fails_make_install_with_a_clear_message_when_llama_cpp_crashes(tmp_path: Path) -> None:
+    """scripts/check-llama-cpp.py, which the build script runs after each build, on a llama.cpp whose bindings die
+    of SIGSEGV when loaded (as the AMX kernels made every decode die on Intel Xeons): exit 1, naming the signal."""
+    built = llama_cpp_dir()
+    crashing = tmp_path / "llama.cpp"
+    crashing.mkdir()
+    for part in ("build", "src", ".built"):
+        (crashing / part).symlink_to(built / part)
+    bindings = crashing / "python" / "llama_cpp"
+    shutil.copytree(built / "python" / "llama_cpp", bindings)
+    init = bindings / "__init__.py"
+    init.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n" + init.read_text())
+    env = os.environ | {"LLMOPS_LLAMA_CPP": str(crashing)}
+    done = subprocess.run([sys.executable, str(CHECK)], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert "died of SIGSEGV" in done.stderr and "GGML_NATIVE=OFF" in done.stderr
