@@ -102,7 +102,7 @@ QUALITY_TRAINING = ["data.sample=400", "train.epochs=8", "train.learning_rate=3e
 
 
 def build(workdir: Path, shape: dict[str, Any], kinds: tuple[str, ...]) -> dict[str, Path]:
-    """The fp32 model and its candidates `kinds` (built once per workdir)."""
+    """The folders of the candidates `kinds` (the fp32 model and they are built once per workdir)."""
     folders = {kind: workdir / "candidates" / kind for kind in ("fp32", *kinds)}
     if not (folders["fp32"] / "candidate.json").is_file():
         cfg = ModelConfig(random_init=shape, max_length=128)
@@ -115,14 +115,14 @@ def build(workdir: Path, shape: dict[str, Any], kinds: tuple[str, ...]) -> dict[
         if kind != "fp32" and not (folders[kind] / "candidate.json").is_file():
             print(f"building {kind}", flush=True)
             quantize_candidate(folders["fp32"], kind, quantize, folders[kind])
-    return folders
+    return {kind: folders[kind] for kind in kinds}
 
 
-def register(uri: str, folders: dict[str, Path], kinds: tuple[str, ...], shape: str) -> dict[str, str]:
+def register(uri: str, folders: dict[str, Path], shape: str) -> dict[str, str]:
     """kind -> registered model name (`llm-<shape>-<kind>@champion`)."""
     client = MlflowClient(uri, registry_uri=uri)
     registry.setup_tracking(RegistryConfig(tracking_uri=uri, experiment="bench-llm-runtimes"))
-    names = {kind: f"llm-{shape}-{kind}" for kind in kinds}
+    names = {kind: f"llm-{shape}-{kind}" for kind in folders}
     for kind, name in names.items():
         if client.search_model_versions(f"name='{name}'"):
             continue
@@ -308,7 +308,7 @@ def main() -> None:
     title, shape = SHAPES[args.shape]
     folders = build(workdir, shape, kinds)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    names = register(uri, {kind: folders[kind] for kind in kinds}, kinds, args.shape)
+    names = register(uri, folders, args.shape)
     texts = prompts()
     quality_rows = quality() if args.shape == "135m" else []
     if quality_rows:
@@ -319,7 +319,7 @@ def main() -> None:
     memory: dict[str, dict[str, float]] = {}
     with ExitStack() as stack:
         bases: dict[str, tuple[str, str]] = {}
-        for label, (command, ready, model) in servers(workdir, {k: folders[k] for k in kinds}, names).items():
+        for label, (command, ready, model) in servers(workdir, folders, names).items():
             # the peer's own libraries, wherever its build folder now lies
             own = env | {"LD_LIBRARY_PATH": str(LLAMA_SERVER.parent)} if model == "llama-server" else env
             bases[label] = (stack.enter_context(running(label, command, ready, own, workdir)), model)
@@ -384,7 +384,7 @@ def write_markdown(result: dict[str, Any], stem: str) -> None:
         tablefmt="github",
     )  # fmt: skip
     md = [
-        "# LLM runtimes benchmark" + ("" if result.get("shape", "135m") == "135m" else f" ({result['shape']} shape)"),
+        "# LLM runtimes benchmark" + ("" if result["shape"] == "135m" else f" ({result['shape']} shape)"),
         "",
         f"Model: {result['model']}. llama.cpp from llama-cpp-python {result['llama_cpp_python']}. Prompts from the "
         f"packaged instructions' held-out rows, `/v1/completions` streamed, greedy, exactly {result['max_tokens']} "
