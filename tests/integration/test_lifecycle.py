@@ -34,6 +34,9 @@ def run(*overrides: str) -> dict:
     return lifecycle_flow.lifecycle(str(TINY_CONFIG), list(overrides))
 
 
+LEAN = "quantize.candidates=[fp32, int8]"  # where the test is not the candidates: the first run builds them all
+
+
 def aliases(client: MlflowClient) -> dict[str, str]:
     return {alias: str(v) for alias, v in client.get_registered_model(NAME).aliases.items()}
 
@@ -166,7 +169,7 @@ def test_predict_with_an_unknown_alias_is_a_clear_error(first: dict) -> None:
 
 
 def test_failing_candidate_is_registered_with_reasons_and_champion_kept(first: dict, client: MlflowClient) -> None:
-    result = run("train.learning_rate=0.003", "gates.min_macro_f1=0.99")
+    result = run("train.learning_rate=0.003", "gates.min_macro_f1=0.99", LEAN)
     assert not result["promoted"] and result["version"] == "2"
     version_tags = tags(client, "2")
     assert version_tags["llmops.verdict"] == "rejected"
@@ -179,7 +182,7 @@ def _registered_keys(client: MlflowClient) -> list[str]:
 
 
 def test_passing_change_is_promoted_then_rolled_back(first: dict, client: MlflowClient) -> None:
-    result = run("train.learning_rate=0.003")  # the previous test's candidates, under the default gates
+    result = run("train.learning_rate=0.003", LEAN)  # the previous test's candidates, under the default gates
     version = result["version"]
     assert result["promoted"] and version in {"2", "3"}  # v2 reused if the same candidate is selected
     selected_key = Path(result["candidates"][result["selected"]]).parent.name
@@ -205,7 +208,7 @@ def test_champion_moved_during_evaluation_is_not_overwritten(
         return real_score_champion(*args, **kwargs)
 
     monkeypatch.setattr(lifecycle_flow.release, "score_champion", someone_promotes_meanwhile)
-    result = run("train.learning_rate=0.004")
+    result = run("train.learning_rate=0.004", LEAN)
     assert not result["promoted"] and f"moved from version 1 to {other}" in result["message"]
     assert result["version"] not in {"1", other}
     assert aliases(client)["champion"] == other

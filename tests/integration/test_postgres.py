@@ -43,7 +43,7 @@ def test_register_gate_promote_rollback_and_serving_lookup_on_postgres(
     from flows.lifecycle import lifecycle
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
-    first = lifecycle(str(TINY_CONFIG), [])  # register and gate through the real flow
+    first = lifecycle(str(TINY_CONFIG), ["quantize.candidates=[fp32, int8]"])  # register and gate through the flow
     assert first["promoted"] and first["version"] == "1"
 
     cfg = load_config(TINY_CONFIG)

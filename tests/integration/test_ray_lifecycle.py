@@ -32,7 +32,7 @@ def test_the_lifecycle_runs_its_stages_on_both_hosts_and_promotes(tmp_path: Path
         env.pop("RAY_ADDRESS")  # the config key says where, this time
         run = subprocess.run(
             [str(BIN / "llmops"), "run", "--config", str(TINY_CONFIG), "--set", f"ray.address={cluster.address}",
-             "--set", "train.processes=2"],
+             "--set", "train.processes=2", "--set", "quantize.candidates=[fp32, int8]"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False,
         )  # fmt: skip
         # The monitor's pass runs as a task on the cluster too (the window is empty: no verdict, but a pass).

@@ -48,6 +48,7 @@ class LocalStack:
             f"monitor.workspace={home / 'workspace'}",
             f"monitor.reports_dir={home / 'reports'}",
             f"work_dir={home / 'work'}",
+            "quantize.candidates=[fp32]",  # the stack's subject, not the candidates (test_lifecycle has them all)
         ]
         self.env = os.environ | {
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports['mlflow']}",
