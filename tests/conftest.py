@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+# Lifecycle runs whose subject is not the candidates build fewer (docs/testing.md, "Which candidates a test builds")
+STUDENT_ONLY = "quantize.candidates=[fp32]"
+STUDENT_AND_INT8 = "quantize.candidates=[fp32, int8]"
 
 
 def pytest_configure(config: pytest.Config) -> None:

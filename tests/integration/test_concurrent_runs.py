@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TINY_CONFIG
+from tests.conftest import STUDENT_AND_INT8, TINY_CONFIG
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -22,7 +22,7 @@ def test_two_runs_at_once_build_each_stage_once(workdir: Path) -> None:
 
     env = os.environ | {"PREFECT_API_URL": str(PREFECT_API_URL.value())}  # one Prefect server, as in a stack
     llmops = Path(sys.executable).parent / "llmops"
-    command = [str(llmops), "run", "--config", str(TINY_CONFIG), "--set", "quantize.candidates=[fp32,int8]"]
+    command = [str(llmops), "run", "--config", str(TINY_CONFIG), "--set", STUDENT_AND_INT8]
     runs = [
         subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)

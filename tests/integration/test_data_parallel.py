@@ -21,7 +21,7 @@ from llmops.classification import data
 from llmops.classification.train import fine_tune
 from llmops.config import ConfigError, load_config
 from llmops.launcher import TrainLaunchError, run_fine_tune
-from tests.conftest import TINY_CONFIG
+from tests.conftest import STUDENT_ONLY, TINY_CONFIG
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 one_gpu = pytest.mark.skipif(
@@ -31,7 +31,7 @@ one_gpu = pytest.mark.skipif(
 
 @one_gpu
 def test_lifecycle_fine_tunes_in_two_processes_and_promotes(workdir: Path) -> None:
-    result = lifecycle_flow.lifecycle(str(TINY_CONFIG), ["train.processes=2", "quantize.candidates=[fp32]"])
+    result = lifecycle_flow.lifecycle(str(TINY_CONFIG), ["train.processes=2", STUDENT_ONLY])
     assert result["promoted"] and result["version"] == "1"
     teacher = Path(result["candidates"]["teacher"])
     assert CandidateMeta.load(teacher).recipe["processes"] == 2

@@ -22,7 +22,7 @@ import flows.lifecycle as lifecycle_flow
 from cli.main import app
 from llmops import tasks
 from llmops.config import ConfigError, LlmopsConfig, RegistryConfig, ServeConfig, load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, STUDENT_AND_INT8
 from tests.http_service import in_process, openai_client
 from tests.tiny_registry import (
     TINY_BERT_DECODER,
@@ -107,7 +107,7 @@ ONLY_ENDS = [
     "train.learning_rate=1.0e-9",  # training leaves the bias in charge: the end token stays its first choice
     "distill.learning_rate=1.0e-9",
     "distill.student_layers=[0]",
-    "quantize.candidates=[fp32, int8]",
+    STUDENT_AND_INT8,
 ]
 EMPTY_ONLY = "gates.answers={max_off_label_share: null, max_truncated_share: null, max_repetition_rate: null}"
 

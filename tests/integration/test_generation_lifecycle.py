@@ -24,7 +24,7 @@ from cli.main import app
 from llmops.config import load_config
 from llmops.generation.distill import distil
 from llmops.generation.modeling import load_base_model, load_tokenizer
-from tests.conftest import REPO
+from tests.conftest import REPO, STUDENT_AND_INT8, STUDENT_ONLY
 from tests.integration.trained_decoders import trained
 from tests.tiny_registry import register_versions
 
@@ -41,9 +41,6 @@ def client(home: Path) -> MlflowClient:
 
 def run(*overrides: str) -> dict:
     return lifecycle_flow.lifecycle(str(LLM_TINY), list(overrides))
-
-
-LEAN = "quantize.candidates=[fp32]"  # the teacher and the student alone, where the test is not the candidates
 
 
 def aliases(client: MlflowClient, name: str = NAME) -> dict[str, str]:
@@ -167,7 +164,7 @@ def test_no_trainer_checkpoint_is_left_behind(first: dict, home: Path) -> None:
 
 
 def test_a_rejected_candidate_is_registered_and_the_champion_kept(first: dict, client: MlflowClient) -> None:
-    result = run("train.learning_rate=0.003", "gates.max={perplexity: 1.0}", LEAN)
+    result = run("train.learning_rate=0.003", "gates.max={perplexity: 1.0}", STUDENT_ONLY)
     assert not result["promoted"] and result["version"] == "2"
     assert tags(client, "2")["llmops.verdict"] == "rejected"
     assert "> ceiling 1.0000" in tags(client, "2")["llmops.reasons"]
@@ -175,7 +172,7 @@ def test_a_rejected_candidate_is_registered_and_the_champion_kept(first: dict, c
 
 
 def test_a_passing_change_is_promoted_then_rolled_back(first: dict, client: MlflowClient) -> None:
-    result = run("train.learning_rate=0.003", LEAN)
+    result = run("train.learning_rate=0.003", STUDENT_ONLY)
     version = result["version"]
     assert result["promoted"] and version in {"2", "3"}
     assert aliases(client) == {"champion": version, "challenger": version, "previous-champion": "1"}
@@ -187,7 +184,7 @@ def test_a_passing_change_is_promoted_then_rolled_back(first: dict, client: Mlfl
 def test_a_classifier_champion_judges_the_generations(first: dict, client: MlflowClient, home: Path) -> None:
     register_versions(home, "tweet-sentiment", seeds=[1])
     client.set_registered_model_alias("tweet-sentiment", "champion", "1")
-    result = run("train.learning_rate=0.002", "gates.min_ratio_to_teacher={control_accuracy: 0.0}", LEAN)
+    result = run("train.learning_rate=0.002", "gates.min_ratio_to_teacher={control_accuracy: 0.0}", STUDENT_ONLY)
     runs = children(client, result["parent_run_id"])
     for candidate in runs:
         assert 0.0 <= candidate.data.metrics["control_accuracy"] <= 1.0
@@ -212,7 +209,7 @@ def test_a_gpt2_decoder_with_lora_and_on_policy_jsd_learns_from_a_prompt_complet
             "train.lora={r: 4}",
             "distill.loss=jsd",
             "distill.on_policy=0.5",
-            "quantize.candidates=[fp32, int8]",
+            STUDENT_AND_INT8,
         ],
     )
     assert result["promoted"] and result["version"] == "1"

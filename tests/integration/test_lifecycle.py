@@ -19,7 +19,7 @@ import flows.lifecycle as lifecycle_flow
 from cli.main import app
 from llmops import registry
 from llmops.cache import Built
-from tests.conftest import TINY_CONFIG
+from tests.conftest import STUDENT_AND_INT8, TINY_CONFIG
 
 NAME = "tweet-sentiment"
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -32,9 +32,6 @@ def client(home: Path) -> MlflowClient:
 
 def run(*overrides: str) -> dict:
     return lifecycle_flow.lifecycle(str(TINY_CONFIG), list(overrides))
-
-
-LEAN = "quantize.candidates=[fp32, int8]"  # where the test is not the candidates: the first run builds them all
 
 
 def aliases(client: MlflowClient) -> dict[str, str]:
@@ -169,7 +166,7 @@ def test_predict_with_an_unknown_alias_is_a_clear_error(first: dict) -> None:
 
 
 def test_failing_candidate_is_registered_with_reasons_and_champion_kept(first: dict, client: MlflowClient) -> None:
-    result = run("train.learning_rate=0.003", "gates.min_macro_f1=0.99", LEAN)
+    result = run("train.learning_rate=0.003", "gates.min_macro_f1=0.99", STUDENT_AND_INT8)
     assert not result["promoted"] and result["version"] == "2"
     version_tags = tags(client, "2")
     assert version_tags["llmops.verdict"] == "rejected"
@@ -182,7 +179,8 @@ def _registered_keys(client: MlflowClient) -> list[str]:
 
 
 def test_passing_change_is_promoted_then_rolled_back(first: dict, client: MlflowClient) -> None:
-    result = run("train.learning_rate=0.003", LEAN)  # the previous test's candidates, under the default gates
+    # the previous test's candidates, under the default gates
+    result = run("train.learning_rate=0.003", STUDENT_AND_INT8)
     version = result["version"]
     assert result["promoted"] and version in {"2", "3"}  # v2 reused if the same candidate is selected
     selected_key = Path(result["candidates"][result["selected"]]).parent.name
@@ -208,7 +206,7 @@ def test_champion_moved_during_evaluation_is_not_overwritten(
         return real_score_champion(*args, **kwargs)
 
     monkeypatch.setattr(lifecycle_flow.release, "score_champion", someone_promotes_meanwhile)
-    result = run("train.learning_rate=0.004", LEAN)
+    result = run("train.learning_rate=0.004", STUDENT_AND_INT8)
     assert not result["promoted"] and f"moved from version 1 to {other}" in result["message"]
     assert result["version"] not in {"1", other}
     assert aliases(client)["champion"] == other
@@ -216,7 +214,7 @@ def test_champion_moved_during_evaluation_is_not_overwritten(
 
 
 def test_candidates_evaluate_at_once_on_a_ray_instance_of_this_machine(workdir: Path) -> None:
-    result = lifecycle_flow.lifecycle(str(TINY_CONFIG), ["eval.parallel=ray", "quantize.candidates=[fp32, int8]"])
+    result = lifecycle_flow.lifecycle(str(TINY_CONFIG), ["eval.parallel=ray", STUDENT_AND_INT8])
     assert result["promoted"] and set(result["candidates"]) == {"teacher", "student", "int8"}
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     parent = client.get_run(result["parent_run_id"])

@@ -24,7 +24,7 @@ from llmops.predlog import FeedbackRow, PredictionLogWriter, PredictionRow, enco
 from llmops.registry import download_candidate
 from monitoring.classification import run_monitor
 from monitoring.monitor import monitoring_experiment
-from tests.conftest import TINY_CONFIG, Recorder
+from tests.conftest import STUDENT_ONLY, TINY_CONFIG, Recorder
 from tests.tiny_registry import register_versions
 
 NAME = "monitored"
@@ -264,7 +264,7 @@ def test_monitor_flow_retrains_in_process_on_feedback_and_the_gates_decide(setup
         "monitor.retrain.drift_windows=1",
         "monitor.retrain.of_last=1",
         "monitor.retrain_via=in-process",
-        "quantize.candidates=[fp32]",
+        STUDENT_ONLY,
     ]
     result = monitor(str(TINY_CONFIG), overrides)
 

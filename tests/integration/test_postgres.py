@@ -16,7 +16,7 @@ from llmops.config import load_config
 from llmops.gateway import GatewayStore, Usage
 from serving.metrics import ServingMetrics
 from serving.models import ModelWatcher
-from tests.conftest import TINY_CONFIG
+from tests.conftest import STUDENT_AND_INT8, TINY_CONFIG
 from tests.http_service import mlflow_server
 from tests.postgres import postgres_server
 from tests.tiny_registry import build_tiny_candidate
@@ -43,7 +43,7 @@ def test_register_gate_promote_rollback_and_serving_lookup_on_postgres(
     from flows.lifecycle import lifecycle
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
-    first = lifecycle(str(TINY_CONFIG), ["quantize.candidates=[fp32, int8]"])  # register and gate through the flow
+    first = lifecycle(str(TINY_CONFIG), [STUDENT_AND_INT8])  # register and gate through the real flow
     assert first["promoted"] and first["version"] == "1"
 
     cfg = load_config(TINY_CONFIG)

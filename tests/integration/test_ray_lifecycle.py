@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from llmops.cache import Built
-from tests.conftest import TINY_CONFIG
+from tests.conftest import STUDENT_AND_INT8, TINY_CONFIG
 from tests.http_service import prefect_server
 from tests.ray_cluster import node_logs, ray_cluster
 
@@ -32,7 +32,7 @@ def test_the_lifecycle_runs_its_stages_on_both_hosts_and_promotes(tmp_path: Path
         env.pop("RAY_ADDRESS")  # the config key says where, this time
         run = subprocess.run(
             [str(BIN / "llmops"), "run", "--config", str(TINY_CONFIG), "--set", f"ray.address={cluster.address}",
-             "--set", "train.processes=2", "--set", "quantize.candidates=[fp32, int8]"],
+             "--set", "train.processes=2", "--set", STUDENT_AND_INT8],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False,
         )  # fmt: skip
         # The monitor's pass runs as a task on the cluster too (the window is empty: no verdict, but a pass).

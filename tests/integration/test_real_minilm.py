@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from flows.lifecycle import lifecycle
-from tests.conftest import REPO
+from tests.conftest import REPO, STUDENT_AND_INT8
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -21,7 +21,7 @@ def test_real_minilm_lifecycle(workdir: Path) -> None:
             "train.epochs=1",
             "distill.epochs=1",
             "distill.transfer_rows=200",  # the quickstart's 10,000 would make this the slowest test
-            "quantize.candidates=[fp32, int8]",
+            STUDENT_AND_INT8,
             "gates.min_macro_f1=0.0",
             "gates.min_retention=0.0",
             "gates.max_slice_gap=null",

@@ -22,7 +22,7 @@ from llmops.classification.data import prepare_data
 from llmops.config import load_config
 from llmops.ports import free_port
 from llmops.predlog import open_store
-from tests.conftest import REPO, TINY_CONFIG
+from tests.conftest import REPO, STUDENT_ONLY, TINY_CONFIG
 
 BIN = Path(sys.executable).parent
 
@@ -48,7 +48,7 @@ class LocalStack:
             f"monitor.workspace={home / 'workspace'}",
             f"monitor.reports_dir={home / 'reports'}",
             f"work_dir={home / 'work'}",
-            "quantize.candidates=[fp32]",  # the stack's subject, not the candidates (test_lifecycle has them all)
+            STUDENT_ONLY,  # the stack's subject, not the candidates (test_lifecycle has them all)
         ]
         self.env = os.environ | {
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.ports['mlflow']}",
