@@ -190,6 +190,13 @@ class TrainConfig(_Strict):
     are tied (the packaged decoder, GPT-2, most small LMs). The vocabulary projection's weight gradient and optimizer
     state are skipped: a quarter of a MiniLM decoder's training step. No effect under LoRA (the base is frozen
     there). Distillation has its own (`distill.freeze_embeddings`)."""
+    target_contrast: float = Field(default=0.0, ge=0.0)
+    """Generative tasks: weight of a term that makes the model read the target its prompt names (GeDi's
+    generative-discriminative training, Krause et al. 2020). For instruction kinds whose every prompt names the
+    row's target (the packaged `write a <sentiment> tweet about <topic>`: kinds with two targets or more, each
+    row's target a word of its prompt), the row's answer is also scored after the prompt naming each other target,
+    and the loss adds the cross-entropy of the row's own target under p(target | answer), the softmax of those
+    answer log-likelihoods. Costs a forward and backward pass per alternative. 0: off."""
 
 
 DistillLoss = Literal["forward_kl", "reverse_kl", "jsd"]
@@ -221,6 +228,8 @@ class DistillConfig(_Strict):
     weight gradient and optimizer state (half of a 3-layer MiniLM student's step)."""
     hidden_weight: float = Field(default=0.0, ge=0.0)
     """Weight of the hidden-state (cosine) loss; > 0 runs the teacher on every batch."""
+    target_contrast: float = Field(default=0.0, ge=0.0)
+    """Generative tasks: the student's `train.target_contrast` term, with this weight (not on on-policy batches)."""
     epochs: float = Field(default=3.0, gt=0)
     batch_size: int = Field(default=32, gt=0)
     learning_rate: float = Field(default=1e-4, gt=0)

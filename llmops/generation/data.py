@@ -362,20 +362,87 @@ def encode_example(
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
+def contrastable_kinds(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """Instruction kinds whose prompt names the row's target, and their targets: kinds with two targets or more
+    where every targeted row's prompt holds its target as a word (the packaged `write a <sentiment> tweet about
+    <topic>`; not `classify ...: <tweet>`, whose target is the answer)."""
+    kinds = {}
+    for kind, rows in frame[frame["target"] != ""].groupby("instruction"):
+        targets = sorted(set(rows["target"]))
+        named = all(_names(prompt, target) for prompt, target in zip(rows["prompt"], rows["target"], strict=True))
+        if kind and len(targets) > 1 and named:
+            kinds[str(kind)] = targets
+    return kinds
+
+
+def _word(target: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<!\w){re.escape(target)}(?!\w)")
+
+
+def _names(prompt: str, target: str) -> bool:
+    return _word(target).search(prompt) is not None
+
+
+def contrast_prompts(frame: pd.DataFrame) -> tuple[list[list[str]], list[list[str]]]:
+    """Per row, its prompt and chat messages naming each other target of its kind in place of its own (empty lists
+    for rows of other kinds): what `train.target_contrast` scores the row's answer under."""
+    kinds = contrastable_kinds(frame)
+    prompts, histories = [], []
+    for prompt, messages, kind, target in zip(
+        frame["prompt"], frame["messages"], frame["instruction"], frame["target"], strict=True
+    ):
+        others = [t for t in kinds.get(kind, []) if t != target]
+        prompts.append([_renamed_in(prompt, target, other) for other in others])
+        histories.append([_renamed(messages, target, other) for other in others])
+    return prompts, histories
+
+
+def _renamed(messages: str, target: str, other: str) -> str:
+    """The chat (JSON) with its last user message naming `other` in place of `target`; "" stays ""."""
+    if not messages:
+        return ""
+    history = json.loads(messages)
+    last = max(i for i, m in enumerate(history) if m["role"] == "user")
+    history[last] = {**history[last], "content": _renamed_in(history[last]["content"], target, other)}
+    return json.dumps(history)
+
+
+def _renamed_in(text: str, target: str, other: str) -> str:
+    return _word(target).sub(lambda _: other, text)
+
+
 def _encode_batch(
     batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, task: str, max_length: int
-) -> dict[str, list[list[int]]]:
+) -> dict[str, list[Any]]:
     # A module-level function: `datasets` fingerprints it stably (a closure makes it dump bytecode).
-    out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
     for prompt, messages, completion in zip(batch["prompt"], batch["messages"], batch["completion"], strict=True):
         example = encode_example(tokenizer, render_prompt(tokenizer, prompt, messages), completion, task, max_length)
         for key, value in example.items():
             out[key].append(value)
+    if "contrast_prompt" in batch:
+        out |= {f"contrast_{key}": [] for key in ("input_ids", "labels")}
+        for prompts, histories, completion in zip(
+            batch["contrast_prompt"], batch["contrast_messages"], batch["completion"], strict=True
+        ):
+            examples = [
+                encode_example(tokenizer, render_prompt(tokenizer, p, m), completion, task, max_length)
+                for p, m in zip(prompts, histories, strict=True)
+            ]
+            for key in ("input_ids", "labels"):
+                out[f"contrast_{key}"].append([example[key] for example in examples])
     return out
 
 
-def tokenize_split(path: Path, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int) -> datasets.Dataset:
-    """A Parquet split -> `input_ids`, `attention_mask`, `labels` (unpadded: the collator pads)."""
+def tokenize_split(
+    path: Path, tokenizer: PreTrainedTokenizerBase, task: str, max_length: int, contrast: bool = False
+) -> datasets.Dataset:
+    """A Parquet split -> `input_ids`, `attention_mask`, `labels` (unpadded: the collator pads). With `contrast`,
+    also `contrast_input_ids` and `contrast_labels`: per row, its answer after each of `contrast_prompts`."""
     frame = datasets.Dataset.from_parquet(str(path))
+    columns = frame.column_names
+    if contrast:
+        prompts, histories = contrast_prompts(frame.to_pandas())
+        frame = frame.add_column("contrast_prompt", prompts).add_column("contrast_messages", histories)
     encode = functools.partial(_encode_batch, tokenizer=tokenizer, task=task, max_length=max_length)
-    return frame.map(encode, batched=True, remove_columns=frame.column_names)
+    return frame.map(encode, batched=True, remove_columns=frame.column_names if contrast else columns)

@@ -20,7 +20,13 @@ from transformers import EarlyStoppingCallback, PreTrainedModel, Trainer, set_se
 from llmops.candidate_folder import CandidateMeta
 from llmops.config import DistillConfig
 from llmops.generation.data import IGNORE, tokenize_split
-from llmops.generation.losses import completion_loss, score_completions, token_distillation_loss
+from llmops.generation.losses import (
+    completion_loss,
+    score_completions,
+    token_distillation_loss,
+    with_target_contrast,
+    without_contrast,
+)
 from llmops.generation.modeling import freeze_embeddings
 from llmops.generation.train import collator
 from llmops.prepared_data import PreparedData
@@ -46,9 +52,11 @@ class TokenDistillationTrainer(Trainer):
         self.rng = random.Random(0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        inputs, alternatives = without_contrast(inputs)
         on_policy = model.training and self.cfg.on_policy > 0 and self.rng.random() < self.cfg.on_policy
         if on_policy:
             inputs = self._student_written(model, inputs)
+            alternatives = {}  # they follow the reference answers, not the student's
         scored = score_completions(model, inputs, self.task)
         with torch.no_grad():
             teacher = score_completions(self.teacher, inputs, self.task)
@@ -65,6 +73,8 @@ class TokenDistillationTrainer(Trainer):
         alpha = 0.0 if on_policy else self.cfg.alpha
         hard = completion_loss(scored, self.loss_per) if alpha > 0 else 0.0
         loss = alpha * hard + (1.0 - alpha) * divergence
+        weight, n_rows = self.cfg.target_contrast, len(inputs["labels"])
+        loss = with_target_contrast(loss, weight, model, scored, n_rows, alternatives, self.task)
         return (loss, {"logits": scored.logits}) if return_outputs else loss
 
     @torch.no_grad()
@@ -131,14 +141,17 @@ def distil(
     if cfg.freeze_embeddings:
         freeze_embeddings(student)
     train_rows = pq.read_metadata(data.split_path("train")).num_rows
-    args = distil_arguments(out_dir, cfg, train_rows, best_metric="loss", greater_is_better=False)
+    contrast = cfg.target_contrast > 0
+    args = distil_arguments(
+        out_dir, cfg, train_rows, best_metric="loss", greater_is_better=False, remove_unused_columns=not contrast
+    )
     teacher.to(args.device)
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     trainer = TokenDistillationTrainer(
         model=student,
         args=args,
-        train_dataset=tokenize_split(data.split_path("train"), tokenizer, task, meta.max_length),
+        train_dataset=tokenize_split(data.split_path("train"), tokenizer, task, meta.max_length, contrast),
         eval_dataset=tokenize_split(data.split_path("validation"), tokenizer, task, meta.max_length),
         processing_class=tokenizer,
         data_collator=collator(tokenizer, student, task),
@@ -166,6 +179,7 @@ def distil(
             "on_policy": cfg.on_policy,
             "loss_per": loss_per,
             "freeze_embeddings": cfg.freeze_embeddings,
+            **({"target_contrast": cfg.target_contrast} if contrast else {}),
         },
     )
     return train_to_candidate(trainer, out_dir, student_meta, best_metric="loss")

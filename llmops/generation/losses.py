@@ -106,6 +106,58 @@ def completion_loss(scored: Scored, per: str) -> torch.Tensor:
     return average(nll, scored.rows, per)
 
 
+def answer_logprobs(scored: Scored, n_rows: int) -> torch.Tensor:
+    """(n_rows,): the log-probability of each row's whole completion (the sum over its tokens)."""
+    logp = -F.cross_entropy(scored.logits.float(), scored.targets, reduction="none")
+    return torch.zeros(n_rows, dtype=logp.dtype, device=logp.device).index_add(0, scored.rows, logp)
+
+
+CONTRAST = "contrast_"
+"""Prefix of a batch's alternative sequences (`llmops.generation.train.WithContrast`)."""
+
+
+def without_contrast(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A batch's own rows, and its alternatives (`rows`: the row each belongs to; empty when it has none)."""
+    own = {k: v for k, v in inputs.items() if not k.startswith(CONTRAST)}
+    return own, {k.removeprefix(CONTRAST): v for k, v in inputs.items() if k.startswith(CONTRAST)}
+
+
+def target_contrast_loss(
+    model: Any, scored: Scored, n_rows: int, alternatives: dict[str, torch.Tensor], task: str
+) -> torch.Tensor:
+    """The generative-discriminative term of GeDi (Krause et al. 2020): the model as a classifier of its own
+    answers. With a uniform prior, p(target | answer) is the softmax over the targets t of log p(answer | prompt
+    naming t); the loss is its cross-entropy for the row's own target, averaged over the rows that have
+    alternatives. `scored`: the batch's own rows (`n_rows`); `alternatives`: the same answers after the prompts
+    naming each other target, with `rows`, the row each belongs to (ascending)."""
+    owners = alternatives["rows"]
+    other = score_completions(model, {k: v for k, v in alternatives.items() if k != "rows"}, task)
+    own = answer_logprobs(scored, n_rows)
+    alternative = answer_logprobs(other, len(owners))
+    counts = torch.bincount(owners, minlength=n_rows)
+    rank = torch.arange(len(owners), device=owners.device) - (counts.cumsum(0) - counts)[owners]
+    table = torch.full((n_rows, 1 + int(counts.max())), float("-inf"), dtype=own.dtype, device=own.device)
+    table[:, 0] = own
+    table[owners, 1 + rank] = alternative
+    contrasted = counts > 0
+    return F.cross_entropy(table[contrasted], torch.zeros(int(contrasted.sum()), dtype=torch.long, device=own.device))
+
+
+def with_target_contrast(
+    loss: torch.Tensor,
+    weight: float,
+    model: Any,
+    scored: Scored,
+    n_rows: int,
+    alternatives: dict[str, torch.Tensor],
+    task: str,
+) -> torch.Tensor:
+    """`loss + weight * target_contrast_loss` in training, on a batch with alternatives; else `loss`."""
+    if weight <= 0 or not model.training or "rows" not in alternatives:
+        return loss
+    return loss + weight * target_contrast_loss(model, scored, n_rows, alternatives, task)
+
+
 BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
 """TRL's generalized JSD at beta 0 is KL(teacher || student), at beta 1 KL(student || teacher)."""
 

