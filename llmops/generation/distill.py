@@ -22,10 +22,12 @@ from llmops.config import DistillConfig
 from llmops.generation.data import IGNORE, tokenize_split
 from llmops.generation.losses import (
     completion_loss,
+    first_rows,
+    of_rows,
     score_completions,
+    target_contrast_loss,
     token_distillation_loss,
-    with_target_contrast,
-    without_contrast,
+    without_owners,
 )
 from llmops.generation.modeling import freeze_embeddings
 from llmops.generation.train import collator
@@ -52,14 +54,15 @@ class TokenDistillationTrainer(Trainer):
         self.rng = random.Random(0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        inputs, alternatives = without_contrast(inputs)
+        inputs, owners = without_owners(inputs)
+        n_own = len(inputs["labels"]) - (0 if owners is None else len(owners))
         on_policy = model.training and self.cfg.on_policy > 0 and self.rng.random() < self.cfg.on_policy
-        if on_policy:
-            inputs = self._student_written(model, inputs)
-            alternatives = {}  # they follow the reference answers, not the student's
-        scored = score_completions(model, inputs, self.task)
+        if on_policy:  # alternatives follow the reference answers, not the student's
+            inputs, owners = self._student_written(model, first_rows(inputs, n_own)), None
+        everything = score_completions(model, inputs, self.task)  # the rows and their alternatives in one pass
+        scored = of_rows(everything, n_own)
         with torch.no_grad():
-            teacher = score_completions(self.teacher, inputs, self.task)
+            teacher = score_completions(self.teacher, first_rows(inputs, n_own), self.task)
         divergence = token_distillation_loss(
             scored.logits,
             teacher.logits,
@@ -73,8 +76,8 @@ class TokenDistillationTrainer(Trainer):
         alpha = 0.0 if on_policy else self.cfg.alpha
         hard = completion_loss(scored, self.loss_per) if alpha > 0 else 0.0
         loss = alpha * hard + (1.0 - alpha) * divergence
-        weight, n_rows = self.cfg.target_contrast, len(inputs["labels"])
-        loss = with_target_contrast(loss, weight, model, scored, n_rows, alternatives, self.task)
+        if owners is not None and model.training and self.cfg.target_contrast > 0:
+            loss = loss + self.cfg.target_contrast * target_contrast_loss(everything, n_own, owners)
         return (loss, {"logits": scored.logits}) if return_outputs else loss
 
     @torch.no_grad()

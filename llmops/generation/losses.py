@@ -112,50 +112,42 @@ def answer_logprobs(scored: Scored, n_rows: int) -> torch.Tensor:
     return torch.zeros(n_rows, dtype=logp.dtype, device=logp.device).index_add(0, scored.rows, logp)
 
 
-CONTRAST = "contrast_"
-"""Prefix of a batch's alternative sequences (`llmops.generation.train.WithContrast`)."""
+OWNERS = "contrast_rows"
+"""Batch key of the rows' alternatives (`llmops.generation.train.WithContrast`): they follow the batch's own rows,
+and this holds, for each, the row it belongs to."""
 
 
-def without_contrast(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A batch's own rows, and its alternatives (`rows`: the row each belongs to; empty when it has none)."""
-    own = {k: v for k, v in inputs.items() if not k.startswith(CONTRAST)}
-    return own, {k.removeprefix(CONTRAST): v for k, v in inputs.items() if k.startswith(CONTRAST)}
+def without_owners(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """A batch's tensors, and the owners of its alternatives (None when it has none)."""
+    return {k: v for k, v in inputs.items() if k != OWNERS}, inputs.get(OWNERS)
 
 
-def target_contrast_loss(
-    model: Any, scored: Scored, n_rows: int, alternatives: dict[str, torch.Tensor], task: str
-) -> torch.Tensor:
+def first_rows(inputs: dict[str, torch.Tensor], n_rows: int) -> dict[str, torch.Tensor]:
+    """The batch's first `n_rows` rows: its own, without the alternatives."""
+    return {k: v[:n_rows] for k, v in inputs.items()}
+
+
+def of_rows(scored: Scored, n_rows: int) -> Scored:
+    """The tokens of the first `n_rows` rows (they come first: tokens are in row order)."""
+    keep = scored.rows < n_rows
+    return Scored(scored.logits[keep], scored.targets[keep], scored.rows[keep])
+
+
+def target_contrast_loss(scored: Scored, n_own: int, owners: torch.Tensor) -> torch.Tensor:
     """The generative-discriminative term of GeDi (Krause et al. 2020): the model as a classifier of its own
     answers. With a uniform prior, p(target | answer) is the softmax over the targets t of log p(answer | prompt
-    naming t); the loss is its cross-entropy for the row's own target, averaged over the rows that have
-    alternatives. `scored`: the batch's own rows (`n_rows`); `alternatives`: the same answers after the prompts
-    naming each other target, with `rows`, the row each belongs to (ascending)."""
-    owners = alternatives["rows"]
-    other = score_completions(model, {k: v for k, v in alternatives.items() if k != "rows"}, task)
-    own = answer_logprobs(scored, n_rows)
-    alternative = answer_logprobs(other, len(owners))
-    counts = torch.bincount(owners, minlength=n_rows)
+    naming t); the loss is the cross-entropy of the row's own target, averaged over the rows that have
+    alternatives. `scored`: a batch of `n_own` rows followed by their alternatives, the same answers after the
+    prompts naming each other target; `owners`: the row each alternative belongs to (ascending)."""
+    logp = answer_logprobs(scored, n_own + len(owners))
+    own, alternative = logp[:n_own], logp[n_own:]
+    counts = torch.bincount(owners, minlength=n_own)
     rank = torch.arange(len(owners), device=owners.device) - (counts.cumsum(0) - counts)[owners]
-    table = torch.full((n_rows, 1 + int(counts.max())), float("-inf"), dtype=own.dtype, device=own.device)
+    table = torch.full((n_own, 1 + int(counts.max())), float("-inf"), dtype=own.dtype, device=own.device)
     table[:, 0] = own
     table[owners, 1 + rank] = alternative
     contrasted = counts > 0
     return F.cross_entropy(table[contrasted], torch.zeros(int(contrasted.sum()), dtype=torch.long, device=own.device))
-
-
-def with_target_contrast(
-    loss: torch.Tensor,
-    weight: float,
-    model: Any,
-    scored: Scored,
-    n_rows: int,
-    alternatives: dict[str, torch.Tensor],
-    task: str,
-) -> torch.Tensor:
-    """`loss + weight * target_contrast_loss` in training, on a batch with alternatives; else `loss`."""
-    if weight <= 0 or not model.training or "rows" not in alternatives:
-        return loss
-    return loss + weight * target_contrast_loss(model, scored, n_rows, alternatives, task)
 
 
 BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}

@@ -9,7 +9,6 @@ checkpoint by validation loss is kept. bf16/fp16 on a GPU, all cores on CPU, and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,12 @@ from llmops.config import LoraConfig, ModelConfig, TrainConfig
 from llmops.generation.adapters import parse_base
 from llmops.generation.data import IGNORE, prompt_format, tokenize_split
 from llmops.generation.losses import (
-    CONTRAST,
+    OWNERS,
     completion_loss,
+    of_rows,
     score_completions,
-    with_target_contrast,
-    without_contrast,
+    target_contrast_loss,
+    without_owners,
 )
 from llmops.generation.modeling import add_lora, freeze_embeddings, load_base_model, load_tokenizer, qlora_config
 from llmops.prepared_data import PreparedData
@@ -39,34 +39,38 @@ class CompletionTrainer(Trainer):
         self.task, self.loss_per, self.target_contrast = task, loss_per, target_contrast
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        inputs, alternatives = without_contrast(inputs)
-        scored = score_completions(model, inputs, self.task)
+        inputs, owners = without_owners(inputs)
+        everything = score_completions(model, inputs, self.task)  # the rows and their alternatives in one pass
+        n_own = len(inputs["labels"]) - (0 if owners is None else len(owners))
+        scored = of_rows(everything, n_own)
         loss = completion_loss(scored, self.loss_per)
-        n_rows = len(inputs["labels"])
-        loss = with_target_contrast(loss, self.target_contrast, model, scored, n_rows, alternatives, self.task)
+        if owners is not None and model.training and self.target_contrast > 0:
+            loss = loss + self.target_contrast * target_contrast_loss(everything, n_own, owners)
         return (loss, {"logits": scored.logits}) if return_outputs else loss
+
+
+CONTRAST = ("contrast_input_ids", "contrast_labels")
+"""A row's alternatives as `tokenize_split(contrast=True)` gives them."""
 
 
 @dataclass
 class WithContrast:
-    """Pads a batch as `pad` does, and where its rows carry alternatives (`tokenize_split(contrast=True)`), pads
-    those as a second batch under `contrast_*` keys, with `contrast_rows`: the row each alternative belongs to."""
+    """Pads a batch as `pad` does. Where its rows carry alternatives (`tokenize_split(contrast=True)`), those are
+    padded into the same batch after the rows, one forward pass for all, and `contrast_rows` holds the row each
+    belongs to."""
 
     pad: DataCollatorForSeq2Seq
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         rows, alternatives, owners = [], [], []
         for row, feature in enumerate(features):
-            own = {k: v for k, v in feature.items() if not k.startswith(CONTRAST)}
-            rows.append(own)
-            other_ids, other_labels = feature.get("contrast_input_ids", []), feature.get("contrast_labels", [])
-            for ids, labels in zip(other_ids, other_labels, strict=True):
+            rows.append({k: v for k, v in feature.items() if k not in CONTRAST})
+            for ids, labels in zip(*(feature.get(k, []) for k in CONTRAST), strict=True):
                 alternatives.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
                 owners.append(row)
-        batch = dict(self.pad(rows))
+        batch = dict(self.pad(rows + alternatives))
         if alternatives:
-            batch |= {CONTRAST + k: v for k, v in self.pad(alternatives).items()}
-            batch[CONTRAST + "rows"] = torch.tensor(owners)
+            batch[OWNERS] = torch.tensor(owners)
         return batch
 
 
@@ -124,9 +128,12 @@ def fine_tune(
     args = fine_tune_arguments(
         out_dir, train_cfg, data, best_metric="loss", greater_is_better=False, remove_unused_columns=not contrast
     )
-    tokenize = partial(
-        tokenize_split, tokenizer=tokenizer, task=task, max_length=model_cfg.max_length, contrast=contrast
-    )
+
+    def tokenize(split: Path) -> Any:  # alternatives in training only: validation loss stays the completion loss
+        return tokenize_split(
+            split, tokenizer, task, model_cfg.max_length, contrast and split == data.split_path("train")
+        )
+
     patience = train_cfg.early_stopping_patience
     trainer = CompletionTrainer(
         **fine_tune_inputs(model, args, data, tokenize, tokenizer, collator(tokenizer, model, task), patience),

@@ -224,3 +224,17 @@ def test_contrast_alternatives_carry_the_same_answer_after_another_prompt(tmp_pa
     assert tokenizer.decode(other, skip_special_tokens=True).startswith("system : be brief user : write a happy poem")
     answer = [label for label in row["labels"] if label != IGNORE]
     assert [label for label in row["contrast_labels"][0] if label != IGNORE] == answer
+
+
+def test_alternatives_ride_in_the_batch_after_its_rows(tmp_path: Path, tokenizer) -> None:
+    from llmops.generation.train import collator
+
+    path = tmp_path / "train.parquet"
+    frame = _rows(("write", "write a sad poem", "sad"), ("classify", "is this sad: rain", "sad"))
+    pd.concat([frame, _rows(("write", "write a happy poem", "happy"))]).to_parquet(path)
+    rows = tokenize_split(path, tokenizer, "causal-lm", 64, contrast=True)
+    batch = collator(tokenizer, None, "causal-lm")([rows[0], rows[1], rows[2]])
+    assert batch["input_ids"].shape[0] == 5 and batch["contrast_rows"].tolist() == [0, 2]  # 3 rows, then 2 others
+    assert (batch["labels"][3] == batch["labels"][0]).all()  # row 0's answer, after the other prompt
+    plain = collator(tokenizer, None, "causal-lm")([tokenize_split(path, tokenizer, "causal-lm", 64)[0]])
+    assert "contrast_rows" not in plain and plain["input_ids"].shape[0] == 1

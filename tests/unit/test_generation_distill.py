@@ -15,12 +15,12 @@ from llmops.generation.losses import (
     Scored,
     average,
     completion_loss,
+    of_rows,
     score_completions,
     scored_positions,
     target_contrast_loss,
     token_distillation_loss,
     token_divergence,
-    with_target_contrast,
 )
 from llmops.students import build_student, prune_ffn
 
@@ -106,38 +106,29 @@ def test_completion_logits_are_the_full_logits_at_completion_positions(model_typ
 
 def test_target_contrast_is_the_cross_entropy_of_the_target_the_prompt_named() -> None:
     """Row 0 (a `write` row) is also scored after two prompts naming other targets; row 1 (a `classify` row) has no
-    alternative. The term is -log softmax([log p(answer | own prompt), log p(answer | each other)])[own], row 0's."""
+    alternative. The term is -log softmax([log p(answer | own prompt), log p(answer | each other)])[own], row 0's;
+    the alternatives come after the rows in one batch, and the completion loss sees the rows alone."""
     torch.manual_seed(0)
     config = AutoConfig.for_model("llama", vocab_size=50, pad_token_id=0, **TINY["llama"])
-    model = AutoModelForCausalLM.from_config(config).train()  # the term applies in training only
+    model = AutoModelForCausalLM.from_config(config).eval()
     answer = [9, 10, 11]
-    own = torch.tensor([[2, 20, 21, *answer], [2, 30, 31, 32, 33, 12]])
-    labels = torch.tensor([[IGNORE] * 3 + answer, [IGNORE] * 5 + [12]])
-    inputs = {"input_ids": own, "attention_mask": torch.ones_like(own), "labels": labels}
-    others = torch.tensor([[2, 22, 21, *answer], [2, 23, 21, *answer]])  # the prompt's second word renamed
-    alternatives = {
-        "input_ids": others,
-        "attention_mask": torch.ones_like(others),
-        "labels": torch.tensor([[IGNORE] * 3 + answer] * 2),
-        "rows": torch.tensor([0, 0]),
-    }
+    own = [[2, 20, 21, *answer], [2, 30, 31, 32, 33, 12]]
+    others = [[2, 22, 21, *answer], [2, 23, 21, *answer]]  # the prompt's second word renamed
+    ids = torch.tensor(own + others)
+    labels = torch.tensor([[IGNORE] * 3 + answer, [IGNORE] * 5 + [12]] + [[IGNORE] * 3 + answer] * 2)
+    batch = score_completions(
+        model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, "causal-lm"
+    )
 
-    def answer_logprob(ids: torch.Tensor) -> torch.Tensor:
-        logp = model(input_ids=ids[None]).logits[0].log_softmax(-1)
-        return sum(logp[t - 1, ids[t]] for t in range(3, 6))
+    def answer_logprob(sequence: list[int]) -> torch.Tensor:
+        logp = model(input_ids=torch.tensor([sequence])).logits[0].log_softmax(-1)
+        return sum(logp[t - 1, sequence[t]] for t in range(3, 6))
 
     scores = torch.stack([answer_logprob(own[0]), answer_logprob(others[0]), answer_logprob(others[1])])
     expected = -scores.log_softmax(0)[0]
-    scored = score_completions(model, inputs, "causal-lm")
-    assert target_contrast_loss(model, scored, 2, alternatives, "causal-lm").item() == pytest.approx(
-        expected.item(), rel=1e-4
-    )
-    base = completion_loss(scored, "example")
-    added = with_target_contrast(base, 0.5, model, scored, 2, alternatives, "causal-lm") - base
-    assert added.item() == pytest.approx(0.5 * expected.item(), rel=1e-4)
-    assert with_target_contrast(base, 0.5, model, scored, 2, {}, "causal-lm") is base  # a batch without any
-    model.eval()  # validation loss stays the completion loss, comparable across runs
-    assert with_target_contrast(base, 0.5, model, scored, 2, alternatives, "causal-lm") is base
+    assert target_contrast_loss(batch, 2, torch.tensor([0, 0])).item() == pytest.approx(expected.item(), rel=1e-4)
+    rows = of_rows(batch, 2)
+    assert rows.rows.tolist() == [0, 0, 0, 1] and rows.targets.tolist() == [*answer, 12]
 
 
 def test_a_bert_decoder_projects_completion_positions_alone_with_the_same_logits_and_gradients() -> None:
