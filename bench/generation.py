@@ -70,7 +70,7 @@ SAMPLES = 20
 """The champion's tweets printed in the results, sampled as evaluation samples (its temperature, top-p, seed)."""
 CONTROL_SAMPLES = 300
 """`write` prompts sampled and judged for control accuracy when re-measuring: every one of the quickstart's test
-split (the lifecycle's own evaluation samples 96, a standard error of about 0.05; on 300, about 0.028)."""
+split, as the lifecycle's own evaluation now samples them once (a standard error of about 0.026)."""
 CONTROL_DRAWS = 3
 """Samplings of those prompts judged for control accuracy (evaluation's seed, and the next ones); the figure
 reported is their mean. One sampling is a single draw: for one teacher three gave 0.537, 0.613 and 0.533."""
