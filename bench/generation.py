@@ -6,7 +6,7 @@
    user runs it (Prefect's temporary server start included), timed.
 3. Re-measures every candidate it built, one after the other, with the same threads and test rows, and more
    timed prompts than the lifecycle's own evaluation (16 prompts x 64 new tokens at batch 1) and more sampled
-   tweets judged for control accuracy (every `write` prompt of the test split).
+   tweets judged for control accuracy and topic (every `write` prompt of the test split, sampled three times).
 4. Writes bench/results/generation.json and generation.md, with the machine and the targets.
 
     make bench-generation            # or: python bench/generation.py [--keep]
@@ -109,9 +109,10 @@ def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict]
         for path in result["candidates"].values():
             report = task.evaluate(cfg, str(directory / path), str(data_dir), context)
             scored = {"macro_f1_unseen": unseen_macro_f1(directory / path, unseen)}
+            control, topic = samplings(directory / path, asked, cfg, judge)
+            scored |= {"on_topic": float(np.mean(topic)), "topic_draws": topic}
             if "control_accuracy" in report.metrics:
-                draws = [report.metrics["control_accuracy"], *more_control(directory / path, asked, cfg, judge)]
-                scored |= {"control_accuracy": float(np.mean(draws)), "control_draws": draws}
+                scored |= {"control_accuracy": float(np.mean(control)), "control_draws": control}
             rows.append(
                 {"kind": report.kind, "params": report.params, "notes": report.notes, **report.metrics, **scored}
             )
@@ -129,20 +130,28 @@ def _control(r: dict) -> str:
     return f"{r['control_accuracy']:.3f} ({min(r['control_draws']):.3f}-{max(r['control_draws']):.3f})"
 
 
-def more_control(candidate: Path, asked: pd.DataFrame, cfg: LlmopsConfig, judge: Control | None) -> list[float]:
-    """Control accuracy of the samplings after evaluation's own (`CONTROL_DRAWS`: the seeds after its seed), on
-    the `write` rows it samples (`asked`)."""
+def samplings(
+    candidate: Path, asked: pd.DataFrame, cfg: LlmopsConfig, judge: Control | None
+) -> tuple[list[float], list[float]]:
+    """`CONTROL_DRAWS` samplings of the `write` rows evaluation samples (`asked`; evaluation's seed, and the next
+    ones): the control accuracy of each (empty without a judge), and the share of its answers that the data's own
+    topic tagger (`data.topics`) puts in the asked topic, over the rows that ask for one."""
+    from llmops.corpus import tag_topic
     from llmops.generation.evaluate import open_generations
     from llmops.generation.loading import load_generator
 
     generator = load_generator(candidate)
     sampling = cfg.eval.generation
-    return [
-        open_generations(generator, asked, sampling.model_copy(update={"seed": sampling.seed + draw}), judge)[0][
-            "control_accuracy"
-        ]
-        for draw in range(1, CONTROL_DRAWS)
-    ]
+    named = asked["topic"] != "other"
+    control, topic = [], []
+    for draw in range(CONTROL_DRAWS):
+        seeded = sampling.model_copy(update={"seed": sampling.seed + draw})
+        metrics, _, generations = open_generations(generator, asked, seeded, judge)
+        if "control_accuracy" in metrics:
+            control.append(metrics["control_accuracy"])
+        said = tag_topic(pd.Series([g.text for g in generations], index=asked.index), cfg.data.topics)
+        topic.append(float((said == asked["topic"])[named].mean()))
+    return control, topic
 
 
 def real_control(judge: Control | None, asked: pd.DataFrame) -> float | None:
@@ -237,6 +246,7 @@ def table(rows: list[dict], champion: str) -> list[dict]:
                 "F1 / teacher": _ratio(r, teacher, "macro_f1_unseen"),
                 "control": _control(r),
                 "control / teacher": _ratio(r, teacher, "control_accuracy"),
+                "on topic": f"{r['on_topic']:.3f} ({min(r['topic_draws']):.3f}-{max(r['topic_draws']):.3f})",
                 "empty": f"{r['empty_share']:.3f}",
                 "off-label": f"{r['off_label_share']:.3f}",
                 "distinct-2": f"{r['distinct_2']:.3f}",
@@ -344,7 +354,8 @@ def main() -> None:
         "mean, with the samplings' lowest and highest (the standard error of the mean is about 0.02); macro-F1 "
         "(unseen) on "
         f"{UNSEEN} classify prompts of tweets the run never saw (about 0.009); macro-F1 (test) on the test split's "
-        "300 (about 0.027)",
+        "300 (about 0.027); on topic: the share of the same samplings' answers to prompts that name a topic which "
+        "the data's own topic tagger (`data.topics`) puts in the asked topic",
         "",
         "## Targets",
         "",
