@@ -25,8 +25,8 @@ from llmops.generation.losses import (
     first_rows,
     of_rows,
     score_completions,
-    target_contrast_loss,
     token_distillation_loss,
+    with_target_contrast,
     without_owners,
 )
 from llmops.generation.modeling import freeze_embeddings
@@ -54,8 +54,7 @@ class TokenDistillationTrainer(Trainer):
         self.rng = random.Random(0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        inputs, owners = without_owners(inputs)
-        n_own = len(inputs["labels"]) - (0 if owners is None else len(owners))
+        inputs, owners, n_own = without_owners(inputs)
         on_policy = model.training and self.cfg.on_policy > 0 and self.rng.random() < self.cfg.on_policy
         if on_policy:  # alternatives follow the reference answers, not the student's
             inputs, owners = self._student_written(model, first_rows(inputs, n_own)), None
@@ -76,8 +75,7 @@ class TokenDistillationTrainer(Trainer):
         alpha = 0.0 if on_policy else self.cfg.alpha
         hard = completion_loss(scored, self.loss_per) if alpha > 0 else 0.0
         loss = alpha * hard + (1.0 - alpha) * divergence
-        if owners is not None and model.training and self.cfg.target_contrast > 0:
-            loss = loss + self.cfg.target_contrast * target_contrast_loss(everything, n_own, owners)
+        loss = with_target_contrast(loss, self.cfg.target_contrast, model, everything, n_own, owners)
         return (loss, {"logits": scored.logits}) if return_outputs else loss
 
     @torch.no_grad()

@@ -117,9 +117,12 @@ OWNERS = "contrast_rows"
 and this holds, for each, the row it belongs to."""
 
 
-def without_owners(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """A batch's tensors, and the owners of its alternatives (None when it has none)."""
-    return {k: v for k, v in inputs.items() if k != OWNERS}, inputs.get(OWNERS)
+def without_owners(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, int]:
+    """A batch's tensors, the owners of its alternatives (None when it has none), and how many of its rows are its
+    own (they come first)."""
+    owners = inputs.get(OWNERS)
+    n_own = len(inputs["labels"]) - (0 if owners is None else len(owners))
+    return {k: v for k, v in inputs.items() if k != OWNERS}, owners, n_own
 
 
 def first_rows(inputs: dict[str, torch.Tensor], n_rows: int) -> dict[str, torch.Tensor]:
@@ -148,6 +151,16 @@ def target_contrast_loss(scored: Scored, n_own: int, owners: torch.Tensor) -> to
     table[owners, 1 + rank] = alternative
     contrasted = counts > 0
     return F.cross_entropy(table[contrasted], torch.zeros(int(contrasted.sum()), dtype=torch.long, device=own.device))
+
+
+def with_target_contrast(
+    loss: torch.Tensor, weight: float, model: Any, scored: Scored, n_own: int, owners: torch.Tensor | None
+) -> torch.Tensor:
+    """`loss + weight * target_contrast_loss` in training, on a batch with alternatives; else `loss` (validation
+    loss stays comparable across runs)."""
+    if owners is None or weight <= 0 or not model.training:
+        return loss
+    return loss + weight * target_contrast_loss(scored, n_own, owners)
 
 
 BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}

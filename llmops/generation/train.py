@@ -23,7 +23,7 @@ from llmops.generation.losses import (
     completion_loss,
     of_rows,
     score_completions,
-    target_contrast_loss,
+    with_target_contrast,
     without_owners,
 )
 from llmops.generation.modeling import add_lora, freeze_embeddings, load_base_model, load_tokenizer, qlora_config
@@ -39,13 +39,11 @@ class CompletionTrainer(Trainer):
         self.task, self.loss_per, self.target_contrast = task, loss_per, target_contrast
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        inputs, owners = without_owners(inputs)
+        inputs, owners, n_own = without_owners(inputs)
         everything = score_completions(model, inputs, self.task)  # the rows and their alternatives in one pass
-        n_own = len(inputs["labels"]) - (0 if owners is None else len(owners))
         scored = of_rows(everything, n_own)
         loss = completion_loss(scored, self.loss_per)
-        if owners is not None and model.training and self.target_contrast > 0:
-            loss = loss + self.target_contrast * target_contrast_loss(everything, n_own, owners)
+        loss = with_target_contrast(loss, self.target_contrast, model, everything, n_own, owners)
         return (loss, {"logits": scored.logits}) if return_outputs else loss
 
 
