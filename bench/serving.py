@@ -14,6 +14,7 @@ Writes bench/results/serving.json and serving.md, with the machine and the targe
 
     make bench-serving     # needs a champion: make run first
     .venv/bin/python bench/serving.py --gateway --duration-s 10   # keys, limits, guards, traces on vs off: gateway.md
+    .venv/bin/python bench/serving.py --gateway-parts --duration-s 10   # each part alone: gateway_parts.md
 """
 
 from __future__ import annotations
@@ -227,6 +228,68 @@ def gateway(args: argparse.Namespace, ours: list[str], texts: list[str], offline
     return {"rows": rows, "offline_throughput": offline, "spans_received": spans}
 
 
+PARTS = ("all off", "key and limits", "guards", "traces (1 in 10)", ON)
+"""`--gateway-parts`: all off, each part of all on alone, and all on: what each costs at c=32."""
+
+
+def gateway_parts(args: argparse.Namespace, ours: list[str], env: dict, work: Path, texts: list[str]) -> dict:
+    """Throughput at c=32 with each of all on's parts alone, three rounds, the servers taking turns in each."""
+    from llmops.gateway import GatewayStore
+
+    store = work / "gateway.db"
+    key, _ = GatewayStore(store).create("bench", rpm=10**9, tpm=10**9, budget=10**15, period="month")
+    no_store, no_guards = GATEWAY_OFF[:2], GATEWAY_OFF[2:]
+    with_store = ["--set", f"serve.gateway_store={store}"]
+    rows = []
+    with otlp_sink() as (endpoint, sink):
+        traced = env | {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint} | TRACES_SAMPLED
+        modes = {
+            "all off": ([*ours, *GATEWAY_OFF], env, None),
+            "key and limits": ([*ours, *with_store, *no_guards], env, key),
+            "guards": ([*ours, *no_store], env, None),
+            "traces (1 in 10)": ([*ours, *GATEWAY_OFF], traced, None),
+            ON: ([*ours, *with_store], traced, key),
+        }
+        v1 = [json.dumps({"texts": [t]}).encode() for t in texts]
+        for round_ in range(1, 4):
+            for label, (command, server_env, sent) in modes.items():
+                with running(label, command, "/readyz", server_env, work) as base:
+                    row = asyncio.run(timed_load(f"{base}/v1/predict", v1, 32, args.warmup_s, args.duration_s, sent))
+                    rows.append(row | {"server": label, "round": round_})
+                    print(f"[{label}, round {round_}] c=32: {row['throughput']:.0f} req/s, errors {row['errors']}")
+        spans = sink()
+    return {"rows": rows, "spans_received": spans}
+
+
+def gateway_parts_markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+
+    def runs(server: str, field: str) -> list[float]:
+        return [r[field] for r in rows if r["server"] == server]
+
+    off = float(np.median(runs("all off", "throughput")))
+    table = [
+        [server, f"{np.median(t):.0f} ({min(t):.0f}-{max(t):.0f})", f"{np.median(t) / off:.2f}x",
+         f"{1000 / np.median(t) - 1000 / off:+.2f}", f"{np.median(runs(server, 'p50_ms')):.1f}",
+         sum(runs(server, "errors"))]
+        for server in PARTS for t in [runs(server, "throughput")]
+    ]  # fmt: skip
+    m = result["machine"]
+    return f"""# Gateway overhead, part by part
+
+What each part of *all on* ([gateway.md](gateway.md)) costs alone: champion `{result["model"]}` version
+{result["version"]} ({result["kind"]}), `/v1/predict`, one tweet per request, closed loop at c=32,
+{result["duration_s"]:.0f} s after {result["warmup_s"]:.0f} s warm-up; {m["cpu"]}, {m["cores"]} cores, torch
+{m["torch"]}; {result["date"]}. Three rounds, the five servers taking turns in each; median (min-max). *Key and
+limits*: a stored key checked and counted (`serve.gateway_store`), guards `allow`, no tracing. *Guards*: the
+prediction log redacted (`serve.guards` default), no key. *Traces*: OpenTelemetry over OTLP/HTTP to a receiver
+on this machine, one request in ten sampled ({result["spans_received"]} spans received), no key, guards `allow`.
+`ms / request`: the added server time per request at c=32 against all off (1000 / texts/s).
+
+{tabulate(table, headers=["server", "texts/s", "x all off", "ms / request", "p50 ms", "errors"], tablefmt="github")}
+"""
+
+
 def gateway_markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
 
@@ -290,6 +353,7 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
     parser.add_argument("--set", action="append", default=[], help="serve.<key>=value for our server (both modes)")
     parser.add_argument("--gateway", action="store_true", help="keys, limits, guards, traces on vs off (gateway.md)")
+    parser.add_argument("--gateway-parts", action="store_true", help="each of those alone (gateway_parts.md)")
     args = parser.parse_args()
 
     cfg = load_config(args.config)
@@ -324,15 +388,21 @@ def main() -> None:
             "off": ("llmops (batching off)", [*ours, "--set", "serve.batching=false"], "/readyz", v1),
             "peer": ("mlflow models serve", peer_cmd, "/ping", invocations),
         }
-        if args.gateway:
-            result = gateway(args, ours, texts, offline, env, work) | {
+        if args.gateway or args.gateway_parts:
+            measure = (
+                gateway(args, ours, texts, offline, env, work)
+                if args.gateway
+                else gateway_parts(args, ours, env, work, texts)
+            )
+            result = measure | {
                 "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "model": name, "version": version,
                 "kind": kind, "warmup_s": args.warmup_s, "duration_s": args.duration_s,
             }  # fmt: skip
-            text = gateway_markdown(result)
+            text = gateway_markdown(result) if args.gateway else gateway_parts_markdown(result)
+            stem = "gateway" if args.gateway else "gateway_parts"
             RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / "gateway.json").write_text(json.dumps(result, indent=2))
-            (RESULTS / "gateway.md").write_text(text)
+            (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+            (RESULTS / f"{stem}.md").write_text(text)
             print(text)
             return
         rows = []
