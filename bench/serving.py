@@ -186,7 +186,9 @@ def targets(rows: list[dict[str, Any]], offline: float) -> list[dict[str, Any]]:
     ]
 
 
-GATEWAY_OFF = ["--set", "serve.gateway_store=null", "--set", "serve.guards={prompts: allow, answers: allow}"]
+NO_KEYS = ["--set", "serve.gateway_store=null"]
+NO_GUARDS = ["--set", "serve.guards={prompts: allow, answers: allow}"]
+GATEWAY_OFF = [*NO_KEYS, *NO_GUARDS]
 """No key asked, nothing checked: the service as it was before the gateway."""
 
 
@@ -199,12 +201,9 @@ sampled `traceparent` is always followed."""
 def gateway(args: argparse.Namespace, ours: list[str], texts: list[str], offline: float, env: dict, work: Path) -> dict:
     """Keys, limits, guards and traces all on against all off, on the classifier champion: three rounds, the
     servers taking turns in each (c=1, c=32, and HTTP alone on the bare server for the bound)."""
-    from llmops.gateway import GatewayStore
-
-    store = work / "gateway.db"
-    key, _ = GatewayStore(store).create("bench", rpm=10**9, tpm=10**9, budget=10**15, period="month")
+    with_keys, key = bench_key(work)
     # a scoped key with limits counted in the store; guards redact the prediction log; spans go over OTLP
-    on = [*ours, "--set", f"serve.gateway_store={store}"]
+    on = [*ours, *with_keys]
     rows = []
     with otlp_sink() as (endpoint, sink):
         traced = env | {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint}
@@ -228,27 +227,32 @@ def gateway(args: argparse.Namespace, ours: list[str], texts: list[str], offline
     return {"rows": rows, "offline_throughput": offline, "spans_received": spans}
 
 
+def bench_key(work: Path) -> tuple[list[str], str]:
+    """A gateway store in `work` with one key whose limits the load never reaches: the server's `--set` for the
+    store, and the key."""
+    from llmops.gateway import GatewayStore
+
+    store = work / "gateway.db"
+    key, _ = GatewayStore(store).create("bench", rpm=10**9, tpm=10**9, budget=10**15, period="month")
+    return ["--set", f"serve.gateway_store={store}"], key
+
+
 PARTS = ("all off", "key and limits", "guards", "traces (1 in 10)", ON)
 """`--gateway-parts`: all off, each part of all on alone, and all on: what each costs at c=32."""
 
 
 def gateway_parts(args: argparse.Namespace, ours: list[str], env: dict, work: Path, texts: list[str]) -> dict:
     """Throughput at c=32 with each of all on's parts alone, three rounds, the servers taking turns in each."""
-    from llmops.gateway import GatewayStore
-
-    store = work / "gateway.db"
-    key, _ = GatewayStore(store).create("bench", rpm=10**9, tpm=10**9, budget=10**15, period="month")
-    no_store, no_guards = GATEWAY_OFF[:2], GATEWAY_OFF[2:]
-    with_store = ["--set", f"serve.gateway_store={store}"]
+    with_keys, key = bench_key(work)
     rows = []
     with otlp_sink() as (endpoint, sink):
         traced = env | {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint} | TRACES_SAMPLED
         modes = {
             "all off": ([*ours, *GATEWAY_OFF], env, None),
-            "key and limits": ([*ours, *with_store, *no_guards], env, key),
-            "guards": ([*ours, *no_store], env, None),
+            "key and limits": ([*ours, *with_keys, *NO_GUARDS], env, key),
+            "guards": ([*ours, *NO_KEYS], env, None),
             "traces (1 in 10)": ([*ours, *GATEWAY_OFF], traced, None),
-            ON: ([*ours, *with_store], traced, key),
+            ON: ([*ours, *with_keys], traced, key),
         }
         v1 = [json.dumps({"texts": [t]}).encode() for t in texts]
         for round_ in range(1, 4):
@@ -352,8 +356,9 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
     parser.add_argument("--set", action="append", default=[], help="serve.<key>=value for our server (both modes)")
-    parser.add_argument("--gateway", action="store_true", help="keys, limits, guards, traces on vs off (gateway.md)")
-    parser.add_argument("--gateway-parts", action="store_true", help="each of those alone (gateway_parts.md)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--gateway", action="store_true", help="keys, limits, guards, traces on vs off (gateway.md)")
+    mode.add_argument("--gateway-parts", action="store_true", help="each of those alone (gateway_parts.md)")
     args = parser.parse_args()
 
     cfg = load_config(args.config)
@@ -389,17 +394,19 @@ def main() -> None:
             "peer": ("mlflow models serve", peer_cmd, "/ping", invocations),
         }
         if args.gateway or args.gateway_parts:
-            measure = (
-                gateway(args, ours, texts, offline, env, work)
-                if args.gateway
-                else gateway_parts(args, ours, env, work, texts)
-            )
+            if args.gateway:
+                stem, measure, report = "gateway", gateway(args, ours, texts, offline, env, work), gateway_markdown
+            else:
+                stem, measure, report = (
+                    "gateway_parts",
+                    gateway_parts(args, ours, env, work, texts),
+                    gateway_parts_markdown,
+                )
             result = measure | {
                 "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "model": name, "version": version,
                 "kind": kind, "warmup_s": args.warmup_s, "duration_s": args.duration_s,
             }  # fmt: skip
-            text = gateway_markdown(result) if args.gateway else gateway_parts_markdown(result)
-            stem = "gateway" if args.gateway else "gateway_parts"
+            text = report(result)
             RESULTS.mkdir(parents=True, exist_ok=True)
             (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
             (RESULTS / f"{stem}.md").write_text(text)
