@@ -9,7 +9,14 @@ import pytest
 from detect_secrets.plugins.ibm_cloud_iam import IbmCloudIamDetector
 
 from bench.guards import evaluate, load
-from llmops.guards import NO_WORD_BEFORE, WORD_START, Guard, _detect_secrets_patterns
+from llmops.guards import (
+    NO_WORD_BEFORE,
+    PREFILTER_MAX_CHARS,
+    WORD_START,
+    Guard,
+    _detect_secrets_patterns,
+    re2_superset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +63,46 @@ def test_the_keyword_patterns_opened_more_cheaply_find_what_detect_secrets_finds
     found = [[m.span() for p in ours for m in p.finditer(t)] for t in texts]
     assert found == [[m.span() for p in originals for m in p.finditer(t)] for t in texts]
     assert [bool(spans) for spans in found[-5:]] == [True, True, False, True, True]  # a word before: not a key name
+
+
+EVERY_CHARACTER = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "flags"),
+    [
+        *[(pattern, 0) for pattern in (r"\w", r"\d", r"\s", r"[^\w]", r"[^\d]", r"[^\s]", "[^a]", ".")],
+        *[(pattern, re.I) for pattern in ("[a-z]", "i", "[^i]", r"[^\w]")],
+    ],
+)
+def test_re2_reads_a_translated_class_at_least_as_widely_as_python_on_every_character(pattern: str, flags: int) -> None:
+    import re2
+
+    matched = re.sub(f"(?!(?-s:{pattern})).", "", EVERY_CHARACTER, flags=re.S | flags)  # what Python matches
+    assert matched and re2.fullmatch(f"(?:{re2_superset(re.compile(pattern, flags))})*", matched) is not None
+
+
+def test_the_credential_prefilter_passes_every_text_a_pattern_matches(guard: Guard) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    prefilter = guard._credentials
+    assert prefilter.always == []  # RE2 takes every pattern detect-secrets ships today
+
+    def check(pattern: re.Pattern[str]) -> None:
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(st.from_regex(pattern))  # texts holding a match, Unicode around and inside it
+        def passed(text: str) -> None:
+            assert pattern.pattern in {p.pattern for p in prefilter.candidates(text)}
+
+        passed()
+
+    for pattern in _detect_secrets_patterns():
+        check(pattern)
+    # the evaluation set, and a key at the end of a text too long for the prefilter: as without it
+    texts = [row["text"] for row in load()] + ["x" * PREFILTER_MAX_CHARS + " AKIAIOSFODNN7EXAMPLE"]
+    every = _detect_secrets_patterns()
+    for text in texts:
+        spans = sorted(m.span() for p in prefilter.candidates(text) for m in p.finditer(text))
+        assert spans == sorted(m.span() for p in every for m in p.finditer(text))
+    assert guard.redact(texts[-1]).endswith(" <CREDENTIAL>")
