@@ -41,7 +41,7 @@ def require_key(group: str) -> Any:
             return
         given = api_key if api_key is not None else (bearer.credentials if bearer else None)
         with service.tracing.span("auth"):
-            caller = await gate.off_loop(gate.authenticate, given)
+            caller = await gate.caller(given)
         if caller is None:
             raise ApiError(
                 401,
@@ -52,7 +52,7 @@ def require_key(group: str) -> Any:
         if not caller.may_call(group):
             raise ApiError(403, f"key '{caller.name}' may not call {group} routes", type="forbidden")
         with service.tracing.span("limits", **{"llmops.key": caller.name}):
-            refusal = await gate.off_loop(gate.admit, caller)
+            refusal = await gate.refusal(caller)
         if refusal is not None:
             raise ApiError(
                 429,

@@ -148,3 +148,25 @@ def test_a_worker_admits_from_its_lease_and_stops_at_its_own_tokens_before_the_s
     gate.record(Caller(wordy), "m", prompt_tokens=60, completion_tokens=50)  # not yet in the store
     refusal = gate.admit(Caller(wordy))
     assert refusal is not None and refusal.limit == "tokens_per_minute"
+
+
+def test_requests_that_arrive_while_a_lease_is_taken_wait_for_it_instead_of_each_taking_one(tmp_path: Path) -> None:
+    import asyncio
+
+    from serving.auth import Caller, Gate
+    from serving.metrics import ServingMetrics
+
+    path = tmp_path / "gateway.db"
+    store = GatewayStore(str(path))
+    _, key = store.create("busy", rpm=1000)  # leases of 10
+    gate = Gate(ServeConfig(gateway_store=str(path)), ServingMetrics())
+    if time.time() % 60 > 55:
+        time.sleep(60 - time.time() % 60 + 0.1)
+
+    async def burst() -> list[Refusal | None]:  # 35 requests at once, as 35 clients of one event loop send them
+        return await asyncio.gather(*(gate.refusal(Caller(key)) for _ in range(35)))
+
+    assert asyncio.run(burst()) == [None] * 35
+    with sqlite3.connect(path) as db:
+        counted = db.execute("SELECT SUM(requests) FROM key_minutes WHERE key_name = 'busy'").fetchone()[0]
+    assert counted == 40  # four leases, one after the other: not one per waiting request
