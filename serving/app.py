@@ -88,8 +88,8 @@ class RequestContext:
             await send(message)
 
         extra = ((b"x-request-id", request_id.encode()), (b"traceparent", self.tracing.traceparent(span)))
-        try:
-            await self._handle(scope, receive, send_traced, request_id, extra)
+        try:  # the status is the span's: a request not sampled goes without the wrapper
+            await self._handle(scope, receive, send_traced if span.is_recording() else send, request_id, extra)
         finally:
             route = scope.get("route")
             self.tracing.end_request(span, token, method, getattr(route, "path", None), status[0] if status else None)

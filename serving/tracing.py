@@ -33,6 +33,7 @@ import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar, Token
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -50,6 +51,13 @@ log = logging.getLogger(__name__)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NO_SPAN = contextlib.nullcontext()
+_SAMPLED: ContextVar[bool] = ContextVar("llmops_sampled", default=False)
+"""The request being answered is traced and sampled (`start_request`): its children are recorded. Read in place of
+the current span's `is_recording()`, which walks OpenTelemetry's context each time."""
+_ROOT = otel_context.Context()
+RequestToken = tuple[Token[otel_context.Context], Token[bool]]
+"""What `end_request` needs to restore the context `start_request` set."""
+"""A request without a `traceparent` starts a trace of its own."""
 _MLFLOW_SETUP = threading.Lock()
 _MLFLOW_EXPORTS_TO: list[str | None] = [None]
 """The store MLflow's tracer provider was last set up for, in this process."""
@@ -108,10 +116,10 @@ class Tracing:
 
     def start_request(
         self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]], request_id: str
-    ) -> tuple[Span, object]:
+    ) -> tuple[Span, RequestToken]:
         """The request's SERVER span, current until `end_request` (the parent: the caller's `traceparent`)."""
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in (b"traceparent", b"tracestate")}
-        parent = _PROPAGATOR.extract(carrier)
+        parent = _PROPAGATOR.extract(carrier) if carrier else _ROOT
         span = self._tracer.start_span(
             method,
             context=parent,
@@ -119,16 +127,23 @@ class Tracing:
             attributes={"http.request.method": method, "url.path": path, "llmops.request_id": request_id},
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
-        return span, token
+        return span, (token, _SAMPLED.set(span.is_recording()))
 
     @staticmethod
     def traceparent(span: Span) -> bytes:
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
-        return carrier.get("traceparent", "").encode()
+        """The W3C `traceparent` naming `span` (what the propagator writes, without building a context for it)."""
+        context = span.get_span_context()
+        if not context.is_valid:
+            return b""
+        return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}".encode()
 
     @staticmethod
-    def end_request(span: Span, token: object, method: str, route: str | None, status: int | None) -> None:
+    def end_request(span: Span, token: RequestToken, method: str, route: str | None, status: int | None) -> None:
+        context_token, sampled_token = token
+        _SAMPLED.reset(sampled_token)
+        if not span.is_recording():  # not sampled: nothing to name or end
+            otel_context.detach(context_token)
+            return
         if route is not None:
             span.update_name(f"{method} {route}")
             span.set_attribute("http.route", route)
@@ -137,13 +152,13 @@ class Tracing:
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
         span.end()
-        otel_context.detach(token)  # type: ignore[arg-type]
+        otel_context.detach(context_token)
 
     # --- its children --------------------------------------------------------------------------------------
 
     def span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
         """A child of the current span around a block (nothing when tracing is off, or the request is not sampled)."""
-        if not self.on or not trace.get_current_span().is_recording():
+        if not self.on or not _SAMPLED.get():
             return _NO_SPAN
         return self._tracer.start_as_current_span(name, attributes=attributes or None)
 
@@ -161,7 +176,7 @@ class Tracing:
     ) -> None:
         """A span already over, from two `time.perf_counter()` readings (the child of `parent`, else of the
         current span; nothing where that one is not sampled)."""
-        if not self.on or not trace.get_current_span(parent).is_recording():
+        if not self.on or not (_SAMPLED.get() if parent is None else trace.get_current_span(parent).is_recording()):
             return
         span = self._tracer.start_span(name, context=parent, start_time=self._ns(start), attributes=attributes)
         span.end(end_time=self._ns(end))

@@ -44,3 +44,31 @@ def test_an_endpoint_or_an_exporter_turns_it_on() -> None:
 def test_settings_it_cannot_honour_are_refused_with_what_works(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         exporter_from_environment(env)
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_a_callers_sampling_decision_is_followed_and_its_trace_id_returned(sampled: bool) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(exporter)
+    trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    flags = "01" if sampled else "00"
+    headers = [(b"traceparent", f"00-{trace_id}-{caller_span}-{flags}".encode())]
+    span, token = tracing.start_request("POST", "/v1/predict", headers, "r1")
+    returned = tracing.traceparent(span).decode().split("-")
+    with tracing.span("auth"):
+        tracing.record("batch", 1.0, 2.0)
+    tracing.end_request(span, token, "POST", "/v1/predict", 200)
+    tracing.shutdown()
+    assert returned[1] == trace_id and returned[2] != caller_span and returned[3] == flags
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    if not sampled:  # the caller decided: nothing recorded, not even the children
+        assert spans == {}
+        return
+    assert set(spans) == {"POST /v1/predict", "auth", "batch"}
+    request = spans["POST /v1/predict"]
+    assert request.parent is not None and format(request.parent.span_id, "016x") == caller_span
+    assert spans["auth"].parent.span_id == request.context.span_id  # type: ignore[union-attr]
+    assert spans["batch"].parent.span_id == spans["auth"].context.span_id  # type: ignore[union-attr]
+    assert format(request.context.span_id, "016x") == returned[2]
