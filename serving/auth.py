@@ -121,8 +121,9 @@ class Gate:
         self._known: dict[str, tuple[float, ApiKey | None]] = {}
         self._leases: dict[str, _Held] = {}
         """Key name -> what is left of this worker's lease."""
-        self._leasing: dict[str, asyncio.Lock] = {}
-        """Key name -> held while this worker takes a lease for it (`refusal`)."""
+        self._leasing: dict[int, tuple[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]]] = {}
+        """Per event loop (by id, with the loop): key name -> held while this worker takes a lease for it
+        (`refusal`)."""
         self._pending: list[Usage] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -145,8 +146,11 @@ class Gate:
         key = caller.key
         if key is None or self.store is None or self._from_lease(key):
             return None
-        leasing = self._leasing.setdefault(key.name, asyncio.Lock())
-        async with leasing:
+        loop = asyncio.get_running_loop()
+        held = self._leasing.get(id(loop))
+        if held is None or held[0] is not loop:  # a lock belongs to the loop that first waits on it
+            held = self._leasing[id(loop)] = (loop, {})
+        async with held[1].setdefault(key.name, asyncio.Lock()):
             if self._from_lease(key):  # leased while this request waited
                 return None
             return await asyncio.to_thread(self.admit, caller)

@@ -170,3 +170,22 @@ def test_requests_that_arrive_while_a_lease_is_taken_wait_for_it_instead_of_each
     with sqlite3.connect(path) as db:
         counted = db.execute("SELECT SUM(requests) FROM key_minutes WHERE key_name = 'busy'").fetchone()[0]
     assert counted == 40  # four leases, one after the other: not one per waiting request
+
+
+def test_a_gate_serves_one_event_loop_after_another(tmp_path: Path) -> None:
+    """An app run by one loop, then another (a test client, then the next): the lease lock of the first loop is not
+    the second's."""
+    import asyncio
+
+    from serving.auth import Caller, Gate
+    from serving.metrics import ServingMetrics
+
+    path = tmp_path / "gateway.db"
+    _, key = GatewayStore(str(path)).create("twice", rpm=1000)
+    gate = Gate(ServeConfig(gateway_store=str(path)), ServingMetrics())
+
+    async def burst() -> list[Refusal | None]:
+        return await asyncio.gather(*(gate.refusal(Caller(key)) for _ in range(25)))
+
+    assert asyncio.run(burst()) == [None] * 25
+    assert asyncio.run(burst()) == [None] * 25
