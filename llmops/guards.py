@@ -15,7 +15,7 @@ What decides the cost is how little of that runs on an ordinary text. Google's R
 text once against all the credential patterns together (`CredentialPrefilter`: each pattern translated to a
 looser RE2 one, so a text RE2 passes over holds no match), and only the patterns RE2 flags run in Python's `re`,
 which decides; phone numbers are looked for only where the phone library's own candidate pattern finds a run of
-seven digits or more. A tweet costs about 8 us instead of 47 (bench/results/guards.md).
+seven digits or more. A packaged tweet costs about 10 us instead of 58 (bench/results/guards.md).
 
 A `Guard` finds spans and redacts them as `<EMAIL_ADDRESS>`, `<PHONE_NUMBER>`, `<CREDIT_CARD>`, `<IBAN_CODE>`,
 `<CREDENTIAL>`. `serving` decides, per model and direction, whether a finding is redacted in the prediction log

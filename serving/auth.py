@@ -132,11 +132,8 @@ class Gate:
     async def caller(self, given: str | None) -> Caller | None:
         """`authenticate` without holding the event loop: a stored key read in the last `key_refresh_s` is answered
         from memory, a store read goes to a thread."""
-        if given is None or self.store is None or key_is_valid(given, self.env_keys):
+        if given is None or self.store is None or key_is_valid(given, self.env_keys) or self._fresh(given) is not None:
             return self.authenticate(given)
-        known = self._known.get(given)
-        if known is not None and time.monotonic() - known[0] <= self.refresh_s:
-            return Caller(known[1]) if known[1] is not None else None
         return await asyncio.to_thread(self.authenticate, given)
 
     async def refusal(self, caller: Caller) -> Refusal | None:
@@ -168,14 +165,18 @@ class Gate:
             return Caller()
         if self.store is None:
             return None
-        now = time.monotonic()
-        known = self._known.get(given)
-        if known is None or now - known[0] > self.refresh_s:
-            known = (now, self.store.find(given))
+        known = self._fresh(given)
+        if known is None:
+            known = (time.monotonic(), self.store.find(given))
             if len(self._known) > 10_000:  # random secrets sent by a scanner do not fill the memory
                 self._known.clear()
             self._known[given] = known
         return Caller(known[1]) if known[1] is not None else None
+
+    def _fresh(self, given: str) -> tuple[float, ApiKey | None] | None:
+        """When `given` was read from the store and what it found, if that was in the last `key_refresh_s`."""
+        known = self._known.get(given)
+        return known if known is not None and time.monotonic() - known[0] <= self.refresh_s else None
 
     def admit(self, caller: Caller) -> Refusal | None:
         """None, or the limit of the caller's key that refuses this request now. Requests are taken from the store

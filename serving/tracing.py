@@ -55,9 +55,9 @@ _SAMPLED: ContextVar[bool] = ContextVar("llmops_sampled", default=False)
 """The request being answered is traced and sampled (`start_request`): its children are recorded. Read in place of
 the current span's `is_recording()`, which walks OpenTelemetry's context each time."""
 _ROOT = otel_context.Context()
+"""A request without a `traceparent` starts a trace of its own."""
 RequestToken = tuple[Token[otel_context.Context], Token[bool]]
 """What `end_request` needs to restore the context `start_request` set."""
-"""A request without a `traceparent` starts a trace of its own."""
 _MLFLOW_SETUP = threading.Lock()
 _MLFLOW_EXPORTS_TO: list[str | None] = [None]
 """The store MLflow's tracer provider was last set up for, in this process."""
