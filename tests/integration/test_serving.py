@@ -289,10 +289,13 @@ async def test_metrics_report_requests_batches_and_model_version(champion_1: str
     async with serving(champion_1) as client:
         await asyncio.gather(*(client.post("/v1/predict", json={"texts": ["a", "b"]}) for _ in range(5)))
         await client.post("/v1/predict", json={"texts": []})
+        await client.get("/no/such/route")
         text = (await client.get("/metrics")).text
     assert 'http_requests_total{handler="/v1/predict",method="POST",status="200"} 5.0' in text
     assert 'http_requests_total{handler="/v1/predict",method="POST",status="422"} 1.0' in text
-    assert "http_request_duration_seconds_bucket" in text
+    assert 'http_requests_total{handler="none",method="GET",status="404"} 1.0' in text  # not one series per path
+    assert 'http_request_duration_seconds_count{handler="/v1/predict",method="POST"} 6.0' in text
+    assert 'handler="/metrics"' not in text
     assert "llmops_batch_size_sum 10.0" in text  # 5 requests x 2 texts, however they were grouped
     assert f'llmops_model_info{{alias="champion",model="{NAME}",version="1"}} 1.0' in text
     assert f'llmops_model_reloads_total{{alias="champion",model="{NAME}"}} 1.0' in text

@@ -84,6 +84,8 @@ def test_the_real_server_answers_standard_clients_and_flushes_on_sigterm(
     proc.send_signal(signal.SIGTERM)  # graceful: the prediction log is flushed long before its 60 s interval
     output, _ = proc.communicate(timeout=60)
     assert output.count("Application shutdown complete") == 2  # both workers; uvicorn then re-raises SIGTERM
+    assert output.count('"POST /v1/predict HTTP/1.1" 200') == 1  # the access log, batched, written by the end
+    assert output.count('"POST /invocations HTTP/1.1" 200') == 1
     logged = open_store(workdir / "predictions.db").read_predictions()
     assert len(logged) == 6  # 2 texts through each of the three protocols
     assert len(open_store(workdir / "predictions.db").read_generations()) == 2
