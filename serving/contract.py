@@ -22,9 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import iter_route_contexts
 
 from llmops.config import ServeConfig
+from serving.deps import KEY_SCHEMES
 from serving.schemas import NOT_BLANK
 from serving.service import Service
 
@@ -68,14 +72,30 @@ def install(app: FastAPI, service: Service, keys_required: bool) -> None:
         if served not in built:
             built.clear()
             generated = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            built[served] = document(generated, service.cfg, served, keys_required)
+            keyed = keyed_operations(app) if keys_required else set()
+            built[served] = document(generated, service.cfg, served, keyed)
         return built[served]
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def document(generated: Schema, cfg: ServeConfig, served: Served, keys_required: bool) -> Schema:
-    """FastAPI's document with the service's own knowledge written in."""
+def keyed_operations(app: FastAPI) -> set[tuple[str, str]]:
+    """(path, method) of the routes that ask for a key (`serving.deps.require_key` among their dependencies)."""
+
+    def asks(dependant: Dependant) -> bool:
+        return any(hasattr(d.call, "key_group") or asks(d) for d in dependant.dependencies)
+
+    keyed = set()
+    for route in iter_route_contexts(app.routes):  # routes of included routers too
+        dependant, path = getattr(route, "dependant", None), route.path
+        if dependant is not None and path and getattr(route, "include_in_schema", False) and asks(dependant):
+            keyed |= {(path, method.lower()) for method in route.methods or ()}
+    return keyed
+
+
+def document(generated: Schema, cfg: ServeConfig, served: Served, keyed: set[tuple[str, str]]) -> Schema:
+    """FastAPI's document with the service's own knowledge written in; `keyed`: the operations that ask for a
+    key (none without keys)."""
     doc = copy.deepcopy(generated)
     schemas = doc["components"]["schemas"]
     text, texts = text_schema(cfg), texts_schema(cfg)
@@ -109,11 +129,12 @@ def document(generated: Schema, cfg: ServeConfig, served: Served, keys_required:
                 if parameter["name"] == "name" and allowed:
                     parameter["schema"]["enum"] = allowed
 
-    if not keys_required:
-        doc["components"].pop("securitySchemes", None)
-        for item in doc["paths"].values():
-            for operation in item.values():
-                operation.pop("security", None)
+    if keyed:  # as FastAPI declares a `Security` dependency
+        schemes = {scheme.scheme_name: jsonable_encoder(scheme.model, by_alias=True, exclude_none=True)
+                   for scheme in KEY_SCHEMES}  # fmt: skip
+        doc["components"]["securitySchemes"] = schemes
+        for path, method in keyed:
+            doc["paths"][path][method]["security"] = [{name: []} for name in schemes]
     return doc
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPBearer
 
 from llmops.config import ServeConfig
 from serving.auth import CALLER
@@ -22,24 +22,29 @@ async def get_service(request: Request) -> Service:
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`")
+KEY_SCHEMES = (
+    HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`"),
+    APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`"),
+)
+"""How a caller sends its key. The key dependency reads them itself, and `serving.contract` declares them on its
+routes: as `Security` sub-dependencies FastAPI solved both on every request, 27 us of the event loop's 290
+(measured), for two header reads."""
+_bearer, _api_key_header = KEY_SCHEMES
 
 
 def require_key(group: str) -> Any:
     """The dependency of a route of `group`: with keys configured, the caller's key must exist, may call
     `group`, and be within its limits (401, 403, 429 with Retry-After); the caller is then `CALLER`."""
 
-    async def key_of_the_caller(
-        request: Request,
-        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-        api_key: Annotated[str | None, Security(_api_key_header)],
-    ) -> None:
+    async def key_of_the_caller(request: Request) -> None:
         service: Service = request.app.state.service
         gate = service.gate
         if not gate.required:
             return
-        given = api_key if api_key is not None else (bearer.credentials if bearer else None)
+        given = await _api_key_header(request)
+        if given is None:
+            bearer = await _bearer(request)
+            given = bearer.credentials if bearer else None
         with service.tracing.span("auth"):
             caller = await gate.caller(given)
         if caller is None:
@@ -62,6 +67,7 @@ def require_key(group: str) -> Any:
             )
         CALLER.set(caller)
 
+    key_of_the_caller.key_group = group  # type: ignore[attr-defined]  # what the contract declares security on
     return key_of_the_caller
 
 
