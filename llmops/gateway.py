@@ -316,11 +316,16 @@ class GatewayStore:
         """Add what requests used: to each key's usage by model and day, and its tokens to the minute's window."""
         now = time.time() if now is None else now
         day, minute = _day(now), _minute(now)
+        totals: dict[tuple[str, str], list[int]] = {}  # one row per key and model: a flush holds many requests
+        for u in used:
+            total = totals.setdefault((u.key_name, u.model), [0, 0, 0])
+            total[0] += u.requests
+            total[1] += u.prompt_tokens
+            total[2] += u.completion_tokens
         rows = [
-            {"key": u.key_name, "model": u.model, "day": day, "minute": minute, "requests": u.requests,
-             "prompt": u.prompt_tokens, "completion": u.completion_tokens,
-             "tokens": u.prompt_tokens + u.completion_tokens}
-            for u in used
+            {"key": key, "model": model, "day": day, "minute": minute, "requests": requests, "prompt": prompt,
+             "completion": completion, "tokens": prompt + completion}
+            for (key, model), (requests, prompt, completion) in totals.items()
         ]  # fmt: skip
         if not rows:
             return

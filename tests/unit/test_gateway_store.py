@@ -57,6 +57,24 @@ def test_tokens_per_minute_and_the_budget_count_what_was_recorded(tmp_path: Path
     assert sum(r["requests"] for r in rows if r["key_name"] == "frugal") == 2
 
 
+def test_a_flush_of_many_requests_adds_them_up_by_key_and_model(tmp_path: Path) -> None:
+    store = GatewayStore(tmp_path / "gateway.db")
+    _, busy = store.create("busy", tpm=1000)
+    store.record([Usage("busy", "a", 3, 2)] * 150 + [Usage("busy", "b", 1, 0)] * 20 + [Usage("other", "a", 0, 0)], NOON)
+    store.record([Usage("busy", "a", 0, 1)], NOON + 1)
+    rows = {(r["key_name"], r["model"]): r for r in store.usage()}
+    assert (
+        rows["busy", "a"]["requests"],
+        rows["busy", "a"]["prompt_tokens"],
+        rows["busy", "a"]["completion_tokens"],
+    ) == (151, 450, 301)
+    assert (rows["busy", "b"]["requests"], rows["other", "a"]["requests"]) == (20, 1)
+    over = store.admit(busy, NOON + 2)  # 751 + 20 tokens this minute: within 1000
+    assert over is None
+    store.record([Usage("busy", "b", 229, 0)], NOON + 3)
+    assert store.admit(busy, NOON + 4).limit == "tokens_per_minute"  # type: ignore[union-attr]
+
+
 def test_periods_are_utc_calendar_days_and_months() -> None:
     assert period_start("day", NOON) == ("2026-12-31", datetime(2027, 1, 1, tzinfo=UTC).timestamp())
     assert period_start("month", NOON)[0] == "2026-12-01"
