@@ -179,6 +179,9 @@ def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:
         "v2 and OpenAI's API.",
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,  # operationIds a client generator reads: `predict`
+        # Spans and request metrics are the service's own (serving.tracing, HttpMetrics): FastAPI's would count each
+        # request twice wherever a global OpenTelemetry provider is set, and asks every request whether one is.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = service
     install_handlers(app)

@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,17 @@ class Scored:
         """(n_texts, n_labels)"""
         return self.outputs.probs
 
-    def labels(self) -> list[str]:
+    @cached_property
+    def rows(self) -> list[list[float]]:
+        """`probs` as Python floats, converted once for the route's answer and the log."""
+        return self.outputs.probs.tolist()
+
+    @cached_property
+    def _labels(self) -> list[str]:
         return [self.model.labels[i] for i in self.probs.argmax(axis=1)]
+
+    def labels(self) -> list[str]:
+        return self._labels
 
 
 class Service:
@@ -84,6 +94,8 @@ class Service:
         self.model_name = cfg.registry.model_name
         """The classifier routes' model when it is served (else the first served classifier)."""
         self.metrics = ServingMetrics()
+        self._predicted: dict[tuple[str, str], Any] = {}
+        """`llmops_predictions_total`'s child by route and label."""
         self.tracing = Tracing.from_environment()
         self.gate = Gate(self.cfg, self.metrics)
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -330,6 +342,7 @@ class Service:
     def _record(self, request_id: str, texts: list[str], scored: Scored, route: str, latency_ms: float) -> None:
         now = time.time()
         caller = CALLER.get()
+        key_name = caller.name if caller else None
         labels = scored.labels()
         model = scored.model
         outputs = scored.outputs
@@ -342,7 +355,7 @@ class Service:
                 ts=now,
                 text=text,
                 label=label,
-                score=float(row.max()),
+                score=max(row),
                 probabilities=probabilities_json(model.labels, row),
                 model_name=model.name,
                 model_version=model.version,
@@ -350,15 +363,18 @@ class Service:
                 latency_ms=latency_ms,
                 embedding=embedding,
                 unk_share=unk,
-                key_name=caller.name if caller else None,
+                key_name=key_name,
             )
             for i, (text, label, row, embedding, unk) in enumerate(
-                zip(texts, labels, scored.probs, embeddings, unknown, strict=True)
+                zip(texts, labels, scored.rows, embeddings, unknown, strict=True)
             )
         ]
         self.log.append(rows)
         for label in labels:
-            self.metrics.predictions.labels(route, label).inc()
+            counter = self._predicted.get((route, label))
+            if counter is None:  # prometheus_client's `labels` looks the child up under a lock each call
+                counter = self._predicted[route, label] = self.metrics.predictions.labels(route, label)
+            counter.inc()
         # Sampled here rather than computed at scrape time: multi-process metrics cannot call back into a worker.
         self.metrics.log_pending.set(self.log.pending)
         self.metrics.log_failures.set(self.log.write_failures)

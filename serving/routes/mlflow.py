@@ -81,7 +81,7 @@ async def invocations(body: InvocationsRequest, request: Request, service: Servi
     scored = await service.score(texts, request_id_of(request))
     labels = scored.model.labels
     records = [
-        {"label": label, "score": float(row.max())} | {f"prob_{k}": float(p) for k, p in zip(labels, row, strict=True)}
-        for label, row in zip(scored.labels(), scored.probs, strict=True)
+        {"label": label, "score": max(row)} | {f"prob_{k}": p for k, p in zip(labels, row, strict=True)}
+        for label, row in zip(scored.labels(), scored.rows, strict=True)
     ]
     return InvocationsResponse(predictions=records)

@@ -81,12 +81,12 @@ async def predict(body: PredictRequest, request: Request, service: ServiceDep) -
     predictions = [
         Prediction(
             label=label,
-            score=float(row.max()),
-            probabilities=dict(zip(model.labels, map(float, row), strict=True)),
+            score=max(row),
+            probabilities=dict(zip(model.labels, row, strict=True)),
             model_name=model.name,
             model_version=model.version,
         )
-        for label, row in zip(scored.labels(), scored.probs, strict=True)
+        for label, row in zip(scored.labels(), scored.rows, strict=True)
     ]
     ref = ModelRef(name=model.name, version=model.version, alias=model.alias)
     return PredictResponse(request_id=request_id, model=ref, predictions=predictions)
