@@ -198,9 +198,22 @@ TRACES_SAMPLED = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACE
 sampled `traceparent` is always followed."""
 
 
-def gateway(args: argparse.Namespace, ours: list[str], texts: list[str], offline: float, env: dict, work: Path) -> dict:
+NO_APP = "no app: uvicorn, batcher, model"
+"""`bench/bare_server.py`: a server of the same design with nothing else in a request's way (the ceiling)."""
+
+
+def gateway(
+    args: argparse.Namespace,
+    ours: list[str],
+    texts: list[str],
+    offline: float,
+    env: dict,
+    work: Path,
+    no_app: list[str],
+) -> dict:
     """Keys, limits, guards and traces all on against all off, on the classifier champion: three rounds, the
-    servers taking turns in each (c=1, c=32, and HTTP alone on the bare server for the bound)."""
+    servers taking turns in each (c=1, c=32, and HTTP alone on the bare server for the bound; `no_app`'s command at
+    c=32, what the same cores serve with no app in the way)."""
     with_keys, key = bench_key(work)
     # a scoped key with limits counted in the store; guards redact the prediction log; spans go over OTLP
     on = [*ours, *with_keys]
@@ -223,6 +236,10 @@ def gateway(args: argparse.Namespace, ours: list[str], texts: list[str], offline
                     if sent is None:
                         row = asyncio.run(timed_load(f"{base}/healthz", None, 32, args.warmup_s, args.duration_s))
                         rows.append(row | {"server": FLOOR, "round": round_})
+            with running(NO_APP, no_app, "/readyz", env, work) as base:
+                row = asyncio.run(timed_load(f"{base}/v1/predict", v1, 32, args.warmup_s, args.duration_s))
+                rows.append(row | {"server": NO_APP, "round": round_})
+                print(f"[{NO_APP}, round {round_}] c=32: {row['throughput']:.0f} req/s", flush=True)
         spans = sink()
     return {"rows": rows, "offline_throughput": offline, "spans_received": spans}
 
@@ -309,6 +326,10 @@ def gateway_markdown(result: dict[str, Any]) -> str:
          cell(runs(server, c, "p99_ms"), 1), sum(runs(server, c, "errors"))]
         for server in (off, ON, EVERY) for c in (1, 32)
     ] + [[FLOOR, 32, cell(runs(FLOOR, 32, "throughput")), cell(runs(FLOOR, 32, "p50_ms"), 2), "", 0]]  # fmt: skip
+    ceiling = runs(NO_APP, 32, "throughput")
+    if ceiling:  # runs before it was measured have none
+        p50, p99 = cell(runs(NO_APP, 32, "p50_ms"), 2), cell(runs(NO_APP, 32, "p99_ms"), 1)
+        table.append([NO_APP, 32, cell(ceiling), p50, p99, sum(runs(NO_APP, 32, "errors"))])
 
     def ratio(server: str) -> float:
         return float(np.median(runs(server, 32, "throughput")) / np.median(runs(off, 32, "throughput")))
@@ -325,6 +346,13 @@ def gateway_markdown(result: dict[str, Any]) -> str:
          served >= 0.8],
     ]  # fmt: skip
     result["targets"] = [{"target": t, "measured": m, "met": bool(ok)} for t, m, ok in checks]
+    no_app_line = (
+        f"*{NO_APP}* (`bench/bare_server.py`: the service's micro-batcher and model behind uvicorn, JSON in and out, "
+        f"nothing else) reaches {float(np.median(ceiling)) / bound:.2f}x of the bound: what these cores serve when "
+        "no app stands in a request's way.\n"
+        if ceiling
+        else ""
+    )
     m = result["machine"]
     return f"""# Gateway overhead
 
@@ -344,7 +372,7 @@ throughput: {offline:.0f} texts/s.
 {tabulate(checks, headers=["target", "measured", "met"], tablefmt="github")}
 
 Every request traced: {ratio(EVERY):.2f}x all off at c=32. All off itself reaches {served_off:.2f}x of the bound.
-"""
+{no_app_line}"""
 
 
 def main() -> None:
@@ -395,7 +423,10 @@ def main() -> None:
         }
         if args.gateway or args.gateway_parts:
             if args.gateway:
-                stem, measure, report = "gateway", gateway(args, ours, texts, offline, env, work), gateway_markdown
+                no_app = [sys.executable, str(REPO / "bench" / "bare_server.py"), str(candidate), "--port", "{port}"]
+                no_app += ["--max-batch-size", str(cfg.serve.max_batch_size)]
+                measured = gateway(args, ours, texts, offline, env, work, no_app)
+                stem, measure, report = "gateway", measured, gateway_markdown
             else:
                 stem, measure, report = (
                     "gateway_parts",
