@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import types
+from pathlib import Path
 from typing import Any
 
-import uvicorn
+# Run as a script, its folder comes first on the path, where bench/serving.py would stand in for the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from llmops.classification.candidate import Classifier
-from serving.batcher import MicroBatcher
-from serving.metrics import ServingMetrics
+import uvicorn  # noqa: E402
+
+from llmops.classification.candidate import Classifier  # noqa: E402
+from serving.batcher import MicroBatcher  # noqa: E402
+from serving.metrics import ServingMetrics  # noqa: E402
 
 
 def build(candidate: str, max_batch_size: int) -> Any:
