@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -213,8 +214,8 @@ def gateway(
     no_app: list[str],
 ) -> dict:
     """Keys, limits, guards and traces all on against all off, on the classifier champion: three rounds, the
-        servers taking turns in each (c=1, c=32, and HTTP alone on the bare server for the bound; `no_app`'s command at
-        c=32, what the same cores serve with no app in the way). The model alone (`model_only`, in this process) is
+    servers taking turns in each (c=1, c=32, and HTTP alone on the bare server for the bound; `no_app`'s command at
+    c=32, what the same cores serve with no app in the way). The model alone (`model_only`, in this process) is
     timed in each round too, for the bound: the machine drifts between rounds."""
     with_keys, key = bench_key(work)
     # a scoped key with limits counted in the store; guards redact the prediction log; spans go over OTLP
@@ -361,8 +362,6 @@ def gateway_markdown(result: dict[str, Any]) -> str:
     )
     rounds = result.get("offline_rounds")  # runs before it was timed per round have one figure
     offline_cell = cell(rounds) if rounds else f"{offline:.0f}"
-    rounds = result.get("offline_rounds")  # runs before it was timed per round have one figure
-    offline_cell = cell(rounds) if rounds else f"{offline:.0f}"
     m = result["machine"]
     return f"""# Gateway overhead
 
@@ -433,10 +432,10 @@ def main() -> None:
         }
         if args.gateway or args.gateway_parts:
             if args.gateway:
-                no_app = [sys.executable, str(REPO / "bench" / "bare_server.py"), str(candidate), "--port", "{port}"]
-                no_app += ["--max-batch-size", str(cfg.serve.max_batch_size)]
                 batch = cfg.serve.max_batch_size
-                model_only = lambda: offline_throughput(candidate, texts, batch)  # noqa: E731
+                no_app = [sys.executable, str(REPO / "bench" / "bare_server.py"), str(candidate), "--port", "{port}"]
+                no_app += ["--max-batch-size", str(batch)]
+                model_only = partial(offline_throughput, candidate, texts, batch)
                 measured = gateway(args, ours, texts, model_only, env, work, no_app)
                 stem, measure, report = "gateway", measured, gateway_markdown
             else:

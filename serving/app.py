@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,7 +27,7 @@ from llmops.registry import resolve_tracking_uri
 from serving import contract
 from serving.access_log import batched_access_log
 from serving.errors import install_handlers
-from serving.metrics import HttpMetrics
+from serving.metrics import Children, ServingMetrics
 from serving.routes import batches, mlflow, oip, openai, ours, tokenize
 from serving.schemas import ErrorResponse
 from serving.service import Service
@@ -152,6 +153,47 @@ class RequestContext:
             await JSONResponse(body.model_dump(), status_code=status)(scope, receive, send_with_id)
             return
         await self.app(scope, receive, send_with_id)
+
+
+class HttpMetrics:
+    """`http_requests_total{handler,method,status}` and `http_request_duration_seconds{handler,method}` per request.
+
+    The counts prometheus-fastapi-instrumentator's middleware kept, under its names (the handler is the route's
+    template, `none` where no route matched), for a sixth of its cost: it matched the request against every route
+    again and built a request, a response and four metrics' worth of labels each time, 60 us of the event loop's
+    330 a request, measured; here the route is the one the router put in the scope.
+    """
+
+    def __init__(
+        self,
+        app: Callable[..., Awaitable[None]],
+        metrics: ServingMetrics,
+        excluded: frozenset[str] = frozenset({"/metrics"}),
+    ):
+        self.app = app
+        self.excluded = excluded
+        self.requests = Children(metrics.http_requests)
+        self.seconds = Children(metrics.http_seconds)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.excluded:
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            handler, method = getattr(scope.get("route"), "path", None) or "none", scope["method"]
+            self.requests(handler, method, str(status)).inc()
+            self.seconds(handler, method).observe(time.perf_counter() - start)
 
 
 def create_app(cfg: LlmopsConfig, tracking_uri: str | None = None) -> FastAPI:

@@ -1,6 +1,6 @@
 """Prometheus metrics of the service, on a registry of its own (one per app, so tests can build several).
 
-HTTP request counts and latency histograms are counted by `HttpMetrics` under the names
+HTTP request counts and latency histograms are counted by `serving.app.HttpMetrics` under the names
 prometheus-fastapi-instrumentator gives them (which still serves /metrics); the model-specific ones are declared
 here. With several workers, `llmops serve` sets PROMETHEUS_MULTIPROC_DIR, and /metrics adds up every worker's
 values (gauges as declared).
@@ -8,8 +8,6 @@ values (gauges as declared).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -134,53 +132,20 @@ class ServingMetrics:
         self.model_info.labels(model, alias, version).set(1)
 
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+class Children:
+    """A labelled metric's children kept by their label values: prometheus_client's `labels` checks the values and
+    looks the child up under a lock on every call, on the request path. At most `limit` are kept (where a client
+    chooses a label's value, as an HTTP method, the cache stays bounded)."""
 
+    def __init__(self, metric: Any, limit: int = 10_000):
+        self.metric = metric
+        self.limit = limit
+        self._kept: dict[tuple[str, ...], Any] = {}
 
-class HttpMetrics:
-    """`http_requests_total{handler,method,status}` and `http_request_duration_seconds{handler,method}` per request.
-
-    The counts prometheus-fastapi-instrumentator's middleware kept, under its names (the handler is the route's
-    template, `none` where no route matched), for a sixth of its cost: it matched the request against every route
-    again and built a request, a response and four metrics' worth of labels each time, 60 us of the event loop's
-    330 a request, measured; here the route is the one the router put in the scope.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: ServingMetrics, excluded: frozenset[str] = frozenset({"/metrics"})):
-        self.app = app
-        self.metrics = metrics
-        self.excluded = excluded
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
-    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in self.excluded:
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            key = (getattr(route, "path", None) or "none", scope["method"], status)
-            children = self._children.get(key)
-            if children is None:
-                if len(self._children) > 10_000:  # methods are the client's to choose: the cache stays bounded
-                    self._children.clear()
-                handler, method, code = key
-                children = (
-                    self.metrics.http_requests.labels(handler, method, str(code)),
-                    self.metrics.http_seconds.labels(handler, method),
-                )
-                self._children[key] = children
-            children[0].inc()
-            children[1].observe(time.perf_counter() - start)
+    def __call__(self, *values: str) -> Any:
+        child = self._kept.get(values)
+        if child is None:
+            if len(self._kept) >= self.limit:
+                self._kept.clear()
+            child = self._kept[values] = self.metric.labels(*values)
+        return child

@@ -42,7 +42,7 @@ from serving.batches import BatchRunner, BatchStore
 from serving.engine import GenerationEngine, Sequence
 from serving.errors import ApiError
 from serving.guards import Guards
-from serving.metrics import ServingMetrics
+from serving.metrics import Children, ServingMetrics
 from serving.models import LoadedModel, ModelWatcher
 from serving.tracing import MlflowTraces, Tracing
 
@@ -94,8 +94,7 @@ class Service:
         self.model_name = cfg.registry.model_name
         """The classifier routes' model when it is served (else the first served classifier)."""
         self.metrics = ServingMetrics()
-        self._predicted: dict[tuple[str, str], Any] = {}
-        """`llmops_predictions_total`'s child by route and label."""
+        self._predicted = Children(self.metrics.predictions)
         self.tracing = Tracing.from_environment()
         self.gate = Gate(self.cfg, self.metrics)
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -371,10 +370,7 @@ class Service:
         ]
         self.log.append(rows)
         for label in labels:
-            counter = self._predicted.get((route, label))
-            if counter is None:  # prometheus_client's `labels` looks the child up under a lock each call
-                counter = self._predicted[route, label] = self.metrics.predictions.labels(route, label)
-            counter.inc()
+            self._predicted(route, label).inc()
         # Sampled here rather than computed at scrape time: multi-process metrics cannot call back into a worker.
         self.metrics.log_pending.set(self.log.pending)
         self.metrics.log_failures.set(self.log.write_failures)
