@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +67,7 @@ class Stream:
         model: LoadedModel,
         request_id: str,
         prompt_text: str,
-        check: Callable[[str], None] | None = None,
+        check: Callable[[str], Awaitable[None]] | None = None,
     ):
         self.sequence = sequence
         self.check = check
@@ -97,7 +97,7 @@ class Stream:
                 logprobs += event.logprobs
                 if event.finish_reason is not None:
                     break
-            await asyncio.to_thread(self.check, text)
+            await self.check(text)
             yield Event(text, event.completion_tokens, event.finish_reason, tuple(logprobs))
         finally:
             self.cancel()
@@ -284,9 +284,7 @@ async def generate(service: Service, request: GenerationRequest, request_id: str
         if service.guards.blocks(model.name):
             texts = [logged] if isinstance(logged, str) else [m["content"] for m in logged]
             with service.tracing.span("guards"):
-                await asyncio.to_thread(
-                    service.guards.check_prompts, model.name, [t for t in texts if isinstance(t, str)]
-                )
+                await service.guards.prompts_checked(model.name, [t for t in texts if isinstance(t, str)])
         params = _params(service, request, len(prompt_ids), generation.runtime)
         origin = Origin(request_id, index, logged, route, model, CALLER.get(), service.tracing.current())
         try:
@@ -298,6 +296,6 @@ async def generate(service: Service, request: GenerationRequest, request_id: str
             continue
         check = None
         if service.guards.blocks(model.name, "answers"):
-            check = functools.partial(service.guards.check_answer, model.name)
+            check = functools.partial(service.guards.answer_checked, model.name)
         return Stream(sequence, model, request_id, echoed, check)
     raise ApiError(503, "the model is being replaced: try again", type="not_ready", headers={"Retry-After": "1"})

@@ -310,7 +310,7 @@ class Service:
         model, route = self._route()
         if self.guards.blocks(model.name):
             with self.tracing.span("guards"):
-                await asyncio.to_thread(self.guards.check_prompts, model.name, texts)
+                await self.guards.prompts_checked(model.name, texts)
         start = time.perf_counter()
         try:
             outputs = await self.batcher.predict(model, texts)

@@ -112,9 +112,14 @@ async def test_a_model_that_blocks_refuses_the_prompt_naming_the_kind_not_the_va
             "/v1/completions", json={"model": GENERATOR, "prompt": f"email {EMAIL} my card {CARD}", "max_tokens": 2}
         )
         clean = await client.post("/v1/completions", json={"model": GENERATOR, "prompt": "hello", "max_tokens": 2})
+        # a long prompt is checked on a thread, a short one on the event loop (INLINE_CHARS): refused alike
+        long = await client.post(
+            "/v1/completions", json={"model": GENERATOR, "prompt": "hello " * 250 + EMAIL, "max_tokens": 2}
+        )
         classified = await client.post("/v1/predict", json={"texts": [f"mail {EMAIL}"]})  # redacted, not refused
     assert (blocked.status_code, blocked.json()["type"]) == (400, "sensitive_data")
     assert "CREDIT_CARD, EMAIL_ADDRESS" in blocked.json()["error"]
+    assert (long.status_code, long.json()["type"]) == (400, "sensitive_data") and EMAIL not in long.text
     # not even part of the card ("4111" alone is in one request id of about 2,000: the body carries the id)
     assert EMAIL not in blocked.text and "4111 1111" not in blocked.text and "4111111111111111" not in blocked.text
     assert clean.status_code == 200 and classified.status_code == 200
