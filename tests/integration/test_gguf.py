@@ -195,16 +195,28 @@ def test_serving_s_prompt_embeddings_are_the_torch_model_s_and_logging_them_chan
 ) -> None:
     """Serving logs each prompt's embedding (the output layer's input at its last token) from a llama.cpp context
     that returns embeddings: a prompt joining a running step gets the logits it gets without them, and its
-    embedding is the torch model's (an f16 file: no quantization between them)."""
+    embedding is the torch model's (an f16 file: no quantization between them). A long enough prompt is fed in two
+    (all but its last token with embeddings off, then its last token with the step, `SPLIT_FACTOR`): the same
+    logits and embedding as fed whole, where llama.cpp would run the output layer over every prompt token."""
     f16 = load_generator(save_gguf(llama[0], "gguf-f16", tmp_path / "f16"))
     source = Generator(llama[0])
-    prompts = ["write a positive tweet about coachella", "classify: the crew at the festival was great fun"]
+    prompts = [
+        "write a positive tweet about coachella",
+        "classify: the crew at the festival was great fun, and the music went on loud until the morning",
+    ]
     first, second = (f16.encode(p) for p in prompts)
     logged, plain = f16.running_batch(4, embeddings=True), f16.running_batch(4)
     token = int(logged.admit([first])[0][0].argmax())
     assert token == int(plain.admit([first])[0][0].argmax())
+    assert logged.split_from < len(second) - 1  # a tiny model: its prompts are fed apart
+    whole = f16.running_batch(4, embeddings=True)
+    whole.split_from = math.inf
+    whole.admit([first])
     both, embedding = logged.step_and_admit([token], [second])
     assert torch.equal(both, plain.step_and_admit([token], [second])[0])
+    together, whole_embedding = whole.step_and_admit([token], [second])
+    assert torch.allclose(both, together, atol=1e-3) and whole_embedding is not None
+    assert np.allclose(embedding, whole_embedding, atol=1e-4)
     assert embedding is not None and embedding.shape == (1, source.model.config.hidden_size)
     theirs = source.prompt_embeddings([prompts[1]])
     assert np.allclose(embedding, theirs, atol=2e-2 * float(np.abs(theirs).max()))
