@@ -62,7 +62,7 @@ class Origin:
     caller: Caller | None = None
     """Who asked (None without keys): usage and limits are counted against it."""
     trace: Any = None
-    """The request's trace context (tracing on): the parent of the engine's spans."""
+    """The request's span (tracing on): the parent of the engine's spans."""
 
 
 @dataclass(frozen=True)

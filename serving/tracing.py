@@ -15,6 +15,11 @@ Each request is a SERVER span named after its route (`POST /v1/predict`), the ch
 are written when the sequence ends, with the times it recorded, from the engine's thread: no request waits for
 them.
 
+The children are written as finished spans (`ReadableSpan`, what the SDK's own spans hand the span processor when
+they end), built once their times are known, not as live SDK spans: a child cost the event loop 17 us through
+the SDK's tracer (sampler, limits, locks, start and end hooks) and costs 3 us so (measured); they are leaves,
+children of a sampled request, so the SDK's sampler would have kept them all.
+
 MLflow traces (`serve.mlflow_traces`, a share of the generations) go to the experiment of the run that trained
 the served version, so its Traces view (the GenAI page) shows served requests: the prompt and the answer
 (redacted as the prediction log is), tokens, time to first token and latency, the model version and the key's
@@ -39,9 +44,11 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import llmops
@@ -51,12 +58,13 @@ log = logging.getLogger(__name__)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _NO_SPAN = contextlib.nullcontext()
-_SAMPLED: ContextVar[bool] = ContextVar("llmops_sampled", default=False)
-"""The request being answered is traced and sampled (`start_request`): its children are recorded. Read in place of
-the current span's `is_recording()`, which walks OpenTelemetry's context each time."""
+_PARENT: ContextVar[SpanContext | None] = ContextVar("llmops_span", default=None)
+"""The span a child starts under: the request's (`start_request`), or the child's around whose block it is; its
+children are written where it is sampled. None outside a traced request."""
 _ROOT = otel_context.Context()
 """A request without a `traceparent` starts a trace of its own."""
-RequestToken = tuple[Token[otel_context.Context], Token[bool]]
+_UNSET = Status(StatusCode.UNSET)
+RequestToken = Token[SpanContext | None]
 """What `end_request` needs to restore the context `start_request` set."""
 _MLFLOW_SETUP = threading.Lock()
 _MLFLOW_EXPORTS_TO: list[str | None] = [None]
@@ -92,7 +100,10 @@ class Tracing:
     def __init__(self, exporter: SpanExporter | None):
         self.on = exporter is not None
         self._provider: TracerProvider | None = None
+        self._processor: BatchSpanProcessor | None = None
         self._tracer: trace.Tracer = trace.NoOpTracer()
+        self._scope = InstrumentationScope("llmops.serving", llmops.__version__)
+        self._ids = RandomIdGenerator()
         # perf_counter readings (what the batcher and the engine record) to the epoch nanoseconds spans take
         self._epoch_offset_ns = time.time_ns() - time.perf_counter_ns()
         if exporter is not None:
@@ -100,8 +111,9 @@ class Tracing:
             if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
                 resource = resource.merge(Resource({SERVICE_NAME: "llmops-serving"}))
             self._provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
-            self._provider.add_span_processor(BatchSpanProcessor(exporter))
-            self._tracer = self._provider.get_tracer("llmops.serving", llmops.__version__)
+            self._processor = BatchSpanProcessor(exporter)
+            self._provider.add_span_processor(self._processor)
+            self._tracer = self._provider.get_tracer(self._scope.name, self._scope.version)
 
     @classmethod
     def from_environment(cls) -> Tracing:
@@ -117,7 +129,8 @@ class Tracing:
     def start_request(
         self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]], request_id: str
     ) -> tuple[Span, RequestToken]:
-        """The request's SERVER span, current until `end_request` (the parent: the caller's `traceparent`)."""
+        """The request's SERVER span, the parent of `span` and `record` until `end_request` (its own parent: the
+        caller's `traceparent`)."""
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in (b"traceparent", b"tracestate")}
         parent = _PROPAGATOR.extract(carrier) if carrier else _ROOT
         span = self._tracer.start_span(
@@ -126,8 +139,7 @@ class Tracing:
             kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "url.path": path, "llmops.request_id": request_id},
         )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        return span, (token, _SAMPLED.set(span.is_recording()))
+        return span, _PARENT.set(span.get_span_context())
 
     @staticmethod
     def traceparent(span: Span) -> bytes:
@@ -139,10 +151,8 @@ class Tracing:
 
     @staticmethod
     def end_request(span: Span, token: RequestToken, method: str, route: str | None, status: int | None) -> None:
-        context_token, sampled_token = token
-        _SAMPLED.reset(sampled_token)
+        _PARENT.reset(token)
         if not span.is_recording():  # not sampled: nothing to name or end
-            otel_context.detach(context_token)
             return
         if route is not None:
             span.update_name(f"{method} {route}")
@@ -152,37 +162,94 @@ class Tracing:
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
         span.end()
-        otel_context.detach(context_token)
 
     # --- its children --------------------------------------------------------------------------------------
 
     def span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
-        """A child of the current span around a block (nothing when tracing is off, or the request is not sampled)."""
-        if not self.on or not _SAMPLED.get():
+        """A child of the current span around a block (nothing when tracing is off, or the request is not sampled).
+        An exception leaving the block marks it as an error, as the SDK's spans do."""
+        parent = _PARENT.get()
+        if parent is None or not parent.trace_flags.sampled:
             return _NO_SPAN
-        return self._tracer.start_as_current_span(name, attributes=attributes or None)
+        return _Child(self, name, parent, attributes or None)
 
-    def current(self) -> otel_context.Context | None:
-        """The current context, to parent spans written later on another thread (None when off)."""
-        return otel_context.get_current() if self.on else None
+    def current(self) -> SpanContext | None:
+        """The current span, to parent spans written later on another thread (None when off)."""
+        return _PARENT.get()
 
     def record(
         self,
         name: str,
         start: float,
         end: float,
-        parent: otel_context.Context | None = None,
+        parent: SpanContext | None = None,
         attributes: dict[str, Any] | None = None,
     ) -> None:
         """A span already over, from two `time.perf_counter()` readings (the child of `parent`, else of the
         current span; nothing where that one is not sampled)."""
-        if not self.on or not (_SAMPLED.get() if parent is None else trace.get_current_span(parent).is_recording()):
+        if parent is None:
+            parent = _PARENT.get()
+        if parent is not None and parent.trace_flags.sampled:
+            self._write(name, self._child_of(parent), parent, self._ns(start), self._ns(end), attributes)
+
+    def _child_of(self, parent: SpanContext) -> SpanContext:
+        return SpanContext(parent.trace_id, self._ids.generate_span_id(), False, parent.trace_flags, parent.trace_state)
+
+    def _write(
+        self,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext,
+        start_ns: int,
+        end_ns: int,
+        attributes: dict[str, Any] | None,
+        status: Status = _UNSET,
+        events: Sequence[Event] = (),
+    ) -> None:
+        if self._processor is None:
             return
-        span = self._tracer.start_span(name, context=parent, start_time=self._ns(start), attributes=attributes)
-        span.end(end_time=self._ns(end))
+        self._processor.on_end(
+            ReadableSpan(
+                name,
+                context,
+                parent,
+                self._provider.resource if self._provider is not None else None,
+                attributes,
+                events,
+                status=status,
+                start_time=start_ns,
+                end_time=end_ns,
+                instrumentation_scope=self._scope,
+            )
+        )
 
     def _ns(self, perf_s: float) -> int:
         return int(perf_s * 1e9) + self._epoch_offset_ns
+
+
+class _Child:
+    """`Tracing.span`'s block: the parent of spans started inside it, written when it ends."""
+
+    __slots__ = ("_attributes", "_context", "_name", "_parent", "_start", "_token", "_tracing")
+
+    def __init__(self, tracing: Tracing, name: str, parent: SpanContext, attributes: dict[str, Any] | None):
+        self._tracing, self._name, self._parent, self._attributes = tracing, name, parent, attributes
+
+    def __enter__(self) -> None:
+        self._context = self._tracing._child_of(self._parent)
+        self._token = _PARENT.set(self._context)
+        self._start = time.time_ns()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: Any) -> None:
+        end = time.time_ns()
+        _PARENT.reset(self._token)
+        status: Status = _UNSET
+        events: tuple[Event, ...] = ()
+        if kind is not None:  # what the SDK's spans record of an exception leaving them
+            status = Status(StatusCode.ERROR, f"{kind.__name__}: {error}")
+            events = (Event("exception", {"exception.type": kind.__name__, "exception.message": str(error)}, end),)
+        tracing = self._tracing
+        tracing._write(self._name, self._context, self._parent, self._start, end, self._attributes, status, events)
 
 
 class MlflowTraces:
@@ -204,16 +271,16 @@ class MlflowTraces:
             self._thread = threading.Thread(target=self._run, name="mlflow-traces", daemon=True)
             self._thread.start()
 
-    def offer(self, row: Any, source: Any, parent: otel_context.Context | None = None) -> None:
+    def offer(self, row: Any, source: Any, parent: SpanContext | None = None) -> None:
         """Trace this generation (its prediction-log row; `source`: the version's `serving.models.Source`) with
         probability `share`; dropped when the writer is `max_pending` behind, so a slow store never holds the
-        engine back. `parent`: the request's OpenTelemetry context, whose trace id the MLflow trace is tagged
+        engine back. `parent`: the request's OpenTelemetry span, whose trace id the MLflow trace is tagged
         with."""
         if self._thread is None or source is None or random.random() >= self.share:
             return
         tags = {}
         if parent is not None:
-            tags["otel.trace_id"] = format(trace.get_current_span(parent).get_span_context().trace_id, "032x")
+            tags["otel.trace_id"] = format(parent.trace_id, "032x")
         try:
             self._queue.put_nowait((row, source, tags))
         except queue.Full:  # said once a minute at most: the store is that far behind

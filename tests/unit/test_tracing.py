@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+from opentelemetry.trace import StatusCode
 
 from llmops.config import ConfigError
 from serving.tracing import Tracing, exporter_from_environment
@@ -59,6 +60,8 @@ def test_a_callers_sampling_decision_is_followed_and_its_trace_id_returned(sampl
     returned = tracing.traceparent(span).decode().split("-")
     with tracing.span("auth"):
         tracing.record("batch", 1.0, 2.0)
+    with pytest.raises(ValueError), tracing.span("guards"):
+        raise ValueError("refused")
     tracing.end_request(span, token, "POST", "/v1/predict", 200)
     tracing.shutdown()
     assert returned[1] == trace_id and returned[2] != caller_span and returned[3] == flags
@@ -66,9 +69,19 @@ def test_a_callers_sampling_decision_is_followed_and_its_trace_id_returned(sampl
     if not sampled:  # the caller decided: nothing recorded, not even the children
         assert spans == {}
         return
-    assert set(spans) == {"POST /v1/predict", "auth", "batch"}
+    assert set(spans) == {"POST /v1/predict", "auth", "batch", "guards"}
     request = spans["POST /v1/predict"]
     assert request.parent is not None and format(request.parent.span_id, "016x") == caller_span
     assert spans["auth"].parent.span_id == request.context.span_id  # type: ignore[union-attr]
     assert spans["batch"].parent.span_id == spans["auth"].context.span_id  # type: ignore[union-attr]
     assert format(request.context.span_id, "016x") == returned[2]
+    assert spans["guards"].parent.span_id == request.context.span_id  # type: ignore[union-attr]
+    # a block left by an exception is an error, as the SDK's own spans record it
+    assert (
+        spans["guards"].status.status_code == StatusCode.ERROR and spans["auth"].status.status_code == StatusCode.UNSET
+    )
+    assert [e.attributes["exception.message"] for e in spans["guards"].events] == ["refused"]  # type: ignore[index]
+    assert (
+        spans["auth"].resource is request.resource
+        and spans["auth"].instrumentation_scope == request.instrumentation_scope
+    )
