@@ -207,3 +207,37 @@ def test_a_gate_serves_one_event_loop_after_another(tmp_path: Path) -> None:
 
     assert asyncio.run(burst()) == [None] * 25
     assert asyncio.run(burst()) == [None] * 25
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-API-Key": "abc"},
+        {"X-API-Key": ""},
+        {"Authorization": "Bearer abc"},
+        {"Authorization": "bearer  abc "},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer "},
+        {"X-API-Key": "", "Authorization": "Bearer abc"},
+        {"X-API-Key": "abc", "Authorization": "Bearer other"},
+    ],
+)
+def test_the_key_a_caller_sent_is_read_as_the_documented_schemes_read_it(headers: dict[str, str]) -> None:
+    """`key_sent` reads the two headers itself; the schemes the API document declares must agree with it."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from serving.deps import KEY_SCHEMES, key_sent
+
+    raw = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+    request = Request({"type": "http", "method": "POST", "path": "/v1/predict", "headers": raw})
+    bearer, api_key = KEY_SCHEMES
+
+    async def as_the_schemes_read_it() -> str | None:
+        credentials = await bearer(request)
+        return await api_key(request) or (credentials.credentials if credentials else None)
+
+    assert key_sent(request) == asyncio.run(as_the_schemes_read_it())
