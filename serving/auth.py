@@ -23,7 +23,7 @@ from pathlib import Path
 
 from llmops.config import ConfigError, ServeConfig
 from llmops.gateway import ApiKey, GatewayStore, Refusal, Usage
-from serving.metrics import ServingMetrics
+from serving.metrics import Children, ServingMetrics
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class Gate:
         self.env_keys = load_api_keys(cfg)
         self.store = open_gateway_store(cfg)
         self.metrics = metrics
+        self._requests, self._tokens = Children(metrics.key_requests), Children(metrics.key_tokens)
         self.refresh_s = cfg.key_refresh_s
         self._known: dict[str, tuple[float, ApiKey | None]] = {}
         self._leases: dict[str, _Held] = {}
@@ -211,7 +212,7 @@ class Gate:
     def record(self, caller: Caller | None, model: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         """What one request used: Prometheus at once, the store (stored keys) from the background thread."""
         name = caller.name if caller else "none"
-        self.metrics.key_requests.labels(name, model).inc()
+        self._requests(name, model).inc()
         if caller is not None and caller.key is not None and (prompt_tokens or completion_tokens):
             with self._lock:
                 held = self._leases.get(name)
@@ -219,8 +220,8 @@ class Gate:
                     held.tokens += prompt_tokens + completion_tokens
                     held.spent += prompt_tokens + completion_tokens
         if prompt_tokens or completion_tokens:
-            self.metrics.key_tokens.labels(name, model, "prompt").inc(prompt_tokens)
-            self.metrics.key_tokens.labels(name, model, "completion").inc(completion_tokens)
+            self._tokens(name, model, "prompt").inc(prompt_tokens)
+            self._tokens(name, model, "completion").inc(completion_tokens)
         if caller is not None and caller.key is not None and self.store is not None:
             with self._lock:
                 self._pending.append(Usage(caller.name, model, prompt_tokens, completion_tokens))
