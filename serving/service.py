@@ -82,7 +82,8 @@ class Scored:
 
     @cached_property
     def _labels(self) -> list[str]:
-        return [self.model.labels[i] for i in self.probs.argmax(axis=1)]
+        labels = self.model.labels
+        return [labels[row.index(max(row))] for row in self.rows]
 
     def labels(self) -> list[str]:
         return self._labels
