@@ -60,6 +60,9 @@ class _Entry:
     start: int
     outputs: str = "last"
     """`last`, `all`, or `none` (a prompt's start, fed apart: see `Slots`)."""
+    hidden: bool = True
+    """Its outputs' output-layer inputs are read where the context keeps them: a running row's next token needs
+    none (reading each is a call into llama.cpp, which lets go of the GIL, and a copy)."""
 
 
 class Slots:
@@ -142,7 +145,7 @@ class Slots:
                 if entry is None:
                     continue
                 logits[entry].append(out[index].copy())
-                if keep:
+                if keep and entries[entry].hidden:
                     row = self._llama_cpp.llama_get_embeddings_ith(self.context.ctx, index)
                     hidden[entry].append(np.ctypeslib.as_array(row, shape=(self.width,)).copy())
             batch.n_tokens = 0
@@ -204,7 +207,7 @@ class Slots:
             kept.append(cached)
             running.add(seq)
         stepping = zip(self._seqs, tokens, self._next, strict=True) if tokens else ()  # none: admit only
-        entries = [_Entry(seq, [token], at) for seq, token, at in stepping]
+        entries = [_Entry(seq, [token], at, hidden=False) for seq, token, at in stepping]
         joining = list(zip(seqs, prompts, kept, strict=True))
         apart = self.embeddings and sum(len(ids) - 1 - at for _, ids, at in joining) >= self.split_from
         starts = [_Entry(seq, ids[at:-1], at, "none") for seq, ids, at in joining if apart and len(ids) - 1 > at]
