@@ -1,6 +1,11 @@
-"""Which exporter the standard OTEL_* settings choose, and the settings refused with a reason."""
+"""Which exporter the standard OTEL_* settings choose, the settings refused with a reason, child spans, and the
+MLflow trace writer's failure."""
 
 from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
 
 import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -8,7 +13,7 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 from opentelemetry.trace import StatusCode
 
 from llmops.config import ConfigError
-from serving.tracing import Tracing, exporter_from_environment
+from serving.tracing import MlflowTraces, Tracing, exporter_from_environment
 
 ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
 
@@ -85,3 +90,26 @@ def test_a_callers_sampling_decision_is_followed_and_its_trace_id_returned(sampl
         spans["auth"].resource is request.resource
         and spans["auth"].instrumentation_scope == request.instrumentation_scope
     )
+
+
+def test_a_trace_writer_that_has_stopped_costs_the_service_a_warning_and_nothing_else(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MLflow traces are written by a process of their own: if it dies, generations go untraced, said in the log."""
+    from llmops.predlog import GenerationRow
+    from serving.models import Source
+
+    traces = MlflowTraces(1.0, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    traces.start()
+    assert traces._writer is not None
+    traces._writer.kill()
+    traces._writer.wait()
+    row = GenerationRow(
+        request_id="r1", idx=0, ts=time.time(), model_name="m", model_version="1", route="champion",
+        prompt="hi", messages="", completion="hello", prompt_tokens=1, completion_tokens=1, finish_reason="stop",
+        ttft_ms=1.0, latency_ms=2.0, embedding=None, unk_share=0.0, key_name=None,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="serving.tracing"):
+        traces.offer(row, Source("0", "run", None))
+        traces.stop()
+    assert "the MLflow trace writer has stopped" in caplog.text
