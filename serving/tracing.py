@@ -274,18 +274,22 @@ class MlflowTraces:
 
     def start(self) -> None:
         if self.share > 0:
-            # MLflow would send its traces to the OTEL_* endpoint instead of its store once one is set: these stay
-            # in MLflow (set MLFLOW_ENABLE_OTLP_EXPORTER=true to send them there too); the writer inherits it
-            os.environ.setdefault("MLFLOW_ENABLE_OTLP_EXPORTER", "false")
-            # a process of its own that imports what a trace needs and no more (a spawned `multiprocessing` child
-            # would import the service's main module first: 560 MB resident against about 200)
-            self._writer = subprocess.Popen(
-                [sys.executable, "-m", "serving.trace_writer", self.tracking_uri],
-                stdin=subprocess.PIPE,
-                env=os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-            )
-            self._thread = threading.Thread(target=self._run, args=(self._writer,), name="mlflow-traces", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="mlflow-traces", daemon=True)
             self._thread.start()
+
+    def _start_writer(self) -> subprocess.Popen[bytes]:
+        """The writer process, started with the first trace (a service that traces nothing starts none)."""
+        # MLflow would send its traces to the OTEL_* endpoint instead of its store once one is set: these stay in
+        # MLflow (set MLFLOW_ENABLE_OTLP_EXPORTER=true to send them there too)
+        env = {"MLFLOW_ENABLE_OTLP_EXPORTER": "false"} | os.environ
+        # a process that imports what a trace needs and no more (a spawned `multiprocessing` child would import the
+        # service's main module first: 560 MB resident against about 250)
+        self._writer = subprocess.Popen(
+            [sys.executable, "-m", "serving.trace_writer", self.tracking_uri],
+            stdin=subprocess.PIPE,
+            env=env | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        return self._writer
 
     def offer(self, row: Any, source: Any, parent: SpanContext | None = None) -> None:
         """Trace this generation (its prediction-log row; `source`: the version's `serving.models.Source`) with
@@ -323,11 +327,14 @@ class MlflowTraces:
             self._warned = time.monotonic()
             log.warning(message)
 
-    def _run(self, writer: subprocess.Popen[bytes]) -> None:
-        pipe = writer.stdin
-        assert pipe is not None
+    def _run(self) -> None:
+        writer: subprocess.Popen[bytes] | None = None
         while (item := self._queue.get()) is not None:
             row, source, tags = item
+            if writer is None:
+                writer = self._start_writer()
+            pipe = writer.stdin
+            assert pipe is not None
             if writer.poll() is not None:  # its error is in the service's log: nothing is queued behind it
                 self._warn(f"the MLflow trace writer has stopped (exit code {writer.returncode}): not traced")
                 continue

@@ -101,14 +101,19 @@ def test_a_trace_writer_that_has_stopped_costs_the_service_a_warning_and_nothing
 
     traces = MlflowTraces(1.0, f"sqlite:///{tmp_path / 'mlflow.db'}")
     traces.start()
-    assert traces._writer is not None
-    traces._writer.kill()
-    traces._writer.wait()
+    assert traces._writer is None  # none until there is a trace to write
     row = GenerationRow(
         request_id="r1", idx=0, ts=time.time(), model_name="m", model_version="1", route="champion",
         prompt="hi", messages="", completion="hello", prompt_tokens=1, completion_tokens=1, finish_reason="stop",
         ttft_ms=1.0, latency_ms=2.0, embedding=None, unk_share=0.0, key_name=None,
     )  # fmt: skip
+    traces.offer(row, Source("0", "run", None))
+    deadline = time.monotonic() + 30
+    while traces._writer is None:
+        assert time.monotonic() < deadline, "the first trace started no writer"
+        time.sleep(0.05)
+    traces._writer.kill()
+    traces._writer.wait()
     with caplog.at_level(logging.WARNING, logger="serving.tracing"):
         traces.offer(row, Source("0", "run", None))
         traces.stop()
