@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -102,6 +101,7 @@ class Tracing:
         self.on = exporter is not None
         self._provider: TracerProvider | None = None
         self._processor: BatchSpanProcessor | None = None
+        self._resource: Resource | None = None
         self._tracer: trace.Tracer = trace.NoOpTracer()
         self._scope = InstrumentationScope("llmops.serving", llmops.__version__)
         self._ids = RandomIdGenerator()
@@ -111,6 +111,7 @@ class Tracing:
             resource = Resource.create({"service.version": llmops.__version__})
             if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
                 resource = resource.merge(Resource({SERVICE_NAME: "llmops-serving"}))
+            self._resource = resource
             self._provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
             self._processor = BatchSpanProcessor(exporter)
             self._provider.add_span_processor(self._processor)
@@ -214,7 +215,7 @@ class Tracing:
                 name,
                 context,
                 parent,
-                self._provider.resource if self._provider is not None else None,
+                self._resource,
                 attributes,
                 events,
                 status=status,
@@ -346,49 +347,3 @@ class MlflowTraces:
                 pipe.flush()
             except Exception:
                 log.exception("could not hand over an MLflow trace of request %s", getattr(row, "request_id", "?"))
-
-
-def write_trace(row: Any, experiment_id: str, run_id: str, model_id: str | None, tags: dict[str, str]) -> None:
-    """One generation as a trace of one LLM span, with the times the service measured."""
-    import mlflow
-    from mlflow.entities import SpanType
-    from mlflow.tracing.constant import SpanAttributeKey, TraceMetadataKey
-
-    end_ns = int(row.ts * 1e9)
-    start_ns = end_ns - int(row.latency_ms * 1e6)
-    metadata = {TraceMetadataKey.TRACE_USER: row.key_name or "none"}
-    metadata[TraceMetadataKey.SOURCE_RUN] = run_id
-    if model_id:
-        metadata[TraceMetadataKey.MODEL_ID] = model_id  # listed on the logged model's page too
-    # OpenAI's request and answer shapes, which the Traces view renders (a chat as its turns)
-    choice: dict[str, Any] = {"index": 0, "text": row.completion, "finish_reason": row.finish_reason}
-    inputs: dict[str, Any] = {"model": row.model_name, "prompt": row.prompt}
-    if row.messages:
-        inputs = {"model": row.model_name, "messages": json.loads(row.messages)}
-        choice = {"index": 0, "message": {"role": "assistant", "content": row.completion},
-                  "finish_reason": row.finish_reason}  # fmt: skip
-    span = mlflow.start_span_no_context(
-        f"{row.route} {row.model_name}",
-        span_type=SpanType.LLM,
-        inputs=inputs,
-        attributes={
-            "model": row.model_name,
-            "model_version": row.model_version,
-            "ttft_ms": round(row.ttft_ms, 3),
-            "finish_reason": row.finish_reason,
-            "request_id": row.request_id,
-        },
-        tags={"llmops.request_id": row.request_id, **tags},
-        metadata=metadata,
-        experiment_id=experiment_id,
-        start_time_ns=start_ns,
-    )
-    span.set_attribute(
-        SpanAttributeKey.CHAT_USAGE,
-        {
-            "input_tokens": row.prompt_tokens,
-            "output_tokens": row.completion_tokens,
-            "total_tokens": row.prompt_tokens + row.completion_tokens,
-        },
-    )
-    span.end(outputs={"model": row.model_name, "choices": [choice]}, end_time_ns=end_ns)
