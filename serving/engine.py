@@ -44,6 +44,7 @@ from llmops.generation.decode import (
     take_rows,
     token_logprob,
 )
+from llmops.generation.vocabulary import AnswerText
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,6 +81,8 @@ class Sequence:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     written: list[int] = field(default_factory=list)
     """Token ids of the answer (the end token not included)."""
+    answer: AnswerText | None = None
+    """The answer's text, kept as its tokens come (made at the first)."""
     generated: int = 0
     """Tokens the model produced, the end token included: the answer's `completion_tokens`."""
     emitted: int = 0
@@ -446,7 +449,9 @@ class GenerationEngine:
         sequence.written.append(token)
         if sequence.matcher is not None:
             return self._advance_constrained(sequence, token)
-        text = generator.text_of(sequence.written)
+        if sequence.answer is None:
+            sequence.answer = generator.vocabulary.answer()
+        text = sequence.answer.add(token)
         hits = [text.index(s) for s in params.stop if s and s in text]
         if hits:
             sequence.text = text[: min(hits)].rstrip()

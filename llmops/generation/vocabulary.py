@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
 from llmops.generation.decode import Barred
@@ -119,18 +120,19 @@ def _remember(state: _Spacing, token: str, space: bool) -> None:
 def join_wordpieces(tokens: list[str]) -> str:
     """WordPiece tokens (special tokens already left out) -> text, with the spacing a tweet would have."""
     state = _Spacing()
-    parts: list[str] = []
-    for token in tokens:
-        if token.startswith(CONTINUATION) and len(token) > len(CONTINUATION):
-            piece = token[len(CONTINUATION) :]
-            parts.append(piece)
-            # the word goes on: keep the rules' view of it whole ("abc" + "##12" is one word)
-            state.previous = state.previous + piece if _is_word(state.previous + piece) else piece
-            continue
-        space = _space_before(token, state)
-        parts.append(" " + token if space else token)
-        _remember(state, token, space)
-    return "".join(parts)
+    return "".join(_written(state, token) for token in tokens)
+
+
+def _written(state: _Spacing, token: str) -> str:
+    """What one more WordPiece token adds to the text: itself, a space before it or not, or a word's piece."""
+    if token.startswith(CONTINUATION) and len(token) > len(CONTINUATION):
+        piece = token[len(CONTINUATION) :]
+        # the word goes on: keep the rules' view of it whole ("abc" + "##12" is one word)
+        state.previous = state.previous + piece if _is_word(state.previous + piece) else piece
+        return piece
+    space = _space_before(token, state)
+    _remember(state, token, space)
+    return " " + token if space else token
 
 
 def is_wordpiece(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -160,7 +162,7 @@ class Vocabulary:
         vocab = {index: token for token, index in tokenizer.get_vocab().items() if index not in specials}
         self.never = sorted((specials - {self.eos_id}) | self._unwritten(vocab))
         self.not_first = sorted(self._not_first(vocab))
-        self._hidden = frozenset(self.never) | {self.eos_id}
+        self.hidden = frozenset(self.never) | {self.eos_id}
         """Tokens `text` leaves out (the serving engine asks for the text of an answer at every token)."""
 
     def _unwritten(self, vocab: dict[int, str]) -> set[int]:
@@ -188,5 +190,49 @@ class Vocabulary:
         if not self.wordpiece:
             text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             return str(text).strip()
-        tokens = self.tokenizer.convert_ids_to_tokens([i for i in ids if i not in self._hidden])
+        tokens = self.tokenizer.convert_ids_to_tokens([i for i in ids if i not in self.hidden])
         return join_wordpieces(list(tokens)).strip()
+
+    def answer(self) -> AnswerText:
+        """The text of an answer to be written one token at a time (the serving engine's)."""
+        return AnswerText(self)
+
+
+class AnswerText:
+    """The text of an answer as its tokens come: `add(token)` gives `Vocabulary.text` of all of them so far, at
+    a cost a token that does not grow with the answer.
+
+    Decoding the whole answer again at each token (as the serving engine did) cost 65 us a token on average over
+    a 64-token answer and 92 us at its 64th (packaged vocabulary, 2 cores, measured), a cost that grows with the
+    answer and is paid on the engine's thread between passes, by every running row. WordPiece text is rebuilt
+    by the same rules one token at a time (each looks back only). Other vocabularies go through the tokenizers
+    library's `DecodeStream`, which decodes a few tokens of context to place each new one's text and holds back
+    a character whose bytes are not all written: an answer cut inside one ends before it (the whole decoding
+    would end it in U+FFFD). A tokenizer without a Rust backend decodes the whole answer each time, as before.
+    """
+
+    def __init__(self, vocabulary: Vocabulary):
+        self._vocabulary = vocabulary
+        self._written = ""
+        self._ids: list[int] = []
+        self._spacing = _Spacing() if vocabulary.wordpiece else None
+        backend = getattr(vocabulary.tokenizer, "backend_tokenizer", None)
+        self._stream = (
+            (DecodeStream(skip_special_tokens=True), backend)
+            if backend is not None and not vocabulary.wordpiece
+            else None
+        )
+
+    def add(self, token: int) -> str:
+        """The answer's text with `token` written, without leading or trailing whitespace."""
+        vocabulary = self._vocabulary
+        if self._spacing is not None:
+            if token not in vocabulary.hidden:
+                self._written += _written(self._spacing, str(vocabulary.tokenizer.convert_ids_to_tokens(token)))
+        elif self._stream is not None:
+            stream, backend = self._stream
+            self._written += stream.step(backend, token) or ""
+        else:
+            self._ids.append(token)
+            return vocabulary.text(self._ids)
+        return self._written.strip()

