@@ -44,22 +44,24 @@ def key_sent(request: Request) -> str | None:
 
 
 def require_key(group: str, json_body: bool = False) -> Any:
-    """The dependency of a route of `group`: with keys configured, the caller's key must exist, may call
-    `group`, and be within its limits (401, 403, 429 with Retry-After); the caller is then `CALLER`. With
-    `json_body`, the request must then also say it sends JSON (415): one dependency, not two, as FastAPI spends
-    about 10 us of the event loop a request on each it solves."""
+    """The dependency of a route of `group`, which gives the route the service: with keys configured, the
+    caller's key must exist, may call `group`, and be within its limits (401, 403, 429 with Retry-After); the
+    caller is then `CALLER`. With `json_body`, the request must then also say it sends JSON (415). One
+    dependency, not three (the key, the content type, the service), as FastAPI spends about 10 us of the event
+    loop a request on each it solves."""
 
-    async def key_of_the_caller(request: Request) -> None:
-        await _check_key(request, group)
+    async def key_of_the_caller(request: Request) -> Service:
+        service: Service = request.app.state.service
+        await _check_key(request, group, service)
         if json_body:
             await require_json(request)
+        return service
 
     key_of_the_caller.key_group = group  # type: ignore[attr-defined]  # what the contract declares security on
     return key_of_the_caller
 
 
-async def _check_key(request: Request, group: str) -> None:
-    service: Service = request.app.state.service
+async def _check_key(request: Request, group: str, service: Service) -> None:
     gate = service.gate
     if not gate.required:
         return
@@ -128,7 +130,8 @@ def check_texts(texts: list[Any], field: str, cfg: ServeConfig) -> list[str]:
     return out
 
 
-Inference = [Depends(require_key("inference"))]
-InferenceJson = [Depends(require_key("inference", json_body=True))]
-FeedbackJson = [Depends(require_key("feedback", json_body=True))]
-Monitoring = [Depends(require_key("monitoring"))]
+# The service, for a route of each group (`service: ForInference`); routes that ask for no key take `ServiceDep`.
+ForInference = Annotated[Service, Depends(require_key("inference"))]
+ForInferenceJson = Annotated[Service, Depends(require_key("inference", json_body=True))]
+ForFeedback = Annotated[Service, Depends(require_key("feedback", json_body=True))]
+ForMonitoring = Annotated[Service, Depends(require_key("monitoring"))]

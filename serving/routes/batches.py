@@ -21,7 +21,7 @@ from fastapi.responses import Response
 
 from serving.auth import CALLER
 from serving.batches import public
-from serving.deps import Inference, InferenceJson, ServiceDep
+from serving.deps import ForInference, ForInferenceJson
 from serving.errors import ApiError
 from serving.openai_schemas import BatchCreateRequest, BatchList, BatchObject, FileList, FileObject
 from serving.routes import ERRORS
@@ -46,11 +46,10 @@ def _own(service: Service, item: dict[str, Any] | None, kind: str, item_id: str)
     "/v1/files",
     response_model=FileObject,
     tags=["openai"],
-    dependencies=Inference,
     responses=ERRORS,
 )
 async def upload_file(
-    service: ServiceDep,
+    service: ForInference,
     file: Annotated[UploadFile, File(description="A JSONL file of requests, one a line.")],
     purpose: Annotated[Literal["batch"], Form(description="Only `batch` files are taken here.")],
 ) -> dict[str, Any]:
@@ -61,26 +60,25 @@ async def upload_file(
     return public(meta)
 
 
-@router.get("/v1/files", response_model=FileList, tags=["openai"], dependencies=Inference, responses=ERRORS)
-async def list_files(service: ServiceDep) -> FileList:
+@router.get("/v1/files", response_model=FileList, tags=["openai"], responses=ERRORS)
+async def list_files(service: ForInference) -> FileList:
     """Files the caller uploaded, and the output and error files of its batches, newest first."""
     mine = [f for f in service.batches.files() if not service.gate.required or f.get("owner") == _owner()]
     return FileList(data=[FileObject(**public(f)) for f in mine])
 
 
-@router.get("/v1/files/{file_id}", response_model=FileObject, tags=["openai"], dependencies=Inference, responses=ERRORS)
-async def get_file(file_id: str, service: ServiceDep) -> dict[str, Any]:
+@router.get("/v1/files/{file_id}", response_model=FileObject, tags=["openai"], responses=ERRORS)
+async def get_file(file_id: str, service: ForInference) -> dict[str, Any]:
     return public(_own(service, service.batches.file(file_id), "file", file_id))
 
 
 @router.get(
     "/v1/files/{file_id}/content",
     tags=["openai"],
-    dependencies=Inference,
     responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}, "description": "The file as uploaded"}},
     response_class=Response,
 )
-async def file_content(file_id: str, service: ServiceDep) -> Response:
+async def file_content(file_id: str, service: ForInference) -> Response:
     """The file's bytes: an uploaded input, or a batch's output or error file (JSONL)."""
     _own(service, service.batches.file(file_id), "file", file_id)
     return Response(service.batches.content_path(file_id).read_bytes(), media_type="application/octet-stream")
@@ -90,10 +88,9 @@ async def file_content(file_id: str, service: ServiceDep) -> Response:
     "/v1/batches",
     response_model=BatchObject,
     tags=["openai"],
-    dependencies=InferenceJson,
     responses=ERRORS,
 )
-async def create_batch(body: BatchCreateRequest, request: Request, service: ServiceDep) -> dict[str, Any]:
+async def create_batch(body: BatchCreateRequest, request: Request, service: ForInferenceJson) -> dict[str, Any]:
     """Answer every request of an uploaded file in the background; `GET /v1/batches/{id}` tells how far it is."""
     _own(service, service.batches.file(body.input_file_id), "file", body.input_file_id)
     now = int(time.time())
@@ -117,9 +114,9 @@ async def create_batch(body: BatchCreateRequest, request: Request, service: Serv
     return public(batch)
 
 
-@router.get("/v1/batches", response_model=BatchList, tags=["openai"], dependencies=Inference, responses=ERRORS)
+@router.get("/v1/batches", response_model=BatchList, tags=["openai"], responses=ERRORS)
 async def list_batches(
-    service: ServiceDep, limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
+    service: ForInference, limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
 ) -> BatchList:
     """The caller's batches, newest first (`after`: the last id of the previous page)."""
     mine = [b for b in service.batches.batches() if not service.gate.required or b.get("owner") == _owner()]
@@ -135,10 +132,8 @@ async def list_batches(
     )
 
 
-@router.get(
-    "/v1/batches/{batch_id}", response_model=BatchObject, tags=["openai"], dependencies=Inference, responses=ERRORS
-)
-async def get_batch(batch_id: str, service: ServiceDep) -> dict[str, Any]:
+@router.get("/v1/batches/{batch_id}", response_model=BatchObject, tags=["openai"], responses=ERRORS)
+async def get_batch(batch_id: str, service: ForInference) -> dict[str, Any]:
     return public(_own(service, service.batches.batch(batch_id), "batch", batch_id))
 
 
@@ -146,10 +141,9 @@ async def get_batch(batch_id: str, service: ServiceDep) -> dict[str, Any]:
     "/v1/batches/{batch_id}/cancel",
     response_model=BatchObject,
     tags=["openai"],
-    dependencies=Inference,
     responses=ERRORS,
 )
-async def cancel_batch(batch_id: str, service: ServiceDep) -> dict[str, Any]:
+async def cancel_batch(batch_id: str, service: ForInference) -> dict[str, Any]:
     """Send no more of the batch's requests: `cancelling` until those in flight are answered, then `cancelled`
     (what was answered stays in its output file)."""
     batch = _own(service, service.batches.batch(batch_id), "batch", batch_id)

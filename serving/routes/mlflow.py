@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
 import llmops
-from serving.deps import InferenceJson, ServiceDep, check_texts
+from serving.deps import ForInferenceJson, ServiceDep, check_texts
 from serving.errors import ApiError
 from serving.routes import ERRORS, request_id_of
 from serving.schemas import InvocationsRequest, InvocationsResponse
@@ -71,10 +71,8 @@ def invocation_texts(body: InvocationsRequest) -> tuple[list[Any], str]:
     return [_from_record(r, f"inputs[{i}]") for i, r in enumerate(inputs or [])], "inputs"
 
 
-@router.post(
-    "/invocations", response_model=InvocationsResponse, tags=["mlflow"], dependencies=InferenceJson, responses=ERRORS
-)
-async def invocations(body: InvocationsRequest, request: Request, service: ServiceDep) -> InvocationsResponse:
+@router.post("/invocations", response_model=InvocationsResponse, tags=["mlflow"], responses=ERRORS)
+async def invocations(body: InvocationsRequest, request: Request, service: ForInferenceJson) -> InvocationsResponse:
     """MLflow's scoring protocol, answered like `mlflow models serve` answers for this model."""
     raw, field = invocation_texts(body)
     texts = check_texts(raw, field, service.cfg)

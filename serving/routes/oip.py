@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 import llmops
-from serving.deps import Inference, InferenceJson, ServiceDep, check_texts
+from serving.deps import ForInference, ForInferenceJson, ServiceDep, check_texts
 from serving.errors import ApiError, field_path
 from serving.generate import GenerationRequest, generate
 from serving.models import LoadedModel, ModelWatcher
@@ -106,10 +106,8 @@ async def v2_model_ready(name: str, service: ServiceDep) -> JSONResponse:
     return JSONResponse(ModelReadyResponse(name=name, ready=True).model_dump(exclude_none=True))
 
 
-@router.get(
-    "/v2/models/{name}", response_model=ModelMetadataResponse, tags=["v2"], dependencies=Inference, responses=ERRORS
-)
-async def v2_model_metadata(name: str, service: ServiceDep) -> ModelMetadataResponse:
+@router.get("/v2/models/{name}", response_model=ModelMetadataResponse, tags=["v2"], responses=ERRORS)
+async def v2_model_metadata(name: str, service: ForInference) -> ModelMetadataResponse:
     """A classifier's tensors for `infer`; a generator's for `generate`."""
     model = service.loaded(_served(service, name), field="name")
     if not model.generates:
@@ -185,7 +183,6 @@ def _texts_of(data: list[Any], field: str) -> list[Any]:
     "/v2/models/{name}/infer",
     response_model=InferResponse,
     tags=["v2"],
-    dependencies=Inference,
     responses=ERRORS,
     openapi_extra={
         # The route reads its body itself (JSON or binary tensors); serving/contract.py writes the JSON schema.
@@ -195,7 +192,7 @@ def _texts_of(data: list[Any], field: str) -> list[Any]:
         }
     },
 )
-async def v2_infer(name: str, request: Request, service: ServiceDep) -> InferResponse:
+async def v2_infer(name: str, request: Request, service: ForInference) -> InferResponse:
     """Input: one BYTES tensor `text` of shape [n]. Outputs: `label` (BYTES [n]) and `probabilities` (FP32 [n, k])."""
     _classifier(service, name)
     infer = await _read_infer_request(request)
@@ -256,10 +253,11 @@ def _generation_request(name: str, body: GenerateRequest) -> GenerationRequest:
     "/v2/models/{name}/generate",
     response_model=GenerateResponse,
     tags=["v2"],
-    dependencies=InferenceJson,
     responses=ERRORS,
 )
-async def v2_generate(name: str, body: GenerateRequest, request: Request, service: ServiceDep) -> GenerateResponse:
+async def v2_generate(
+    name: str, body: GenerateRequest, request: Request, service: ForInferenceJson
+) -> GenerateResponse:
     """The whole answer to `text_input` from the generator `name`."""
     stream = await generate(service, _generation_request(name, body), request_id_of(request), ROUTE)
     answer = await stream.answer()
@@ -276,11 +274,10 @@ async def v2_generate(name: str, body: GenerateRequest, request: Request, servic
 @router.post(
     "/v2/models/{name}/generate_stream",
     tags=["v2"],
-    dependencies=InferenceJson,
     responses=ERRORS | STREAMED,
 )
 async def v2_generate_stream(
-    name: str, body: GenerateRequest, request: Request, service: ServiceDep
+    name: str, body: GenerateRequest, request: Request, service: ForInferenceJson
 ) -> StreamingResponse:
     """The answer to `text_input` as server-sent events of `{model_name, model_version, text_output}`; the last
     one also carries `finish_reason` and the token counts."""

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from llmops.generation.constrained import JSON_OBJECT, GrammarError, json_schema_grammar
 from llmops.generation.decode import TokenLogprob
-from serving.deps import Inference, InferenceJson, ServiceDep
+from serving.deps import ForInference, ForInferenceJson
 from serving.engine import Event
 from serving.errors import ApiError
 from serving.generate import GenerationRequest, Stream, generate, merged
@@ -162,8 +162,8 @@ def error_event(error: ApiError) -> str:
     return event_of(json.dumps({"error": error.message, "type": error.type}))
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["openai"], dependencies=Inference, responses=ERRORS)
-async def list_models(service: ServiceDep) -> ModelList:
+@router.get("/v1/models", response_model=ModelList, tags=["openai"], responses=ERRORS)
+async def list_models(service: ForInference) -> ModelList:
     """Every served model that has a version loaded (classifiers too: `/v1/predict` answers those); a LoRA
     adapter names its base as `parent`."""
     cards = [
@@ -267,10 +267,9 @@ def joined(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
     "/v1/completions",
     response_model=Completion,
     tags=["openai"],
-    dependencies=InferenceJson,
     responses=ERRORS | {200: STREAMED[200] | feedback_link("$response.header.X-Request-ID")[200]},
 )
-async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Any:
+async def completions(body: CompletionRequest, request: Request, service: ForInferenceJson) -> Any:
     """Text completion of a prompt (or of each prompt of a list), whole or streamed; `n` choices each, in
     prompt order. With `echo` and `logprobs`, the prompt tokens' log-probabilities (lm-evaluation-harness's
     loglikelihood tasks)."""
@@ -314,10 +313,9 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     "/v1/chat/completions",
     response_model=ChatCompletion,
     tags=["openai"],
-    dependencies=InferenceJson,
     responses=ERRORS | STREAMED,
 )
-async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Any:
+async def chat_completions(body: ChatCompletionRequest, request: Request, service: ForInferenceJson) -> Any:
     """The assistant's next message in a conversation, rendered with the model's chat template; whole or
     streamed, `n` choices."""
     chat = [message.model_dump() for message in body.messages]

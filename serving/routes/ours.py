@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from serving.deps import FeedbackJson, InferenceJson, Monitoring, ServiceDep, check_texts
+from serving.deps import ForFeedback, ForInferenceJson, ForMonitoring, ServiceDep, check_texts
 from serving.models import LoadedModel
 from serving.routes import ERRORS, feedback_link, request_id_of
 from serving.schemas import (
@@ -69,10 +69,9 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     "/v1/predict",
     response_model=PredictResponse,
     tags=["v1"],
-    dependencies=InferenceJson,
     responses=ERRORS | feedback_link("$response.body#/request_id"),
 )
-async def predict(body: PredictRequest, request: Request, service: ServiceDep) -> PredictResponse:
+async def predict(body: PredictRequest, request: Request, service: ForInferenceJson) -> PredictResponse:
     """Label and class probabilities per text, with the model version that answered."""
     texts = check_texts(body.texts, "texts", service.cfg)
     request_id = request_id_of(request)
@@ -108,8 +107,8 @@ def _model_info(model: LoadedModel | None) -> LoadedModelInfo | None:
     )
 
 
-@router.get("/v1/model", response_model=ModelResponse, tags=["v1"], dependencies=Monitoring, responses=ERRORS)
-async def model_info(service: ServiceDep) -> ModelResponse:
+@router.get("/v1/model", response_model=ModelResponse, tags=["v1"], responses=ERRORS)
+async def model_info(service: ForMonitoring) -> ModelResponse:
     """Which version the classifier routes use, with its metrics and tags (and the challenger's, when shadow or
     canary is on); in a service of generators alone, the first generator's."""
     challenger = service.challenger.current if service.challenger else None
@@ -125,10 +124,9 @@ async def model_info(service: ServiceDep) -> ModelResponse:
     response_model=FeedbackResponse,
     status_code=202,
     tags=["v1"],
-    dependencies=FeedbackJson,
     responses=ERRORS,
 )
-async def feedback(body: FeedbackRequest, service: ServiceDep) -> FeedbackResponse:
+async def feedback(body: FeedbackRequest, service: ForFeedback) -> FeedbackResponse:
     """The true label of a past prediction, or a rating or corrected completion of a past generation, stored
     beside it for monitoring."""
     if body.label is not None:

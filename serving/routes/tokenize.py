@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.deps import Inference, InferenceJson, ServiceDep
+from serving.deps import ForInference, ForInferenceJson
 from serving.generate import check_token_ids, generator_model, only_generator
 from serving.openai_schemas import ChatMessage, TokenId
 from serving.routes import ERRORS
@@ -85,8 +85,8 @@ def _runtime(service: Service, name: str | None) -> GeneratorRuntime:
     return generation.runtime
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, dependencies=InferenceJson, responses=ERRORS)
-async def tokenize(body: TokenizeRequest, service: ServiceDep) -> TokenizeResponse:
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+async def tokenize(body: TokenizeRequest, service: ForInferenceJson) -> TokenizeResponse:
     """A prompt's (or a chat's) token ids under the model's tokenizer."""
     runtime = _runtime(service, body.model)
     tokenizer = runtime.tokenizer
@@ -105,17 +105,17 @@ async def tokenize(body: TokenizeRequest, service: ServiceDep) -> TokenizeRespon
     )
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, dependencies=InferenceJson, responses=ERRORS)
-async def detokenize(body: DetokenizeRequest, service: ServiceDep) -> DetokenizeResponse:
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+async def detokenize(body: DetokenizeRequest, service: ForInferenceJson) -> DetokenizeResponse:
     """Token ids back to text (special tokens as written)."""
     tokenizer = _runtime(service, body.model).tokenizer
     check_token_ids(body.tokens, tokenizer, "tokens")
     return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
 
 
-@router.get("/tokenizer_info", response_model=TokenizerInfo, dependencies=Inference, responses=ERRORS)
+@router.get("/tokenizer_info", response_model=TokenizerInfo, responses=ERRORS)
 async def tokenizer_info(
-    service: ServiceDep, model: str | None = Query(default=None, description="A served generator.")
+    service: ForInference, model: str | None = Query(default=None, description="A served generator.")
 ) -> TokenizerInfo:
     """The tokenizer's class, special tokens and chat template."""
     runtime = _runtime(service, model)
