@@ -163,7 +163,7 @@ class Vocabulary:
         self.never = sorted((specials - {self.eos_id}) | self._unwritten(vocab))
         self.not_first = sorted(self._not_first(vocab))
         self.hidden = frozenset(self.never) | {self.eos_id}
-        """Tokens `text` leaves out (the serving engine asks for the text of an answer at every token)."""
+        """Tokens `text` and `AnswerText` leave out."""
 
     def _unwritten(self, vocab: dict[int, str]) -> set[int]:
         """WordPiece tokens the tokenizer's own pre-tokenizer would split (BERT's splits every punctuation mark off
