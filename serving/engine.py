@@ -450,7 +450,7 @@ class GenerationEngine:
         if sequence.matcher is not None:
             return self._advance_constrained(sequence, token)
         if sequence.answer is None:
-            sequence.answer = generator.vocabulary.answer()
+            sequence.answer = AnswerText(generator.vocabulary)
         text = sequence.answer.add(token)
         hits = [text.index(s) for s in params.stop if s and s in text]
         if hits:

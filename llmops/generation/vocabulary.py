@@ -193,16 +193,12 @@ class Vocabulary:
         tokens = self.tokenizer.convert_ids_to_tokens([i for i in ids if i not in self.hidden])
         return join_wordpieces(list(tokens)).strip()
 
-    def answer(self) -> AnswerText:
-        """The text of an answer to be written one token at a time (the serving engine's)."""
-        return AnswerText(self)
-
 
 class AnswerText:
     """The text of an answer as its tokens come: `add(token)` gives `Vocabulary.text` of all of them so far, at
     a cost a token that does not grow with the answer.
 
-    Decoding the whole answer again at each token (as the serving engine did) cost 65 us a token on average over
+    Decoding the whole answer again at each token (as the serving engine did) cost 66 us a token on average over
     a 64-token answer and 92 us at its 64th (packaged vocabulary, 2 cores, measured), a cost that grows with the
     answer and is paid on the engine's thread between passes, by every running row. WordPiece text is rebuilt
     by the same rules one token at a time (each looks back only). Other vocabularies go through the tokenizers

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from llmops.config import ModelConfig
 from llmops.corpus import clean_text, packaged_corpus_path
 from llmops.generation.modeling import load_tokenizer
-from llmops.generation.vocabulary import Vocabulary, join_wordpieces
+from llmops.generation.vocabulary import AnswerText, Vocabulary, join_wordpieces
 
 VOCABULARY = Vocabulary(load_tokenizer(ModelConfig()))
 """The packaged MiniLM tokenizer as generation loads it ([SEP] ends an answer)."""
@@ -153,7 +153,7 @@ def test_a_byte_level_answer_may_not_start_with_whitespace(byte_level: Vocabular
 
 
 def _written_one_by_one(vocabulary: Vocabulary, ids: list[int]) -> list[str]:
-    answer = vocabulary.answer()
+    answer = AnswerText(vocabulary)
     return [answer.add(token) for token in ids]
 
 
