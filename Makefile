@@ -22,7 +22,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: install run run-llm test lint bench-compression bench-generation bench-generation-serving bench-llm-runtimes bench-llm-lifecycle bench-serving bench-monitoring bench-scale serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
+.PHONY: install run run-llm test lint bench-compression bench-generation bench-training-padding bench-generation-serving bench-llm-runtimes bench-llm-lifecycle bench-serving bench-monitoring bench-scale serve monitor drift-demo evidently-ui up down rollback mlflow-ui lock clean
 
 install: $(STAMP)
 	@bash scripts/build-llama-cpp.sh $(LLAMA_CPP_PIN) $(VENV)/llama.cpp $(PY)
@@ -57,6 +57,9 @@ bench-compression: install  ## teacher vs student vs int8 vs bnb-int8 vs NF4 -> 
 
 bench-generation: install  ## generative teacher vs student vs int8 vs bnb-int8 vs NF4 -> bench/results/generation.{md,json}
 	$(PY) bench/generation.py --config $(LLM_CONFIG)
+
+bench-training-padding: install  ## the teacher's training step: rows in length parts vs one padded pass -> bench/results/training_padding.{md,json}
+	$(PY) bench/training_padding.py
 
 bench-generation-serving: install  ## ours (continuous batching on/off) vs transformers serve vs mlflow models serve -> bench/results/generation_serving.{md,json}
 	$(PY) bench/generation_serving.py $(ARGS)

@@ -48,31 +48,66 @@ def _takes_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def _output_layer(model: Any) -> torch.nn.Linear | None:
+    unwrapped = getattr(model, "module", model)  # under DistributedDataParallel
+    head = unwrapped.get_output_embeddings() if hasattr(unwrapped, "get_output_embeddings") else None
+    return head if isinstance(head, torch.nn.Linear) else None
+
+
 @contextmanager
-def output_layer_at(model: Any, keep: torch.Tensor) -> Iterator[bool]:
+def output_layer_at(model: Any, keep: torch.Tensor, project: bool = True) -> Iterator[bool]:
     """Inside the block, the model's output layer projects the positions `keep` (batch, seq) alone, and the model's
     logits come back as (n_kept, vocab). For models without `logits_to_keep` (the BERT decoder): there the
     projection onto a 30k vocabulary costs more than all six layers, and the loss reads a quarter of the positions.
+    With `project=False` the model gives back the hidden states there instead, (n_kept, hidden), unprojected.
     Yields False, changing nothing, where the output layer is not a plain Linear layer."""
-    unwrapped = getattr(model, "module", model)  # under DistributedDataParallel
-    head = unwrapped.get_output_embeddings() if hasattr(unwrapped, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear):
+    head = _output_layer(model)
+    if head is None:
         yield False
         return
-    head.forward = lambda hidden: F.linear(hidden[keep], head.weight, head.bias)  # type: ignore[method-assign,assignment]
+    if project:
+        head.forward = lambda hidden: F.linear(hidden[keep], head.weight, head.bias)  # type: ignore[method-assign,assignment]
+    else:
+        head.forward = lambda hidden: hidden[keep]  # type: ignore[method-assign,assignment]
     try:
         yield True
     finally:
         del head.forward  # the class's forward again
 
 
-def score_completions(model: Any, inputs: dict[str, torch.Tensor], task: str) -> Scored:
+def score_completions(model: Any, inputs: dict[str, torch.Tensor], task: str, parts: int = 3) -> Scored:
     """Run the model on a batch and keep its outputs at completion tokens only.
 
     The vocabulary projection is the largest matrix product of a small LM: it is computed for completion positions
     alone, not for the prompt's or the padding's (`logits_to_keep` where transformers' model takes it, else
-    :func:`output_layer_at`).
+    :func:`output_layer_at`). A right-padded decoder batch whose rows differ much in length runs its layers as up
+    to `parts` passes over rows of similar length, each as wide as its longest row (:func:`length_parts`), and the
+    output layer once over all their completion positions, rows in order: the padding that a batch of short and
+    long rows carries is not computed. The batch is the same (its rows are not regrouped across batches), and so
+    are its logits and gradients.
     """
+    splits = length_parts(inputs, task, model, parts)
+    if len(splits) == 1:
+        return _score_completions(model, inputs, task)
+    head = _output_layer(model)
+    assert head is not None  # length_parts splits only a plain output layer
+    width = inputs["labels"].shape[1]
+    hidden, rows, targets = [], [], []
+    for part, narrow in splits:
+        features = {k: v[part, :narrow] if v.dim() > 1 and v.shape[1] == width else v[part] for k, v in inputs.items()}
+        labels = features.pop("labels")
+        keep = scored_positions(labels, task)
+        with output_layer_at(model, keep, project=False):
+            hidden.append(model(**features).logits)
+        rows.append(part[keep.nonzero()[:, 0]])
+        targets.append(labels[:, 1:][labels[:, 1:] != IGNORE])
+    everywhere = torch.cat(rows)
+    order = torch.argsort(everywhere, stable=True)  # each row's tokens are in position order within its part
+    logits = F.linear(torch.cat(hidden)[order], head.weight, head.bias)
+    return Scored(logits, torch.cat(targets)[order], everywhere[order])
+
+
+def _score_completions(model: Any, inputs: dict[str, torch.Tensor], task: str) -> Scored:
     labels = inputs["labels"]
     keep = scored_positions(labels, task)
     features = {k: v for k, v in inputs.items() if k != "labels"}
@@ -84,6 +119,49 @@ def score_completions(model: Any, inputs: dict[str, torch.Tensor], task: str) ->
         logits = logits if narrowed else logits[keep]
     targets = labels[labels != IGNORE] if task == "seq2seq-lm" else labels[:, 1:][labels[:, 1:] != IGNORE]
     return Scored(logits, targets, keep.nonzero()[:, 0])
+
+
+PASS_COST = 64
+"""What one more pass costs, in positions: the layers' fixed cost, and smaller matrix products."""
+
+RESCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+"""Configuration keys of models whose logits are more than their output layer's product (Gemma's soft cap, Cohere's
+and Granite's scales): their batches run in one pass."""
+
+
+def length_parts(inputs: dict[str, torch.Tensor], task: str, model: Any, parts: int) -> list[tuple[torch.Tensor, int]]:
+    """The rows of a batch as at most `parts` runs of similar length (rows, width), chosen to compute the fewest
+    positions (a pass counts `PASS_COST` more); one run of every row where the batch is not a
+    right-padded decoder batch, the model's logits are not its output layer's product alone, or the model is
+    data-parallel (one forward pass a step there)."""
+    mask = inputs.get("attention_mask")
+    everything = [(torch.arange(len(inputs["labels"])), inputs["labels"].shape[1])]
+    if parts < 2 or mask is None or task == "seq2seq-lm" or not _plain_logits(model):
+        return everything
+    lengths = mask.sum(dim=1)
+    if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]):
+        return everything  # left-padded: a narrower batch would move the rows' positions
+    order = torch.argsort(lengths, stable=True)
+    ranked = lengths[order].tolist()
+    n = len(ranked)
+
+    def cost(start: int, end: int) -> int:  # rows order[start:end] in one pass
+        return (end - start) * ranked[end - 1] + PASS_COST
+
+    # The cheapest cut of the sorted rows into at most `parts` runs (n is a batch: a few dozen rows).
+    best: dict[tuple[int, int], tuple[int, list[int]]] = {(0, 0): (0, [])}
+    for used in range(1, parts + 1):
+        for end in range(1, n + 1):
+            options = [
+                (best[(used - 1, start)][0] + cost(start, end), [*best[(used - 1, start)][1], end])
+                for start in range(end)
+                if (used - 1, start) in best
+            ]
+            if options:
+                best[(used, end)] = min(options)
+    _, cuts = min(best[(used, n)] for used in range(1, parts + 1) if (used, n) in best)
+    starts = [0, *cuts[:-1]]
+    return [(order[s:e], ranked[e - 1]) for s, e in zip(starts, cuts, strict=True)]
 
 
 def average(values: torch.Tensor, rows: torch.Tensor, per: str) -> torch.Tensor:
@@ -209,3 +287,10 @@ def token_distillation_loss(
     each token. Returns a scalar.
     """
     return average(token_divergence(student_logits, teacher_logits, loss, beta, temperature), rows, per)
+
+
+def _plain_logits(model: Any) -> bool:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or _output_layer(model) is None:
+        return False
+    config = getattr(model, "config", None)
+    return not any(getattr(config, key, None) not in (None, 1.0) for key in RESCALED_LOGITS)

@@ -15,6 +15,7 @@ from llmops.generation.losses import (
     Scored,
     average,
     completion_loss,
+    length_parts,
     of_rows,
     score_completions,
     scored_positions,
@@ -154,6 +155,55 @@ def test_a_bert_decoder_projects_completion_positions_alone_with_the_same_logits
     reference = Scored(full, labels[:, 1:][labels[:, 1:] != IGNORE], keep.nonzero()[:, 0])
     completion_loss(reference, "token").backward()
     assert torch.allclose(narrowed_grad, model.get_output_embeddings().weight.grad, atol=1e-6)
+
+
+def _padded_batch(lengths: list[int], vocab: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Rows of the given lengths, each answering its last three tokens, padded to the longest."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE)
+    for row, length in enumerate(lengths):
+        place = slice(width - length, width) if left else slice(0, length)
+        ids[row, place] = torch.randint(2, vocab, (length,))
+        mask[row, place] = 1
+        labels[row, place] = torch.where(torch.arange(length) >= length - 3, ids[row, place], IGNORE)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_a_batch_of_short_and_long_rows_is_scored_in_parts_with_the_same_logits_and_gradients(model_type: str) -> None:
+    """Rows of 4 to 40 tokens: the short ones run as narrower passes than the longest, and the batch's logits,
+    targets, rows and gradients are those of one pass over the whole padded batch."""
+    torch.manual_seed(0)
+    size = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    extra = {"is_decoder": True, **size} if model_type == "bert" else TINY["llama"]
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=50, pad_token_id=0, **extra))
+    model.eval()
+    inputs = _padded_batch([40, 4, 5, 38, 6, 4, 39, 5], 50)
+    parts = length_parts(inputs, "causal-lm", model, 3)
+    assert len(parts) > 1 and sorted(torch.cat([rows for rows, _ in parts]).tolist()) == list(range(8))
+    assert [width for _, width in parts] != [40] * len(parts)  # the short rows run narrower
+
+    def scored_and_grads(n_parts: int) -> tuple[Scored, list[torch.Tensor]]:
+        model.zero_grad()
+        scored = score_completions(model, inputs, "causal-lm", parts=n_parts)
+        completion_loss(scored, "example").backward()
+        return scored, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole, whole_grads = scored_and_grads(1)
+    split, split_grads = scored_and_grads(3)
+    assert torch.allclose(split.logits, whole.logits, atol=1e-5)
+    assert split.targets.tolist() == whole.targets.tolist() and split.rows.tolist() == whole.rows.tolist()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(split_grads, whole_grads, strict=True))
+
+
+def test_a_left_padded_or_even_batch_runs_as_one_pass() -> None:
+    """Left padding: a narrower pass would move the rows' positions. Rows of about one length: nothing to save."""
+    config = AutoConfig.for_model("llama", vocab_size=50, pad_token_id=0, **TINY["llama"])
+    model = AutoModelForCausalLM.from_config(config)
+    for inputs in (_padded_batch([40, 4, 38, 5], 50, left=True), _padded_batch([20, 19, 20, 18], 50)):
+        assert len(length_parts(inputs, "causal-lm", model, 3)) == 1
 
 
 def test_completion_loss_is_zero_for_a_certain_right_answer() -> None:
