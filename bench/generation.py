@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,13 @@ split, as the lifecycle's own evaluation now samples them once (a standard error
 CONTROL_DRAWS = 3
 """Samplings of those prompts judged for control accuracy (evaluation's seed, and the next ones); the figure
 reported is their mean. One sampling is a single draw: for one teacher three gave 0.537, 0.613 and 0.533."""
+
+
+def training_seconds(directory: Path) -> dict[str, float]:
+    """The cold run's training time of the teacher and of the student (the Trainer's `train_runtime`, in order):
+    the part of the 15 minutes no later stage can give back."""
+    runtimes = [float(s) for s in re.findall(r"'train_runtime': '([0-9.]+)'", (directory / "cold.log").read_text())]
+    return dict(zip(("teacher", "student"), runtimes, strict=False))
 
 
 def measure(config: Path, directory: Path) -> tuple[dict, list[dict], list[dict], float | None]:
@@ -317,6 +325,7 @@ def main() -> None:
             timed_cli_run(config, directory, "rerun")
         times = json.loads((directory / TIMES).read_text())
         cold_s, rerun_s = times["cold"], times["rerun"]
+        training = training_seconds(directory)
         result, rows, tweets, bound = measure(config, directory)
     finally:
         if not (args.keep or args.reuse):
@@ -327,6 +336,7 @@ def main() -> None:
         "config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else str(config),
         "cold_lifecycle_s": cold_s,
         "rerun_s": rerun_s,
+        "training_s": training,
         "champion": champion,
         "candidates": rows,
         "targets": targets(rows, champion, cold_s, rerun_s),
@@ -345,7 +355,9 @@ def main() -> None:
         + f". Config: `{report['config']}`.",
         "",
         f"`llmops run` cold: {cold_s:.0f} s; unchanged rerun: {rerun_s:.0f} s (each a new process, "
-        "Prefect's temporary server start included; the install is not).",
+        "Prefect's temporary server start included; the install is not). Of the cold run, training: "
+        + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in training.items())
+        + f" ({sum(training.values()):.0f} s, the least a cold run takes on this machine).",
         "",
         tabulate(table(rows, champion), headers="keys", tablefmt="github"),
         "",
