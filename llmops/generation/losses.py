@@ -9,6 +9,7 @@ be averaged per token or per example.
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -143,25 +144,21 @@ def length_parts(inputs: dict[str, torch.Tensor], task: str, model: Any, parts: 
         return everything  # left-padded: a narrower batch would move the rows' positions
     order = torch.argsort(lengths, stable=True)
     ranked = lengths[order].tolist()
-    n = len(ranked)
 
-    def cost(start: int, end: int) -> int:  # rows order[start:end] in one pass
-        return (end - start) * ranked[end - 1] + PASS_COST
+    def positions(ends: tuple[int, ...]) -> int:  # run i is rows order[ends[i-1]:ends[i]], as wide as its last
+        return sum((end - start) * ranked[end - 1] + PASS_COST for start, end in zip((0, *ends), ends, strict=False))
 
-    # The cheapest cut of the sorted rows into at most `parts` runs (n is a batch: a few dozen rows).
-    best: dict[tuple[int, int], tuple[int, list[int]]] = {(0, 0): (0, [])}
-    for used in range(1, parts + 1):
-        for end in range(1, n + 1):
-            options = [
-                (best[(used - 1, start)][0] + cost(start, end), [*best[(used - 1, start)][1], end])
-                for start in range(end)
-                if (used - 1, start) in best
-            ]
-            if options:
-                best[(used, end)] = min(options)
-    _, cuts = min(best[(used, n)] for used in range(1, parts + 1) if (used, n) in best)
-    starts = [0, *cuts[:-1]]
-    return [(order[s:e], ranked[e - 1]) for s, e in zip(starts, cuts, strict=True)]
+    n = len(ranked)  # a batch: a few dozen rows, so every cut of the sorted rows can be tried
+    cuts = (cut for k in range(parts) for cut in itertools.combinations(range(1, n), k))
+    ends = min(((*cut, n) for cut in cuts), key=positions)
+    return [(order[start:end], ranked[end - 1]) for start, end in zip((0, *ends), ends, strict=False)]
+
+
+def _plain_logits(model: Any) -> bool:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or _output_layer(model) is None:
+        return False
+    config = getattr(model, "config", None)
+    return not any(getattr(config, key, None) not in (None, 1.0) for key in RESCALED_LOGITS)
 
 
 def average(values: torch.Tensor, rows: torch.Tensor, per: str) -> torch.Tensor:
@@ -287,10 +284,3 @@ def token_distillation_loss(
     each token. Returns a scalar.
     """
     return average(token_divergence(student_logits, teacher_logits, loss, beta, temperature), rows, per)
-
-
-def _plain_logits(model: Any) -> bool:
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or _output_layer(model) is None:
-        return False
-    config = getattr(model, "config", None)
-    return not any(getattr(config, key, None) not in (None, 1.0) for key in RESCALED_LOGITS)
